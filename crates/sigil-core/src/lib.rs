@@ -1,0 +1,16 @@
+//! The vocabulary shared by every sigil crate: SPIFFE IDs, selectors, registration entries,
+//! scopes and an injectable clock. This crate does no I/O.
+#![forbid(unsafe_code)]
+
+mod clock;
+mod entry;
+mod selector;
+mod spiffe_id;
+
+pub use clock::{Clock, ManualClock, SystemClock, UnixTime};
+pub use entry::{
+    EntryError, EntryId, EntrySpec, RegistrationEntry, validate_dns_name, validate_group,
+    validate_scope,
+};
+pub use selector::{Selector, SelectorError, SelectorKind};
+pub use spiffe_id::{MAX_SPIFFE_ID_LEN, SpiffeId, SpiffeIdError, TrustDomain};
