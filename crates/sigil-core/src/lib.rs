@@ -9,7 +9,8 @@ mod spiffe_id;
 
 pub use clock::{Clock, ManualClock, SystemClock, UnixTime};
 pub use entry::{
-    EntryError, EntryId, EntrySpec, RegistrationEntry, validate_dns_name, validate_group,
+    DEFAULT_JWT_TTL_SECS, DEFAULT_X509_TTL_SECS, EntryError, EntryId, EntrySpec, MAX_JWT_TTL_SECS,
+    MAX_X509_TTL_SECS, MIN_TTL_SECS, RegistrationEntry, validate_dns_name, validate_group,
     validate_scope,
 };
 pub use selector::{Selector, SelectorError, SelectorKind};

@@ -1,0 +1,33 @@
+//! sigil's PKI: the CA, X.509-SVID and JWT-SVID minting and validation, OAuth access tokens
+//! (RFC 9068, certificate-bound per RFC 8705), JWKS and SPIFFE trust bundles.
+//!
+//! This crate does no I/O: keys and certificates go in and out as PEM/DER bytes, and time is
+//! passed in as `now`.
+#![forbid(unsafe_code)]
+
+mod bundle;
+mod ca;
+mod csr;
+mod error;
+mod jwk;
+mod jwt;
+mod keys;
+mod x509_verify;
+
+pub use bundle::{MAX_BUNDLE_JSON_LEN, TrustBundle, USE_JWT_SVID, USE_X509_SVID};
+pub use ca::{
+    CA_BACKDATE_SECS, CertificateAuthority, IssuedX509Svid, MAX_DNS_NAMES, SVID_BACKDATE_SECS,
+    SvidSpec,
+};
+pub use csr::{CsrKeyType, MAX_CSR_LEN, ParsedCsr, parse_csr, parse_csr_pem};
+pub use error::{JwtError, PkiError, SvidError};
+pub use jwk::{Jwk, JwtKeySet};
+pub use jwt::{
+    ACCESS_TOKEN_TYP, AccessTokenClaims, Confirmation, JwtAlgorithm, JwtSigner, JwtSvidClaims,
+    MAX_TOKEN_LEN, validate_access_token, validate_jwt_svid,
+};
+pub use keys::{KeyAlgorithm, KeyPair};
+pub use x509_verify::{
+    MAX_CERT_LEN, MAX_CHAIN_LEN, SvidUsage, VerifiedX509Svid, X509Bundle, verify_x509_svid,
+    verify_x509_svid_for_usage, x5t_s256,
+};

@@ -1,0 +1,16 @@
+//! Generated protobuf and gRPC code for sigil's node API.
+#![forbid(unsafe_code)]
+#![allow(
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs
+)]
+
+/// sigil's node API (`sigil.node.v1`): attestation and SVID signing for node agents.
+pub mod node {
+    pub mod v1 {
+        tonic::include_proto!("sigil.node.v1");
+    }
+}

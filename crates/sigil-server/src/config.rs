@@ -1,0 +1,231 @@
+//! The trust authority's configuration, validated completely before anything binds.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use sigil_core::TrustDomain;
+use sigil_pki::{JwtAlgorithm, KeyAlgorithm};
+
+/// Scopes a fresh server knows. Extend with `oauth_scopes` in the config file.
+pub const DEFAULT_SCOPES: &[&str] = &[
+    "model:invoke",
+    "model:list",
+    "tool:call",
+    "tool:list",
+    "http:request",
+];
+
+/// `sigil server` configuration. Every key can be set in the TOML file, overridden by the
+/// environment variable `SIGIL_<KEY>` (upper case) and by the matching command-line flag.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The trust domain this server is the authority for, e.g. `factory.example`.
+    pub trust_domain: TrustDomain,
+    /// Where the database (SQLite), keys and the admin socket live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The HTTPS + gRPC listener (node API, OIDC, token endpoint, bundle).
+    #[serde(default = "default_listen")]
+    pub listen_addr: SocketAddr,
+    /// The admin API's unix socket; default `<data_dir>/admin.sock`.
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
+    /// `sqlite://...` or `postgres://...`; default SQLite at `<data_dir>/sigil.db`.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// The OAuth issuer URL; default `https://localhost:<port>`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// DNS names on the server's own TLS certificate.
+    #[serde(default = "default_dns")]
+    pub server_dns_names: Vec<String>,
+    /// CA key algorithm: `ecdsa-p256` (default) or `ed25519`.
+    #[serde(default = "default_ca_alg")]
+    pub ca_key_type: KeyAlgorithm,
+    /// CA certificate lifetime in seconds (default one year).
+    #[serde(default = "default_ca_ttl")]
+    pub ca_ttl_secs: u32,
+    /// JWT signing algorithm: `ES256` (default) or `EdDSA`.
+    #[serde(default = "default_jwt_alg")]
+    pub jwt_key_type: JwtAlgorithm,
+    /// PEM CA certificate to sign with instead of generating one (needs `upstream_ca_key`).
+    #[serde(default)]
+    pub upstream_ca_cert: Option<PathBuf>,
+    /// PEM PKCS#8 key of `upstream_ca_cert`.
+    #[serde(default)]
+    pub upstream_ca_key: Option<PathBuf>,
+    /// OAuth scopes this authority knows; requests for others get `invalid_scope`.
+    #[serde(default = "default_scopes")]
+    pub oauth_scopes: Vec<String>,
+    /// Audience of access tokens when the client names none (RFC 8707 `resource`).
+    #[serde(default = "default_audience")]
+    pub default_audience: String,
+    /// Access token lifetime in seconds.
+    #[serde(default = "default_token_ttl")]
+    pub access_token_ttl_secs: u32,
+    /// Node SVID lifetime in seconds.
+    #[serde(default = "default_node_ttl")]
+    pub node_svid_ttl_secs: u32,
+    /// Largest request body accepted on the public listener, in bytes.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// `text` or `json`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/sigil/server")
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8443))
+}
+fn default_dns() -> Vec<String> {
+    vec!["localhost".into()]
+}
+fn default_ca_alg() -> KeyAlgorithm {
+    KeyAlgorithm::EcdsaP256
+}
+fn default_ca_ttl() -> u32 {
+    365 * 24 * 3600
+}
+fn default_jwt_alg() -> JwtAlgorithm {
+    JwtAlgorithm::Es256
+}
+fn default_scopes() -> Vec<String> {
+    DEFAULT_SCOPES.iter().map(|s| (*s).to_owned()).collect()
+}
+fn default_audience() -> String {
+    "sigil".into()
+}
+fn default_token_ttl() -> u32 {
+    300
+}
+fn default_node_ttl() -> u32 {
+    24 * 3600
+}
+fn default_max_body() -> usize {
+    64 * 1024
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+
+/// A configuration value that is present but wrong; names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}: {message}")]
+pub struct ConfigError {
+    /// The offending key, as written in the TOML file.
+    pub key: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn bad(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key,
+        message: message.into(),
+    }
+}
+
+impl ServerConfig {
+    /// Every key of the configuration file (also the `SIGIL_<KEY>` environment overrides).
+    pub const KEYS: &'static [&'static str] = &[
+        "trust_domain",
+        "data_dir",
+        "listen_addr",
+        "admin_socket",
+        "database_url",
+        "issuer",
+        "server_dns_names",
+        "ca_key_type",
+        "ca_ttl_secs",
+        "jwt_key_type",
+        "upstream_ca_cert",
+        "upstream_ca_key",
+        "oauth_scopes",
+        "default_audience",
+        "access_token_ttl_secs",
+        "node_svid_ttl_secs",
+        "max_body_bytes",
+        "log_format",
+    ];
+
+    /// Checks what serde cannot: ranges, pairs of keys, URL shapes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstream_ca_cert.is_some() != self.upstream_ca_key.is_some() {
+            return Err(bad(
+                "upstream_ca_cert",
+                "upstream_ca_cert and upstream_ca_key must be given together",
+            ));
+        }
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("sqlite://")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+        {
+            return Err(bad(
+                "database_url",
+                "must start with sqlite:// or postgres://",
+            ));
+        }
+        if let Some(issuer) = &self.issuer
+            && (!issuer.starts_with("https://") || issuer.ends_with('/'))
+        {
+            return Err(bad(
+                "issuer",
+                "must be an https:// URL without a trailing slash",
+            ));
+        }
+        for d in &self.server_dns_names {
+            sigil_core::validate_dns_name(d).map_err(|e| bad("server_dns_names", e.to_string()))?;
+        }
+        for s in &self.oauth_scopes {
+            sigil_core::validate_scope(s).map_err(|e| bad("oauth_scopes", e.to_string()))?;
+        }
+        if self.default_audience.is_empty() {
+            return Err(bad("default_audience", "must not be empty"));
+        }
+        if !(60..=10 * 365 * 24 * 3600).contains(&self.ca_ttl_secs) {
+            return Err(bad("ca_ttl_secs", "must be between 60 s and 10 years"));
+        }
+        if !(60..=24 * 3600).contains(&self.access_token_ttl_secs) {
+            return Err(bad("access_token_ttl_secs", "must be between 60 and 86400"));
+        }
+        if !(120..=30 * 24 * 3600).contains(&self.node_svid_ttl_secs) {
+            return Err(bad(
+                "node_svid_ttl_secs",
+                "must be between 120 s and 30 days",
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return Err(bad("max_body_bytes", "must be between 1 KiB and 16 MiB"));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(bad("log_format", "must be \"text\" or \"json\""));
+        }
+        Ok(())
+    }
+
+    /// The admin socket path.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.sock"))
+    }
+
+    /// The database URL.
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("sigil.db").display()))
+    }
+
+    /// The OAuth/OIDC issuer.
+    pub fn issuer(&self) -> String {
+        self.issuer
+            .clone()
+            .unwrap_or_else(|| format!("https://localhost:{}", self.listen_addr.port()))
+    }
+}

@@ -1,0 +1,254 @@
+//! The sigil trust authority (`sigil server`): a private CA issuing X.509-SVIDs, JWT-SVIDs and
+//! certificate-bound OAuth access tokens, node attestation by join token, registration
+//! entries, revocation, and the admin API, on SQLite or PostgreSQL.
+#![forbid(unsafe_code)]
+
+mod admin;
+mod authority;
+mod config;
+mod issuer;
+mod node_api;
+mod public;
+mod tls;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil_core::{Clock, SpiffeId};
+use sigil_pki::CertificateAuthority;
+use sigil_store::{SqlStore, Store};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub use authority::{
+    Authorities, AuthorityInfo, KeySettings, RotationOutcome, create_private_dir,
+    write_private_file,
+};
+pub use config::{ConfigError, DEFAULT_SCOPES, ServerConfig};
+pub use issuer::{IssueError, Issuer};
+pub use node_api::{hash_join_token, node_id_for_token};
+pub use tls::{PeerAuth, provider as tls_provider};
+
+/// What can stop the server from starting or serving.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("store: {0}")]
+    Store(#[from] sigil_store::StoreError),
+    #[error("pki: {0}")]
+    Pki(#[from] sigil_pki::PkiError),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub config: ServerConfig,
+    pub store: Arc<dyn Store>,
+    pub authorities: Arc<Authorities>,
+    pub issuer: Arc<Issuer>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// A started server; dropping it does not stop it, [`RunningServer::shutdown`] does.
+pub struct RunningServer {
+    /// The bound address of the public listener.
+    pub addr: SocketAddr,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
+    /// Shared state, for in-process callers (e.g. `sigil dev`).
+    pub state: Arc<AppState>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl RunningServer {
+    /// Stops accepting and ends the background tasks.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        let _ = std::fs::remove_file(&self.admin_socket);
+    }
+
+    /// Waits until a background task ends (which only happens on failure or shutdown).
+    pub async fn wait(&mut self) {
+        let _ = self.tasks.join_next().await;
+    }
+}
+
+/// Starts the server: opens the store, loads or creates the keys, binds both listeners.
+pub async fn start(
+    config: ServerConfig,
+    clock: Arc<dyn Clock>,
+) -> Result<RunningServer, ServerError> {
+    config.validate()?;
+    create_private_dir(&config.data_dir)?;
+    let store: Arc<dyn Store> = Arc::new(SqlStore::connect(&config.database_url()).await?);
+    let upstream = match (&config.upstream_ca_cert, &config.upstream_ca_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &Path| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| ServerError::Io(format!("reading {}: {e}", p.display())))
+            };
+            Some(CertificateAuthority::from_pem(&read(cert)?, &read(key)?)?)
+        }
+        _ => None,
+    };
+    let authorities = Arc::new(
+        Authorities::load(
+            store.clone(),
+            clock.clone(),
+            KeySettings {
+                trust_domain: config.trust_domain.clone(),
+                ca_alg: config.ca_key_type,
+                ca_ttl_secs: config.ca_ttl_secs,
+                jwt_alg: config.jwt_key_type,
+                key_dir: config.data_dir.join("keys"),
+            },
+            upstream,
+        )
+        .await?,
+    );
+    let issuer = Arc::new(Issuer::new(
+        store.clone(),
+        authorities.clone(),
+        clock.clone(),
+        config.trust_domain.clone(),
+    ));
+    let server_id = server_spiffe_id(&config)?;
+    let identity =
+        tls::ServerIdentity::issue(&issuer, server_id, config.server_dns_names.clone()).await?;
+    let tls_config = identity.server_config()?;
+
+    let listener = TcpListener::bind(config.listen_addr)
+        .await
+        .map_err(|e| ServerError::Io(format!("binding {}: {e}", config.listen_addr)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServerError::Io(e.to_string()))?;
+    let admin_socket = config.admin_socket_path();
+    let admin_listener = bind_admin_socket(&admin_socket)?;
+    let admin_uid = std::fs::metadata(&admin_socket)
+        .map_err(|e| ServerError::Io(format!("{}: {e}", admin_socket.display())))?
+        .uid();
+
+    let state = Arc::new(AppState {
+        config,
+        store,
+        authorities: authorities.clone(),
+        issuer: issuer.clone(),
+        clock: clock.clone(),
+    });
+    let node =
+        sigil_proto::node::v1::node_server::NodeServer::new(node_api::NodeApi::new(state.clone()))
+            .max_decoding_message_size(4 * 1024 * 1024);
+    let public =
+        public::router(state.clone()).merge(tonic::service::Routes::new(node).into_axum_router());
+    let admin = admin::router(state.clone());
+
+    let (shutdown, rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(tls::serve_tls(
+        listener,
+        tls_config,
+        public,
+        authorities.clone(),
+        clock.clone(),
+        rx.clone(),
+    ));
+    tasks.spawn(serve_admin(admin_listener, admin, admin_uid, rx));
+    tasks.spawn(identity.rotate_forever(issuer));
+    tasks.spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            if let Err(e) = authorities.refresh().await {
+                tracing::warn!(error = %e, "refreshing authorities failed");
+            }
+        }
+    });
+    tracing::info!(%addr, admin_socket = %admin_socket.display(), trust_domain = %state.config.trust_domain, "sigil server ready");
+    Ok(RunningServer {
+        addr,
+        admin_socket,
+        state,
+        shutdown,
+        tasks,
+    })
+}
+
+/// The server's own SPIFFE ID.
+pub fn server_spiffe_id(config: &ServerConfig) -> Result<SpiffeId, ServerError> {
+    config
+        .trust_domain
+        .id("/sigil/server")
+        .map_err(|e| ServerError::Internal(e.to_string()))
+}
+
+fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Some(dir) = path.parent() {
+        create_private_dir(dir)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServerError::Io(format!(
+                    "{} is in use: is another server running?",
+                    path.display()
+                )));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| ServerError::Io(format!("removing stale {}: {e}", path.display())))?;
+        }
+        Ok(_) => {
+            return Err(ServerError::Io(format!(
+                "{} exists and is not a socket",
+                path.display()
+            )));
+        }
+        Err(_) => {}
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| ServerError::Io(format!("binding {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| ServerError::Io(format!("chmod {}: {e}", path.display())))?;
+    Ok(l)
+}
+
+/// Serves the admin API to callers running as the socket's owner (or root) only.
+async fn serve_admin(
+    listener: UnixListener,
+    router: axum::Router,
+    owner_uid: u32,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let uid = stream.peer_cred().map(|c| c.uid()).ok();
+        if !matches!(uid, Some(u) if u == owner_uid || u == 0) {
+            tracing::warn!(?uid, "admin connection from another user refused");
+            continue;
+        }
+        let router = router.clone();
+        tokio::spawn(tls::serve_http(stream, router, ()));
+    }
+}

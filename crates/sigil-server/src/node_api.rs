@@ -1,0 +1,326 @@
+//! The node API (gRPC): join-token attestation, node SVID renewal, and signing of workload
+//! identities for the entries a node is the parent of.
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use sigil_core::{EntryId, SpiffeId};
+use sigil_pki::{IssuedX509Svid, SvidSpec, parse_csr};
+use sigil_proto::node::v1 as pb;
+use sigil_store::{EntryFilter, JoinTokenError, NodeRecord, StoreError};
+use tonic::{Request, Response, Status};
+
+use crate::AppState;
+use crate::issuer::IssueError;
+use crate::tls::PeerAuth;
+
+/// Most CSRs one SignX509Svids call may carry.
+const MAX_BATCH: usize = 256;
+
+/// The node API service.
+pub struct NodeApi {
+    app: Arc<AppState>,
+}
+
+impl NodeApi {
+    pub fn new(app: Arc<AppState>) -> Self {
+        Self { app }
+    }
+
+    /// The SPIFFE ID path prefix of node identities.
+    pub const NODE_PATH: &'static str = "/sigil/node/";
+
+    /// The calling node, if its SVID verified, is not revoked and the node is not evicted.
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<NodeRecord, Status> {
+        let svid = match req.extensions().get::<PeerAuth>() {
+            Some(PeerAuth::Verified(svid)) => svid.clone(),
+            Some(PeerAuth::Rejected(why)) => {
+                return Err(Status::unauthenticated(format!(
+                    "client certificate rejected: {why}"
+                )));
+            }
+            _ => {
+                return Err(Status::unauthenticated(
+                    "a node X.509-SVID client certificate is required",
+                ));
+            }
+        };
+        if !svid.spiffe_id.path().starts_with(Self::NODE_PATH) {
+            return Err(Status::permission_denied(format!(
+                "{} is not a node identity",
+                svid.spiffe_id
+            )));
+        }
+        let now = self.app.clock.now();
+        if self
+            .app
+            .store
+            .is_revoked(&svid.serial, &svid.spiffe_id, svid.not_before, now)
+            .await
+            .map_err(internal)?
+        {
+            return Err(Status::unauthenticated("node SVID has been revoked"));
+        }
+        let node = self
+            .app
+            .store
+            .get_node(&svid.spiffe_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::permission_denied("unknown node"))?;
+        if node.evicted {
+            return Err(Status::permission_denied("node has been evicted"));
+        }
+        Ok(node)
+    }
+
+    fn svid_response(&self, svid: &IssuedX509Svid) -> pb::X509SvidResponse {
+        pb::X509SvidResponse {
+            spiffe_id: svid.spiffe_id.to_string(),
+            cert_chain: vec![svid.der.clone()],
+            expires_at: svid.not_after,
+            bundle_json: self.app.authorities.current().bundle_json.clone(),
+        }
+    }
+
+    async fn entry_of(
+        &self,
+        node: &NodeRecord,
+        id: &str,
+    ) -> Result<sigil_core::RegistrationEntry, Status> {
+        let id = EntryId::parse(id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let entry = match self.app.store.get_entry(&id).await {
+            Ok(e) => e,
+            Err(StoreError::NotFound(_)) => {
+                return Err(Status::not_found(format!("no entry {id}")));
+            }
+            Err(e) => return Err(internal(e)),
+        };
+        if entry.spec.parent_id != node.spiffe_id {
+            return Err(Status::permission_denied(format!(
+                "entry {id} does not belong to node {}",
+                node.spiffe_id
+            )));
+        }
+        Ok(entry)
+    }
+}
+
+/// The node SPIFFE ID a join token attests to: derived from the token's hash, so an admin
+/// can register entries for a node before it first connects.
+pub fn node_id_for_token(
+    td: &sigil_core::TrustDomain,
+    token_hash: &str,
+) -> Result<SpiffeId, sigil_core::SpiffeIdError> {
+    let short = token_hash.get(..16).unwrap_or(token_hash);
+    td.id(&format!("{}{short}", NodeApi::NODE_PATH))
+}
+
+/// SHA-256 (hex) of a join token: the only form in which tokens are stored.
+pub fn hash_join_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "node API failure");
+    Status::internal("internal error")
+}
+
+fn issue_status(e: IssueError) -> Status {
+    match e {
+        IssueError::BadCsr(m) => Status::invalid_argument(format!("bad CSR: {m}")),
+        e @ IssueError::NotEntitled { .. } => Status::permission_denied(e.to_string()),
+        IssueError::InvalidRequest(m) => Status::invalid_argument(m),
+        IssueError::Server(e) => internal(e),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_server::Node for NodeApi {
+    async fn attest(
+        &self,
+        req: Request<pb::AttestRequest>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        let req = req.into_inner();
+        let token = req.join_token.trim();
+        if token.is_empty() || token.len() > 256 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Status::invalid_argument("malformed join token"));
+        }
+        // Check the CSR before spending the token, so a bad CSR does not burn it.
+        parse_csr(&req.csr).map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
+        let hash = hash_join_token(token);
+        let node_id = node_id_for_token(&self.app.config.trust_domain, &hash).map_err(internal)?;
+        let now = self.app.clock.now();
+        match self
+            .app
+            .store
+            .consume_join_token(&hash, &node_id, now)
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::JoinToken(e)) => {
+                let why = match e {
+                    JoinTokenError::Unknown => "unknown join token",
+                    JoinTokenError::Expired => "join token has expired",
+                    JoinTokenError::AlreadyUsed => "join token has already been used",
+                    _ => "join token refused",
+                };
+                tracing::warn!(node = %node_id, why, "attestation refused");
+                return Err(Status::permission_denied(why));
+            }
+            Err(e) => return Err(internal(e)),
+        }
+        let spec = SvidSpec {
+            spiffe_id: node_id.clone(),
+            dns_names: Vec::new(),
+            ttl_secs: self.app.config.node_svid_ttl_secs,
+        };
+        let svid = self
+            .app
+            .issuer
+            .sign_x509_svid(&req.csr, spec, "join_token")
+            .await
+            .map_err(issue_status)?;
+        self.app
+            .store
+            .upsert_node(&NodeRecord {
+                spiffe_id: node_id.clone(),
+                attestation_type: "join_token".into(),
+                serial: svid.serial.clone(),
+                not_after: svid.not_after,
+                evicted: false,
+                created_at: now,
+                updated_at: now,
+            })
+            .await
+            .map_err(internal)?;
+        tracing::info!(node = %node_id, "node attested");
+        Ok(Response::new(pb::AttestResponse {
+            svid: Some(self.svid_response(&svid)),
+        }))
+    }
+
+    async fn renew_node_svid(
+        &self,
+        req: Request<pb::RenewNodeSvidRequest>,
+    ) -> Result<Response<pb::X509SvidResponse>, Status> {
+        let node = self.authenticate(&req).await?;
+        let spec = SvidSpec {
+            spiffe_id: node.spiffe_id.clone(),
+            dns_names: Vec::new(),
+            ttl_secs: self.app.config.node_svid_ttl_secs,
+        };
+        let svid = self
+            .app
+            .issuer
+            .sign_x509_svid(&req.get_ref().csr, spec, node.spiffe_id.as_str())
+            .await
+            .map_err(issue_status)?;
+        let now = self.app.clock.now();
+        self.app
+            .store
+            .upsert_node(&NodeRecord {
+                serial: svid.serial.clone(),
+                not_after: svid.not_after,
+                updated_at: now,
+                ..node
+            })
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(self.svid_response(&svid)))
+    }
+
+    async fn fetch_entries(
+        &self,
+        req: Request<pb::FetchEntriesRequest>,
+    ) -> Result<Response<pb::FetchEntriesResponse>, Status> {
+        let node = self.authenticate(&req).await?;
+        let revision = self.app.store.entries_revision().await.map_err(internal)?;
+        let entries = self
+            .app
+            .store
+            .list_entries(&EntryFilter {
+                parent_id: Some(node.spiffe_id),
+                spiffe_id: None,
+            })
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(pb::FetchEntriesResponse {
+            entries: entries.into_iter().map(entry_to_pb).collect(),
+            bundle_json: self.app.authorities.current().bundle_json.clone(),
+            entries_revision: revision,
+        }))
+    }
+
+    async fn sign_x509_svids(
+        &self,
+        req: Request<pb::SignX509SvidsRequest>,
+    ) -> Result<Response<pb::SignX509SvidsResponse>, Status> {
+        let node = self.authenticate(&req).await?;
+        let csrs = &req.get_ref().csrs;
+        if csrs.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} CSRs per call"
+            )));
+        }
+        let mut svids = Vec::with_capacity(csrs.len());
+        for c in csrs {
+            let entry = self.entry_of(&node, &c.entry_id).await?;
+            let spec = SvidSpec {
+                spiffe_id: entry.spec.spiffe_id.clone(),
+                dns_names: entry.spec.dns_names.clone(),
+                ttl_secs: entry.spec.x509_ttl_secs,
+            };
+            let svid = self
+                .app
+                .issuer
+                .sign_x509_svid(&c.csr, spec, node.spiffe_id.as_str())
+                .await
+                .map_err(issue_status)?;
+            svids.push(pb::SignedSvid {
+                entry_id: entry.id.to_string(),
+                svid: Some(self.svid_response(&svid)),
+            });
+        }
+        Ok(Response::new(pb::SignX509SvidsResponse { svids }))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        req: Request<pb::MintJwtSvidRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        let node = self.authenticate(&req).await?;
+        let r = req.get_ref();
+        let entry = self.entry_of(&node, &r.entry_id).await?;
+        let (token, exp) = self
+            .app
+            .issuer
+            .mint_jwt_svid(
+                &entry.spec.spiffe_id,
+                &r.audience,
+                entry.spec.jwt_ttl_secs,
+                node.spiffe_id.as_str(),
+            )
+            .await
+            .map_err(issue_status)?;
+        Ok(Response::new(pb::MintJwtSvidResponse {
+            spiffe_id: entry.spec.spiffe_id.to_string(),
+            token,
+            expires_at: exp,
+        }))
+    }
+}
+
+fn entry_to_pb(e: sigil_core::RegistrationEntry) -> pb::Entry {
+    pb::Entry {
+        id: e.id.to_string(),
+        spiffe_id: e.spec.spiffe_id.to_string(),
+        parent_id: e.spec.parent_id.to_string(),
+        selectors: e.spec.selectors.iter().map(ToString::to_string).collect(),
+        x509_ttl_secs: e.spec.x509_ttl_secs,
+        jwt_ttl_secs: e.spec.jwt_ttl_secs,
+        dns_names: e.spec.dns_names,
+        groups: e.spec.groups,
+        scopes: e.spec.scopes,
+        revision: e.revision,
+    }
+}

@@ -1,0 +1,336 @@
+//! The public HTTPS endpoints: OIDC discovery, JWKS, the SPIFFE bundle, and the OAuth 2.0
+//! token endpoint (client credentials, mTLS client auth, certificate-bound tokens).
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use futures::StreamExt;
+use serde_json::json;
+use sigil_store::EntryFilter;
+
+use crate::AppState;
+use crate::tls::PeerAuth;
+
+/// The routes of the public listener (gRPC is merged in by the caller).
+pub fn router(app: Arc<AppState>) -> Router {
+    let max = app.config.max_body_bytes;
+    Router::new()
+        .route("/.well-known/openid-configuration", get(discovery))
+        .route("/keys", get(jwks))
+        .route("/bundle", get(bundle))
+        // The token endpoint reads its body itself (see `read_limited`).
+        .route("/oauth2/token", post(token))
+        .layer(DefaultBodyLimit::max(max))
+        .with_state(app)
+}
+
+async fn discovery(State(app): State<Arc<AppState>>) -> Response {
+    let iss = app.config.issuer();
+    let doc = json!({
+        "issuer": iss,
+        "jwks_uri": format!("{iss}/keys"),
+        "token_endpoint": format!("{iss}/oauth2/token"),
+        "grant_types_supported": ["client_credentials"],
+        "token_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "tls_client_certificate_bound_access_tokens": true,
+        "response_types_supported": ["token"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": [app.authorities.current().jwt.algorithm().to_string()],
+        "scopes_supported": app.config.oauth_scopes,
+    });
+    json_response(StatusCode::OK, doc.to_string())
+}
+
+async fn jwks(State(app): State<Arc<AppState>>) -> Response {
+    json_response(
+        StatusCode::OK,
+        app.authorities.current().oidc_jwks_json.clone(),
+    )
+}
+
+async fn bundle(State(app): State<Arc<AppState>>) -> Response {
+    json_response(
+        StatusCode::OK,
+        app.authorities.current().bundle_json.clone(),
+    )
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// An RFC 6749 §5.2 error.
+struct OAuthError {
+    status: StatusCode,
+    error: &'static str,
+    description: String,
+}
+
+impl OAuthError {
+    fn new(error: &'static str, description: impl Into<String>) -> Self {
+        let status = if error == "invalid_client" {
+            StatusCode::UNAUTHORIZED
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        Self {
+            status,
+            error,
+            description: description.into(),
+        }
+    }
+}
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": self.error, "error_description": self.description});
+        let mut resp = json_response(self.status, body.to_string());
+        no_store(resp.headers_mut());
+        resp
+    }
+}
+
+fn no_store(h: &mut HeaderMap) {
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}
+
+/// The token request's parameters; each may appear at most once (RFC 6749 §3.2).
+#[derive(Default)]
+struct TokenParams {
+    grant_type: Option<String>,
+    scope: Option<String>,
+    client_id: Option<String>,
+    audience: Option<String>,
+}
+
+fn parse_params(body: &[u8]) -> Result<TokenParams, OAuthError> {
+    let mut p = TokenParams::default();
+    for (k, v) in form_urlencoded::parse(body) {
+        let slot = match k.as_ref() {
+            "grant_type" => &mut p.grant_type,
+            "scope" => &mut p.scope,
+            "client_id" => &mut p.client_id,
+            "resource" | "audience" => &mut p.audience,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(OAuthError::new(
+                "invalid_request",
+                format!("parameter {k} given more than once"),
+            ));
+        }
+        *slot = Some(v.into_owned());
+    }
+    Ok(p)
+}
+
+/// Reads a request body of at most `limit` bytes. A larger body gets 413, but is first read
+/// and discarded up to a cap, so the client (still uploading) receives the answer instead of
+/// a connection reset.
+async fn read_limited(body: Body, limit: usize) -> Result<Bytes, OAuthError> {
+    const DRAIN_CAP: usize = 4 * 1024 * 1024;
+    let too_large = || OAuthError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        error: "invalid_request",
+        description: format!("request body larger than {limit} bytes"),
+    };
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    loop {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next()).await;
+        let chunk = match next {
+            Ok(Some(Ok(c))) => c,
+            Ok(None) => break,
+            Ok(Some(Err(_))) | Err(_) => {
+                return Err(if seen > limit {
+                    too_large()
+                } else {
+                    OAuthError::new("invalid_request", "could not read the request body")
+                });
+            }
+        };
+        seen = seen.saturating_add(chunk.len());
+        if seen > DRAIN_CAP {
+            return Err(too_large());
+        }
+        if seen <= limit {
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    if seen > limit {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(buf))
+}
+
+async fn token(
+    State(app): State<Arc<AppState>>,
+    Extension(peer): Extension<PeerAuth>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, OAuthError> {
+    let body = read_limited(body, app.config.max_body_bytes).await?;
+    let svid = match peer {
+        PeerAuth::Verified(svid) => svid,
+        PeerAuth::Anonymous => {
+            return Err(OAuthError::new(
+                "invalid_client",
+                "a client certificate (X.509-SVID) is required: tls_client_auth",
+            ));
+        }
+        PeerAuth::Rejected(why) => {
+            return Err(OAuthError::new(
+                "invalid_client",
+                format!("client certificate rejected: {why}"),
+            ));
+        }
+    };
+    let form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if !form {
+        return Err(OAuthError::new(
+            "invalid_request",
+            "Content-Type must be application/x-www-form-urlencoded",
+        ));
+    }
+    let params = parse_params(&body)?;
+    let now = app.clock.now();
+    let revoked = app
+        .store
+        .is_revoked(&svid.serial, &svid.spiffe_id, svid.not_before, now)
+        .await
+        .map_err(|e| server_error(&e))?;
+    if revoked {
+        return Err(OAuthError::new(
+            "invalid_client",
+            "client certificate has been revoked",
+        ));
+    }
+    match params.grant_type.as_deref() {
+        Some("client_credentials") => {}
+        Some(other) => {
+            return Err(OAuthError::new(
+                "unsupported_grant_type",
+                format!("grant_type {other:?} is not supported; use client_credentials"),
+            ));
+        }
+        None => return Err(OAuthError::new("invalid_request", "grant_type is missing")),
+    }
+    if let Some(cid) = &params.client_id
+        && cid != svid.spiffe_id.as_str()
+    {
+        return Err(OAuthError::new(
+            "invalid_client",
+            "client_id does not match the client certificate's SPIFFE ID",
+        ));
+    }
+    let entries = app
+        .store
+        .list_entries(&EntryFilter {
+            spiffe_id: Some(svid.spiffe_id.clone()),
+            parent_id: None,
+        })
+        .await
+        .map_err(|e| server_error(&e))?;
+    if entries.is_empty() {
+        return Err(OAuthError::new(
+            "invalid_client",
+            "no registration entry for this SPIFFE ID",
+        ));
+    }
+    let allowed: BTreeSet<&str> = entries
+        .iter()
+        .flat_map(|e| e.spec.scopes.iter().map(String::as_str))
+        .collect();
+    let granted: Vec<String> = match params.scope.as_deref() {
+        None => allowed.iter().map(|s| (*s).to_owned()).collect(),
+        Some(requested) => {
+            let requested: BTreeSet<&str> =
+                requested.split(' ').filter(|s| !s.is_empty()).collect();
+            if let Some(unknown) = requested
+                .iter()
+                .find(|s| !app.config.oauth_scopes.iter().any(|k| k == *s))
+            {
+                return Err(OAuthError::new(
+                    "invalid_scope",
+                    format!("unknown scope {unknown:?}"),
+                ));
+            }
+            let granted: Vec<String> = requested
+                .intersection(&allowed)
+                .map(|s| (*s).to_owned())
+                .collect();
+            if granted.is_empty() && !requested.is_empty() {
+                return Err(OAuthError::new(
+                    "invalid_scope",
+                    "none of the requested scopes is granted to this client",
+                ));
+            }
+            granted
+        }
+    };
+    let audience = params
+        .audience
+        .unwrap_or_else(|| app.config.default_audience.clone());
+    if audience.is_empty() || audience.len() > 512 || audience.contains(char::is_whitespace) {
+        return Err(OAuthError::new(
+            "invalid_target",
+            "invalid resource/audience",
+        ));
+    }
+    let ttl = app.config.access_token_ttl_secs;
+    let (token, claims) = app
+        .issuer
+        .mint_access_token(
+            &app.config.issuer(),
+            &svid.spiffe_id,
+            &audience,
+            &granted,
+            &svid.x5t_s256,
+            ttl,
+        )
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "access token issuance failed");
+            OAuthError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                error: "server_error",
+                description: "could not issue the token".into(),
+            }
+        })?;
+    let body = json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": ttl,
+        "scope": claims.scope,
+    });
+    let mut resp = json_response(StatusCode::OK, body.to_string());
+    no_store(resp.headers_mut());
+    Ok(resp)
+}
+
+fn server_error(e: &dyn std::fmt::Display) -> OAuthError {
+    tracing::error!(error = %e, "token endpoint failed");
+    OAuthError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        error: "server_error",
+        description: "internal error".into(),
+    }
+}

@@ -1,0 +1,19 @@
+//! sigil-store: the trust authority's one persistence layer. Registration entries, attested
+//! nodes, join tokens, issued identities, revocations and signing authorities, on an embedded
+//! SQLite file or on PostgreSQL, behind the object-safe [`Store`] trait.
+#![forbid(unsafe_code)]
+
+mod error;
+mod migrate;
+mod model;
+mod sql;
+mod store;
+
+pub use error::{JoinTokenError, StoreError};
+pub use migrate::SCHEMA_VERSION;
+pub use model::{
+    AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IdentityKind, IssuedIdentity,
+    NodeRecord, Revocation, UnknownName,
+};
+pub use sql::{Backend, SqlStore};
+pub use store::Store;

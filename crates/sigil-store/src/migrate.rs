@@ -1,0 +1,280 @@
+//! Versioned schema migrations: a fixed, ordered list applied once each, one transaction each.
+use sigil_core::{Clock, SystemClock};
+use sqlx::{AnyPool, Executor};
+
+use crate::StoreError;
+use crate::error::is_unique_violation;
+use crate::sql::Backend;
+
+/// One schema change, written once per backend.
+struct Migration {
+    version: i64,
+    name: &'static str,
+    sqlite: &'static str,
+    postgres: &'static str,
+}
+
+/// The newest schema version this build knows.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "initial",
+    sqlite: r"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT INTO meta (key, value) VALUES
+    ('entries_revision', 0), ('revocations_revision', 0), ('bundle_sequence', 0);
+
+CREATE TABLE entries (
+    id             TEXT PRIMARY KEY,
+    spiffe_id      TEXT NOT NULL,
+    parent_id      TEXT NOT NULL,
+    selectors_json TEXT NOT NULL,
+    dedup_key      TEXT NOT NULL UNIQUE,
+    x509_ttl_secs  INTEGER NOT NULL,
+    jwt_ttl_secs   INTEGER NOT NULL,
+    dns_names_json TEXT NOT NULL,
+    groups_json    TEXT NOT NULL,
+    scopes_json    TEXT NOT NULL,
+    revision       INTEGER NOT NULL,
+    created_at     INTEGER NOT NULL,
+    updated_at     INTEGER NOT NULL
+);
+CREATE INDEX entries_by_parent ON entries (parent_id, spiffe_id, id);
+CREATE INDEX entries_by_spiffe_id ON entries (spiffe_id, id);
+
+CREATE TABLE nodes (
+    spiffe_id        TEXT PRIMARY KEY,
+    attestation_type TEXT NOT NULL,
+    serial           TEXT NOT NULL,
+    not_after        INTEGER NOT NULL,
+    evicted          INTEGER NOT NULL CHECK (evicted IN (0, 1)),
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL
+);
+
+CREATE TABLE join_tokens (
+    token_hash TEXT PRIMARY KEY,
+    expires_at INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    used_at    INTEGER,
+    node_id    TEXT
+);
+
+CREATE TABLE issued (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind          TEXT NOT NULL CHECK (kind IN ('x509-svid', 'jwt-svid', 'access-token')),
+    serial_or_jti TEXT NOT NULL,
+    spiffe_id     TEXT NOT NULL,
+    thumbprint    TEXT NOT NULL,
+    audience_json TEXT NOT NULL,
+    issued_at     INTEGER NOT NULL,
+    not_after     INTEGER NOT NULL,
+    requester     TEXT NOT NULL,
+    UNIQUE (kind, serial_or_jti)
+);
+CREATE INDEX issued_by_serial ON issued (serial_or_jti);
+CREATE INDEX issued_by_spiffe_id ON issued (spiffe_id, issued_at);
+CREATE INDEX issued_by_time ON issued (issued_at);
+
+CREATE TABLE revocations (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    serial     TEXT,
+    spiffe_id  TEXT,
+    reason     TEXT NOT NULL,
+    revoked_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    CHECK (serial IS NOT NULL OR spiffe_id IS NOT NULL)
+);
+CREATE INDEX revocations_by_serial ON revocations (serial);
+CREATE INDEX revocations_by_spiffe_id ON revocations (spiffe_id);
+CREATE INDEX revocations_by_expiry ON revocations (expires_at);
+
+CREATE TABLE authorities (
+    id              TEXT PRIMARY KEY,
+    kind            TEXT NOT NULL CHECK (kind IN ('x509', 'jwt')),
+    state           TEXT NOT NULL CHECK (state IN ('prepared', 'active', 'retired')),
+    public_der      BLOB NOT NULL,
+    key_ref         TEXT NOT NULL,
+    algorithm       TEXT NOT NULL,
+    not_after       INTEGER NOT NULL,
+    last_use_expiry INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    activated_at    INTEGER
+);
+",
+    postgres: r"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+INSERT INTO meta (key, value) VALUES
+    ('entries_revision', 0), ('revocations_revision', 0), ('bundle_sequence', 0);
+
+CREATE TABLE entries (
+    id             TEXT PRIMARY KEY,
+    spiffe_id      TEXT NOT NULL,
+    parent_id      TEXT NOT NULL,
+    selectors_json TEXT NOT NULL,
+    dedup_key      TEXT NOT NULL UNIQUE,
+    x509_ttl_secs  BIGINT NOT NULL,
+    jwt_ttl_secs   BIGINT NOT NULL,
+    dns_names_json TEXT NOT NULL,
+    groups_json    TEXT NOT NULL,
+    scopes_json    TEXT NOT NULL,
+    revision       BIGINT NOT NULL,
+    created_at     BIGINT NOT NULL,
+    updated_at     BIGINT NOT NULL
+);
+CREATE INDEX entries_by_parent ON entries (parent_id, spiffe_id, id);
+CREATE INDEX entries_by_spiffe_id ON entries (spiffe_id, id);
+
+CREATE TABLE nodes (
+    spiffe_id        TEXT PRIMARY KEY,
+    attestation_type TEXT NOT NULL,
+    serial           TEXT NOT NULL,
+    not_after        BIGINT NOT NULL,
+    evicted          BIGINT NOT NULL CHECK (evicted IN (0, 1)),
+    created_at       BIGINT NOT NULL,
+    updated_at       BIGINT NOT NULL
+);
+
+CREATE TABLE join_tokens (
+    token_hash TEXT PRIMARY KEY,
+    expires_at BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    used_at    BIGINT,
+    node_id    TEXT
+);
+
+CREATE TABLE issued (
+    id            BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    kind          TEXT NOT NULL CHECK (kind IN ('x509-svid', 'jwt-svid', 'access-token')),
+    serial_or_jti TEXT NOT NULL,
+    spiffe_id     TEXT NOT NULL,
+    thumbprint    TEXT NOT NULL,
+    audience_json TEXT NOT NULL,
+    issued_at     BIGINT NOT NULL,
+    not_after     BIGINT NOT NULL,
+    requester     TEXT NOT NULL,
+    UNIQUE (kind, serial_or_jti)
+);
+CREATE INDEX issued_by_serial ON issued (serial_or_jti);
+CREATE INDEX issued_by_spiffe_id ON issued (spiffe_id, issued_at);
+CREATE INDEX issued_by_time ON issued (issued_at);
+
+CREATE TABLE revocations (
+    id         BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    serial     TEXT,
+    spiffe_id  TEXT,
+    reason     TEXT NOT NULL,
+    revoked_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    CHECK (serial IS NOT NULL OR spiffe_id IS NOT NULL)
+);
+CREATE INDEX revocations_by_serial ON revocations (serial);
+CREATE INDEX revocations_by_spiffe_id ON revocations (spiffe_id);
+CREATE INDEX revocations_by_expiry ON revocations (expires_at);
+
+CREATE TABLE authorities (
+    id              TEXT PRIMARY KEY,
+    kind            TEXT NOT NULL CHECK (kind IN ('x509', 'jwt')),
+    state           TEXT NOT NULL CHECK (state IN ('prepared', 'active', 'retired')),
+    public_der      BYTEA NOT NULL,
+    key_ref         TEXT NOT NULL,
+    algorithm       TEXT NOT NULL,
+    not_after       BIGINT NOT NULL,
+    last_use_expiry BIGINT NOT NULL,
+    created_at      BIGINT NOT NULL,
+    activated_at    BIGINT
+);
+",
+}];
+
+/// Brings the schema up to [`SCHEMA_VERSION`]; refuses a database newer than that.
+///
+/// Safe to run concurrently from several processes: each migration first inserts its row in
+/// `schema_migrations`, so a second migrator blocks on (PostgreSQL) or is serialised by
+/// (SQLite) the first, then sees a unique violation and skips the step.
+pub(crate) async fn migrate(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {
+    let created = pool
+        .execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version    BIGINT PRIMARY KEY,
+                name       TEXT NOT NULL,
+                applied_at BIGINT NOT NULL
+            )",
+        )
+        .await;
+    match created {
+        // PostgreSQL: two first starts racing on IF NOT EXISTS; the other one created it.
+        Err(e) if !is_unique_violation(&e) => return Err(e.into()),
+        _ => {}
+    }
+
+    let current = current_version(pool).await?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+        let mut tx = crate::sql::begin_write(pool, backend).await?;
+        let claimed = sqlx::query(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+        )
+        .bind(m.version)
+        .bind(m.name)
+        .bind(SystemClock.now())
+        .execute(&mut *tx)
+        .await;
+        match claimed {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => {
+                // Another process applied it meanwhile.
+                tx.rollback().await?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let sql = match backend {
+            Backend::Sqlite => m.sqlite,
+            Backend::Postgres => m.postgres,
+        };
+        // `Executor::execute` with a bare &str: no bind parameters, so several statements may
+        // run in one call (PostgreSQL's simple query protocol), and the future stays `Send`.
+        (&mut *tx).execute(sql).await?;
+        tx.commit().await?;
+        tracing::info!(
+            version = m.version,
+            name = m.name,
+            "applied schema migration"
+        );
+    }
+    Ok(())
+}
+
+/// The highest applied migration (0 for a fresh database).
+pub(crate) async fn current_version(pool: &AnyPool) -> Result<i64, StoreError> {
+    let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations")
+        .fetch_one(pool)
+        .await?;
+    Ok(v.unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_consecutive_from_one() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i64::try_from(i).unwrap() + 1, "{}", m.name);
+        }
+        assert_eq!(MIGRATIONS.last().unwrap().version, SCHEMA_VERSION);
+    }
+}

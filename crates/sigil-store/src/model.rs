@@ -1,0 +1,217 @@
+//! The records the store persists besides registration entries: nodes, issued identities,
+//! revocations, signing authorities, and the filter for listing entries.
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sigil_core::{SpiffeId, UnixTime};
+
+/// An attested node (an agent's host) and its current node SVID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node's SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// How the node attested, e.g. `join_token`.
+    pub attestation_type: String,
+    /// Serial of the node's current SVID, lowercase hex.
+    pub serial: String,
+    /// When the node's current SVID expires.
+    pub not_after: UnixTime,
+    /// Whether an administrator evicted the node (it must re-attest).
+    pub evicted: bool,
+    /// When the node first attested. Kept from the first insert on later upserts.
+    pub created_at: UnixTime,
+    /// When the record last changed.
+    pub updated_at: UnixTime,
+}
+
+/// What kind of credential was issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentityKind {
+    /// An X.509-SVID (`x509-svid`).
+    X509Svid,
+    /// A JWT-SVID (`jwt-svid`).
+    JwtSvid,
+    /// An OAuth access token (`access-token`).
+    AccessToken,
+}
+
+/// One credential the authority issued, for audit and revocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedIdentity {
+    /// What was issued.
+    pub kind: IdentityKind,
+    /// Certificate serial (lowercase hex) or token `jti`. Unique per kind.
+    pub serial_or_jti: String,
+    /// The identity it carries.
+    pub spiffe_id: SpiffeId,
+    /// X.509: SHA-256 of the certificate DER, hex. Tokens: bound certificate thumbprint or "".
+    pub thumbprint: String,
+    /// Token audiences (empty for X.509).
+    pub audience: Vec<String>,
+    /// When it was issued.
+    pub issued_at: UnixTime,
+    /// When it expires.
+    pub not_after: UnixTime,
+    /// Who asked: the node's SPIFFE ID, or `admin`.
+    pub requester: String,
+}
+
+/// A revocation: of one serial, of every credential of one SPIFFE ID issued up to `revoked_at`,
+/// or both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Assigned by the store; ignored on insert.
+    pub id: i64,
+    /// The revoked serial or `jti`, compared exactly (store serials in lowercase hex).
+    pub serial: Option<String>,
+    /// The revoked SPIFFE ID: credentials of it issued at or before `revoked_at` are dead.
+    pub spiffe_id: Option<SpiffeId>,
+    /// Why (free text for operators).
+    pub reason: String,
+    /// When the revocation was made.
+    pub revoked_at: UnixTime,
+    /// After this, every credential it could concern has expired, so it can be pruned.
+    pub expires_at: UnixTime,
+}
+
+/// What an authority signs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthorityKind {
+    /// An X.509 CA (`x509`).
+    X509,
+    /// A JWT signing key (`jwt`).
+    Jwt,
+}
+
+/// Where an authority is in its rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthorityState {
+    /// Published in the bundle, not yet signing.
+    Prepared,
+    /// Signing.
+    Active,
+    /// No longer signing; kept in the bundle until what it signed expires.
+    Retired,
+}
+
+/// A CA certificate or JWT signing key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorityRecord {
+    /// Key ID.
+    pub id: String,
+    /// X.509 CA or JWT key.
+    pub kind: AuthorityKind,
+    /// Rotation state.
+    pub state: AuthorityState,
+    /// X.509: the CA certificate DER. JWT: the SubjectPublicKeyInfo DER.
+    pub public_der: Vec<u8>,
+    /// Where the private key lives (e.g. a file path). Never the key itself.
+    pub key_ref: String,
+    /// Signature algorithm, e.g. `ES256`.
+    pub algorithm: String,
+    /// The authority's own expiry.
+    pub not_after: UnixTime,
+    /// The latest expiry of anything it signed; it may be pruned after this.
+    pub last_use_expiry: UnixTime,
+    /// When it was created.
+    pub created_at: UnixTime,
+    /// When it last became active.
+    pub activated_at: Option<UnixTime>,
+}
+
+/// Which entries to list. `None` fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryFilter {
+    /// Only entries whose parent (node) is this ID.
+    pub parent_id: Option<SpiffeId>,
+    /// Only entries handing out this ID.
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+/// A stored enum value that is not one of the known names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {value:?}")]
+pub struct UnknownName {
+    what: &'static str,
+    value: String,
+}
+
+macro_rules! text_enum {
+    ($ty:ident, $what:literal, { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The name stored in the database and used in JSON.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl FromStr for $ty {
+            type Err = UnknownName;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok(Self::$variant),)+
+                    _ => Err(UnknownName { what: $what, value: s.chars().take(80).collect() }),
+                }
+            }
+        }
+    };
+}
+
+text_enum!(IdentityKind, "identity kind", {
+    X509Svid => "x509-svid",
+    JwtSvid => "jwt-svid",
+    AccessToken => "access-token",
+});
+text_enum!(AuthorityKind, "authority kind", { X509 => "x509", Jwt => "jwt" });
+text_enum!(AuthorityState, "authority state", {
+    Prepared => "prepared",
+    Active => "active",
+    Retired => "retired",
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_match_serde() {
+        for k in [
+            IdentityKind::X509Svid,
+            IdentityKind::JwtSvid,
+            IdentityKind::AccessToken,
+        ] {
+            assert_eq!(k.as_str().parse::<IdentityKind>().unwrap(), k);
+            assert_eq!(
+                serde_json::to_string(&k).unwrap(),
+                format!("\"{}\"", k.as_str())
+            );
+        }
+        for s in [
+            AuthorityState::Prepared,
+            AuthorityState::Active,
+            AuthorityState::Retired,
+        ] {
+            assert_eq!(s.as_str().parse::<AuthorityState>().unwrap(), s);
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+        for k in [AuthorityKind::X509, AuthorityKind::Jwt] {
+            assert_eq!(k.as_str().parse::<AuthorityKind>().unwrap(), k);
+            assert_eq!(
+                serde_json::to_string(&k).unwrap(),
+                format!("\"{}\"", k.as_str())
+            );
+        }
+        assert!("X509".parse::<AuthorityKind>().is_err());
+    }
+}

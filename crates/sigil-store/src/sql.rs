@@ -1,0 +1,1018 @@
+//! `SqlStore`: the one `Store` implementation, on SQLite or PostgreSQL through sqlx's `Any` driver.
+use std::fmt::Display;
+use std::path::Path;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use sigil_core::{EntryId, EntrySpec, RegistrationEntry, SpiffeId, UnixTime};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyConnection, AnyPool, Executor, Row, Transaction};
+
+use crate::migrate::migrate;
+use crate::{
+    AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IdentityKind, IssuedIdentity,
+    JoinTokenError, NodeRecord, Revocation, Store, StoreError,
+};
+
+/// Which database a [`SqlStore`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// An embedded SQLite file (single server).
+    Sqlite,
+    /// PostgreSQL (several servers sharing one database).
+    Postgres,
+}
+
+const SQLITE_POOL_SIZE: u32 = 4;
+const POSTGRES_POOL_SIZE: u32 = 8;
+/// Upper bound on `list_issued`'s `limit`.
+const MAX_ISSUED_LIMIT: i64 = 10_000;
+
+/// The store on SQLite or PostgreSQL. Cheap to clone (the pool is shared).
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl SqlStore {
+    /// Opens the database at `url` and migrates its schema.
+    ///
+    /// * `sqlite://<path>`: the file is created (mode 0600) if missing; `sqlite:///abs/path` for
+    ///   an absolute path. No query parameters. Every connection runs with `journal_mode=WAL`,
+    ///   `synchronous=FULL`, `foreign_keys=ON`, `busy_timeout=5000`.
+    /// * `postgres://...` or `postgresql://...`: passed to the driver as is; e.g.
+    ///   `?options=-c%20search_path%3Dmy_schema` selects a schema.
+    ///
+    /// Anything else is [`StoreError::Unsupported`]. A database migrated by a newer sigil is
+    /// [`StoreError::SchemaTooNew`].
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let (pool, backend) = match parse_url(url)? {
+            Target::Sqlite(path) => (open_sqlite(path).await?, Backend::Sqlite),
+            Target::Postgres => {
+                let pool = AnyPoolOptions::new()
+                    .max_connections(POSTGRES_POOL_SIZE)
+                    .connect(url)
+                    .await?;
+                (pool, Backend::Postgres)
+            }
+        };
+        migrate(&pool, backend).await?;
+        Ok(Self { pool, backend })
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes every connection, waiting for queries in flight.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+enum Target<'a> {
+    Sqlite(&'a str),
+    Postgres,
+}
+
+fn parse_url(url: &str) -> Result<Target<'_>, StoreError> {
+    if let Some(rest) = url.strip_prefix("sqlite://") {
+        if rest.is_empty() {
+            return Err(StoreError::Unsupported(
+                "a sqlite:// URL needs a file path (sqlite://<path>)".into(),
+            ));
+        }
+        if rest.contains(['?', '#', '%']) || rest == ":memory:" {
+            return Err(StoreError::Unsupported(
+                "a sqlite:// URL is a plain file path: no query parameters, '#', '%' or :memory:"
+                    .into(),
+            ));
+        }
+        return Ok(Target::Sqlite(rest));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Target::Postgres);
+    }
+    // Never echo the whole URL: it may hold a password.
+    let scheme: String = url
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(32)
+        .collect();
+    Err(StoreError::Unsupported(format!(
+        "database URL scheme {scheme:?}: use sqlite://<path> or postgres://..."
+    )))
+}
+
+async fn open_sqlite(path: &str) -> Result<AnyPool, StoreError> {
+    create_private_file(Path::new(path)).map_err(sqlx::Error::Io)?;
+    let pool = AnyPoolOptions::new()
+        .max_connections(SQLITE_POOL_SIZE)
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                // busy_timeout first, so switching the journal mode waits for other openers.
+                for pragma in [
+                    "PRAGMA busy_timeout = 5000",
+                    "PRAGMA journal_mode = WAL",
+                    // Durability: a commit is on disk before it is acknowledged.
+                    "PRAGMA synchronous = FULL",
+                    "PRAGMA foreign_keys = ON",
+                ] {
+                    conn.execute(pragma).await?;
+                }
+                Ok(())
+            })
+        })
+        // mode=rw: the file exists (created above with the right mode); never let SQLite create
+        // one with default permissions somewhere else.
+        .connect(&format!("sqlite://{path}?mode=rw"))
+        .await?;
+    Ok(pool)
+}
+
+/// Creates `path` readable and writable by the owner only, if it does not exist.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Starts a transaction that will write. On SQLite it takes the write lock up front
+/// (`BEGIN IMMEDIATE`), so a read followed by a write can never fail with a lock upgrade error.
+pub(crate) async fn begin_write(
+    pool: &AnyPool,
+    backend: Backend,
+) -> Result<Transaction<'static, Any>, sqlx::Error> {
+    match backend {
+        Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
+        Backend::Postgres => pool.begin().await,
+    }
+}
+
+const ENTRIES_REVISION: &str = "entries_revision";
+const REVOCATIONS_REVISION: &str = "revocations_revision";
+const BUNDLE_SEQUENCE: &str = "bundle_sequence";
+
+/// Increments a `meta` counter and returns its new value.
+async fn bump_meta(conn: &mut AnyConnection, key: &str) -> Result<i64, StoreError> {
+    sqlx::query_scalar("UPDATE meta SET value = value + 1 WHERE key = $1 RETURNING value")
+        .bind(key)
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| StoreError::Corrupt(format!("meta row {key:?} is missing")))
+}
+
+const ENTRY_COLS: &str = "id, spiffe_id, parent_id, selectors_json, x509_ttl_secs, jwt_ttl_secs, \
+     dns_names_json, groups_json, scopes_json, revision, created_at, updated_at";
+const NODE_COLS: &str =
+    "spiffe_id, attestation_type, serial, not_after, evicted, created_at, updated_at";
+const ISSUED_COLS: &str = "id, kind, serial_or_jti, spiffe_id, thumbprint, audience_json, \
+     issued_at, not_after, requester";
+const REVOCATION_COLS: &str = "id, serial, spiffe_id, reason, revoked_at, expires_at";
+const AUTHORITY_COLS: &str = "id, kind, state, public_der, key_ref, algorithm, not_after, \
+     last_use_expiry, created_at, activated_at";
+
+/// The columns of an entry spec, encoded for storage.
+struct EncodedSpec {
+    selectors_json: String,
+    dedup_key: String,
+    dns_names_json: String,
+    groups_json: String,
+    scopes_json: String,
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Invalid(format!("cannot encode: {e}")))
+}
+
+impl EncodedSpec {
+    fn new(spec: &EntrySpec) -> Result<Self, StoreError> {
+        Ok(Self {
+            selectors_json: to_json(&spec.selectors)?,
+            dedup_key: dedup_key(spec)?,
+            dns_names_json: to_json(&spec.dns_names)?,
+            groups_json: to_json(&spec.groups)?,
+            scopes_json: to_json(&spec.scopes)?,
+        })
+    }
+}
+
+/// What makes two entries the same: SPIFFE ID, parent ID and the *set* of selectors. Hashed so
+/// the unique index stays small whatever the selectors' length.
+fn dedup_key(spec: &EntrySpec) -> Result<String, StoreError> {
+    let mut selectors: Vec<String> = spec.selectors.iter().map(ToString::to_string).collect();
+    selectors.sort();
+    selectors.dedup();
+    let canonical = to_json(&(spec.spiffe_id.as_str(), spec.parent_id.as_str(), selectors))?;
+    Ok(hex::encode(Sha256::digest(canonical.as_bytes())))
+}
+
+fn validate_token_hash(token_hash: &str) -> Result<(), StoreError> {
+    let ok = token_hash.len() == 64
+        && token_hash
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(
+            "a join token is stored as its SHA-256 in lowercase hex (64 characters)".into(),
+        ))
+    }
+}
+
+/// Reads one row, turning anything unparsable into [`StoreError::Corrupt`] naming the row.
+struct Reader<'r> {
+    row: &'r AnyRow,
+    table: &'static str,
+    key: String,
+}
+
+impl<'r> Reader<'r> {
+    fn new(row: &'r AnyRow, table: &'static str, key_col: &str) -> Self {
+        let key = match row.try_get::<String, _>(key_col) {
+            Ok(s) => format!("{s:?}"),
+            Err(_) => row
+                .try_get::<i64, _>(key_col)
+                .map(|i| i.to_string())
+                .unwrap_or_else(|_| "?".into()),
+        };
+        Self { row, table, key }
+    }
+
+    fn corrupt(&self, col: &str, err: impl Display) -> StoreError {
+        StoreError::Corrupt(format!(
+            "{} row {}, column {col}: {err}",
+            self.table, self.key
+        ))
+    }
+
+    fn get<T>(&self, col: &str) -> Result<T, StoreError>
+    where
+        T: sqlx::Decode<'r, Any> + sqlx::Type<Any>,
+    {
+        self.row.try_get(col).map_err(|e| self.corrupt(col, e))
+    }
+
+    fn parse<T>(&self, col: &str) -> Result<T, StoreError>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        let s: String = self.get(col)?;
+        s.parse().map_err(|e| self.corrupt(col, e))
+    }
+
+    fn opt_parse<T>(&self, col: &str) -> Result<Option<T>, StoreError>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        let s: Option<String> = self.get(col)?;
+        s.map(|s| s.parse().map_err(|e| self.corrupt(col, e)))
+            .transpose()
+    }
+
+    fn json<T: DeserializeOwned>(&self, col: &str) -> Result<T, StoreError> {
+        let s: String = self.get(col)?;
+        serde_json::from_str(&s).map_err(|e| self.corrupt(col, e))
+    }
+
+    fn u32(&self, col: &str) -> Result<u32, StoreError> {
+        let v: i64 = self.get(col)?;
+        u32::try_from(v).map_err(|e| self.corrupt(col, e))
+    }
+
+    fn bool(&self, col: &str) -> Result<bool, StoreError> {
+        match self.get::<i64>(col)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(self.corrupt(col, format_args!("{v} is not a boolean"))),
+        }
+    }
+}
+
+fn entry_from_row(row: &AnyRow) -> Result<RegistrationEntry, StoreError> {
+    let r = Reader::new(row, "entries", "id");
+    let id: String = r.get("id")?;
+    Ok(RegistrationEntry {
+        id: EntryId::parse(&id).map_err(|e| r.corrupt("id", e))?,
+        spec: EntrySpec {
+            spiffe_id: r.parse("spiffe_id")?,
+            parent_id: r.parse("parent_id")?,
+            selectors: r.json("selectors_json")?,
+            x509_ttl_secs: r.u32("x509_ttl_secs")?,
+            jwt_ttl_secs: r.u32("jwt_ttl_secs")?,
+            dns_names: r.json("dns_names_json")?,
+            groups: r.json("groups_json")?,
+            scopes: r.json("scopes_json")?,
+        },
+        revision: r.get("revision")?,
+        created_at: r.get("created_at")?,
+        updated_at: r.get("updated_at")?,
+    })
+}
+
+fn node_from_row(row: &AnyRow) -> Result<NodeRecord, StoreError> {
+    let r = Reader::new(row, "nodes", "spiffe_id");
+    Ok(NodeRecord {
+        spiffe_id: r.parse("spiffe_id")?,
+        attestation_type: r.get("attestation_type")?,
+        serial: r.get("serial")?,
+        not_after: r.get("not_after")?,
+        evicted: r.bool("evicted")?,
+        created_at: r.get("created_at")?,
+        updated_at: r.get("updated_at")?,
+    })
+}
+
+fn issued_from_row(row: &AnyRow) -> Result<IssuedIdentity, StoreError> {
+    let r = Reader::new(row, "issued", "id");
+    Ok(IssuedIdentity {
+        kind: r.parse::<IdentityKind>("kind")?,
+        serial_or_jti: r.get("serial_or_jti")?,
+        spiffe_id: r.parse("spiffe_id")?,
+        thumbprint: r.get("thumbprint")?,
+        audience: r.json("audience_json")?,
+        issued_at: r.get("issued_at")?,
+        not_after: r.get("not_after")?,
+        requester: r.get("requester")?,
+    })
+}
+
+fn revocation_from_row(row: &AnyRow) -> Result<Revocation, StoreError> {
+    let r = Reader::new(row, "revocations", "id");
+    Ok(Revocation {
+        id: r.get("id")?,
+        serial: r.get("serial")?,
+        spiffe_id: r.opt_parse("spiffe_id")?,
+        reason: r.get("reason")?,
+        revoked_at: r.get("revoked_at")?,
+        expires_at: r.get("expires_at")?,
+    })
+}
+
+fn authority_from_row(row: &AnyRow) -> Result<AuthorityRecord, StoreError> {
+    let r = Reader::new(row, "authorities", "id");
+    Ok(AuthorityRecord {
+        id: r.get("id")?,
+        kind: r.parse::<AuthorityKind>("kind")?,
+        state: r.parse::<AuthorityState>("state")?,
+        public_der: r.get("public_der")?,
+        key_ref: r.get("key_ref")?,
+        algorithm: r.get("algorithm")?,
+        not_after: r.get("not_after")?,
+        last_use_expiry: r.get("last_use_expiry")?,
+        created_at: r.get("created_at")?,
+        activated_at: r.get("activated_at")?,
+    })
+}
+
+impl SqlStore {
+    async fn meta_value(&self, key: &str) -> Result<i64, StoreError> {
+        sqlx::query_scalar("SELECT value FROM meta WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("meta row {key:?} is missing")))
+    }
+
+    async fn count(&self, table: &'static str) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(&self.pool)
+            .await?)
+    }
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn create_entry(&self, entry: &RegistrationEntry) -> Result<(), StoreError> {
+        let spec = &entry.spec;
+        let enc = EncodedSpec::new(spec)?;
+        let mut tx = begin_write(&self.pool, self.backend).await?;
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT id FROM entries WHERE id = $1 OR dedup_key = $2 LIMIT 1")
+                .bind(entry.id.as_str())
+                .bind(&enc.dedup_key)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(existing) = existing {
+            return Err(StoreError::Conflict(if existing == entry.id.as_str() {
+                format!("entry {existing} already exists")
+            } else {
+                format!(
+                    "entry {existing} already gives {} to {} with the same selectors",
+                    spec.spiffe_id, spec.parent_id
+                )
+            }));
+        }
+        sqlx::query(
+            "INSERT INTO entries (id, spiffe_id, parent_id, selectors_json, dedup_key, \
+             x509_ttl_secs, jwt_ttl_secs, dns_names_json, groups_json, scopes_json, revision, \
+             created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(entry.id.as_str())
+        .bind(spec.spiffe_id.as_str())
+        .bind(spec.parent_id.as_str())
+        .bind(&enc.selectors_json)
+        .bind(&enc.dedup_key)
+        .bind(i64::from(spec.x509_ttl_secs))
+        .bind(i64::from(spec.jwt_ttl_secs))
+        .bind(&enc.dns_names_json)
+        .bind(&enc.groups_json)
+        .bind(&enc.scopes_json)
+        .bind(entry.revision)
+        .bind(entry.created_at)
+        .bind(entry.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            StoreError::conflict_or(e, || {
+                format!(
+                    "entry {} or an entry with the same SPIFFE ID, parent ID and selectors already exists",
+                    entry.id
+                )
+            })
+        })?;
+        bump_meta(&mut tx, ENTRIES_REVISION).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_entry(&self, id: &EntryId) -> Result<RegistrationEntry, StoreError> {
+        let row = sqlx::query(&format!("SELECT {ENTRY_COLS} FROM entries WHERE id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("entry {id}")))?;
+        entry_from_row(&row)
+    }
+
+    async fn list_entries(
+        &self,
+        filter: &EntryFilter,
+    ) -> Result<Vec<RegistrationEntry>, StoreError> {
+        let mut sql = format!("SELECT {ENTRY_COLS} FROM entries");
+        let mut binds: Vec<&str> = Vec::new();
+        for (col, value) in [
+            ("parent_id", &filter.parent_id),
+            ("spiffe_id", &filter.spiffe_id),
+        ] {
+            if let Some(v) = value {
+                sql.push_str(if binds.is_empty() { " WHERE " } else { " AND " });
+                binds.push(v.as_str());
+                sql.push_str(&format!("{col} = ${}", binds.len()));
+            }
+        }
+        sql.push_str(" ORDER BY spiffe_id, id");
+        let mut query = sqlx::query(&sql);
+        for b in binds {
+            query = query.bind(b);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    async fn update_entry(
+        &self,
+        id: &EntryId,
+        spec: &EntrySpec,
+        now: UnixTime,
+    ) -> Result<RegistrationEntry, StoreError> {
+        let enc = EncodedSpec::new(spec)?;
+        let conflict = || {
+            format!(
+                "another entry already gives {} to {} with the same selectors",
+                spec.spiffe_id, spec.parent_id
+            )
+        };
+        let mut tx = begin_write(&self.pool, self.backend).await?;
+        let duplicate: Option<String> =
+            sqlx::query_scalar("SELECT id FROM entries WHERE dedup_key = $1 AND id <> $2")
+                .bind(&enc.dedup_key)
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(other) = duplicate {
+            return Err(StoreError::Conflict(format!(
+                "entry {other} already gives {} to {} with the same selectors",
+                spec.spiffe_id, spec.parent_id
+            )));
+        }
+        let row = sqlx::query(&format!(
+            "UPDATE entries SET spiffe_id = $1, parent_id = $2, selectors_json = $3, \
+             dedup_key = $4, x509_ttl_secs = $5, jwt_ttl_secs = $6, dns_names_json = $7, \
+             groups_json = $8, scopes_json = $9, revision = revision + 1, updated_at = $10 \
+             WHERE id = $11 RETURNING {ENTRY_COLS}"
+        ))
+        .bind(spec.spiffe_id.as_str())
+        .bind(spec.parent_id.as_str())
+        .bind(&enc.selectors_json)
+        .bind(&enc.dedup_key)
+        .bind(i64::from(spec.x509_ttl_secs))
+        .bind(i64::from(spec.jwt_ttl_secs))
+        .bind(&enc.dns_names_json)
+        .bind(&enc.groups_json)
+        .bind(&enc.scopes_json)
+        .bind(now)
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| StoreError::conflict_or(e, conflict))?
+        .ok_or_else(|| StoreError::NotFound(format!("entry {id}")))?;
+        let entry = entry_from_row(&row)?;
+        bump_meta(&mut tx, ENTRIES_REVISION).await?;
+        tx.commit().await?;
+        Ok(entry)
+    }
+
+    async fn delete_entry(&self, id: &EntryId) -> Result<(), StoreError> {
+        let mut tx = begin_write(&self.pool, self.backend).await?;
+        let deleted = sqlx::query("DELETE FROM entries WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if deleted == 0 {
+            return Err(StoreError::NotFound(format!("entry {id}")));
+        }
+        bump_meta(&mut tx, ENTRIES_REVISION).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn count_entries(&self) -> Result<i64, StoreError> {
+        self.count("entries").await
+    }
+
+    async fn entries_revision(&self) -> Result<i64, StoreError> {
+        self.meta_value(ENTRIES_REVISION).await
+    }
+
+    async fn upsert_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO nodes (spiffe_id, attestation_type, serial, not_after, evicted, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (spiffe_id) DO UPDATE SET attestation_type = excluded.attestation_type, \
+             serial = excluded.serial, not_after = excluded.not_after, \
+             evicted = excluded.evicted, updated_at = excluded.updated_at",
+        )
+        .bind(node.spiffe_id.as_str())
+        .bind(&node.attestation_type)
+        .bind(&node.serial)
+        .bind(node.not_after)
+        .bind(i64::from(node.evicted))
+        .bind(node.created_at)
+        .bind(node.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_node(&self, id: &SpiffeId) -> Result<Option<NodeRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {NODE_COLS} FROM nodes WHERE spiffe_id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(node_from_row)
+        .transpose()
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let rows = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY spiffe_id"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(node_from_row).collect()
+    }
+
+    async fn evict_node(&self, id: &SpiffeId, now: UnixTime) -> Result<bool, StoreError> {
+        let n = sqlx::query("UPDATE nodes SET evicted = 1, updated_at = $1 WHERE spiffe_id = $2")
+            .bind(now)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn create_join_token(
+        &self,
+        token_hash: &str,
+        expires_at: UnixTime,
+        created_at: UnixTime,
+    ) -> Result<(), StoreError> {
+        validate_token_hash(token_hash)?;
+        sqlx::query(
+            "INSERT INTO join_tokens (token_hash, expires_at, created_at) VALUES ($1, $2, $3)",
+        )
+        .bind(token_hash)
+        .bind(expires_at)
+        .bind(created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::conflict_or(e, || "join token already exists".into()))?;
+        Ok(())
+    }
+
+    async fn consume_join_token(
+        &self,
+        token_hash: &str,
+        node_id: &SpiffeId,
+        now: UnixTime,
+    ) -> Result<(), StoreError> {
+        validate_token_hash(token_hash)?;
+        // One statement: the database serialises concurrent consumers; only one sees the row
+        // still unused.
+        let won = sqlx::query(
+            "UPDATE join_tokens SET used_at = $1, node_id = $2 \
+             WHERE token_hash = $3 AND used_at IS NULL AND expires_at > $4",
+        )
+        .bind(now)
+        .bind(node_id.as_str())
+        .bind(token_hash)
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if won == 1 {
+            return Ok(());
+        }
+        let row = sqlx::query("SELECT used_at, expires_at FROM join_tokens WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        let why = match row {
+            None => JoinTokenError::Unknown,
+            Some(row) => {
+                let r = Reader::new(&row, "join_tokens", "token_hash");
+                let used_at: Option<i64> = r.get("used_at")?;
+                let expires_at: i64 = r.get("expires_at")?;
+                if used_at.is_some() {
+                    JoinTokenError::AlreadyUsed
+                } else if expires_at <= now {
+                    JoinTokenError::Expired
+                } else {
+                    // Created after our UPDATE ran: it was not there when we looked.
+                    JoinTokenError::Unknown
+                }
+            }
+        };
+        Err(StoreError::JoinToken(why))
+    }
+
+    async fn record_issued(&self, issued: &IssuedIdentity) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO issued (kind, serial_or_jti, spiffe_id, thumbprint, audience_json, \
+             issued_at, not_after, requester) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(issued.kind.as_str())
+        .bind(&issued.serial_or_jti)
+        .bind(issued.spiffe_id.as_str())
+        .bind(&issued.thumbprint)
+        .bind(to_json(&issued.audience)?)
+        .bind(issued.issued_at)
+        .bind(issued.not_after)
+        .bind(&issued.requester)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            StoreError::conflict_or(e, || {
+                format!(
+                    "{} {} was already recorded",
+                    issued.kind, issued.serial_or_jti
+                )
+            })
+        })?;
+        Ok(())
+    }
+
+    async fn list_issued(
+        &self,
+        spiffe_id: Option<&SpiffeId>,
+        limit: i64,
+    ) -> Result<Vec<IssuedIdentity>, StoreError> {
+        let limit = limit.clamp(0, MAX_ISSUED_LIMIT);
+        let rows = match spiffe_id {
+            Some(id) => {
+                sqlx::query(&format!(
+                    "SELECT {ISSUED_COLS} FROM issued WHERE spiffe_id = $1 \
+                     ORDER BY issued_at DESC, id DESC LIMIT $2"
+                ))
+                .bind(id.as_str())
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(&format!(
+                    "SELECT {ISSUED_COLS} FROM issued ORDER BY issued_at DESC, id DESC LIMIT $1"
+                ))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(issued_from_row).collect()
+    }
+
+    async fn count_issued(&self) -> Result<i64, StoreError> {
+        self.count("issued").await
+    }
+
+    async fn issued_by_serial(&self, serial: &str) -> Result<Option<IssuedIdentity>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {ISSUED_COLS} FROM issued WHERE serial_or_jti = $1 ORDER BY id DESC LIMIT 1"
+        ))
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(issued_from_row)
+        .transpose()
+    }
+
+    async fn add_revocation(&self, revocation: &Revocation) -> Result<i64, StoreError> {
+        let serial = revocation.serial.as_deref();
+        if serial.is_none() && revocation.spiffe_id.is_none() {
+            return Err(StoreError::Invalid(
+                "a revocation must name a serial, a SPIFFE ID, or both".into(),
+            ));
+        }
+        if serial == Some("") {
+            return Err(StoreError::Invalid(
+                "a revoked serial cannot be empty".into(),
+            ));
+        }
+        let mut tx = begin_write(&self.pool, self.backend).await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO revocations (serial, spiffe_id, reason, revoked_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(serial)
+        .bind(revocation.spiffe_id.as_ref().map(SpiffeId::as_str))
+        .bind(&revocation.reason)
+        .bind(revocation.revoked_at)
+        .bind(revocation.expires_at)
+        .fetch_one(&mut *tx)
+        .await?;
+        bump_meta(&mut tx, REVOCATIONS_REVISION).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    async fn list_revocations(&self, now: UnixTime) -> Result<Vec<Revocation>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {REVOCATION_COLS} FROM revocations WHERE expires_at > $1 ORDER BY id"
+        ))
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(revocation_from_row).collect()
+    }
+
+    async fn is_revoked(
+        &self,
+        serial: &str,
+        spiffe_id: &SpiffeId,
+        issued_at: UnixTime,
+        now: UnixTime,
+    ) -> Result<bool, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM revocations WHERE expires_at > $1 \
+             AND (serial = $2 OR (spiffe_id = $3 AND revoked_at >= $4))",
+        )
+        .bind(now)
+        .bind(serial)
+        .bind(spiffe_id.as_str())
+        .bind(issued_at)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+
+    async fn prune_revocations(&self, now: UnixTime) -> Result<u64, StoreError> {
+        let mut tx = begin_write(&self.pool, self.backend).await?;
+        let n = sqlx::query("DELETE FROM revocations WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n > 0 {
+            bump_meta(&mut tx, REVOCATIONS_REVISION).await?;
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn revocations_revision(&self) -> Result<i64, StoreError> {
+        self.meta_value(REVOCATIONS_REVISION).await
+    }
+
+    async fn save_authority(&self, a: &AuthorityRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO authorities (id, kind, state, public_der, key_ref, algorithm, not_after, \
+             last_use_expiry, created_at, activated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, state = excluded.state, \
+             public_der = excluded.public_der, key_ref = excluded.key_ref, \
+             algorithm = excluded.algorithm, not_after = excluded.not_after, \
+             last_use_expiry = excluded.last_use_expiry, created_at = excluded.created_at, \
+             activated_at = excluded.activated_at",
+        )
+        .bind(&a.id)
+        .bind(a.kind.as_str())
+        .bind(a.state.as_str())
+        .bind(a.public_der.as_slice())
+        .bind(&a.key_ref)
+        .bind(&a.algorithm)
+        .bind(a.not_after)
+        .bind(a.last_use_expiry)
+        .bind(a.created_at)
+        .bind(a.activated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_authorities(
+        &self,
+        kind: AuthorityKind,
+    ) -> Result<Vec<AuthorityRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AUTHORITY_COLS} FROM authorities WHERE kind = $1 ORDER BY created_at, id"
+        ))
+        .bind(kind.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(authority_from_row).collect()
+    }
+
+    async fn set_authority_state(
+        &self,
+        id: &str,
+        state: AuthorityState,
+        now: UnixTime,
+    ) -> Result<(), StoreError> {
+        let result = match state {
+            AuthorityState::Active => {
+                sqlx::query(
+                    "UPDATE authorities SET activated_at = CASE \
+                     WHEN state <> 'active' OR activated_at IS NULL THEN $1 \
+                     ELSE activated_at END, state = $2 WHERE id = $3",
+                )
+                .bind(now)
+                .bind(state.as_str())
+                .bind(id)
+                .execute(&self.pool)
+                .await?
+            }
+            AuthorityState::Prepared | AuthorityState::Retired => {
+                sqlx::query("UPDATE authorities SET state = $1 WHERE id = $2")
+                    .bind(state.as_str())
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        if result.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("authority {id:?}")));
+        }
+        Ok(())
+    }
+
+    async fn bump_authority_use(&self, id: &str, not_after: UnixTime) -> Result<(), StoreError> {
+        let n = sqlx::query(
+            "UPDATE authorities SET last_use_expiry = CASE \
+             WHEN last_use_expiry < $1 THEN $2 ELSE last_use_expiry END WHERE id = $3",
+        )
+        .bind(not_after)
+        .bind(not_after)
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("authority {id:?}")));
+        }
+        Ok(())
+    }
+
+    async fn delete_authority(&self, id: &str) -> Result<(), StoreError> {
+        let n = sqlx::query("DELETE FROM authorities WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("authority {id:?}")));
+        }
+        Ok(())
+    }
+
+    async fn bundle_sequence(&self) -> Result<i64, StoreError> {
+        self.meta_value(BUNDLE_SEQUENCE).await
+    }
+
+    async fn bump_bundle_sequence(&self) -> Result<i64, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        bump_meta(&mut conn, BUNDLE_SEQUENCE).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert!(matches!(
+            parse_url("sqlite://x.db"),
+            Ok(Target::Sqlite("x.db"))
+        ));
+        assert!(matches!(
+            parse_url("sqlite:///var/lib/sigil/x.db"),
+            Ok(Target::Sqlite("/var/lib/sigil/x.db"))
+        ));
+        assert!(matches!(
+            parse_url("postgres://u@h/db"),
+            Ok(Target::Postgres)
+        ));
+        assert!(matches!(
+            parse_url("postgresql://u@h/db"),
+            Ok(Target::Postgres)
+        ));
+        for bad in [
+            "sqlite://",
+            "sqlite://x.db?mode=ro",
+            "sqlite://:memory:",
+            "sqlite::memory:",
+            "mysql://root:hunter2@h/db",
+            "x.db",
+            "",
+        ] {
+            match parse_url(bad) {
+                Err(StoreError::Unsupported(msg)) => assert!(!msg.contains("hunter2"), "{msg}"),
+                _ => panic!("{bad} was accepted"),
+            }
+        }
+    }
+
+    #[test]
+    fn dedup_key_ignores_selector_order_and_repeats() {
+        let spec = |sels: &[&str]| EntrySpec {
+            spiffe_id: SpiffeId::new("spiffe://td/app").unwrap(),
+            parent_id: SpiffeId::new("spiffe://td/node").unwrap(),
+            selectors: sels
+                .iter()
+                .map(|s| sigil_core::Selector::parse(s).unwrap())
+                .collect(),
+            x509_ttl_secs: 3600,
+            jwt_ttl_secs: 300,
+            dns_names: vec![],
+            groups: vec![],
+            scopes: vec![],
+        };
+        let a = dedup_key(&spec(&["unix:uid:1", "unix:gid:2"])).unwrap();
+        let b = dedup_key(&spec(&["unix:gid:2", "unix:uid:1", "unix:uid:1"])).unwrap();
+        let c = dedup_key(&spec(&["unix:uid:1"])).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn token_hashes_must_be_sha256_hex() {
+        validate_token_hash(&"ab".repeat(32)).unwrap();
+        for bad in ["", "secret-token", &"AB".repeat(32), &"ab".repeat(33)] {
+            assert!(matches!(
+                validate_token_hash(bad),
+                Err(StoreError::Invalid(_))
+            ));
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The `Store` trait: every read and write the trust authority makes to its persistent state.
+use async_trait::async_trait;
+use sigil_core::{EntryId, EntrySpec, RegistrationEntry, SpiffeId, UnixTime};
+
+use crate::{
+    AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IssuedIdentity, NodeRecord,
+    Revocation, StoreError,
+};
+
+/// The trust authority's persistent state. Object safe: the server holds an `Arc<dyn Store>`.
+///
+/// Every write is committed (durable) before the method returns.
+#[async_trait]
+pub trait Store: Send + Sync {
+    // ---- registration entries ----
+
+    /// Stores a new entry as given. [`StoreError::Conflict`] if its ID is taken, or if an entry
+    /// with the same SPIFFE ID, parent ID and selector *set* (order and repeats ignored) exists.
+    async fn create_entry(&self, entry: &RegistrationEntry) -> Result<(), StoreError>;
+
+    /// One entry; [`StoreError::NotFound`] if absent.
+    async fn get_entry(&self, id: &EntryId) -> Result<RegistrationEntry, StoreError>;
+
+    /// Entries matching `filter`, ordered by SPIFFE ID, then entry ID.
+    async fn list_entries(
+        &self,
+        filter: &EntryFilter,
+    ) -> Result<Vec<RegistrationEntry>, StoreError>;
+
+    /// Replaces an entry's spec: revision + 1, `updated_at = now`. [`StoreError::NotFound`] if
+    /// absent, [`StoreError::Conflict`] if the new spec duplicates another entry.
+    async fn update_entry(
+        &self,
+        id: &EntryId,
+        spec: &EntrySpec,
+        now: UnixTime,
+    ) -> Result<RegistrationEntry, StoreError>;
+
+    /// Deletes an entry; [`StoreError::NotFound`] if absent.
+    async fn delete_entry(&self, id: &EntryId) -> Result<(), StoreError>;
+
+    /// How many entries exist.
+    async fn count_entries(&self) -> Result<i64, StoreError>;
+
+    /// A persisted number that strictly increases on every entry create, update and delete.
+    async fn entries_revision(&self) -> Result<i64, StoreError>;
+
+    // ---- nodes ----
+
+    /// Inserts or replaces a node (its `created_at` is kept from the first insert).
+    async fn upsert_node(&self, node: &NodeRecord) -> Result<(), StoreError>;
+
+    /// One node, if known.
+    async fn get_node(&self, id: &SpiffeId) -> Result<Option<NodeRecord>, StoreError>;
+
+    /// All nodes, ordered by SPIFFE ID.
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+
+    /// Marks a node evicted; `false` if the node is unknown.
+    async fn evict_node(&self, id: &SpiffeId, now: UnixTime) -> Result<bool, StoreError>;
+
+    // ---- join tokens (only their SHA-256, lowercase hex, is ever stored) ----
+
+    /// Stores a join token's hash. [`StoreError::Invalid`] unless `token_hash` is 64 lowercase
+    /// hex digits; [`StoreError::Conflict`] if it exists.
+    async fn create_join_token(
+        &self,
+        token_hash: &str,
+        expires_at: UnixTime,
+        created_at: UnixTime,
+    ) -> Result<(), StoreError>;
+
+    /// Atomically consumes a join token for `node_id`: of any number of concurrent callers,
+    /// exactly one succeeds. Otherwise [`StoreError::JoinToken`] says why.
+    async fn consume_join_token(
+        &self,
+        token_hash: &str,
+        node_id: &SpiffeId,
+        now: UnixTime,
+    ) -> Result<(), StoreError>;
+
+    // ---- issued identities ----
+
+    /// Records an issued credential. [`StoreError::Conflict`] if its kind and serial/jti exist.
+    async fn record_issued(&self, issued: &IssuedIdentity) -> Result<(), StoreError>;
+
+    /// Issued credentials, newest first, optionally only of one SPIFFE ID; at most `limit`
+    /// (clamped to `0..=10_000`).
+    async fn list_issued(
+        &self,
+        spiffe_id: Option<&SpiffeId>,
+        limit: i64,
+    ) -> Result<Vec<IssuedIdentity>, StoreError>;
+
+    /// How many credentials were recorded.
+    async fn count_issued(&self) -> Result<i64, StoreError>;
+
+    /// The credential with this serial or jti (the newest, if kinds share it).
+    async fn issued_by_serial(&self, serial: &str) -> Result<Option<IssuedIdentity>, StoreError>;
+
+    // ---- revocations ----
+
+    /// Stores a revocation and returns its ID. [`StoreError::Invalid`] if it names neither a
+    /// serial nor a SPIFFE ID.
+    async fn add_revocation(&self, revocation: &Revocation) -> Result<i64, StoreError>;
+
+    /// Revocations still in force (`expires_at > now`), ordered by ID.
+    async fn list_revocations(&self, now: UnixTime) -> Result<Vec<Revocation>, StoreError>;
+
+    /// Whether a credential is revoked: a live revocation names `serial`, or names `spiffe_id`
+    /// with `revoked_at >= issued_at`.
+    async fn is_revoked(
+        &self,
+        serial: &str,
+        spiffe_id: &SpiffeId,
+        issued_at: UnixTime,
+        now: UnixTime,
+    ) -> Result<bool, StoreError>;
+
+    /// Deletes revocations with `expires_at <= now`; returns how many.
+    async fn prune_revocations(&self, now: UnixTime) -> Result<u64, StoreError>;
+
+    /// A persisted number that strictly increases whenever the set of revocations changes.
+    async fn revocations_revision(&self) -> Result<i64, StoreError>;
+
+    // ---- signing authorities ----
+
+    /// Inserts an authority, or replaces the one with the same ID.
+    async fn save_authority(&self, authority: &AuthorityRecord) -> Result<(), StoreError>;
+
+    /// Authorities of `kind`, ordered by `created_at`, then ID.
+    async fn list_authorities(
+        &self,
+        kind: AuthorityKind,
+    ) -> Result<Vec<AuthorityRecord>, StoreError>;
+
+    /// Moves an authority to `state`; entering `Active` from another state sets
+    /// `activated_at = now`. [`StoreError::NotFound`] if absent.
+    async fn set_authority_state(
+        &self,
+        id: &str,
+        state: AuthorityState,
+        now: UnixTime,
+    ) -> Result<(), StoreError>;
+
+    /// `last_use_expiry = max(last_use_expiry, not_after)`. [`StoreError::NotFound`] if absent.
+    async fn bump_authority_use(&self, id: &str, not_after: UnixTime) -> Result<(), StoreError>;
+
+    /// Deletes an authority. [`StoreError::NotFound`] if absent.
+    async fn delete_authority(&self, id: &str) -> Result<(), StoreError>;
+
+    // ---- meta ----
+
+    /// The trust bundle's sequence number (0 before the first bump).
+    async fn bundle_sequence(&self) -> Result<i64, StoreError>;
+
+    /// Atomically increments the bundle sequence number and returns the new value.
+    async fn bump_bundle_sequence(&self) -> Result<i64, StoreError>;
+
+    /// Checks the database answers (for readiness probes).
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,138 @@
+//! The command-line interface: one module per subcommand group.
+mod admin;
+mod dev;
+mod server;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// The default data directory of `sigil server`.
+pub const DEFAULT_SERVER_DIR: &str = "/var/lib/sigil/server";
+
+/// sigil: zero-trust identity and authorization for local AI agents and model servers.
+#[derive(Debug, Parser)]
+#[command(name = "sigil", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the trust authority.
+    Server(server::ServerArgs),
+    /// Run everything on loopback with embedded defaults, for a first look.
+    Dev(dev::DevArgs),
+    /// Manage registration entries.
+    #[command(subcommand)]
+    Entry(admin::EntryCmd),
+    /// Manage join tokens for node attestation.
+    #[command(subcommand)]
+    Jointoken(admin::JoinTokenCmd),
+    /// List and evict attested nodes.
+    #[command(subcommand)]
+    Node(admin::NodeCmd),
+    /// Mint and revoke SVIDs.
+    #[command(subcommand)]
+    Svid(admin::SvidCmd),
+    /// Inspect and rotate the signing keys.
+    #[command(subcommand)]
+    Ca(admin::CaCmd),
+    /// Show the trust bundle.
+    #[command(subcommand)]
+    Bundle(admin::BundleCmd),
+}
+
+/// How admin commands print results.
+#[derive(Debug, Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    /// For people.
+    #[default]
+    Text,
+    /// For scripts.
+    Json,
+}
+
+/// Options every admin command takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminOpts {
+    /// The server's admin socket.
+    #[arg(long, env = "SIGIL_ADMIN_SOCKET", global = true, default_value_os_t = PathBuf::from(DEFAULT_SERVER_DIR).join("admin.sock"))]
+    pub socket: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
+    pub output: Output,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Server(a) => server::run(a).await,
+        Command::Dev(a) => dev::run(a).await,
+        Command::Entry(c) => admin::entry(c).await,
+        Command::Jointoken(c) => admin::jointoken(c).await,
+        Command::Node(c) => admin::node(c).await,
+        Command::Svid(c) => admin::svid(c).await,
+        Command::Ca(c) => admin::ca(c).await,
+        Command::Bundle(c) => admin::bundle(c).await,
+    }
+}
+
+/// Parses a duration: `90`, `90s`, `15m`, `1h`, `2d`.
+pub fn parse_duration(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u32 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("invalid duration unit in {s:?} (use s, m, h or d)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("duration {s:?} is too long"))
+}
+
+/// Sets up `tracing` logs on stderr (`SIGIL_LOG` or `RUST_LOG` filter, default `info`).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIGIL_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("90s"), Ok(90));
+        assert_eq!(parse_duration("15m"), Ok(900));
+        assert_eq!(parse_duration("1h"), Ok(3600));
+        assert_eq!(parse_duration("2d"), Ok(172800));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-5s").is_err());
+        assert!(parse_duration("99999999999d").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

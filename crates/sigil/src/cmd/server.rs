@@ -1,0 +1,111 @@
+//! `sigil server`: run the trust authority in the foreground until SIGINT/SIGTERM.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sigil_core::SystemClock;
+use sigil_server::ServerConfig;
+
+use crate::config::load;
+
+/// Flags of `sigil server`; each overrides the config file key of the same name.
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "SIGIL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Trust domain, e.g. `factory.example`.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Data directory (database, keys, admin socket).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Public listener address (HTTPS + gRPC).
+    #[arg(long)]
+    pub listen_addr: Option<String>,
+    /// Admin socket path.
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
+    /// `sqlite://...` or `postgres://...`.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// OAuth/OIDC issuer URL.
+    #[arg(long)]
+    pub issuer: Option<String>,
+    /// CA key algorithm: ecdsa-p256 or ed25519.
+    #[arg(long)]
+    pub ca_key_type: Option<String>,
+    /// JWT algorithm: ES256 or EdDSA.
+    #[arg(long)]
+    pub jwt_key_type: Option<String>,
+    /// Sign with this CA certificate (PEM) instead of generating one; needs --upstream-ca-key.
+    #[arg(long)]
+    pub upstream_ca_cert: Option<PathBuf>,
+    /// PKCS#8 PEM key of --upstream-ca-cert.
+    #[arg(long)]
+    pub upstream_ca_key: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+impl ServerArgs {
+    /// The flags that were given, as configuration values.
+    pub fn flags(&self) -> Vec<(&'static str, toml::Value)> {
+        let mut v = Vec::new();
+        let mut s = |k: &'static str, x: &Option<String>| {
+            if let Some(x) = x {
+                v.push((k, toml::Value::String(x.clone())));
+            }
+        };
+        s("trust_domain", &self.trust_domain);
+        s("listen_addr", &self.listen_addr);
+        s("database_url", &self.database_url);
+        s("issuer", &self.issuer);
+        s("ca_key_type", &self.ca_key_type);
+        s("jwt_key_type", &self.jwt_key_type);
+        s("log_format", &self.log_format);
+        let mut p = |k: &'static str, x: &Option<PathBuf>| {
+            if let Some(x) = x {
+                v.push((k, toml::Value::String(x.display().to_string())));
+            }
+        };
+        p("data_dir", &self.data_dir);
+        p("admin_socket", &self.admin_socket);
+        p("upstream_ca_cert", &self.upstream_ca_cert);
+        p("upstream_ca_key", &self.upstream_ca_key);
+        v
+    }
+}
+
+/// Loads and validates the configuration (exit 64 on any problem).
+pub fn load_config(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
+    let cfg: ServerConfig = load(args.config.as_deref(), ServerConfig::KEYS, args.flags())?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    let cfg = load_config(&args)?;
+    super::init_logging(cfg.log_format == "json");
+    let server = sigil_server::start(cfg, Arc::new(SystemClock)).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

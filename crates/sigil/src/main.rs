@@ -1,0 +1,45 @@
+//! `sigil`: one binary for the trust authority, the dev stack and the admin commands.
+#![forbid(unsafe_code)]
+
+mod admin_client;
+mod cmd;
+mod config;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cmd::Cli;
+use crate::config::UsageError;
+
+/// EX_USAGE from sysexits.h: bad configuration or arguments.
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sigil: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cmd::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(u) = e.downcast_ref::<UsageError>() {
+                eprintln!("sigil: {u}");
+                return ExitCode::from(EX_USAGE);
+            }
+            if let Some(c) = e.downcast_ref::<sigil_server::ConfigError>() {
+                eprintln!("sigil: {c}");
+                return ExitCode::from(EX_USAGE);
+            }
+            eprintln!("sigil: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Test harness: starts the real `sigil` binary on loopback in a temp dir and talks to it
+//! with real clients (the `sigil` CLI, `openssl`, `curl`, a tonic gRPC client over rustls).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use sigil_proto::node::v1::node_client::NodeClient;
+use tonic::transport::{Channel, Endpoint};
+
+pub const TD: &str = "td.test";
+
+pub fn sigil_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sigil")
+}
+
+/// A free loopback port (bound and released; fine for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `sigil server` process.
+pub struct Server {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub socket: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Server {
+    /// Starts a server with its data in `dir`.
+    pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        let mut s = Self {
+            child: None,
+            dir: dir.to_owned(),
+            port: free_port(),
+            socket: dir.join("admin.sock"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    /// Wraps a server already listening (e.g. started in-process by the test).
+    pub fn attach(dir: &Path, port: u16) -> Self {
+        Self {
+            child: None,
+            dir: dir.to_owned(),
+            port,
+            socket: dir.join("admin.sock"),
+            extra: Vec::new(),
+        }
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_extension("log"))
+            .unwrap();
+        let child = Command::new(sigil_bin())
+            .args(["server", "--trust-domain", TD, "--data-dir"])
+            .arg(&self.dir)
+            .args(["--listen-addr", &format!("127.0.0.1:{}", self.port)])
+            .args(&self.extra)
+            .env("SIGIL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let log =
+                    std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
+                panic!("sigil server exited early with {status}:\n{log}");
+            }
+            let admin = std::os::unix::net::UnixStream::connect(&self.socket).is_ok();
+            let public = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            if admin && public {
+                return;
+            }
+            assert!(Instant::now() < deadline, "server did not become ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, wait, start again on the same data dir and port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+
+    /// Runs `sigil <args> --socket <admin socket>`.
+    pub fn sigil(&self, args: &[&str]) -> Output {
+        Command::new(sigil_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs an admin command that must succeed and parses its `--output json`.
+    pub fn sigil_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        let out = self.sigil(&a);
+        assert!(
+            out.status.success(),
+            "sigil {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Mints an X.509-SVID into `out` (svid.pem, key.pem, bundle.pem); returns the JSON.
+    pub fn mint(&self, spiffe_id: &str, out: &Path) -> serde_json::Value {
+        self.sigil_json(&[
+            "svid",
+            "mint",
+            "--spiffe-id",
+            spiffe_id,
+            "--out-dir",
+            out.to_str().unwrap(),
+        ])
+    }
+
+    /// A raw admin API call with curl over the unix socket: (status, body).
+    pub fn admin_raw(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("body");
+        std::fs::write(&f, body).unwrap();
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/stdout",
+                "-w",
+                "\n%{http_code}",
+                "--unix-socket",
+            ])
+            .arg(&self.socket)
+            .args([
+                "-X",
+                method,
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+            ])
+            .arg(format!("@{}", f.display()))
+            .arg(format!("http://sigil{path}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.trim().parse().unwrap(), body.to_owned())
+    }
+
+    /// The trust bundle's X.509 authorities as PEM.
+    pub fn bundle_pem(&self) -> String {
+        let out = self.sigil(&["bundle", "show", "--format", "pem"]);
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A gRPC node API client, optionally presenting a client certificate.
+    pub async fn node_client(&self, client_cert: Option<(&Path, &Path)>) -> NodeClient<Channel> {
+        let cfg = client_tls(&self.bundle_pem(), client_cert);
+        let port = self.port;
+        let connector = tower::service_fn(move |_uri: http::Uri| {
+            let cfg = cfg.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                let name = ServerName::try_from("localhost").unwrap();
+                let tls = tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        });
+        let channel = Endpoint::from_static("http://localhost")
+            .connect_with_connector(connector)
+            .await
+            .unwrap();
+        NodeClient::new(channel)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A rustls client config trusting `bundle_pem`, with an optional client certificate.
+pub fn client_tls(
+    bundle_pem: &str,
+    client_cert: Option<(&Path, &Path)>,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for p in pem::parse_many(bundle_pem).unwrap() {
+        roots
+            .add(CertificateDer::from(p.contents().to_vec()))
+            .unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut cfg = match client_cert {
+        Some((cert, key)) => {
+            let chain: Vec<CertificateDer<'static>> = pem::parse_many(std::fs::read(cert).unwrap())
+                .unwrap()
+                .into_iter()
+                .map(|p| CertificateDer::from(p.contents().to_vec()))
+                .collect();
+            let key = pem::parse(std::fs::read(key).unwrap()).unwrap();
+            let key = PrivateKeyDer::try_from(key.contents().to_vec()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(cfg)
+}
+
+/// Runs a command, returning (success, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `curl` to the token endpoint: (HTTP status, JSON body).
+pub fn token_request(
+    server: &Server,
+    bundle: &Path,
+    cert: Option<(&Path, &Path)>,
+    form: &[&str],
+) -> (u16, serde_json::Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-w", "\n%{http_code}", "--cacert"])
+        .arg(bundle);
+    if let Some((c, k)) = cert {
+        cmd.arg("--cert").arg(c).arg("--key").arg(k);
+    }
+    for f in form {
+        cmd.args(["-d", f]);
+    }
+    cmd.arg(server.url("/oauth2/token"));
+    let (_, out, err) = run(&mut cmd);
+    let (body, code) = out
+        .rsplit_once('\n')
+        .unwrap_or_else(|| panic!("curl gave no status: {out} {err}"));
+    let code: u16 = code.trim().parse().unwrap();
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    (code, json)
+}
+
+/// Decodes a JWT's payload (no verification; the tests compare claims).
+pub fn jwt_payload(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let part = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// base64url(SHA-256(DER of the first certificate in `pem_path`)).
+pub fn thumbprint(pem_path: &Path) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let p = pem::parse(std::fs::read(pem_path).unwrap()).unwrap();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(p.contents()))
+}
