@@ -1,6 +1,9 @@
 //! Compiles the protobuf files with protox (pure Rust), so building needs no `protoc`.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/sigil/node/v1/node.proto"];
+    let protos = [
+        "proto/sigil/node/v1/node.proto",
+        "proto/spiffe/workload.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -14,3 +14,8 @@ pub mod node {
         tonic::include_proto!("sigil.node.v1");
     }
 }
+
+/// The SPIFFE Workload API (`SpiffeWorkloadAPI`), from the SPIFFE specification.
+pub mod workload {
+    tonic::include_proto!("_");
+}

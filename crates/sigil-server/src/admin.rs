@@ -182,6 +182,7 @@ async fn create_entry(State(app): State<Arc<AppState>>, body: Bytes) -> ApiResul
         updated_at: now,
     };
     app.store.create_entry(&entry).await?;
+    app.notify_change();
     tracing::info!(entry = %entry.id, spiffe_id = %entry.spec.spiffe_id, "entry created");
     ok(StatusCode::CREATED, &entry)
 }
@@ -222,6 +223,7 @@ async fn update_entry(
     let spec: EntrySpec = parse_body(&body)?;
     check_spec(&app, &spec)?;
     let entry = app.store.update_entry(&id, &spec, app.clock.now()).await?;
+    app.notify_change();
     tracing::info!(entry = %id, "entry updated");
     ok(StatusCode::OK, &entry)
 }
@@ -229,6 +231,7 @@ async fn update_entry(
 async fn delete_entry(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
     let id = entry_id(&id)?;
     app.store.delete_entry(&id).await?;
+    app.notify_change();
     tracing::info!(entry = %id, "entry deleted");
     ok(StatusCode::OK, &json!({"deleted": id}))
 }
@@ -303,6 +306,7 @@ async fn evict_node(State(app): State<Arc<AppState>>, body: Bytes) -> ApiResult 
             expires_at: now + i64::from(sigil_core::MAX_X509_TTL_SECS),
         })
         .await?;
+    app.notify_change();
     tracing::warn!(node = %req.spiffe_id, "node evicted");
     ok(StatusCode::OK, &json!({"evicted": req.spiffe_id}))
 }
@@ -356,6 +360,7 @@ async fn revoke(State(app): State<Arc<AppState>>, body: Bytes) -> ApiResult {
         }
     };
     let id = app.store.add_revocation(&rev).await?;
+    app.notify_change();
     tracing::warn!(target = %req.target, "revoked");
     ok(StatusCode::CREATED, &Revocation { id, ..rev })
 }
@@ -492,7 +497,9 @@ async fn rotate(State(app): State<Arc<AppState>>, body: Bytes) -> ApiResult {
             )));
         }
     };
-    ok(StatusCode::OK, &app.authorities.rotate(kind).await?)
+    let outcome = app.authorities.rotate(kind).await?;
+    app.notify_change();
+    ok(StatusCode::OK, &outcome)
 }
 
 async fn bundle(State(app): State<Arc<AppState>>) -> ApiResult {

@@ -56,6 +56,15 @@ pub struct AppState {
     pub authorities: Arc<Authorities>,
     pub issuer: Arc<Issuer>,
     pub clock: Arc<dyn Clock>,
+    /// Bumped after every change an agent must hear about; sync streams wake on it.
+    pub changes: watch::Sender<u64>,
+}
+
+impl AppState {
+    /// Wakes every sync stream so it re-reads the store at once.
+    pub fn notify_change(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 /// A started server; dropping it does not stop it, [`RunningServer::shutdown`] does.
@@ -147,6 +156,7 @@ pub async fn start(
         authorities: authorities.clone(),
         issuer: issuer.clone(),
         clock: clock.clone(),
+        changes: watch::channel(0).0,
     });
     let node =
         sigil_proto::node::v1::node_server::NodeServer::new(node_api::NodeApi::new(state.clone()))

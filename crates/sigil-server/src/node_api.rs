@@ -134,8 +134,137 @@ fn issue_status(e: IssueError) -> Status {
     }
 }
 
+/// What a node's sync stream last sent: resend when any of it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SyncKey {
+    entries: i64,
+    revocations: i64,
+    bundle: i64,
+    cut_off: bool,
+}
+
+/// Builds the sync state of `node`: a cheap key always, the full update only when asked.
+async fn sync_key(
+    app: &AppState,
+    node: &SpiffeId,
+    serial: &str,
+    not_before: i64,
+) -> Result<SyncKey, Status> {
+    let now = app.clock.now();
+    let record = app.store.get_node(node).await.map_err(internal)?;
+    let revoked = app
+        .store
+        .is_revoked(serial, node, not_before, now)
+        .await
+        .map_err(internal)?;
+    Ok(SyncKey {
+        entries: app.store.entries_revision().await.map_err(internal)?,
+        revocations: app.store.revocations_revision().await.map_err(internal)?,
+        bundle: i64::try_from(app.authorities.current().bundle.sequence).unwrap_or(i64::MAX),
+        cut_off: revoked || record.is_none_or(|n| n.evicted),
+    })
+}
+
+async fn sync_update(
+    app: &AppState,
+    node: &SpiffeId,
+    key: SyncKey,
+) -> Result<pb::SyncUpdate, Status> {
+    if key.cut_off {
+        return Ok(pb::SyncUpdate {
+            evicted: true,
+            ..Default::default()
+        });
+    }
+    let entries = app
+        .store
+        .list_entries(&EntryFilter {
+            parent_id: Some(node.clone()),
+            spiffe_id: None,
+        })
+        .await
+        .map_err(internal)?;
+    let revocations = app
+        .store
+        .list_revocations(app.clock.now())
+        .await
+        .map_err(internal)?;
+    Ok(pb::SyncUpdate {
+        entries: entries.into_iter().map(entry_to_pb).collect(),
+        entries_revision: key.entries,
+        bundle_json: app.authorities.current().bundle_json.clone(),
+        bundle_sequence: key.bundle,
+        revocations: revocations
+            .into_iter()
+            .map(|r| pb::RevokedSvid {
+                serial: r.serial.unwrap_or_default(),
+                spiffe_id: r.spiffe_id.map(|i| i.to_string()).unwrap_or_default(),
+                revoked_at: r.revoked_at,
+                expires_at: r.expires_at,
+            })
+            .collect(),
+        revocations_revision: key.revocations,
+        evicted: false,
+    })
+}
+
+/// How often a sync stream re-checks the store even without a local change notification
+/// (changes made through another replica, expiring revocations).
+const SYNC_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+type SyncStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::SyncUpdate, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::node_server::Node for NodeApi {
+    type SyncStream = SyncStream;
+
+    async fn sync(
+        &self,
+        req: Request<pb::SyncRequest>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let node = self.authenticate(&req).await?;
+        let Some(PeerAuth::Verified(svid)) = req.extensions().get::<PeerAuth>().cloned() else {
+            return Err(Status::unauthenticated("node SVID required"));
+        };
+        let app = self.app.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut changes = app.changes.subscribe();
+        tokio::spawn(async move {
+            let mut last: Option<SyncKey> = None;
+            loop {
+                let key = match sync_key(&app, &node.spiffe_id, &svid.serial, svid.not_before).await
+                {
+                    Ok(k) => k,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                if last != Some(key) {
+                    let update = sync_update(&app, &node.spiffe_id, key).await;
+                    let failed = update.is_err();
+                    if tx.send(update).await.is_err() || failed {
+                        return;
+                    }
+                    last = Some(key);
+                    if key.cut_off {
+                        tracing::warn!(node = %node.spiffe_id, "sync stream ended: node evicted or revoked");
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep(SYNC_POLL) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn attest(
         &self,
         req: Request<pb::AttestRequest>,

@@ -24,6 +24,10 @@ pub struct DevArgs {
     pub listen_addr: String,
 }
 
+fn encode(s: &str) -> String {
+    s.replace(':', "%3A").replace('/', "%2F")
+}
+
 fn default_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
         return PathBuf::from(x).join("sigil/dev");
@@ -55,29 +59,69 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let server = sigil_server::start(cfg, Arc::new(SystemClock)).await?;
     let socket = server.admin_socket.clone();
     let port = server.addr.port();
+    let admin = AdminClient::new(&socket);
+
+    // The agent: attests with a fresh join token the first time, from its cache afterwards.
+    let agent_dir = data_dir.join("agent");
+    let join_token = if agent_dir.join("node.json").exists() {
+        None
+    } else {
+        let t = admin
+            .call(
+                Method::POST,
+                "/v1/jointokens",
+                Some(json!({"ttl_secs": 600})),
+            )
+            .await?;
+        t.get("token").and_then(|v| v.as_str()).map(str::to_owned)
+    };
+    let bootstrap = data_dir.join("bootstrap-bundle.pem");
+    std::fs::write(&bootstrap, &server.state.authorities.current().x509_pem)?;
+    let agent_cfg = sigil_agent::AgentConfig {
+        trust_domain: server.state.config.trust_domain.clone(),
+        server_address: format!("127.0.0.1:{port}"),
+        data_dir: agent_dir.clone(),
+        socket_path: None,
+        join_token,
+        trust_bundle: Some(bootstrap),
+        log_format: "text".into(),
+    };
+    let mut agent = sigil_agent::start(agent_cfg, Arc::new(SystemClock)).await?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let node_id = loop {
+        if let Some(id) = agent.manager.node_id() {
+            break id;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the agent did not attest within 20 s (see the log above)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+
     let uid = std::fs::metadata("/proc/self")
         .map(|m| m.uid())
         .unwrap_or(0);
     let demo_id = format!("spiffe://{DEV_TRUST_DOMAIN}/demo/agent");
-    let admin = AdminClient::new(&socket);
     let existing = admin
         .call(
             Method::GET,
-            &format!(
-                "/v1/entries?spiffe_id={}",
-                demo_id.replace(':', "%3A").replace('/', "%2F")
-            ),
+            &format!("/v1/entries?parent_id={}", encode(node_id.as_str())),
             None,
         )
         .await?;
-    if existing.as_array().is_none_or(|a| a.is_empty()) {
+    let have = existing.as_array().is_some_and(|a| {
+        a.iter()
+            .any(|e| e.get("spiffe_id").and_then(|v| v.as_str()) == Some(demo_id.as_str()))
+    });
+    if !have {
         admin
             .call(
                 Method::POST,
                 "/v1/entries",
                 Some(json!({
                     "spiffe_id": demo_id,
-                    "parent_id": format!("spiffe://{DEV_TRUST_DOMAIN}/sigil/node/dev"),
+                    "parent_id": node_id,
                     "selectors": [format!("unix:uid:{uid}")],
                     "groups": ["factory-floor"],
                     "scopes": ["model:invoke", "model:list"],
@@ -86,28 +130,39 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .await?;
     }
     let demo = data_dir.join("demo");
+    let api = agent.socket.clone();
     println!(
         r#"
 sigil dev is running (trust domain {DEV_TRUST_DOMAIN}); Ctrl-C stops it.
 
   trust authority  https://localhost:{port}  (OIDC: /.well-known/openid-configuration, JWKS: /keys, bundle: /bundle)
   admin socket     {socket}
+  node agent       {node_id}
+  Workload API     unix://{api}
   data             {data}
 
-Try it from another terminal:
+Any process of yours (uid {uid}) is registered as {demo_id}. From another terminal:
 
-  export SIGIL_ADMIN_SOCKET={socket}
-  sigil entry list
-  sigil svid mint --spiffe-id {demo_id} --out-dir {demo}
+  export SPIFFE_ENDPOINT_SOCKET=unix://{api}
+  sigil workload fetch-x509 --out-dir {demo}
   openssl verify -CAfile {demo}/bundle.pem {demo}/svid.pem
   curl -s --cacert {demo}/bundle.pem --cert {demo}/svid.pem --key {demo}/key.pem \
        -d grant_type=client_credentials -d scope=model:invoke https://localhost:{port}/oauth2/token
+  sigil workload fetch-jwt --audience model-gw
+
+  export SIGIL_ADMIN_SOCKET={socket}
+  sigil entry list
 "#,
         socket = socket.display(),
         data = data_dir.display(),
         demo = demo.display(),
+        api = api.display(),
     );
-    super::server::wait_for_signal().await;
+    tokio::select! {
+        _ = super::server::wait_for_signal() => {}
+        r = agent.wait() => if let Err(e) = r { eprintln!("sigil dev: agent stopped: {e}") },
+    }
+    agent.shutdown().await;
     server.shutdown().await;
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! The command-line interface: one module per subcommand group.
-mod admin;
+pub(crate) mod admin;
+mod agent;
 mod dev;
 mod server;
+mod workload;
 
 use std::path::PathBuf;
 
@@ -22,6 +24,11 @@ pub struct Cli {
 pub enum Command {
     /// Run the trust authority.
     Server(server::ServerArgs),
+    /// Run the node agent (SPIFFE Workload API for local workloads).
+    Agent(agent::AgentArgs),
+    /// Talk to the SPIFFE Workload API as a workload would.
+    #[command(subcommand)]
+    Workload(workload::WorkloadCmd),
     /// Run everything on loopback with embedded defaults, for a first look.
     Dev(dev::DevArgs),
     /// Manage registration entries.
@@ -70,6 +77,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(a) => server::run(a).await,
         Command::Dev(a) => dev::run(a).await,
+        Command::Agent(a) => agent::run(a).await,
+        Command::Workload(c) => workload::run(c).await,
         Command::Entry(c) => admin::entry(c).await,
         Command::Jointoken(c) => admin::jointoken(c).await,
         Command::Node(c) => admin::node(c).await,

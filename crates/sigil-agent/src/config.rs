@@ -1,0 +1,86 @@
+//! The agent's configuration, validated completely before anything binds.
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use sigil_core::TrustDomain;
+
+/// `sigil agent` configuration (TOML; each key overridable by `SIGIL_<KEY>` and by a flag).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The trust domain of the server.
+    pub trust_domain: TrustDomain,
+    /// The server's public listener, `host:port`.
+    pub server_address: String,
+    /// Cache directory (node identity, SVIDs, bundle, entries); 0700.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The Workload API socket; default `<data_dir>/public/api.sock`.
+    #[serde(default)]
+    pub socket_path: Option<PathBuf>,
+    /// A single-use join token for the first attestation.
+    #[serde(default)]
+    pub join_token: Option<String>,
+    /// PEM CA certificates to trust the server with before the first attestation.
+    #[serde(default)]
+    pub trust_bundle: Option<PathBuf>,
+    /// `text` or `json`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/sigil/agent")
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+
+/// A configuration value that is present but wrong; names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}: {message}")]
+pub struct AgentConfigError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl AgentConfig {
+    /// Every key of the configuration file.
+    pub const KEYS: &'static [&'static str] = &[
+        "trust_domain",
+        "server_address",
+        "data_dir",
+        "socket_path",
+        "join_token",
+        "trust_bundle",
+        "log_format",
+    ];
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), AgentConfigError> {
+        let bad = |key, message: &str| AgentConfigError {
+            key,
+            message: message.to_owned(),
+        };
+        match self.server_address.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+            _ => return Err(bad("server_address", "must be host:port")),
+        }
+        if let Some(t) = &self.join_token
+            && (t.is_empty() || t.len() > 256 || !t.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(bad("join_token", "malformed join token"));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(bad("log_format", "must be \"text\" or \"json\""));
+        }
+        Ok(())
+    }
+
+    /// The Workload API socket path.
+    pub fn socket(&self) -> PathBuf {
+        self.socket_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("public").join("api.sock"))
+    }
+}

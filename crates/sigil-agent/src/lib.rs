@@ -1,0 +1,112 @@
+//! The sigil node agent (`sigil agent`): attests its device to the server with a join token,
+//! follows the server's sync stream, signs and rotates workload SVIDs (keys made here, never
+//! sent), caches everything on disk for offline operation, and serves the standard SPIFFE
+//! Workload API on a unix socket to local processes identified by the kernel.
+#![forbid(unsafe_code)]
+
+mod cache;
+mod client;
+mod config;
+mod manager;
+mod peer;
+mod tls;
+mod workload_api;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sigil_core::Clock;
+use tokio::net::UnixListener;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+
+pub use config::{AgentConfig, AgentConfigError};
+pub use manager::{Manager, ManagerError, Snapshot};
+pub use peer::{AttestError, PeerCred, WorkloadAttestor};
+
+/// A started agent.
+pub struct RunningAgent {
+    /// The Workload API socket.
+    pub socket: PathBuf,
+    /// The identity manager (snapshots, for in-process callers).
+    pub manager: Arc<Manager>,
+    manager_task: JoinHandle<Result<(), ManagerError>>,
+    server_task: JoinHandle<()>,
+}
+
+impl RunningAgent {
+    /// Waits until the identity manager stops for good (eviction, no identity).
+    pub async fn wait(&mut self) -> Result<(), ManagerError> {
+        match (&mut self.manager_task).await {
+            Ok(r) => r,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Stops serving.
+    pub async fn shutdown(self) {
+        self.manager_task.abort();
+        self.server_task.abort();
+        let _ = self.server_task.await;
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Loads the cache, starts serving it at once, and starts syncing with the server.
+pub async fn start(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<RunningAgent> {
+    cfg.validate()?;
+    let socket = cfg.socket();
+    let manager = Manager::load(cfg, clock)?;
+    let listener = bind_socket(&socket)?;
+    let api = workload_api::WorkloadApi::new(manager.clone());
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+        .map(|s| s.map(workload_api::AcceptedStream::new));
+    let server_task = tokio::spawn(async move {
+        let svc =
+            sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(api);
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(incoming)
+            .await
+        {
+            tracing::error!(error = %e, "Workload API server failed");
+        }
+    });
+    let manager_task = tokio::spawn(manager.clone().run());
+    tracing::info!(socket = %socket.display(), "Workload API listening");
+    Ok(RunningAgent {
+        socket,
+        manager,
+        manager_task,
+        server_task,
+    })
+}
+
+/// Binds the Workload API socket: any local process may connect (what it gets is decided by
+/// its kernel-reported identity), so the socket is 0666 in a 0755 directory.
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        anyhow::ensure!(
+            m.file_type().is_socket(),
+            "{} exists and is not a socket",
+            path.display()
+        );
+        anyhow::ensure!(
+            std::os::unix::net::UnixStream::connect(path).is_err(),
+            "{} is in use: is another agent running?",
+            path.display()
+        );
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(l)
+}

@@ -1,0 +1,572 @@
+//! Keeps the node's identities current: attests the node, follows the server's sync stream,
+//! signs and renews workload SVIDs at half-life, persists everything, and publishes a
+//! [`Snapshot`] the Workload API serves from. Never serves anything past its expiry.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use sigil_core::{Clock, EntryId, EntrySpec, RegistrationEntry, Selector, SpiffeId};
+use sigil_pki::{
+    KeyAlgorithm, KeyPair, SvidUsage, TrustBundle, X509Bundle, verify_x509_svid_for_usage,
+};
+use sigil_proto::node::v1 as pb;
+use sigil_proto::node::v1::node_client::NodeClient;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use crate::cache::{Cache, CachedState, HeldSvid};
+use crate::config::AgentConfig;
+use crate::{client, tls};
+
+/// What the Workload API serves right now.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The trust bundle (`None` until the first one arrives).
+    pub bundle: Option<Arc<TrustBundle>>,
+    /// The registration entries of this node.
+    pub entries: Arc<Vec<RegistrationEntry>>,
+    /// Current X.509-SVIDs by entry, none expired.
+    pub svids: Arc<HashMap<EntryId, HeldSvid>>,
+    /// False once the node has no identity (never attested, or evicted): serve nothing.
+    pub serving: bool,
+}
+
+/// Why the manager stopped for good.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManagerError {
+    #[error("this node has been evicted; it needs a new join token")]
+    Evicted,
+    #[error("no node identity: the cache holds none and no join token was given")]
+    NoIdentity,
+    #[error("attestation refused: {0}")]
+    AttestationRefused(String),
+}
+
+/// The agent's identity manager.
+pub struct Manager {
+    cfg: AgentConfig,
+    cache: Cache,
+    clock: Arc<dyn Clock>,
+    snapshot: watch::Sender<Snapshot>,
+    x509_bundle: Arc<ArcSwap<X509Bundle>>,
+    bundle_sequence: std::sync::atomic::AtomicU64,
+    node: std::sync::Mutex<Option<HeldSvid>>,
+    node_key_alg: KeyAlgorithm,
+    /// The live node API client, for on-demand calls (JWT-SVIDs).
+    pub client: ArcSwapOption<NodeClient<Channel>>,
+    server_id: SpiffeId,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+impl Manager {
+    /// Loads the cache and publishes what it holds (valid items only).
+    pub fn load(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<Self>> {
+        let cache = Cache::open(&cfg.data_dir)?;
+        let now = clock.now();
+        let td = cfg.trust_domain.clone();
+        let server_id = td.id("/sigil/server")?;
+
+        let mut bundle: Option<TrustBundle> = match cache.load_bundle() {
+            Ok(Some(json)) => match TrustBundle::from_spiffe_json(&td, &json) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::error!(file = Cache::BUNDLE_FILE, error = %e, "cached trust bundle is corrupt; ignoring it and re-syncing");
+                    cache.quarantine(Cache::BUNDLE_FILE);
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the cached trust bundle");
+                None
+            }
+        };
+        if bundle.is_none()
+            && let Some(path) = &cfg.trust_bundle
+        {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("reading trust_bundle {}: {e}", path.display()))?;
+            let mut authorities = Vec::new();
+            for p in pem::parse_many(text.as_bytes())? {
+                if p.tag() == "CERTIFICATE" {
+                    authorities.push(p.contents().to_vec());
+                }
+            }
+            anyhow::ensure!(
+                !authorities.is_empty(),
+                "trust_bundle {} holds no PEM certificates",
+                path.display()
+            );
+            bundle = Some(TrustBundle {
+                trust_domain: td.clone(),
+                x509_authorities: authorities,
+                jwt_authorities: Vec::new(),
+                sequence: 0,
+                refresh_hint_secs: 300,
+            });
+        }
+        let x509 = bundle
+            .as_ref()
+            .map(|b| b.x509_bundle())
+            .unwrap_or(X509Bundle {
+                trust_domain: td.clone(),
+                authorities: Vec::new(),
+            });
+
+        let node = match cache.load_node() {
+            Ok(Some(n)) => {
+                let chain: Vec<&[u8]> = n.chain.iter().map(Vec::as_slice).collect();
+                match verify_x509_svid_for_usage(&chain, &x509, now, SvidUsage::ClientAuth) {
+                    Ok(_) => Some(n),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cached node SVID is not usable; discarding it");
+                        None
+                    }
+                }
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(file = Cache::NODE_FILE, error = %e, "cached node identity is corrupt; ignoring it");
+                cache.quarantine(Cache::NODE_FILE);
+                None
+            }
+        };
+        let state = match cache.load_state() {
+            Ok(s) => s.unwrap_or_default(),
+            Err(e) => {
+                tracing::error!(file = Cache::STATE_FILE, error = %e, "cached workload state is corrupt; ignoring it and re-syncing");
+                cache.quarantine(Cache::STATE_FILE);
+                CachedState::default()
+            }
+        };
+        let svids: HashMap<EntryId, HeldSvid> = state
+            .svids
+            .into_iter()
+            .filter(|(_, s)| {
+                let chain: Vec<&[u8]> = s.chain.iter().map(Vec::as_slice).collect();
+                s.not_after > now
+                    && verify_x509_svid_for_usage(&chain, &x509, now, SvidUsage::ClientAuth).is_ok()
+            })
+            .collect();
+        let serving = node.is_some();
+        let sequence = bundle.as_ref().map(|b| b.sequence).unwrap_or(0);
+        let snapshot = Snapshot {
+            bundle: bundle.map(Arc::new),
+            entries: Arc::new(state.entries),
+            svids: Arc::new(svids),
+            serving,
+        };
+        let (tx, _) = watch::channel(snapshot);
+        Ok(Arc::new(Self {
+            cfg,
+            cache,
+            clock,
+            snapshot: tx,
+            x509_bundle: Arc::new(ArcSwap::from_pointee(x509)),
+            bundle_sequence: std::sync::atomic::AtomicU64::new(sequence),
+            node: std::sync::Mutex::new(node),
+            node_key_alg: KeyAlgorithm::EcdsaP256,
+            client: ArcSwapOption::empty(),
+            server_id,
+        }))
+    }
+
+    /// Subscribes to snapshots.
+    pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.subscribe()
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// This node's SPIFFE ID, once attested.
+    pub fn node_id(&self) -> Option<SpiffeId> {
+        self.node().map(|n| n.spiffe_id)
+    }
+
+    fn node(&self) -> Option<HeldSvid> {
+        self.node.lock().map(|n| n.clone()).unwrap_or(None)
+    }
+
+    fn set_node(&self, n: Option<HeldSvid>) {
+        if let Ok(mut g) = self.node.lock() {
+            *g = n;
+        }
+    }
+
+    /// Runs until evicted (or unrecoverable); reconnects with backoff on any failure.
+    pub async fn run(self: Arc<Self>) -> Result<(), ManagerError> {
+        let sweeper = tokio::spawn(self.clone().sweep_forever());
+        let result = self.run_inner().await;
+        sweeper.abort();
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "identity manager stopped");
+        }
+        result
+    }
+
+    async fn run_inner(self: &Arc<Self>) -> Result<(), ManagerError> {
+        let mut backoff = Duration::from_millis(250);
+        let mut join_token = self.cfg.join_token.clone();
+        loop {
+            if self.node().is_none() {
+                let Some(token) = join_token.take() else {
+                    self.stop_serving();
+                    return Err(ManagerError::NoIdentity);
+                };
+                match self.attest(&token).await {
+                    Ok(()) => {}
+                    Err(AttestFailure::Refused(why)) => {
+                        self.stop_serving();
+                        return Err(ManagerError::AttestationRefused(why));
+                    }
+                    Err(AttestFailure::Transient(why)) => {
+                        tracing::warn!(error = %why, retry_in = ?backoff, "attestation failed; retrying");
+                        join_token = Some(token);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                }
+            }
+            match self.session().await {
+                Ok(SessionEnd::Evicted) => {
+                    self.cache.wipe();
+                    self.set_node(None);
+                    self.client.store(None);
+                    self.stop_serving();
+                    return Err(ManagerError::Evicted);
+                }
+                Ok(SessionEnd::Reconnect) => {
+                    backoff = Duration::from_millis(250);
+                    continue;
+                }
+                Err(e) => {
+                    self.client.store(None);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "lost the server; serving from cache");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn stop_serving(&self) {
+        self.snapshot.send_modify(|s| {
+            s.serving = false;
+            s.svids = Arc::new(HashMap::new());
+        });
+    }
+
+    async fn attest(&self, token: &str) -> Result<(), AttestFailure> {
+        let tls = tls::client_config(self.x509_bundle.clone(), self.server_id.clone(), None)
+            .map_err(|e| AttestFailure::Transient(e.to_string()))?;
+        let mut c = client::connect(&self.cfg.server_address, tls)
+            .await
+            .map_err(|e| AttestFailure::Transient(format!("connecting: {e:?}")))?;
+        let key = KeyPair::generate(self.node_key_alg)
+            .map_err(|e| AttestFailure::Transient(e.to_string()))?;
+        let csr = key
+            .csr_der(None)
+            .map_err(|e| AttestFailure::Transient(e.to_string()))?;
+        let resp = c
+            .attest(pb::AttestRequest {
+                join_token: token.to_owned(),
+                csr,
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
+                    AttestFailure::Refused(s.message().to_owned())
+                }
+                _ => AttestFailure::Transient(format!("{}: {}", s.code(), s.message())),
+            })?
+            .into_inner();
+        let svid = resp
+            .svid
+            .ok_or_else(|| AttestFailure::Transient("empty attestation response".into()))?;
+        self.apply_bundle_json(&svid.bundle_json)
+            .map_err(AttestFailure::Transient)?;
+        let held = self
+            .check_svid(&svid, key.pkcs8_der())
+            .map_err(AttestFailure::Transient)?;
+        tracing::info!(node = %held.spiffe_id, "node attested");
+        self.cache
+            .save_node(&held)
+            .map_err(|e| AttestFailure::Transient(e.to_string()))?;
+        self.set_node(Some(held));
+        self.snapshot.send_modify(|s| s.serving = true);
+        Ok(())
+    }
+
+    /// Verifies a freshly signed SVID against the current bundle and pairs it with its key.
+    fn check_svid(&self, svid: &pb::X509SvidResponse, key: Vec<u8>) -> Result<HeldSvid, String> {
+        let now = self.clock.now();
+        let chain: Vec<&[u8]> = svid.cert_chain.iter().map(Vec::as_slice).collect();
+        let v = verify_x509_svid_for_usage(
+            &chain,
+            &self.x509_bundle.load(),
+            now,
+            SvidUsage::ClientAuth,
+        )
+        .map_err(|e| format!("server returned an SVID that does not verify: {e}"))?;
+        Ok(HeldSvid {
+            spiffe_id: v.spiffe_id,
+            chain: svid.cert_chain.clone(),
+            key,
+            serial: v.serial,
+            not_after: v.not_after,
+            received_at: now,
+        })
+    }
+
+    /// Installs a bundle unless it is older than the one held. Returns whether it changed.
+    fn apply_bundle_json(&self, json: &str) -> Result<bool, String> {
+        let b = TrustBundle::from_spiffe_json(&self.cfg.trust_domain, json)
+            .map_err(|e| format!("bad bundle from server: {e}"))?;
+        let current = self
+            .bundle_sequence
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let have = self.snapshot.borrow().bundle.is_some();
+        if have && b.sequence < current {
+            tracing::warn!(
+                got = b.sequence,
+                have = current,
+                "ignoring an older trust bundle"
+            );
+            return Ok(false);
+        }
+        if have && b.sequence == current && self.snapshot.borrow().bundle.as_deref() == Some(&b) {
+            return Ok(false);
+        }
+        self.cache.save_bundle(json).map_err(|e| e.to_string())?;
+        self.bundle_sequence
+            .store(b.sequence, std::sync::atomic::Ordering::SeqCst);
+        self.x509_bundle.store(Arc::new(b.x509_bundle()));
+        self.snapshot.send_modify(|s| s.bundle = Some(Arc::new(b)));
+        Ok(true)
+    }
+
+    async fn session(self: &Arc<Self>) -> Result<SessionEnd, String> {
+        let node = self.node().ok_or("no node identity")?;
+        let tls = tls::client_config(
+            self.x509_bundle.clone(),
+            self.server_id.clone(),
+            Some((node.chain.clone(), node.key.clone())),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut c = client::connect(&self.cfg.server_address, tls)
+            .await
+            .map_err(|e| format!("connecting to {}: {e:?}", self.cfg.server_address))?;
+        let mut stream = c
+            .sync(pb::SyncRequest {})
+            .await
+            .map_err(|s| format!("sync: {}: {}", s.code(), s.message()))?
+            .into_inner();
+        self.client.store(Some(Arc::new(c.clone())));
+        tracing::info!(server = %self.cfg.server_address, "connected; syncing");
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                msg = stream.message() => match msg {
+                    Ok(Some(update)) => {
+                        if update.evicted {
+                            tracing::error!("the server says this node is evicted or revoked");
+                            return Ok(SessionEnd::Evicted);
+                        }
+                        self.apply_update(&mut c, update).await?;
+                    }
+                    Ok(None) => return Err("sync stream closed by the server".into()),
+                    Err(s) if s.code() == tonic::Code::PermissionDenied => return Ok(SessionEnd::Evicted),
+                    Err(s) => return Err(format!("sync stream: {}: {}", s.code(), s.message())),
+                },
+                _ = tick.tick() => {
+                    if self.maintain(&mut c).await? {
+                        return Ok(SessionEnd::Reconnect);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply_update(
+        &self,
+        c: &mut NodeClient<Channel>,
+        u: pb::SyncUpdate,
+    ) -> Result<(), String> {
+        self.apply_bundle_json(&u.bundle_json)?;
+        let mut entries = Vec::with_capacity(u.entries.len());
+        for e in u.entries {
+            match entry_from_pb(e) {
+                Ok(e) => entries.push(e),
+                Err(why) => {
+                    tracing::warn!(error = %why, "ignoring an invalid entry from the server")
+                }
+            }
+        }
+        let now = self.clock.now();
+        let revoked = |s: &HeldSvid| {
+            u.revocations.iter().any(|r| {
+                (!r.serial.is_empty() && r.serial == s.serial)
+                    || (r.spiffe_id == s.spiffe_id.as_str() && r.revoked_at >= s.received_at - 60)
+            })
+        };
+        let mut svids = (*self.snapshot.borrow().svids).clone();
+        svids.retain(|id, s| {
+            let keep = s.not_after > now
+                && entries.iter().any(|e| &e.id == id && e.spec.spiffe_id == s.spiffe_id)
+                && !revoked(s);
+            if !keep {
+                tracing::info!(entry = %id, spiffe_id = %s.spiffe_id, "dropping SVID (entry gone, revoked or expired)");
+            }
+            keep
+        });
+        self.snapshot.send_modify(|s| {
+            s.entries = Arc::new(entries);
+            s.svids = Arc::new(svids);
+        });
+        self.reconcile(c).await?;
+        Ok(())
+    }
+
+    /// Periodic work: renew due SVIDs and the node SVID. Returns true when the connection
+    /// must be re-made (new node certificate).
+    async fn maintain(&self, c: &mut NodeClient<Channel>) -> Result<bool, String> {
+        self.reconcile(c).await?;
+        let now = self.clock.now();
+        let Some(node) = self.node() else {
+            return Ok(false);
+        };
+        if !node.needs_renewal(now) {
+            return Ok(false);
+        }
+        let key = KeyPair::generate(self.node_key_alg).map_err(|e| e.to_string())?;
+        let csr = key.csr_der(None).map_err(|e| e.to_string())?;
+        let resp = c
+            .renew_node_svid(pb::RenewNodeSvidRequest { csr })
+            .await
+            .map_err(|s| format!("renewing node SVID: {}: {}", s.code(), s.message()))?
+            .into_inner();
+        self.apply_bundle_json(&resp.bundle_json)?;
+        let held = self.check_svid(&resp, key.pkcs8_der())?;
+        self.cache.save_node(&held).map_err(|e| e.to_string())?;
+        tracing::info!(serial = %held.serial, "renewed the node SVID");
+        self.set_node(Some(held));
+        Ok(true)
+    }
+
+    /// Signs SVIDs for entries that have none or whose SVID is past half-life.
+    async fn reconcile(&self, c: &mut NodeClient<Channel>) -> Result<(), String> {
+        let now = self.clock.now();
+        let snap = self.snapshot.borrow().clone();
+        let due: Vec<&RegistrationEntry> = snap
+            .entries
+            .iter()
+            .filter(|e| snap.svids.get(&e.id).is_none_or(|s| s.needs_renewal(now)))
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let mut keys = HashMap::new();
+        let mut csrs = Vec::new();
+        for e in due {
+            let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).map_err(|e| e.to_string())?;
+            csrs.push(pb::CsrForEntry {
+                entry_id: e.id.to_string(),
+                csr: key
+                    .csr_der(Some(&e.spec.spiffe_id))
+                    .map_err(|e| e.to_string())?,
+            });
+            keys.insert(e.id.to_string(), key);
+        }
+        let resp = c
+            .sign_x509_svids(pb::SignX509SvidsRequest { csrs })
+            .await
+            .map_err(|s| format!("signing SVIDs: {}: {}", s.code(), s.message()))?
+            .into_inner();
+        let mut svids = (*self.snapshot.borrow().svids).clone();
+        for signed in resp.svids {
+            let (Some(svid), Some(key)) = (signed.svid, keys.remove(&signed.entry_id)) else {
+                continue;
+            };
+            let Ok(id) = EntryId::parse(&signed.entry_id) else {
+                continue;
+            };
+            let held = self.check_svid(&svid, key.pkcs8_der())?;
+            tracing::info!(entry = %id, spiffe_id = %held.spiffe_id, serial = %held.serial, not_after = held.not_after, "SVID ready");
+            svids.insert(id, held);
+        }
+        let state = CachedState {
+            entries: (*snap.entries).clone(),
+            svids: svids.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        };
+        // INVARIANT: persisted before it is served, so a restart serves the same SVIDs.
+        self.cache.save_state(&state).map_err(|e| e.to_string())?;
+        self.snapshot.send_modify(|s| s.svids = Arc::new(svids));
+        Ok(())
+    }
+
+    /// Removes expired SVIDs every second, connected or not: never serve past expiry.
+    async fn sweep_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = self.clock.now();
+            self.snapshot.send_if_modified(|s| {
+                if s.svids.values().any(|v| v.not_after <= now) {
+                    let mut svids = (*s.svids).clone();
+                    svids.retain(|id, v| {
+                        let live = v.not_after > now;
+                        if !live {
+                            tracing::warn!(entry = %id, spiffe_id = %v.spiffe_id, "SVID expired; no longer served");
+                        }
+                        live
+                    });
+                    s.svids = Arc::new(svids);
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+}
+
+enum SessionEnd {
+    Evicted,
+    Reconnect,
+}
+
+enum AttestFailure {
+    Refused(String),
+    Transient(String),
+}
+
+fn entry_from_pb(e: pb::Entry) -> Result<RegistrationEntry, String> {
+    let sid = |s: &str| SpiffeId::new(s).map_err(|e| e.to_string());
+    Ok(RegistrationEntry {
+        id: EntryId::parse(&e.id).map_err(|e| e.to_string())?,
+        spec: EntrySpec {
+            spiffe_id: sid(&e.spiffe_id)?,
+            parent_id: sid(&e.parent_id)?,
+            selectors: e
+                .selectors
+                .iter()
+                .map(|s| Selector::parse(s).map_err(|e| e.to_string()))
+                .collect::<Result<_, _>>()?,
+            x509_ttl_secs: e.x509_ttl_secs,
+            jwt_ttl_secs: e.jwt_ttl_secs,
+            dns_names: e.dns_names,
+            groups: e.groups,
+            scopes: e.scopes,
+        },
+        revision: e.revision,
+        created_at: 0,
+        updated_at: 0,
+    })
+}

@@ -1,0 +1,510 @@
+//! The SPIFFE Workload API on a unix socket. Callers are identified by the kernel (peer
+//! credentials → selectors), never by anything they send; a caller gets exactly the
+//! identities whose entries' selectors are all among its own.
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use sigil_core::{EntryId, RegistrationEntry, Selector, SpiffeId};
+use sigil_proto::workload as wl;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status};
+
+use crate::manager::{Manager, Snapshot};
+use crate::peer::{PeerCred, WorkloadAttestor};
+
+/// The metadata every Workload API request must carry (SPIFFE Workload Endpoint spec).
+const SECURITY_HEADER: &str = "workload.spiffe.io";
+/// How long a first FetchX509SVID waits for an SVID that is being signed.
+const FIRST_SVID_WAIT: Duration = Duration::from_secs(10);
+
+/// What the kernel told us about a connection when it was accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub pid: Option<i32>,
+    pub uid: u32,
+    pub gid: u32,
+    pub accepted_at: SystemTime,
+    pub has_cred: bool,
+}
+
+/// An accepted Workload API connection, carrying its peer credentials into every request.
+pub struct AcceptedStream {
+    inner: UnixStream,
+    info: ConnInfo,
+}
+
+impl AcceptedStream {
+    pub fn new(inner: UnixStream) -> Self {
+        let accepted_at = SystemTime::now();
+        let info = match inner.peer_cred() {
+            Ok(c) => ConnInfo {
+                pid: c.pid(),
+                uid: c.uid(),
+                gid: c.gid(),
+                accepted_at,
+                has_cred: true,
+            },
+            Err(_) => ConnInfo {
+                pid: None,
+                uid: u32::MAX,
+                gid: u32::MAX,
+                accepted_at,
+                has_cred: false,
+            },
+        };
+        Self { inner, info }
+    }
+}
+
+impl Connected for AcceptedStream {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        self.info
+    }
+}
+
+impl AsyncRead for AcceptedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AcceptedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A cached JWT-SVID: token, expiry, when it was received.
+type CachedJwt = (String, i64, i64);
+
+/// The Workload API service.
+pub struct WorkloadApi {
+    mgr: Arc<Manager>,
+    attestor: Arc<WorkloadAttestor>,
+    jwts: Mutex<HashMap<(EntryId, Vec<String>), CachedJwt>>,
+}
+
+impl WorkloadApi {
+    pub fn new(mgr: Arc<Manager>) -> Self {
+        Self {
+            mgr,
+            attestor: Arc::new(WorkloadAttestor::new()),
+            jwts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Checks the security header and attests the caller; returns its selectors.
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Vec<Selector>, Status> {
+        let header = req
+            .metadata()
+            .get(SECURITY_HEADER)
+            .and_then(|v| v.to_str().ok());
+        if header != Some("true") {
+            return Err(Status::invalid_argument(
+                "security header missing: requests must carry metadata workload.spiffe.io: true",
+            ));
+        }
+        let info = req
+            .extensions()
+            .get::<ConnInfo>()
+            .copied()
+            .ok_or_else(|| Status::internal("no connection info"))?;
+        let pid = match (info.has_cred, info.pid) {
+            (true, Some(pid)) if pid > 0 => pid,
+            _ => {
+                return Err(Status::permission_denied(
+                    "caller's peer credentials unavailable",
+                ));
+            }
+        };
+        self.attestor
+            .attest(PeerCred {
+                pid,
+                uid: info.uid,
+                gid: info.gid,
+                accepted_at: info.accepted_at,
+            })
+            .await
+            .map_err(|e| Status::permission_denied(format!("could not attest the caller: {e}")))
+    }
+
+    fn serving(&self) -> Result<Snapshot, Status> {
+        let snap = self.mgr.subscribe().borrow().clone();
+        if !snap.serving {
+            return Err(Status::permission_denied(
+                "this agent has no node identity (not attested, or evicted)",
+            ));
+        }
+        Ok(snap)
+    }
+}
+
+fn matching<'a>(snap: &'a Snapshot, selectors: &[Selector]) -> Vec<&'a RegistrationEntry> {
+    snap.entries
+        .iter()
+        .filter(|e| e.spec.matches(selectors))
+        .collect()
+}
+
+fn no_entry() -> Status {
+    Status::permission_denied("no registration entry matches the caller")
+}
+
+fn bundle_der(snap: &Snapshot) -> Vec<u8> {
+    snap.bundle
+        .as_ref()
+        .map(|b| b.x509_authorities.concat())
+        .unwrap_or_default()
+}
+
+/// The X.509 response for `selectors` in `snap`, or the status that ends the stream.
+fn x509_response(
+    snap: &Snapshot,
+    selectors: &[Selector],
+) -> Result<Option<wl::X509svidResponse>, Status> {
+    if !snap.serving {
+        return Err(Status::permission_denied(
+            "this agent no longer has a node identity",
+        ));
+    }
+    let entries = matching(snap, selectors);
+    if entries.is_empty() {
+        return Err(no_entry());
+    }
+    let bundle = bundle_der(snap);
+    let svids: Vec<wl::X509svid> = entries
+        .iter()
+        .filter_map(|e| snap.svids.get(&e.id))
+        .map(|s| wl::X509svid {
+            spiffe_id: s.spiffe_id.to_string(),
+            x509_svid: s.chain.concat(),
+            x509_svid_key: s.key.clone(),
+            bundle: bundle.clone(),
+            hint: String::new(),
+        })
+        .collect();
+    if svids.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(wl::X509svidResponse {
+        svids,
+        crl: Vec::new(),
+        federated_bundles: HashMap::new(),
+    }))
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn stream_of<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> ResponseStream<T> {
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+fn jwks_bytes(snap: &Snapshot) -> Result<Vec<u8>, Status> {
+    let keys = snap
+        .bundle
+        .as_ref()
+        .map(|b| b.jwt_authorities.clone())
+        .unwrap_or_default();
+    serde_json::to_vec(&serde_json::json!({ "keys": keys }))
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ResponseStream<wl::X509svidResponse>;
+    type FetchX509BundlesStream = ResponseStream<wl::X509BundlesResponse>;
+    type FetchJWTBundlesStream = ResponseStream<wl::JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<wl::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let selectors = self.caller(&req).await?;
+        let snap = self.serving()?;
+        if matching(&snap, &selectors).is_empty() {
+            return Err(no_entry());
+        }
+        let mut rx = self.mgr.subscribe();
+        let (tx, out) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last: Option<wl::X509svidResponse> = None;
+            let started = tokio::time::Instant::now();
+            loop {
+                let snap = rx.borrow_and_update().clone();
+                match x509_response(&snap, &selectors) {
+                    Ok(Some(resp)) => {
+                        if last.as_ref() != Some(&resp) {
+                            if tx.send(Ok(resp.clone())).await.is_err() {
+                                return;
+                            }
+                            last = Some(resp);
+                        }
+                    }
+                    Ok(None) => {
+                        // Nothing valid to hand out: while the first SVID is being signed,
+                        // wait a little; once SVIDs expired (e.g. offline), fail closed.
+                        if last.is_some() || started.elapsed() > FIRST_SVID_WAIT {
+                            let _ = tx
+                                .send(Err(Status::unavailable(
+                                    "no valid X.509-SVID is available (expired, and the server is unreachable?)",
+                                )))
+                                .await;
+                            return;
+                        }
+                    }
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep(Duration::from_secs(1)), if last.is_none() => {},
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(stream_of(out)))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<wl::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        self.caller(&req).await?;
+        self.serving()?;
+        let mut rx = self.mgr.subscribe();
+        let (tx, out) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let snap = rx.borrow_and_update().clone();
+                if !snap.serving {
+                    let _ = tx
+                        .send(Err(Status::permission_denied("no node identity")))
+                        .await;
+                    return;
+                }
+                if let Some(b) = &snap.bundle {
+                    let der = bundle_der(&snap);
+                    if last.as_ref() != Some(&der) {
+                        let resp = wl::X509BundlesResponse {
+                            crl: Vec::new(),
+                            bundles: HashMap::from([(b.trust_domain.id_string(), der.clone())]),
+                        };
+                        if tx.send(Ok(resp)).await.is_err() {
+                            return;
+                        }
+                        last = Some(der);
+                    }
+                }
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(stream_of(out)))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<wl::JwtsvidRequest>,
+    ) -> Result<Response<wl::JwtsvidResponse>, Status> {
+        let selectors = self.caller(&req).await?;
+        let snap = self.serving()?;
+        let r = req.get_ref();
+        if r.audience.is_empty() || r.audience.iter().any(|a| a.is_empty()) {
+            return Err(Status::invalid_argument("audience is required"));
+        }
+        let mut entries = matching(&snap, &selectors);
+        if entries.is_empty() {
+            return Err(no_entry());
+        }
+        if !r.spiffe_id.is_empty() {
+            let want = SpiffeId::new(&r.spiffe_id)
+                .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
+            entries.retain(|e| e.spec.spiffe_id == want);
+            if entries.is_empty() {
+                return Err(Status::permission_denied(format!(
+                    "the caller is not entitled to {want}"
+                )));
+            }
+        }
+        let mut audience = r.audience.clone();
+        audience.sort();
+        audience.dedup();
+        let now = self.mgr.clock().now();
+        let mut svids = Vec::new();
+        for e in entries {
+            let key = (e.id.clone(), audience.clone());
+            let cached = self
+                .jwts
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&key).cloned())
+                .filter(|(_, exp, got)| now < got + (exp - got) / 2);
+            let token = match cached {
+                Some((t, _, _)) => t,
+                None => {
+                    let client = self.mgr.client.load_full().ok_or_else(|| {
+                        Status::unavailable(
+                            "the server is unreachable and no cached JWT-SVID is fresh",
+                        )
+                    })?;
+                    let resp = (*client)
+                        .clone()
+                        .mint_jwt_svid(sigil_proto::node::v1::MintJwtSvidRequest {
+                            entry_id: e.id.to_string(),
+                            audience: audience.clone(),
+                        })
+                        .await
+                        .map_err(|s| {
+                            Status::unavailable(format!("minting JWT-SVID: {}", s.message()))
+                        })?
+                        .into_inner();
+                    if let Ok(mut m) = self.jwts.lock() {
+                        m.retain(|_, (_, exp, _)| *exp > now);
+                        m.insert(key, (resp.token.clone(), resp.expires_at, now));
+                    }
+                    resp.token
+                }
+            };
+            svids.push(wl::Jwtsvid {
+                spiffe_id: e.spec.spiffe_id.to_string(),
+                svid: token,
+                hint: String::new(),
+            });
+        }
+        Ok(Response::new(wl::JwtsvidResponse { svids }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<wl::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        self.caller(&req).await?;
+        self.serving()?;
+        let mut rx = self.mgr.subscribe();
+        let (tx, out) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let snap = rx.borrow_and_update().clone();
+                if !snap.serving {
+                    let _ = tx
+                        .send(Err(Status::permission_denied("no node identity")))
+                        .await;
+                    return;
+                }
+                if let Some(b) = &snap.bundle {
+                    match jwks_bytes(&snap) {
+                        Ok(jwks) if last.as_ref() != Some(&jwks) => {
+                            let resp = wl::JwtBundlesResponse {
+                                bundles: HashMap::from([(
+                                    b.trust_domain.id_string(),
+                                    jwks.clone(),
+                                )]),
+                            };
+                            if tx.send(Ok(resp)).await.is_err() {
+                                return;
+                            }
+                            last = Some(jwks);
+                        }
+                        Ok(_) => {}
+                        Err(s) => {
+                            let _ = tx.send(Err(s)).await;
+                            return;
+                        }
+                    }
+                }
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(stream_of(out)))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<wl::ValidateJwtsvidRequest>,
+    ) -> Result<Response<wl::ValidateJwtsvidResponse>, Status> {
+        self.caller(&req).await?;
+        let snap = self.serving()?;
+        let r = req.get_ref();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("audience is required"));
+        }
+        if r.svid.is_empty() {
+            return Err(Status::invalid_argument("svid is required"));
+        }
+        let bundle = snap
+            .bundle
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("no trust bundle yet"))?;
+        let keys = bundle
+            .jwt_key_set()
+            .map_err(|e| Status::internal(format!("bundle JWT keys: {e}")))?;
+        let claims = sigil_pki::validate_jwt_svid(
+            &r.svid,
+            &keys,
+            &bundle.trust_domain,
+            &r.audience,
+            self.mgr.clock().now(),
+            30,
+        )
+        .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
+        use prost_types::value::Kind;
+        let s = |v: &str| prost_types::Value {
+            kind: Some(Kind::StringValue(v.to_owned())),
+        };
+        let n = |v: i64| prost_types::Value {
+            kind: Some(Kind::NumberValue(v as f64)),
+        };
+        let mut fields = BTreeMap::new();
+        fields.insert("sub".to_owned(), s(&claims.sub));
+        fields.insert(
+            "aud".to_owned(),
+            prost_types::Value {
+                kind: Some(Kind::ListValue(prost_types::ListValue {
+                    values: claims.aud.iter().map(|a| s(a)).collect(),
+                })),
+            },
+        );
+        fields.insert("exp".to_owned(), n(claims.exp));
+        if claims.iat != 0 {
+            fields.insert("iat".to_owned(), n(claims.iat));
+        }
+        if let Some(jti) = &claims.jti {
+            fields.insert("jti".to_owned(), s(jti));
+        }
+        Ok(Response::new(wl::ValidateJwtsvidResponse {
+            spiffe_id: claims.sub.clone(),
+            claims: Some(prost_types::Struct { fields }),
+        }))
+    }
+}

@@ -1,0 +1,82 @@
+//! `sigil agent`: run the node agent in the foreground until SIGINT/SIGTERM (or eviction).
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sigil_agent::AgentConfig;
+use sigil_core::SystemClock;
+
+use crate::config::load;
+
+/// Flags of `sigil agent`; each overrides the config file key of the same name.
+#[derive(Debug, Default, clap::Args)]
+pub struct AgentArgs {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "SIGIL_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Trust domain of the server.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// The server, host:port.
+    #[arg(long = "server")]
+    pub server_address: Option<String>,
+    /// Cache directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Workload API socket path.
+    #[arg(long = "socket")]
+    pub socket_path: Option<PathBuf>,
+    /// Join token for the first attestation.
+    #[arg(long)]
+    pub join_token: Option<String>,
+    /// PEM CA bundle to trust the server with before the first attestation.
+    #[arg(long)]
+    pub trust_bundle: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+impl AgentArgs {
+    fn flags(&self) -> Vec<(&'static str, toml::Value)> {
+        let mut v = Vec::new();
+        let s = |x: &Option<String>| x.clone().map(toml::Value::String);
+        let p = |x: &Option<PathBuf>| {
+            x.as_ref()
+                .map(|p| toml::Value::String(p.display().to_string()))
+        };
+        for (k, val) in [
+            ("trust_domain", s(&self.trust_domain)),
+            ("server_address", s(&self.server_address)),
+            ("join_token", s(&self.join_token)),
+            ("log_format", s(&self.log_format)),
+            ("data_dir", p(&self.data_dir)),
+            ("socket_path", p(&self.socket_path)),
+            ("trust_bundle", p(&self.trust_bundle)),
+        ] {
+            if let Some(val) = val {
+                v.push((k, val));
+            }
+        }
+        v
+    }
+}
+
+/// Loads and validates the agent configuration (exit 64 on any problem).
+pub fn load_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
+    let cfg: AgentConfig = load(args.config.as_deref(), AgentConfig::KEYS, args.flags())?;
+    cfg.validate()
+        .map_err(|e| crate::config::UsageError(e.to_string()))?;
+    Ok(cfg)
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let cfg = load_config(&args)?;
+    super::init_logging(cfg.log_format == "json");
+    let mut agent = sigil_agent::start(cfg, Arc::new(SystemClock)).await?;
+    let result = tokio::select! {
+        _ = super::server::wait_for_signal() => Ok(()),
+        r = agent.wait() => r.map_err(anyhow::Error::from),
+    };
+    agent.shutdown().await;
+    result
+}
