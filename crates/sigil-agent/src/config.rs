@@ -12,7 +12,8 @@ pub struct AgentConfig {
     pub trust_domain: TrustDomain,
     /// The server's public listener, `host:port`.
     pub server_address: String,
-    /// Cache directory (node identity, SVIDs, bundle, entries); 0700.
+    /// Data directory: `cache/` (node identity, SVIDs, bundle, entries; 0700, files 0600)
+    /// and, by default, `public/api.sock`.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// The Workload API socket; default `<data_dir>/public/api.sock`.

@@ -59,12 +59,12 @@ pub struct Manager {
     server_id: SpiffeId,
 }
 
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 impl Manager {
     /// Loads the cache and publishes what it holds (valid items only).
     pub fn load(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<Self>> {
-        let cache = Cache::open(&cfg.data_dir)?;
+        let cache = Cache::open(&cfg.data_dir.join("cache"))?;
         let now = clock.now();
         let td = cfg.trust_domain.clone();
         let server_id = td.id("/sigil/server")?;

@@ -63,7 +63,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     // The agent: attests with a fresh join token the first time, from its cache afterwards.
     let agent_dir = data_dir.join("agent");
-    let join_token = if agent_dir.join("node.json").exists() {
+    let join_token = if agent_dir.join("cache").join("node.json").exists() {
         None
     } else {
         let t = admin

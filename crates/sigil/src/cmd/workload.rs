@@ -27,7 +27,11 @@ pub enum WorkloadCmd {
 }
 
 async fn client(socket: &str) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
-    let path = PathBuf::from(socket.strip_prefix("unix://").unwrap_or(socket));
+    let raw = socket
+        .strip_prefix("unix://")
+        .or_else(|| socket.strip_prefix("unix:"))
+        .unwrap_or(socket);
+    let path = PathBuf::from(raw);
     let channel = Endpoint::from_static("http://workload-api")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();

@@ -313,3 +313,186 @@ pub fn thumbprint(pem_path: &Path) -> String {
     let p = pem::parse(std::fs::read(pem_path).unwrap()).unwrap();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(p.contents()))
 }
+
+/// A running `sigil agent` process.
+pub struct Agent {
+    child: Option<Child>,
+    exited: Option<i32>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl Agent {
+    /// Starts an agent for `server` with data in `dir`; `join_token` only for the first start.
+    pub fn start(server: &Server, dir: &Path, join_token: Option<&str>) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let bundle = dir.with_extension("bootstrap.pem");
+        std::fs::write(&bundle, server.bundle_pem()).unwrap();
+        Self::start_with(server.port, dir, join_token, &bundle)
+    }
+
+    /// Starts an agent trusting `bundle` for the server on `port`.
+    pub fn start_with(port: u16, dir: &Path, join_token: Option<&str>, bundle: &Path) -> Self {
+        // The socket lives where any user can reach it (tests connect as `nobody` too).
+        let socket = dir.with_extension("sock.d").join("api.sock");
+        let mut args = vec![
+            "agent".to_string(),
+            "--trust-domain".into(),
+            TD.into(),
+            "--server".into(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--socket".into(),
+            socket.display().to_string(),
+            "--trust-bundle".into(),
+            bundle.display().to_string(),
+        ];
+        if let Some(t) = join_token {
+            args.extend(["--join-token".into(), t.into()]);
+        }
+        let mut a = Self {
+            child: None,
+            exited: None,
+            dir: dir.to_owned(),
+            socket,
+            log: dir.with_extension("log"),
+            args,
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(sigil_bin())
+            .args(&self.args)
+            .env("SIGIL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.exited = None;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                self.exited = status.code();
+                eprintln!("agent exited early with {status}:\n{}", self.log_text());
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not start:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Restarts without the join token (the cached node identity must do).
+    pub fn restart(&mut self) {
+        self.stop();
+        if let Some(i) = self.args.iter().position(|a| a == "--join-token") {
+            self.args.drain(i..i + 2);
+        }
+        self.spawn();
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Waits for the process to exit on its own; returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let Some(c) = self.child.as_mut() else {
+            return self.exited;
+        };
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                self.child = None;
+                self.exited = s.code();
+                return s.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A raw Workload API client (tonic over the unix socket), to send requests a well-behaved
+/// SPIFFE library would not (e.g. without the security header).
+pub async fn raw_workload_client(
+    socket: &Path,
+) -> sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<Channel> {
+    let path = socket.to_owned();
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .unwrap();
+    sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
+}
+
+/// Adds the Workload API security header.
+pub fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    r
+}
+
+/// The uid of this (test) process.
+pub fn my_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
