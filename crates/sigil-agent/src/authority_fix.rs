@@ -550,3 +550,1099 @@ fn emit_header_block(out: &mut Vec<u8>, open: &OpenBlock, block: &[u8]) {
         rest = tail;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loona_hpack::Encoder;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+
+    const SETTINGS: u8 = 0x4;
+    const DATA: u8 = 0x0;
+    const PING: u8 = 0x6;
+    const WINDOW_UPDATE: u8 = 0x8;
+    const RST_STREAM: u8 = 0x3;
+    const GOAWAY: u8 = 0x7;
+    const END_STREAM: u8 = 0x1;
+    const SOCKET_AUTHORITY: &str = "tmp%2Fsd%2Fapi.sock";
+    const PATH_AUTHORITY: &str = "/var/run/x.sock";
+
+    type Fields = Vec<(String, String)>;
+
+    fn fields(list: &[(&str, &str)]) -> Fields {
+        list.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn request(authority: &str) -> Fields {
+        fields(&[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/SpiffeWorkloadAPI/FetchX509SVID"),
+            (":authority", authority),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("workload.spiffe.io", "true"),
+            (
+                "user-agent",
+                "grpc-python/1.71.0 grpc-c/46.0.0 (linux; chttp2)",
+            ),
+        ])
+    }
+
+    /// `list` with every `:authority` replaced by `localhost`.
+    fn fixed(list: &Fields) -> Fields {
+        list.iter()
+            .map(|(n, v)| {
+                let v = if n == ":authority" { "localhost" } else { v };
+                (n.clone(), v.to_string())
+            })
+            .collect()
+    }
+
+    fn frame(ty: u8, flags: u8, stream_id: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[ty, flags]);
+        f.extend_from_slice(&stream_id.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// The preface and an empty SETTINGS frame, as every client starts.
+    fn start() -> Vec<u8> {
+        let mut v = PREFACE.to_vec();
+        v.extend(frame(SETTINGS, 0, 0, &[]));
+        v
+    }
+
+    /// `block` as HEADERS (+ CONTINUATION) frames of at most `max` bytes each.
+    fn headers_frames(stream_id: u32, flags: u8, block: &[u8], max: usize) -> Vec<u8> {
+        let chunks: Vec<&[u8]> = if block.is_empty() {
+            vec![&[]]
+        } else {
+            block.chunks(max).collect()
+        };
+        let mut out = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            let eh = if last { FLAG_END_HEADERS } else { 0 };
+            if i == 0 {
+                out.extend(frame(TYPE_HEADERS, flags | eh, stream_id, chunk));
+            } else {
+                out.extend(frame(TYPE_CONTINUATION, eh, stream_id, chunk));
+            }
+        }
+        out
+    }
+
+    fn loona_encode(enc: &mut Encoder<'_>, list: &Fields) -> Vec<u8> {
+        enc.encode(list.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+    }
+
+    // ---- An independent HPACK writer for inputs loona's encoder cannot make. ----
+
+    fn int(out: &mut Vec<u8>, first: u8, prefix: u32, mut v: usize) {
+        let max = (1 << prefix) - 1;
+        if v < max {
+            out.push(first | v as u8);
+        } else {
+            out.push(first | max as u8);
+            v -= max;
+            while v >= 128 {
+                out.push((v % 128) as u8 | 128);
+                v /= 128;
+            }
+            out.push(v as u8);
+        }
+    }
+
+    /// RFC 7541 Appendix B code lengths; the code is canonical, so this defines it.
+    const HUFFMAN_LENS: [u8; 256] = [
+        13, 23, 28, 28, 28, 28, 28, 28, 28, 24, 30, 28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 30,
+        28, 28, 28, 28, 28, 28, 28, 28, 28, 6, 10, 10, 12, 13, 6, 8, 11, 10, 10, 8, 11, 8, 6, 6, 6,
+        5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 7, 8, 15, 6, 12, 10, 13, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
+        7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 8, 7, 8, 13, 19, 13, 14, 6, 15, 5, 6, 5, 6, 5, 6, 6, 6, 5,
+        7, 7, 6, 6, 6, 5, 6, 7, 6, 5, 5, 6, 7, 7, 7, 7, 7, 15, 11, 14, 13, 28, 20, 22, 20, 20, 22,
+        22, 22, 23, 22, 23, 23, 23, 23, 23, 24, 23, 24, 24, 22, 23, 24, 23, 23, 23, 23, 21, 22, 23,
+        22, 23, 23, 24, 22, 21, 20, 22, 22, 23, 23, 21, 23, 22, 22, 24, 21, 22, 23, 23, 21, 21, 22,
+        21, 23, 22, 23, 23, 20, 22, 22, 22, 23, 22, 22, 23, 26, 26, 20, 19, 22, 23, 22, 25, 26, 26,
+        26, 27, 27, 26, 24, 25, 19, 21, 26, 27, 27, 26, 27, 24, 21, 21, 26, 26, 28, 27, 27, 27, 20,
+        24, 20, 21, 22, 21, 21, 23, 22, 22, 25, 25, 24, 24, 26, 23, 26, 27, 26, 26, 27, 27, 27, 27,
+        27, 28, 27, 27, 27, 27, 27, 26,
+    ];
+
+    fn huffman(s: &[u8]) -> Vec<u8> {
+        let mut order: Vec<usize> = (0..256).collect();
+        order.sort_by_key(|&c| (HUFFMAN_LENS[c], c));
+        let mut codes = [0u64; 256];
+        let (mut code, mut prev) = (0u64, HUFFMAN_LENS[order[0]]);
+        for (i, &c) in order.iter().enumerate() {
+            if i > 0 {
+                code = (code + 1) << (HUFFMAN_LENS[c] - prev);
+            }
+            prev = HUFFMAN_LENS[c];
+            codes[c] = code;
+        }
+        let (mut acc, mut bits, mut out) = (0u64, 0u32, Vec::new());
+        for &c in s {
+            acc = (acc << HUFFMAN_LENS[c as usize]) | codes[c as usize];
+            bits += u32::from(HUFFMAN_LENS[c as usize]);
+            while bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+            }
+            acc &= (1 << bits) - 1;
+        }
+        if bits > 0 {
+            out.push(((acc << (8 - bits)) as u8) | (0xff >> bits));
+        }
+        out
+    }
+
+    fn string(out: &mut Vec<u8>, s: &str, huff: bool) {
+        if huff {
+            let h = huffman(s.as_bytes());
+            int(out, 0x80, 7, h.len());
+            out.extend(h);
+        } else {
+            int(out, 0, 7, s.len());
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+
+    /// Literal with incremental indexing (0x40) or without (0x00) or never indexed (0x10),
+    /// the name by static/dynamic index (`name_index` > 0) or literal.
+    fn literal(
+        out: &mut Vec<u8>,
+        kind: u8,
+        name_index: usize,
+        name: &str,
+        value: &str,
+        huff: bool,
+    ) {
+        let prefix = if kind == 0x40 { 6 } else { 4 };
+        int(out, kind, prefix, name_index);
+        if name_index == 0 {
+            string(out, name, huff);
+        }
+        string(out, value, huff);
+    }
+
+    fn indexed(out: &mut Vec<u8>, index: usize) {
+        int(out, 0x80, 7, index);
+    }
+
+    #[test]
+    fn test_huffman_matches_rfc7541_c4() {
+        assert_eq!(
+            huffman(b"www.example.com"),
+            [
+                0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab, 0x90, 0xf4, 0xff
+            ]
+        );
+        assert_eq!(huffman(b"no-cache"), [0xa8, 0xeb, 0x10, 0x64, 0x9c, 0xbf]);
+    }
+
+    // ---- Output analysis. ----
+
+    #[derive(Debug)]
+    struct Frame {
+        ty: u8,
+        flags: u8,
+        stream_id: u32,
+        payload: Vec<u8>,
+    }
+
+    /// Splits a client byte stream (after its preface) into frames.
+    fn split_frames(mut bytes: &[u8]) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        while !bytes.is_empty() {
+            assert!(bytes.len() >= 9, "truncated frame header");
+            let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+            let stream_id = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]);
+            frames.push(Frame {
+                ty: bytes[3],
+                flags: bytes[4],
+                stream_id,
+                payload: bytes[9..9 + len].to_vec(),
+            });
+            bytes = &bytes[9 + len..];
+        }
+        frames
+    }
+
+    #[derive(Debug, PartialEq)]
+    struct Block {
+        stream_id: u32,
+        flags: u8,
+        priority: Option<Vec<u8>>,
+        fields: Fields,
+    }
+
+    /// Parses the adapter's output like h2 would, with a fresh decoder, and checks the
+    /// header blocks are as the adapter promises: no padding, frames ≤ 16384 bytes,
+    /// END_HEADERS on the last frame only.
+    fn parse_output(out: &[u8]) -> (Vec<Block>, Vec<Frame>) {
+        assert_eq!(&out[..24], PREFACE, "preface");
+        let mut decoder = Decoder::new();
+        let (mut blocks, mut others) = (Vec::new(), Vec::new());
+        let mut frames = split_frames(&out[24..]).into_iter().peekable();
+        while let Some(f) = frames.next() {
+            if f.ty != TYPE_HEADERS {
+                assert_ne!(f.ty, TYPE_CONTINUATION, "stray CONTINUATION");
+                others.push(f);
+                continue;
+            }
+            assert!(f.payload.len() <= MAX_OUT_FRAME, "HEADERS too large");
+            assert_eq!(f.flags & FLAG_PADDED, 0, "output must not be padded");
+            let (priority, mut block) = if f.flags & FLAG_PRIORITY != 0 {
+                (Some(f.payload[..5].to_vec()), f.payload[5..].to_vec())
+            } else {
+                (None, f.payload.clone())
+            };
+            let mut done = f.flags & FLAG_END_HEADERS != 0;
+            while !done {
+                let c = frames.next().expect("CONTINUATION");
+                assert_eq!(c.ty, TYPE_CONTINUATION);
+                assert_eq!(c.stream_id, f.stream_id);
+                assert!(c.payload.len() <= MAX_OUT_FRAME, "CONTINUATION too large");
+                assert_eq!(c.flags & !FLAG_END_HEADERS, 0);
+                done = c.flags & FLAG_END_HEADERS != 0;
+                block.extend(c.payload);
+            }
+            // The adapter never indexes: the server's table must stay empty.
+            assert!(
+                block_is_literal_without_indexing(&block),
+                "output must be literals without indexing"
+            );
+            let fields = decoder
+                .decode(&block)
+                .expect("output decodes")
+                .into_iter()
+                .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
+                .collect();
+            blocks.push(Block {
+                stream_id: f.stream_id,
+                flags: f.flags & !FLAG_END_HEADERS,
+                priority,
+                fields,
+            });
+        }
+        (blocks, others)
+    }
+
+    fn block_is_literal_without_indexing(mut b: &[u8]) -> bool {
+        fn read_int(b: &mut &[u8], prefix: u32) -> usize {
+            let max = (1usize << prefix) - 1;
+            let mut v = (b[0] as usize) & max;
+            *b = &b[1..];
+            if v == max {
+                let mut m = 0;
+                loop {
+                    let byte = b[0];
+                    *b = &b[1..];
+                    v += ((byte & 0x7f) as usize) << m;
+                    m += 7;
+                    if byte & 0x80 == 0 {
+                        break;
+                    }
+                }
+            }
+            v
+        }
+        while !b.is_empty() {
+            if b[0] != 0 {
+                return false;
+            }
+            b = &b[1..];
+            for _ in 0..2 {
+                if b[0] & 0x80 != 0 {
+                    return false; // Huffman
+                }
+                let len = read_int(&mut b, 7);
+                b = &b[len..];
+            }
+        }
+        true
+    }
+
+    // ---- Running the adapter. ----
+
+    /// An in-memory connection that returns at most `chunk` bytes per read, and Pending
+    /// (after waking) before every read when `pending` is set.
+    struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        chunk: usize,
+        pending: bool,
+        flip: bool,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.pending {
+                self.flip = !self.flip;
+                if self.flip {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            }
+            let end = (self.pos + self.chunk.min(buf.remaining())).min(self.data.len());
+            buf.put_slice(&self.data[self.pos..end]);
+            self.pos = end;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    async fn read_all<S: AsyncRead + AsyncWrite + Unpin>(
+        mut fix: AuthorityFix<S>,
+        outer_chunk: usize,
+    ) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; outer_chunk];
+        loop {
+            let n = fix.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(out);
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    async fn run_trickle(
+        input: &[u8],
+        inner_chunk: usize,
+        outer_chunk: usize,
+    ) -> io::Result<Vec<u8>> {
+        let t = Trickle {
+            data: input.to_vec(),
+            pos: 0,
+            chunk: inner_chunk,
+            pending: true,
+            flip: false,
+        };
+        read_all(AuthorityFix::new(t), outer_chunk).await
+    }
+
+    /// Through a real duplex pipe holding at most `inner_chunk` bytes.
+    async fn run_duplex(
+        input: &[u8],
+        inner_chunk: usize,
+        outer_chunk: usize,
+    ) -> io::Result<Vec<u8>> {
+        let (mut client, server) = duplex(inner_chunk);
+        let data = input.to_vec();
+        let writer = tokio::spawn(async move {
+            let _ = client.write_all(&data).await;
+            let _ = client.shutdown().await;
+            client
+        });
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            read_all(AuthorityFix::new(server), outer_chunk),
+        )
+        .await
+        .expect("timed out");
+        drop(writer);
+        out
+    }
+
+    /// Runs `input` under several fragmentations; all must give the same output.
+    async fn run(input: &[u8]) -> io::Result<Vec<u8>> {
+        let reference = run_trickle(input, usize::MAX, 64 * 1024).await;
+        for (inner, outer) in [(1, 1), (1, 4096), (7, 3), (4096, 1), (100_000, 13)] {
+            let got = run_trickle(input, inner, outer).await;
+            match (&reference, &got) {
+                (Ok(a), Ok(b)) => assert!(a == b, "output differs at inner {inner}, outer {outer}"),
+                (Err(a), Err(b)) => assert_eq!(a.kind(), b.kind()),
+                _ => panic!("{reference:?} vs {got:?} at inner {inner}, outer {outer}"),
+            }
+        }
+        for (inner, outer) in [(1, 8192), (64 * 1024, 1)] {
+            let got = run_duplex(input, inner, outer).await;
+            match (&reference, &got) {
+                (Ok(a), Ok(b)) => assert!(a == b, "duplex output differs at {inner}/{outer}"),
+                (Err(a), Err(b)) => assert_eq!(a.kind(), b.kind()),
+                _ => panic!("{reference:?} vs {got:?} on duplex {inner}/{outer}"),
+            }
+        }
+        reference
+    }
+
+    fn payload(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 256) as u8).collect()
+    }
+
+    // ---- Tests. ----
+
+    #[tokio::test]
+    async fn test_rewrites_socket_path_authority_plain_and_huffman() {
+        for (authority, huff) in [
+            (SOCKET_AUTHORITY, false),
+            (SOCKET_AUTHORITY, true),
+            (PATH_AUTHORITY, false),
+            (PATH_AUTHORITY, true),
+        ] {
+            let list = request(authority);
+            let mut block = Vec::new();
+            for (name, value) in &list {
+                // New names, indexed so later requests could refer to them, as grpc-core does.
+                literal(&mut block, 0x40, 0, name, value, huff);
+            }
+            let body = payload(20_000);
+            let mut input = start();
+            input.extend(headers_frames(1, 0, &block, 16_384));
+            input.extend(frame(WINDOW_UPDATE, 0, 0, &1_000_000u32.to_be_bytes()));
+            input.extend(frame(DATA, END_STREAM, 1, &body));
+
+            let out = run(&input).await.unwrap();
+            let (blocks, others) = parse_output(&out);
+            assert_eq!(blocks.len(), 1);
+            assert_eq!(blocks[0].fields, fixed(&list), "{authority} huffman={huff}");
+            assert_eq!(blocks[0].stream_id, 1);
+            assert_eq!(blocks[0].flags, 0);
+            assert_eq!(others.len(), 3);
+            assert_eq!((others[0].ty, others[0].payload.len()), (SETTINGS, 0));
+            assert_eq!(others[1].ty, WINDOW_UPDATE);
+            assert_eq!((others[2].ty, others[2].flags), (DATA, END_STREAM));
+            assert!(others[2].payload == body, "DATA changed");
+        }
+    }
+
+    #[tokio::test]
+    async fn test_static_name_index_never_indexed_and_loona_encoder() {
+        // `:authority` by static name index 1, in all three literal kinds.
+        for kind in [0x00, 0x10, 0x40] {
+            let mut block = Vec::new();
+            indexed(&mut block, 3); // :method POST
+            indexed(&mut block, 6); // :scheme http
+            literal(&mut block, kind, 4, "", "/p", true); // :path
+            literal(&mut block, kind, 1, "", SOCKET_AUTHORITY, true);
+            let mut input = start();
+            input.extend(headers_frames(3, END_STREAM, &block, 16_384));
+            let (blocks, _) = parse_output(&run(&input).await.unwrap());
+            assert_eq!(
+                blocks[0].fields,
+                fields(&[
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":path", "/p"),
+                    (":authority", "localhost")
+                ])
+            );
+            assert_eq!(blocks[0].flags, END_STREAM);
+        }
+        // And a block from a complete, independent encoder.
+        let list = request(PATH_AUTHORITY);
+        let mut input = start();
+        input.extend(headers_frames(
+            1,
+            0,
+            &loona_encode(&mut Encoder::new(), &list),
+            16_384,
+        ));
+        let (blocks, _) = parse_output(&run(&input).await.unwrap());
+        assert_eq!(blocks[0].fields, fixed(&list));
+    }
+
+    #[tokio::test]
+    async fn test_valid_authority_is_kept() {
+        for authority in ["localhost:50051", "sigil-server", "localhost", "[::1]:8081"] {
+            let list = request(authority);
+            let mut input = start();
+            input.extend(headers_frames(
+                1,
+                END_STREAM,
+                &loona_encode(&mut Encoder::new(), &list),
+                16_384,
+            ));
+            let (blocks, _) = parse_output(&run(&input).await.unwrap());
+            assert_eq!(blocks[0].fields, list, "{authority}");
+        }
+    }
+
+    #[tokio::test]
+    async fn test_padded_priority_and_continuation() {
+        let list = request(SOCKET_AUTHORITY);
+        let block = loona_encode(&mut Encoder::new(), &list);
+        let priority = [0x80, 0, 0, 0x11, 200]; // exclusive, depends on 17, weight 200
+        let (a, rest) = block.split_at(10);
+        let (b, c) = rest.split_at(20);
+        let mut headers_payload = vec![7u8]; // pad length
+        headers_payload.extend_from_slice(&priority);
+        headers_payload.extend_from_slice(a);
+        headers_payload.extend_from_slice(&[0; 7]);
+        let mut input = start();
+        input.extend(frame(
+            TYPE_HEADERS,
+            FLAG_PADDED | FLAG_PRIORITY | END_STREAM,
+            5,
+            &headers_payload,
+        ));
+        input.extend(frame(TYPE_CONTINUATION, 0, 5, b));
+        input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 5, c));
+        input.extend(frame(PING, 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8]));
+        let (blocks, others) = parse_output(&run(&input).await.unwrap());
+        assert_eq!(
+            blocks,
+            vec![Block {
+                stream_id: 5,
+                flags: FLAG_PRIORITY | END_STREAM,
+                priority: Some(priority.to_vec()),
+                fields: fixed(&list),
+            }]
+        );
+        assert_eq!(others[1].ty, PING);
+        assert_eq!(others[1].payload, [1, 2, 3, 4, 5, 6, 7, 8]);
+
+        // Padding alone, and padding filling the whole rest of the frame.
+        let mut only_pad = vec![3u8];
+        only_pad.extend_from_slice(&block);
+        only_pad.extend_from_slice(&[0; 3]);
+        let mut input = start();
+        input.extend(frame(
+            TYPE_HEADERS,
+            FLAG_PADDED | FLAG_END_HEADERS,
+            1,
+            &only_pad,
+        ));
+        let (blocks, _) = parse_output(&run(&input).await.unwrap());
+        assert_eq!(blocks[0].fields, fixed(&list));
+        assert_eq!(blocks[0].flags, 0);
+    }
+
+    #[tokio::test]
+    async fn test_large_block_is_split_at_16384() {
+        let mut list = request(PATH_AUTHORITY);
+        list.push(("x-big".into(), "b".repeat(40_000)));
+        list.push(("x-after".into(), "tail".into()));
+        let block = loona_encode(&mut Encoder::new(), &list);
+        for priority in [false, true] {
+            let mut input = start();
+            if priority {
+                let mut first = vec![0, 0, 0, 0, 15];
+                first.extend_from_slice(&block[..1000]);
+                input.extend(frame(TYPE_HEADERS, FLAG_PRIORITY, 1, &first));
+                for (i, c) in block[1000..].chunks(16_384).enumerate() {
+                    let last = 1000 + (i + 1) * 16_384 >= block.len();
+                    let flags = if last { FLAG_END_HEADERS } else { 0 };
+                    input.extend(frame(TYPE_CONTINUATION, flags, 1, c));
+                }
+            } else {
+                input.extend(headers_frames(1, END_STREAM, &block, 16_384));
+            }
+            let out = run(&input).await.unwrap();
+            let frames = split_frames(&out[24..]);
+            let sizes: Vec<(u8, usize, u8)> = frames
+                .iter()
+                .map(|f| (f.ty, f.payload.len(), f.flags))
+                .collect();
+            let first_flags = if priority { FLAG_PRIORITY } else { END_STREAM };
+            assert_eq!(sizes[1], (TYPE_HEADERS, 16_384, first_flags), "{sizes:?}");
+            assert_eq!(sizes[2], (TYPE_CONTINUATION, 16_384, 0), "{sizes:?}");
+            assert_eq!(sizes[3].0, TYPE_CONTINUATION, "{sizes:?}");
+            assert_eq!(sizes[3].2, FLAG_END_HEADERS, "{sizes:?}");
+            assert_eq!(sizes.len(), 4);
+            let (blocks, _) = parse_output(&out);
+            assert_eq!(blocks[0].fields, fixed(&list));
+        }
+    }
+
+    #[tokio::test]
+    async fn test_dynamic_table_across_requests() {
+        // Requests 1 and 2 from one encoder: the second is mostly indexed references to
+        // entries the first added, including the bad authority.
+        let mut enc = Encoder::new();
+        let first = request(SOCKET_AUTHORITY);
+        let mut second = request(SOCKET_AUTHORITY);
+        second[2].1 = "/SpiffeWorkloadAPI/FetchJWTSVID".into();
+        let b1 = loona_encode(&mut enc, &first);
+        let b2 = loona_encode(&mut enc, &second);
+        assert!(
+            b2.contains(&(0x80 | 62)) && b2.contains(&(0x80 | 63)),
+            "second block should refer to the dynamic table: {b2:?}"
+        );
+
+        // Then Huffman literals indexed by hand, referred to by index, a table size update
+        // that empties the table, and a fresh entry at index 62.
+        let mut b3 = Vec::new();
+        indexed(&mut b3, 3);
+        literal(&mut b3, 0x40, 1, "", PATH_AUTHORITY, true); // becomes 62
+        literal(&mut b3, 0x40, 0, "x-custom", "v1", true); // becomes 62, authority 63
+        let mut b4 = Vec::new();
+        indexed(&mut b4, 63);
+        indexed(&mut b4, 62);
+        let mut b5 = Vec::new();
+        int(&mut b5, 0x20, 5, 0);
+        int(&mut b5, 0x20, 5, 4096);
+        literal(&mut b5, 0x40, 0, "x-new", "v2", false);
+        indexed(&mut b5, 62);
+        // Trailers with just a table size update (h2 accepts these).
+        let mut b6 = Vec::new();
+        int(&mut b6, 0x20, 5, 4096);
+
+        let mut input = start();
+        for (sid, b) in [(1, &b1), (3, &b2), (5, &b3), (7, &b4), (9, &b5), (9, &b6)] {
+            input.extend(headers_frames(sid, END_STREAM, b, 16_384));
+        }
+        let (blocks, _) = parse_output(&run(&input).await.unwrap());
+        let got: Vec<Fields> = blocks.into_iter().map(|b| b.fields).collect();
+        assert_eq!(
+            got,
+            vec![
+                fixed(&first),
+                fixed(&second),
+                fields(&[
+                    (":method", "POST"),
+                    (":authority", "localhost"),
+                    ("x-custom", "v1")
+                ]),
+                fields(&[(":authority", "localhost"), ("x-custom", "v1")]),
+                fields(&[("x-new", "v2"), ("x-new", "v2")]),
+                vec![],
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn test_non_http2_passes_through_unchanged() {
+        let inputs: Vec<Vec<u8>> = vec![
+            b"GET / HTTP/1.1\r\nHost: /var/run/x.sock\r\n\r\n".to_vec(),
+            b"PRI * HTTP/1.1\r\n".to_vec(),
+            b"PRI * HT".to_vec(),
+            PREFACE[..23].to_vec(),
+            vec![],
+            payload(20_000),
+        ];
+        for input in inputs {
+            let out = run(&input).await.unwrap();
+            assert!(out == input, "changed: {:?}", &input[..input.len().min(40)]);
+        }
+    }
+
+    #[tokio::test]
+    async fn test_other_frames_and_truncation_pass_through() {
+        let mut input = start();
+        input.extend(frame(DATA, 0, 1, &payload(20_000)));
+        input.extend(frame(0xbe, 0xff, 0x8000_0003, b"unknown extension frame"));
+        input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, b"stray")); // h2's problem
+        input.extend(frame(DATA, 0, 1, &[]));
+        assert!(run(&input).await.unwrap() == input);
+        // A connection closing mid-frame passes the truncated frame on.
+        for cut in [input.len() - 3, 24 + 9 + 4, 24 + 9 + 9 + 500] {
+            assert!(
+                run(&input[..cut]).await.unwrap() == input[..cut],
+                "cut {cut}"
+            );
+        }
+    }
+
+    async fn expect_invalid(input: &[u8], what: &str) {
+        let err = run(input).await.expect_err(what);
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{what}: {err}");
+    }
+
+    #[tokio::test]
+    async fn test_malformed_input_is_invalid_data() {
+        let good = loona_encode(&mut Encoder::new(), &request(SOCKET_AUTHORITY));
+        let mut garbage = start();
+        garbage.extend(frame(
+            TYPE_HEADERS,
+            FLAG_END_HEADERS,
+            1,
+            &[0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+        ));
+        expect_invalid(&garbage, "bad index").await;
+
+        let mut bad_huffman = start();
+        bad_huffman.extend(frame(
+            TYPE_HEADERS,
+            FLAG_END_HEADERS,
+            1,
+            &[0x00, 0x81, 0x00, 0x01, b'a'],
+        ));
+        expect_invalid(&bad_huffman, "bad huffman").await;
+
+        let mut too_big_table = start();
+        let mut b = Vec::new();
+        int(&mut b, 0x20, 5, 8192);
+        indexed(&mut b, 2);
+        too_big_table.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &b));
+        expect_invalid(&too_big_table, "table size update above 4096").await;
+
+        let mut interrupted = start();
+        interrupted.extend(frame(TYPE_HEADERS, 0, 1, &good[..5]));
+        interrupted.extend(frame(DATA, 0, 1, b"x"));
+        expect_invalid(&interrupted, "interrupted block").await;
+
+        let mut wrong_stream = start();
+        wrong_stream.extend(frame(TYPE_HEADERS, 0, 1, &good[..5]));
+        wrong_stream.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 3, &good[5..]));
+        expect_invalid(&wrong_stream, "CONTINUATION on another stream").await;
+
+        for payload in [vec![], vec![9, 1, 2], vec![5, 0, 0, 0, 1]] {
+            let mut bad_pad = start();
+            let flags =
+                FLAG_PADDED | FLAG_END_HEADERS | if payload.len() == 5 { FLAG_PRIORITY } else { 0 };
+            bad_pad.extend(frame(TYPE_HEADERS, flags, 1, &payload));
+            expect_invalid(&bad_pad, "padding longer than the frame").await;
+        }
+        let mut short_priority = start();
+        short_priority.extend(frame(
+            TYPE_HEADERS,
+            FLAG_PRIORITY | FLAG_END_HEADERS,
+            1,
+            &[0, 0, 1],
+        ));
+        expect_invalid(&short_priority, "priority fields cut").await;
+
+        let mut oversized = start();
+        let chunk = vec![0u8; 16_384];
+        oversized.extend(frame(TYPE_HEADERS, 0, 1, &chunk));
+        for _ in 0..4 {
+            oversized.extend(frame(TYPE_CONTINUATION, 0, 1, &chunk));
+        }
+        expect_invalid(&oversized, "block above 64 KiB").await;
+
+        // 100 references to a 4 KB entry decode to ~400 KB: refused.
+        let mut bomb = start();
+        let mut b = Vec::new();
+        literal(&mut b, 0x40, 0, "x", &"a".repeat(4000), false);
+        for _ in 0..100 {
+            indexed(&mut b, 62);
+        }
+        bomb.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &b));
+        expect_invalid(&bomb, "header list above the cap").await;
+
+        // The error sticks, and a closed connection inside a block is an error too.
+        let mut fix = AuthorityFix::new(Trickle {
+            data: garbage,
+            pos: 0,
+            chunk: 1,
+            pending: false,
+            flip: false,
+        });
+        let mut buf = [0u8; 100];
+        while fix.read(&mut buf).await.is_ok() {}
+        assert_eq!(
+            fix.read(&mut buf).await.unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        let mut cut = start();
+        cut.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &good));
+        cut.truncate(cut.len() - 3);
+        assert_eq!(
+            run(&cut).await.unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+    }
+
+    /// A tiny deterministic PRNG (xorshift64*).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[tokio::test]
+    async fn test_fuzz_never_panics() {
+        let mut rng = Rng(0x5eed_1234_abcd_0001);
+        let mut seed_block = Vec::new();
+        for (n, v) in request(PATH_AUTHORITY) {
+            literal(&mut seed_block, 0x40, 0, &n, &v, true);
+        }
+        for i in 0..1000 {
+            let mut input = start();
+            match i % 3 {
+                // Random bytes after the preface.
+                0 => input.extend((0..rng.below(300)).map(|_| rng.next() as u8)),
+                // A HEADERS frame with a random block.
+                1 => {
+                    let b: Vec<u8> = (0..rng.below(64)).map(|_| rng.next() as u8).collect();
+                    input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &b));
+                }
+                // A valid Huffman block with a few bytes changed, sent twice.
+                _ => {
+                    let mut b = seed_block.clone();
+                    for _ in 0..1 + rng.below(3) {
+                        let at = rng.below(b.len());
+                        b[at] = rng.next() as u8;
+                    }
+                    input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &b));
+                    input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 3, &b));
+                }
+            }
+            let t = Trickle {
+                data: input,
+                pos: 0,
+                chunk: 1 + rng.below(20),
+                pending: false,
+                flip: false,
+            };
+            let _ = read_all(AuthorityFix::new(t), 1 + rng.below(50)).await;
+        }
+    }
+
+    #[test]
+    fn test_authority_check_and_integer_encoding() {
+        for ok in [
+            "localhost",
+            "localhost:50051",
+            "sigil-server",
+            "10.0.0.1:1",
+            "[::1]:80",
+        ] {
+            assert!(is_acceptable_authority(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            SOCKET_AUTHORITY,
+            PATH_AUTHORITY,
+            "",
+            "a b",
+            "x/y",
+            "%2F",
+            "unix:/tmp/s",
+        ] {
+            assert!(!is_acceptable_authority(bad.as_bytes()), "{bad}");
+        }
+        // RFC 7541 C.1.
+        let mut out = Vec::new();
+        encode_int(&mut out, 0, 5, 10);
+        encode_int(&mut out, 0, 5, 1337);
+        encode_int(&mut out, 0, 8, 42);
+        assert_eq!(out, [10, 31, 154, 10, 42]);
+    }
+
+    #[test]
+    fn test_is_send_sync_unpin() {
+        fn check<T: Send + Sync + Unpin + 'static>() {}
+        check::<AuthorityFix<tokio::net::UnixStream>>();
+    }
+
+    // ---- End to end with the real h2 server. ----
+
+    /// Writes `client_bytes`, drives an h2 server on the other end (through the adapter
+    /// when `fix`), and returns what h2's `accept` yielded plus the server's frames on
+    /// stream 1 (RST_STREAM, HEADERS) or GOAWAY.
+    async fn h2_serve_raw(client_bytes: Vec<u8>, fix: bool) -> (Vec<String>, Vec<Frame>) {
+        let (mut client, server) = duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            if fix {
+                h2_accept_all(AuthorityFix::new(server)).await
+            } else {
+                h2_accept_all(server).await
+            }
+        });
+        client.write_all(&client_bytes).await.unwrap();
+        // Read the server's frames until it answers stream 1 one way or the other.
+        let mut got = Vec::new();
+        let mut answer = Vec::new();
+        let read = async {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = client.read(&mut buf).await.unwrap();
+                assert!(n > 0, "server closed");
+                got.extend_from_slice(&buf[..n]);
+                let mut complete = 0;
+                let mut rest = &got[..];
+                while rest.len() >= 9 {
+                    let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+                    if rest.len() < 9 + len {
+                        break;
+                    }
+                    complete += 9 + len;
+                    rest = &rest[9 + len..];
+                }
+                let frames = split_frames(&got[..complete]);
+                if frames.iter().any(|f| {
+                    (f.stream_id == 1 && matches!(f.ty, RST_STREAM | TYPE_HEADERS))
+                        || f.ty == GOAWAY
+                }) {
+                    answer = frames
+                        .into_iter()
+                        .filter(|f| f.stream_id == 1 || f.ty == GOAWAY)
+                        .collect();
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("no answer from h2");
+        drop(client);
+        let accepted = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("server did not finish")
+            .unwrap();
+        (accepted, answer)
+    }
+
+    /// Accepts requests until the connection ends; answers each with 200 and returns
+    /// "authority method path content-type te" per request, or "error: ..." per failure.
+    async fn h2_accept_all<T: AsyncRead + AsyncWrite + Unpin>(io: T) -> Vec<String> {
+        let mut seen = Vec::new();
+        let mut conn = match h2::server::handshake(io).await {
+            Ok(c) => c,
+            Err(e) => return vec![format!("error: {e}")],
+        };
+        while let Some(r) = conn.accept().await {
+            match r {
+                Ok((req, mut respond)) => {
+                    let h = req.headers();
+                    seen.push(format!(
+                        "{} {} {} {} {}",
+                        req.uri().authority().map(|a| a.as_str()).unwrap_or("-"),
+                        req.method(),
+                        req.uri().path(),
+                        h["content-type"].to_str().unwrap(),
+                        h["te"].to_str().unwrap(),
+                    ));
+                    let resp = http::Response::builder().status(200).body(()).unwrap();
+                    respond.send_response(resp, true).unwrap();
+                }
+                Err(e) => seen.push(format!("error: {e}")),
+            }
+        }
+        seen
+    }
+
+    fn grpc_client_bytes(authority: &str, huff: bool) -> Vec<u8> {
+        let list = fields(&[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/SpiffeWorkloadAPI/FetchX509SVID"),
+            (":authority", authority),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]);
+        let mut block = Vec::new();
+        for (n, v) in &list {
+            literal(&mut block, 0x40, 0, n, v, huff);
+        }
+        let mut bytes = start();
+        bytes.extend(headers_frames(1, END_STREAM, &block, 16_384));
+        bytes
+    }
+
+    #[tokio::test]
+    async fn test_h2_server_accepts_socket_authority_only_with_the_fix() {
+        for authority in [SOCKET_AUTHORITY, PATH_AUTHORITY] {
+            for huff in [false, true] {
+                let bytes = grpc_client_bytes(authority, huff);
+
+                let (accepted, answer) = h2_serve_raw(bytes.clone(), true).await;
+                assert_eq!(
+                    accepted,
+                    ["localhost POST /SpiffeWorkloadAPI/FetchX509SVID application/grpc trailers"],
+                    "{authority}"
+                );
+                assert_eq!(answer[0].ty, TYPE_HEADERS, "response, not {answer:?}");
+
+                // The same bytes without the adapter: h2 refuses the request.
+                let (accepted, answer) = h2_serve_raw(bytes, false).await;
+                assert!(accepted.is_empty(), "{accepted:?}");
+                assert_eq!(answer[0].ty, RST_STREAM, "{answer:?}");
+                assert_eq!(answer[0].payload, 1u32.to_be_bytes(), "PROTOCOL_ERROR");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn test_h2_client_to_h2_server_through_the_fix() {
+        // Real h2 on both ends (Huffman, indexing, flow control, SETTINGS/PING/WINDOW_UPDATE):
+        // the adapter must not disturb a valid conversation.
+        let (client_io, server_io): (DuplexStream, DuplexStream) = duplex(8192);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(AuthorityFix::new(server_io))
+                .await
+                .unwrap();
+            let mut seen = Vec::new();
+            while let Some(r) = conn.accept().await {
+                let (req, mut respond) = r.unwrap();
+                seen.push(req.uri().to_string());
+                // Echo the body; the connection is driven by accept() meanwhile.
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    let mut received = Vec::new();
+                    while let Some(chunk) = body.data().await {
+                        let chunk = chunk.unwrap();
+                        body.flow_control().release_capacity(chunk.len()).unwrap();
+                        received.extend_from_slice(&chunk);
+                    }
+                    let resp = http::Response::builder().status(200).body(()).unwrap();
+                    let mut send = respond.send_response(resp, false).unwrap();
+                    send.send_data(received.into(), true).unwrap();
+                });
+            }
+            seen
+        });
+        let (mut client, conn) = h2::client::handshake(client_io).await.unwrap();
+        let driver = tokio::spawn(conn);
+        for i in 0..4usize {
+            let req = http::Request::builder()
+                .method("POST")
+                .uri(format!(
+                    "http://sigil-server:8081/SpiffeWorkloadAPI/Call{}",
+                    i % 2
+                ))
+                .header("content-type", "application/grpc")
+                .header("x-request", i.to_string())
+                .body(())
+                .unwrap();
+            client = client.ready().await.unwrap();
+            let (resp, mut send) = client.send_request(req, false).unwrap();
+            let body = payload(50_000 + i);
+            send.reserve_capacity(body.len());
+            send.send_data(body.clone().into(), true).unwrap();
+            let resp = resp.await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let mut echoed = Vec::new();
+            let mut rbody = resp.into_body();
+            while let Some(chunk) = rbody.data().await {
+                let chunk = chunk.unwrap();
+                rbody.flow_control().release_capacity(chunk.len()).unwrap();
+                echoed.extend_from_slice(&chunk);
+            }
+            assert!(echoed == body, "body {i} changed");
+        }
+        drop(client);
+        let _ = driver.await;
+        let seen = server.await.unwrap();
+        assert_eq!(
+            seen,
+            (0..4)
+                .map(|i| format!("http://sigil-server:8081/SpiffeWorkloadAPI/Call{}", i % 2))
+                .collect::<Vec<_>>()
+        );
+    }
+}

@@ -58,6 +58,27 @@ fn issuance(c: &mut Criterion) {
                 .unwrap()
         })
     });
+    // Many agents at once: records share commits (group commit).
+    const CONCURRENT: u64 = 64;
+    let issuer = std::sync::Arc::new(issuer);
+    g.throughput(Throughput::Elements(CONCURRENT));
+    g.bench_function("x509_svid_issue_with_durable_record_64_concurrent", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut set = tokio::task::JoinSet::new();
+                for _ in 0..CONCURRENT {
+                    let issuer = issuer.clone();
+                    let csr = csr.clone();
+                    let spec = spec.clone();
+                    set.spawn(
+                        async move { issuer.sign_x509_svid(&csr, spec, "bench").await.unwrap() },
+                    );
+                }
+                while set.join_next().await.is_some() {}
+            })
+        })
+    });
+    g.throughput(Throughput::Elements(1));
     let aud = vec!["bench".to_owned()];
     g.bench_function("jwt_svid_issue_with_durable_record", |b| {
         b.iter(|| {

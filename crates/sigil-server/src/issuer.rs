@@ -8,6 +8,7 @@ use sigil_store::{IdentityKind, IssuedIdentity, Store};
 
 use crate::ServerError;
 use crate::authority::Authorities;
+use crate::issuance_log::IssuanceLog;
 
 /// Why an issuance request is refused.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +30,7 @@ pub enum IssueError {
 
 /// Signs credentials with the active keys and records each one before returning it.
 pub struct Issuer {
-    store: Arc<dyn Store>,
+    log: IssuanceLog,
     authorities: Arc<Authorities>,
     clock: Arc<dyn Clock>,
     trust_domain: TrustDomain,
@@ -43,7 +44,7 @@ impl Issuer {
         trust_domain: TrustDomain,
     ) -> Self {
         Self {
-            store,
+            log: IssuanceLog::start(store),
             authorities,
             clock,
             trust_domain,
@@ -84,9 +85,9 @@ impl Issuer {
             .ca
             .sign_x509_svid(&csr, &spec, now)
             .map_err(|e| IssueError::Server(e.into()))?;
-        // INVARIANT: recorded durably before it is returned (the store commits synchronously).
-        self.store
-            .record_issued(&IssuedIdentity {
+        // INVARIANT: recorded durably before it is returned (`record` waits for the commit).
+        self.log
+            .record(IssuedIdentity {
                 kind: IdentityKind::X509Svid,
                 serial_or_jti: svid.serial.clone(),
                 spiffe_id: svid.spiffe_id.clone(),
@@ -122,8 +123,8 @@ impl Issuer {
             .mint_jwt_svid(spiffe_id, audience, ttl_secs, now)
             .map_err(|e| IssueError::Server(e.into()))?;
         let jti = claims.jti.clone().unwrap_or_default();
-        self.store
-            .record_issued(&IssuedIdentity {
+        self.log
+            .record(IssuedIdentity {
                 kind: IdentityKind::JwtSvid,
                 serial_or_jti: jti.clone(),
                 spiffe_id: spiffe_id.clone(),
@@ -170,8 +171,8 @@ impl Issuer {
             .jwt
             .mint_access_token(&claims)
             .map_err(|e| IssueError::Server(e.into()))?;
-        self.store
-            .record_issued(&IssuedIdentity {
+        self.log
+            .record(IssuedIdentity {
                 kind: IdentityKind::AccessToken,
                 serial_or_jti: claims.jti.clone(),
                 spiffe_id: client.clone(),

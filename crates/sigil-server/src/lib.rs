@@ -6,6 +6,7 @@
 mod admin;
 mod authority;
 mod config;
+mod issuance_log;
 mod issuer;
 mod node_api;
 mod public;

@@ -169,6 +169,35 @@ const ENTRIES_REVISION: &str = "entries_revision";
 const REVOCATIONS_REVISION: &str = "revocations_revision";
 const BUNDLE_SEQUENCE: &str = "bundle_sequence";
 
+async fn insert_issued(
+    conn: &mut AnyConnection,
+    issued: &IssuedIdentity,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO issued (kind, serial_or_jti, spiffe_id, thumbprint, audience_json, \
+         issued_at, not_after, requester) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(issued.kind.as_str())
+    .bind(&issued.serial_or_jti)
+    .bind(issued.spiffe_id.as_str())
+    .bind(&issued.thumbprint)
+    .bind(to_json(&issued.audience)?)
+    .bind(issued.issued_at)
+    .bind(issued.not_after)
+    .bind(&issued.requester)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| {
+        StoreError::conflict_or(e, || {
+            format!(
+                "{} {} was already recorded",
+                issued.kind, issued.serial_or_jti
+            )
+        })
+    })?;
+    Ok(())
+}
+
 /// Increments a `meta` counter and returns its new value.
 async fn bump_meta(conn: &mut AnyConnection, key: &str) -> Result<i64, StoreError> {
     sqlx::query_scalar("UPDATE meta SET value = value + 1 WHERE key = $1 RETURNING value")
@@ -681,28 +710,16 @@ impl Store for SqlStore {
     }
 
     async fn record_issued(&self, issued: &IssuedIdentity) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO issued (kind, serial_or_jti, spiffe_id, thumbprint, audience_json, \
-             issued_at, not_after, requester) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(issued.kind.as_str())
-        .bind(&issued.serial_or_jti)
-        .bind(issued.spiffe_id.as_str())
-        .bind(&issued.thumbprint)
-        .bind(to_json(&issued.audience)?)
-        .bind(issued.issued_at)
-        .bind(issued.not_after)
-        .bind(&issued.requester)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| {
-            StoreError::conflict_or(e, || {
-                format!(
-                    "{} {} was already recorded",
-                    issued.kind, issued.serial_or_jti
-                )
-            })
-        })?;
+        let mut conn = self.pool.acquire().await?;
+        insert_issued(&mut conn, issued).await
+    }
+
+    async fn record_issued_batch(&self, issued: &[IssuedIdentity]) -> Result<(), StoreError> {
+        let mut tx = begin_write(&self.pool, self.backend).await?;
+        for i in issued {
+            insert_issued(&mut tx, i).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

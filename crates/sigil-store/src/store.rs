@@ -84,6 +84,10 @@ pub trait Store: Send + Sync {
     /// Records an issued credential. [`StoreError::Conflict`] if its kind and serial/jti exist.
     async fn record_issued(&self, issued: &IssuedIdentity) -> Result<(), StoreError>;
 
+    /// Records several issued credentials in one transaction (one durable commit): all or
+    /// none. Used for group commit under load.
+    async fn record_issued_batch(&self, issued: &[IssuedIdentity]) -> Result<(), StoreError>;
+
     /// Issued credentials, newest first, optionally only of one SPIFFE ID; at most `limit`
     /// (clamped to `0..=10_000`).
     async fn list_issued(

@@ -154,6 +154,7 @@ on_both_backends!(
     join_tokens_are_single_use,
     join_token_race_has_one_winner,
     issued_identities,
+    issued_batches_are_atomic,
     revocation_by_serial,
     revocation_by_spiffe_id_respects_issued_at,
     revocation_expiry_and_pruning,
@@ -684,6 +685,36 @@ async fn issued_identities(db: &Db) {
     assert_eq!(s.issued_by_serial("jti-2").await.unwrap(), Some(t1));
     assert_eq!(s.issued_by_serial("02bb").await.unwrap(), Some(x2));
     assert_eq!(s.issued_by_serial("02BB").await.unwrap(), None);
+}
+
+async fn issued_batches_are_atomic(db: &Db) {
+    let store = db.open().await;
+    let s: &dyn Store = &store;
+    let batch: Vec<_> = (0..5)
+        .map(|i| {
+            issued(
+                IdentityKind::X509Svid,
+                &format!("b{i}"),
+                "spiffe://td/a",
+                T0 + i,
+            )
+        })
+        .collect();
+    s.record_issued_batch(&batch).await.unwrap();
+    assert_eq!(s.count_issued().await.unwrap(), 5);
+    // A batch holding one duplicate records nothing at all.
+    let bad = vec![
+        issued(IdentityKind::X509Svid, "c1", "spiffe://td/a", T0),
+        batch[2].clone(),
+        issued(IdentityKind::X509Svid, "c2", "spiffe://td/a", T0),
+    ];
+    assert!(matches!(
+        s.record_issued_batch(&bad).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(s.count_issued().await.unwrap(), 5);
+    assert_eq!(s.issued_by_serial("c1").await.unwrap(), None);
+    s.record_issued_batch(&[]).await.unwrap();
 }
 
 async fn revocation_by_serial(db: &Db) {

@@ -1,0 +1,128 @@
+//! Group commit for issuance records: every caller waits until its own record is durable,
+//! and records that arrive while a commit is in flight share the next commit, so the cost of
+//! a durable write (an fsync) is paid once per batch instead of once per credential.
+use std::sync::Arc;
+
+use sigil_store::{IssuedIdentity, Store, StoreError};
+use tokio::sync::{mpsc, oneshot};
+
+/// Most records in one commit.
+const MAX_BATCH: usize = 256;
+
+type Pending = (IssuedIdentity, oneshot::Sender<Result<(), StoreError>>);
+
+/// A handle to the writer task.
+#[derive(Clone)]
+pub struct IssuanceLog {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl IssuanceLog {
+    /// Starts the writer task (needs a Tokio runtime).
+    pub fn start(store: Arc<dyn Store>) -> Self {
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(writer(store, rx));
+        Self { tx }
+    }
+
+    /// Returns once `record` is committed (durable), or with the store's error.
+    pub async fn record(&self, record: IssuedIdentity) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send((record, done))
+            .await
+            .map_err(|_| StoreError::Unsupported("issuance log writer stopped".into()))?;
+        wait.await
+            .map_err(|_| StoreError::Unsupported("issuance log writer stopped".into()))?
+    }
+}
+
+async fn writer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let records: Vec<IssuedIdentity> = batch.iter().map(|(r, _)| r.clone()).collect();
+        // A lone record is one autocommit statement; a batch is one transaction.
+        let result = match records.as_slice() {
+            [one] => store.record_issued(one).await,
+            many => store.record_issued_batch(many).await,
+        };
+        match result {
+            Ok(()) => {
+                for (_, done) in batch {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            // One bad record (e.g. a duplicate) must not fail the others: the batch was
+            // rolled back as a whole, so retry each alone and report each outcome.
+            Err(_) if batch.len() > 1 => {
+                for (r, done) in batch {
+                    let _ = done.send(store.record_issued(&r).await);
+                }
+            }
+            Err(e) => {
+                for (_, done) in batch {
+                    let _ = done.send(Err(clone_err(&e)));
+                }
+            }
+        }
+    }
+}
+
+fn clone_err(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Conflict(m) => StoreError::Conflict(m.clone()),
+        other => StoreError::Unsupported(format!("recording the issuance failed: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sigil_core::SpiffeId;
+    use sigil_store::{IdentityKind, SqlStore};
+
+    fn rec(serial: &str) -> IssuedIdentity {
+        IssuedIdentity {
+            kind: IdentityKind::X509Svid,
+            serial_or_jti: serial.into(),
+            spiffe_id: SpiffeId::new("spiffe://td/a").unwrap(),
+            thumbprint: "00".repeat(32),
+            audience: vec![],
+            issued_at: 1,
+            not_after: 2,
+            requester: "test".into(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_records_are_all_durable_and_a_duplicate_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("db").display());
+        let store: Arc<dyn Store> = Arc::new(SqlStore::connect(&url).await.unwrap());
+        let log = IssuanceLog::start(store.clone());
+        log.record(rec("dup")).await.unwrap();
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..200 {
+            let log = log.clone();
+            set.spawn(async move { (i, log.record(rec(&format!("s{i}"))).await) });
+        }
+        let dup = {
+            let log = log.clone();
+            tokio::spawn(async move { log.record(rec("dup")).await })
+        };
+        while let Some(r) = set.join_next().await {
+            let (i, r) = r.unwrap();
+            assert!(r.is_ok(), "record {i}: {r:?}");
+        }
+        assert!(matches!(dup.await.unwrap(), Err(StoreError::Conflict(_))));
+        // Durable: a fresh connection sees every record.
+        let reopened = SqlStore::connect(&url).await.unwrap();
+        assert_eq!(reopened.count_issued().await.unwrap(), 201);
+    }
+}
