@@ -50,7 +50,9 @@ def test_pyjwt_validates_jwt_svid_and_access_token(sigil, tmp_path):
         jwt.decode(svid, key.key, algorithms=["ES256"], audience="other")
 
     # Access token over mTLS (RFC 8705), shaped per RFC 9068.
-    with httpx.Client(verify=ctx, cert=(str(out / "svid.pem"), str(out / "key.pem"))) as client:
+    mtls = tls_context(bundle)
+    mtls.load_cert_chain(str(out / "svid.pem"), str(out / "key.pem"))
+    with httpx.Client(verify=mtls) as client:
         r = client.post(doc["token_endpoint"],
                         data={"grant_type": "client_credentials", "scope": "model:invoke"})
     assert r.status_code == 200, r.text

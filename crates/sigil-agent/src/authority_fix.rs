@@ -1443,10 +1443,14 @@ mod tests {
         assert_eq!(out, [10, 31, 154, 10, 42]);
     }
 
-    #[test]
-    fn test_is_send_sync_unpin() {
+    #[tokio::test]
+    async fn test_is_send_sync_unpin_and_exposes_the_connection() {
         fn check<T: Send + Sync + Unpin + 'static>() {}
         check::<AuthorityFix<tokio::net::UnixStream>>();
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let fix = AuthorityFix::new(a);
+        assert!(fix.get_ref().peer_cred().is_ok());
+        assert!(format!("{fix:?}").starts_with("AuthorityFix"));
     }
 
     // ---- End to end with the real h2 server. ----

@@ -4,6 +4,7 @@
 //! Workload API on a unix socket to local processes identified by the kernel.
 #![forbid(unsafe_code)]
 
+mod authority_fix;
 mod cache;
 mod client;
 mod config;
