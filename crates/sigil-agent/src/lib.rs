@@ -4,6 +4,7 @@
 //! Workload API on a unix socket to local processes identified by the kernel.
 #![forbid(unsafe_code)]
 
+mod attestor;
 mod authority_fix;
 mod cache;
 mod client;
@@ -21,6 +22,7 @@ use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 
+pub use attestor::{AttestationError, JoinTokenAttestor, NodeAttestor};
 pub use config::{AgentConfig, AgentConfigError};
 pub use manager::{Manager, ManagerError, Snapshot};
 pub use peer::{AttestError, PeerCred, WorkloadAttestor};

@@ -15,6 +15,7 @@ use sigil_proto::node::v1::node_client::NodeClient;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+use crate::attestor::{AttestationError, JoinTokenAttestor, NodeAttestor};
 use crate::cache::{Cache, CachedState, HeldSvid};
 use crate::config::AgentConfig;
 use crate::{client, tls};
@@ -212,22 +213,26 @@ impl Manager {
 
     async fn run_inner(self: &Arc<Self>) -> Result<(), ManagerError> {
         let mut backoff = Duration::from_millis(250);
-        let mut join_token = self.cfg.join_token.clone();
+        // Evidence is single use: once it got us an identity, it is dropped.
+        let mut attestor: Option<Box<dyn NodeAttestor>> = self
+            .cfg
+            .join_token
+            .clone()
+            .map(|t| Box::new(JoinTokenAttestor::new(t)) as Box<dyn NodeAttestor>);
         loop {
             if self.node().is_none() {
-                let Some(token) = join_token.take() else {
+                let Some(method) = attestor.as_deref() else {
                     self.stop_serving();
                     return Err(ManagerError::NoIdentity);
                 };
-                match self.attest(&token).await {
-                    Ok(()) => {}
-                    Err(AttestFailure::Refused(why)) => {
+                match self.attest(method).await {
+                    Ok(()) => attestor = None,
+                    Err(AttestationError::Refused(why)) => {
                         self.stop_serving();
                         return Err(ManagerError::AttestationRefused(why));
                     }
-                    Err(AttestFailure::Transient(why)) => {
-                        tracing::warn!(error = %why, retry_in = ?backoff, "attestation failed; retrying");
-                        join_token = Some(token);
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "attestation failed; retrying");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                         continue;
@@ -263,42 +268,23 @@ impl Manager {
         });
     }
 
-    async fn attest(&self, token: &str) -> Result<(), AttestFailure> {
+    async fn attest(&self, method: &dyn NodeAttestor) -> Result<(), AttestationError> {
+        let transient = |e: &dyn std::fmt::Display| AttestationError::Transient(e.to_string());
         let tls = tls::client_config(self.x509_bundle.clone(), self.server_id.clone(), None)
-            .map_err(|e| AttestFailure::Transient(e.to_string()))?;
+            .map_err(|e| transient(&e))?;
         let mut c = client::connect(&self.cfg.server_address, tls)
             .await
-            .map_err(|e| AttestFailure::Transient(format!("connecting: {e:?}")))?;
-        let key = KeyPair::generate(self.node_key_alg)
-            .map_err(|e| AttestFailure::Transient(e.to_string()))?;
-        let csr = key
-            .csr_der(None)
-            .map_err(|e| AttestFailure::Transient(e.to_string()))?;
-        let resp = c
-            .attest(pb::AttestRequest {
-                join_token: token.to_owned(),
-                csr,
-            })
-            .await
-            .map_err(|s| match s.code() {
-                tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
-                    AttestFailure::Refused(s.message().to_owned())
-                }
-                _ => AttestFailure::Transient(format!("{}: {}", s.code(), s.message())),
-            })?
-            .into_inner();
-        let svid = resp
-            .svid
-            .ok_or_else(|| AttestFailure::Transient("empty attestation response".into()))?;
+            .map_err(|e| AttestationError::Transient(format!("connecting: {e:?}")))?;
+        let key = KeyPair::generate(self.node_key_alg).map_err(|e| transient(&e))?;
+        let csr = key.csr_der(None).map_err(|e| transient(&e))?;
+        let svid = method.attest(&mut c, csr).await?;
         self.apply_bundle_json(&svid.bundle_json)
-            .map_err(AttestFailure::Transient)?;
+            .map_err(AttestationError::Transient)?;
         let held = self
             .check_svid(&svid, key.pkcs8_der())
-            .map_err(AttestFailure::Transient)?;
-        tracing::info!(node = %held.spiffe_id, "node attested");
-        self.cache
-            .save_node(&held)
-            .map_err(|e| AttestFailure::Transient(e.to_string()))?;
+            .map_err(AttestationError::Transient)?;
+        tracing::info!(node = %held.spiffe_id, method = method.kind(), "node attested");
+        self.cache.save_node(&held).map_err(|e| transient(&e))?;
         self.set_node(Some(held));
         self.snapshot.send_modify(|s| s.serving = true);
         Ok(())
@@ -540,11 +526,6 @@ impl Manager {
 enum SessionEnd {
     Evicted,
     Reconnect,
-}
-
-enum AttestFailure {
-    Refused(String),
-    Transient(String),
 }
 
 fn entry_from_pb(e: pb::Entry) -> Result<RegistrationEntry, String> {

@@ -426,3 +426,54 @@ fn bad_join_tokens_untrusted_servers_and_corrupt_caches_give_clear_errors() {
     assert!(first.dir.join("cache/state.json.corrupt").exists());
     assert!(!first.log_text().contains("panicked"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_changes_are_pushed_on_open_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, a, _, _) = tokio::task::block_in_place(|| stack(tmp.path(), "1h"));
+    let mut raw = raw_workload_client(&a.socket).await;
+    let count = |der: &[u8]| {
+        let mut n = 0;
+        let mut rest = der;
+        while !rest.is_empty() {
+            let (tail, _) = x509_parser::parse_x509_certificate(rest).unwrap();
+            rest = tail;
+            n += 1;
+        }
+        n
+    };
+    let mut bundles = raw
+        .fetch_x509_bundles(with_header(wl::X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = bundles.message().await.unwrap().unwrap();
+    assert_eq!(count(&first.bundles[&format!("spiffe://{TD}")]), 1);
+    let mut svids = eventually(Duration::from_secs(15), || {
+        let mut raw = raw.clone();
+        async move {
+            raw.fetch_x509svid(with_header(wl::X509svidRequest {}))
+                .await
+                .ok()
+        }
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    let before = svids.message().await.unwrap().unwrap();
+    assert_eq!(count(&before.svids[0].bundle), 1);
+    // `sigil ca rotate` pre-publishes a new CA key: both streams receive the 2-key bundle.
+    tokio::task::block_in_place(|| s.sigil_json(&["ca", "rotate"]));
+    let next = tokio::time::timeout(Duration::from_secs(5), bundles.message())
+        .await
+        .expect("bundle not pushed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(count(&next.bundles[&format!("spiffe://{TD}")]), 2);
+    let after = tokio::time::timeout(Duration::from_secs(5), svids.message())
+        .await
+        .expect("SVID response not pushed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(count(&after.svids[0].bundle), 2);
+}
