@@ -227,6 +227,48 @@ fn stream_of<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> Respon
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
+/// A stream that sends `render(snapshot)` now and again whenever it changes, until the node
+/// loses its identity (then PermissionDenied) or the client goes away. `render` returns
+/// `None` while there is nothing to send yet.
+fn bundle_stream<T, F>(mgr: &Manager, render: F) -> ResponseStream<T>
+where
+    T: PartialEq + Clone + Send + 'static,
+    F: Fn(&Snapshot) -> Option<Result<T, Status>> + Send + 'static,
+{
+    let mut rx = mgr.subscribe();
+    let (tx, out) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut last: Option<T> = None;
+        loop {
+            let snap = rx.borrow_and_update().clone();
+            if !snap.serving {
+                let _ = tx
+                    .send(Err(Status::permission_denied("no node identity")))
+                    .await;
+                return;
+            }
+            match render(&snap) {
+                Some(Ok(resp)) if last.as_ref() != Some(&resp) => {
+                    if tx.send(Ok(resp.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(resp);
+                }
+                Some(Err(status)) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+                _ => {}
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    stream_of(out)
+}
+
 fn jwks_bytes(snap: &Snapshot) -> Result<Vec<u8>, Status> {
     let keys = snap
         .bundle
@@ -301,38 +343,13 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         self.caller(&req).await?;
         self.serving()?;
-        let mut rx = self.mgr.subscribe();
-        let (tx, out) = mpsc::channel(4);
-        tokio::spawn(async move {
-            let mut last = None;
-            loop {
-                let snap = rx.borrow_and_update().clone();
-                if !snap.serving {
-                    let _ = tx
-                        .send(Err(Status::permission_denied("no node identity")))
-                        .await;
-                    return;
-                }
-                if let Some(b) = &snap.bundle {
-                    let der = bundle_der(&snap);
-                    if last.as_ref() != Some(&der) {
-                        let resp = wl::X509BundlesResponse {
-                            crl: Vec::new(),
-                            bundles: HashMap::from([(b.trust_domain.id_string(), der.clone())]),
-                        };
-                        if tx.send(Ok(resp)).await.is_err() {
-                            return;
-                        }
-                        last = Some(der);
-                    }
-                }
-                tokio::select! {
-                    changed = rx.changed() => if changed.is_err() { return },
-                    _ = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(stream_of(out)))
+        Ok(Response::new(bundle_stream(&self.mgr, |snap| {
+            let b = snap.bundle.as_ref()?;
+            Some(Ok(wl::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: HashMap::from([(b.trust_domain.id_string(), bundle_der(snap))]),
+            }))
+        })))
     }
 
     async fn fetch_jwtsvid(
@@ -413,46 +430,12 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         self.caller(&req).await?;
         self.serving()?;
-        let mut rx = self.mgr.subscribe();
-        let (tx, out) = mpsc::channel(4);
-        tokio::spawn(async move {
-            let mut last = None;
-            loop {
-                let snap = rx.borrow_and_update().clone();
-                if !snap.serving {
-                    let _ = tx
-                        .send(Err(Status::permission_denied("no node identity")))
-                        .await;
-                    return;
-                }
-                if let Some(b) = &snap.bundle {
-                    match jwks_bytes(&snap) {
-                        Ok(jwks) if last.as_ref() != Some(&jwks) => {
-                            let resp = wl::JwtBundlesResponse {
-                                bundles: HashMap::from([(
-                                    b.trust_domain.id_string(),
-                                    jwks.clone(),
-                                )]),
-                            };
-                            if tx.send(Ok(resp)).await.is_err() {
-                                return;
-                            }
-                            last = Some(jwks);
-                        }
-                        Ok(_) => {}
-                        Err(s) => {
-                            let _ = tx.send(Err(s)).await;
-                            return;
-                        }
-                    }
-                }
-                tokio::select! {
-                    changed = rx.changed() => if changed.is_err() { return },
-                    _ = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(stream_of(out)))
+        Ok(Response::new(bundle_stream(&self.mgr, |snap| {
+            let b = snap.bundle.as_ref()?;
+            Some(jwks_bytes(snap).map(|jwks| wl::JwtBundlesResponse {
+                bundles: HashMap::from([(b.trust_domain.id_string(), jwks)]),
+            }))
+        })))
     }
 
     async fn validate_jwtsvid(

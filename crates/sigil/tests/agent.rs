@@ -261,12 +261,19 @@ fn hex_lower(b: &[u8]) -> String {
 async fn an_open_stream_gets_the_renewed_svid_before_half_life() {
     let tmp = tempfile::tempdir().unwrap();
     let (_s, a, _, _) = tokio::task::block_in_place(|| stack(tmp.path(), "60s"));
-    let mut raw = raw_workload_client(&a.socket).await;
-    let mut stream = raw
-        .fetch_x509svid(with_header(wl::X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let raw = raw_workload_client(&a.socket).await;
+    // Opens once the agent has attested (before that it has no identity to serve).
+    let mut stream = eventually(Duration::from_secs(15), || {
+        let mut raw = raw.clone();
+        async move {
+            raw.fetch_x509svid(with_header(wl::X509svidRequest {}))
+                .await
+                .ok()
+        }
+    })
+    .await
+    .unwrap()
+    .into_inner();
     let first = stream.message().await.unwrap().unwrap();
     let received = Instant::now();
     let serial = |r: &wl::X509svidResponse| {
@@ -442,13 +449,7 @@ async fn bundle_changes_are_pushed_on_open_streams() {
         }
         n
     };
-    let mut bundles = raw
-        .fetch_x509_bundles(with_header(wl::X509BundlesRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = bundles.message().await.unwrap().unwrap();
-    assert_eq!(count(&first.bundles[&format!("spiffe://{TD}")]), 1);
+    // Once the agent has attested and holds an SVID, open both streams.
     let mut svids = eventually(Duration::from_secs(15), || {
         let mut raw = raw.clone();
         async move {
@@ -460,6 +461,13 @@ async fn bundle_changes_are_pushed_on_open_streams() {
     .await
     .unwrap()
     .into_inner();
+    let mut bundles = raw
+        .fetch_x509_bundles(with_header(wl::X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = bundles.message().await.unwrap().unwrap();
+    assert_eq!(count(&first.bundles[&format!("spiffe://{TD}")]), 1);
     let before = svids.message().await.unwrap().unwrap();
     assert_eq!(count(&before.svids[0].bundle), 1);
     // `sigil ca rotate` pre-publishes a new CA key: both streams receive the 2-key bundle.
