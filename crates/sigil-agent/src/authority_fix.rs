@@ -20,17 +20,25 @@
 //! HEADERS frame (same flags minus PADDED, priority kept) plus CONTINUATION frames, none
 //! larger than 16384 bytes, the smallest SETTINGS_MAX_FRAME_SIZE a peer may advertise.
 //!
+//! The connection is read in chunks of up to [`READ_CHUNK`] bytes into an input buffer and
+//! the parser runs over what is buffered, so a whole request usually costs one read on the
+//! connection, not one per preface, frame header and payload. One call hands the caller as
+//! many output bytes as are ready. A DATA payload too large for the buffer is read straight
+//! into the caller's buffer.
+//!
 //! Server→client bytes pass through untouched. A malformed or oversized header block fails
 //! the read with [`io::ErrorKind::InvalidData`], which closes the connection.
 //!
 //! Limits: the server must keep SETTINGS_HEADER_TABLE_SIZE at its default of 4096 (tonic
 //! and hyper do by default); a client's table size update above that is refused, as h2
-//! would refuse it. Memory per connection is bounded by one frame header, one received
-//! header block ([`MAX_HEADER_BLOCK`]) and its re-encoding ([`MAX_HEADER_LIST`]).
+//! would refuse it. Memory per connection is bounded by one read chunk ([`READ_CHUNK`]),
+//! one received header block ([`MAX_HEADER_BLOCK`]), a copy of it with Huffman strings
+//! decoded (at most 8/5 of its size) and its re-encoding ([`MAX_HEADER_LIST`]).
 
 use std::fmt;
 use std::io;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll, ready};
 
 use loona_hpack::Decoder;
@@ -56,22 +64,47 @@ pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
 /// (name + value + 32 per field). Bounds the re-encoded block, since indexed references
 /// can make a small block decode to a large list.
 pub const MAX_HEADER_LIST: usize = 256 * 1024;
+/// Size of the input buffer: the most read from the connection at once.
+pub const READ_CHUNK: usize = 16 * 1024;
 const AUTHORITY: &[u8] = b":authority";
 const REPLACEMENT_AUTHORITY: &[u8] = b"localhost";
 /// Buffers that grew beyond this for a big header block are shrunk back afterwards.
 const KEEP_CAPACITY: usize = 16 * 1024;
+/// RFC 7541 Appendix B: the Huffman code length of each symbol, EOS (256) last. The code
+/// is canonical (codes of each length assigned in symbol order), so this defines it.
+const HUFFMAN_CODE_LENS: [u8; 257] = [
+    13, 23, 28, 28, 28, 28, 28, 28, 28, 24, 30, 28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 30, 28,
+    28, 28, 28, 28, 28, 28, 28, 28, 6, 10, 10, 12, 13, 6, 8, 11, 10, 10, 8, 11, 8, 6, 6, 6, 5, 5,
+    5, 6, 6, 6, 6, 6, 6, 6, 7, 8, 15, 6, 12, 10, 13, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
+    7, 7, 7, 7, 7, 7, 7, 7, 8, 7, 8, 13, 19, 13, 14, 6, 15, 5, 6, 5, 6, 5, 6, 6, 6, 5, 7, 7, 6, 6,
+    6, 5, 6, 7, 6, 5, 5, 6, 7, 7, 7, 7, 7, 15, 11, 14, 13, 28, 20, 22, 20, 20, 22, 22, 22, 23, 22,
+    23, 23, 23, 23, 23, 24, 23, 24, 24, 22, 23, 24, 23, 23, 23, 23, 21, 22, 23, 22, 23, 23, 24, 22,
+    21, 20, 22, 22, 23, 23, 21, 23, 22, 22, 24, 21, 22, 23, 23, 21, 21, 22, 21, 23, 22, 23, 23, 20,
+    22, 22, 22, 23, 22, 22, 23, 26, 26, 20, 19, 22, 23, 22, 25, 26, 26, 26, 27, 27, 26, 24, 25, 19,
+    21, 26, 27, 27, 26, 27, 24, 21, 21, 26, 26, 28, 27, 27, 27, 20, 24, 20, 21, 22, 21, 21, 23, 22,
+    22, 25, 25, 24, 24, 26, 23, 26, 27, 26, 26, 27, 27, 27, 27, 27, 28, 27, 27, 27, 27, 27, 26, 30,
+];
+const HUFFMAN_MAX_LEN: usize = 30;
+const HUFFMAN_EOS: u16 = 256;
 
 /// Wraps the server side of an HTTP/2 connection and rewrites a unix-socket-path
 /// `:authority` sent by the client to `localhost`; see the module documentation.
 pub struct AuthorityFix<S> {
     inner: S,
     state: State,
+    /// Bytes read from the connection, not yet parsed: `input[in_pos..in_end]`. Allocated
+    /// (to [`READ_CHUNK`] bytes) on the first read.
+    input: Vec<u8>,
+    in_pos: usize,
+    in_end: usize,
     /// The header block being collected (HEADERS payload, then CONTINUATION payloads).
     block: Vec<u8>,
     /// The HEADERS frame that opened the block being collected, if any.
     open: Option<OpenBlock>,
     /// The re-encoded header block, before framing.
     encoded: Vec<u8>,
+    /// The received header block with its Huffman-coded strings decoded (see [`unhuffman`]).
+    plain: Vec<u8>,
     /// Bytes ready for the reader: `out[out_pos..]`.
     out: Vec<u8>,
     out_pos: usize,
@@ -79,18 +112,14 @@ pub struct AuthorityFix<S> {
 }
 
 enum State {
-    /// Matching the connection preface; `got` bytes of it are in `buf`.
-    Preface { buf: [u8; 24], got: usize },
+    /// Matching the connection preface.
+    Preface,
     /// Reading a frame header.
-    FrameHeader {
-        buf: [u8; FRAME_HEADER_LEN],
-        got: usize,
-    },
+    FrameHeader,
     /// Passing the rest of a frame's payload through.
     Forward { remaining: usize },
-    /// Reading a HEADERS or CONTINUATION payload into `block[..end]`, filled up to `filled`.
+    /// Collecting a HEADERS or CONTINUATION payload into `block` until it is `end` bytes.
     Fragment {
-        filled: usize,
         end: usize,
         first: bool,
         end_headers: bool,
@@ -103,13 +132,12 @@ enum State {
     Failed(io::ErrorKind, String),
 }
 
-impl State {
-    fn frame_header() -> Self {
-        State::FrameHeader {
-            buf: [0; FRAME_HEADER_LEN],
-            got: 0,
-        }
-    }
+/// What [`AuthorityFix::step`] did.
+enum Step {
+    /// Parsed something (state changed, output queued or copied): step again.
+    Progress,
+    /// The current state needs more input than is buffered.
+    NeedInput,
 }
 
 struct OpenBlock {
@@ -125,13 +153,14 @@ impl<S> AuthorityFix<S> {
         decoder.set_max_allowed_table_size(HPACK_TABLE_SIZE);
         Self {
             inner,
-            state: State::Preface {
-                buf: [0; 24],
-                got: 0,
-            },
+            state: State::Preface,
+            input: Vec::new(),
+            in_pos: 0,
+            in_end: 0,
             block: Vec::new(),
             open: None,
             encoded: Vec::new(),
+            plain: Vec::new(),
             out: Vec::new(),
             out_pos: 0,
             decoder,
@@ -143,12 +172,35 @@ impl<S> AuthorityFix<S> {
         &self.inner
     }
 
-    /// Copies pending output into `buf`; true if anything was copied.
-    fn drain_out(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+    /// The buffered, unparsed input.
+    fn buffered(&self) -> &[u8] {
+        self.input.get(self.in_pos..self.in_end).unwrap_or_default()
+    }
+
+    /// Marks `n` buffered bytes as parsed.
+    fn consume(&mut self, n: usize) {
+        self.in_pos = self.in_pos.saturating_add(n).min(self.in_end);
+        if self.in_pos == self.in_end {
+            self.in_pos = 0;
+            self.in_end = 0;
+        }
+    }
+
+    /// Copies up to `limit` buffered bytes into `buf`; returns how many.
+    fn copy_input(&mut self, buf: &mut ReadBuf<'_>, limit: usize) -> usize {
+        let avail = self.input.get(self.in_pos..self.in_end).unwrap_or_default();
+        let n = avail.len().min(limit).min(buf.remaining());
+        buf.put_slice(avail.get(..n).unwrap_or_default());
+        self.consume(n);
+        n
+    }
+
+    /// Copies pending output into `buf`.
+    fn drain_out(&mut self, buf: &mut ReadBuf<'_>) {
         let pending = self.out.get(self.out_pos..).unwrap_or_default();
         let n = pending.len().min(buf.remaining());
         if n == 0 {
-            return false;
+            return;
         }
         buf.put_slice(pending.get(..n).unwrap_or_default());
         self.out_pos += n;
@@ -157,13 +209,16 @@ impl<S> AuthorityFix<S> {
             self.out_pos = 0;
             shrink(&mut self.out);
         }
-        true
     }
 
     fn fail(&mut self, kind: io::ErrorKind, msg: String) -> io::Error {
         self.state = State::Failed(kind, msg.clone());
         self.block = Vec::new();
         self.encoded = Vec::new();
+        self.plain = Vec::new();
+        self.input = Vec::new();
+        self.in_pos = 0;
+        self.in_end = 0;
         io::Error::new(kind, msg)
     }
 
@@ -171,6 +226,13 @@ impl<S> AuthorityFix<S> {
         self.fail(
             io::ErrorKind::InvalidData,
             format!("HTTP/2 authority fix: {msg}"),
+        )
+    }
+
+    fn closed_inside_block(&mut self) -> io::Error {
+        self.fail(
+            io::ErrorKind::UnexpectedEof,
+            "HTTP/2 authority fix: connection closed inside a header block".into(),
         )
     }
 
@@ -184,14 +246,12 @@ impl<S> AuthorityFix<S> {
             if ty != TYPE_CONTINUATION || stream_id != open.stream_id {
                 return Err(self.invalid("header block interrupted by another frame"));
             }
-            let start = self.block.len();
-            let end = start.saturating_add(len);
+            let end = self.block.len().saturating_add(len);
             if end > MAX_HEADER_BLOCK {
                 return Err(self.invalid("header block too large"));
             }
-            self.block.resize(end, 0);
+            self.block.reserve(len);
             self.state = State::Fragment {
-                filled: start,
                 end,
                 first: false,
                 end_headers,
@@ -206,9 +266,8 @@ impl<S> AuthorityFix<S> {
                 priority: None,
             });
             self.block.clear();
-            self.block.resize(len, 0);
+            self.block.reserve(len);
             self.state = State::Fragment {
-                filled: 0,
                 end: len,
                 first: true,
                 end_headers,
@@ -260,10 +319,14 @@ impl<S> AuthorityFix<S> {
         let Some(open) = self.open.take() else {
             return Err(self.invalid("no open header block"));
         };
+        self.plain.clear();
+        if let Err(e) = unhuffman(&self.block, &mut self.plain) {
+            return Err(self.invalid(&format!("HPACK decoding failed: {e}")));
+        }
         let encoded = &mut self.encoded;
         encoded.clear();
         let mut list_size = 0usize;
-        let result = self.decoder.decode_with_cb(&self.block, |name, value| {
+        let result = self.decoder.decode_with_cb(&self.plain, |name, value| {
             list_size = list_size.saturating_add(name.len() + value.len() + 32);
             if list_size > MAX_HEADER_LIST {
                 return;
@@ -289,88 +352,124 @@ impl<S> AuthorityFix<S> {
         shrink(&mut self.block);
         self.encoded.clear();
         shrink(&mut self.encoded);
+        self.plain.clear();
+        shrink(&mut self.plain);
+        Ok(())
+    }
+
+    /// Parses buffered input in the preface, frame header, forward and fragment states;
+    /// forwarded payload bytes go straight into `buf` (which has room).
+    fn step(&mut self, buf: &mut ReadBuf<'_>) -> io::Result<Step> {
+        match self.state {
+            State::Preface => {
+                let seen = self.buffered();
+                let n = seen.len().min(PREFACE.len());
+                if seen.get(..n) != PREFACE.get(..n) {
+                    // Not HTTP/2: the buffered bytes pass through as they are.
+                    self.state = State::Passthrough;
+                } else if n < PREFACE.len() {
+                    return Ok(Step::NeedInput);
+                } else {
+                    self.out.extend_from_slice(PREFACE);
+                    self.consume(PREFACE.len());
+                    self.state = State::FrameHeader;
+                }
+            }
+            State::FrameHeader => {
+                let Some(header) = self.buffered().first_chunk::<FRAME_HEADER_LEN>().copied()
+                else {
+                    return Ok(Step::NeedInput);
+                };
+                self.consume(FRAME_HEADER_LEN);
+                self.on_frame_header(header)?;
+            }
+            State::Forward { remaining: 0 } => self.state = State::FrameHeader,
+            State::Forward { remaining } => {
+                let n = self.copy_input(buf, remaining);
+                if n == 0 {
+                    return Ok(Step::NeedInput);
+                }
+                self.state = State::Forward {
+                    remaining: remaining - n,
+                };
+            }
+            State::Fragment {
+                end,
+                first,
+                end_headers,
+            } => {
+                let need = end.saturating_sub(self.block.len());
+                let avail = self.input.get(self.in_pos..self.in_end).unwrap_or_default();
+                let n = need.min(avail.len());
+                self.block
+                    .extend_from_slice(avail.get(..n).unwrap_or_default());
+                self.consume(n);
+                if n < need {
+                    return Ok(Step::NeedInput);
+                }
+                self.state = State::FrameHeader;
+                if first {
+                    self.strip_headers_frame()?;
+                }
+                if end_headers {
+                    self.rewrite_block()?;
+                }
+            }
+            // poll_read handles these itself.
+            State::Passthrough | State::Done | State::Failed(..) => {}
+        }
+        Ok(Step::Progress)
+    }
+
+    /// The connection ended while the current state needed more input.
+    fn on_eof(&mut self) -> io::Result<()> {
+        match self.state {
+            State::Preface => {
+                // Closed before a full preface: whatever came is not HTTP/2.
+                let seen = self.input.get(self.in_pos..self.in_end).unwrap_or_default();
+                self.out.extend_from_slice(seen);
+                self.consume(usize::MAX);
+                self.state = State::Done;
+            }
+            State::FrameHeader => {
+                if self.open.is_some() {
+                    return Err(self.closed_inside_block());
+                }
+                // Pass a truncated frame header on; h2 reports it.
+                let seen = self.input.get(self.in_pos..self.in_end).unwrap_or_default();
+                self.out.extend_from_slice(seen);
+                self.consume(usize::MAX);
+                self.state = State::Done;
+            }
+            // Closed inside a frame: pass the end on; h2 reports it.
+            State::Forward { .. } => self.state = State::Done,
+            State::Fragment { .. } => return Err(self.closed_inside_block()),
+            State::Passthrough | State::Done | State::Failed(..) => {}
+        }
         Ok(())
     }
 }
 
 impl<S: AsyncRead + Unpin> AuthorityFix<S> {
-    /// Reads more input for the preface, a frame header or a header block fragment and
-    /// acts on it. `Ready(Ok)` means progress: the state changed or output was queued.
-    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.state {
-            State::Preface { buf, got } => {
-                let dst = buf.get_mut(*got..).unwrap_or_default();
-                let n = ready!(poll_fill(&mut self.inner, cx, dst))?;
-                let total = *got + n;
-                let seen = buf.get(..total).unwrap_or_default();
-                if n == 0 {
-                    // Closed before a full preface: whatever came is not HTTP/2.
-                    self.out.extend_from_slice(seen);
-                    self.state = State::Done;
-                } else if !PREFACE.starts_with(seen) {
-                    self.out.extend_from_slice(seen);
-                    self.state = State::Passthrough;
-                } else if total == PREFACE.len() {
-                    self.out.extend_from_slice(PREFACE);
-                    self.state = State::frame_header();
-                } else {
-                    *got = total;
-                }
-            }
-            State::FrameHeader { buf, got } => {
-                let dst = buf.get_mut(*got..).unwrap_or_default();
-                let n = ready!(poll_fill(&mut self.inner, cx, dst))?;
-                if n == 0 {
-                    if self.open.is_some() {
-                        return Poll::Ready(Err(self.fail(
-                            io::ErrorKind::UnexpectedEof,
-                            "HTTP/2 authority fix: connection closed inside a header block".into(),
-                        )));
-                    }
-                    // Pass a truncated frame header on; h2 reports it.
-                    let seen = buf.get(..*got).unwrap_or_default();
-                    self.out.extend_from_slice(seen);
-                    self.state = State::Done;
-                } else {
-                    *got += n;
-                    if *got == FRAME_HEADER_LEN {
-                        let header = *buf;
-                        self.on_frame_header(header)?;
-                    }
-                }
-            }
-            State::Fragment {
-                filled,
-                end,
-                first,
-                end_headers,
-            } => {
-                if filled < end {
-                    let dst = self.block.get_mut(*filled..*end).unwrap_or_default();
-                    let n = ready!(poll_fill(&mut self.inner, cx, dst))?;
-                    if n == 0 {
-                        return Poll::Ready(Err(self.fail(
-                            io::ErrorKind::UnexpectedEof,
-                            "HTTP/2 authority fix: connection closed inside a header block".into(),
-                        )));
-                    }
-                    *filled += n;
-                }
-                if filled >= end {
-                    let (first, end_headers) = (*first, *end_headers);
-                    self.state = State::frame_header();
-                    if first {
-                        self.strip_headers_frame()?;
-                    }
-                    if end_headers {
-                        self.rewrite_block()?;
-                    }
-                }
-            }
-            // poll_read handles these itself.
-            State::Forward { .. } | State::Passthrough | State::Done | State::Failed(..) => {}
+    /// Reads from the connection into the input buffer, after the bytes already there
+    /// (moved to its start). `Ok(0)` is the end of the stream.
+    fn poll_fill_input(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.in_pos > 0 {
+            self.input.copy_within(self.in_pos..self.in_end, 0);
+            self.in_end -= self.in_pos;
+            self.in_pos = 0;
         }
-        Poll::Ready(Ok(()))
+        if self.input.len() < READ_CHUNK {
+            self.input.resize(READ_CHUNK, 0);
+        }
+        let dst = self.input.get_mut(self.in_end..).unwrap_or_default();
+        if dst.is_empty() {
+            // Unreachable: a state needs at most 24 buffered bytes before it parses them.
+            return Poll::Ready(Err(self.invalid("input buffer full")));
+        }
+        let n = ready!(poll_fill(&mut self.inner, cx, dst))?;
+        self.in_end += n;
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -384,39 +483,66 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for AuthorityFix<S> {
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
+        let start = buf.filled().len();
         loop {
-            if this.drain_out(buf) {
+            this.drain_out(buf);
+            if buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            match &mut this.state {
-                State::Passthrough => return Pin::new(&mut this.inner).poll_read(cx, buf),
-                State::Done => return Poll::Ready(Ok(())),
-                State::Failed(kind, msg) => {
-                    return Poll::Ready(Err(io::Error::new(*kind, msg.clone())));
-                }
-                State::Forward { remaining: 0 } => this.state = State::frame_header(),
-                State::Forward { remaining } => {
-                    // Straight from the connection into the caller's buffer.
-                    let want = (*remaining).min(buf.remaining());
-                    let n = {
-                        let dst = buf.initialize_unfilled_to(want);
-                        ready!(poll_fill(&mut this.inner, cx, dst))?
-                    };
-                    if n == 0 {
-                        // Closed inside a frame: pass the end on; h2 reports it.
-                        this.state = State::Done;
+            // Output is handed over before the connection is read again or an error
+            // reported (the error sticks, so the next call reports it).
+            let progressed = buf.filled().len() > start;
+            match &this.state {
+                State::Passthrough => {
+                    if this.copy_input(buf, usize::MAX) > 0 || progressed {
                         return Poll::Ready(Ok(()));
                     }
-                    buf.advance(n);
-                    *remaining -= n;
-                    if *remaining == 0 {
-                        this.state = State::frame_header();
+                    return Pin::new(&mut this.inner).poll_read(cx, buf);
+                }
+                State::Done => return Poll::Ready(Ok(())),
+                State::Failed(kind, msg) => {
+                    if progressed {
+                        return Poll::Ready(Ok(()));
                     }
+                    return Poll::Ready(Err(io::Error::new(*kind, msg.clone())));
+                }
+                State::Preface
+                | State::FrameHeader
+                | State::Forward { .. }
+                | State::Fragment { .. } => {}
+            }
+            match this.step(buf) {
+                Ok(Step::Progress) => continue,
+                Err(e) if !progressed => return Poll::Ready(Err(e)),
+                Err(_) => return Poll::Ready(Ok(())),
+                Ok(Step::NeedInput) => {}
+            }
+            if progressed {
+                return Poll::Ready(Ok(()));
+            }
+            if let State::Forward { remaining } = this.state
+                && remaining >= READ_CHUNK
+                && this.buffered().is_empty()
+            {
+                // A large payload: straight from the connection into the caller's buffer.
+                let want = remaining.min(buf.remaining());
+                let n = {
+                    let dst = buf.initialize_unfilled_to(want);
+                    ready!(poll_fill(&mut this.inner, cx, dst))?
+                };
+                if n == 0 {
+                    // Closed inside a frame: pass the end on; h2 reports it.
+                    this.state = State::Done;
                     return Poll::Ready(Ok(()));
                 }
-                State::Preface { .. } | State::FrameHeader { .. } | State::Fragment { .. } => {
-                    ready!(this.poll_step(cx))?;
-                }
+                buf.advance(n);
+                this.state = State::Forward {
+                    remaining: remaining - n,
+                };
+                return Poll::Ready(Ok(()));
+            }
+            if ready!(this.poll_fill_input(cx))? == 0 {
+                this.on_eof()?;
             }
         }
     }
@@ -482,6 +608,175 @@ fn is_acceptable_authority(value: &[u8]) -> bool {
     !value.contains(&b'/')
         && !value.contains(&b'%')
         && http::uri::Authority::try_from(value).is_ok()
+}
+
+/// Copies the header block `src` onto `dst` with every Huffman-coded string literal replaced
+/// by the same string, plain. loona-hpack builds hash tables for every Huffman string it
+/// decodes and walks them bit by bit, which made decoding a typical request cost hundreds
+/// of microseconds; given plain strings it only copies. Field representations are parsed
+/// as loona-hpack parses them; at anything it would reject (other than a bad Huffman
+/// string, which is an error here) the rest of the block is copied unchanged, for it to
+/// report.
+fn unhuffman(src: &[u8], dst: &mut Vec<u8>) -> Result<(), &'static str> {
+    dst.reserve(src.len());
+    let mut scratch = Vec::new();
+    let mut rest = src;
+    while !rest.is_empty() {
+        let start = dst.len();
+        match unhuffman_field(rest, dst, &mut scratch)? {
+            Some(used) => rest = rest.get(used..).unwrap_or_default(),
+            None => {
+                dst.truncate(start);
+                dst.extend_from_slice(rest);
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies one field representation from the start of `src` (see [`unhuffman`]); returns
+/// the bytes it took, or `None` if it is malformed.
+fn unhuffman_field(
+    src: &[u8],
+    dst: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+) -> Result<Option<usize>, &'static str> {
+    let Some(&first) = src.first() else {
+        return Ok(None);
+    };
+    let (prefix_bits, literal) = if first & 0x80 != 0 {
+        (7, false) // indexed
+    } else if first & 0x40 != 0 {
+        (6, true) // literal with incremental indexing
+    } else if first & 0x20 != 0 {
+        (5, false) // dynamic table size update
+    } else {
+        (4, true) // literal without indexing or never indexed
+    };
+    let Some((index, mut used)) = decode_int(src, prefix_bits) else {
+        return Ok(None);
+    };
+    dst.extend_from_slice(src.get(..used).unwrap_or_default());
+    let strings = match (literal, index) {
+        (false, _) => 0,
+        (true, 0) => 2, // new name, value
+        (true, _) => 1, // indexed name, value
+    };
+    for _ in 0..strings {
+        let s = src.get(used..).unwrap_or_default();
+        let Some(&first) = s.first() else {
+            return Ok(None);
+        };
+        let Some((len, n)) = decode_int(s, 7) else {
+            return Ok(None);
+        };
+        let Some(raw) = n.checked_add(len).and_then(|end| s.get(n..end)) else {
+            return Ok(None);
+        };
+        if first & 0x80 != 0 {
+            scratch.clear();
+            huffman_decode(raw, scratch)?;
+            encode_int(dst, 0x00, 7, scratch.len());
+            dst.extend_from_slice(scratch);
+        } else {
+            dst.extend_from_slice(s.get(..n + len).unwrap_or_default());
+        }
+        used += n + len;
+    }
+    Ok(Some(used))
+}
+
+/// RFC 7541 §5.1, as loona-hpack decodes it (at most 4 octets after the prefix): the value
+/// and the bytes used.
+fn decode_int(buf: &[u8], prefix_bits: u32) -> Option<(usize, usize)> {
+    let max = (1usize << prefix_bits) - 1;
+    let mut value = usize::from(*buf.first()?) & max;
+    if value < max {
+        return Some((value, 1));
+    }
+    for (i, &b) in buf.iter().enumerate().skip(1).take(4) {
+        value += usize::from(b & 0x7f) << (7 * (i - 1));
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+/// Decoding tables for the canonical HPACK Huffman code: the number of codes of each
+/// length, and the symbols ordered by (code length, symbol).
+struct HuffmanTable {
+    counts: [u16; HUFFMAN_MAX_LEN + 1],
+    symbols: [u16; 257],
+}
+
+fn huffman_table() -> &'static HuffmanTable {
+    static TABLE: OnceLock<HuffmanTable> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = HuffmanTable {
+            counts: [0; HUFFMAN_MAX_LEN + 1],
+            symbols: [0; 257],
+        };
+        let mut slots = t.symbols.iter_mut();
+        for len in 1..=HUFFMAN_MAX_LEN {
+            for (symbol, &l) in (0u16..).zip(HUFFMAN_CODE_LENS.iter()) {
+                if usize::from(l) == len {
+                    if let Some(count) = t.counts.get_mut(len) {
+                        *count += 1;
+                    }
+                    if let Some(slot) = slots.next() {
+                        *slot = symbol;
+                    }
+                }
+            }
+        }
+        t
+    })
+}
+
+/// Decodes an HPACK Huffman-coded string (RFC 7541 §5.2) onto `out`, refusing what
+/// loona-hpack refuses: EOS inside the string, padding longer than 7 bits, and padding
+/// that is not the most significant bits of EOS (all ones).
+fn huffman_decode(src: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
+    let t = huffman_table();
+    // Canonical decoding, one bit at a time: `code` holds the `len` bits read so far,
+    // `first` the first code of that length, `index` the position of its symbol.
+    let (mut code, mut first, mut index, mut len) = (0u32, 0u32, 0usize, 0usize);
+    for &byte in src {
+        for shift in (0..8).rev() {
+            code |= u32::from((byte >> shift) & 1);
+            len += 1;
+            let count = t.counts.get(len).copied().map(u32::from);
+            let Some(count) = count else {
+                return Err("invalid Huffman code");
+            };
+            match code.checked_sub(first) {
+                Some(offset) if offset < count => {
+                    let symbol = t.symbols.get(index + offset as usize).copied();
+                    match symbol {
+                        Some(HUFFMAN_EOS) => return Err("EOS in Huffman string"),
+                        Some(s) => out.push(s as u8),
+                        None => return Err("invalid Huffman code"),
+                    }
+                    (code, first, index, len) = (0, 0, 0, 0);
+                }
+                _ => {
+                    index += count as usize;
+                    first = (first + count) << 1;
+                    code <<= 1;
+                }
+            }
+        }
+    }
+    // The unfinished code (shifted left once) is the padding.
+    if len > 7 {
+        return Err("Huffman padding too long");
+    }
+    if code >> 1 != (1u32 << len) - 1 {
+        return Err("bad Huffman padding");
+    }
+    Ok(())
 }
 
 /// RFC 7541 §5.1: an integer with an N-bit prefix; `first` holds the bits above the prefix.
@@ -1260,6 +1555,73 @@ mod tests {
         }
     }
 
+    /// Counts the reads on the connection.
+    struct Counting {
+        inner: Trickle,
+        reads: usize,
+    }
+
+    impl AsyncRead for Counting {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            self.reads += 1;
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counting {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, b)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn test_request_in_one_chunk_takes_one_read() {
+        let list = request(SOCKET_AUTHORITY);
+        let mut input = start();
+        input.extend(frame(WINDOW_UPDATE, 0, 0, &1_000_000u32.to_be_bytes()));
+        input.extend(headers_frames(
+            1,
+            0,
+            &loona_encode(&mut Encoder::new(), &list),
+            16_384,
+        ));
+        input.extend(frame(DATA, END_STREAM, 1, &payload(100)));
+        let mut fix = AuthorityFix::new(Counting {
+            inner: Trickle {
+                data: input,
+                pos: 0,
+                chunk: usize::MAX,
+                pending: false,
+                flip: false,
+            },
+            reads: 0,
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = fix.read(&mut buf).await.unwrap();
+        assert_eq!(fix.get_ref().reads, 1);
+        // The whole rewritten request comes out of that one call.
+        let (blocks, others) = parse_output(&buf[..n]);
+        assert_eq!(blocks[0].fields, fixed(&list));
+        assert_eq!(others.len(), 3);
+        assert!(others[2].payload == payload(100));
+        assert_eq!(fix.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(fix.get_ref().reads, 2);
+    }
+
     async fn expect_invalid(input: &[u8], what: &str) {
         let err = run(input).await.expect_err(what);
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{what}: {err}");
@@ -1411,6 +1773,124 @@ mod tests {
             };
             let _ = read_all(AuthorityFix::new(t), 1 + rng.below(50)).await;
         }
+    }
+
+    #[test]
+    fn test_unhuffman_decodes_as_loona_does() {
+        use loona_hpack::huffman::HuffmanDecoder;
+        let mut rng = Rng(0x5eed_4321_0000_0002);
+        // Huffman strings: valid ones (all symbols, all lengths), then damaged ones.
+        let all: Vec<u8> = (0..=255).collect();
+        let mut strings: Vec<Vec<u8>> = vec![vec![], huffman(&all), huffman(b"www.example.com")];
+        for _ in 0..3000 {
+            let text: Vec<u8> = (0..rng.below(40)).map(|_| rng.next() as u8).collect();
+            let mut h = huffman(&text);
+            match rng.below(3) {
+                0 => {}
+                1 if !h.is_empty() => {
+                    let at = rng.below(h.len());
+                    h[at] ^= 1 << rng.below(8);
+                }
+                _ => h.push(rng.next() as u8),
+            }
+            strings.push(h);
+        }
+        for _ in 0..1000 {
+            strings.push((0..rng.below(12)).map(|_| rng.next() as u8).collect());
+        }
+        for _ in 0..100 {
+            strings.push(vec![0xff; rng.below(6)]);
+        }
+        let (mut ok, mut bad) = (0, 0);
+        for h in &strings {
+            let mut mine = Vec::new();
+            let got = huffman_decode(h, &mut mine);
+            match HuffmanDecoder::new().decode(h) {
+                Ok(want) => {
+                    assert!(got.is_ok(), "{h:?}: {got:?}");
+                    assert_eq!(mine, want, "{h:?}");
+                    ok += 1;
+                }
+                Err(_) => {
+                    assert!(got.is_err(), "{h:?}");
+                    bad += 1;
+                }
+            }
+        }
+        assert!(ok > 1000 && bad > 1000, "{ok} {bad}");
+
+        // Whole blocks: decoding the unhuffmanned block gives what decoding the block gives.
+        let mut seed = Vec::new();
+        for (n, v) in request(PATH_AUTHORITY) {
+            literal(&mut seed, 0x40, 0, &n, &v, true);
+        }
+        literal(&mut seed, 0x10, 4, "", "/p", true);
+        literal(&mut seed, 0x00, 0, "x", &"é".repeat(200), true);
+        indexed(&mut seed, 62);
+        for i in 0..3000 {
+            let mut b = seed.clone();
+            if i > 0 {
+                for _ in 0..1 + rng.below(3) {
+                    let at = rng.below(b.len());
+                    b[at] = rng.next() as u8;
+                }
+                b.truncate(b.len() - rng.below(4));
+            }
+            let mut plain = Vec::new();
+            let pre = unhuffman(&b, &mut plain);
+            let mut d = Decoder::new();
+            d.set_max_allowed_table_size(4096);
+            let want = d.decode(&b);
+            if pre.is_err() {
+                assert!(want.is_err(), "{b:?}");
+                continue;
+            }
+            assert!(block_has_no_huffman(&plain) || want.is_err(), "{b:?}");
+            let mut d = Decoder::new();
+            d.set_max_allowed_table_size(4096);
+            match (want, d.decode(&plain)) {
+                (Ok(x), Ok(y)) => assert_eq!(x, y),
+                (Err(_), Err(_)) => {}
+                (x, y) => panic!("{x:?} vs {y:?} for {b:?}"),
+            }
+        }
+    }
+
+    /// Whether a well-formed block has no Huffman-coded string.
+    fn block_has_no_huffman(mut b: &[u8]) -> bool {
+        while let Some(&first) = b.first() {
+            let (prefix, literal) = match first {
+                f if f & 0x80 != 0 => (7, false),
+                f if f & 0x40 != 0 => (6, true),
+                f if f & 0x20 != 0 => (5, false),
+                _ => (4, true),
+            };
+            let Some((index, n)) = decode_int(b, prefix) else {
+                return true;
+            };
+            b = &b[n..];
+            let strings = if !literal {
+                0
+            } else if index == 0 {
+                2
+            } else {
+                1
+            };
+            for _ in 0..strings {
+                let Some(&f) = b.first() else { return true };
+                if f & 0x80 != 0 {
+                    return false;
+                }
+                let Some((len, n)) = decode_int(b, 7) else {
+                    return true;
+                };
+                let Some(rest) = b.get(n + len..) else {
+                    return true;
+                };
+                b = rest;
+            }
+        }
+        true
     }
 
     #[test]
