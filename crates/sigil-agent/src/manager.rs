@@ -31,6 +31,8 @@ pub struct Snapshot {
     pub svids: Arc<HashMap<EntryId, HeldSvid>>,
     /// False once the node has no identity (never attested, or evicted): serve nothing.
     pub serving: bool,
+    /// True while a first attestation is under way (not serving yet, but soon).
+    pub attesting: bool,
 }
 
 /// Why the manager stopped for good.
@@ -159,6 +161,7 @@ impl Manager {
             entries: Arc::new(state.entries),
             svids: Arc::new(svids),
             serving,
+            attesting: !serving && cfg.join_token.is_some(),
         };
         let (tx, _) = watch::channel(snapshot);
         Ok(Arc::new(Self {
@@ -264,6 +267,7 @@ impl Manager {
     fn stop_serving(&self) {
         self.snapshot.send_modify(|s| {
             s.serving = false;
+            s.attesting = false;
             s.svids = Arc::new(HashMap::new());
         });
     }
@@ -286,7 +290,10 @@ impl Manager {
         tracing::info!(node = %held.spiffe_id, method = method.kind(), "node attested");
         self.cache.save_node(&held).map_err(|e| transient(&e))?;
         self.set_node(Some(held));
-        self.snapshot.send_modify(|s| s.serving = true);
+        self.snapshot.send_modify(|s| {
+            s.serving = true;
+            s.attesting = false;
+        });
         Ok(())
     }
 

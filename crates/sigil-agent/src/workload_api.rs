@@ -158,6 +158,11 @@ impl WorkloadApi {
 
     fn serving(&self) -> Result<Snapshot, Status> {
         let snap = self.mgr.subscribe().borrow().clone();
+        if !snap.serving && snap.attesting {
+            return Err(Status::unavailable(
+                "this agent is attesting its node; retry shortly",
+            ));
+        }
         if !snap.serving {
             return Err(Status::permission_denied(
                 "this agent has no node identity (not attested, or evicted)",

@@ -485,3 +485,35 @@ async fn bundle_changes_are_pushed_on_open_streams() {
         .unwrap();
     assert_eq!(count(&after.svids[0].bundle), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_still_attesting_says_unavailable_not_denied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let td = sigil_core::TrustDomain::new(TD).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let ca = sigil_pki::CertificateAuthority::generate(
+        &td,
+        sigil_pki::KeyAlgorithm::EcdsaP256,
+        now,
+        3600,
+    )
+    .unwrap();
+    let bundle = tmp.path().join("ca.pem");
+    std::fs::write(&bundle, ca.cert_pem()).unwrap();
+    // No server listens on this port: attestation keeps retrying.
+    let port = common::free_port();
+    let mut a = tokio::task::block_in_place(|| {
+        Agent::start_with(port, &tmp.path().join("agent"), Some("some-token"), &bundle)
+    });
+    let mut raw = raw_workload_client(&a.socket).await;
+    let err = raw
+        .fetch_x509svid(with_header(wl::X509svidRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(err.message().contains("attesting"), "{err}");
+    assert!(tokio::task::block_in_place(|| a.is_running()));
+}
