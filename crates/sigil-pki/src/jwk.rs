@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, ED25519, ParsedPublicKey};
-use jsonwebtoken::DecodingKey;
 use serde::{Deserialize, Serialize};
 use x509_parser::oid_registry::{
     OID_KEY_TYPE_EC_PUBLIC_KEY, OID_PKCS1_RSAENCRYPTION, OID_SIG_ED25519,
@@ -189,11 +188,12 @@ pub(crate) fn split_uncompressed_point(point: &[u8], len: usize) -> Option<(&[u8
     Some(xy.split_at(len))
 }
 
-/// A verification key from a JWK.
+/// A verification key from a JWK, parsed once (re-parsing an EC point on every
+/// verification costs as much as the verification itself).
 #[derive(Clone)]
 pub(crate) struct VerifyKey {
     pub(crate) alg: JwtAlgorithm,
-    pub(crate) key: DecodingKey,
+    pub(crate) key: ParsedPublicKey,
 }
 
 /// JWT verification keys by `kid`. Only ES256 (P-256) and EdDSA (Ed25519) keys are kept.
@@ -264,7 +264,7 @@ impl JwtKeySet {
     }
 }
 
-fn decoding_key(jwk: &Jwk, alg: JwtAlgorithm) -> Result<DecodingKey, &'static str> {
+fn decoding_key(jwk: &Jwk, alg: JwtAlgorithm) -> Result<ParsedPublicKey, &'static str> {
     let x = b64url_decode(&jwk.x).ok_or("x is not base64url")?;
     match alg {
         JwtAlgorithm::Es256 => {
@@ -281,15 +281,13 @@ fn decoding_key(jwk: &Jwk, alg: JwtAlgorithm) -> Result<DecodingKey, &'static st
             point.extend_from_slice(&x);
             point.extend_from_slice(&y);
             ParsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
-                .map_err(|_| "not a point on P-256")?;
-            Ok(DecodingKey::from_ec_der(&point))
+                .map_err(|_| "not a point on P-256")
         }
         JwtAlgorithm::EdDsa => {
             if x.len() != 32 {
                 return Err("Ed25519 key must be 32 bytes");
             }
-            ParsedPublicKey::new(&ED25519, &x).map_err(|_| "not an Ed25519 key")?;
-            Ok(DecodingKey::from_ed_der(&x))
+            ParsedPublicKey::new(&ED25519, &x).map_err(|_| "not an Ed25519 key")
         }
     }
 }

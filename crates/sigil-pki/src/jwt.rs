@@ -354,10 +354,10 @@ fn verify_jws(token: &str, keys: &JwtKeySet) -> Result<(Option<String>, Vec<u8>)
     let signing_input = token
         .get(..signing_input_len)
         .ok_or(JwtError::Malformed("segment bounds"))?;
-    match jsonwebtoken::crypto::verify(s64, signing_input.as_bytes(), &key.key, alg.jose()) {
-        Ok(true) => {}
-        _ => return Err(JwtError::BadSignature),
-    }
+    // JWS ES256 signatures are the fixed-size r||s form (RFC 7518 §3.4), EdDSA's are 64 bytes.
+    key.key
+        .verify_sig(signing_input.as_bytes(), &sig)
+        .map_err(|_| JwtError::BadSignature)?;
     let payload = b64url_decode(p64).ok_or(JwtError::Malformed("payload is not base64url"))?;
     Ok((header.typ, payload))
 }
