@@ -2,6 +2,7 @@
 pub(crate) mod admin;
 mod agent;
 mod dev;
+mod proxy;
 mod server;
 mod workload;
 
@@ -26,6 +27,8 @@ pub enum Command {
     Server(server::ServerArgs),
     /// Run the node agent (SPIFFE Workload API for local workloads).
     Agent(agent::AgentArgs),
+    /// Run the sidecar enforcer in front of a model or tool server.
+    Proxy(proxy::ProxyArgs),
     /// Talk to the SPIFFE Workload API as a workload would.
     #[command(subcommand)]
     Workload(workload::WorkloadCmd),
@@ -78,6 +81,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Server(a) => server::run(a).await,
         Command::Dev(a) => dev::run(a).await,
         Command::Agent(a) => agent::run(a).await,
+        Command::Proxy(a) => proxy::run(a).await,
         Command::Workload(c) => workload::run(c).await,
         Command::Entry(c) => admin::entry(c).await,
         Command::Jointoken(c) => admin::jointoken(c).await,

@@ -1,0 +1,98 @@
+//! The proxy's configuration, validated completely before anything binds.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use sigil_core::TrustDomain;
+
+/// `sigil proxy` configuration (TOML; each key overridable by `SIGIL_<KEY>` and by a flag).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// The trust domain whose SVIDs are admitted.
+    pub trust_domain: TrustDomain,
+    /// Where clients connect (mTLS).
+    #[serde(default = "default_listen")]
+    pub listen_addr: SocketAddr,
+    /// The upstream model or tool server, `http://host:port`.
+    pub upstream: String,
+    /// The audience access tokens must name (RFC 8707 resource of this service).
+    pub audience: String,
+    /// The token issuer (the trust authority's issuer URL).
+    pub issuer: String,
+    /// The proxy's own certificate chain (PEM) when run standalone.
+    pub cert: PathBuf,
+    /// Its PKCS#8 key (PEM).
+    pub key: PathBuf,
+    /// The trust bundle in SPIFFE bundle JSON (X.509 and JWT authorities), e.g. from
+    /// `sigil bundle show`.
+    pub bundle: PathBuf,
+    /// Clock skew allowed on `exp`/`nbf`, seconds.
+    #[serde(default = "default_skew")]
+    pub token_leeway_secs: i64,
+    /// `text` or `json`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9443))
+}
+fn default_skew() -> i64 {
+    30
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+
+/// A configuration value that is present but wrong; names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}: {message}")]
+pub struct ProxyConfigError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl ProxyConfig {
+    /// Every key of the configuration file.
+    pub const KEYS: &'static [&'static str] = &[
+        "trust_domain",
+        "listen_addr",
+        "upstream",
+        "audience",
+        "issuer",
+        "cert",
+        "key",
+        "bundle",
+        "token_leeway_secs",
+        "log_format",
+    ];
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ProxyConfigError> {
+        let bad = |key, message: &str| ProxyConfigError {
+            key,
+            message: message.to_owned(),
+        };
+        let uri: http::Uri = self
+            .upstream
+            .parse()
+            .map_err(|_| bad("upstream", "must be an http://host:port URL"))?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            return Err(bad("upstream", "must be an http://host:port URL"));
+        }
+        if self.audience.is_empty() {
+            return Err(bad("audience", "must not be empty"));
+        }
+        if !self.issuer.starts_with("https://") {
+            return Err(bad("issuer", "must be an https:// URL"));
+        }
+        if !(0..=300).contains(&self.token_leeway_secs) {
+            return Err(bad("token_leeway_secs", "must be between 0 and 300"));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(bad("log_format", "must be \"text\" or \"json\""));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,58 @@
+//! What the proxy trusts and presents: the trust bundle (X.509 authorities for client
+//! certificates, JWT keys for tokens) and its own serving certificate.
+use std::sync::Arc;
+
+use anyhow::Context;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use sigil_pki::{JwtKeySet, TrustBundle, X509Bundle};
+
+use crate::ProxyConfig;
+
+/// One consistent set of credentials; swapped whole on rotation.
+pub struct Credentials {
+    pub x509: X509Bundle,
+    pub jwt_keys: JwtKeySet,
+    pub serving: Arc<CertifiedKey>,
+}
+
+impl Credentials {
+    /// Loads the standalone files named by the configuration.
+    pub fn load_files(cfg: &ProxyConfig) -> anyhow::Result<Self> {
+        let bundle_json = std::fs::read_to_string(&cfg.bundle)
+            .with_context(|| format!("reading bundle {}", cfg.bundle.display()))?;
+        let bundle = TrustBundle::from_spiffe_json(&cfg.trust_domain, &bundle_json)
+            .with_context(|| format!("bundle {}", cfg.bundle.display()))?;
+        anyhow::ensure!(
+            !bundle.x509_authorities.is_empty(),
+            "bundle {} has no X.509 authorities",
+            cfg.bundle.display()
+        );
+        let chain: Vec<CertificateDer<'static>> = pem::parse_many(
+            std::fs::read(&cfg.cert).with_context(|| format!("reading {}", cfg.cert.display()))?,
+        )?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| CertificateDer::from(p.contents().to_vec()))
+        .collect();
+        anyhow::ensure!(
+            !chain.is_empty(),
+            "{} holds no certificate",
+            cfg.cert.display()
+        );
+        let key = pem::parse(
+            std::fs::read(&cfg.key).with_context(|| format!("reading {}", cfg.key.display()))?,
+        )?;
+        let key = PrivateKeyDer::try_from(key.contents().to_vec())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.key.display()))?;
+        let signing = crate::tls::provider()
+            .key_provider
+            .load_private_key(key)
+            .with_context(|| format!("loading {}", cfg.key.display()))?;
+        Ok(Self {
+            x509: bundle.x509_bundle(),
+            jwt_keys: bundle.jwt_key_set()?,
+            serving: Arc::new(CertifiedKey::new(chain, signing)),
+        })
+    }
+}

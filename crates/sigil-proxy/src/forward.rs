@@ -1,0 +1,294 @@
+//! The request path: identity from the TLS connection, token check, identity headers set by
+//! the proxy (never trusted from the client), and a streaming forward to the upstream.
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sigil_core::Clock;
+use sigil_pki::{VerifiedX509Svid, verify_x509_svid};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::token::{Expect, TokenCache, TokenError};
+use crate::{Credentials, ProxyConfig};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The header carrying the caller's SPIFFE ID to the upstream.
+pub const SPIFFE_ID_HEADER: &str = "x-sigil-spiffe-id";
+/// The header carrying the proxy's request id to the upstream.
+pub const REQUEST_ID_HEADER: &str = "x-sigil-request-id";
+
+/// Shared proxy state.
+pub struct Proxy {
+    cfg: ProxyConfig,
+    creds: Arc<ArcSwap<Credentials>>,
+    clock: Arc<dyn Clock>,
+    tokens: TokenCache,
+    client: Client<HttpConnector, Incoming>,
+    upstream: Uri,
+}
+
+impl Proxy {
+    pub fn new(cfg: ProxyConfig, creds: Arc<ArcSwap<Credentials>>, clock: Arc<dyn Clock>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        // INVARIANT: validated by ProxyConfig::validate.
+        let upstream = cfg.upstream.parse().unwrap_or_default();
+        Self {
+            cfg,
+            creds,
+            clock,
+            tokens: TokenCache::default(),
+            client,
+            upstream,
+        }
+    }
+
+    /// Serves one accepted TLS connection.
+    pub async fn serve_connection<IO>(self: Arc<Self>, stream: tokio_rustls::server::TlsStream<IO>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        // The verifier admitted the chain; derive the identity from the same certificate.
+        let peer = {
+            let Some(certs) = stream.get_ref().1.peer_certificates() else {
+                return;
+            };
+            let chain: Vec<&[u8]> = certs.iter().map(|c| c.as_ref()).collect();
+            match verify_x509_svid(&chain, &self.creds.load().x509, self.clock.now()) {
+                Ok(v) => Arc::new(v),
+                Err(e) => {
+                    tracing::info!(error = %e, "client certificate refused after handshake");
+                    return;
+                }
+            }
+        };
+        let svc = hyper::service::service_fn(move |req| {
+            let this = self.clone();
+            let peer = peer.clone();
+            async move { Ok::<_, std::convert::Infallible>(this.handle(req, &peer).await) }
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>, peer: &VerifiedX509Svid) -> Response<Body> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let token = match bearer(req.headers()) {
+            Ok(t) => t,
+            Err(e) => return openai_error(StatusCode::UNAUTHORIZED, &e.to_string(), &request_id),
+        };
+        let creds = self.creds.load();
+        let expect = Expect {
+            keys: &creds.jwt_keys,
+            issuer: &self.cfg.issuer,
+            audience: &self.cfg.audience,
+            now: self.clock.now(),
+            leeway: self.cfg.token_leeway_secs,
+            x5t_s256: &peer.x5t_s256,
+        };
+        let claims = match self.tokens.check(&token, &expect) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(spiffe_id = %peer.spiffe_id, request_id, error = %e, "request refused");
+                return openai_error(StatusCode::UNAUTHORIZED, &e.to_string(), &request_id);
+            }
+        };
+        if claims.sub != peer.spiffe_id.as_str() {
+            return openai_error(
+                StatusCode::UNAUTHORIZED,
+                "token subject does not match the client certificate",
+                &request_id,
+            );
+        }
+
+        // Rewrite the request for the upstream.
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        let mut parts = self.upstream.clone().into_parts();
+        parts.path_and_query = path.parse().ok();
+        let Ok(uri) = Uri::from_parts(parts) else {
+            return openai_error(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
+        };
+        *req.uri_mut() = uri;
+        *req.version_mut() = http::Version::HTTP_11;
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        strip_identity(headers);
+        headers.remove(header::AUTHORIZATION);
+        headers.remove(header::HOST);
+        if let Ok(v) = HeaderValue::from_str(peer.spiffe_id.as_str()) {
+            headers.insert(HeaderName::from_static(SPIFFE_ID_HEADER), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
+        }
+        match self.client.request(req).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, request_id, "upstream unreachable");
+                openai_error(StatusCode::BAD_GATEWAY, "upstream unavailable", &request_id)
+            }
+        }
+    }
+}
+
+/// Exactly one `Authorization: Bearer <token>` header.
+fn bearer(h: &HeaderMap) -> Result<String, TokenError> {
+    let mut values = h.get_all(header::AUTHORIZATION).iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return Err(TokenError::Missing);
+    };
+    let v = v.to_str().map_err(|_| TokenError::Missing)?;
+    let (scheme, token) = v.split_once(' ').ok_or(TokenError::Missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() || token.contains(' ') {
+        return Err(TokenError::Missing);
+    }
+    Ok(token.to_owned())
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+    let named: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    for n in named
+        .iter()
+        .map(String::as_str)
+        .chain(HOP_BY_HOP.iter().copied())
+    {
+        h.remove(n);
+    }
+}
+
+/// Removes every `x-sigil-*` header: identity reaches the upstream only from the proxy.
+fn strip_identity(h: &mut HeaderMap) {
+    let names: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-sigil-"))
+        .cloned()
+        .collect();
+    for n in names {
+        h.remove(n);
+    }
+}
+
+/// An error in the OpenAI API's own shape.
+fn openai_error(status: StatusCode, message: &str, request_id: &str) -> Response<Body> {
+    let (kind, code) = match status {
+        StatusCode::UNAUTHORIZED => ("authentication_error", "invalid_token"),
+        StatusCode::FORBIDDEN => ("permission_error", "forbidden"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("invalid_request_error", "request_too_large"),
+        StatusCode::TOO_MANY_REQUESTS => ("rate_limit_error", "rate_limited"),
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => {
+            ("api_error", "upstream_error")
+        }
+        _ => ("invalid_request_error", "invalid_request"),
+    };
+    let body = serde_json::json!({
+        "error": {"message": message, "type": kind, "param": null, "code": code}
+    });
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut()
+            .insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_needs_exactly_one_well_formed_header() {
+        let mut h = HeaderMap::new();
+        assert!(bearer(&h).is_err());
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer(&h).unwrap(), "abc");
+        h.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer def"),
+        );
+        assert!(bearer(&h).is_err(), "two Authorization headers");
+        for bad in ["Basic abc", "Bearer", "Bearer ", "Bearer a b", "bearerabc"] {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_static(bad));
+            assert!(bearer(&h).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn identity_and_hop_by_hop_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-sigil-spiffe-id",
+            HeaderValue::from_static("spiffe://td/admin"),
+        );
+        h.insert("X-Sigil-Groups", HeaderValue::from_static("root"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        strip_identity(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+}

@@ -1,0 +1,84 @@
+//! The sigil sidecar enforcer (`sigil proxy`), first slice: inbound mTLS that only admits
+//! X.509-SVIDs of the trust domain, a per-request certificate-bound access token (validated
+//! once per token, then cached), and streaming forwarding to the upstream with identity
+//! headers set by the proxy and never taken from the client. Policy, rate limits and audit
+//! come next (see the proxy issue).
+#![forbid(unsafe_code)]
+
+mod config;
+mod credentials;
+mod forward;
+mod tls;
+mod token;
+
+pub use config::ProxyConfig;
+pub use credentials::Credentials;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use sigil_core::Clock;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// A started proxy.
+pub struct RunningProxy {
+    /// The bound listener address.
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl RunningProxy {
+    /// Stops accepting.
+    pub fn shutdown(self) {
+        self.task.abort();
+    }
+
+    /// Waits until the accept loop ends.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Loads the credentials, binds the listener and starts serving.
+pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<RunningProxy> {
+    cfg.validate()?;
+    let creds = Arc::new(ArcSwap::from_pointee(Credentials::load_files(&cfg)?));
+    let tls = tls::server_config(creds.clone(), clock.clone())?;
+    let listener = TcpListener::bind(cfg.listen_addr).await?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(forward::Proxy::new(cfg, creds.clone(), clock.clone()));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let state = state.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let stream =
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::info!(%remote, error = %e, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                state.serve_connection(stream).await;
+            });
+        }
+    });
+    tracing::info!(%addr, "sigil proxy listening");
+    Ok(RunningProxy { addr, task })
+}

@@ -1,0 +1,78 @@
+//! `sigil proxy`: run the sidecar enforcer in the foreground until SIGINT/SIGTERM.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sigil_core::SystemClock;
+use sigil_proxy::ProxyConfig;
+
+use crate::config::load;
+
+/// Flags of `sigil proxy`; each overrides the config file key of the same name.
+#[derive(Debug, Default, clap::Args)]
+pub struct ProxyArgs {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "SIGIL_PROXY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Trust domain whose SVIDs are admitted.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Listener address (mTLS).
+    #[arg(long = "listen")]
+    pub listen_addr: Option<String>,
+    /// Upstream server, http://host:port.
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// Audience access tokens must carry.
+    #[arg(long)]
+    pub audience: Option<String>,
+    /// Token issuer URL.
+    #[arg(long)]
+    pub issuer: Option<String>,
+    /// The proxy's certificate chain (PEM).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// The proxy's PKCS#8 key (PEM).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Trust bundle, SPIFFE bundle JSON (`sigil bundle show`).
+    #[arg(long)]
+    pub bundle: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+impl ProxyArgs {
+    fn flags(&self) -> Vec<(&'static str, toml::Value)> {
+        let s = |x: &Option<String>| x.clone().map(toml::Value::String);
+        let p = |x: &Option<PathBuf>| {
+            x.as_ref()
+                .map(|p| toml::Value::String(p.display().to_string()))
+        };
+        [
+            ("trust_domain", s(&self.trust_domain)),
+            ("listen_addr", s(&self.listen_addr)),
+            ("upstream", s(&self.upstream)),
+            ("audience", s(&self.audience)),
+            ("issuer", s(&self.issuer)),
+            ("log_format", s(&self.log_format)),
+            ("cert", p(&self.cert)),
+            ("key", p(&self.key)),
+            ("bundle", p(&self.bundle)),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+    }
+}
+
+pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let cfg: ProxyConfig = load(args.config.as_deref(), ProxyConfig::KEYS, args.flags())?;
+    cfg.validate()
+        .map_err(|e| crate::config::UsageError(e.to_string()))?;
+    super::init_logging(cfg.log_format == "json");
+    let proxy = sigil_proxy::start(cfg, Arc::new(SystemClock)).await?;
+    super::server::wait_for_signal().await;
+    proxy.shutdown();
+    Ok(())
+}

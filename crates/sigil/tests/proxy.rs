@@ -1,0 +1,266 @@
+//! End-to-end tests of `sigil proxy` (first slice: mTLS, bound tokens, forwarding) with real
+//! processes: `sigil server`, `sigil proxy`, a Python HTTP upstream, and `curl` as the client.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Server, TD, free_port, run, token_request};
+
+/// An upstream that answers every request with the path and headers it received, as JSON.
+struct Upstream {
+    child: Child,
+    port: u16,
+}
+
+impl Upstream {
+    fn start() -> Self {
+        let port = free_port();
+        let script = r#"
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def handle_one(self):
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n).decode() if n else ""
+        out = json.dumps({"path": self.path, "method": self.command, "body": body,
+                          "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_GET = do_POST = handle_one
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+        let child = Command::new("python3")
+            .args(["-c", script, &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "upstream did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, port }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Proxy {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_proxy(s: &Server, dir: &Path, upstream: u16) -> Proxy {
+    let pdir = dir.join("proxy");
+    s.sigil_json(&[
+        "svid",
+        "mint",
+        "--spiffe-id",
+        &format!("spiffe://{TD}/proxy"),
+        "--dns",
+        "localhost",
+        "--out-dir",
+        pdir.to_str().unwrap(),
+    ]);
+    let bundle = dir.join("bundle.json");
+    let out = s.sigil(&["bundle", "show"]);
+    assert!(out.status.success());
+    std::fs::write(&bundle, &out.stdout).unwrap();
+    let port = free_port();
+    let child = Command::new(common::sigil_bin())
+        .args([
+            "proxy",
+            "--trust-domain",
+            TD,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args([
+            "--upstream",
+            &format!("http://127.0.0.1:{upstream}"),
+            "--audience",
+            "model-gw",
+        ])
+        .args(["--issuer", &s.url("")])
+        .arg("--cert")
+        .arg(pdir.join("svid.pem"))
+        .arg("--key")
+        .arg(pdir.join("key.pem"))
+        .arg("--bundle")
+        .arg(&bundle)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("proxy.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "proxy did not start: {}",
+            std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Proxy { child, port }
+}
+
+/// `curl` through the proxy: (curl succeeded, HTTP status, body).
+fn call(
+    p: &Proxy,
+    bundle: &Path,
+    cert: Option<(&Path, &Path)>,
+    headers: &[String],
+) -> (bool, u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-w", "\n%{http_code}", "--cacert"])
+        .arg(bundle);
+    if let Some((c, k)) = cert {
+        cmd.arg("--cert").arg(c).arg("--key").arg(k);
+    }
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    cmd.arg(format!("https://localhost:{}/v1/models?x=1", p.port));
+    let (ok, out, _) = run(&mut cmd);
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    (ok, code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        dir.join("svid.pem"),
+        dir.join("key.pem"),
+        dir.join("bundle.pem"),
+    )
+}
+
+#[test]
+fn proxy_admits_only_bound_tokens_over_svid_mtls_and_sets_identity_headers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("srv"), &[]);
+    let client_id = format!("spiffe://{TD}/agent");
+    s.sigil_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &client_id,
+        "--parent-id",
+        &format!("spiffe://{TD}/sigil/node/n"),
+        "--selector",
+        "unix:uid:1",
+        "--scope",
+        "model:invoke",
+    ]);
+    let up = Upstream::start();
+    let p = start_proxy(&s, tmp.path(), up.port);
+    let c1 = tmp.path().join("c1");
+    s.mint(&client_id, &c1);
+    let (cert, key, bundle) = files(&c1);
+    let token = |cert: &Path, key: &Path, resource: &str| {
+        let (code, body) = token_request(
+            &s,
+            &bundle,
+            Some((cert, key)),
+            &[
+                "grant_type=client_credentials",
+                &format!("resource={resource}"),
+            ],
+        );
+        assert_eq!(code, 200, "{body}");
+        body["access_token"].as_str().unwrap().to_owned()
+    };
+    let t1 = token(&cert, &key, "model-gw");
+    let auth = |t: &str| format!("Authorization: Bearer {t}");
+
+    // Allowed; the upstream sees the proxy's identity header, not the client's spoofed one,
+    // and never the token.
+    let (ok, code, body) = call(
+        &p,
+        &bundle,
+        Some((&cert, &key)),
+        &[
+            auth(&t1),
+            format!("x-sigil-spiffe-id: spiffe://{TD}/admin"),
+            "X-Sigil-Groups: root".into(),
+        ],
+    );
+    assert!(ok && code == 200, "{code} {body}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["path"], "/v1/models?x=1");
+    assert_eq!(seen["headers"]["x-sigil-spiffe-id"], client_id);
+    assert!(seen["headers"]["x-sigil-groups"].is_null());
+    assert!(seen["headers"]["authorization"].is_null());
+    assert!(
+        seen["headers"]["x-sigil-request-id"]
+            .as_str()
+            .is_some_and(|r| r.len() == 36)
+    );
+    // Same token again (from the cache) still works.
+    let (_, code, _) = call(&p, &bundle, Some((&cert, &key)), &[auth(&t1)]);
+    assert_eq!(code, 200);
+
+    // No client certificate, or one from another CA: the handshake itself fails.
+    let (ok, code, _) = call(&p, &bundle, None, &[auth(&t1)]);
+    assert!(!ok || code == 0, "no client cert admitted ({code})");
+    let foreign_dir = tmp.path().join("foreign");
+    let other = Server::start(&tmp.path().join("other"), &[]);
+    other.mint(&client_id, &foreign_dir);
+    let (fc, fk, _) = files(&foreign_dir);
+    let (ok, code, _) = call(&p, &bundle, Some((&fc, &fk)), &[auth(&t1)]);
+    assert!(!ok || code == 0, "foreign cert admitted ({code})");
+
+    // No token; token for another audience; token bound to another certificate.
+    let (_, code, body) = call(&p, &bundle, Some((&cert, &key)), &[]);
+    assert_eq!(code, 401, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["type"], "authentication_error");
+    let t_other = token(&cert, &key, "other-service");
+    let (_, code, _) = call(&p, &bundle, Some((&cert, &key)), &[auth(&t_other)]);
+    assert_eq!(code, 401);
+    let c2 = tmp.path().join("c2");
+    s.mint(&client_id, &c2);
+    let (cert2, key2, _) = files(&c2);
+    let (_, code, body) = call(&p, &bundle, Some((&cert2, &key2)), &[auth(&t1)]);
+    assert_eq!(code, 401, "stolen token replayed with another cert: {body}");
+    assert!(body.contains("another certificate"), "{body}");
+    // Forged signature, alg none, trailing bytes.
+    // Flip a character in the middle of the signature (the last one may hold only padding bits).
+    let mut forged = t1.clone().into_bytes();
+    let i = forged.len() - 20;
+    forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let parts: Vec<&str> = t1.split('.').collect();
+    let none_header = "eyJhbGciOiJub25lIiwidHlwIjoiYXQrand0In0"; // {"alg":"none","typ":"at+jwt"}
+    let alg_none = format!("{none_header}.{}.", parts[1]);
+    for bad in [forged, alg_none, format!("{t1}x"), format!("{t1}.")] {
+        let (_, code, _) = call(&p, &bundle, Some((&cert, &key)), &[auth(&bad)]);
+        assert_eq!(code, 401, "{bad}");
+    }
+}
