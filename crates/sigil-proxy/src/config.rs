@@ -30,9 +30,31 @@ pub struct ProxyConfig {
     /// Clock skew allowed on `exp`/`nbf`, seconds.
     #[serde(default = "default_skew")]
     pub token_leeway_secs: i64,
+    /// The append-only audit file (JSON lines, 0600).
+    #[serde(default = "default_audit_log")]
+    pub audit_log: PathBuf,
+    /// Largest request body, bytes (413 beyond).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Requests per second allowed per identity (0 = unlimited).
+    #[serde(default)]
+    pub rate_limit_per_sec: f64,
+    /// Requests an identity may make at once after being idle.
+    #[serde(default = "default_burst")]
+    pub rate_limit_burst: f64,
     /// `text` or `json`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+}
+
+fn default_audit_log() -> PathBuf {
+    PathBuf::from("/var/lib/sigil/proxy/audit.jsonl")
+}
+fn default_max_body() -> usize {
+    1024 * 1024
+}
+fn default_burst() -> f64 {
+    20.0
 }
 
 fn default_listen() -> SocketAddr {
@@ -65,6 +87,10 @@ impl ProxyConfig {
         "key",
         "bundle",
         "token_leeway_secs",
+        "audit_log",
+        "max_body_bytes",
+        "rate_limit_per_sec",
+        "rate_limit_burst",
         "log_format",
     ];
 
@@ -89,6 +115,15 @@ impl ProxyConfig {
         }
         if !(0..=300).contains(&self.token_leeway_secs) {
             return Err(bad("token_leeway_secs", "must be between 0 and 300"));
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return Err(bad("max_body_bytes", "must be between 1 KiB and 64 MiB"));
+        }
+        if !(self.rate_limit_per_sec >= 0.0 && self.rate_limit_per_sec.is_finite()) {
+            return Err(bad("rate_limit_per_sec", "must be a number >= 0"));
+        }
+        if !(self.rate_limit_burst >= 1.0 && self.rate_limit_burst.is_finite()) {
+            return Err(bad("rate_limit_burst", "must be a number >= 1"));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(bad("log_format", "must be \"text\" or \"json\""));

@@ -15,8 +15,11 @@ use sigil_core::Clock;
 use sigil_pki::{VerifiedX509Svid, verify_x509_svid};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::audit::{AuditLog, DecisionRecord};
+use crate::ratelimit::RateLimiter;
 use crate::token::{Expect, TokenCache, TokenError};
 use crate::{Credentials, ProxyConfig};
+use std::time::{Duration, Instant};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -31,22 +34,48 @@ pub struct Proxy {
     creds: Arc<ArcSwap<Credentials>>,
     clock: Arc<dyn Clock>,
     tokens: TokenCache,
-    client: Client<HttpConnector, Incoming>,
+    limits: RateLimiter,
+    audit: AuditLog,
+    client: Client<HttpConnector, Body>,
     upstream: Uri,
 }
 
+/// A refusal: the status and message the client gets, and how long to wait for a 429.
+struct Deny {
+    status: StatusCode,
+    message: String,
+    retry_after: Option<Duration>,
+}
+
+impl Deny {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
 impl Proxy {
-    pub fn new(cfg: ProxyConfig, creds: Arc<ArcSwap<Credentials>>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        cfg: ProxyConfig,
+        creds: Arc<ArcSwap<Credentials>>,
+        clock: Arc<dyn Clock>,
+        audit: AuditLog,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).build(connector);
         // INVARIANT: validated by ProxyConfig::validate.
         let upstream = cfg.upstream.parse().unwrap_or_default();
         Self {
+            limits: RateLimiter::new(cfg.rate_limit_per_sec, cfg.rate_limit_burst),
             cfg,
             creds,
             clock,
             tokens: TokenCache::default(),
+            audit,
             client,
             upstream,
         }
@@ -82,12 +111,58 @@ impl Proxy {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, peer: &VerifiedX509Svid) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, peer: &VerifiedX509Svid) -> Response<Body> {
         let request_id = uuid::Uuid::new_v4().to_string();
-        let token = match bearer(req.headers()) {
-            Ok(t) => t,
-            Err(e) => return openai_error(StatusCode::UNAUTHORIZED, &e.to_string(), &request_id),
+        let (parts, body) = req.into_parts();
+        let mut record = DecisionRecord {
+            time_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0),
+            request_id: request_id.clone(),
+            spiffe_id: peer.spiffe_id.to_string(),
+            cert_thumbprint: peer.x5t_s256.clone(),
+            jti: None,
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            decision: "deny",
+            reason: String::new(),
         };
+        let decided = self.authorize(&parts, body, peer, &mut record).await;
+        let allowed = decided.is_ok();
+        record.decision = if allowed { "allow" } else { "deny" };
+        // INVARIANT: the decision is durable before anything is forwarded; a decision that
+        // cannot be recorded is a refusal.
+        if let Err(e) = self.audit.record(&record).await {
+            tracing::error!(error = %e, request_id, "audit failed; refusing");
+            if allowed {
+                return openai_error(
+                    &Deny::new(StatusCode::SERVICE_UNAVAILABLE, "audit log unavailable"),
+                    &request_id,
+                );
+            }
+        }
+        match decided {
+            Ok(body) => self.forward(parts, body, peer, &request_id).await,
+            Err(deny) => {
+                tracing::info!(spiffe_id = %peer.spiffe_id, request_id, reason = %deny.message, "request refused");
+                openai_error(&deny, &request_id)
+            }
+        }
+    }
+
+    /// Token, rate limit and body size: the request body (bounded) if the request may go on.
+    async fn authorize(
+        &self,
+        parts: &http::request::Parts,
+        body: Incoming,
+        peer: &VerifiedX509Svid,
+        record: &mut DecisionRecord,
+    ) -> Result<Bytes, Deny> {
+        let token = bearer(&parts.headers).map_err(|e| {
+            record.reason = e.to_string();
+            Deny::new(StatusCode::UNAUTHORIZED, e.to_string())
+        })?;
         let creds = self.creds.load();
         let expect = Expect {
             keys: &creds.jwt_keys,
@@ -97,46 +172,87 @@ impl Proxy {
             leeway: self.cfg.token_leeway_secs,
             x5t_s256: &peer.x5t_s256,
         };
-        let claims = match self.tokens.check(&token, &expect) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::info!(spiffe_id = %peer.spiffe_id, request_id, error = %e, "request refused");
-                return openai_error(StatusCode::UNAUTHORIZED, &e.to_string(), &request_id);
-            }
-        };
+        let claims = self.tokens.check(&token, &expect).map_err(|e| {
+            record.reason = e.to_string();
+            Deny::new(StatusCode::UNAUTHORIZED, e.to_string())
+        })?;
+        record.jti = Some(claims.jti.clone());
         if claims.sub != peer.spiffe_id.as_str() {
-            return openai_error(
-                StatusCode::UNAUTHORIZED,
-                "token subject does not match the client certificate",
-                &request_id,
-            );
+            record.reason = "token subject is not the certificate's SPIFFE ID".into();
+            return Err(Deny::new(StatusCode::UNAUTHORIZED, record.reason.clone()));
         }
+        if let Err(wait) = self.limits.check(peer.spiffe_id.as_str(), Instant::now()) {
+            record.reason = "rate limit exceeded".into();
+            return Err(Deny {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: record.reason.clone(),
+                retry_after: Some(wait),
+            });
+        }
+        let max = self.cfg.max_body_bytes;
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let too_large = || {
+            Deny::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {max} bytes"),
+            )
+        };
+        if declared.is_some_and(|n| n > max as u64) {
+            record.reason = "request body too large".into();
+            return Err(too_large());
+        }
+        match http_body_util::Limited::new(body, max).collect().await {
+            Ok(c) => {
+                record.reason = "token valid".into();
+                Ok(c.to_bytes())
+            }
+            Err(_) => {
+                record.reason = "request body too large or unreadable".into();
+                Err(too_large())
+            }
+        }
+    }
 
-        // Rewrite the request for the upstream.
-        let path = req
-            .uri()
+    async fn forward(
+        &self,
+        mut parts: http::request::Parts,
+        body: Bytes,
+        peer: &VerifiedX509Svid,
+        request_id: &str,
+    ) -> Response<Body> {
+        let path = parts
+            .uri
             .path_and_query()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".into());
-        let mut parts = self.upstream.clone().into_parts();
-        parts.path_and_query = path.parse().ok();
-        let Ok(uri) = Uri::from_parts(parts) else {
-            return openai_error(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
+        let mut up = self.upstream.clone().into_parts();
+        up.path_and_query = path.parse().ok();
+        let Ok(uri) = Uri::from_parts(up) else {
+            return openai_error(
+                &Deny::new(StatusCode::BAD_REQUEST, "invalid request path"),
+                request_id,
+            );
         };
-        *req.uri_mut() = uri;
-        *req.version_mut() = http::Version::HTTP_11;
-        let headers = req.headers_mut();
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
         strip_identity(headers);
         headers.remove(header::AUTHORIZATION);
         headers.remove(header::HOST);
+        headers.remove(header::CONTENT_LENGTH);
         if let Ok(v) = HeaderValue::from_str(peer.spiffe_id.as_str()) {
             headers.insert(HeaderName::from_static(SPIFFE_ID_HEADER), v);
         }
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
+        if let Ok(v) = HeaderValue::from_str(request_id) {
             headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
         }
-        match self.client.request(req).await {
+        let body = Full::new(body).map_err(|never| match never {}).boxed();
+        match self.client.request(Request::from_parts(parts, body)).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -144,7 +260,10 @@ impl Proxy {
             }
             Err(e) => {
                 tracing::warn!(error = %e, request_id, "upstream unreachable");
-                openai_error(StatusCode::BAD_GATEWAY, "upstream unavailable", &request_id)
+                openai_error(
+                    &Deny::new(StatusCode::BAD_GATEWAY, "upstream unavailable"),
+                    request_id,
+                )
             }
         }
     }
@@ -206,7 +325,8 @@ fn strip_identity(h: &mut HeaderMap) {
 }
 
 /// An error in the OpenAI API's own shape.
-fn openai_error(status: StatusCode, message: &str, request_id: &str) -> Response<Body> {
+fn openai_error(deny: &Deny, request_id: &str) -> Response<Body> {
+    let (status, message) = (deny.status, deny.message.as_str());
     let (kind, code) = match status {
         StatusCode::UNAUTHORIZED => ("authentication_error", "invalid_token"),
         StatusCode::FORBIDDEN => ("permission_error", "forbidden"),
@@ -233,6 +353,12 @@ fn openai_error(status: StatusCode, message: &str, request_id: &str) -> Response
     if let Ok(v) = HeaderValue::from_str(request_id) {
         resp.headers_mut()
             .insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
+    }
+    if let Some(wait) = deny.retry_after {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
     }
     if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut().insert(

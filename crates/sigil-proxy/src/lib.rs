@@ -5,9 +5,11 @@
 //! come next (see the proxy issue).
 #![forbid(unsafe_code)]
 
+mod audit;
 mod config;
 mod credentials;
 mod forward;
+mod ratelimit;
 mod tls;
 mod token;
 
@@ -49,7 +51,13 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let tls = tls::server_config(creds.clone(), clock.clone())?;
     let listener = TcpListener::bind(cfg.listen_addr).await?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(forward::Proxy::new(cfg, creds.clone(), clock.clone()));
+    let audit = audit::AuditLog::open(&cfg.audit_log)?;
+    let state = Arc::new(forward::Proxy::new(
+        cfg,
+        creds.clone(),
+        clock.clone(),
+        audit,
+    ));
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let task = tokio::spawn(async move {
         loop {

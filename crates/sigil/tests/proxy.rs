@@ -77,7 +77,7 @@ impl Drop for Proxy {
     }
 }
 
-fn start_proxy(s: &Server, dir: &Path, upstream: u16) -> Proxy {
+fn start_proxy(s: &Server, dir: &Path, upstream: u16, extra: &[&str]) -> Proxy {
     let pdir = dir.join("proxy");
     s.sigil_json(&[
         "svid",
@@ -115,6 +115,7 @@ fn start_proxy(s: &Server, dir: &Path, upstream: u16) -> Proxy {
         .arg(pdir.join("key.pem"))
         .arg("--bundle")
         .arg(&bundle)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("proxy.log")).unwrap())
         .spawn()
@@ -138,9 +139,20 @@ fn call(
     cert: Option<(&Path, &Path)>,
     headers: &[String],
 ) -> (bool, u16, String) {
+    call_with(p, bundle, cert, headers, &[])
+}
+
+fn call_with(
+    p: &Proxy,
+    bundle: &Path,
+    cert: Option<(&Path, &Path)>,
+    headers: &[String],
+    extra: &[&str],
+) -> (bool, u16, String) {
     let mut cmd = Command::new("curl");
     cmd.args(["-s", "-w", "\n%{http_code}", "--cacert"])
         .arg(bundle);
+    cmd.args(extra);
     if let Some((c, k)) = cert {
         cmd.arg("--cert").arg(c).arg("--key").arg(k);
     }
@@ -179,7 +191,18 @@ fn proxy_admits_only_bound_tokens_over_svid_mtls_and_sets_identity_headers() {
         "model:invoke",
     ]);
     let up = Upstream::start();
-    let p = start_proxy(&s, tmp.path(), up.port);
+    let audit = tmp.path().join("audit.jsonl");
+    let p = start_proxy(
+        &s,
+        tmp.path(),
+        up.port,
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--max-body-bytes",
+            "4096",
+        ],
+    );
     let c1 = tmp.path().join("c1");
     s.mint(&client_id, &c1);
     let (cert, key, bundle) = files(&c1);
@@ -263,4 +286,148 @@ fn proxy_admits_only_bound_tokens_over_svid_mtls_and_sets_identity_headers() {
         let (_, code, _) = call(&p, &bundle, Some((&cert, &key)), &[auth(&bad)]);
         assert_eq!(code, 401, "{bad}");
     }
+}
+
+#[test]
+fn proxy_audits_every_decision_limits_rate_and_size_and_fails_closed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("srv"), &[]);
+    let client_id = format!("spiffe://{TD}/agent");
+    s.sigil_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &client_id,
+        "--parent-id",
+        &format!("spiffe://{TD}/sigil/node/n"),
+        "--selector",
+        "unix:uid:1",
+        "--scope",
+        "model:invoke",
+    ]);
+    let up = Upstream::start();
+    let audit = tmp.path().join("audit.jsonl");
+    let p = start_proxy(
+        &s,
+        tmp.path(),
+        up.port,
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--max-body-bytes",
+            "4096",
+            "--rate-limit-per-sec",
+            "1",
+            "--rate-limit-burst",
+            "3",
+        ],
+    );
+    let c1 = tmp.path().join("c1");
+    s.mint(&client_id, &c1);
+    let (cert, key, bundle) = files(&c1);
+    let (code, body) = token_request(
+        &s,
+        &bundle,
+        Some((&cert, &key)),
+        &["grant_type=client_credentials", "resource=model-gw"],
+    );
+    assert_eq!(code, 200, "{body}");
+    let auth = format!(
+        "Authorization: Bearer {}",
+        body["access_token"].as_str().unwrap()
+    );
+
+    // A body within the limit goes through (POST); one over it gets 413 and never arrives.
+    let small = tmp.path().join("small.json");
+    std::fs::write(&small, r#"{"model":"m","messages":[]}"#).unwrap();
+    let (_, code, body) = call_with(
+        &p,
+        &bundle,
+        Some((&cert, &key)),
+        &[auth.clone(), "content-type: application/json".into()],
+        &["--data-binary", &format!("@{}", small.display())],
+    );
+    assert_eq!(code, 200, "{body}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["body"], r#"{"model":"m","messages":[]}"#);
+    let big = tmp.path().join("big.json");
+    std::fs::write(&big, "x".repeat(10_000)).unwrap();
+    let (_, code, body) = call_with(
+        &p,
+        &bundle,
+        Some((&cert, &key)),
+        std::slice::from_ref(&auth),
+        &["--data-binary", &format!("@{}", big.display())],
+    );
+    assert_eq!(code, 413, "{body}");
+    // Chunked (no Content-Length) over the limit: also 413.
+    let (_, code, _) = call_with(
+        &p,
+        &bundle,
+        Some((&cert, &key)),
+        &[auth.clone(), "Transfer-Encoding: chunked".into()],
+        &["--data-binary", &format!("@{}", big.display())],
+    );
+    assert_eq!(code, 413);
+
+    // Burst of 3 per identity, 1/s: the next request in the same second gets 429 + Retry-After.
+    let mut limited = None;
+    for _ in 0..3 {
+        let (_, code, _) = call_with(
+            &p,
+            &bundle,
+            Some((&cert, &key)),
+            std::slice::from_ref(&auth),
+            &["-D", "/dev/stdout"],
+        );
+        if code == 429 {
+            limited = Some(code);
+            break;
+        }
+    }
+    let (_, code, body) = call_with(
+        &p,
+        &bundle,
+        Some((&cert, &key)),
+        std::slice::from_ref(&auth),
+        &["-D", "/dev/stdout"],
+    );
+    assert!(limited.is_some() || code == 429, "no 429: {code}");
+    if code == 429 {
+        assert!(body.to_ascii_lowercase().contains("retry-after:"), "{body}");
+        assert!(body.contains("rate_limit_error"), "{body}");
+    }
+
+    // Every decision is in the audit file, allow and deny, with identity and token jti.
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(records.len() >= 5, "{text}");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["decision"] == "allow" && r["jti"].is_string())
+    );
+    assert!(records.iter().any(|r| r["decision"] == "deny" && r["reason"].as_str().unwrap().contains("too large")));
+    assert!(records.iter().all(|r| r["spiffe_id"] == client_id.as_str()
+        && r["request_id"].as_str().is_some_and(|id| id.len() == 36)));
+    drop(p);
+
+    // An audit log that cannot be written: nothing is forwarded, the client gets 503.
+    let p = start_proxy(
+        &s,
+        &tmp.path().join("p2"),
+        up.port,
+        &["--audit-log", "/dev/full"],
+    );
+    let (_, code, body) = call(
+        &p,
+        &bundle,
+        Some((&cert, &key)),
+        std::slice::from_ref(&auth),
+    );
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("audit"), "{body}");
 }

@@ -37,6 +37,18 @@ pub struct ProxyArgs {
     /// Trust bundle, SPIFFE bundle JSON (`sigil bundle show`).
     #[arg(long)]
     pub bundle: Option<PathBuf>,
+    /// Append-only audit file (JSON lines).
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long)]
+    pub max_body_bytes: Option<i64>,
+    /// Requests per second per identity (0 = unlimited).
+    #[arg(long)]
+    pub rate_limit_per_sec: Option<f64>,
+    /// Burst per identity.
+    #[arg(long)]
+    pub rate_limit_burst: Option<f64>,
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
@@ -61,6 +73,21 @@ impl ProxyArgs {
             ("bundle", p(&self.bundle)),
         ]
         .into_iter()
+        .chain([
+            ("audit_log", p(&self.audit_log)),
+            (
+                "max_body_bytes",
+                self.max_body_bytes.map(toml::Value::Integer),
+            ),
+            (
+                "rate_limit_per_sec",
+                self.rate_limit_per_sec.map(toml::Value::Float),
+            ),
+            (
+                "rate_limit_burst",
+                self.rate_limit_burst.map(toml::Value::Float),
+            ),
+        ])
         .filter_map(|(k, v)| v.map(|v| (k, v)))
         .collect()
     }
