@@ -159,6 +159,15 @@ impl Proxy {
         peer: &VerifiedX509Svid,
         record: &mut DecisionRecord,
     ) -> Result<Bytes, Deny> {
+        // Ambiguous framing is how requests are smuggled past a proxy: refuse, never guess.
+        let h = &parts.headers;
+        if (h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH))
+            || h.get_all(header::CONTENT_LENGTH).iter().count() > 1
+        {
+            record.reason =
+                "ambiguous message framing (Content-Length with Transfer-Encoding)".into();
+            return Err(Deny::new(StatusCode::BAD_REQUEST, record.reason.clone()));
+        }
         let token = bearer(&parts.headers).map_err(|e| {
             record.reason = e.to_string();
             Deny::new(StatusCode::UNAUTHORIZED, e.to_string())

@@ -431,3 +431,168 @@ fn proxy_audits_every_decision_limits_rate_and_size_and_fails_closed() {
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("audit"), "{body}");
 }
+
+/// An upstream that streams Server-Sent Events, pausing between chunks.
+fn sse_upstream() -> (Child, u16) {
+    let port = free_port();
+    let script = r#"
+import sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for i in range(3):
+            data = f"data: chunk-{i}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+            time.sleep(1.0)
+        self.wfile.write(b"0\r\n\r\n")
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+    let child = Command::new("python3")
+        .args(["-c", script, &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, port)
+}
+
+#[test]
+fn sse_streams_through_unbuffered_and_smuggled_requests_never_reach_the_upstream() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("srv"), &[]);
+    let client_id = format!("spiffe://{TD}/agent");
+    s.sigil_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &client_id,
+        "--parent-id",
+        &format!("spiffe://{TD}/sigil/node/n"),
+        "--selector",
+        "unix:uid:1",
+    ]);
+    let (mut up, up_port) = sse_upstream();
+    let audit = tmp.path().join("audit.jsonl");
+    let p = start_proxy(
+        &s,
+        tmp.path(),
+        up_port,
+        &["--audit-log", audit.to_str().unwrap()],
+    );
+    let c1 = tmp.path().join("c1");
+    s.mint(&client_id, &c1);
+    let (cert, key, bundle) = files(&c1);
+    let (code, body) = token_request(
+        &s,
+        &bundle,
+        Some((&cert, &key)),
+        &["grant_type=client_credentials", "resource=model-gw"],
+    );
+    assert_eq!(code, 200, "{body}");
+    let auth = format!(
+        "Authorization: Bearer {}",
+        body["access_token"].as_str().unwrap()
+    );
+
+    // The first event reaches the client while the upstream is still pausing before the next.
+    let started = Instant::now();
+    let mut child = Command::new("curl")
+        .args(["-sN", "--cacert"])
+        .arg(&bundle)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .args([
+            "-H",
+            &auth,
+            &format!("https://localhost:{}/v1/chat/completions", p.port),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let first_at = started.elapsed();
+    assert_eq!(first, "data: chunk-0");
+    let rest: Vec<String> = lines
+        .map_while(Result::ok)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let total = started.elapsed();
+    assert_eq!(rest, ["data: chunk-1", "data: chunk-2"]);
+    assert!(
+        total >= Duration::from_secs(2),
+        "upstream pauses 1 s between chunks"
+    );
+    assert!(
+        first_at + Duration::from_millis(1500) < total,
+        "first chunk {first_at:?} was held until the end {total:?}"
+    );
+    child.wait().unwrap();
+    // Request smuggling: with conflicting Content-Length and Transfer-Encoding the proxy
+    // (hyper, RFC 9112 §6.3) frames by Transfer-Encoding, drops Content-Length and closes the
+    // connection after answering, so the request hidden behind the first one is never parsed;
+    // the upstream receives one well-framed request. Sent raw over TLS with openssl s_client.
+    let echo = Upstream::start();
+    let a2 = tmp.path().join("a2.jsonl");
+    let p = start_proxy(
+        &s,
+        &tmp.path().join("p2"),
+        echo.port,
+        &["--audit-log", a2.to_str().unwrap()],
+    );
+    let raw = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n{auth}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n\r\n"
+    );
+    let mut ossl = Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-connect",
+            &format!("127.0.0.1:{}", p.port),
+            "-CAfile",
+        ])
+        .arg(&bundle)
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .args(["-servername", "localhost", "-alpn", "http/1.1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = ossl.stdin.take().unwrap();
+        stdin.write_all(raw.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    let out = ossl.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.matches("HTTP/1.1 ").count(),
+        1,
+        "the smuggled request got an answer: {text}"
+    );
+    assert!(text.contains("\"path\": \"/v1/completions\""), "{text}");
+    assert!(text.contains("\"body\": \"\""), "{text}");
+    assert!(!text.contains("/admin"), "{text}");
+    let _ = up.kill();
+    let _ = up.wait();
+}
