@@ -24,6 +24,8 @@ pub struct DecisionRecord {
     pub jti: Option<String>,
     pub method: String,
     pub path: String,
+    /// What the request asks to do (model, tool, endpoint), when it could be read.
+    pub calls: Vec<crate::extract::Call>,
     /// `allow` or `deny`.
     pub decision: &'static str,
     pub reason: String,
@@ -111,6 +113,7 @@ mod tests {
             jti: None,
             method: "GET".into(),
             path: "/".into(),
+            calls: Vec::new(),
             decision: "allow",
             reason: String::new(),
         }

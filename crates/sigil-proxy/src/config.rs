@@ -30,6 +30,9 @@ pub struct ProxyConfig {
     /// Clock skew allowed on `exp`/`nbf`, seconds.
     #[serde(default = "default_skew")]
     pub token_leeway_secs: i64,
+    /// Path where the upstream serves MCP (JSON-RPC over streamable HTTP).
+    #[serde(default = "default_mcp_path")]
+    pub mcp_path: String,
     /// The append-only audit file (JSON lines, 0600).
     #[serde(default = "default_audit_log")]
     pub audit_log: PathBuf,
@@ -47,6 +50,9 @@ pub struct ProxyConfig {
     pub log_format: String,
 }
 
+fn default_mcp_path() -> String {
+    "/mcp".into()
+}
 fn default_audit_log() -> PathBuf {
     PathBuf::from("/var/lib/sigil/proxy/audit.jsonl")
 }
@@ -87,6 +93,7 @@ impl ProxyConfig {
         "key",
         "bundle",
         "token_leeway_secs",
+        "mcp_path",
         "audit_log",
         "max_body_bytes",
         "rate_limit_per_sec",

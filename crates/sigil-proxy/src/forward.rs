@@ -16,6 +16,7 @@ use sigil_pki::{VerifiedX509Svid, verify_x509_svid};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::audit::{AuditLog, DecisionRecord};
+use crate::extract::extract;
 use crate::ratelimit::RateLimiter;
 use crate::token::{Expect, TokenCache, TokenError};
 use crate::{Credentials, ProxyConfig};
@@ -125,6 +126,7 @@ impl Proxy {
             jti: None,
             method: parts.method.to_string(),
             path: parts.uri.path().to_owned(),
+            calls: Vec::new(),
             decision: "deny",
             reason: String::new(),
         };
@@ -214,16 +216,27 @@ impl Proxy {
             record.reason = "request body too large".into();
             return Err(too_large());
         }
-        match http_body_util::Limited::new(body, max).collect().await {
-            Ok(c) => {
-                record.reason = "token valid".into();
-                Ok(c.to_bytes())
-            }
+        let body = match http_body_util::Limited::new(body, max).collect().await {
+            Ok(c) => c.to_bytes(),
             Err(_) => {
                 record.reason = "request body too large or unreadable".into();
-                Err(too_large())
+                return Err(too_large());
             }
-        }
+        };
+        // What is being called; policy on it comes next. A request that cannot be read
+        // cannot be authorized.
+        record.calls = extract(
+            parts.method.as_str(),
+            parts.uri.path(),
+            &self.cfg.mcp_path,
+            &body,
+        )
+        .map_err(|e| {
+            record.reason = e.to_string();
+            Deny::new(StatusCode::BAD_REQUEST, e.to_string())
+        })?;
+        record.reason = "token valid".into();
+        Ok(body)
     }
 
     async fn forward(

@@ -8,6 +8,7 @@
 mod audit;
 mod config;
 mod credentials;
+mod extract;
 mod forward;
 mod ratelimit;
 mod tls;

@@ -410,6 +410,13 @@ fn proxy_audits_every_decision_limits_rate_and_size_and_fails_closed() {
             .iter()
             .any(|r| r["decision"] == "allow" && r["jti"].is_string())
     );
+    // What was called is part of the record.
+    assert!(
+        records.iter().any(|r| r["decision"] == "allow"
+            && r["calls"][0]["action"] == "http"
+            && r["calls"][0]["resource_id"] == "POST /v1/models"),
+        "{text}"
+    );
     assert!(records.iter().any(|r| r["decision"] == "deny" && r["reason"].as_str().unwrap().contains("too large")));
     assert!(records.iter().all(|r| r["spiffe_id"] == client_id.as_str()
         && r["request_id"].as_str().is_some_and(|id| id.len() == 36)));
@@ -555,8 +562,10 @@ fn sse_streams_through_unbuffered_and_smuggled_requests_never_reach_the_upstream
         echo.port,
         &["--audit-log", a2.to_str().unwrap()],
     );
+    let chunk = r#"{"model":"m"}"#;
     let raw = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n{auth}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n\r\n"
+        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n{auth}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n\r\n",
+        chunk.len()
     );
     let mut ossl = Command::new("openssl")
         .args([
@@ -591,7 +600,7 @@ fn sse_streams_through_unbuffered_and_smuggled_requests_never_reach_the_upstream
         "the smuggled request got an answer: {text}"
     );
     assert!(text.contains("\"path\": \"/v1/completions\""), "{text}");
-    assert!(text.contains("\"body\": \"\""), "{text}");
+    assert!(text.contains(r#""body": "{\"model\":\"m\"}""#), "{text}");
     assert!(!text.contains("/admin"), "{text}");
     let _ = up.kill();
     let _ = up.wait();

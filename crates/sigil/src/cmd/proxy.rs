@@ -37,6 +37,9 @@ pub struct ProxyArgs {
     /// Trust bundle, SPIFFE bundle JSON (`sigil bundle show`).
     #[arg(long)]
     pub bundle: Option<PathBuf>,
+    /// Path where the upstream serves MCP (default /mcp).
+    #[arg(long)]
+    pub mcp_path: Option<String>,
     /// Append-only audit file (JSON lines).
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
@@ -75,6 +78,7 @@ impl ProxyArgs {
         .into_iter()
         .chain([
             ("audit_log", p(&self.audit_log)),
+            ("mcp_path", s(&self.mcp_path)),
             (
                 "max_body_bytes",
                 self.max_body_bytes.map(toml::Value::Integer),
