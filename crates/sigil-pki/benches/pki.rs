@@ -51,6 +51,7 @@ fn bench(c: &mut Criterion) {
     let svid = ca.sign_x509_svid(&csr, &spec, NOW).unwrap();
     let keys = JwtKeySet::from_jwks(&[signer.public_jwk()]).unwrap();
     let claims = AccessTokenClaims {
+        groups: vec![],
         iss: "https://sigil.example.org".into(),
         sub: id.to_string(),
         aud: aud.clone(),

@@ -113,6 +113,9 @@ pub struct AccessTokenClaims {
     /// Not before, if set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nbf: Option<i64>,
+    /// Groups of the client (RFC 9068 §2.2.3.1), from its registration entries; for policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
     /// Expiry.
     pub exp: i64,
     /// Certificate binding.
@@ -401,6 +404,8 @@ struct RawAccessClaims {
     aud: Option<Vec<String>>,
     client_id: Option<String>,
     scope: Option<String>,
+    #[serde(default)]
+    groups: Option<Vec<String>>,
     jti: Option<String>,
     iat: Option<i64>,
     nbf: Option<i64>,
@@ -528,6 +533,7 @@ pub fn validate_access_token(
         jti,
         iat,
         nbf: raw.nbf,
+        groups: raw.groups.unwrap_or_default(),
         exp,
         cnf: Confirmation { x5t_s256: x5t },
     })
@@ -556,6 +562,7 @@ mod tests {
 
     fn at_claims() -> AccessTokenClaims {
         AccessTokenClaims {
+            groups: vec!["factory-floor".into()],
             iss: ISS.into(),
             sub: workload().to_string(),
             aud: vec!["https://api.example.org".into()],

@@ -26,6 +26,8 @@ pub struct DecisionRecord {
     pub path: String,
     /// What the request asks to do (model, tool, endpoint), when it could be read.
     pub calls: Vec<crate::extract::Call>,
+    /// The policies that decided (permits for an allow, forbids for a deny).
+    pub policy_ids: Vec<String>,
     /// `allow` or `deny`.
     pub decision: &'static str,
     pub reason: String,
@@ -114,6 +116,7 @@ mod tests {
             method: "GET".into(),
             path: "/".into(),
             calls: Vec::new(),
+            policy_ids: Vec::new(),
             decision: "allow",
             reason: String::new(),
         }

@@ -30,6 +30,10 @@ pub struct ProxyConfig {
     /// Clock skew allowed on `exp`/`nbf`, seconds.
     #[serde(default = "default_skew")]
     pub token_leeway_secs: i64,
+    /// Directory of Cedar policies (`*.cedar`), validated against sigil's schema; reloaded
+    /// on SIGHUP. Without it every call is denied.
+    #[serde(default)]
+    pub policy_dir: Option<PathBuf>,
     /// Path where the upstream serves MCP (JSON-RPC over streamable HTTP).
     #[serde(default = "default_mcp_path")]
     pub mcp_path: String,
@@ -93,6 +97,7 @@ impl ProxyConfig {
         "key",
         "bundle",
         "token_leeway_secs",
+        "policy_dir",
         "mcp_path",
         "audit_log",
         "max_body_bytes",

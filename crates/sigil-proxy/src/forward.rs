@@ -20,6 +20,7 @@ use crate::extract::extract;
 use crate::ratelimit::RateLimiter;
 use crate::token::{Expect, TokenCache, TokenError};
 use crate::{Credentials, ProxyConfig};
+use sigil_policy::{PolicyEngine, Principal, Query};
 use std::time::{Duration, Instant};
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -35,6 +36,7 @@ pub struct Proxy {
     creds: Arc<ArcSwap<Credentials>>,
     clock: Arc<dyn Clock>,
     tokens: TokenCache,
+    policies: Arc<ArcSwap<PolicyEngine>>,
     limits: RateLimiter,
     audit: AuditLog,
     client: Client<HttpConnector, Body>,
@@ -64,6 +66,7 @@ impl Proxy {
         creds: Arc<ArcSwap<Credentials>>,
         clock: Arc<dyn Clock>,
         audit: AuditLog,
+        policies: Arc<ArcSwap<PolicyEngine>>,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -76,6 +79,7 @@ impl Proxy {
             creds,
             clock,
             tokens: TokenCache::default(),
+            policies,
             audit,
             client,
             upstream,
@@ -127,6 +131,7 @@ impl Proxy {
             method: parts.method.to_string(),
             path: parts.uri.path().to_owned(),
             calls: Vec::new(),
+            policy_ids: Vec::new(),
             decision: "deny",
             reason: String::new(),
         };
@@ -235,7 +240,51 @@ impl Proxy {
             record.reason = e.to_string();
             Deny::new(StatusCode::BAD_REQUEST, e.to_string())
         })?;
-        record.reason = "token valid".into();
+        // Every call must be permitted (a batch hiding one forbidden call is refused whole).
+        let now = self.clock.now();
+        let scopes: Vec<String> = claims
+            .scope
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let engine = self.policies.load();
+        for call in &record.calls {
+            let query = Query {
+                principal: Principal {
+                    spiffe_id: peer.spiffe_id.as_str(),
+                    trust_domain: peer.spiffe_id.trust_domain_name(),
+                    groups: &claims.groups,
+                },
+                action: call.action,
+                resource_type: call.resource_type,
+                resource_id: &call.resource_id,
+                scopes: &scopes,
+                hour: now.rem_euclid(86_400) / 3600,
+                // 1970-01-01 was a Thursday; 0 = Monday.
+                weekday: (now.div_euclid(86_400) + 3).rem_euclid(7),
+            };
+            let decision = engine.decide(&query).map_err(|e| {
+                record.reason = e.to_string();
+                Deny::new(StatusCode::FORBIDDEN, "request could not be evaluated")
+            })?;
+            record
+                .policy_ids
+                .extend(decision.policy_ids.iter().cloned());
+            if !decision.allow {
+                record.reason = format!(
+                    "policy denies {} on {}::\"{}\"",
+                    call.action, call.resource_type, call.resource_id
+                );
+                if !decision.errors.is_empty() {
+                    record
+                        .reason
+                        .push_str(&format!(" (errors: {})", decision.errors.join("; ")));
+                }
+                return Err(Deny::new(StatusCode::FORBIDDEN, record.reason.clone()));
+            }
+        }
+        record.reason = "permitted by policy".into();
         Ok(body)
     }
 

@@ -10,6 +10,7 @@ mod config;
 mod credentials;
 mod extract;
 mod forward;
+mod policy;
 mod ratelimit;
 mod tls;
 mod token;
@@ -53,11 +54,16 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let listener = TcpListener::bind(cfg.listen_addr).await?;
     let addr = listener.local_addr()?;
     let audit = audit::AuditLog::open(&cfg.audit_log)?;
+    let policies = Arc::new(ArcSwap::from_pointee(policy::load(
+        cfg.policy_dir.as_deref(),
+    )?));
+    policy::reload_on_sighup(cfg.policy_dir.clone(), policies.clone());
     let state = Arc::new(forward::Proxy::new(
         cfg,
         creds.clone(),
         clock.clone(),
         audit,
+        policies,
     ));
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let task = tokio::spawn(async move {

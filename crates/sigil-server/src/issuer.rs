@@ -148,11 +148,13 @@ impl Issuer {
         client: &SpiffeId,
         audience: &str,
         scopes: &[String],
+        groups: &[String],
         x5t_s256: &str,
         ttl_secs: u32,
     ) -> Result<(String, AccessTokenClaims), IssueError> {
         let now = self.clock.now();
         let claims = AccessTokenClaims {
+            groups: groups.to_vec(),
             iss: issuer.to_owned(),
             sub: client.to_string(),
             aud: vec![audience.to_owned()],

@@ -295,6 +295,12 @@ async fn token(
             "invalid resource/audience",
         ));
     }
+    let groups: Vec<String> = entries
+        .iter()
+        .flat_map(|e| e.spec.groups.iter().cloned())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let ttl = app.config.access_token_ttl_secs;
     let (token, claims) = app
         .issuer
@@ -303,6 +309,7 @@ async fn token(
             &svid.spiffe_id,
             &audience,
             &granted,
+            &groups,
             &svid.x5t_s256,
             ttl,
         )

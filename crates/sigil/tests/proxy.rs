@@ -77,6 +77,23 @@ impl Drop for Proxy {
     }
 }
 
+/// The policies every proxy in these tests runs with.
+const TEST_POLICY: &str = r#"
+@id("agent-http")
+permit (principal == Workload::"spiffe://td.test/agent", action in [Action::"http", Action::"list_models"], resource);
+
+@id("factory-floor-models")
+permit (principal in Group::"factory-floor", action == Action::"invoke", resource)
+when {
+  (resource == Model::"m" || resource == Model::"defect-detector") &&
+  context.scopes.contains("model:invoke")
+};
+
+@id("factory-floor-tools")
+permit (principal in Group::"factory-floor", action in [Action::"call_tool", Action::"list_tools"], resource)
+unless { resource == Tool::"shutdown_line" };
+"#;
+
 fn start_proxy(s: &Server, dir: &Path, upstream: u16, extra: &[&str]) -> Proxy {
     let pdir = dir.join("proxy");
     s.sigil_json(&[
@@ -93,6 +110,9 @@ fn start_proxy(s: &Server, dir: &Path, upstream: u16, extra: &[&str]) -> Proxy {
     let out = s.sigil(&["bundle", "show"]);
     assert!(out.status.success());
     std::fs::write(&bundle, &out.stdout).unwrap();
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("test.cedar"), TEST_POLICY).unwrap();
     let port = free_port();
     let child = Command::new(common::sigil_bin())
         .args([
@@ -115,6 +135,8 @@ fn start_proxy(s: &Server, dir: &Path, upstream: u16, extra: &[&str]) -> Proxy {
         .arg(pdir.join("key.pem"))
         .arg("--bundle")
         .arg(&bundle)
+        .arg("--policy-dir")
+        .arg(&policies)
         .args(extra)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("proxy.log")).unwrap())
@@ -149,6 +171,17 @@ fn call_with(
     headers: &[String],
     extra: &[&str],
 ) -> (bool, u16, String) {
+    call_path(p, bundle, cert, headers, extra, "/v1/models?x=1")
+}
+
+fn call_path(
+    p: &Proxy,
+    bundle: &Path,
+    cert: Option<(&Path, &Path)>,
+    headers: &[String],
+    extra: &[&str],
+    path: &str,
+) -> (bool, u16, String) {
     let mut cmd = Command::new("curl");
     cmd.args(["-s", "-w", "\n%{http_code}", "--cacert"])
         .arg(bundle);
@@ -159,7 +192,7 @@ fn call_with(
     for h in headers {
         cmd.args(["-H", h]);
     }
-    cmd.arg(format!("https://localhost:{}/v1/models?x=1", p.port));
+    cmd.arg(format!("https://localhost:{}{path}", p.port));
     let (ok, out, _) = run(&mut cmd);
     let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
     (ok, code.trim().parse().unwrap_or(0), body.to_owned())
@@ -189,6 +222,8 @@ fn proxy_admits_only_bound_tokens_over_svid_mtls_and_sets_identity_headers() {
         "unix:uid:1",
         "--scope",
         "model:invoke",
+        "--group",
+        "factory-floor",
     ]);
     let up = Upstream::start();
     let audit = tmp.path().join("audit.jsonl");
@@ -304,6 +339,8 @@ fn proxy_audits_every_decision_limits_rate_and_size_and_fails_closed() {
         "unix:uid:1",
         "--scope",
         "model:invoke",
+        "--group",
+        "factory-floor",
     ]);
     let up = Upstream::start();
     let audit = tmp.path().join("audit.jsonl");
@@ -490,6 +527,10 @@ fn sse_streams_through_unbuffered_and_smuggled_requests_never_reach_the_upstream
         &format!("spiffe://{TD}/sigil/node/n"),
         "--selector",
         "unix:uid:1",
+        "--scope",
+        "model:invoke",
+        "--group",
+        "factory-floor",
     ]);
     let (mut up, up_port) = sse_upstream();
     let audit = tmp.path().join("audit.jsonl");
@@ -604,4 +645,130 @@ fn sse_streams_through_unbuffered_and_smuggled_requests_never_reach_the_upstream
     assert!(!text.contains("/admin"), "{text}");
     let _ = up.kill();
     let _ = up.wait();
+}
+
+#[test]
+fn cedar_policy_decides_on_models_tools_and_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("srv"), &[]);
+    let node = format!("spiffe://{TD}/sigil/node/n");
+    let mk = |name: &str, group: &str| {
+        let id = format!("spiffe://{TD}/{name}");
+        s.sigil_json(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &id,
+            "--parent-id",
+            &node,
+            "--selector",
+            "unix:uid:1",
+            "--scope",
+            "model:invoke",
+            "--group",
+            group,
+        ]);
+        let dir = tmp.path().join(name);
+        s.mint(&id, &dir);
+        let (cert, key, bundle) = files(&dir);
+        let (code, body) = token_request(
+            &s,
+            &bundle,
+            Some((&cert, &key)),
+            &["grant_type=client_credentials", "resource=model-gw"],
+        );
+        assert_eq!(code, 200, "{body}");
+        (
+            cert,
+            key,
+            bundle,
+            format!(
+                "Authorization: Bearer {}",
+                body["access_token"].as_str().unwrap()
+            ),
+        )
+    };
+    let floor = mk("camera", "factory-floor");
+    let office = mk("office-bot", "office");
+    let up = Upstream::start();
+    let audit = tmp.path().join("audit.jsonl");
+    let p = start_proxy(
+        &s,
+        tmp.path(),
+        up.port,
+        &["--audit-log", audit.to_str().unwrap()],
+    );
+    let post = |who: &(PathBuf, PathBuf, PathBuf, String), path: &str, body: &str| {
+        let f = tmp.path().join(format!("body-{}", body.len()));
+        std::fs::write(&f, body).unwrap();
+        call_path(
+            &p,
+            &who.2,
+            Some((&who.0, &who.1)),
+            &[who.3.clone(), "content-type: application/json".into()],
+            &["--data-binary", &format!("@{}", f.display())],
+            path,
+        )
+    };
+    // Only factory-floor may invoke defect-detector; other models are denied to everyone.
+    let (_, code, body) = post(
+        &floor,
+        "/v1/chat/completions",
+        r#"{"model":"defect-detector","messages":[]}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    let (_, code, body) = post(
+        &office,
+        "/v1/chat/completions",
+        r#"{"model":"defect-detector","messages":[]}"#,
+    );
+    assert_eq!(code, 403, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["type"], "permission_error");
+    let (_, code, _) = post(
+        &floor,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-x","messages":[]}"#,
+    );
+    assert_eq!(code, 403);
+    // MCP: an allowed tool passes; a forbidden one is refused, also hidden in a batch.
+    let (_, code, body) = post(
+        &floor,
+        "/mcp",
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_sensor","arguments":{}}}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    let (_, code, _) = post(
+        &floor,
+        "/mcp",
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"shutdown_line"}}"#,
+    );
+    assert_eq!(code, 403);
+    let (_, code, body) = post(
+        &floor,
+        "/mcp",
+        r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"shutdown_line"}}]"#,
+    );
+    assert_eq!(code, 403, "a batch hid a forbidden call: {body}");
+    // The decisions name the policies that made them.
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let allowed = records
+        .iter()
+        .find(|r| r["decision"] == "allow" && r["calls"][0]["resource_id"] == "defect-detector")
+        .unwrap();
+    assert_eq!(
+        allowed["policy_ids"],
+        serde_json::json!(["factory-floor-models"])
+    );
+    assert!(records.iter().any(|r| {
+        r["decision"] == "deny"
+            && r["reason"]
+                .as_str()
+                .unwrap()
+                .contains("Tool::\"shutdown_line\"")
+    }));
 }

@@ -156,6 +156,7 @@ fn token_endpoint_issues_certificate_bound_tokens_and_refuses_bad_clients() {
     assert_eq!(claims["cnf"]["x5t#S256"], thumbprint(&svid));
     assert_eq!(claims["sub"], app_id("agent"));
     assert_eq!(claims["client_id"], app_id("agent"));
+    assert_eq!(claims["groups"], serde_json::json!(["factory-floor"]));
     assert_eq!(claims["iss"], s.url(""));
     assert_eq!(claims["aud"], serde_json::json!(["sigil"]));
     assert!(claims["jti"].as_str().is_some_and(|j| !j.is_empty()));
@@ -876,4 +877,37 @@ fn upstream_ca_and_ed25519_ca_sign_verifiable_svids() {
         .unwrap();
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
+}
+
+#[test]
+fn policy_validate_accepts_the_demo_and_names_errors() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policy");
+    let out = Command::new(common::sigil_bin())
+        .args(["policy", "validate"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("bad.cedar"),
+        "permit(principal, action == Action::\"invok\", resource);",
+    )
+    .unwrap();
+    let out = Command::new(common::sigil_bin())
+        .args(["policy", "validate"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invok"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

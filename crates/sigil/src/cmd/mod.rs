@@ -2,6 +2,7 @@
 pub(crate) mod admin;
 mod agent;
 mod dev;
+mod policy;
 mod proxy;
 mod server;
 mod workload;
@@ -29,6 +30,9 @@ pub enum Command {
     Agent(agent::AgentArgs),
     /// Run the sidecar enforcer in front of a model or tool server.
     Proxy(proxy::ProxyArgs),
+    /// Validate Cedar policies against sigil's schema.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
     /// Talk to the SPIFFE Workload API as a workload would.
     #[command(subcommand)]
     Workload(workload::WorkloadCmd),
@@ -82,6 +86,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(a) => dev::run(a).await,
         Command::Agent(a) => agent::run(a).await,
         Command::Proxy(a) => proxy::run(a).await,
+        Command::Policy(c) => policy::run(c),
         Command::Workload(c) => workload::run(c).await,
         Command::Entry(c) => admin::entry(c).await,
         Command::Jointoken(c) => admin::jointoken(c).await,

@@ -37,6 +37,9 @@ pub struct ProxyArgs {
     /// Trust bundle, SPIFFE bundle JSON (`sigil bundle show`).
     #[arg(long)]
     pub bundle: Option<PathBuf>,
+    /// Directory of Cedar policies (*.cedar); reloaded on SIGHUP. Without it all is denied.
+    #[arg(long)]
+    pub policy_dir: Option<PathBuf>,
     /// Path where the upstream serves MCP (default /mcp).
     #[arg(long)]
     pub mcp_path: Option<String>,
@@ -79,6 +82,7 @@ impl ProxyArgs {
         .chain([
             ("audit_log", p(&self.audit_log)),
             ("mcp_path", s(&self.mcp_path)),
+            ("policy_dir", p(&self.policy_dir)),
             (
                 "max_body_bytes",
                 self.max_body_bytes.map(toml::Value::Integer),
