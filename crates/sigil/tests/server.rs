@@ -911,3 +911,37 @@ fn policy_validate_accepts_the_demo_and_names_errors() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn policy_test_runs_cases_and_fails_on_a_wrong_expectation() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policy");
+    let out = Command::new(common::sigil_bin())
+        .args(["policy", "test"])
+        .arg(root.join("demo.tests.json"))
+        .arg("--policies")
+        .arg(&root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("4 passed, 0 failed"), "{stdout}");
+    // Flip one expectation: the run fails and names the case.
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root.join("demo.tests.json")).unwrap();
+    let flipped = text.replacen("\"expect\": \"deny\"", "\"expect\": \"allow\"", 1);
+    let cases = tmp.path().join("cases.json");
+    std::fs::write(&cases, flipped).unwrap();
+    let out = Command::new(common::sigil_bin())
+        .args(["policy", "test"])
+        .arg(&cases)
+        .arg("--policies")
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL  without the model:invoke scope"));
+}
