@@ -199,6 +199,11 @@ CREATE TABLE authorities (
 /// Safe to run concurrently from several processes: each migration first inserts its row in
 /// `schema_migrations`, so a second migrator blocks on (PostgreSQL) or is serialised by
 /// (SQLite) the first, then sees a unique violation and skips the step.
+/// PostgreSQL's `duplicate_table` (42P07).
+fn is_duplicate_table(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P07"))
+}
+
 pub(crate) async fn migrate(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {
     let created = pool
         .execute(
@@ -210,8 +215,9 @@ pub(crate) async fn migrate(pool: &AnyPool, backend: Backend) -> Result<(), Stor
         )
         .await;
     match created {
-        // PostgreSQL: two first starts racing on IF NOT EXISTS; the other one created it.
-        Err(e) if !is_unique_violation(&e) => return Err(e.into()),
+        // PostgreSQL: two first starts racing on IF NOT EXISTS fail with a unique violation
+        // on the catalog or with 42P07 duplicate_table; either way the other one created it.
+        Err(e) if !is_unique_violation(&e) && !is_duplicate_table(&e) => return Err(e.into()),
         _ => {}
     }
 
