@@ -199,26 +199,36 @@ CREATE TABLE authorities (
 /// Safe to run concurrently from several processes: each migration first inserts its row in
 /// `schema_migrations`, so a second migrator blocks on (PostgreSQL) or is serialised by
 /// (SQLite) the first, then sees a unique violation and skips the step.
-/// PostgreSQL's `duplicate_table` (42P07).
-fn is_duplicate_table(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P07"))
-}
+/// The advisory lock key sigil's migrations take on PostgreSQL ("sigilmig" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7369_6769_6c6d_6967;
 
 pub(crate) async fn migrate(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {
-    let created = pool
-        .execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
+    const BOOTSTRAP: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
                 version    BIGINT PRIMARY KEY,
                 name       TEXT NOT NULL,
                 applied_at BIGINT NOT NULL
-            )",
-        )
-        .await;
-    match created {
-        // PostgreSQL: two first starts racing on IF NOT EXISTS fail with a unique violation
-        // on the catalog or with 42P07 duplicate_table; either way the other one created it.
-        Err(e) if !is_unique_violation(&e) && !is_duplicate_table(&e) => return Err(e.into()),
-        _ => {}
+            )";
+    match backend {
+        // Replicas starting at once would race inside CREATE TABLE IF NOT EXISTS (which
+        // PostgreSQL does not make atomic: 42P07, 42710 or a catalog unique violation), so the
+        // bootstrap runs under a session advisory lock on one connection.
+        Backend::Postgres => {
+            let mut conn = pool.acquire().await?;
+            sqlx::query("SELECT pg_advisory_lock($1)")
+                .bind(MIGRATION_LOCK)
+                .execute(&mut *conn)
+                .await?;
+            let created = conn.execute(BOOTSTRAP).await;
+            let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(MIGRATION_LOCK)
+                .execute(&mut *conn)
+                .await;
+            created?;
+            unlocked?;
+        }
+        Backend::Sqlite => {
+            pool.execute(BOOTSTRAP).await?;
+        }
     }
 
     let current = current_version(pool).await?;
