@@ -1,11 +1,14 @@
 //! The on-disk cache that lets the agent serve through outages and restarts: node identity,
-//! trust bundle, entries and workload SVIDs, each file 0600 and replaced atomically.
+//! trust bundle, entries, workload SVIDs and the revocation list, each file 0600 and replaced
+//! atomically.
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use sigil_core::{EntryId, RegistrationEntry, SpiffeId, UnixTime};
+
+use crate::revocation::RevocationList;
 
 /// An X.509-SVID with its private key (DER chain leaf first, PKCS#8 DER key).
 #[derive(Clone, PartialEq, Eq)]
@@ -110,6 +113,7 @@ pub struct Cache {
 const NODE: &str = "node.json";
 const BUNDLE: &str = "bundle.json";
 const STATE: &str = "state.json";
+const REVOCATIONS: &str = "revocations.json";
 
 impl Cache {
     /// Opens (creating, mode 0700) the cache directory.
@@ -201,6 +205,20 @@ impl Cache {
         self.write(STATE, &f)
     }
 
+    /// The cached revocation list, as received (the caller drops expired entries).
+    pub fn load_revocations(&self) -> Result<Option<RevocationList>, CacheError> {
+        let Some(bytes) = self.read(REVOCATIONS)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| CacheError::Corrupt(format!("{REVOCATIONS}: {e}")))
+    }
+
+    pub fn save_revocations(&self, list: &RevocationList) -> Result<(), CacheError> {
+        self.write(REVOCATIONS, list)
+    }
+
     fn write<T: Serialize>(&self, name: &str, v: &T) -> Result<(), CacheError> {
         let bytes =
             serde_json::to_vec(v).map_err(|e| CacheError::Io(format!("encoding {name}: {e}")))?;
@@ -211,6 +229,7 @@ impl Cache {
     pub const NODE_FILE: &'static str = NODE;
     pub const BUNDLE_FILE: &'static str = BUNDLE;
     pub const STATE_FILE: &'static str = STATE;
+    pub const REVOCATIONS_FILE: &'static str = REVOCATIONS;
 }
 
 /// Writes `data` to `path` with mode 0600: temp file, fsync, rename, fsync the directory.
@@ -284,6 +303,27 @@ mod tests {
         c.quarantine(NODE);
         assert!(c.load_node().unwrap().is_none());
         assert!(dir.path().join("node.json.corrupt").exists());
+    }
+
+    #[test]
+    fn revocations_round_trip_and_corruption_is_reported() {
+        use crate::revocation::RevokedSvid;
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path()).unwrap();
+        assert!(c.load_revocations().unwrap().is_none());
+        let l = RevocationList {
+            revision: 3,
+            revoked: vec![RevokedSvid {
+                serial: String::new(),
+                spiffe_id: "spiffe://td/a".into(),
+                revoked_at: 10,
+                expires_at: 20,
+            }],
+        };
+        c.save_revocations(&l).unwrap();
+        assert_eq!(c.load_revocations().unwrap(), Some(l));
+        std::fs::write(dir.path().join(REVOCATIONS), b"[1,").unwrap();
+        assert!(matches!(c.load_revocations(), Err(CacheError::Corrupt(_))));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The sigil node agent (`sigil agent`): attests its device to the server with a join token,
 //! follows the server's sync stream, signs and rotates workload SVIDs (keys made here, never
 //! sent), caches everything on disk for offline operation, and serves the standard SPIFFE
-//! Workload API on a unix socket to local processes identified by the kernel.
+//! Workload API on a unix socket to local processes identified by the kernel, with sigil's
+//! Enforcer API (the revocation list, for the sidecar proxy) on the same socket.
 #![forbid(unsafe_code)]
 
 mod attestor;
@@ -9,8 +10,10 @@ mod authority_fix;
 mod cache;
 mod client;
 mod config;
+mod enforcer;
 mod manager;
 mod peer;
+mod revocation;
 mod tls;
 mod workload_api;
 
@@ -26,10 +29,11 @@ pub use attestor::{AttestationError, JoinTokenAttestor, NodeAttestor};
 pub use config::{AgentConfig, AgentConfigError};
 pub use manager::{Manager, ManagerError, Snapshot};
 pub use peer::{AttestError, PeerCred, WorkloadAttestor};
+pub use revocation::{RevocationList, RevokedSvid};
 
 /// A started agent.
 pub struct RunningAgent {
-    /// The Workload API socket.
+    /// The Workload API (and Enforcer API) socket.
     pub socket: PathBuf,
     /// The identity manager (snapshots, for in-process callers).
     pub manager: Arc<Manager>,
@@ -61,20 +65,7 @@ pub async fn start(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let socket = cfg.socket();
     let manager = Manager::load(cfg, clock)?;
     let listener = bind_socket(&socket)?;
-    let api = workload_api::WorkloadApi::new(manager.clone());
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
-        .map(|s| s.map(workload_api::AcceptedStream::new));
-    let server_task = tokio::spawn(async move {
-        let svc =
-            sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(api);
-        if let Err(e) = tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(incoming)
-            .await
-        {
-            tracing::error!(error = %e, "Workload API server failed");
-        }
-    });
+    let server_task = serve(listener, manager.clone());
     let manager_task = tokio::spawn(manager.clone().run());
     tracing::info!(socket = %socket.display(), "Workload API listening");
     Ok(RunningAgent {
@@ -82,6 +73,29 @@ pub async fn start(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         manager,
         manager_task,
         server_task,
+    })
+}
+
+/// Serves the SPIFFE Workload API and sigil's Enforcer API on one tonic router, over the
+/// `:authority` adapter, every connection carrying its peer credentials.
+fn serve(listener: UnixListener, manager: Arc<Manager>) -> JoinHandle<()> {
+    let attestor = Arc::new(WorkloadAttestor::new());
+    let api = workload_api::WorkloadApi::new(manager.clone(), attestor.clone());
+    let enforcer = enforcer::EnforcerApi::new(manager, attestor);
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+        .map(|s| s.map(workload_api::AcceptedStream::new));
+    tokio::spawn(async move {
+        let svc =
+            sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(api);
+        let enf = sigil_proto::enforcer::enforcer_server::EnforcerServer::new(enforcer);
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(svc)
+            .add_service(enf)
+            .serve_with_incoming(incoming)
+            .await
+        {
+            tracing::error!(error = %e, "Workload API server failed");
+        }
     })
 }
 

@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 use crate::attestor::{AttestationError, JoinTokenAttestor, NodeAttestor};
 use crate::cache::{Cache, CachedState, HeldSvid};
 use crate::config::AgentConfig;
+use crate::revocation::RevocationList;
 use crate::{client, tls};
 
 /// What the Workload API serves right now.
@@ -33,6 +34,9 @@ pub struct Snapshot {
     pub serving: bool,
     /// True while a first attestation is under way (not serving yet, but soon).
     pub attesting: bool,
+    /// The latest revocation list (from the server, or the cache), none expired; `None`
+    /// until one is known, so enforcers are never told "nothing is revoked" by default.
+    pub revocations: Option<Arc<RevocationList>>,
 }
 
 /// Why the manager stopped for good.
@@ -154,6 +158,17 @@ impl Manager {
                     && verify_x509_svid_for_usage(&chain, &x509, now, SvidUsage::ClientAuth).is_ok()
             })
             .collect();
+        let revocations = match cache.load_revocations() {
+            Ok(r) => r.map(|mut l| {
+                l.drop_expired(now);
+                Arc::new(l)
+            }),
+            Err(e) => {
+                tracing::error!(file = Cache::REVOCATIONS_FILE, error = %e, "cached revocation list is corrupt; ignoring it and re-syncing");
+                cache.quarantine(Cache::REVOCATIONS_FILE);
+                None
+            }
+        };
         let serving = node.is_some();
         let sequence = bundle.as_ref().map(|b| b.sequence).unwrap_or(0);
         let snapshot = Snapshot {
@@ -162,6 +177,7 @@ impl Manager {
             svids: Arc::new(svids),
             serving,
             attesting: !serving && cfg.join_token.is_some(),
+            revocations,
         };
         let (tx, _) = watch::channel(snapshot);
         Ok(Arc::new(Self {
@@ -409,6 +425,33 @@ impl Manager {
                     || (r.spiffe_id == s.spiffe_id.as_str() && r.revoked_at >= s.received_at - 60)
             })
         };
+        let held = self.snapshot.borrow().revocations.clone();
+        let incoming = RevocationList::from_sync(u.revocations_revision, &u.revocations, now);
+        let revocations = match &held {
+            Some(h) => {
+                if incoming.revision < h.revision {
+                    tracing::warn!(
+                        got = incoming.revision,
+                        have = h.revision,
+                        "revocation list from an older revision; keeping the union"
+                    );
+                }
+                h.updated_with(incoming)
+            }
+            None => incoming,
+        };
+        let revocations_changed = held.as_deref() != Some(&revocations);
+        if revocations_changed {
+            // INVARIANT: persisted before it is served, so a restart serves the same list.
+            self.cache
+                .save_revocations(&revocations)
+                .map_err(|e| e.to_string())?;
+            tracing::info!(
+                revision = revocations.revision,
+                count = revocations.revoked.len(),
+                "revocation list updated"
+            );
+        }
         let mut svids = (*self.snapshot.borrow().svids).clone();
         svids.retain(|id, s| {
             let keep = s.not_after > now
@@ -422,6 +465,9 @@ impl Manager {
         self.snapshot.send_modify(|s| {
             s.entries = Arc::new(entries);
             s.svids = Arc::new(svids);
+            if revocations_changed {
+                s.revocations = Some(Arc::new(revocations));
+            }
         });
         self.reconcile(c).await?;
         Ok(())
@@ -504,13 +550,23 @@ impl Manager {
         Ok(())
     }
 
-    /// Removes expired SVIDs every second, connected or not: never serve past expiry.
+    /// Removes expired SVIDs (and expired revocations) every second, connected or not: never
+    /// serve past expiry.
     async fn sweep_forever(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
             let now = self.clock.now();
             self.snapshot.send_if_modified(|s| {
+                let mut changed = false;
+                if let Some(r) = &s.revocations
+                    && r.revoked.iter().any(|v| v.expires_at <= now)
+                {
+                    let mut r = (**r).clone();
+                    r.drop_expired(now);
+                    s.revocations = Some(Arc::new(r));
+                    changed = true;
+                }
                 if s.svids.values().any(|v| v.not_after <= now) {
                     let mut svids = (*s.svids).clone();
                     svids.retain(|id, v| {
@@ -521,12 +577,19 @@ impl Manager {
                         live
                     });
                     s.svids = Arc::new(svids);
-                    true
-                } else {
-                    false
+                    changed = true;
                 }
+                changed
             });
         }
+    }
+}
+
+#[cfg(test)]
+impl Manager {
+    /// Changes the published snapshot directly (tests without a server).
+    pub(crate) fn publish_for_test(&self, f: impl FnOnce(&mut Snapshot)) {
+        self.snapshot.send_modify(f);
     }
 }
 

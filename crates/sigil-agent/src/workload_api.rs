@@ -113,73 +113,93 @@ pub struct WorkloadApi {
 }
 
 impl WorkloadApi {
-    pub fn new(mgr: Arc<Manager>) -> Self {
+    /// The service, attesting callers with `attestor` (shared with the other services on the
+    /// socket, so they share its executable-hash cache).
+    pub fn new(mgr: Arc<Manager>, attestor: Arc<WorkloadAttestor>) -> Self {
         Self {
             mgr,
-            attestor: Arc::new(WorkloadAttestor::new()),
+            attestor,
             jwts: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Checks the security header and attests the caller; returns its selectors.
     async fn caller<T>(&self, req: &Request<T>) -> Result<Vec<Selector>, Status> {
-        let header = req
-            .metadata()
-            .get(SECURITY_HEADER)
-            .and_then(|v| v.to_str().ok());
-        if header != Some("true") {
-            return Err(Status::invalid_argument(
-                "security header missing: requests must carry metadata workload.spiffe.io: true",
-            ));
-        }
-        let info = req
-            .extensions()
-            .get::<ConnInfo>()
-            .copied()
-            .ok_or_else(|| Status::internal("no connection info"))?;
-        let pid = match (info.has_cred, info.pid) {
-            (true, Some(pid)) if pid > 0 => pid,
-            _ => {
-                return Err(Status::permission_denied(
-                    "caller's peer credentials unavailable",
-                ));
-            }
-        };
-        self.attestor
-            .attest(PeerCred {
-                pid,
-                uid: info.uid,
-                gid: info.gid,
-                accepted_at: info.accepted_at,
-            })
-            .await
-            .map_err(|e| Status::permission_denied(format!("could not attest the caller: {e}")))
+        attest_caller(&self.attestor, req).await
     }
 
     fn serving(&self) -> Result<Snapshot, Status> {
-        let snap = self.mgr.subscribe().borrow().clone();
-        if !snap.serving && snap.attesting {
-            return Err(Status::unavailable(
-                "this agent is attesting its node; retry shortly",
-            ));
-        }
-        if !snap.serving {
-            return Err(Status::permission_denied(
-                "this agent has no node identity (not attested, or evicted)",
-            ));
-        }
-        Ok(snap)
+        serving(&self.mgr)
     }
 }
 
-fn matching<'a>(snap: &'a Snapshot, selectors: &[Selector]) -> Vec<&'a RegistrationEntry> {
+/// Checks the security header (else `InvalidArgument`) and attests the caller by its peer
+/// credentials (else `PermissionDenied`); returns its selectors. The rule for every service
+/// on the Workload API socket.
+pub(crate) async fn attest_caller<T>(
+    attestor: &WorkloadAttestor,
+    req: &Request<T>,
+) -> Result<Vec<Selector>, Status> {
+    let header = req
+        .metadata()
+        .get(SECURITY_HEADER)
+        .and_then(|v| v.to_str().ok());
+    if header != Some("true") {
+        return Err(Status::invalid_argument(
+            "security header missing: requests must carry metadata workload.spiffe.io: true",
+        ));
+    }
+    let info = req
+        .extensions()
+        .get::<ConnInfo>()
+        .copied()
+        .ok_or_else(|| Status::internal("no connection info"))?;
+    let pid = match (info.has_cred, info.pid) {
+        (true, Some(pid)) if pid > 0 => pid,
+        _ => {
+            return Err(Status::permission_denied(
+                "caller's peer credentials unavailable",
+            ));
+        }
+    };
+    attestor
+        .attest(PeerCred {
+            pid,
+            uid: info.uid,
+            gid: info.gid,
+            accepted_at: info.accepted_at,
+        })
+        .await
+        .map_err(|e| Status::permission_denied(format!("could not attest the caller: {e}")))
+}
+
+/// The current snapshot if the agent is serving; `Unavailable` while it attests its node,
+/// `PermissionDenied` once it has no node identity.
+pub(crate) fn serving(mgr: &Manager) -> Result<Snapshot, Status> {
+    let snap = mgr.subscribe().borrow().clone();
+    if !snap.serving && snap.attesting {
+        return Err(Status::unavailable(
+            "this agent is attesting its node; retry shortly",
+        ));
+    }
+    if !snap.serving {
+        return Err(Status::permission_denied(
+            "this agent has no node identity (not attested, or evicted)",
+        ));
+    }
+    Ok(snap)
+}
+
+pub(crate) fn matching<'a>(
+    snap: &'a Snapshot,
+    selectors: &[Selector],
+) -> Vec<&'a RegistrationEntry> {
     snap.entries
         .iter()
         .filter(|e| e.spec.matches(selectors))
         .collect()
 }
 
-fn no_entry() -> Status {
+pub(crate) fn no_entry() -> Status {
     Status::permission_denied("no registration entry matches the caller")
 }
 
@@ -226,7 +246,7 @@ fn x509_response(
     }))
 }
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(crate) type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn stream_of<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> ResponseStream<T> {
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -235,7 +255,7 @@ fn stream_of<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> Respon
 /// A stream that sends `render(snapshot)` now and again whenever it changes, until the node
 /// loses its identity (then PermissionDenied) or the client goes away. `render` returns
 /// `None` while there is nothing to send yet.
-fn bundle_stream<T, F>(mgr: &Manager, render: F) -> ResponseStream<T>
+pub(crate) fn bundle_stream<T, F>(mgr: &Manager, render: F) -> ResponseStream<T>
 where
     T: PartialEq + Clone + Send + 'static,
     F: Fn(&Snapshot) -> Option<Result<T, Status>> + Send + 'static,

@@ -1,4 +1,5 @@
-//! Generated protobuf and gRPC code for sigil's node API.
+//! Generated protobuf and gRPC code for sigil's node API, the agent's Enforcer API and the
+//! SPIFFE Workload API.
 #![forbid(unsafe_code)]
 #![allow(
     clippy::all,
@@ -13,6 +14,13 @@ pub mod node {
     pub mod v1 {
         tonic::include_proto!("sigil.node.v1");
     }
+}
+
+/// The agent's Enforcer API (`sigil.agent.v1`): what a local enforcer (the sidecar proxy)
+/// learns from the node agent beside it, e.g. the revocation list. Served on the agent's
+/// Workload API socket.
+pub mod enforcer {
+    tonic::include_proto!("sigil.agent.v1");
 }
 
 /// The SPIFFE Workload API (`SpiffeWorkloadAPI`), from the SPIFFE specification.

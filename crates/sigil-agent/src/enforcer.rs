@@ -1,0 +1,331 @@
+//! sigil's Enforcer API (`sigil.agent.v1.Enforcer`), on the Workload API socket: what a local
+//! enforcer (the `sigil proxy` sidecar) learns from this agent — today, the revocation list,
+//! so it can refuse revoked X.509-SVIDs.
+//!
+//! Access follows the Workload API: the `workload.spiffe.io: true` header, and a caller
+//! (attested by its peer credentials) that at least one registration entry of this node
+//! matches.
+use std::sync::Arc;
+
+use sigil_proto::enforcer as ep;
+use tonic::{Request, Response, Status};
+
+use crate::manager::Manager;
+use crate::peer::WorkloadAttestor;
+use crate::workload_api::{
+    ResponseStream, attest_caller, bundle_stream, matching, no_entry, serving,
+};
+
+/// The Enforcer service.
+pub struct EnforcerApi {
+    mgr: Arc<Manager>,
+    attestor: Arc<WorkloadAttestor>,
+}
+
+impl EnforcerApi {
+    pub fn new(mgr: Arc<Manager>, attestor: Arc<WorkloadAttestor>) -> Self {
+        Self { mgr, attestor }
+    }
+}
+
+#[tonic::async_trait]
+impl ep::enforcer_server::Enforcer for EnforcerApi {
+    type WatchRevocationsStream = ResponseStream<ep::Revocations>;
+
+    async fn watch_revocations(
+        &self,
+        req: Request<ep::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        let selectors = attest_caller(&self.attestor, &req).await?;
+        let snap = serving(&self.mgr)?;
+        // NOTE: any workload of this node may watch for now; a later issue restricts this to
+        // callers matched by entries marked as enforcers.
+        if matching(&snap, &selectors).is_empty() {
+            return Err(no_entry());
+        }
+        // The full list now and on every change; the stream ends (PermissionDenied) once the
+        // node loses its identity or no entry matches the caller any more.
+        Ok(Response::new(bundle_stream(&self.mgr, move |snap| {
+            if matching(snap, &selectors).is_empty() {
+                return Some(Err(no_entry()));
+            }
+            snap.revocations.as_ref().map(|r| Ok(r.to_pb()))
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use sigil_core::{
+        Clock, EntryId, EntrySpec, ManualClock, RegistrationEntry, Selector, SpiffeId, TrustDomain,
+    };
+    use sigil_proto::enforcer::enforcer_client::EnforcerClient;
+    use sigil_proto::workload as wl;
+    use tonic::transport::{Channel, Endpoint};
+
+    use super::*;
+    use crate::config::AgentConfig;
+    use crate::manager::Snapshot;
+    use crate::revocation::{RevocationList, RevokedSvid};
+
+    const NOW: i64 = 1_700_000_000;
+
+    fn my_uid() -> u32 {
+        std::fs::metadata("/proc/self").unwrap().uid()
+    }
+
+    fn entry(uid: u32) -> RegistrationEntry {
+        RegistrationEntry {
+            id: EntryId::random(),
+            spec: EntrySpec {
+                spiffe_id: SpiffeId::new("spiffe://td.test/proxy").unwrap(),
+                parent_id: SpiffeId::new("spiffe://td.test/sigil/node/n1").unwrap(),
+                selectors: vec![Selector::parse(&format!("unix:uid:{uid}")).unwrap()],
+                x509_ttl_secs: 3600,
+                jwt_ttl_secs: 300,
+                dns_names: vec![],
+                groups: vec![],
+                scopes: vec![],
+            },
+            revision: 1,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn list(revision: i64, serials: &[&str]) -> RevocationList {
+        RevocationList {
+            revision,
+            revoked: serials
+                .iter()
+                .map(|s| RevokedSvid {
+                    serial: (*s).into(),
+                    spiffe_id: String::new(),
+                    revoked_at: NOW - 10,
+                    expires_at: NOW + 3600,
+                })
+                .collect(),
+        }
+    }
+
+    /// An agent manager with no server (its snapshot set by the test), served on a real
+    /// unix socket through the same router as `sigil agent`.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        mgr: Arc<Manager>,
+        server: tokio::task::JoinHandle<()>,
+        socket: std::path::PathBuf,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            self.server.abort();
+        }
+    }
+
+    fn config(dir: &Path) -> AgentConfig {
+        AgentConfig {
+            trust_domain: TrustDomain::new("td.test").unwrap(),
+            server_address: "127.0.0.1:1".into(),
+            data_dir: dir.to_owned(),
+            socket_path: None,
+            join_token: None,
+            trust_bundle: None,
+            log_format: "text".into(),
+        }
+    }
+
+    fn fixture(snap: impl FnOnce(&mut Snapshot)) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(NOW));
+        let mgr = Manager::load(config(dir.path()), clock).unwrap();
+        mgr.publish_for_test(|s| {
+            s.serving = true;
+            snap(s);
+        });
+        let socket = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let server = crate::serve(listener, mgr.clone());
+        Fixture {
+            _dir: dir,
+            mgr,
+            server,
+            socket,
+        }
+    }
+
+    async fn channel(socket: &Path) -> Channel {
+        let path = socket.to_owned();
+        Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .unwrap()
+    }
+
+    fn with_header<T>(msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.metadata_mut().insert(
+            "workload.spiffe.io",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        r
+    }
+
+    async fn next(
+        s: &mut tonic::Streaming<ep::Revocations>,
+    ) -> Result<Option<ep::Revocations>, Status> {
+        tokio::time::timeout(Duration::from_secs(5), s.message())
+            .await
+            .expect("no message within 5 s")
+    }
+
+    fn serials(r: &ep::Revocations) -> Vec<&str> {
+        r.revoked.iter().map(|x| x.serial.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn streams_the_full_list_now_and_on_every_change() {
+        let f = fixture(|s| {
+            s.entries = Arc::new(vec![entry(my_uid())]);
+            s.revocations = Some(Arc::new(list(3, &["aa01"])));
+        });
+        let mut c = EnforcerClient::new(channel(&f.socket).await);
+        let mut stream = c
+            .watch_revocations(with_header(ep::WatchRevocationsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = next(&mut stream).await.unwrap().unwrap();
+        assert_eq!(first.revision, 3);
+        assert_eq!(serials(&first), ["aa01"]);
+        assert_eq!(first.revoked[0].expires_at, NOW + 3600);
+
+        // A change unrelated to revocations sends nothing; a new list is sent in full.
+        f.mgr.publish_for_test(|s| s.attesting = false);
+        f.mgr
+            .publish_for_test(|s| s.revocations = Some(Arc::new(list(4, &["aa01", "bb02"]))));
+        let second = next(&mut stream).await.unwrap().unwrap();
+        assert_eq!(second.revision, 4);
+        assert_eq!(serials(&second), ["aa01", "bb02"]);
+
+        // The caller's entry goes away: the stream ends with PermissionDenied.
+        f.mgr
+            .publish_for_test(|s| s.entries = Arc::new(vec![entry(my_uid() + 1)]));
+        let err = next(&mut stream).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn sends_nothing_until_a_list_is_known() {
+        let f = fixture(|s| s.entries = Arc::new(vec![entry(my_uid())]));
+        let mut c = EnforcerClient::new(channel(&f.socket).await);
+        let mut stream = c
+            .watch_revocations(with_header(ep::WatchRevocationsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), stream.message())
+                .await
+                .is_err(),
+            "an unknown list must not be sent as an empty one"
+        );
+        f.mgr
+            .publish_for_test(|s| s.revocations = Some(Arc::new(list(1, &[]))));
+        let first = next(&mut stream).await.unwrap().unwrap();
+        assert_eq!(first.revision, 1);
+        assert!(first.revoked.is_empty());
+    }
+
+    #[tokio::test]
+    async fn refuses_without_the_header_or_a_matching_entry() {
+        let f = fixture(|s| {
+            s.entries = Arc::new(vec![entry(my_uid() + 1)]);
+            s.revocations = Some(Arc::new(list(1, &["aa"])));
+        });
+        let ch = channel(&f.socket).await;
+        let mut c = EnforcerClient::new(ch.clone());
+        let err = c
+            .watch_revocations(Request::new(ep::WatchRevocationsRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let err = c
+            .watch_revocations(with_header(ep::WatchRevocationsRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().contains("no registration entry"), "{err:?}");
+
+        // The Workload API is on the same socket and router.
+        let mut w = wl::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(ch);
+        let err = w
+            .fetch_x509svid(Request::new(wl::X509svidRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let err = w
+            .fetch_x509svid(with_header(wl::X509svidRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn refuses_when_the_node_has_no_identity() {
+        let f = fixture(|s| {
+            s.entries = Arc::new(vec![entry(my_uid())]);
+            s.revocations = Some(Arc::new(list(1, &["aa"])));
+            s.serving = false;
+        });
+        let mut c = EnforcerClient::new(channel(&f.socket).await);
+        let err = c
+            .watch_revocations(with_header(ep::WatchRevocationsRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn the_cached_list_is_loaded_without_expired_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = crate::cache::Cache::open(&dir.path().join("cache")).unwrap();
+        let mut l = list(9, &["live"]);
+        l.revoked.push(RevokedSvid {
+            serial: "dead".into(),
+            spiffe_id: String::new(),
+            revoked_at: NOW - 100,
+            expires_at: NOW,
+        });
+        cache.save_revocations(&l).unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(NOW));
+        let mgr = Manager::load(config(dir.path()), clock).unwrap();
+        let snap = mgr.subscribe().borrow().clone();
+        let got = snap.revocations.expect("the cached list is served");
+        assert_eq!(got.revision, 9);
+        let serials: Vec<&str> = got.revoked.iter().map(|r| r.serial.as_str()).collect();
+        assert_eq!(serials, ["live"]);
+
+        // A corrupt file is moved aside, and no list is assumed.
+        std::fs::write(dir.path().join("cache").join("revocations.json"), b"{").unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(NOW));
+        let mgr = Manager::load(config(dir.path()), clock).unwrap();
+        assert!(mgr.subscribe().borrow().revocations.is_none());
+        assert!(
+            dir.path()
+                .join("cache")
+                .join("revocations.json.corrupt")
+                .exists()
+        );
+    }
+}
