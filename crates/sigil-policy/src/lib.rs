@@ -1,22 +1,39 @@
 //! Cedar policy for sigil: the schema shipped with sigil, the entity model (a workload by
-//! SPIFFE ID in its groups; models, tools, endpoints), and a decision API that returns the
-//! decision with the ids of the policies that made it. Does no I/O: policy text comes in as
-//! strings.
+//! SPIFFE ID in its groups; models, tools, endpoints; the arguments of a tool call), and a
+//! decision API that returns the decision with the ids of the policies that made it. Does no
+//! I/O: policy text comes in as strings.
+//!
+//! Decisions are fast with many policies: at load time every policy is indexed by its scope
+//! (action and resource), one [`PolicySet`] is precomputed per (action, resource) that a
+//! policy names plus a fallback per action, and a request is evaluated against its slice
+//! only. See `docs/policy.md` for the design and the soundness argument.
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
-    EntityUid, PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode,
-    Validator,
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId,
+    EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, Request, ResourceConstraint, Response,
+    RestrictedExpression, Schema, ValidationMode, Validator,
 };
+use serde_json::Value;
 
 /// The Cedar schema every sigil policy is validated against.
 pub const SCHEMA: &str = include_str!("../../../policy/sigil.cedarschema");
 
-/// Why policies could not be loaded.
+/// At most this many tags (flattened argument keys) per tool call; more is refused.
+pub const MAX_ARGUMENT_TAGS: usize = 256;
+/// At most this many bytes per flattened argument key (`a.b.c`); longer is refused.
+pub const MAX_ARGUMENT_KEY_BYTES: usize = 256;
+/// At most this deep a nesting of argument values (a top-level value is at depth 1); deeper
+/// is refused.
+pub const MAX_ARGUMENT_DEPTH: usize = 8;
+
+/// The id of the one `Arguments` entity of a request (`context.arguments`).
+const ARGUMENTS_ID: &str = "arguments";
+
+/// Why policies could not be loaded, or a request could not be evaluated.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PolicyError {
@@ -28,6 +45,10 @@ pub enum PolicyError {
     Invalid(String),
     #[error("bad request: {0}")]
     Request(String),
+    #[error("tool arguments refused: {0}")]
+    Arguments(String),
+    #[error("policy index: {0}")]
+    Index(String),
 }
 
 /// The caller, as policy sees it.
@@ -51,10 +72,13 @@ pub struct Query<'a> {
     /// Hour of day (0-23, UTC) and weekday (0 = Monday) of the request.
     pub hour: i64,
     pub weekday: i64,
+    /// The arguments of an MCP `tools/call` (a JSON object; `None` or `null`: no arguments).
+    /// They reach policy as the tags of `context.arguments` (see [`argument_tags`]).
+    pub arguments: Option<&'a Value>,
 }
 
 /// A decision: allow or not, which policies decided, and any evaluation errors (which never
-/// turn into an allow).
+/// turn into an allow). Both lists are sorted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub allow: bool,
@@ -62,16 +86,40 @@ pub struct Decision {
     pub errors: Vec<String>,
 }
 
+/// The policies that can apply to one action.
+struct ActionSlices {
+    uid: EntityUid,
+    /// The resource types the schema lets this action apply to, by name.
+    resource_types: HashMap<String, EntityTypeName>,
+    /// For each resource named by some policy's `resource == R`: the policies whose scope can
+    /// match this action on R.
+    by_resource: HashMap<EntityUid, PolicySet>,
+    /// The policies whose scope can match this action on any other resource.
+    fallback: PolicySet,
+}
+
 /// A validated set of policies.
 pub struct PolicyEngine {
     policies: PolicySet,
     schema: Schema,
     authorizer: Authorizer,
+    workload: EntityTypeName,
+    group: EntityTypeName,
+    arguments: EntityTypeName,
+    actions: HashMap<String, ActionSlices>,
+    /// The schema's action entities, added to each request's entities when the schema has
+    /// action groups (so that `action in Action::"group"` evaluates as with the schema).
+    action_entities: Vec<Entity>,
+}
+
+fn type_name(name: &str) -> Result<EntityTypeName, PolicyError> {
+    EntityTypeName::from_str(name).map_err(|e| PolicyError::Schema(e.to_string()))
 }
 
 impl PolicyEngine {
     /// Parses `files` (name, Cedar text) and validates them against [`SCHEMA`]. Policies keep
-    /// their `@id("...")` annotation as id, or get `<file>#<n>`.
+    /// their `@id("...")` annotation as id, or get `<file>#<n>`. Templates are refused (sigil
+    /// has no way to link them).
     pub fn new(files: &[(String, String)]) -> Result<Self, PolicyError> {
         let (schema, _) =
             Schema::from_cedarschema_str(SCHEMA).map_err(|e| PolicyError::Schema(e.to_string()))?;
@@ -81,6 +129,15 @@ impl PolicyEngine {
                 file: file.clone(),
                 message: e.to_string(),
             })?;
+            if let Some(t) = parsed.templates().next() {
+                return Err(PolicyError::Parse {
+                    file: file.clone(),
+                    message: format!(
+                        "template {} (a policy with ?principal or ?resource): templates are not supported",
+                        t.id()
+                    ),
+                });
+            }
             for (n, p) in parsed.policies().enumerate() {
                 let id = p
                     .annotation("id")
@@ -101,10 +158,16 @@ impl PolicyEngine {
                 .collect();
             return Err(PolicyError::Invalid(msgs.join("\n")));
         }
+        let (actions, action_entities) = index(&schema, &policies)?;
         Ok(Self {
             policies,
             schema,
             authorizer: Authorizer::new(),
+            workload: type_name("Workload")?,
+            group: type_name("Group")?,
+            arguments: type_name("Arguments")?,
+            actions,
+            action_entities,
         })
     }
 
@@ -118,33 +181,107 @@ impl PolicyEngine {
         self.len() == 0
     }
 
-    /// Decides one query. Default deny: no permit, any forbid, or any error → not allowed.
+    /// Decides one query. Default deny: no permit, any forbid, or any error → not allowed. An
+    /// `Err` (unknown action, resource type the action does not apply to, refused arguments)
+    /// must be treated as a deny too.
+    ///
+    /// Evaluates only the policies whose scope can match the query's action and resource, on
+    /// entities built without a schema check: they are well-typed by construction (see
+    /// [`PolicyEngine::decide_reference`], which checks them, and the tests comparing both).
     pub fn decide(&self, q: &Query<'_>) -> Result<Decision, PolicyError> {
-        let bad = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
+        let slices = self
+            .actions
+            .get(q.action)
+            .ok_or_else(|| PolicyError::Request(format!("unknown action {:?}", q.action)))?;
+        let rtype = slices.resource_types.get(q.resource_type).ok_or_else(|| {
+            PolicyError::Request(format!(
+                "action {:?} does not apply to resource type {:?}",
+                q.action, q.resource_type
+            ))
+        })?;
+        let resource =
+            EntityUid::from_type_name_and_id(rtype.clone(), EntityId::new(q.resource_id));
+        let set = slices
+            .by_resource
+            .get(&resource)
+            .unwrap_or(&slices.fallback);
+        let (principal, mut entities, context) = self.request_parts(q)?;
+        entities.extend(self.action_entities.iter().cloned());
+        let entities = Entities::from_entities(entities, None).map_err(bad)?;
+        let request =
+            Request::new(principal, slices.uid.clone(), resource, context, None).map_err(bad)?;
+        Ok(decision(
+            &self.authorizer.is_authorized(&request, set, &entities),
+        ))
+    }
+
+    /// Decides one query the slow, plain way: every policy, and the request and its entities
+    /// checked against the schema. Gives the same answer as [`PolicyEngine::decide`]; for tests
+    /// and benchmarks.
+    #[doc(hidden)]
+    pub fn decide_reference(&self, q: &Query<'_>) -> Result<Decision, PolicyError> {
         let uid = |ty: &str, id: &str| -> Result<EntityUid, PolicyError> {
-            let ty = EntityTypeName::from_str(ty).map_err(|e| bad(&e))?;
+            let ty = EntityTypeName::from_str(ty).map_err(bad)?;
             Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
         };
-        let principal = uid("Workload", q.principal.spiffe_id)?;
+        let action = uid("Action", q.action)?;
+        let resource = uid(q.resource_type, q.resource_id)?;
+        let (principal, entities, context) = self.request_parts(q)?;
+        let entities = Entities::from_entities(entities, Some(&self.schema)).map_err(bad)?;
+        let request =
+            Request::new(principal, action, resource, context, Some(&self.schema)).map_err(bad)?;
+        Ok(decision(&self.authorizer.is_authorized(
+            &request,
+            &self.policies,
+            &entities,
+        )))
+    }
+
+    /// The principal, the request's entities (the workload, its groups, the arguments) and the
+    /// context.
+    fn request_parts(
+        &self,
+        q: &Query<'_>,
+    ) -> Result<(EntityUid, Vec<Entity>, Context), PolicyError> {
+        let tags = argument_tags(q.arguments)?;
+        let principal = EntityUid::from_type_name_and_id(
+            self.workload.clone(),
+            EntityId::new(q.principal.spiffe_id),
+        );
         let groups: HashSet<EntityUid> = q
             .principal
             .groups
             .iter()
-            .map(|g| uid("Group", g))
-            .collect::<Result<_, _>>()?;
-        let attrs = HashMap::from([(
-            "trust_domain".to_owned(),
-            RestrictedExpression::new_string(q.principal.trust_domain.to_owned()),
-        )]);
-        let mut entities =
-            vec![Entity::new(principal.clone(), attrs, groups.clone()).map_err(|e| bad(&e))?];
-        for g in groups {
-            entities.push(Entity::new_no_attrs(g, HashSet::new()));
+            .map(|g| EntityUid::from_type_name_and_id(self.group.clone(), EntityId::new(g)))
+            .collect();
+        let mut entities = Vec::with_capacity(groups.len() + 2);
+        for g in &groups {
+            entities.push(Entity::new_no_attrs(g.clone(), HashSet::new()));
         }
-        let entities =
-            Entities::from_entities(entities, Some(&self.schema)).map_err(|e| bad(&e))?;
-        let action = uid("Action", q.action)?;
-        let resource = uid(q.resource_type, q.resource_id)?;
+        entities.push(
+            Entity::new_with_tags(
+                principal.clone(),
+                [(
+                    "trust_domain".to_owned(),
+                    RestrictedExpression::new_string(q.principal.trust_domain.to_owned()),
+                )],
+                groups,
+                [],
+            )
+            .map_err(bad)?,
+        );
+        let arguments =
+            EntityUid::from_type_name_and_id(self.arguments.clone(), EntityId::new(ARGUMENTS_ID));
+        entities.push(
+            Entity::new_with_tags(
+                arguments.clone(),
+                [],
+                [],
+                tags.into_iter()
+                    .map(|(k, v)| (k, RestrictedExpression::new_string(v))),
+            )
+            .map_err(bad)?,
+        );
         let context = Context::from_pairs([
             (
                 "scopes".to_owned(),
@@ -159,25 +296,233 @@ impl PolicyEngine {
                 "weekday".to_owned(),
                 RestrictedExpression::new_long(q.weekday),
             ),
+            (
+                "arguments".to_owned(),
+                RestrictedExpression::new_entity_uid(arguments),
+            ),
         ])
-        .map_err(|e| bad(&e))?;
-        let request = Request::new(principal, action, resource, context, Some(&self.schema))
-            .map_err(|e| bad(&e))?;
-        let resp = self
-            .authorizer
-            .is_authorized(&request, &self.policies, &entities);
-        let errors: Vec<String> = resp.diagnostics().errors().map(|e| e.to_string()).collect();
-        Ok(Decision {
-            allow: resp.decision() == CedarDecision::Allow && errors.is_empty(),
-            policy_ids: resp.diagnostics().reason().map(|p| p.to_string()).collect(),
-            errors,
-        })
+        .map_err(bad)?;
+        Ok((principal, entities, context))
     }
+}
+
+fn bad(e: impl std::fmt::Display) -> PolicyError {
+    PolicyError::Request(e.to_string())
+}
+
+fn decision(resp: &Response) -> Decision {
+    let mut errors: Vec<String> = resp.diagnostics().errors().map(|e| e.to_string()).collect();
+    errors.sort();
+    let mut policy_ids: Vec<String> = resp.diagnostics().reason().map(|p| p.to_string()).collect();
+    policy_ids.sort();
+    Decision {
+        allow: resp.decision() == CedarDecision::Allow && errors.is_empty(),
+        policy_ids,
+        errors,
+    }
+}
+
+/// Slices `policies` by scope: for each action of the schema, the policies whose action
+/// constraint can match it, split by `resource == R` (into R's slice) or anything else (into
+/// the fallback and every resource slice of the action). Also returns the schema's action
+/// entities when it has action groups.
+fn index(
+    schema: &Schema,
+    policies: &PolicySet,
+) -> Result<(HashMap<String, ActionSlices>, Vec<Entity>), PolicyError> {
+    let schema_actions = schema
+        .action_entities()
+        .map_err(|e| PolicyError::Schema(e.to_string()))?;
+    // Each action with its ancestors (the action groups it is in).
+    let actions: Vec<(EntityUid, HashSet<EntityUid>)> = schema
+        .actions()
+        .map(|a| {
+            let ancestors = schema_actions
+                .ancestors(a)
+                .map(|it| it.cloned().collect())
+                .unwrap_or_default();
+            (a.clone(), ancestors)
+        })
+        .collect();
+    let action_entities = if actions.iter().any(|(_, anc)| !anc.is_empty()) {
+        schema_actions.iter().cloned().collect()
+    } else {
+        Vec::new()
+    };
+    // Per action: policies by `resource ==` target, and the others.
+    let mut specific: HashMap<&EntityUid, HashMap<EntityUid, Vec<&Policy>>> = HashMap::new();
+    let mut generic: HashMap<&EntityUid, Vec<&Policy>> = HashMap::new();
+    for p in policies.policies() {
+        let matches: Vec<&EntityUid> = match p.action_constraint() {
+            ActionConstraint::Any => actions.iter().map(|(a, _)| a).collect(),
+            ActionConstraint::Eq(x) => actions
+                .iter()
+                .map(|(a, _)| a)
+                .filter(|a| **a == x)
+                .collect(),
+            ActionConstraint::In(xs) => actions
+                .iter()
+                .filter(|(a, anc)| xs.iter().any(|x| x == a || anc.contains(x)))
+                .map(|(a, _)| a)
+                .collect(),
+        };
+        let target = match p.resource_constraint() {
+            ResourceConstraint::Eq(r) => Some(r),
+            // `in`, `is`, `is in`, unconstrained: can match many resources.
+            ResourceConstraint::Any
+            | ResourceConstraint::In(_)
+            | ResourceConstraint::Is(_)
+            | ResourceConstraint::IsIn(_, _) => None,
+        };
+        for a in matches {
+            match &target {
+                Some(r) => specific
+                    .entry(a)
+                    .or_default()
+                    .entry(r.clone())
+                    .or_default()
+                    .push(p),
+                None => generic.entry(a).or_default().push(p),
+            }
+        }
+    }
+    let set = |ps: &mut dyn Iterator<Item = &Policy>| -> Result<PolicySet, PolicyError> {
+        let mut s = PolicySet::new();
+        for p in ps {
+            s.add(p.clone())
+                .map_err(|e| PolicyError::Index(e.to_string()))?;
+        }
+        Ok(s)
+    };
+    let mut out = HashMap::new();
+    for (a, _) in &actions {
+        if a.type_name().to_string() != "Action" {
+            continue;
+        }
+        let none = Vec::new();
+        let any_resource = generic.get(a).unwrap_or(&none);
+        let mut by_resource = HashMap::new();
+        if let Some(spec) = specific.remove(a) {
+            for (r, ps) in spec {
+                let s = set(&mut ps.iter().chain(any_resource.iter()).copied())?;
+                by_resource.insert(r, s);
+            }
+        }
+        let resource_types = schema
+            .resources_for_action(a)
+            .map(|it| it.map(|t| (t.to_string(), t.clone())).collect())
+            .unwrap_or_default();
+        out.insert(
+            a.id().unescaped().to_owned(),
+            ActionSlices {
+                uid: a.clone(),
+                resource_types,
+                by_resource,
+                fallback: set(&mut any_resource.iter().copied())?,
+            },
+        );
+    }
+    Ok((out, action_entities))
+}
+
+/// Flattens tool-call arguments into the tags of `context.arguments`: each top-level key is a
+/// tag; a string value as is, a number or boolean as its JSON text, an object flattened into
+/// dotted keys (`{"a": {"b": 1}}` → `a.b` = `1`; an empty object is the text `{}`), an array or
+/// null as compact JSON text. `None` or `null`: no tags.
+///
+/// Refused (an error, which is a deny): arguments that are not an object, more than
+/// [`MAX_ARGUMENT_TAGS`] tags, a key longer than [`MAX_ARGUMENT_KEY_BYTES`], nesting deeper
+/// than [`MAX_ARGUMENT_DEPTH`], and two keys flattening to the same tag (`"a.b"` and
+/// `{"a": {"b"}}`), which would make the value policy sees ambiguous.
+pub fn argument_tags(arguments: Option<&Value>) -> Result<Vec<(String, String)>, PolicyError> {
+    let obj = match arguments {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return Err(PolicyError::Arguments(
+                "tool arguments must be a JSON object".into(),
+            ));
+        }
+    };
+    let mut tags = HashMap::new();
+    flatten(obj, None, 1, &mut tags)?;
+    Ok(tags.into_iter().collect())
+}
+
+fn flatten(
+    obj: &serde_json::Map<String, Value>,
+    prefix: Option<&str>,
+    depth: usize,
+    tags: &mut HashMap<String, String>,
+) -> Result<(), PolicyError> {
+    if depth > MAX_ARGUMENT_DEPTH {
+        return Err(PolicyError::Arguments(format!(
+            "nested deeper than {MAX_ARGUMENT_DEPTH}"
+        )));
+    }
+    for (k, v) in obj {
+        let key = match prefix {
+            Some(p) => format!("{p}.{k}"),
+            None => k.clone(),
+        };
+        if key.len() > MAX_ARGUMENT_KEY_BYTES {
+            return Err(PolicyError::Arguments(format!(
+                "a key is longer than {MAX_ARGUMENT_KEY_BYTES} bytes"
+            )));
+        }
+        match v {
+            Value::Object(m) if !m.is_empty() => flatten(m, Some(&key), depth + 1, tags)?,
+            _ => {
+                if !within_depth(v, MAX_ARGUMENT_DEPTH - depth) {
+                    return Err(PolicyError::Arguments(format!(
+                        "nested deeper than {MAX_ARGUMENT_DEPTH}"
+                    )));
+                }
+                if tags.len() >= MAX_ARGUMENT_TAGS {
+                    return Err(PolicyError::Arguments(format!(
+                        "more than {MAX_ARGUMENT_TAGS} arguments"
+                    )));
+                }
+                let text = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                if tags.insert(key, text).is_some() {
+                    return Err(PolicyError::Arguments(
+                        "two argument keys flatten to the same name".into(),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `v` nests at most `levels` more levels of arrays/objects below itself. Recurses at
+/// most `levels` deep.
+fn within_depth(v: &Value, levels: usize) -> bool {
+    let children: Box<dyn Iterator<Item = &Value>> = match v {
+        Value::Array(a) => Box::new(a.iter()),
+        Value::Object(m) => Box::new(m.values()),
+        _ => return true,
+    };
+    let mut children = children.peekable();
+    if children.peek().is_none() {
+        return true;
+    }
+    levels > 0 && children.all(|c| within_depth(c, levels - 1))
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )]
     use super::*;
+    use serde_json::json;
 
     fn engine() -> PolicyEngine {
         let demo = include_str!("../../../policy/demo.cedar");
@@ -203,6 +548,7 @@ mod tests {
             scopes,
             hour: 10,
             weekday: 1,
+            arguments: None,
         }
     }
 
@@ -260,6 +606,18 @@ mod tests {
             PolicyEngine::new(&[("t.cedar".into(), "permit(".into())]),
             Err(PolicyError::Parse { .. })
         ));
+        // getTag without hasTag does not validate (strict mode).
+        let unguarded = "forbid(principal, action == Action::\"call_tool\", resource) when { context.arguments.getTag(\"path\") == \"/\" };";
+        assert!(matches!(
+            PolicyEngine::new(&[("t.cedar".into(), unguarded.into())]),
+            Err(PolicyError::Invalid(_))
+        ));
+        // Templates are refused rather than silently ignored.
+        let template = "permit(principal == ?principal, action == Action::\"invoke\", resource);";
+        assert!(matches!(
+            PolicyEngine::new(&[("t.cedar".into(), template.into())]),
+            Err(PolicyError::Parse { .. })
+        ));
         // No policies: everything is denied.
         let none = PolicyEngine::new(&[]).unwrap();
         let ff = vec!["factory-floor".to_string()];
@@ -268,6 +626,25 @@ mod tests {
                 .decide(&q(&ff, "invoke", "Model", "m", &[]))
                 .unwrap()
                 .allow
+        );
+    }
+
+    #[test]
+    fn unknown_actions_and_mismatched_resource_types_are_errors() {
+        let text = "permit(principal, action, resource);";
+        let e = PolicyEngine::new(&[("p.cedar".into(), text.into())]).unwrap();
+        let g = vec![];
+        assert!(e.decide(&q(&g, "invoke", "Model", "m", &[])).unwrap().allow);
+        assert!(e.decide(&q(&g, "invok", "Model", "m", &[])).is_err());
+        assert!(e.decide(&q(&g, "invoke", "Tool", "m", &[])).is_err());
+        assert!(e.decide(&q(&g, "invoke", "Nope", "m", &[])).is_err());
+        assert!(
+            e.decide_reference(&q(&g, "invok", "Model", "m", &[]))
+                .is_err()
+        );
+        assert!(
+            e.decide_reference(&q(&g, "invoke", "Tool", "m", &[]))
+                .is_err()
         );
     }
 
@@ -287,5 +664,317 @@ mod tests {
         let d = e.decide(&q(&g, "invoke", "Model", "gpt", &[])).unwrap();
         assert!(!d.allow);
         assert_eq!(d.policy_ids, ["no-gpt"]);
+    }
+
+    const TOOL_POLICIES: &str = r#"
+        @id("tools") permit(principal, action == Action::"call_tool", resource);
+        @id("no-etc") forbid(principal, action == Action::"call_tool", resource == Tool::"read_file")
+            when { context.arguments.hasTag("path") && context.arguments.getTag("path") like "/etc/*" };
+        @id("no-force") forbid(principal, action == Action::"call_tool", resource)
+            when { context.arguments.hasTag("options.force") && context.arguments.getTag("options.force") == "true" };
+        @id("needs-path") forbid(principal, action == Action::"call_tool", resource == Tool::"read_file")
+            unless { context.arguments.hasTag("path") };
+    "#;
+
+    fn call(e: &PolicyEngine, tool: &str, args: &Value) -> Result<Decision, PolicyError> {
+        let g = vec![];
+        let mut query = q(&g, "call_tool", "Tool", tool, &[]);
+        query.arguments = Some(args);
+        let d = e.decide(&query);
+        // The fast path agrees with the schema-checked reference, errors included.
+        match (&d, e.decide_reference(&query)) {
+            (Ok(a), Ok(b)) => assert_eq!(*a, b),
+            (Err(_), Err(_)) => {}
+            (a, b) => panic!("decide {a:?} but reference {b:?}"),
+        }
+        d
+    }
+
+    #[test]
+    fn arguments_allowed_and_forbidden_values() {
+        let e = PolicyEngine::new(&[("t.cedar".into(), TOOL_POLICIES.into())]).unwrap();
+        let d = call(&e, "read_file", &json!({"path": "/data/x.csv"})).unwrap();
+        assert!(d.allow);
+        assert_eq!(d.policy_ids, ["tools"]);
+        let d = call(&e, "read_file", &json!({"path": "/etc/shadow"})).unwrap();
+        assert!(!d.allow);
+        assert_eq!(d.policy_ids, ["no-etc"]);
+        // The same value on another tool is fine.
+        assert!(
+            call(&e, "write_file", &json!({"path": "/etc/x"}))
+                .unwrap()
+                .allow
+        );
+    }
+
+    #[test]
+    fn arguments_missing_tag() {
+        let e = PolicyEngine::new(&[("t.cedar".into(), TOOL_POLICIES.into())]).unwrap();
+        let d = call(&e, "read_file", &json!({"file": "/etc/shadow"})).unwrap();
+        assert!(!d.allow);
+        assert_eq!(d.policy_ids, ["needs-path"]);
+        assert!(d.errors.is_empty());
+        // No arguments at all (and `null`) is an empty entity: no tag, no error.
+        assert!(!call(&e, "read_file", &Value::Null).unwrap().allow);
+        assert!(call(&e, "sensor", &Value::Null).unwrap().allow);
+        let g = vec![];
+        assert!(
+            e.decide(&q(&g, "call_tool", "Tool", "sensor", &[]))
+                .unwrap()
+                .allow
+        );
+    }
+
+    #[test]
+    fn arguments_nested_keys_and_value_texts() {
+        let e = PolicyEngine::new(&[("t.cedar".into(), TOOL_POLICIES.into())]).unwrap();
+        let d = call(&e, "rm", &json!({"options": {"force": true}})).unwrap();
+        assert!(!d.allow);
+        assert_eq!(d.policy_ids, ["no-force"]);
+        assert!(
+            call(&e, "rm", &json!({"options": {"force": false}}))
+                .unwrap()
+                .allow
+        );
+        let mut tags = argument_tags(Some(&json!({
+            "s": "x", "n": 1.5, "i": -3, "b": true, "z": null, "a": [1, "two", {"k": null}],
+            "o": {"p": {"q": "deep"}, "e": {}}
+        })))
+        .unwrap();
+        tags.sort();
+        let want: Vec<(String, String)> = [
+            ("a", r#"[1,"two",{"k":null}]"#),
+            ("b", "true"),
+            ("i", "-3"),
+            ("n", "1.5"),
+            ("o.e", "{}"),
+            ("o.p.q", "deep"),
+            ("s", "x"),
+            ("z", "null"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        assert_eq!(tags, want);
+    }
+
+    #[test]
+    fn arguments_over_limits_are_errors_so_denied() {
+        let e = PolicyEngine::new(&[("t.cedar".into(), TOOL_POLICIES.into())]).unwrap();
+        let many: serde_json::Map<String, Value> = (0..=MAX_ARGUMENT_TAGS)
+            .map(|i| (format!("k{i}"), json!(i)))
+            .collect();
+        assert!(matches!(
+            call(&e, "sensor", &Value::Object(many)),
+            Err(PolicyError::Arguments(_))
+        ));
+        let ok: serde_json::Map<String, Value> = (0..MAX_ARGUMENT_TAGS)
+            .map(|i| (format!("k{i}"), json!(i)))
+            .collect();
+        assert!(call(&e, "sensor", &Value::Object(ok)).unwrap().allow);
+
+        let long = "k".repeat(MAX_ARGUMENT_KEY_BYTES + 1);
+        assert!(call(&e, "sensor", &json!({ long: 1 })).is_err());
+        let nested_long = json!({ "a".repeat(200): { "b".repeat(100): 1 } });
+        assert!(call(&e, "sensor", &nested_long).is_err());
+        assert!(
+            call(
+                &e,
+                "sensor",
+                &json!({ "k".repeat(MAX_ARGUMENT_KEY_BYTES): 1 })
+            )
+            .is_ok()
+        );
+
+        // 8 levels is fine, 9 is not, whether objects or arrays.
+        let mut v = json!(1);
+        for _ in 0..MAX_ARGUMENT_DEPTH {
+            v = json!({ "k": v });
+        }
+        assert!(call(&e, "sensor", &json!({ "k": v.clone() })).is_err());
+        assert!(call(&e, "sensor", &v).unwrap().allow);
+        let mut a = json!(1);
+        for _ in 0..MAX_ARGUMENT_DEPTH - 1 {
+            a = json!([a]);
+        }
+        assert!(call(&e, "sensor", &json!({ "k": a.clone() })).is_ok());
+        assert!(call(&e, "sensor", &json!({ "k": [a] })).is_err());
+        // A very deep value is refused without recursing through it.
+        let mut deep = json!(1);
+        for _ in 0..120 {
+            deep = json!([deep]);
+        }
+        assert!(argument_tags(Some(&json!({ "k": deep }))).is_err());
+
+        assert!(call(&e, "sensor", &json!({"a.b": 1, "a": {"b": 2}})).is_err());
+        assert!(call(&e, "sensor", &json!([1, 2])).is_err());
+        assert!(call(&e, "sensor", &json!("path")).is_err());
+    }
+
+    /// A small deterministic PRNG (SplitMix64).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+            &xs[self.below(xs.len())]
+        }
+        fn chance(&mut self, percent: usize) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    const ACTIONS: [(&str, &str); 6] = [
+        ("invoke", "Model"),
+        ("list_models", "Endpoint"),
+        ("call_tool", "Tool"),
+        ("list_tools", "Endpoint"),
+        ("mcp", "Endpoint"),
+        ("http", "Endpoint"),
+    ];
+
+    fn gen_policy(r: &mut Rng, n: usize) -> String {
+        let effect = if r.chance(25) { "forbid" } else { "permit" };
+        let principal = match r.below(4) {
+            0 | 1 => "principal".to_owned(),
+            2 => format!("principal in Group::\"g{}\"", r.below(4)),
+            _ => format!("principal == Workload::\"w{}\"", r.below(3)),
+        };
+        let (action, rtype) = match r.below(4) {
+            0 => ("action".to_owned(), None),
+            1 | 2 => {
+                let (a, t) = *r.pick(&ACTIONS);
+                (format!("action == Action::\"{a}\""), Some(t))
+            }
+            _ => {
+                let (a, _) = *r.pick(&ACTIONS);
+                let (b, _) = *r.pick(&ACTIONS);
+                (
+                    format!("action in [Action::\"{a}\", Action::\"{b}\"]"),
+                    None,
+                )
+            }
+        };
+        let rtype = rtype.unwrap_or_else(|| r.pick(&ACTIONS).1);
+        let resource = match r.below(6) {
+            0 => "resource".to_owned(),
+            1..=3 => format!("resource == {rtype}::\"r{}\"", r.below(4)),
+            4 => format!("resource is {rtype}"),
+            _ => format!("resource in {rtype}::\"r{}\"", r.below(4)),
+        };
+        let cond = match r.below(7) {
+            0 | 1 => String::new(),
+            2 => format!("when {{ context.scopes.contains(\"s{}\") }}", r.below(3)),
+            3 => format!("unless {{ context.hour < {} }}", r.below(24)),
+            4 => format!(
+                "when {{ context.arguments.hasTag(\"k{0}\") && context.arguments.getTag(\"k{0}\") == \"v{1}\" }}",
+                r.below(3),
+                r.below(3)
+            ),
+            // Errors (overflow) must show up the same in both evaluations.
+            5 => "when { context.hour + 9223372036854775800 > 0 }".to_owned(),
+            _ => format!("when {{ principal.trust_domain == \"td{}\" }}", r.below(2)),
+        };
+        format!("@id(\"p{n}\") {effect}({principal}, {action}, {resource}) {cond};\n")
+    }
+
+    #[test]
+    fn sliced_decisions_equal_unsliced_ones() {
+        let mut r = Rng(0x5EED);
+        let (mut cases, mut allowed, mut sets) = (0, 0, 0);
+        while sets < 150 {
+            let n = 1 + r.below(40);
+            let text: String = (0..n).map(|i| gen_policy(&mut r, i)).collect();
+            // Some generated sets do not validate (e.g. `resource is Tool` on invoke): skip.
+            let Ok(e) = PolicyEngine::new(&[("gen.cedar".into(), text.clone())]) else {
+                continue;
+            };
+            sets += 1;
+            for _ in 0..25 {
+                let groups: Vec<String> = (0..4)
+                    .filter(|_| r.chance(40))
+                    .map(|g| format!("g{g}"))
+                    .collect();
+                let scopes: Vec<String> = (0..3)
+                    .filter(|_| r.chance(50))
+                    .map(|s| format!("s{s}"))
+                    .collect();
+                let (action, mut rtype) = *r.pick(&ACTIONS);
+                if r.chance(3) {
+                    rtype = r.pick(&ACTIONS).1;
+                }
+                let rid = format!("r{}", r.below(5));
+                let spiffe = format!("w{}", r.below(4));
+                let td = format!("td{}", r.below(2));
+                let mut args = serde_json::Map::new();
+                for k in 0..3 {
+                    if r.chance(50) {
+                        args.insert(format!("k{k}"), json!(format!("v{}", r.below(3))));
+                    }
+                }
+                let args = Value::Object(args);
+                let query = Query {
+                    principal: Principal {
+                        spiffe_id: &spiffe,
+                        trust_domain: &td,
+                        groups: &groups,
+                    },
+                    action,
+                    resource_type: rtype,
+                    resource_id: &rid,
+                    scopes: &scopes,
+                    hour: r.below(24) as i64,
+                    weekday: r.below(7) as i64,
+                    arguments: Some(&args),
+                };
+                match (e.decide(&query), e.decide_reference(&query)) {
+                    (Ok(a), Ok(b)) => {
+                        assert_eq!(a, b, "policies:\n{text}\nquery: {query:?}");
+                        allowed += usize::from(a.allow);
+                    }
+                    (Err(_), Err(_)) => {}
+                    (a, b) => panic!("decide {a:?} but reference {b:?}\n{text}\n{query:?}"),
+                }
+                cases += 1;
+            }
+        }
+        assert!(cases >= 3000);
+        // The generator exercises both outcomes.
+        assert!(
+            allowed > cases / 20 && allowed < cases - cases / 20,
+            "{allowed}/{cases}"
+        );
+    }
+
+    #[test]
+    fn slices_hold_only_what_can_match() {
+        let text = r#"
+            @id("a") permit(principal, action == Action::"invoke", resource == Model::"m1");
+            @id("b") permit(principal, action == Action::"invoke", resource == Model::"m2");
+            @id("c") permit(principal, action == Action::"invoke", resource);
+            @id("d") permit(principal, action in [Action::"call_tool", Action::"invoke"], resource);
+            @id("e") forbid(principal, action, resource);
+        "#;
+        let e = PolicyEngine::new(&[("p.cedar".into(), text.into())]).unwrap();
+        let ids = |s: &PolicySet| {
+            let mut v: Vec<String> = s.policies().map(|p| p.id().to_string()).collect();
+            v.sort();
+            v
+        };
+        let invoke = &e.actions["invoke"];
+        let m1 = EntityUid::from_str(r#"Model::"m1""#).unwrap();
+        assert_eq!(ids(&invoke.by_resource[&m1]), ["a", "c", "d", "e"]);
+        assert_eq!(ids(&invoke.fallback), ["c", "d", "e"]);
+        assert_eq!(ids(&e.actions["call_tool"].fallback), ["d", "e"]);
+        assert_eq!(ids(&e.actions["http"].fallback), ["e"]);
+        assert!(e.action_entities.is_empty());
     }
 }

@@ -39,6 +39,9 @@ struct Case {
     hour: i64,
     #[serde(default)]
     weekday: i64,
+    /// MCP tool arguments (a JSON object), seen by policy as `context.arguments`.
+    #[serde(default)]
+    arguments: Option<serde_json::Value>,
     /// `allow` or `deny`.
     expect: String,
 }
@@ -85,6 +88,7 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                 );
                 let id = sigil_core::SpiffeId::new(&c.principal)
                     .with_context(|| format!("case {:?}: principal", c.name))?;
+                // An error (e.g. refused arguments) is a deny, as in the proxy.
                 let d = engine.decide(&sigil_policy::Query {
                     principal: sigil_policy::Principal {
                         spiffe_id: &c.principal,
@@ -97,18 +101,26 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                     scopes: &c.scopes,
                     hour: c.hour,
                     weekday: c.weekday,
-                })?;
-                let got = if d.allow { "allow" } else { "deny" };
+                    arguments: c.arguments.as_ref(),
+                });
+                let (got, why) = match &d {
+                    Ok(d) if d.allow => ("allow", d.policy_ids.join(", ")),
+                    Ok(d) if d.errors.is_empty() => ("deny", d.policy_ids.join(", ")),
+                    Ok(d) => (
+                        "deny",
+                        format!(
+                            "{}; errors: {}",
+                            d.policy_ids.join(", "),
+                            d.errors.join("; ")
+                        ),
+                    ),
+                    Err(e) => ("deny", format!("error: {e}")),
+                };
                 if got == c.expect {
-                    println!("PASS  {}  ({got}; {})", c.name, d.policy_ids.join(", "));
+                    println!("PASS  {}  ({got}; {why})", c.name);
                 } else {
                     failed += 1;
-                    println!(
-                        "FAIL  {}  expected {}, got {got} ({})",
-                        c.name,
-                        c.expect,
-                        d.policy_ids.join(", ")
-                    );
+                    println!("FAIL  {}  expected {}, got {got} ({why})", c.name, c.expect);
                 }
             }
             println!("{} passed, {failed} failed", cases.len() - failed);
