@@ -1,0 +1,775 @@
+//! Whole-process benchmark of `sigil proxy`, compared in the same run with a direct call and
+//! with nginx as a plain mTLS reverse proxy. Real processes: `sigil server` (mints the SVIDs
+//! and the access token), an nginx upstream returning a fixed JSON body, nginx as the mTLS
+//! proxy, `sigil proxy --enforce mtls-only` and `sigil proxy` with token + policy + audit.
+//!
+//! The load generator is this process: hyper HTTP/1.1 over tokio-rustls with the client's
+//! X.509-SVID, keep-alive, on a current-thread runtime. Per target: latency (one connection,
+//! sequential requests) and throughput (C connections for a fixed time). The process under
+//! test runs on core 1 (`taskset -c 1`, one worker); this process, the upstream and the trust
+//! authority run on core 0. Also: the full-path proxy's RSS idle and with 1,000 open mTLS
+//! connections.
+//!
+//! Run: `scripts/bench-proxy` (installs nginx if missing), or
+//! `cargo bench -p sigil --bench proxy_load`. Tunables: `SIGIL_BENCH_N` (latency requests,
+//! default 20000), `SIGIL_BENCH_CONNS` (throughput connections, default 32),
+//! `SIGIL_BENCH_SECS` (throughput seconds, default 5), `SIGIL_BENCH_HOLD` (connections held
+//! for the RSS figure, default 1000).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Server, TD, free_port};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+const BODY: &[u8] = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+const UPSTREAM_BODY: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}"#;
+const POLICY: &str = r#"
+@id("bench-invoke")
+permit (principal in Group::"factory-floor", action == Action::"invoke", resource == Model::"m")
+when { context.scopes.contains("model:invoke") };
+"#;
+/// The core the process under test runs on; everything else runs on core 0.
+const TARGET_CORE: &str = "1";
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn proc_status(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    proc_status(pid, "VmRSS:") as f64 / 1024.0
+}
+
+/// User + system CPU time of a process (`/proc/<pid>/stat`, clock ticks of 10 ms).
+fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// Thread names of a process with their counts, e.g. `tokio-runtime-w×1`.
+fn threads(pid: u32) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+                .map(|s| s.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < names.len() {
+        let n = names[i..].iter().take_while(|x| **x == names[i]).count();
+        out.push(format!("{}×{n}", names[i]));
+        i += n;
+    }
+    out.join(", ")
+}
+
+fn affinity(pid: u32) -> String {
+    let out = Command::new("taskset")
+        .args(["-c", "-p", &pid.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .rsplit(':')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned()
+}
+
+/// A child process killed on drop.
+struct Proc {
+    child: Child,
+    name: &'static str,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until `port` accepts, failing with the log if the process exits first.
+    fn wait_port(mut self, port: u16) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!(
+                    "{} exited with {st}:\n{}",
+                    self.name,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "{} did not start", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `cmd` (already carrying its args), optionally pinned to `core`, stderr to `log`.
+fn spawn(
+    name: &'static str,
+    core: Option<&str>,
+    program: &str,
+    args: &[String],
+    log: &Path,
+) -> Proc {
+    let mut cmd = match core {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", c, program]);
+            cmd
+        }
+        None => Command::new(program),
+    };
+    let child = cmd
+        .args(args)
+        // One tokio worker for `sigil proxy` (its runtime is tokio's default multi-thread
+        // builder, which reads this variable); nginx ignores it.
+        .env("TOKIO_WORKER_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name} ({program}): {e}"));
+    Proc {
+        child,
+        name,
+        log: log.to_owned(),
+    }
+}
+
+fn nginx_conf(dir: &Path, http_block: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\n\
+         error_log {d}/error.log warn;\npid {d}/nginx.pid;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         keepalive_requests 100000000;\n  keepalive_timeout 600s;\n{http_block}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    path
+}
+
+fn nginx(name: &'static str, dir: &Path, core: Option<&str>, port: u16, http_block: &str) -> Proc {
+    let conf = nginx_conf(dir, http_block);
+    let args = [
+        "-p".to_string(),
+        dir.display().to_string(),
+        "-e".into(),
+        dir.join("error.log").display().to_string(),
+        "-c".into(),
+        conf.display().to_string(),
+    ];
+    spawn(name, core, "nginx", &args, &dir.join("stderr.log")).wait_port(port)
+}
+
+/// How the load generator reaches a target.
+#[derive(Clone)]
+struct Target {
+    key: &'static str,
+    label: &'static str,
+    port: u16,
+    tls: Option<TlsConnector>,
+    /// The process whose CPU time is charged to the target.
+    pid: u32,
+}
+
+async fn connect(t: &Target) -> SendRequest<Full<Bytes>> {
+    let tcp = TcpStream::connect(("127.0.0.1", t.port)).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    match &t.tls {
+        Some(c) => {
+            let name = ServerName::try_from("localhost").unwrap();
+            let tls = c.connect(name, tcp).await.unwrap();
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            send
+        }
+        None => {
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            send
+        }
+    }
+}
+
+fn request(auth: &HeaderValue) -> Request<Full<Bytes>> {
+    let mut req = Request::post("/v1/chat/completions")
+        .body(Full::new(Bytes::from_static(BODY)))
+        .unwrap();
+    let h = req.headers_mut();
+    h.insert(HOST, HeaderValue::from_static("localhost"));
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(AUTHORIZATION, auth.clone());
+    req
+}
+
+/// One request on a kept connection; the response must be the upstream's 200.
+async fn call(send: &mut SendRequest<Full<Bytes>>, auth: &HeaderValue) {
+    send.ready().await.unwrap();
+    let resp = send.send_request(request(auth)).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    if status != StatusCode::OK || body.len() != UPSTREAM_BODY.len() {
+        panic!(
+            "unexpected response {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+}
+
+#[derive(Default, Clone, serde::Serialize)]
+struct Figures {
+    target: String,
+    label: String,
+    n: usize,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    conns: usize,
+    secs: f64,
+    req_per_s: f64,
+    loaded_p50_us: f64,
+    loaded_p99_us: f64,
+    /// CPU of the process under test per request during the throughput run.
+    target_cpu_us_per_req: f64,
+    target_cpu_pct: f64,
+    loadgen_cpu_pct: f64,
+}
+
+async fn latency(t: &Target, auth: &HeaderValue, n: usize, f: &mut Figures) {
+    let mut send = connect(t).await;
+    for _ in 0..(n / 10).max(500) {
+        call(&mut send, auth).await;
+    }
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = Instant::now();
+        call(&mut send, auth).await;
+        lat.push(s.elapsed());
+    }
+    lat.sort();
+    f.n = n;
+    f.p50_us = us(percentile(&lat, 0.5));
+    f.p90_us = us(percentile(&lat, 0.9));
+    f.p99_us = us(percentile(&lat, 0.99));
+    f.max_us = us(*lat.last().unwrap());
+}
+
+async fn throughput(t: &Target, auth: &HeaderValue, conns: usize, secs: f64, f: &mut Figures) {
+    let mut senders = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        senders.push(connect(t).await);
+    }
+    // Warm-up of one second, then the measured window; every connection stays busy.
+    let warm_end = Instant::now() + Duration::from_secs(1);
+    let end = warm_end + Duration::from_secs_f64(secs);
+    let pid = t.pid.to_string();
+    let mut tasks = Vec::new();
+    for mut send in senders {
+        let auth = auth.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let s = Instant::now();
+                if s >= end {
+                    break;
+                }
+                call(&mut send, &auth).await;
+                if s >= warm_end {
+                    lat.push(s.elapsed());
+                }
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep_until(warm_end.into()).await;
+    let (cpu0, self0, t0) = (cpu_time(&pid), cpu_time("self"), Instant::now());
+    tokio::time::sleep_until(end.into()).await;
+    let (cpu1, self1, wall) = (cpu_time(&pid), cpu_time("self"), t0.elapsed());
+    let mut lat = Vec::new();
+    for task in tasks {
+        lat.extend(task.await.unwrap());
+    }
+    lat.sort();
+    let done = lat.len() as f64;
+    f.conns = conns;
+    f.secs = secs;
+    f.req_per_s = done / wall.as_secs_f64();
+    f.loaded_p50_us = us(percentile(&lat, 0.5));
+    f.loaded_p99_us = us(percentile(&lat, 0.99));
+    f.target_cpu_us_per_req = us(cpu1.saturating_sub(cpu0)) / done.max(1.0);
+    f.target_cpu_pct = 100.0 * (cpu1.saturating_sub(cpu0)).as_secs_f64() / wall.as_secs_f64();
+    f.loadgen_cpu_pct = 100.0 * (self1.saturating_sub(self0)).as_secs_f64() / wall.as_secs_f64();
+}
+
+/// Opens `n` mTLS connections with one request each, holds them, reads the RSS of `pid`.
+async fn rss_with_connections(t: &Target, auth: &HeaderValue, n: usize, pid: u32) -> f64 {
+    let mut held = Vec::with_capacity(n);
+    let per = 16;
+    let mut tasks = Vec::new();
+    for i in 0..per {
+        let t = t.clone();
+        let auth = auth.clone();
+        let count = n / per + usize::from(i < n % per);
+        tasks.push(tokio::spawn(async move {
+            let mut v = Vec::with_capacity(count);
+            for _ in 0..count {
+                let mut s = connect(&t).await;
+                call(&mut s, &auth).await;
+                v.push(s);
+            }
+            v
+        }));
+    }
+    for task in tasks {
+        held.extend(task.await.unwrap());
+    }
+    assert_eq!(held.len(), n);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Every connection is still open: one more request on each of a sample.
+    for s in held.iter_mut().step_by(97) {
+        call(s, auth).await;
+    }
+    let rss = rss_mib(pid);
+    drop(held);
+    rss
+}
+
+/// POST /oauth2/token over mTLS with our own client: the certificate-bound access token.
+async fn fetch_token(port: u16, tls: &TlsConnector) -> String {
+    let t = Target {
+        key: "token",
+        label: "",
+        port,
+        tls: Some(tls.clone()),
+        pid: 0,
+    };
+    let mut send = connect(&t).await;
+    let req = Request::post("/oauth2/token")
+        .header(HOST, "localhost")
+        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from_static(
+            b"grant_type=client_credentials&resource=model-gw",
+        )))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    v["access_token"].as_str().unwrap().to_owned()
+}
+
+fn main() {
+    // `cargo test --benches` runs bench targets with --list-ish args; only run when benching.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let n: usize = env_or("SIGIL_BENCH_N", 20_000);
+    let conns: usize = env_or("SIGIL_BENCH_CONNS", 32);
+    let secs: f64 = env_or("SIGIL_BENCH_SECS", 5.0);
+    let hold: usize = env_or("SIGIL_BENCH_HOLD", 1000);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cores >= 2,
+        "this benchmark pins to cores 0 and 1; {cores} available"
+    );
+    assert!(
+        Command::new("nginx").arg("-v").output().is_ok(),
+        "nginx is needed (Debian package `nginx`; scripts/bench-proxy installs it)"
+    );
+    // This process (the load generator) and every child not pinned elsewhere: core 0.
+    let me = std::process::id();
+    let ok = Command::new("taskset")
+        .args(["-a", "-c", "-p", "0", &me.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "taskset failed");
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let s = Server::start(&dir.join("srv"), &[]);
+    let client_id = format!("spiffe://{TD}/bench-client");
+    s.sigil_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &client_id,
+        "--parent-id",
+        &format!("spiffe://{TD}/sigil/node/bench"),
+        "--selector",
+        "unix:uid:1",
+        "--scope",
+        "model:invoke",
+        "--group",
+        "factory-floor",
+    ]);
+    let cdir = dir.join("client");
+    s.mint(&client_id, &cdir);
+    let pdir = dir.join("proxy-svid");
+    s.sigil_json(&[
+        "svid",
+        "mint",
+        "--spiffe-id",
+        &format!("spiffe://{TD}/proxy"),
+        "--dns",
+        "localhost",
+        "--out-dir",
+        pdir.to_str().unwrap(),
+    ]);
+    let bundle_json = dir.join("bundle.json");
+    let out = s.sigil(&["bundle", "show"]);
+    assert!(out.status.success());
+    std::fs::write(&bundle_json, &out.stdout).unwrap();
+    let bundle_pem = cdir.join("bundle.pem");
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("bench.cedar"), POLICY).unwrap();
+
+    let client_cfg = {
+        let pem = std::fs::read_to_string(&bundle_pem).unwrap();
+        let cfg = common::client_tls(&pem, Some((&cdir.join("svid.pem"), &cdir.join("key.pem"))));
+        let mut cfg = (*cfg).clone();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    };
+    let tls = TlsConnector::from(client_cfg);
+
+    // Upstream: nginx answering every path with a fixed JSON body (core 0).
+    let up_port = free_port();
+    let upstream = nginx(
+        "upstream nginx",
+        &dir.join("nginx-upstream"),
+        None,
+        up_port,
+        &format!(
+            "  server {{\n    listen 127.0.0.1:{up_port};\n    location / {{\n      \
+             default_type application/json;\n      return 200 '{UPSTREAM_BODY}';\n    }}\n  }}"
+        ),
+    );
+    // nginx as a plain mTLS reverse proxy (core 1): client certificate required and chained
+    // to the bundle, Authorization removed, keep-alive to the upstream.
+    let ngx_port = free_port();
+    let nginx_proxy = nginx(
+        "nginx mTLS proxy",
+        &dir.join("nginx-proxy"),
+        Some(TARGET_CORE),
+        ngx_port,
+        &format!(
+            "  upstream up {{ server 127.0.0.1:{up_port}; keepalive 64; keepalive_requests 100000000; }}\n  \
+             server {{\n    listen 127.0.0.1:{ngx_port} ssl;\n    \
+             ssl_certificate {pd}/svid.pem;\n    ssl_certificate_key {pd}/key.pem;\n    \
+             ssl_client_certificate {b};\n    ssl_verify_client on;\n    ssl_verify_depth 3;\n    \
+             ssl_protocols TLSv1.2 TLSv1.3;\n    \
+             location / {{\n      proxy_pass http://up;\n      proxy_http_version 1.1;\n      \
+             proxy_set_header Connection \"\";\n      proxy_set_header Authorization \"\";\n      \
+             proxy_set_header X-Sigil-Spiffe-Id $ssl_client_s_dn;\n    }}\n  }}",
+            pd = pdir.display(),
+            b = bundle_pem.display(),
+        ),
+    );
+
+    let proxy_args = |port: u16, audit: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "proxy",
+            "--trust-domain",
+            TD,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            &format!("http://127.0.0.1:{up_port}"),
+            "--audience",
+            "model-gw",
+            "--issuer",
+            &s.url(""),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        for (flag, p) in [
+            ("--cert", pdir.join("svid.pem")),
+            ("--key", pdir.join("key.pem")),
+            ("--bundle", bundle_json.clone()),
+            ("--policy-dir", policies.clone()),
+            ("--audit-log", audit.to_owned()),
+        ] {
+            a.push(flag.into());
+            a.push(p.display().to_string());
+        }
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let sigil = common::sigil_bin();
+    let help = Command::new(sigil)
+        .args(["proxy", "--help"])
+        .output()
+        .unwrap();
+    let has_enforce = String::from_utf8_lossy(&help.stdout).contains("--enforce");
+    let mtls_port = free_port();
+    let mtls_proxy = has_enforce.then(|| {
+        spawn(
+            "sigil proxy (mtls-only)",
+            Some(TARGET_CORE),
+            sigil,
+            &proxy_args(
+                mtls_port,
+                &dir.join("audit-mtls.jsonl"),
+                &["--enforce", "mtls-only"],
+            ),
+            &dir.join("proxy-mtls.log"),
+        )
+        .wait_port(mtls_port)
+    });
+    let full_port = free_port();
+    let audit = dir.join("audit-full.jsonl");
+    let full_proxy = spawn(
+        "sigil proxy (full)",
+        Some(TARGET_CORE),
+        sigil,
+        &proxy_args(full_port, &audit, &[]),
+        &dir.join("proxy-full.log"),
+    )
+    .wait_port(full_port);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss_idle = rss_mib(full_proxy.pid());
+        let rss_idle_mtls = mtls_proxy.as_ref().map(|p| rss_mib(p.pid()));
+        let rss_idle_nginx = rss_mib(nginx_proxy.pid());
+        let token = fetch_token(s.port, &tls).await;
+        let auth = HeaderValue::from_str(&format!("Bearer {token}")).unwrap();
+
+        let mut targets = vec![Target {
+            key: "direct",
+            label: "(a) direct to the upstream (plain HTTP)",
+            port: up_port,
+            tls: None,
+            pid: upstream.pid(),
+        }];
+        targets.push(Target {
+            key: "nginx_mtls",
+            label: "(b) nginx mTLS reverse proxy",
+            port: ngx_port,
+            tls: Some(tls.clone()),
+            pid: nginx_proxy.pid(),
+        });
+        if let Some(p) = &mtls_proxy {
+            targets.push(Target {
+                key: "sigil_mtls_only",
+                label: "(c) sigil proxy, mTLS only",
+                port: mtls_port,
+                tls: Some(tls.clone()),
+                pid: p.pid(),
+            });
+        }
+        targets.push(Target {
+            key: "sigil_full",
+            label: "(d) sigil proxy, token + policy + audit",
+            port: full_port,
+            tls: Some(tls.clone()),
+            pid: full_proxy.pid(),
+        });
+
+        println!("proxy_load: N={n} sequential requests on 1 keep-alive connection per target (after a warm-up of {}),", (n / 10).max(500));
+        println!("  then {conns} keep-alive connections for {secs} s (after 1 s of warm-up); POST /v1/chat/completions, {} B body, Bearer token always sent", BODY.len());
+        println!(
+            "  cores: load generator (this process, pid {me}, affinity {}) + upstream nginx (affinity {}) + sigil server on core 0;",
+            affinity(me),
+            affinity(upstream.pid())
+        );
+        println!(
+            "  under test on core {TARGET_CORE}: nginx proxy (affinity {}, 1 process), sigil proxy full (affinity {}, threads: {})",
+            affinity(nginx_proxy.pid()),
+            affinity(full_proxy.pid()),
+            threads(full_proxy.pid())
+        );
+        if mtls_proxy.is_none() {
+            println!("  (c) skipped: this sigil has no `proxy --enforce` flag yet");
+        }
+        println!("  load average at start: {}", loadavg.trim());
+
+        let mut all: Vec<Figures> = Vec::new();
+        for t in &targets {
+            let mut f = Figures {
+                target: t.key.into(),
+                label: t.label.into(),
+                ..Default::default()
+            };
+            latency(t, &auth, n, &mut f).await;
+            throughput(t, &auth, conns, secs, &mut f).await;
+            eprintln!(
+                "  done: {:<42} p50 {:.0} µs, {:.0} req/s",
+                t.label, f.p50_us, f.req_per_s
+            );
+            all.push(f);
+        }
+        let rss_after = rss_mib(full_proxy.pid());
+        let full_t = targets.last().unwrap().clone();
+        let rss_hold = rss_with_connections(&full_t, &auth, hold, full_proxy.pid()).await;
+        let hwm = proc_status(full_proxy.pid(), "VmHWM:") as f64 / 1024.0;
+        let rss_hold_nginx = rss_with_connections(&targets[1], &auth, hold, nginx_proxy.pid()).await;
+        let audit_lines = std::fs::read_to_string(&audit)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+
+        let direct = all[0].clone();
+        println!();
+        println!(
+            "{:<42} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9} {:>10} {:>7} {:>7}",
+            "target (latency: 1 conn; throughput: C conns)",
+            "p50 µs",
+            "p90 µs",
+            "p99 µs",
+            "max µs",
+            "+p50",
+            "+p99",
+            "req/s",
+            "ld p50",
+            "ld p99",
+            "cpu µs/req",
+            "core%",
+            "gen%"
+        );
+        for f in &all {
+            println!(
+                "{:<42} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>10.0} {:>9.0} {:>9.0} {:>10.1} {:>7.0} {:>7.0}",
+                f.label,
+                f.p50_us,
+                f.p90_us,
+                f.p99_us,
+                f.max_us,
+                f.p50_us - direct.p50_us,
+                f.p99_us - direct.p99_us,
+                f.req_per_s,
+                f.loaded_p50_us,
+                f.loaded_p99_us,
+                f.target_cpu_us_per_req,
+                f.target_cpu_pct,
+                f.loadgen_cpu_pct
+            );
+        }
+        println!(
+            "(+p50/+p99: added over (a); req/s with C={conns}; ld p50/p99: latency under that load; \
+             cpu µs/req and core%: CPU of the process under test during the throughput window \
+             (for (a): the upstream); gen%: this load generator's CPU)"
+        );
+        println!();
+        let rss_mtls = rss_idle_mtls.map_or("n/a".into(), |r| format!("{r:.1} MiB"));
+        println!(
+            "RSS: sigil proxy (full) idle {rss_idle:.1} MiB, after the load {rss_after:.1} MiB, \
+             with {hold} open mTLS connections {rss_hold:.1} MiB (peak {hwm:.1} MiB); \
+             sigil proxy (mtls-only) idle {rss_mtls}; nginx proxy idle {rss_idle_nginx:.1} MiB, \
+             with {hold} connections {rss_hold_nginx:.1} MiB"
+        );
+        println!("audit records written by the full-path proxy: {audit_lines}");
+        if let Some(full) = all.iter().find(|f| f.target == "sigil_full") {
+            let (d50, d99) = (full.p50_us - direct.p50_us, full.p99_us - direct.p99_us);
+            println!(
+                "budgets: full path adds p50 {d50:.0} µs (≤ 150: {}), p99 {d99:.0} µs (≤ 1000: {}); \
+                 {:.0} authorized req/s on one core (≥ 15000: {}); idle RSS {rss_idle:.1} MiB (≤ 20: {})",
+                if d50 <= 150.0 { "met" } else { "MISSED" },
+                if d99 <= 1000.0 { "met" } else { "MISSED" },
+                full.req_per_s,
+                if full.req_per_s >= 15_000.0 { "met" } else { "MISSED" },
+                if rss_idle <= 20.0 { "met" } else { "MISSED" },
+            );
+        }
+        let json = serde_json::json!({
+            "n": n, "conns": conns, "secs": secs, "loadavg_at_start": loadavg.trim(),
+            "targets": all,
+            "rss_mib": {
+                "sigil_full_idle": rss_idle, "sigil_full_after_load": rss_after,
+                "sigil_full_with_connections": rss_hold, "sigil_full_peak": hwm,
+                "sigil_mtls_only_idle": rss_idle_mtls, "nginx_idle": rss_idle_nginx,
+                "nginx_with_connections": rss_hold_nginx, "connections": hold,
+            },
+            "audit_records": audit_lines,
+        });
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("proxy_load.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+        println!("JSON: {}", path.display());
+    });
+    drop(full_proxy);
+    drop(mtls_proxy);
+    drop(nginx_proxy);
+    drop(upstream);
+}
