@@ -73,6 +73,28 @@ pub fn x5t_s256(der: &[u8]) -> String {
     b64url(&sha256(der))
 }
 
+/// Splits concatenated DER certificates (the Workload API's `x509_svid` and `bundle` fields)
+/// into one DER each. At most `MAX_CHAIN_LEN * 16` certificates; anything that is not a whole
+/// certificate is an error.
+pub fn split_der_certs(concat: &[u8]) -> Result<Vec<Vec<u8>>, SvidError> {
+    let mut out = Vec::new();
+    let mut rest = concat;
+    while !rest.is_empty() {
+        if out.len() >= MAX_CHAIN_LEN * 16 {
+            return Err(SvidError::Malformed("too many certificates".into()));
+        }
+        let (tail, _) = x509_parser::parse_x509_certificate(rest)
+            .map_err(|e| SvidError::Malformed(format!("bad DER certificate: {e}")))?;
+        let (one, tail) = rest.split_at(rest.len() - tail.len());
+        if one.len() > MAX_CERT_LEN {
+            return Err(SvidError::Malformed("certificate too large".into()));
+        }
+        out.push(one.to_vec());
+        rest = tail;
+    }
+    Ok(out)
+}
+
 /// Validates an X.509-SVID presented by a TLS client. See [`verify_x509_svid_for_usage`].
 pub fn verify_x509_svid(
     chain: &[&[u8]],
@@ -221,6 +243,28 @@ fn check_leaf(der: &[u8], td: &TrustDomain) -> Result<VerifiedX509Svid, SvidErro
         x5t_s256: x5t_s256(der),
         dns_names,
     })
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    #[test]
+    fn splits_concatenated_der_and_refuses_garbage() {
+        let ca = crate::CertificateAuthority::generate(
+            &TrustDomain::new("td").unwrap(),
+            crate::KeyAlgorithm::EcdsaP256,
+            1_000_000,
+            3600,
+        )
+        .unwrap();
+        let der = ca.cert_der().to_vec();
+        let two = [der.clone(), der.clone()].concat();
+        assert_eq!(split_der_certs(&two).unwrap(), vec![der.clone(), der.clone()]);
+        assert!(split_der_certs(&[]).unwrap().is_empty());
+        assert!(split_der_certs(&der[..der.len() - 1]).is_err());
+        assert!(split_der_certs(&[der.as_slice(), b"junk"].concat()).is_err());
+    }
 }
 
 #[cfg(test)]

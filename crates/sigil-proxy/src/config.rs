@@ -20,13 +20,30 @@ pub struct ProxyConfig {
     pub audience: String,
     /// The token issuer (the trust authority's issuer URL).
     pub issuer: String,
+    /// The local agent's Workload API socket (`unix:///path` or a path): the proxy's serving
+    /// SVID and the trust bundles come from it and rotate without a restart. Exclusive with
+    /// `cert`/`key`/`bundle`.
+    #[serde(default)]
+    pub workload_api_socket: Option<String>,
+    /// Which of the SVIDs the Workload API returns the proxy serves with (default: the first,
+    /// the API's default SVID).
+    #[serde(default)]
+    pub spiffe_id: Option<String>,
     /// The proxy's own certificate chain (PEM) when run standalone.
-    pub cert: PathBuf,
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
     /// Its PKCS#8 key (PEM).
-    pub key: PathBuf,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
     /// The trust bundle in SPIFFE bundle JSON (X.509 and JWT authorities), e.g. from
     /// `sigil bundle show`.
-    pub bundle: PathBuf,
+    #[serde(default)]
+    pub bundle: Option<PathBuf>,
+    /// `full` (default): token, policy, rate limit and audit on every request. `mtls-only`:
+    /// only the client SVID is checked and the identity headers set (no token, policy or
+    /// audit), for upstreams that do their own authorization and for benchmarks.
+    #[serde(default)]
+    pub enforce: Enforce,
     /// Clock skew allowed on `exp`/`nbf`, seconds.
     #[serde(default = "default_skew")]
     pub token_leeway_secs: i64,
@@ -52,6 +69,17 @@ pub struct ProxyConfig {
     /// `text` or `json`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+}
+
+/// How much the proxy checks per request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Enforce {
+    /// Token, policy, rate limit and audit.
+    #[default]
+    Full,
+    /// The client SVID only.
+    MtlsOnly,
 }
 
 fn default_mcp_path() -> String {
@@ -93,9 +121,12 @@ impl ProxyConfig {
         "upstream",
         "audience",
         "issuer",
+        "workload_api_socket",
+        "spiffe_id",
         "cert",
         "key",
         "bundle",
+        "enforce",
         "token_leeway_secs",
         "policy_dir",
         "mcp_path",
@@ -118,6 +149,52 @@ impl ProxyConfig {
             .map_err(|_| bad("upstream", "must be an http://host:port URL"))?;
         if uri.scheme_str() != Some("http") || uri.authority().is_none() {
             return Err(bad("upstream", "must be an http://host:port URL"));
+        }
+        match (
+            &self.workload_api_socket,
+            &self.cert,
+            &self.key,
+            &self.bundle,
+        ) {
+            (Some(s), None, None, None) => {
+                if s.is_empty() {
+                    return Err(bad("workload_api_socket", "must not be empty"));
+                }
+            }
+            (None, Some(_), Some(_), Some(_)) => {
+                if self.spiffe_id.is_some() {
+                    return Err(bad(
+                        "spiffe_id",
+                        "only applies with workload_api_socket (the cert file names the identity)",
+                    ));
+                }
+            }
+            (Some(_), _, _, _) => {
+                return Err(bad(
+                    "workload_api_socket",
+                    "give either workload_api_socket or cert + key + bundle, not both",
+                ));
+            }
+            (None, c, k, _) => {
+                let key = if c.is_none() {
+                    "cert"
+                } else if k.is_none() {
+                    "key"
+                } else {
+                    "bundle"
+                };
+                return Err(bad(
+                    key,
+                    "required without workload_api_socket (cert + key + bundle, or the agent's socket)",
+                ));
+            }
+        }
+        if let Some(id) = &self.spiffe_id {
+            match sigil_core::SpiffeId::new(id) {
+                Ok(id) if id.is_member_of(&self.trust_domain) => {}
+                Ok(_) => return Err(bad("spiffe_id", "must be in the proxy's trust domain")),
+                Err(e) => return Err(bad("spiffe_id", &e.to_string())),
+            }
         }
         if self.audience.is_empty() {
             return Err(bad("audience", "must not be empty"));

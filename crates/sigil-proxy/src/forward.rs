@@ -16,7 +16,9 @@ use sigil_pki::{VerifiedX509Svid, verify_x509_svid};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::audit::{AuditLog, DecisionRecord};
+use crate::config::Enforce;
 use crate::extract::extract;
+use crate::filter::{FilterError, SseFilter, filter_models, filter_tools_json, tools_list_ids};
 use crate::ratelimit::RateLimiter;
 use crate::token::{Expect, TokenCache, TokenError};
 use crate::{Credentials, ProxyConfig};
@@ -24,6 +26,63 @@ use sigil_policy::{PolicyEngine, Principal, Query};
 use std::time::{Duration, Instant};
 
 type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest upstream response the proxy buffers to filter (`/v1/models`, JSON `tools/list`).
+const MAX_FILTERED_RESPONSE: usize = 16 * 1024 * 1024;
+
+/// The caller of an authorized request, as policy sees it; kept to filter the response.
+#[derive(Clone)]
+struct Caller {
+    spiffe_id: String,
+    trust_domain: String,
+    groups: Vec<String>,
+    scopes: Vec<String>,
+    hour: i64,
+    weekday: i64,
+}
+
+impl Caller {
+    /// Whether `engine` permits this caller `action` on `resource_type::resource_id` (errors
+    /// deny).
+    fn permits(
+        &self,
+        engine: &PolicyEngine,
+        action: &str,
+        resource_type: &str,
+        resource_id: &str,
+    ) -> bool {
+        let q = Query {
+            principal: Principal {
+                spiffe_id: &self.spiffe_id,
+                trust_domain: &self.trust_domain,
+                groups: &self.groups,
+            },
+            action,
+            resource_type,
+            resource_id,
+            scopes: &self.scopes,
+            hour: self.hour,
+            weekday: self.weekday,
+            arguments: None,
+        };
+        engine.decide(&q).is_ok_and(|d| d.allow)
+    }
+}
+
+/// What an authorized request may see of the response.
+enum ResponseFilter {
+    None,
+    /// Keep the models the caller may invoke.
+    Models(Caller, Arc<PolicyEngine>),
+    /// Keep the tools the caller may call in the answers to these `tools/list` ids.
+    Tools(Caller, Arc<PolicyEngine>, std::collections::HashSet<String>),
+}
+
+/// An authorized request: its body and how to filter the response.
+struct Authorized {
+    body: Bytes,
+    filter: ResponseFilter,
+}
 
 /// The header carrying the caller's SPIFFE ID to the upstream.
 pub const SPIFFE_ID_HEADER: &str = "x-sigil-spiffe-id";
@@ -41,6 +100,7 @@ pub struct Proxy {
     audit: AuditLog,
     client: Client<HttpConnector, Body>,
     upstream: Uri,
+    revoked: tokio::sync::watch::Receiver<i64>,
 }
 
 /// A refusal: the status and message the client gets, and how long to wait for a 429.
@@ -67,6 +127,7 @@ impl Proxy {
         clock: Arc<dyn Clock>,
         audit: AuditLog,
         policies: Arc<ArcSwap<PolicyEngine>>,
+        revoked: tokio::sync::watch::Receiver<i64>,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -83,6 +144,7 @@ impl Proxy {
             audit,
             client,
             upstream,
+            revoked,
         }
     }
 
@@ -105,20 +167,52 @@ impl Proxy {
                 }
             }
         };
+        let mut revoked = self.revoked.clone();
+        let creds = self.creds.clone();
+        let watched = peer.clone();
+        let peer_id = peer.spiffe_id.to_string();
         let svc = hyper::service::service_fn(move |req| {
             let this = self.clone();
             let peer = peer.clone();
             async move { Ok::<_, std::convert::Infallible>(this.handle(req, &peer).await) }
         });
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-            tracing::debug!(error = %e, "connection ended with an error");
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        // A revocation closes the client's open connections, not only its next handshake.
+        let revoked_now = async move {
+            loop {
+                if creds.load().revoked.is_revoked(&watched) {
+                    return;
+                }
+                if revoked.changed().await.is_err() {
+                    // No more updates can come (standalone): never fires.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended with an error");
+            },
+            () = revoked_now => {
+                tracing::info!(spiffe_id = %peer_id, "client revoked: connection closed");
+            }
         }
     }
 
     async fn handle(&self, req: Request<Incoming>, peer: &VerifiedX509Svid) -> Response<Body> {
         let request_id = uuid::Uuid::new_v4().to_string();
         let (parts, body) = req.into_parts();
+        if self.cfg.enforce == Enforce::MtlsOnly {
+            if self.creds.load().revoked.is_revoked(peer) {
+                let deny = Deny::new(StatusCode::UNAUTHORIZED, "client certificate revoked");
+                return openai_error(&deny, &request_id);
+            }
+            return self
+                .forward(parts, body.boxed(), peer, &request_id, ResponseFilter::None)
+                .await;
+        }
+        let mcp = parts.method == http::Method::POST && parts.uri.path() == self.cfg.mcp_path;
         let mut record = DecisionRecord {
             time_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -135,7 +229,10 @@ impl Proxy {
             decision: "deny",
             reason: String::new(),
         };
-        let decided = self.authorize(&parts, body, peer, &mut record).await;
+        let mut body_seen = Bytes::new();
+        let decided = self
+            .authorize(&parts, body, peer, &mut record, &mut body_seen)
+            .await;
         let allowed = decided.is_ok();
         record.decision = if allowed { "allow" } else { "deny" };
         // INVARIANT: the decision is durable before anything is forwarded; a decision that
@@ -143,18 +240,29 @@ impl Proxy {
         if let Err(e) = self.audit.record(&record).await {
             tracing::error!(error = %e, request_id, "audit failed; refusing");
             if allowed {
-                return openai_error(
-                    &Deny::new(StatusCode::SERVICE_UNAVAILABLE, "audit log unavailable"),
-                    &request_id,
-                );
+                let deny = Deny::new(StatusCode::SERVICE_UNAVAILABLE, "audit log unavailable");
+                return self.refusal(mcp, &deny, &body_seen, &request_id);
             }
         }
         match decided {
-            Ok(body) => self.forward(parts, body, peer, &request_id).await,
+            Ok(ok) => {
+                let body = Full::new(ok.body).map_err(|never| match never {}).boxed();
+                self.forward(parts, body, peer, &request_id, ok.filter).await
+            }
             Err(deny) => {
                 tracing::info!(spiffe_id = %peer.spiffe_id, request_id, reason = %deny.message, "request refused");
-                openai_error(&deny, &request_id)
+                self.refusal(mcp, &deny, &body_seen, &request_id)
             }
+        }
+    }
+
+    /// A refusal in the client's own shape: JSON-RPC error objects on the MCP endpoint, the
+    /// OpenAI error object elsewhere.
+    fn refusal(&self, mcp: bool, deny: &Deny, body: &[u8], request_id: &str) -> Response<Body> {
+        if mcp {
+            jsonrpc_error(deny, body, request_id)
+        } else {
+            openai_error(deny, request_id)
         }
     }
 
@@ -165,7 +273,13 @@ impl Proxy {
         body: Incoming,
         peer: &VerifiedX509Svid,
         record: &mut DecisionRecord,
-    ) -> Result<Bytes, Deny> {
+        body_seen: &mut Bytes,
+    ) -> Result<Authorized, Deny> {
+        // Revoked after the handshake: the connection is being closed; refuse what is left.
+        if self.creds.load().revoked.is_revoked(peer) {
+            record.reason = "client certificate revoked".into();
+            return Err(Deny::new(StatusCode::UNAUTHORIZED, record.reason.clone()));
+        }
         // Ambiguous framing is how requests are smuggled past a proxy: refuse, never guess.
         let h = &parts.headers;
         if (h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH))
@@ -228,6 +342,7 @@ impl Proxy {
                 return Err(too_large());
             }
         };
+        *body_seen = body.clone();
         // What is being called; policy on it comes next. A request that cannot be read
         // cannot be authorized.
         record.calls = extract(
@@ -248,7 +363,7 @@ impl Proxy {
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect();
-        let engine = self.policies.load();
+        let engine = self.policies.load_full();
         for call in &record.calls {
             let query = Query {
                 principal: Principal {
@@ -263,6 +378,7 @@ impl Proxy {
                 hour: now.rem_euclid(86_400) / 3600,
                 // 1970-01-01 was a Thursday; 0 = Monday.
                 weekday: (now.div_euclid(86_400) + 3).rem_euclid(7),
+                arguments: call.arguments.as_ref(),
             };
             let decision = engine.decide(&query).map_err(|e| {
                 record.reason = e.to_string();
@@ -285,15 +401,31 @@ impl Proxy {
             }
         }
         record.reason = "permitted by policy".into();
-        Ok(body)
+        let caller = || Caller {
+            spiffe_id: peer.spiffe_id.as_str().to_owned(),
+            trust_domain: peer.spiffe_id.trust_domain_name().to_owned(),
+            groups: claims.groups.clone(),
+            scopes: scopes.clone(),
+            hour: now.rem_euclid(86_400) / 3600,
+            weekday: (now.div_euclid(86_400) + 3).rem_euclid(7),
+        };
+        let filter = if record.calls.iter().any(|c| c.action == "list_models") {
+            ResponseFilter::Models(caller(), engine.clone())
+        } else if record.calls.iter().any(|c| c.action == "list_tools") {
+            ResponseFilter::Tools(caller(), engine.clone(), tools_list_ids(&body))
+        } else {
+            ResponseFilter::None
+        };
+        Ok(Authorized { body, filter })
     }
 
     async fn forward(
         &self,
         mut parts: http::request::Parts,
-        body: Bytes,
+        body: Body,
         peer: &VerifiedX509Svid,
         request_id: &str,
+        filter: ResponseFilter,
     ) -> Response<Body> {
         let path = parts
             .uri
@@ -315,19 +447,30 @@ impl Proxy {
         strip_identity(headers);
         headers.remove(header::AUTHORIZATION);
         headers.remove(header::HOST);
-        headers.remove(header::CONTENT_LENGTH);
+        if !matches!(filter, ResponseFilter::None) {
+            // The proxy must read what it filters: ask for an unencoded response.
+            headers.remove(header::ACCEPT_ENCODING);
+        }
         if let Ok(v) = HeaderValue::from_str(peer.spiffe_id.as_str()) {
             headers.insert(HeaderName::from_static(SPIFFE_ID_HEADER), v);
         }
         if let Ok(v) = HeaderValue::from_str(request_id) {
             headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
         }
-        let body = Full::new(body).map_err(|never| match never {}).boxed();
         match self.client.request(Request::from_parts(parts, body)).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.boxed())
+                match filter_response(&mut parts, body, filter).await {
+                    Ok(body) => Response::from_parts(parts, body),
+                    Err(e) => {
+                        tracing::warn!(error = %e, request_id, "upstream response refused");
+                        openai_error(
+                            &Deny::new(StatusCode::BAD_GATEWAY, "upstream response could not be filtered"),
+                            request_id,
+                        )
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, request_id, "upstream unreachable");
@@ -338,6 +481,181 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Applies `filter` to a successful upstream response: buffered for JSON bodies (bounded),
+/// event by event for SSE. Anything it cannot read is refused, never passed unfiltered.
+async fn filter_response(
+    parts: &mut http::response::Parts,
+    body: Incoming,
+    filter: ResponseFilter,
+) -> Result<Body, FilterError> {
+    if matches!(filter, ResponseFilter::None) || !parts.status.is_success() {
+        return Ok(body.boxed());
+    }
+    if parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes() != b"identity")
+    {
+        return Err(FilterError::Shape("encoded response"));
+    }
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let sse = content_type.starts_with("text/event-stream");
+    match filter {
+        ResponseFilter::None => Ok(body.boxed()),
+        ResponseFilter::Tools(caller, engine, ids) if sse => {
+            let allow = move |t: &str| caller.permits(&engine, "call_tool", "Tool", t);
+            Ok(sse_filtered(body, SseFilter::new(ids, allow, MAX_FILTERED_RESPONSE)))
+        }
+        ResponseFilter::Models(..) | ResponseFilter::Tools(..)
+            if parts.status == StatusCode::ACCEPTED && content_type.is_empty() =>
+        {
+            Ok(body.boxed())
+        }
+        filter => {
+            let bytes = http_body_util::Limited::new(body, MAX_FILTERED_RESPONSE)
+                .collect()
+                .await
+                .map_err(|_| FilterError::Shape("response too large or unreadable"))?
+                .to_bytes();
+            let out = match filter {
+                ResponseFilter::Models(caller, engine) => filter_models(&bytes, |m| {
+                    caller.permits(&engine, "invoke", "Model", m)
+                })?,
+                ResponseFilter::Tools(caller, engine, ids) => {
+                    let allow = |t: &str| caller.permits(&engine, "call_tool", "Tool", t);
+                    filter_tools_json(&bytes, &ids, &allow)?
+                }
+                ResponseFilter::None => bytes.to_vec(),
+            };
+            parts.headers.remove(header::CONTENT_LENGTH);
+            if let Ok(v) = HeaderValue::from_str(&out.len().to_string()) {
+                parts.headers.insert(header::CONTENT_LENGTH, v);
+            }
+            Ok(Full::new(Bytes::from(out))
+                .map_err(|never| match never {})
+                .boxed())
+        }
+    }
+}
+
+/// An SSE body passed on event by event through `filter`.
+fn sse_filtered<F>(body: Incoming, filter: SseFilter<F>) -> Body
+where
+    F: Fn(&str) -> bool + Send + Sync + Unpin + 'static,
+{
+    SseBody {
+        inner: body,
+        filter,
+        done: false,
+    }
+    .boxed()
+}
+
+struct SseBody<F> {
+    inner: Incoming,
+    filter: SseFilter<F>,
+    done: bool,
+}
+
+impl<F> hyper::body::Body for SseBody<F>
+where
+    F: Fn(&str) -> bool + Unpin,
+{
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers carry nothing to filter; they end the stream here.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    match this.filter.push(&data) {
+                        Ok(out) if out.is_empty() => continue,
+                        Ok(out) => {
+                            return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(
+                                out,
+                            )))));
+                        }
+                        Err(e) => {
+                            // Nothing unfiltered is passed on: the stream ends here.
+                            tracing::warn!(error = %e, "SSE response cut");
+                            this.done = true;
+                            return Poll::Ready(None);
+                        }
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    let rest = this.filter.finish();
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(rest)))));
+                }
+            }
+        }
+    }
+}
+
+/// A refusal as JSON-RPC error objects (MCP): one per request of the body that carries an
+/// `id` (`null` when the body could not be read), with the HTTP status of the refusal.
+fn jsonrpc_error(deny: &Deny, body: &[u8], request_id: &str) -> Response<Body> {
+    let code = match deny.status {
+        StatusCode::BAD_REQUEST if deny.message.contains("not valid JSON") => -32700,
+        StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => -32600,
+        StatusCode::UNAUTHORIZED => -32001,
+        StatusCode::FORBIDDEN => -32003,
+        StatusCode::TOO_MANY_REQUESTS => -32029,
+        _ => -32603,
+    };
+    let error = |id: serde_json::Value| {
+        serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": id,
+            "error": {"code": code, "message": deny.message, "data": {"request_id": request_id}},
+        })
+    };
+    let ids = |m: &serde_json::Value| m.get("method").and(m.get("id")).cloned();
+    let out = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Array(batch)) => {
+            let errs: Vec<_> = batch.iter().filter_map(ids).map(error).collect();
+            if errs.is_empty() {
+                error(serde_json::Value::Null)
+            } else {
+                serde_json::Value::Array(errs)
+            }
+        }
+        Ok(m) => error(ids(&m).unwrap_or(serde_json::Value::Null)),
+        Err(_) => error(serde_json::Value::Null),
+    };
+    let mut resp = openai_error(deny, request_id);
+    *resp.body_mut() = Full::new(Bytes::from(out.to_string()))
+        .map_err(|never| match never {})
+        .boxed();
+    resp
 }
 
 /// Exactly one `Authorization: Bearer <token>` header.

@@ -9,11 +9,14 @@ mod audit;
 mod config;
 mod credentials;
 mod extract;
+mod filter;
 mod forward;
 mod policy;
 mod ratelimit;
+mod revocation;
 mod tls;
 mod token;
+mod workload;
 
 pub use config::ProxyConfig;
 pub use credentials::Credentials;
@@ -23,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+pub use config::Enforce;
 use sigil_core::Clock;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -49,7 +53,23 @@ impl RunningProxy {
 /// Loads the credentials, binds the listener and starts serving.
 pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<RunningProxy> {
     cfg.validate()?;
-    let creds = Arc::new(ArcSwap::from_pointee(Credentials::load_files(&cfg)?));
+    // Tells open connections that the revocation list changed, so a revoked client's
+    // keep-alive connections are closed at once.
+    let (revoked_tx, revoked_rx) = tokio::sync::watch::channel(0i64);
+    let creds = match &cfg.workload_api_socket {
+        Some(socket) => {
+            workload::WorkloadSource::new(
+                socket,
+                cfg.spiffe_id.clone(),
+                cfg.trust_domain.clone(),
+                clock.clone(),
+                revoked_tx,
+            )
+            .start()
+            .await?
+        }
+        None => Arc::new(ArcSwap::from_pointee(Credentials::load_files(&cfg)?)),
+    };
     let tls = tls::server_config(creds.clone(), clock.clone())?;
     let listener = TcpListener::bind(cfg.listen_addr).await?;
     let addr = listener.local_addr()?;
@@ -57,13 +77,14 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let policies = Arc::new(ArcSwap::from_pointee(policy::load(
         cfg.policy_dir.as_deref(),
     )?));
-    policy::reload_on_sighup(cfg.policy_dir.clone(), policies.clone());
+    policy::watch(cfg.policy_dir.clone(), policies.clone());
     let state = Arc::new(forward::Proxy::new(
         cfg,
         creds.clone(),
         clock.clone(),
         audit,
         policies,
+        revoked_rx,
     ));
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let task = tokio::spawn(async move {

@@ -54,12 +54,19 @@ impl ClientCertVerifier for SvidClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let mut chain: Vec<&[u8]> = vec![end_entity.as_ref()];
         chain.extend(intermediates.iter().map(|c| c.as_ref()));
-        verify_x509_svid(&chain, &self.creds.load().x509, self.clock.now()).map_err(|e| {
+        let creds = self.creds.load();
+        let svid = verify_x509_svid(&chain, &creds.x509, self.clock.now()).map_err(|e| {
             tracing::info!(error = %e, "client certificate refused");
             rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             )
         })?;
+        if creds.revoked.is_revoked(&svid) {
+            tracing::info!(spiffe_id = %svid.spiffe_id, serial = svid.serial, "client certificate revoked");
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
         Ok(ClientCertVerified::assertion())
     }
 

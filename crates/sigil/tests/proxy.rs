@@ -171,7 +171,7 @@ fn call_with(
     headers: &[String],
     extra: &[&str],
 ) -> (bool, u16, String) {
-    call_path(p, bundle, cert, headers, extra, "/v1/models?x=1")
+    call_path(p, bundle, cert, headers, extra, "/v1/echo?x=1")
 }
 
 fn call_path(
@@ -271,7 +271,7 @@ fn proxy_admits_only_bound_tokens_over_svid_mtls_and_sets_identity_headers() {
     );
     assert!(ok && code == 200, "{code} {body}");
     let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(seen["path"], "/v1/models?x=1");
+    assert_eq!(seen["path"], "/v1/echo?x=1");
     assert_eq!(seen["headers"]["x-sigil-spiffe-id"], client_id);
     assert!(seen["headers"]["x-sigil-groups"].is_null());
     assert!(seen["headers"]["authorization"].is_null());
@@ -451,7 +451,7 @@ fn proxy_audits_every_decision_limits_rate_and_size_and_fails_closed() {
     assert!(
         records.iter().any(|r| r["decision"] == "allow"
             && r["calls"][0]["action"] == "http"
-            && r["calls"][0]["resource_id"] == "POST /v1/models"),
+            && r["calls"][0]["resource_id"] == "POST /v1/echo"),
         "{text}"
     );
     assert!(records.iter().any(|r| r["decision"] == "deny" && r["reason"].as_str().unwrap().contains("too large")));
@@ -738,18 +738,39 @@ fn cedar_policy_decides_on_models_tools_and_batches() {
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_sensor","arguments":{}}}"#,
     );
     assert_eq!(code, 200, "{body}");
-    let (_, code, _) = post(
+    let (_, code, body) = post(
         &floor,
         "/mcp",
-        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"shutdown_line"}}"#,
+        r#"{"jsonrpc":"2.0","id":"a1","method":"tools/call","params":{"name":"shutdown_line"}}"#,
     );
     assert_eq!(code, 403);
+    // MCP refusals are JSON-RPC error objects answering the request's id.
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["jsonrpc"], "2.0");
+    assert_eq!(err["id"], "a1");
+    assert_eq!(err["error"]["code"], -32003);
+    assert!(err["error"]["message"].as_str().unwrap().contains("shutdown_line"));
     let (_, code, body) = post(
         &floor,
         "/mcp",
         r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"shutdown_line"}}]"#,
     );
     assert_eq!(code, 403, "a batch hid a forbidden call: {body}");
+    let errs: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&serde_json::Value> = errs.as_array().unwrap().iter().map(|e| &e["id"]).collect();
+    assert_eq!(ids, [&serde_json::json!(1), &serde_json::json!(2)], "{body}");
+    // Unauthenticated MCP calls get a JSON-RPC error too (id unknown before the body is read).
+    let (_, code, body) = call_path(
+        &p,
+        &floor.2,
+        Some((&floor.0, &floor.1)),
+        &["content-type: application/json".into()],
+        &["--data-binary", r#"{"jsonrpc":"2.0","id":5,"method":"tools/list"}"#],
+        "/mcp",
+    );
+    assert_eq!(code, 401, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["code"], -32001, "{body}");
     // The decisions name the policies that made them.
     let text = std::fs::read_to_string(&audit).unwrap();
     let records: Vec<serde_json::Value> = text

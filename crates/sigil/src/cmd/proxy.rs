@@ -28,6 +28,16 @@ pub struct ProxyArgs {
     /// Token issuer URL.
     #[arg(long)]
     pub issuer: Option<String>,
+    /// The local agent's Workload API socket (unix:///path): serving SVID and bundles come
+    /// from it and rotate live. Instead of --cert/--key/--bundle.
+    #[arg(long)]
+    pub workload_api_socket: Option<String>,
+    /// Which SVID from the Workload API to serve with (default: the first).
+    #[arg(long)]
+    pub spiffe_id: Option<String>,
+    /// `full` (token + policy + rate limit + audit, default) or `mtls-only`.
+    #[arg(long)]
+    pub enforce: Option<String>,
     /// The proxy's certificate chain (PEM).
     #[arg(long)]
     pub cert: Option<PathBuf>,
@@ -74,6 +84,9 @@ impl ProxyArgs {
             ("audience", s(&self.audience)),
             ("issuer", s(&self.issuer)),
             ("log_format", s(&self.log_format)),
+            ("workload_api_socket", s(&self.workload_api_socket)),
+            ("spiffe_id", s(&self.spiffe_id)),
+            ("enforce", s(&self.enforce)),
             ("cert", p(&self.cert)),
             ("key", p(&self.key)),
             ("bundle", p(&self.bundle)),

@@ -16,6 +16,9 @@ pub enum WorkloadCmd {
         /// Where to write the files.
         #[arg(long)]
         out_dir: PathBuf,
+        /// Which SVID to write when the process gets several (default: the first).
+        #[arg(long)]
+        spiffe_id: Option<String>,
     },
     /// Fetch a JWT-SVID for an audience and print it.
     FetchJwt {
@@ -71,7 +74,11 @@ fn pem_all(tag: &str, der_concat: &[u8]) -> anyhow::Result<String> {
 
 pub async fn run(cmd: WorkloadCmd) -> anyhow::Result<()> {
     match cmd {
-        WorkloadCmd::FetchX509 { socket, out_dir } => {
+        WorkloadCmd::FetchX509 {
+            socket,
+            out_dir,
+            spiffe_id,
+        } => {
             let mut c = client(&socket).await?;
             let mut stream = c
                 .fetch_x509svid(request(wl::X509svidRequest {}))
@@ -81,7 +88,14 @@ pub async fn run(cmd: WorkloadCmd) -> anyhow::Result<()> {
                 .message()
                 .await?
                 .context("the Workload API closed the stream without an SVID")?;
-            let svid = resp.svids.first().context("no SVID in the response")?;
+            let svid = match &spiffe_id {
+                Some(id) => resp
+                    .svids
+                    .iter()
+                    .find(|s| &s.spiffe_id == id)
+                    .with_context(|| format!("no SVID for {id} (this process is not registered as it)"))?,
+                None => resp.svids.first().context("no SVID in the response")?,
+            };
             std::fs::create_dir_all(&out_dir)?;
             crate::cmd::admin::write_file(
                 &out_dir.join("svid.pem"),
