@@ -96,6 +96,7 @@ unless { resource == Tool::"shutdown_line" };
 
 fn start_proxy(s: &Server, dir: &Path, upstream: u16, extra: &[&str]) -> Proxy {
     let pdir = dir.join("proxy");
+    std::fs::create_dir_all(dir).unwrap();
     s.sigil_json(&[
         "svid",
         "mint",
@@ -110,6 +111,19 @@ fn start_proxy(s: &Server, dir: &Path, upstream: u16, extra: &[&str]) -> Proxy {
     let out = s.sigil(&["bundle", "show"]);
     assert!(out.status.success());
     std::fs::write(&bundle, &out.stdout).unwrap();
+    let creds = [
+        "--cert".to_owned(),
+        pdir.join("svid.pem").display().to_string(),
+        "--key".into(),
+        pdir.join("key.pem").display().to_string(),
+        "--bundle".into(),
+        bundle.display().to_string(),
+    ];
+    spawn_proxy(s, dir, upstream, &creds, extra)
+}
+
+/// Starts `sigil proxy` with `creds` (files or the agent's socket) and the test policies.
+fn spawn_proxy(s: &Server, dir: &Path, upstream: u16, creds: &[String], extra: &[&str]) -> Proxy {
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(policies.join("test.cedar"), TEST_POLICY).unwrap();
@@ -129,12 +143,7 @@ fn start_proxy(s: &Server, dir: &Path, upstream: u16, extra: &[&str]) -> Proxy {
             "model-gw",
         ])
         .args(["--issuer", &s.url("")])
-        .arg("--cert")
-        .arg(pdir.join("svid.pem"))
-        .arg("--key")
-        .arg(pdir.join("key.pem"))
-        .arg("--bundle")
-        .arg(&bundle)
+        .args(creds)
         .arg("--policy-dir")
         .arg(&policies)
         .args(extra)
@@ -792,4 +801,210 @@ fn cedar_policy_decides_on_models_tools_and_batches() {
                 .unwrap()
                 .contains("Tool::\"shutdown_line\"")
     }));
+}
+
+/// A blocking HTTP/1.1 keep-alive connection over mTLS.
+struct KeptConnection {
+    tls: rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+}
+
+impl KeptConnection {
+    /// Connects; Err if the handshake (or the first read) is refused.
+    fn open(port: u16, bundle_pem: &str, cert: &Path, key: &Path) -> std::io::Result<Self> {
+        let mut cfg = (*common::client_tls(bundle_pem, Some((cert, key)))).clone();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let conn = rustls::ClientConnection::new(
+            std::sync::Arc::new(cfg),
+            "localhost".try_into().unwrap(),
+        )
+        .unwrap();
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock)?;
+        }
+        Ok(Self { tls })
+    }
+
+    /// The server's leaf certificate (DER).
+    fn server_cert(&self) -> Vec<u8> {
+        self.tls.conn.peer_certificates().unwrap()[0].to_vec()
+    }
+
+    /// `GET path` with the token; the status code.
+    fn get(&mut self, path: &str, token: &str) -> std::io::Result<u16> {
+        use std::io::{Read, Write};
+        write!(
+            self.tls,
+            "GET {path} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\n\r\n"
+        )?;
+        self.tls.flush()?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = self.tls.read(&mut chunk)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = self.tls.read(&mut chunk)?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return Ok(head[9..12].parse().unwrap());
+        }
+    }
+
+    /// Waits for the server to close the connection; how long it took.
+    fn closed_within(&mut self, limit: Duration) -> Option<Duration> {
+        use std::io::Read;
+        let t0 = Instant::now();
+        self.tls.sock.set_read_timeout(Some(limit)).unwrap();
+        let mut b = [0u8; 64];
+        match self.tls.read(&mut b) {
+            Ok(0) => Some(t0.elapsed()),
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock
+                && e.kind() != std::io::ErrorKind::TimedOut =>
+            {
+                Some(t0.elapsed())
+            }
+            _ => None,
+        }
+    }
+}
+
+#[test]
+fn proxy_takes_its_identity_from_the_agent_rotates_it_and_cuts_off_revoked_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("srv"), &[]);
+    let jt = s.sigil_json(&["jointoken", "create"]);
+    let node = jt["node_id"].as_str().unwrap().to_owned();
+    let proxy_id = format!("spiffe://{TD}/proxy");
+    // The proxy is a workload like any other: its entry, its SVID from the agent, a short TTL
+    // so the test sees it rotate.
+    s.sigil_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &proxy_id,
+        "--parent-id",
+        &node,
+        "--selector",
+        &format!("unix:uid:{}", common::my_uid()),
+        "--dns",
+        "localhost",
+        "--x509-ttl",
+        "60",
+    ]);
+    let agent = common::Agent::start(&s, &tmp.path().join("agent"), jt["token"].as_str());
+    let mk = |name: &str| {
+        let id = format!("spiffe://{TD}/{name}");
+        s.sigil_json(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &id,
+            "--parent-id",
+            &format!("spiffe://{TD}/sigil/node/n"),
+            "--selector",
+            "unix:uid:1",
+        ]);
+        let dir = tmp.path().join(name);
+        let minted = s.mint(&id, &dir);
+        let (cert, key, bundle) = files(&dir);
+        let (code, body) = token_request(
+            &s,
+            &bundle,
+            Some((&cert, &key)),
+            &["grant_type=client_credentials", "resource=model-gw"],
+        );
+        assert_eq!(code, 200, "{body}");
+        (
+            cert,
+            key,
+            bundle,
+            body["access_token"].as_str().unwrap().to_owned(),
+            minted,
+        )
+    };
+    // TEST_POLICY lets spiffe://td.test/agent make plain HTTP calls.
+    let victim = mk("agent");
+    let up = Upstream::start();
+    let creds = [
+        "--workload-api-socket".to_owned(),
+        format!("unix://{}", agent.socket.display()),
+        "--spiffe-id".into(),
+        proxy_id.clone(),
+    ];
+    let audit = tmp.path().join("audit.jsonl");
+    let p = spawn_proxy(
+        &s,
+        &tmp.path().join("p"),
+        up.port,
+        &creds,
+        &["--audit-log", audit.to_str().unwrap()],
+    );
+    let bundle_pem = std::fs::read_to_string(&victim.2).unwrap();
+
+    // The proxy serves with the SVID the agent gave it (its SPIFFE ID, DNS name localhost).
+    let mut conn = KeptConnection::open(p.port, &bundle_pem, &victim.0, &victim.1).unwrap();
+    let first = conn.server_cert();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&first).unwrap();
+    let sans = format!("{:?}", leaf.subject_alternative_name().unwrap().unwrap().value);
+    assert!(sans.contains(&proxy_id) && sans.contains("localhost"), "{sans}");
+    assert_eq!(conn.get("/v1/echo", &victim.3).unwrap(), 200);
+
+    // Rotation: the agent renews the proxy's SVID at half-life; new connections get the new
+    // certificate with no restart, and the connection opened before keeps working.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = KeptConnection::open(p.port, &bundle_pem, &victim.0, &victim.1).unwrap();
+        if c.server_cert() != first {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the proxy's SVID was not rotated");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(conn.get("/v1/echo", &victim.3).unwrap(), 200);
+
+    // Revocation: the client's open keep-alive connection is closed, and it cannot
+    // reconnect; another identity is unaffected. (The server pushes the revocation to the
+    // agent, the agent to the proxy.)
+    let bystander_id = format!("spiffe://{TD}/agent");
+    let bystander_dir = tmp.path().join("bystander");
+    s.mint(&bystander_id, &bystander_dir);
+    let (bc, bk, _) = files(&bystander_dir);
+    let (code, body) = token_request(
+        &s,
+        &victim.2,
+        Some((&bc, &bk)),
+        &["grant_type=client_credentials", "resource=model-gw"],
+    );
+    assert_eq!(code, 200, "{body}");
+    let bystander_token = body["access_token"].as_str().unwrap().to_owned();
+    let mut other = KeptConnection::open(p.port, &bundle_pem, &bc, &bk).unwrap();
+    assert_eq!(other.get("/v1/echo", &bystander_token).unwrap(), 200);
+    let serial = victim.4["serial"].as_str().unwrap().to_owned();
+    s.sigil_json(&["svid", "revoke", &serial]);
+    let took = conn.closed_within(Duration::from_secs(5));
+    assert!(took.is_some(), "the revoked client's connection stayed open");
+    let refused = KeptConnection::open(p.port, &bundle_pem, &victim.0, &victim.1)
+        .and_then(|mut c| c.get("/v1/echo", &victim.3));
+    assert!(refused.is_err(), "a revoked SVID connected again: {refused:?}");
+    // The same SPIFFE ID with another (unrevoked) certificate, on its open connection: fine.
+    assert_eq!(other.get("/v1/echo", &bystander_token).unwrap(), 200);
+    drop(agent);
 }
