@@ -4,6 +4,7 @@
 mod admin_client;
 mod cmd;
 mod config;
+mod demo_model;
 
 use std::process::ExitCode;
 

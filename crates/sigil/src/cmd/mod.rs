@@ -1,6 +1,7 @@
 //! The command-line interface: one module per subcommand group.
 pub(crate) mod admin;
 mod agent;
+mod demo_model;
 mod dev;
 mod policy;
 mod proxy;
@@ -38,6 +39,8 @@ pub enum Command {
     Workload(workload::WorkloadCmd),
     /// Run everything on loopback with embedded defaults, for a first look.
     Dev(dev::DevArgs),
+    /// Run a small built-in OpenAI-compatible model server (plain HTTP), for demos.
+    DemoModel(demo_model::DemoModelArgs),
     /// Manage registration entries.
     #[command(subcommand)]
     Entry(admin::EntryCmd),
@@ -84,6 +87,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(a) => server::run(a).await,
         Command::Dev(a) => dev::run(a).await,
+        Command::DemoModel(a) => demo_model::run(a).await,
         Command::Agent(a) => agent::run(a).await,
         Command::Proxy(a) => proxy::run(a).await,
         Command::Policy(c) => policy::run(c),
