@@ -66,9 +66,28 @@ pub struct ProxyConfig {
     /// Requests an identity may make at once after being idle.
     #[serde(default = "default_burst")]
     pub rate_limit_burst: f64,
+    /// Limits per identity × model or tool (`[[resource_rate_limits]]` tables), on top of
+    /// the per-identity limit.
+    #[serde(default)]
+    pub resource_rate_limits: Vec<ResourceRateLimit>,
     /// `text` or `json`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+}
+
+/// A token bucket per caller for one model or tool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceRateLimit {
+    /// `Model` or `Tool`.
+    pub resource_type: String,
+    /// The model or tool name.
+    pub resource_id: String,
+    /// Calls per second each identity may make to it.
+    pub per_sec: f64,
+    /// Calls an identity may make at once after being idle.
+    #[serde(default = "default_burst")]
+    pub burst: f64,
 }
 
 /// How much the proxy checks per request.
@@ -134,6 +153,7 @@ impl ProxyConfig {
         "max_body_bytes",
         "rate_limit_per_sec",
         "rate_limit_burst",
+        "resource_rate_limits",
         "log_format",
     ];
 
@@ -214,9 +234,99 @@ impl ProxyConfig {
         if !(self.rate_limit_burst >= 1.0 && self.rate_limit_burst.is_finite()) {
             return Err(bad("rate_limit_burst", "must be a number >= 1"));
         }
+        let mut seen = std::collections::HashSet::new();
+        for l in &self.resource_rate_limits {
+            if !matches!(l.resource_type.as_str(), "Model" | "Tool") {
+                return Err(bad(
+                    "resource_rate_limits",
+                    "resource_type must be Model or Tool",
+                ));
+            }
+            if l.resource_id.is_empty() {
+                return Err(bad("resource_rate_limits", "resource_id must not be empty"));
+            }
+            if !(l.per_sec > 0.0 && l.per_sec.is_finite()) {
+                return Err(bad("resource_rate_limits", "per_sec must be a number > 0"));
+            }
+            if !(l.burst >= 1.0 && l.burst.is_finite()) {
+                return Err(bad("resource_rate_limits", "burst must be a number >= 1"));
+            }
+            if !seen.insert((&l.resource_type, &l.resource_id)) {
+                return Err(bad("resource_rate_limits", "a resource is listed twice"));
+            }
+        }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(bad("log_format", "must be \"text\" or \"json\""));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> Result<ProxyConfig, String> {
+        let text = format!(
+            "trust_domain = \"td\"\nupstream = \"http://127.0.0.1:1\"\naudience = \"a\"\n\
+             issuer = \"https://i\"\n{extra}"
+        );
+        let c: ProxyConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
+        c.validate().map(|()| c).map_err(|e| e.key.to_owned())
+    }
+
+    #[test]
+    fn credentials_come_from_files_or_the_agent_not_both() {
+        let files = "cert = \"c\"\nkey = \"k\"\nbundle = \"b\"\n";
+        assert!(cfg(files).is_ok());
+        assert!(cfg("workload_api_socket = \"unix:///run/a.sock\"\n").is_ok());
+        assert_eq!(cfg("").unwrap_err(), "cert");
+        assert_eq!(cfg("cert = \"c\"\n").unwrap_err(), "key");
+        assert_eq!(cfg("cert = \"c\"\nkey = \"k\"\n").unwrap_err(), "bundle");
+        assert_eq!(
+            cfg(&format!("{files}workload_api_socket = \"/s\"\n")).unwrap_err(),
+            "workload_api_socket"
+        );
+        assert_eq!(
+            cfg(&format!("{files}spiffe_id = \"spiffe://td/p\"\n")).unwrap_err(),
+            "spiffe_id"
+        );
+        let sock = "workload_api_socket = \"/s\"\n";
+        assert!(cfg(&format!("{sock}spiffe_id = \"spiffe://td/p\"\n")).is_ok());
+        assert_eq!(
+            cfg(&format!("{sock}spiffe_id = \"spiffe://other/p\"\n")).unwrap_err(),
+            "spiffe_id"
+        );
+        assert!(cfg(&format!("{sock}enforce = \"mtls-only\"\n")).is_ok());
+        assert!(cfg(&format!("{sock}enforce = \"none\"\n")).is_err());
+    }
+
+    #[test]
+    fn resource_rate_limits_are_checked() {
+        let sock = "workload_api_socket = \"/s\"\n";
+        let limit = |body: &str| format!("{sock}[[resource_rate_limits]]\n{body}");
+        assert!(
+            cfg(&limit(
+                "resource_type = \"Model\"\nresource_id = \"m\"\nper_sec = 2\n"
+            ))
+            .is_ok()
+        );
+        for bad in [
+            "resource_type = \"Endpoint\"\nresource_id = \"m\"\nper_sec = 2\n",
+            "resource_type = \"Tool\"\nresource_id = \"\"\nper_sec = 2\n",
+            "resource_type = \"Tool\"\nresource_id = \"t\"\nper_sec = 0\n",
+            "resource_type = \"Tool\"\nresource_id = \"t\"\nper_sec = 1\nburst = 0.5\n",
+        ] {
+            assert_eq!(
+                cfg(&limit(bad)).unwrap_err(),
+                "resource_rate_limits",
+                "{bad}"
+            );
+        }
+        let twice = format!(
+            "{}[[resource_rate_limits]]\nresource_type = \"Model\"\nresource_id = \"m\"\nper_sec = 1\n",
+            limit("resource_type = \"Model\"\nresource_id = \"m\"\nper_sec = 2\n")
+        );
+        assert_eq!(cfg(&twice).unwrap_err(), "resource_rate_limits");
     }
 }

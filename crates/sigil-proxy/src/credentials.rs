@@ -41,11 +41,7 @@ impl Credentials {
         .filter(|p| p.tag() == "CERTIFICATE")
         .map(|p| CertificateDer::from(p.contents().to_vec()))
         .collect();
-        anyhow::ensure!(
-            !chain.is_empty(),
-            "{} holds no certificate",
-            cert.display()
-        );
+        anyhow::ensure!(!chain.is_empty(), "{} holds no certificate", cert.display());
         let key_path = key;
         let key = pem::parse(
             std::fs::read(key_path).with_context(|| format!("reading {}", key_path.display()))?,

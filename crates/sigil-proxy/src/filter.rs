@@ -219,7 +219,10 @@ mod tests {
         ]});
         let out = filter_models(body.to_string().as_bytes(), |m| m == "defect-detector").unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["data"], json!([{"id":"defect-detector","object":"model"}]));
+        assert_eq!(
+            v["data"],
+            json!([{"id":"defect-detector","object":"model"}])
+        );
         assert_eq!(v["object"], "list");
         assert!(filter_models(b"not json", |_| true).is_err());
         assert!(filter_models(br#"{"data":{}}"#, |_| true).is_err());
@@ -237,8 +240,12 @@ mod tests {
         );
         assert_eq!(ids, HashSet::from(["7".to_owned()]));
         let allow = |t: &str| t != "shutdown_line";
-        let out = filter_tools_json(tools_response(json!(7)).to_string().as_bytes(), &ids, &allow)
-            .unwrap();
+        let out = filter_tools_json(
+            tools_response(json!(7)).to_string().as_bytes(),
+            &ids,
+            &allow,
+        )
+        .unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         let names: Vec<&str> = v["result"]["tools"]
             .as_array()
@@ -263,7 +270,8 @@ mod tests {
     fn sse_events_are_filtered_across_chunk_boundaries() {
         let ids = HashSet::from(["1".to_owned()]);
         let mut f = SseFilter::new(ids, |t: &str| t == "read_sensor", 1 << 20);
-        let ping = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n";
+        let ping =
+            "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n";
         let list = format!(
             "event: message\r\nid: 9\r\ndata: {}\r\n\r\n",
             tools_response(json!(1))

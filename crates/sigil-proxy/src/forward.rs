@@ -97,6 +97,8 @@ pub struct Proxy {
     tokens: TokenCache,
     policies: Arc<ArcSwap<PolicyEngine>>,
     limits: RateLimiter,
+    /// Per identity × resource, keyed by (resource type, resource id).
+    resource_limits: std::collections::HashMap<(String, String), RateLimiter>,
     audit: AuditLog,
     client: Client<HttpConnector, Body>,
     upstream: Uri,
@@ -136,6 +138,16 @@ impl Proxy {
         let upstream = cfg.upstream.parse().unwrap_or_default();
         Self {
             limits: RateLimiter::new(cfg.rate_limit_per_sec, cfg.rate_limit_burst),
+            resource_limits: cfg
+                .resource_rate_limits
+                .iter()
+                .map(|l| {
+                    (
+                        (l.resource_type.clone(), l.resource_id.clone()),
+                        RateLimiter::new(l.per_sec, l.burst),
+                    )
+                })
+                .collect(),
             cfg,
             creds,
             clock,
@@ -247,7 +259,8 @@ impl Proxy {
         match decided {
             Ok(ok) => {
                 let body = Full::new(ok.body).map_err(|never| match never {}).boxed();
-                self.forward(parts, body, peer, &request_id, ok.filter).await
+                self.forward(parts, body, peer, &request_id, ok.filter)
+                    .await
             }
             Err(deny) => {
                 tracing::info!(spiffe_id = %peer.spiffe_id, request_id, reason = %deny.message, "request refused");
@@ -400,6 +413,23 @@ impl Proxy {
                 return Err(Deny::new(StatusCode::FORBIDDEN, record.reason.clone()));
             }
         }
+        // Limits per identity × model/tool, taken only once every call is permitted.
+        for call in &record.calls {
+            let key = (call.resource_type.to_owned(), call.resource_id.clone());
+            if let Some(limiter) = self.resource_limits.get(&key)
+                && let Err(wait) = limiter.check(peer.spiffe_id.as_str(), Instant::now())
+            {
+                record.reason = format!(
+                    "rate limit exceeded for {}::\"{}\"",
+                    call.resource_type, call.resource_id
+                );
+                return Err(Deny {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    message: record.reason.clone(),
+                    retry_after: Some(wait),
+                });
+            }
+        }
         record.reason = "permitted by policy".into();
         let caller = || Caller {
             spiffe_id: peer.spiffe_id.as_str().to_owned(),
@@ -466,7 +496,10 @@ impl Proxy {
                     Err(e) => {
                         tracing::warn!(error = %e, request_id, "upstream response refused");
                         openai_error(
-                            &Deny::new(StatusCode::BAD_GATEWAY, "upstream response could not be filtered"),
+                            &Deny::new(
+                                StatusCode::BAD_GATEWAY,
+                                "upstream response could not be filtered",
+                            ),
                             request_id,
                         )
                     }
@@ -511,7 +544,10 @@ async fn filter_response(
         ResponseFilter::None => Ok(body.boxed()),
         ResponseFilter::Tools(caller, engine, ids) if sse => {
             let allow = move |t: &str| caller.permits(&engine, "call_tool", "Tool", t);
-            Ok(sse_filtered(body, SseFilter::new(ids, allow, MAX_FILTERED_RESPONSE)))
+            Ok(sse_filtered(
+                body,
+                SseFilter::new(ids, allow, MAX_FILTERED_RESPONSE),
+            ))
         }
         ResponseFilter::Models(..) | ResponseFilter::Tools(..)
             if parts.status == StatusCode::ACCEPTED && content_type.is_empty() =>
@@ -525,9 +561,9 @@ async fn filter_response(
                 .map_err(|_| FilterError::Shape("response too large or unreadable"))?
                 .to_bytes();
             let out = match filter {
-                ResponseFilter::Models(caller, engine) => filter_models(&bytes, |m| {
-                    caller.permits(&engine, "invoke", "Model", m)
-                })?,
+                ResponseFilter::Models(caller, engine) => {
+                    filter_models(&bytes, |m| caller.permits(&engine, "invoke", "Model", m))?
+                }
                 ResponseFilter::Tools(caller, engine, ids) => {
                     let allow = |t: &str| caller.permits(&engine, "call_tool", "Tool", t);
                     filter_tools_json(&bytes, &ids, &allow)?

@@ -15,9 +15,9 @@ use arc_swap::ArcSwap;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 use sigil_core::{Clock, TrustDomain};
+use sigil_pki::{Jwk, JwtKeySet, X509Bundle, split_der_certs};
 use sigil_proto::enforcer as epb;
 use sigil_proto::enforcer::enforcer_client::EnforcerClient;
-use sigil_pki::{Jwk, JwtKeySet, X509Bundle, split_der_certs};
 use sigil_proto::workload as wl;
 use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use tokio_stream::StreamExt;
@@ -226,7 +226,10 @@ impl WorkloadSource {
             match attempt.await {
                 Ok(v) => break v,
                 Err(e) if tokio::time::Instant::now() + backoff < deadline => {
-                    tracing::info!(error = format!("{e:#}"), "waiting for credentials from the agent");
+                    tracing::info!(
+                        error = format!("{e:#}"),
+                        "waiting for credentials from the agent"
+                    );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
@@ -303,7 +306,10 @@ impl WorkloadSource {
                     },
                 }
             };
-            tracing::warn!(reason = ended, "Workload API connection lost; keeping the last credentials");
+            tracing::warn!(
+                reason = ended,
+                "Workload API connection lost; keeping the last credentials"
+            );
             loop {
                 tokio::time::sleep(backoff).await;
                 match open(&self.path).await {
@@ -328,8 +334,14 @@ mod tests {
 
     #[test]
     fn socket_addresses() {
-        assert_eq!(socket_path("unix:///run/a.sock"), PathBuf::from("/run/a.sock"));
-        assert_eq!(socket_path("unix:/run/a.sock"), PathBuf::from("/run/a.sock"));
+        assert_eq!(
+            socket_path("unix:///run/a.sock"),
+            PathBuf::from("/run/a.sock")
+        );
+        assert_eq!(
+            socket_path("unix:/run/a.sock"),
+            PathBuf::from("/run/a.sock")
+        );
         assert_eq!(socket_path("/run/a.sock"), PathBuf::from("/run/a.sock"));
     }
 
@@ -356,7 +368,8 @@ mod tests {
         bad.bundles.insert(td.id_string(), b"{".to_vec());
         assert!(jwt_part(&bad, &td).is_err());
         let mut ok = wl::JwtBundlesResponse::default();
-        ok.bundles.insert(td.id_string(), br#"{"keys":[]}"#.to_vec());
+        ok.bundles
+            .insert(td.id_string(), br#"{"keys":[]}"#.to_vec());
         assert!(jwt_part(&ok, &td).unwrap().is_empty());
     }
 }

@@ -701,11 +701,19 @@ fn cedar_policy_decides_on_models_tools_and_batches() {
     let office = mk("office-bot", "office");
     let up = Upstream::start();
     let audit = tmp.path().join("audit.jsonl");
+    // Per identity × model: two calls to defect-detector, then wait (an hour per token).
+    let conf = tmp.path().join("proxy.toml");
+    std::fs::write(
+        &conf,
+        "[[resource_rate_limits]]\nresource_type = \"Model\"\nresource_id = \"defect-detector\"\n\
+         per_sec = 0.0003\nburst = 2\n",
+    )
+    .unwrap();
     let p = start_proxy(
         &s,
         tmp.path(),
         up.port,
-        &["--audit-log", audit.to_str().unwrap()],
+        &["--audit-log", audit.to_str().unwrap(), "-c", conf.to_str().unwrap()],
     );
     let post = |who: &(PathBuf, PathBuf, PathBuf, String), path: &str, body: &str| {
         let f = tmp.path().join(format!("body-{}", body.len()));
@@ -740,6 +748,23 @@ fn cedar_policy_decides_on_models_tools_and_batches() {
         r#"{"model":"gpt-x","messages":[]}"#,
     );
     assert_eq!(code, 403);
+    // The per-model limit: the second call passes, the third is refused with 429 and
+    // Retry-After; another model is not limited.
+    let (_, code, body) = post(
+        &floor,
+        "/v1/chat/completions",
+        r#"{"model":"defect-detector","messages":[]}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    let (_, code, body) = post(
+        &floor,
+        "/v1/chat/completions",
+        r#"{"model":"defect-detector","messages":[]}"#,
+    );
+    assert_eq!(code, 429, "{body}");
+    assert!(body.contains("rate_limit_error") && body.contains("defect-detector"), "{body}");
+    let (_, code, body) = post(&floor, "/v1/chat/completions", r#"{"model":"m","messages":[]}"#);
+    assert_eq!(code, 200, "{body}");
     // MCP: an allowed tool passes; a forbidden one is refused, also hidden in a batch.
     let (_, code, body) = post(
         &floor,
