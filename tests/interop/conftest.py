@@ -1,12 +1,19 @@
-"""Fixtures: a real `sigil server` process on loopback, in a temp dir."""
+"""Fixtures: a real `sigil server` process on loopback, in a temp dir; a real `sigil agent`;
+a real `sigil proxy` in agent mode in front of plain-HTTP upstreams, and client workloads
+whose SVIDs come from the agent."""
 import json
 import os
 import socket
+import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from spiffe import WorkloadApiClient
 
 TD = "interop.test"
 
@@ -122,3 +129,161 @@ def wait_for(fn, timeout: float, what: str):
             last = e
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}: {last!r}")
+
+
+def register(server: Sigil, agent: Agent, name: str, groups=(), scopes=(), dns=()) -> str:
+    """A registration entry under `agent` for this test process's uid; returns the SPIFFE ID."""
+    spiffe_id = f"spiffe://{TD}/{name}"
+    args = ["entry", "create", "--spiffe-id", spiffe_id, "--parent-id", agent.node_id,
+            "--selector", f"unix:uid:{os.getuid()}"]
+    for flag, values in (("--group", groups), ("--scope", scopes), ("--dns", dns)):
+        for v in values:
+            args += [flag, v]
+    server.admin(*args)
+    return spiffe_id
+
+
+class Workload:
+    """A client workload: its X.509-SVID (picked by SPIFFE ID, since this process is
+    registered under several) and bundle fetched from the agent with the pinned `spiffe`
+    package, written as PEM files, an mTLS `ssl.SSLContext`, and access tokens."""
+
+    def __init__(self, server: Sigil, agent: Agent, root: Path, spiffe_id: str):
+        self.server = server
+        self.spiffe_id = spiffe_id
+        with WorkloadApiClient(socket_path=agent.endpoint, default_timeout=10) as client:
+            def mine():
+                return next((s for s in client.fetch_x509_svids()
+                             if str(s.spiffe_id) == spiffe_id), None)
+            svid = wait_for(mine, 20, f"the X.509-SVID of {spiffe_id}")
+            bundles = client.fetch_x509_bundles()
+        d = root / ("workload-" + spiffe_id.rsplit("/", 1)[-1])
+        d.mkdir(parents=True, exist_ok=True)
+        self.cert = d / "svid.pem"
+        self.key = d / "key.pem"
+        self.bundle = d / "bundle.pem"
+        pem = serialization.Encoding.PEM
+        self.cert.write_bytes(b"".join(c.public_bytes(pem) for c in svid.cert_chain))
+        self.key.write_bytes(svid.private_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        self.key.chmod(0o600)
+        self.bundle.write_bytes(b"".join(
+            a.public_bytes(pem) for b in bundles.bundles for a in b.x509_authorities))
+        self.ctx = self.ssl_context()
+
+    def ssl_context(self):
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        ctx.load_verify_locations(cafile=str(self.bundle))
+        ctx.load_cert_chain(str(self.cert), str(self.key))
+        return ctx
+
+    def token(self, resource: str = "model-gw", **extra) -> str:
+        """A certificate-bound access token (client_credentials over mTLS, RFC 8705)."""
+        with httpx.Client(verify=self.ctx, timeout=10) as c:
+            r = c.post(self.server.url + "/oauth2/token",
+                       data={"grant_type": "client_credentials", "resource": resource, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["access_token"]
+
+
+class Proxy:
+    """A real `sigil proxy` process in agent mode: its serving SVID (`spiffe_id`, an entry with
+    `--dns localhost`) and the bundles come from the agent's Workload API."""
+
+    def __init__(self, server: Sigil, agent: Agent, root: Path, upstream: str, policy: str,
+                 spiffe_id: str = f"spiffe://{TD}/proxy", mcp_path=None, extra=()):
+        self.bin = server.bin
+        self.port = free_port()
+        self.url = f"https://localhost:{self.port}"
+        self.dir = root / "proxy"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.policy_dir = self.dir / "policies"
+        self.policy_dir.mkdir(exist_ok=True)
+        (self.policy_dir / "test.cedar").write_text(policy)
+        self.audit_log = self.dir / "audit.jsonl"
+        self.log_path = self.dir / "proxy.log"
+        args = [self.bin, "proxy", "--trust-domain", TD, "--listen", f"127.0.0.1:{self.port}",
+                "--upstream", upstream, "--audience", "model-gw", "--issuer", server.url,
+                "--workload-api-socket", agent.endpoint, "--spiffe-id", spiffe_id,
+                "--policy-dir", str(self.policy_dir), "--audit-log", str(self.audit_log)]
+        if mcp_path:
+            args += ["--mcp-path", mcp_path]
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([*args, *extra], stdout=subprocess.DEVNULL, stderr=self.log)
+
+    def wait_ready(self, ctx, timeout: float = 30):
+        """Until a TLS handshake with `ctx` succeeds (the proxy has its SVID from the agent)."""
+        def handshake():
+            assert self.proc.poll() is None, self.log_path.read_text()
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                with ctx.wrap_socket(s, server_hostname="localhost"):
+                    return True
+        try:
+            wait_for(handshake, timeout, "the proxy to serve TLS")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- proxy log ---\n{self.log_path.read_text()}") from None
+
+    def audit(self) -> list:
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.log.close()
+
+
+class Upstream:
+    """A plain-HTTP upstream process (`sigil demo-model`, the MCP server, ...) on `port`."""
+
+    def __init__(self, args, port: int, log_path: Path):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.time() + 30
+        while True:
+            assert self.proc.poll() is None, log_path.read_text()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, f"{args[:2]} did not start: {log_path.read_text()}"
+            time.sleep(0.05)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.log.close()
+
+
+def demo_model(server: Sigil, root: Path) -> Upstream:
+    """`sigil demo-model` on a free loopback port."""
+    port = free_port()
+    return Upstream([server.bin, "demo-model", "--listen", f"127.0.0.1:{port}"], port,
+                    root / "demo-model.log")
+
+
+def mcp_server(root: Path, calls: Path, json_response: bool, stateless: bool = False) -> Upstream:
+    """tests/interop/mcp_server.py (the pinned `mcp` package) on a free loopback port."""
+    port = free_port()
+    args = [sys.executable, str(Path(__file__).with_name("mcp_server.py")), "--port", str(port),
+            "--calls", str(calls)]
+    if json_response:
+        args.append("--json-response")
+    if stateless:
+        args.append("--stateless")
+    return Upstream(args, port, root / "mcp-server.log")
