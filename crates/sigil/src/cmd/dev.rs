@@ -22,6 +22,20 @@ pub struct DevArgs {
     /// Public listener of the trust authority.
     #[arg(long, default_value = "127.0.0.1:8443")]
     pub listen_addr: String,
+    /// Listener of the sidecar proxy in front of the demo model server (mTLS).
+    #[arg(long, default_value = "127.0.0.1:9443")]
+    pub proxy_listen: String,
+}
+
+/// The demo policy `sigil dev` enforces (the one in the repository's `policy/` directory).
+const DEMO_POLICY: &str = include_str!("../../../../policy/demo.cedar");
+
+/// The audience of the demo proxy.
+const DEMO_AUDIENCE: &str = "model-gw";
+
+/// A TOML basic string.
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
 }
 
 fn encode(s: &str) -> String {
@@ -110,11 +124,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             None,
         )
         .await?;
-    let have = existing.as_array().is_some_and(|a| {
-        a.iter()
-            .any(|e| e.get("spiffe_id").and_then(|v| v.as_str()) == Some(demo_id.as_str()))
-    });
-    if !have {
+    let have = |id: &str| {
+        existing.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|e| e.get("spiffe_id").and_then(|v| v.as_str()) == Some(id))
+        })
+    };
+    if !have(&demo_id) {
         admin
             .call(
                 Method::POST,
@@ -129,6 +145,50 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             )
             .await?;
     }
+    // The sidecar proxy's own identity, served to it by the agent like to any workload.
+    let proxy_id = format!("spiffe://{DEV_TRUST_DOMAIN}/demo/proxy");
+    if !have(&proxy_id) {
+        admin
+            .call(
+                Method::POST,
+                "/v1/entries",
+                Some(json!({
+                    "spiffe_id": proxy_id,
+                    "parent_id": node_id,
+                    "selectors": [format!("unix:uid:{uid}")],
+                    "dns_names": ["localhost"],
+                })),
+            )
+            .await?;
+    }
+
+    // The demo model server (plain HTTP on loopback) and the proxy in front of it.
+    let model_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let model_addr = model_listener.local_addr()?;
+    let model = tokio::spawn(crate::demo_model::serve(model_listener));
+    let policy_dir = data_dir.join("policy");
+    std::fs::create_dir_all(&policy_dir)?;
+    let policy_file = policy_dir.join("demo.cedar");
+    if !policy_file.exists() {
+        std::fs::write(&policy_file, DEMO_POLICY)?;
+    }
+    let audit_log = data_dir.join("proxy-audit.jsonl");
+    let proxy_cfg: sigil_proxy::ProxyConfig = toml::from_str(&format!(
+        "trust_domain = {td}\nlisten_addr = {listen}\nupstream = {up}\naudience = {aud}\n\
+         issuer = {iss}\nworkload_api_socket = {sock}\nspiffe_id = {pid}\n\
+         policy_dir = {pdir}\naudit_log = {audit}\n",
+        td = toml_str(DEV_TRUST_DOMAIN),
+        listen = toml_str(&args.proxy_listen),
+        up = toml_str(&format!("http://{model_addr}")),
+        aud = toml_str(DEMO_AUDIENCE),
+        iss = toml_str(&format!("https://localhost:{port}")),
+        sock = toml_str(&agent.socket.display().to_string()),
+        pid = toml_str(&proxy_id),
+        pdir = toml_str(&policy_dir.display().to_string()),
+        audit = toml_str(&audit_log.display().to_string()),
+    ))?;
+    let proxy = sigil_proxy::start(proxy_cfg, Arc::new(SystemClock)).await?;
+    let proxy_port = proxy.addr.port();
     let demo = data_dir.join("demo");
     let api = agent.socket.clone();
     println!(
@@ -144,16 +204,47 @@ sigil dev is running (trust domain {DEV_TRUST_DOMAIN}); Ctrl-C stops it.
 Any process of yours (uid {uid}) is registered as {demo_id}. From another terminal:
 
   export SPIFFE_ENDPOINT_SOCKET=unix://{api}
-  sigil workload fetch-x509 --out-dir {demo}
+  sigil workload fetch-x509 --spiffe-id {demo_id} --out-dir {demo}
   openssl verify -CAfile {demo}/bundle.pem {demo}/svid.pem
-  curl -s --cacert {demo}/bundle.pem --cert {demo}/svid.pem --key {demo}/key.pem \
-       -d grant_type=client_credentials -d scope=model:invoke https://localhost:{port}/oauth2/token
   sigil workload fetch-jwt --audience model-gw
+
+A demo model server sits behind the sidecar proxy at https://localhost:{proxy_port}. Policy
+({policy}): group factory-floor may invoke the model defect-detector. Call it with curl:
+
+  TOKEN=$(curl -s --cacert {demo}/bundle.pem --cert {demo}/svid.pem --key {demo}/key.pem \
+       -d grant_type=client_credentials -d scope=model:invoke -d resource={aud} \
+       https://localhost:{port}/oauth2/token | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+  curl -s --cacert {demo}/bundle.pem --cert {demo}/svid.pem --key {demo}/key.pem \
+       -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+       -d '{{"model":"defect-detector","messages":[{{"role":"user","content":"inspect part 7"}}]}}' \
+       https://localhost:{proxy_port}/v1/chat/completions
+
+or with the openai Python package (pip install openai):
+
+  python3 - <<'EOF'
+import ssl, httpx, openai
+ctx = ssl.create_default_context(cafile="{demo}/bundle.pem")
+ctx.load_cert_chain("{demo}/svid.pem", "{demo}/key.pem")
+token = httpx.post("https://localhost:{port}/oauth2/token", verify=ctx, data={{
+    "grant_type": "client_credentials", "scope": "model:invoke", "resource": "{aud}"}}).json()["access_token"]
+client = openai.OpenAI(base_url="https://localhost:{proxy_port}/v1", api_key=token,
+                       http_client=httpx.Client(verify=ctx))
+print([m.id for m in client.models.list()])
+for chunk in client.chat.completions.create(model="defect-detector", stream=True,
+        messages=[{{"role": "user", "content": "inspect part 7"}}]):
+    print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()
+EOF
+
+Every decision is recorded in {audit}.
 
   export SIGIL_ADMIN_SOCKET={socket}
   sigil entry list
 "#,
         socket = socket.display(),
+        aud = DEMO_AUDIENCE,
+        policy = policy_file.display(),
+        audit = audit_log.display(),
         data = data_dir.display(),
         demo = demo.display(),
         api = api.display(),
@@ -161,7 +252,9 @@ Any process of yours (uid {uid}) is registered as {demo_id}. From another termin
     tokio::select! {
         _ = super::server::wait_for_signal() => {}
         r = agent.wait() => if let Err(e) = r { eprintln!("sigil dev: agent stopped: {e}") },
+        r = model => eprintln!("sigil dev: demo model server stopped: {r:?}"),
     }
+    proxy.shutdown();
     agent.shutdown().await;
     server.shutdown().await;
     Ok(())
