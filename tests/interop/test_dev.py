@@ -1,0 +1,59 @@
+"""`sigil dev` prints commands that work as printed: run them, verbatim, in a shell."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import free_port
+
+
+def commands(text: str) -> str:
+    """The shell commands of the printed instructions: indented lines and heredoc bodies."""
+    out, heredoc = [], False
+    for line in text.splitlines():
+        if heredoc:
+            out.append(line)
+            heredoc = line != "EOF"
+        elif line.startswith("  ") and not line.startswith("  trust authority") \
+                and not line.startswith(("  admin socket", "  node agent", "  Workload API", "  data ")):
+            out.append(line)
+            heredoc = line.rstrip().endswith("<<'EOF'")
+    return "\n".join(out)
+
+
+def test_sigil_dev_instructions_work_as_printed(tmp_path: Path):
+    sigil = os.environ["SIGIL_BIN"]
+    data = tmp_path / "dev"
+    log = open(tmp_path / "dev.log", "wb")
+    proc = subprocess.Popen(
+        [sigil, "dev", "--data-dir", str(data), "--listen-addr", f"127.0.0.1:{free_port()}",
+         "--proxy-listen", f"127.0.0.1:{free_port()}"],
+        stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        printed = []
+        deadline = time.time() + 60
+        while not any("sigil entry list" in line for line in printed):
+            assert time.time() < deadline, "sigil dev did not print its instructions"
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, (tmp_path / "dev.log").read_text()
+            printed.append(line)
+        script = commands("".join(printed))
+        assert "fetch-x509" in script and "chat/completions" in script and "openai" in script
+        # `sigil` and `python3` (with openai installed) as a user would have them on PATH.
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sigil).parent}:{Path(sys.executable).parent}:{env['PATH']}"
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{script}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+        out = done.stdout
+        assert ": OK" in out, out  # openssl verify
+        assert '"object":"chat.completion"' in out, out  # curl through the proxy
+        assert "['defect-detector']" in out, out  # models.list(), filtered by policy
+        assert out.count("spiffe://sigil.test/demo/agent") >= 2, out
+        audit = (data / "proxy-audit.jsonl").read_text()
+        assert '"decision":"allow"' in audit
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
