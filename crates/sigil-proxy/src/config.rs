@@ -14,8 +14,11 @@ pub struct ProxyConfig {
     /// Where clients connect (mTLS).
     #[serde(default = "default_listen")]
     pub listen_addr: SocketAddr,
-    /// The upstream model or tool server, `http://host:port`.
+    /// The upstream model or tool server: `http://host:port` or `unix:///path/to.sock`.
     pub upstream: String,
+    /// Speak HTTP/2 with prior knowledge (h2c) to the upstream instead of HTTP/1.1.
+    #[serde(default)]
+    pub upstream_http2: bool,
     /// The audience access tokens must name (RFC 8707 resource of this service).
     pub audience: String,
     /// The token issuer (the trust authority's issuer URL).
@@ -138,6 +141,7 @@ impl ProxyConfig {
         "trust_domain",
         "listen_addr",
         "upstream",
+        "upstream_http2",
         "audience",
         "issuer",
         "workload_api_socket",
@@ -163,12 +167,22 @@ impl ProxyConfig {
             key,
             message: message.to_owned(),
         };
-        let uri: http::Uri = self
-            .upstream
-            .parse()
-            .map_err(|_| bad("upstream", "must be an http://host:port URL"))?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-            return Err(bad("upstream", "must be an http://host:port URL"));
+        const UPSTREAM: &str = "must be an http://host:port URL or unix:///path";
+        if self.upstream.starts_with("unix:") {
+            if crate::upstream::unix_path(&self.upstream).is_none() {
+                return Err(bad("upstream", UPSTREAM));
+            }
+        } else {
+            let uri: http::Uri = self
+                .upstream
+                .parse()
+                .map_err(|_| bad("upstream", UPSTREAM))?;
+            if uri.scheme_str() != Some("http")
+                || uri.authority().is_none()
+                || uri.path_and_query().is_some_and(|p| p.as_str() != "/")
+            {
+                return Err(bad("upstream", UPSTREAM));
+            }
         }
         match (
             &self.workload_api_socket,

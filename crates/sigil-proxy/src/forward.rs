@@ -4,12 +4,10 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use sigil_core::Clock;
 use sigil_pki::{VerifiedX509Svid, verify_x509_svid};
@@ -21,11 +19,12 @@ use crate::extract::extract;
 use crate::filter::{FilterError, SseFilter, filter_models, filter_tools_json, tools_list_ids};
 use crate::ratelimit::RateLimiter;
 use crate::token::{Expect, TokenCache, TokenError};
+use crate::upstream::Upstream;
 use crate::{Credentials, ProxyConfig};
 use sigil_policy::{PolicyEngine, Principal, Query};
 use std::time::{Duration, Instant};
 
-type Body = BoxBody<Bytes, hyper::Error>;
+pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Largest upstream response the proxy buffers to filter (`/v1/models`, JSON `tools/list`).
 const MAX_FILTERED_RESPONSE: usize = 16 * 1024 * 1024;
@@ -100,8 +99,7 @@ pub struct Proxy {
     /// Per identity × resource, keyed by (resource type, resource id).
     resource_limits: std::collections::HashMap<(String, String), RateLimiter>,
     audit: AuditLog,
-    client: Client<HttpConnector, Body>,
-    upstream: Uri,
+    upstream: Upstream,
     revoked: tokio::sync::watch::Receiver<i64>,
 }
 
@@ -131,11 +129,7 @@ impl Proxy {
         policies: Arc<ArcSwap<PolicyEngine>>,
         revoked: tokio::sync::watch::Receiver<i64>,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).build(connector);
-        // INVARIANT: validated by ProxyConfig::validate.
-        let upstream = cfg.upstream.parse().unwrap_or_default();
+        let upstream = Upstream::new(&cfg.upstream, cfg.upstream_http2);
         Self {
             limits: RateLimiter::new(cfg.rate_limit_per_sec, cfg.rate_limit_burst),
             resource_limits: cfg
@@ -154,7 +148,6 @@ impl Proxy {
             tokens: TokenCache::default(),
             policies,
             audit,
-            client,
             upstream,
             revoked,
         }
@@ -462,16 +455,14 @@ impl Proxy {
             .path_and_query()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".into());
-        let mut up = self.upstream.clone().into_parts();
-        up.path_and_query = path.parse().ok();
-        let Ok(uri) = Uri::from_parts(up) else {
+        let Some(uri) = self.upstream.uri(&path) else {
             return openai_error(
                 &Deny::new(StatusCode::BAD_REQUEST, "invalid request path"),
                 request_id,
             );
         };
         parts.uri = uri;
-        parts.version = http::Version::HTTP_11;
+        parts.version = self.upstream.version();
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
         strip_identity(headers);
@@ -487,7 +478,11 @@ impl Proxy {
         if let Ok(v) = HeaderValue::from_str(request_id) {
             headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
         }
-        match self.client.request(Request::from_parts(parts, body)).await {
+        match self
+            .upstream
+            .request(Request::from_parts(parts, body))
+            .await
+        {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);

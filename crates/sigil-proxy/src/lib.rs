@@ -16,6 +16,7 @@ mod ratelimit;
 mod revocation;
 mod tls;
 mod token;
+mod upstream;
 mod workload;
 
 pub use config::ProxyConfig;

@@ -21,11 +21,9 @@ struct Upstream {
     port: u16,
 }
 
-impl Upstream {
-    fn start() -> Self {
-        let port = free_port();
-        let script = r#"
-import json, sys
+/// The echo handler of [`Upstream`], in Python.
+const ECHO_HANDLER: &str = r#"
+import json, sys, socketserver
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -41,10 +39,17 @@ class H(BaseHTTPRequestHandler):
         self.wfile.write(out)
     do_GET = do_POST = handle_one
     def log_message(self, *a): pass
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+    def address_string(self): return "local"
 "#;
+
+impl Upstream {
+    fn start() -> Self {
+        let port = free_port();
+        let script = format!(
+            "{ECHO_HANDLER}\nThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()"
+        );
         let child = Command::new("python3")
-            .args(["-c", script, &port.to_string()])
+            .args(["-c", &script, &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -95,6 +100,11 @@ unless { resource == Tool::"shutdown_line" };
 "#;
 
 fn start_proxy(s: &Server, dir: &Path, upstream: u16, extra: &[&str]) -> Proxy {
+    start_proxy_to(s, dir, &format!("http://127.0.0.1:{upstream}"), extra)
+}
+
+/// [`start_proxy`] with any upstream address (`http://…` or `unix://…`).
+fn start_proxy_to(s: &Server, dir: &Path, upstream: &str, extra: &[&str]) -> Proxy {
     let pdir = dir.join("proxy");
     std::fs::create_dir_all(dir).unwrap();
     s.sigil_json(&[
@@ -123,7 +133,7 @@ fn start_proxy(s: &Server, dir: &Path, upstream: u16, extra: &[&str]) -> Proxy {
 }
 
 /// Starts `sigil proxy` with `creds` (files or the agent's socket) and the test policies.
-fn spawn_proxy(s: &Server, dir: &Path, upstream: u16, creds: &[String], extra: &[&str]) -> Proxy {
+fn spawn_proxy(s: &Server, dir: &Path, upstream: &str, creds: &[String], extra: &[&str]) -> Proxy {
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(policies.join("test.cedar"), TEST_POLICY).unwrap();
@@ -136,12 +146,7 @@ fn spawn_proxy(s: &Server, dir: &Path, upstream: u16, creds: &[String], extra: &
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
-        .args([
-            "--upstream",
-            &format!("http://127.0.0.1:{upstream}"),
-            "--audience",
-            "model-gw",
-        ])
+        .args(["--upstream", upstream, "--audience", "model-gw"])
         .args(["--issuer", &s.url("")])
         .args(creds)
         .arg("--policy-dir")
@@ -713,7 +718,12 @@ fn cedar_policy_decides_on_models_tools_and_batches() {
         &s,
         tmp.path(),
         up.port,
-        &["--audit-log", audit.to_str().unwrap(), "-c", conf.to_str().unwrap()],
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "-c",
+            conf.to_str().unwrap(),
+        ],
     );
     let post = |who: &(PathBuf, PathBuf, PathBuf, String), path: &str, body: &str| {
         let f = tmp.path().join(format!("body-{}", body.len()));
@@ -762,8 +772,15 @@ fn cedar_policy_decides_on_models_tools_and_batches() {
         r#"{"model":"defect-detector","messages":[]}"#,
     );
     assert_eq!(code, 429, "{body}");
-    assert!(body.contains("rate_limit_error") && body.contains("defect-detector"), "{body}");
-    let (_, code, body) = post(&floor, "/v1/chat/completions", r#"{"model":"m","messages":[]}"#);
+    assert!(
+        body.contains("rate_limit_error") && body.contains("defect-detector"),
+        "{body}"
+    );
+    let (_, code, body) = post(
+        &floor,
+        "/v1/chat/completions",
+        r#"{"model":"m","messages":[]}"#,
+    );
     assert_eq!(code, 200, "{body}");
     // MCP: an allowed tool passes; a forbidden one is refused, also hidden in a batch.
     let (_, code, body) = post(
@@ -783,7 +800,12 @@ fn cedar_policy_decides_on_models_tools_and_batches() {
     assert_eq!(err["jsonrpc"], "2.0");
     assert_eq!(err["id"], "a1");
     assert_eq!(err["error"]["code"], -32003);
-    assert!(err["error"]["message"].as_str().unwrap().contains("shutdown_line"));
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shutdown_line")
+    );
     let (_, code, body) = post(
         &floor,
         "/mcp",
@@ -792,14 +814,21 @@ fn cedar_policy_decides_on_models_tools_and_batches() {
     assert_eq!(code, 403, "a batch hid a forbidden call: {body}");
     let errs: serde_json::Value = serde_json::from_str(&body).unwrap();
     let ids: Vec<&serde_json::Value> = errs.as_array().unwrap().iter().map(|e| &e["id"]).collect();
-    assert_eq!(ids, [&serde_json::json!(1), &serde_json::json!(2)], "{body}");
+    assert_eq!(
+        ids,
+        [&serde_json::json!(1), &serde_json::json!(2)],
+        "{body}"
+    );
     // Unauthenticated MCP calls get a JSON-RPC error too (id unknown before the body is read).
     let (_, code, body) = call_path(
         &p,
         &floor.2,
         Some((&floor.0, &floor.1)),
         &["content-type: application/json".into()],
-        &["--data-binary", r#"{"jsonrpc":"2.0","id":5,"method":"tools/list"}"#],
+        &[
+            "--data-binary",
+            r#"{"jsonrpc":"2.0","id":5,"method":"tools/list"}"#,
+        ],
         "/mcp",
     );
     assert_eq!(code, 401, "{body}");
@@ -901,8 +930,9 @@ impl KeptConnection {
         let mut b = [0u8; 64];
         match self.tls.read(&mut b) {
             Ok(0) => Some(t0.elapsed()),
-            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock
-                && e.kind() != std::io::ErrorKind::TimedOut =>
+            Err(e)
+                if e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut =>
             {
                 Some(t0.elapsed())
             }
@@ -978,7 +1008,7 @@ fn proxy_takes_its_identity_from_the_agent_rotates_it_and_cuts_off_revoked_clien
     let p = spawn_proxy(
         &s,
         &tmp.path().join("p"),
-        up.port,
+        &format!("http://127.0.0.1:{}", up.port),
         &creds,
         &["--audit-log", audit.to_str().unwrap()],
     );
@@ -988,8 +1018,14 @@ fn proxy_takes_its_identity_from_the_agent_rotates_it_and_cuts_off_revoked_clien
     let mut conn = KeptConnection::open(p.port, &bundle_pem, &victim.0, &victim.1).unwrap();
     let first = conn.server_cert();
     let (_, leaf) = x509_parser::parse_x509_certificate(&first).unwrap();
-    let sans = format!("{:?}", leaf.subject_alternative_name().unwrap().unwrap().value);
-    assert!(sans.contains(&proxy_id) && sans.contains("localhost"), "{sans}");
+    let sans = format!(
+        "{:?}",
+        leaf.subject_alternative_name().unwrap().unwrap().value
+    );
+    assert!(
+        sans.contains(&proxy_id) && sans.contains("localhost"),
+        "{sans}"
+    );
     assert_eq!(conn.get("/v1/echo", &victim.3).unwrap(), 200);
 
     // Rotation: the agent renews the proxy's SVID at half-life; new connections get the new
@@ -1000,7 +1036,10 @@ fn proxy_takes_its_identity_from_the_agent_rotates_it_and_cuts_off_revoked_clien
         if c.server_cert() != first {
             break;
         }
-        assert!(Instant::now() < deadline, "the proxy's SVID was not rotated");
+        assert!(
+            Instant::now() < deadline,
+            "the proxy's SVID was not rotated"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(conn.get("/v1/echo", &victim.3).unwrap(), 200);
@@ -1025,11 +1064,152 @@ fn proxy_takes_its_identity_from_the_agent_rotates_it_and_cuts_off_revoked_clien
     let serial = victim.4["serial"].as_str().unwrap().to_owned();
     s.sigil_json(&["svid", "revoke", &serial]);
     let took = conn.closed_within(Duration::from_secs(5));
-    assert!(took.is_some(), "the revoked client's connection stayed open");
+    assert!(
+        took.is_some(),
+        "the revoked client's connection stayed open"
+    );
     let refused = KeptConnection::open(p.port, &bundle_pem, &victim.0, &victim.1)
         .and_then(|mut c| c.get("/v1/echo", &victim.3));
-    assert!(refused.is_err(), "a revoked SVID connected again: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "a revoked SVID connected again: {refused:?}"
+    );
     // The same SPIFFE ID with another (unrevoked) certificate, on its open connection: fine.
     assert_eq!(other.get("/v1/echo", &bystander_token).unwrap(), 200);
     drop(agent);
+}
+
+#[test]
+fn proxy_forwards_to_unix_socket_and_http2_upstreams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("srv"), &[]);
+    let client_id = format!("spiffe://{TD}/agent");
+    s.sigil_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &client_id,
+        "--parent-id",
+        &format!("spiffe://{TD}/sigil/node/n"),
+        "--selector",
+        "unix:uid:1",
+        "--scope",
+        "model:invoke",
+        "--group",
+        "factory-floor",
+    ]);
+    let c = tmp.path().join("client");
+    s.mint(&client_id, &c);
+    let (cert, key, bundle) = files(&c);
+    let (code, body) = token_request(
+        &s,
+        &bundle,
+        Some((&cert, &key)),
+        &["grant_type=client_credentials", "resource=model-gw"],
+    );
+    assert_eq!(code, 200, "{body}");
+    let auth = format!(
+        "Authorization: Bearer {}",
+        body["access_token"].as_str().unwrap()
+    );
+
+    // An upstream on a unix socket (HTTP/1.1).
+    let sock = tmp.path().join("up.sock");
+    let script = format!(
+        "{ECHO_HANDLER}\nclass S(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):\n    daemon_threads = True\nS(sys.argv[1], H).serve_forever()"
+    );
+    let _unix_up = Reaped(
+        Command::new("python3")
+            .args(["-c", &script, sock.to_str().unwrap()])
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "unix upstream did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let audit = tmp.path().join("audit.jsonl");
+    let audit_flag = ["--audit-log", audit.to_str().unwrap()];
+    let p = start_proxy_to(
+        &s,
+        &tmp.path().join("p1"),
+        &format!("unix://{}", sock.display()),
+        &audit_flag,
+    );
+    let (_, code, body) = call(
+        &p,
+        &bundle,
+        Some((&cert, &key)),
+        std::slice::from_ref(&auth),
+    );
+    assert_eq!(code, 200, "{body}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["path"], "/v1/echo?x=1");
+    assert_eq!(seen["headers"]["x-sigil-spiffe-id"], client_id);
+    drop(p);
+
+    // HTTP/2 with prior knowledge: the demo model server speaks it; the HTTP/1-only echo
+    // server does not, which shows the proxy really sends HTTP/2.
+    let model_port = free_port();
+    let _model = Reaped(
+        Command::new(common::sigil_bin())
+            .args(["demo-model", "--listen", &format!("127.0.0.1:{model_port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", model_port)).is_err() {
+        assert!(Instant::now() < deadline, "demo model did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let p = start_proxy_to(
+        &s,
+        &tmp.path().join("p2"),
+        &format!("http://127.0.0.1:{model_port}"),
+        &["--upstream-http2", audit_flag[0], audit_flag[1]],
+    );
+    let f = tmp.path().join("chat.json");
+    std::fs::write(
+        &f,
+        r#"{"model":"defect-detector","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .unwrap();
+    let (_, code, body) = call_path(
+        &p,
+        &bundle,
+        Some((&cert, &key)),
+        &[auth.clone(), "content-type: application/json".into()],
+        &["--data-binary", &format!("@{}", f.display())],
+        "/v1/chat/completions",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("chat.completion"), "{body}");
+    drop(p);
+    let echo = Upstream::start();
+    let p = start_proxy_to(
+        &s,
+        &tmp.path().join("p3"),
+        &format!("http://127.0.0.1:{}", echo.port),
+        &["--upstream-http2", audit_flag[0], audit_flag[1]],
+    );
+    let (_, code, body) = call(
+        &p,
+        &bundle,
+        Some((&cert, &key)),
+        std::slice::from_ref(&auth),
+    );
+    assert_eq!(code, 502, "an HTTP/1-only upstream answered HTTP/2: {body}");
+}
+
+/// A child process killed and reaped when dropped (also when a test fails).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

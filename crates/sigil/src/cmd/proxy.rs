@@ -19,9 +19,12 @@ pub struct ProxyArgs {
     /// Listener address (mTLS).
     #[arg(long = "listen")]
     pub listen_addr: Option<String>,
-    /// Upstream server, http://host:port.
+    /// Upstream server, http://host:port or unix:///path.
     #[arg(long)]
     pub upstream: Option<String>,
+    /// Speak HTTP/2 with prior knowledge (h2c) to the upstream.
+    #[arg(long)]
+    pub upstream_http2: bool,
     /// Audience access tokens must carry.
     #[arg(long)]
     pub audience: Option<String>,
@@ -87,6 +90,10 @@ impl ProxyArgs {
             ("workload_api_socket", s(&self.workload_api_socket)),
             ("spiffe_id", s(&self.spiffe_id)),
             ("enforce", s(&self.enforce)),
+            (
+                "upstream_http2",
+                self.upstream_http2.then_some(toml::Value::Boolean(true)),
+            ),
             ("cert", p(&self.cert)),
             ("key", p(&self.key)),
             ("bundle", p(&self.bundle)),
