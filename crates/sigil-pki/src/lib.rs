@@ -28,6 +28,6 @@ pub use jwt::{
 };
 pub use keys::{KeyAlgorithm, KeyPair};
 pub use x509_verify::{
-    MAX_CERT_LEN, MAX_CHAIN_LEN, SvidUsage, VerifiedX509Svid, X509Bundle, split_der_certs, verify_x509_svid,
-    verify_x509_svid_for_usage, x5t_s256,
+    MAX_CERT_LEN, MAX_CHAIN_LEN, SvidUsage, VerifiedX509Svid, X509Bundle, split_der_certs,
+    verify_x509_svid, verify_x509_svid_for_usage, x5t_s256,
 };

@@ -260,7 +260,10 @@ mod split_tests {
         .unwrap();
         let der = ca.cert_der().to_vec();
         let two = [der.clone(), der.clone()].concat();
-        assert_eq!(split_der_certs(&two).unwrap(), vec![der.clone(), der.clone()]);
+        assert_eq!(
+            split_der_certs(&two).unwrap(),
+            vec![der.clone(), der.clone()]
+        );
         assert!(split_der_certs(&[]).unwrap().is_empty());
         assert!(split_der_certs(&der[..der.len() - 1]).is_err());
         assert!(split_der_certs(&[der.as_slice(), b"junk"].concat()).is_err());

@@ -93,7 +93,9 @@ pub async fn run(cmd: WorkloadCmd) -> anyhow::Result<()> {
                     .svids
                     .iter()
                     .find(|s| &s.spiffe_id == id)
-                    .with_context(|| format!("no SVID for {id} (this process is not registered as it)"))?,
+                    .with_context(|| {
+                        format!("no SVID for {id} (this process is not registered as it)")
+                    })?,
                 None => resp.svids.first().context("no SVID in the response")?,
             };
             std::fs::create_dir_all(&out_dir)?;
