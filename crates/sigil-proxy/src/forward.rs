@@ -235,9 +235,15 @@ impl Proxy {
             reason: String::new(),
         };
         let mut body_seen = Bytes::new();
+        let mut unread = Some(body);
         let decided = self
-            .authorize(&parts, body, peer, &mut record, &mut body_seen)
+            .authorize(&parts, &mut unread, peer, &mut record, &mut body_seen)
             .await;
+        if let Some(rest) = unread {
+            // Refused before the body was read: take what the client is still sending
+            // (bounded) so the refusal is not lost to a connection reset.
+            drain(rest).await;
+        }
         let allowed = decided.is_ok();
         record.decision = if allowed { "allow" } else { "deny" };
         // INVARIANT: the decision is durable before anything is forwarded; a decision that
@@ -276,7 +282,7 @@ impl Proxy {
     async fn authorize(
         &self,
         parts: &http::request::Parts,
-        body: Incoming,
+        body: &mut Option<Incoming>,
         peer: &VerifiedX509Svid,
         record: &mut DecisionRecord,
         body_seen: &mut Bytes,
@@ -341,6 +347,10 @@ impl Proxy {
             record.reason = "request body too large".into();
             return Err(too_large());
         }
+        let Some(body) = body.take() else {
+            record.reason = "request body already taken".into();
+            return Err(Deny::new(StatusCode::BAD_REQUEST, record.reason.clone()));
+        };
         let body = match http_body_util::Limited::new(body, max).collect().await {
             Ok(c) => c.to_bytes(),
             Err(_) => {
@@ -509,6 +519,18 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Most bytes of a refused request's body read and discarded, and for how long.
+const DRAIN_MAX: usize = 1024 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and discards what is left of a refused request's body, within bounds, so the client
+/// finishes sending and reads the refusal (instead of a reset). Beyond the bounds the
+/// connection is closed after the response, as before.
+async fn drain(body: Incoming) {
+    let read = http_body_util::Limited::new(body, DRAIN_MAX).collect();
+    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
 }
 
 /// Applies `filter` to a successful upstream response: buffered for JSON bodies (bounded),
