@@ -238,6 +238,8 @@ struct Target {
     tls: Option<TlsConnector>,
     /// The process whose CPU time is charged to the target.
     pid: u32,
+    /// The upstream nginx (its CPU is reported too).
+    upstream_pid: u32,
 }
 
 async fn connect(t: &Target) -> SendRequest<Full<Bytes>> {
@@ -306,25 +308,40 @@ struct Figures {
     target_cpu_us_per_req: f64,
     target_cpu_pct: f64,
     loadgen_cpu_pct: f64,
+    upstream_cpu_pct: f64,
 }
 
-async fn latency(t: &Target, auth: &HeaderValue, n: usize, f: &mut Figures) {
-    let mut send = connect(t).await;
-    for _ in 0..(n / 10).max(500) {
-        call(&mut send, auth).await;
+/// Latency on one kept connection per target, in `ROUNDS` interleaved rounds so that
+/// background noise on the shared machine falls on every target alike.
+async fn latency(targets: &[Target], auth: &HeaderValue, n: usize, all: &mut [Figures]) {
+    const ROUNDS: usize = 10;
+    let mut conns = Vec::new();
+    for t in targets {
+        let mut send = connect(t).await;
+        for _ in 0..(n / 10).max(500) {
+            call(&mut send, auth).await;
+        }
+        conns.push(send);
     }
-    let mut lat = Vec::with_capacity(n);
-    for _ in 0..n {
-        let s = Instant::now();
-        call(&mut send, auth).await;
-        lat.push(s.elapsed());
+    let mut lat = vec![Vec::with_capacity(n); targets.len()];
+    for r in 0..ROUNDS {
+        let count = n / ROUNDS + usize::from(r < n % ROUNDS);
+        for (send, lat) in conns.iter_mut().zip(lat.iter_mut()) {
+            for _ in 0..count {
+                let s = Instant::now();
+                call(send, auth).await;
+                lat.push(s.elapsed());
+            }
+        }
     }
-    lat.sort();
-    f.n = n;
-    f.p50_us = us(percentile(&lat, 0.5));
-    f.p90_us = us(percentile(&lat, 0.9));
-    f.p99_us = us(percentile(&lat, 0.99));
-    f.max_us = us(*lat.last().unwrap());
+    for (lat, f) in lat.iter_mut().zip(all.iter_mut()) {
+        lat.sort();
+        f.n = lat.len();
+        f.p50_us = us(percentile(lat, 0.5));
+        f.p90_us = us(percentile(lat, 0.9));
+        f.p99_us = us(percentile(lat, 0.99));
+        f.max_us = us(lat.last().copied().unwrap_or_default());
+    }
 }
 
 async fn throughput(t: &Target, auth: &HeaderValue, conns: usize, secs: f64, f: &mut Figures) {
@@ -336,6 +353,7 @@ async fn throughput(t: &Target, auth: &HeaderValue, conns: usize, secs: f64, f: 
     let warm_end = Instant::now() + Duration::from_secs(1);
     let end = warm_end + Duration::from_secs_f64(secs);
     let pid = t.pid.to_string();
+    let up = t.upstream_pid.to_string();
     let mut tasks = Vec::new();
     for mut send in senders {
         let auth = auth.clone();
@@ -355,9 +373,19 @@ async fn throughput(t: &Target, auth: &HeaderValue, conns: usize, secs: f64, f: 
         }));
     }
     tokio::time::sleep_until(warm_end.into()).await;
-    let (cpu0, self0, t0) = (cpu_time(&pid), cpu_time("self"), Instant::now());
+    let (cpu0, self0, up0, t0) = (
+        cpu_time(&pid),
+        cpu_time("self"),
+        cpu_time(&up),
+        Instant::now(),
+    );
     tokio::time::sleep_until(end.into()).await;
-    let (cpu1, self1, wall) = (cpu_time(&pid), cpu_time("self"), t0.elapsed());
+    let (cpu1, self1, up1, wall) = (
+        cpu_time(&pid),
+        cpu_time("self"),
+        cpu_time(&up),
+        t0.elapsed(),
+    );
     let mut lat = Vec::new();
     for task in tasks {
         lat.extend(task.await.unwrap());
@@ -372,6 +400,7 @@ async fn throughput(t: &Target, auth: &HeaderValue, conns: usize, secs: f64, f: 
     f.target_cpu_us_per_req = us(cpu1.saturating_sub(cpu0)) / done.max(1.0);
     f.target_cpu_pct = 100.0 * (cpu1.saturating_sub(cpu0)).as_secs_f64() / wall.as_secs_f64();
     f.loadgen_cpu_pct = 100.0 * (self1.saturating_sub(self0)).as_secs_f64() / wall.as_secs_f64();
+    f.upstream_cpu_pct = 100.0 * (up1.saturating_sub(up0)).as_secs_f64() / wall.as_secs_f64();
 }
 
 /// Opens `n` mTLS connections with one request each, holds them, reads the RSS of `pid`.
@@ -415,6 +444,7 @@ async fn fetch_token(port: u16, tls: &TlsConnector) -> String {
         port,
         tls: Some(tls.clone()),
         pid: 0,
+        upstream_pid: 0,
     };
     let mut send = connect(&t).await;
     let req = Request::post("/oauth2/token")
@@ -605,6 +635,24 @@ fn main() {
         &dir.join("proxy-full.log"),
     )
     .wait_port(full_port);
+    // Diagnostic: the full path with its audit log on tmpfs, where fdatasync costs nothing —
+    // the difference to (d) is what making each decision durable on this disk costs.
+    let shm = Path::new("/dev/shm");
+    let shm_dir = shm
+        .is_dir()
+        .then(|| tempfile::tempdir_in(shm).ok())
+        .flatten();
+    let shm_port = free_port();
+    let shm_proxy = shm_dir.as_ref().map(|d| {
+        spawn(
+            "sigil proxy (full, audit on tmpfs)",
+            Some(TARGET_CORE),
+            sigil,
+            &proxy_args(shm_port, &d.path().join("audit.jsonl"), &[]),
+            &dir.join("proxy-shm.log"),
+        )
+        .wait_port(shm_port)
+    });
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -618,38 +666,54 @@ fn main() {
         let token = fetch_token(s.port, &tls).await;
         let auth = HeaderValue::from_str(&format!("Bearer {token}")).unwrap();
 
+        let target = |key, label, port, pid| Target {
+            key,
+            label,
+            port,
+            tls: Some(tls.clone()),
+            pid,
+            upstream_pid: upstream.pid(),
+        };
         let mut targets = vec![Target {
-            key: "direct",
-            label: "(a) direct to the upstream (plain HTTP)",
-            port: up_port,
             tls: None,
-            pid: upstream.pid(),
+            ..target(
+                "direct",
+                "(a) direct to the upstream (plain HTTP)",
+                up_port,
+                upstream.pid(),
+            )
         }];
-        targets.push(Target {
-            key: "nginx_mtls",
-            label: "(b) nginx mTLS reverse proxy",
-            port: ngx_port,
-            tls: Some(tls.clone()),
-            pid: nginx_proxy.pid(),
-        });
+        targets.push(target(
+            "nginx_mtls",
+            "(b) nginx mTLS reverse proxy",
+            ngx_port,
+            nginx_proxy.pid(),
+        ));
         if let Some(p) = &mtls_proxy {
-            targets.push(Target {
-                key: "sigil_mtls_only",
-                label: "(c) sigil proxy, mTLS only",
-                port: mtls_port,
-                tls: Some(tls.clone()),
-                pid: p.pid(),
-            });
+            targets.push(target(
+                "sigil_mtls_only",
+                "(c) sigil proxy, mTLS only",
+                mtls_port,
+                p.pid(),
+            ));
         }
-        targets.push(Target {
-            key: "sigil_full",
-            label: "(d) sigil proxy, token + policy + audit",
-            port: full_port,
-            tls: Some(tls.clone()),
-            pid: full_proxy.pid(),
-        });
+        let full_t = target(
+            "sigil_full",
+            "(d) sigil proxy, token + policy + audit",
+            full_port,
+            full_proxy.pid(),
+        );
+        targets.push(full_t.clone());
+        if let Some(p) = &shm_proxy {
+            targets.push(target(
+                "sigil_full_audit_tmpfs",
+                "(e) = (d), audit log on tmpfs (diagnostic)",
+                shm_port,
+                p.pid(),
+            ));
+        }
 
-        println!("proxy_load: N={n} sequential requests on 1 keep-alive connection per target (after a warm-up of {}),", (n / 10).max(500));
+        println!("proxy_load: N={n} sequential requests on 1 keep-alive connection per target, in 10 rounds interleaved across targets (after a warm-up of {}),", (n / 10).max(500));
         println!("  then {conns} keep-alive connections for {secs} s (after 1 s of warm-up); POST /v1/chat/completions, {} B body, Bearer token always sent", BODY.len());
         println!(
             "  cores: load generator (this process, pid {me}, affinity {}) + upstream nginx (affinity {}) + sigil server on core 0;",
@@ -662,31 +726,44 @@ fn main() {
             affinity(full_proxy.pid()),
             threads(full_proxy.pid())
         );
+        for (name, p) in [("mtls-only", &mtls_proxy), ("audit on tmpfs", &shm_proxy)] {
+            if let Some(p) = p {
+                println!(
+                    "  under test on core {TARGET_CORE}: sigil proxy {name} (affinity {}, threads: {})",
+                    affinity(p.pid()),
+                    threads(p.pid())
+                );
+            }
+        }
         if mtls_proxy.is_none() {
             println!("  (c) skipped: this sigil has no `proxy --enforce` flag yet");
         }
         println!("  load average at start: {}", loadavg.trim());
 
-        let mut all: Vec<Figures> = Vec::new();
-        for t in &targets {
-            let mut f = Figures {
+        let mut all: Vec<Figures> = targets
+            .iter()
+            .map(|t| Figures {
                 target: t.key.into(),
                 label: t.label.into(),
                 ..Default::default()
-            };
-            latency(t, &auth, n, &mut f).await;
-            throughput(t, &auth, conns, secs, &mut f).await;
+            })
+            .collect();
+        latency(&targets, &auth, n, &mut all).await;
+        eprintln!("  done: latency");
+        for (t, f) in targets.iter().zip(all.iter_mut()) {
+            throughput(t, &auth, conns, secs, f).await;
             eprintln!(
-                "  done: {:<42} p50 {:.0} µs, {:.0} req/s",
+                "  done: {:<44} p50 {:.0} µs, {:.0} req/s",
                 t.label, f.p50_us, f.req_per_s
             );
-            all.push(f);
         }
         let rss_after = rss_mib(full_proxy.pid());
-        let full_t = targets.last().unwrap().clone();
         let rss_hold = rss_with_connections(&full_t, &auth, hold, full_proxy.pid()).await;
         let hwm = proc_status(full_proxy.pid(), "VmHWM:") as f64 / 1024.0;
-        let rss_hold_nginx = rss_with_connections(&targets[1], &auth, hold, nginx_proxy.pid()).await;
+        let rss_hold_nginx = {
+            let t = targets.iter().find(|t| t.key == "nginx_mtls").unwrap();
+            rss_with_connections(t, &auth, hold, nginx_proxy.pid()).await
+        };
         let audit_lines = std::fs::read_to_string(&audit)
             .map(|t| t.lines().count())
             .unwrap_or(0);
@@ -694,7 +771,7 @@ fn main() {
         let direct = all[0].clone();
         println!();
         println!(
-            "{:<42} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9} {:>10} {:>7} {:>7}",
+            "{:<44} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>10} {:>6} {:>6} {:>6}",
             "target (latency: 1 conn; throughput: C conns)",
             "p50 µs",
             "p90 µs",
@@ -707,11 +784,12 @@ fn main() {
             "ld p99",
             "cpu µs/req",
             "core%",
-            "gen%"
+            "gen%",
+            "up%"
         );
         for f in &all {
             println!(
-                "{:<42} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>10.0} {:>9.0} {:>9.0} {:>10.1} {:>7.0} {:>7.0}",
+                "{:<44} {:>7.0} {:>7.0} {:>7.0} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>7.0} {:>7.0} {:>10.1} {:>6.0} {:>6.0} {:>6.0}",
                 f.label,
                 f.p50_us,
                 f.p90_us,
@@ -724,13 +802,14 @@ fn main() {
                 f.loaded_p99_us,
                 f.target_cpu_us_per_req,
                 f.target_cpu_pct,
-                f.loadgen_cpu_pct
+                f.loadgen_cpu_pct,
+                f.upstream_cpu_pct
             );
         }
         println!(
             "(+p50/+p99: added over (a); req/s with C={conns}; ld p50/p99: latency under that load; \
              cpu µs/req and core%: CPU of the process under test during the throughput window \
-             (for (a): the upstream); gen%: this load generator's CPU)"
+             (for (a): the upstream); gen%, up%: this load generator's and the upstream's CPU, both on core 0)"
         );
         println!();
         let rss_mtls = rss_idle_mtls.map_or("n/a".into(), |r| format!("{r:.1} MiB"));
@@ -769,6 +848,8 @@ fn main() {
         println!("JSON: {}", path.display());
     });
     drop(full_proxy);
+    drop(shm_proxy);
+    drop(shm_dir);
     drop(mtls_proxy);
     drop(nginx_proxy);
     drop(upstream);
