@@ -552,6 +552,19 @@ fn main() {
              default_type application/json;\n      return 200 '{UPSTREAM_BODY}';\n    }}\n  }}"
         ),
     );
+    // Diagnostic: the same upstream on core 1, so a direct call crosses cores as proxied
+    // calls do (the difference to (a) is the cross-core wake-up cost of this machine).
+    let far_port = free_port();
+    let far_upstream = nginx(
+        "upstream nginx on core 1",
+        &dir.join("nginx-upstream-far"),
+        Some(TARGET_CORE),
+        far_port,
+        &format!(
+            "  server {{\n    listen 127.0.0.1:{far_port};\n    location / {{\n      \
+             default_type application/json;\n      return 200 '{UPSTREAM_BODY}';\n    }}\n  }}"
+        ),
+    );
     // nginx as a plain mTLS reverse proxy (core 1): client certificate required and chained
     // to the bundle, Authorization removed, keep-alive to the upstream.
     let ngx_port = free_port();
@@ -683,6 +696,15 @@ fn main() {
                 upstream.pid(),
             )
         }];
+        targets.push(Target {
+            tls: None,
+            ..target(
+                "direct_cross_core",
+                "(a2) direct, upstream on core 1 (diagnostic)",
+                far_port,
+                far_upstream.pid(),
+            )
+        });
         targets.push(target(
             "nginx_mtls",
             "(b) nginx mTLS reverse proxy",
@@ -852,5 +874,6 @@ fn main() {
     drop(shm_dir);
     drop(mtls_proxy);
     drop(nginx_proxy);
+    drop(far_upstream);
     drop(upstream);
 }
