@@ -212,6 +212,63 @@ fn call_path(
     (ok, code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
+/// Registers `spiffe://td.test/<name>` in `group` with scope model:invoke (under a node that
+/// never connects: these clients get their SVIDs minted by the admin); its SPIFFE ID.
+fn register(s: &Server, name: &str, group: &str) -> String {
+    let id = format!("spiffe://{TD}/{name}");
+    s.sigil_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &id,
+        "--parent-id",
+        &format!("spiffe://{TD}/sigil/node/n"),
+        "--selector",
+        "unix:uid:1",
+        "--scope",
+        "model:invoke",
+        "--group",
+        group,
+    ]);
+    id
+}
+
+/// A client with a minted SVID and a bound token for the proxy's audience.
+struct Client {
+    cert: PathBuf,
+    key: PathBuf,
+    bundle: PathBuf,
+    token: String,
+    /// What `sigil svid mint` said (serial, ...).
+    minted: serde_json::Value,
+}
+
+impl Client {
+    fn new(s: &Server, id: &str, dir: &Path) -> Self {
+        let minted = s.mint(id, dir);
+        let (cert, key, bundle) = files(dir);
+        let (code, body) = token_request(
+            s,
+            &bundle,
+            Some((&cert, &key)),
+            &["grant_type=client_credentials", "resource=model-gw"],
+        );
+        assert_eq!(code, 200, "{body}");
+        let token = body["access_token"].as_str().unwrap().to_owned();
+        Self {
+            cert,
+            key,
+            bundle,
+            token,
+            minted,
+        }
+    }
+
+    fn auth(&self) -> String {
+        format!("Authorization: Bearer {}", self.token)
+    }
+}
+
 fn files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (
         dir.join("svid.pem"),
@@ -224,21 +281,7 @@ fn files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 fn proxy_admits_only_bound_tokens_over_svid_mtls_and_sets_identity_headers() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(&tmp.path().join("srv"), &[]);
-    let client_id = format!("spiffe://{TD}/agent");
-    s.sigil_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        &client_id,
-        "--parent-id",
-        &format!("spiffe://{TD}/sigil/node/n"),
-        "--selector",
-        "unix:uid:1",
-        "--scope",
-        "model:invoke",
-        "--group",
-        "factory-floor",
-    ]);
+    let client_id = register(&s, "agent", "factory-floor");
     let up = Upstream::start();
     let audit = tmp.path().join("audit.jsonl");
     let p = start_proxy(
@@ -341,21 +384,7 @@ fn proxy_admits_only_bound_tokens_over_svid_mtls_and_sets_identity_headers() {
 fn proxy_audits_every_decision_limits_rate_and_size_and_fails_closed() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(&tmp.path().join("srv"), &[]);
-    let client_id = format!("spiffe://{TD}/agent");
-    s.sigil_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        &client_id,
-        "--parent-id",
-        &format!("spiffe://{TD}/sigil/node/n"),
-        "--selector",
-        "unix:uid:1",
-        "--scope",
-        "model:invoke",
-        "--group",
-        "factory-floor",
-    ]);
+    let client_id = register(&s, "agent", "factory-floor");
     let up = Upstream::start();
     let audit = tmp.path().join("audit.jsonl");
     let p = start_proxy(
@@ -373,20 +402,8 @@ fn proxy_audits_every_decision_limits_rate_and_size_and_fails_closed() {
             "3",
         ],
     );
-    let c1 = tmp.path().join("c1");
-    s.mint(&client_id, &c1);
-    let (cert, key, bundle) = files(&c1);
-    let (code, body) = token_request(
-        &s,
-        &bundle,
-        Some((&cert, &key)),
-        &["grant_type=client_credentials", "resource=model-gw"],
-    );
-    assert_eq!(code, 200, "{body}");
-    let auth = format!(
-        "Authorization: Bearer {}",
-        body["access_token"].as_str().unwrap()
-    );
+    let c = Client::new(&s, &client_id, &tmp.path().join("c1"));
+    let (cert, key, bundle, auth) = (c.cert.clone(), c.key.clone(), c.bundle.clone(), c.auth());
 
     // A body within the limit goes through (POST); one over it gets 413 and never arrives.
     let small = tmp.path().join("small.json");
@@ -531,21 +548,7 @@ fn sse_streams_through_unbuffered_and_smuggled_requests_never_reach_the_upstream
     use std::io::{BufRead, BufReader};
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(&tmp.path().join("srv"), &[]);
-    let client_id = format!("spiffe://{TD}/agent");
-    s.sigil_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        &client_id,
-        "--parent-id",
-        &format!("spiffe://{TD}/sigil/node/n"),
-        "--selector",
-        "unix:uid:1",
-        "--scope",
-        "model:invoke",
-        "--group",
-        "factory-floor",
-    ]);
+    let client_id = register(&s, "agent", "factory-floor");
     let (mut up, up_port) = sse_upstream();
     let audit = tmp.path().join("audit.jsonl");
     let p = start_proxy(
@@ -554,20 +557,8 @@ fn sse_streams_through_unbuffered_and_smuggled_requests_never_reach_the_upstream
         up_port,
         &["--audit-log", audit.to_str().unwrap()],
     );
-    let c1 = tmp.path().join("c1");
-    s.mint(&client_id, &c1);
-    let (cert, key, bundle) = files(&c1);
-    let (code, body) = token_request(
-        &s,
-        &bundle,
-        Some((&cert, &key)),
-        &["grant_type=client_credentials", "resource=model-gw"],
-    );
-    assert_eq!(code, 200, "{body}");
-    let auth = format!(
-        "Authorization: Bearer {}",
-        body["access_token"].as_str().unwrap()
-    );
+    let c = Client::new(&s, &client_id, &tmp.path().join("c1"));
+    let (cert, key, bundle, auth) = (c.cert.clone(), c.key.clone(), c.bundle.clone(), c.auth());
 
     // The first event reaches the client while the upstream is still pausing before the next.
     let started = Instant::now();
@@ -665,42 +656,10 @@ fn sse_streams_through_unbuffered_and_smuggled_requests_never_reach_the_upstream
 fn cedar_policy_decides_on_models_tools_and_batches() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(&tmp.path().join("srv"), &[]);
-    let node = format!("spiffe://{TD}/sigil/node/n");
     let mk = |name: &str, group: &str| {
-        let id = format!("spiffe://{TD}/{name}");
-        s.sigil_json(&[
-            "entry",
-            "create",
-            "--spiffe-id",
-            &id,
-            "--parent-id",
-            &node,
-            "--selector",
-            "unix:uid:1",
-            "--scope",
-            "model:invoke",
-            "--group",
-            group,
-        ]);
-        let dir = tmp.path().join(name);
-        s.mint(&id, &dir);
-        let (cert, key, bundle) = files(&dir);
-        let (code, body) = token_request(
-            &s,
-            &bundle,
-            Some((&cert, &key)),
-            &["grant_type=client_credentials", "resource=model-gw"],
-        );
-        assert_eq!(code, 200, "{body}");
-        (
-            cert,
-            key,
-            bundle,
-            format!(
-                "Authorization: Bearer {}",
-                body["access_token"].as_str().unwrap()
-            ),
-        )
+        let c = Client::new(&s, &register(&s, name, group), &tmp.path().join(name));
+        let auth = c.auth();
+        (c.cert, c.key, c.bundle, auth)
     };
     let floor = mk("camera", "factory-floor");
     let office = mk("office-bot", "office");
@@ -965,38 +924,12 @@ fn proxy_takes_its_identity_from_the_agent_rotates_it_and_cuts_off_revoked_clien
         "60",
     ]);
     let agent = common::Agent::start(&s, &tmp.path().join("agent"), jt["token"].as_str());
-    let mk = |name: &str| {
-        let id = format!("spiffe://{TD}/{name}");
-        s.sigil_json(&[
-            "entry",
-            "create",
-            "--spiffe-id",
-            &id,
-            "--parent-id",
-            &format!("spiffe://{TD}/sigil/node/n"),
-            "--selector",
-            "unix:uid:1",
-        ]);
-        let dir = tmp.path().join(name);
-        let minted = s.mint(&id, &dir);
-        let (cert, key, bundle) = files(&dir);
-        let (code, body) = token_request(
-            &s,
-            &bundle,
-            Some((&cert, &key)),
-            &["grant_type=client_credentials", "resource=model-gw"],
-        );
-        assert_eq!(code, 200, "{body}");
-        (
-            cert,
-            key,
-            bundle,
-            body["access_token"].as_str().unwrap().to_owned(),
-            minted,
-        )
-    };
     // TEST_POLICY lets spiffe://td.test/agent make plain HTTP calls.
-    let victim = mk("agent");
+    let victim = Client::new(
+        &s,
+        &register(&s, "agent", "factory-floor"),
+        &tmp.path().join("agent-client"),
+    );
     let up = Upstream::start();
     let creds = [
         "--workload-api-socket".to_owned(),
@@ -1012,10 +945,10 @@ fn proxy_takes_its_identity_from_the_agent_rotates_it_and_cuts_off_revoked_clien
         &creds,
         &["--audit-log", audit.to_str().unwrap()],
     );
-    let bundle_pem = std::fs::read_to_string(&victim.2).unwrap();
+    let bundle_pem = std::fs::read_to_string(&victim.bundle).unwrap();
 
     // The proxy serves with the SVID the agent gave it (its SPIFFE ID, DNS name localhost).
-    let mut conn = KeptConnection::open(p.port, &bundle_pem, &victim.0, &victim.1).unwrap();
+    let mut conn = KeptConnection::open(p.port, &bundle_pem, &victim.cert, &victim.key).unwrap();
     let first = conn.server_cert();
     let (_, leaf) = x509_parser::parse_x509_certificate(&first).unwrap();
     let sans = format!(
@@ -1026,13 +959,13 @@ fn proxy_takes_its_identity_from_the_agent_rotates_it_and_cuts_off_revoked_clien
         sans.contains(&proxy_id) && sans.contains("localhost"),
         "{sans}"
     );
-    assert_eq!(conn.get("/v1/echo", &victim.3).unwrap(), 200);
+    assert_eq!(conn.get("/v1/echo", &victim.token).unwrap(), 200);
 
     // Rotation: the agent renews the proxy's SVID at half-life; new connections get the new
     // certificate with no restart, and the connection opened before keeps working.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let c = KeptConnection::open(p.port, &bundle_pem, &victim.0, &victim.1).unwrap();
+        let c = KeptConnection::open(p.port, &bundle_pem, &victim.cert, &victim.key).unwrap();
         if c.server_cert() != first {
             break;
         }
@@ -1042,40 +975,34 @@ fn proxy_takes_its_identity_from_the_agent_rotates_it_and_cuts_off_revoked_clien
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(conn.get("/v1/echo", &victim.3).unwrap(), 200);
+    assert_eq!(conn.get("/v1/echo", &victim.token).unwrap(), 200);
 
     // Revocation: the client's open keep-alive connection is closed, and it cannot
     // reconnect; another identity is unaffected. (The server pushes the revocation to the
     // agent, the agent to the proxy.)
-    let bystander_id = format!("spiffe://{TD}/agent");
-    let bystander_dir = tmp.path().join("bystander");
-    s.mint(&bystander_id, &bystander_dir);
-    let (bc, bk, _) = files(&bystander_dir);
-    let (code, body) = token_request(
+    let bystander = Client::new(
         &s,
-        &victim.2,
-        Some((&bc, &bk)),
-        &["grant_type=client_credentials", "resource=model-gw"],
+        &format!("spiffe://{TD}/agent"),
+        &tmp.path().join("bystander"),
     );
-    assert_eq!(code, 200, "{body}");
-    let bystander_token = body["access_token"].as_str().unwrap().to_owned();
-    let mut other = KeptConnection::open(p.port, &bundle_pem, &bc, &bk).unwrap();
-    assert_eq!(other.get("/v1/echo", &bystander_token).unwrap(), 200);
-    let serial = victim.4["serial"].as_str().unwrap().to_owned();
+    let (bc, bk, bystander_token) = (&bystander.cert, &bystander.key, &bystander.token);
+    let mut other = KeptConnection::open(p.port, &bundle_pem, bc, bk).unwrap();
+    assert_eq!(other.get("/v1/echo", bystander_token).unwrap(), 200);
+    let serial = victim.minted["serial"].as_str().unwrap().to_owned();
     s.sigil_json(&["svid", "revoke", &serial]);
     let took = conn.closed_within(Duration::from_secs(5));
     assert!(
         took.is_some(),
         "the revoked client's connection stayed open"
     );
-    let refused = KeptConnection::open(p.port, &bundle_pem, &victim.0, &victim.1)
-        .and_then(|mut c| c.get("/v1/echo", &victim.3));
+    let refused = KeptConnection::open(p.port, &bundle_pem, &victim.cert, &victim.key)
+        .and_then(|mut c| c.get("/v1/echo", &victim.token));
     assert!(
         refused.is_err(),
         "a revoked SVID connected again: {refused:?}"
     );
     // The same SPIFFE ID with another (unrevoked) certificate, on its open connection: fine.
-    assert_eq!(other.get("/v1/echo", &bystander_token).unwrap(), 200);
+    assert_eq!(other.get("/v1/echo", bystander_token).unwrap(), 200);
     drop(agent);
 }
 
@@ -1083,35 +1010,9 @@ fn proxy_takes_its_identity_from_the_agent_rotates_it_and_cuts_off_revoked_clien
 fn proxy_forwards_to_unix_socket_and_http2_upstreams() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(&tmp.path().join("srv"), &[]);
-    let client_id = format!("spiffe://{TD}/agent");
-    s.sigil_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        &client_id,
-        "--parent-id",
-        &format!("spiffe://{TD}/sigil/node/n"),
-        "--selector",
-        "unix:uid:1",
-        "--scope",
-        "model:invoke",
-        "--group",
-        "factory-floor",
-    ]);
-    let c = tmp.path().join("client");
-    s.mint(&client_id, &c);
-    let (cert, key, bundle) = files(&c);
-    let (code, body) = token_request(
-        &s,
-        &bundle,
-        Some((&cert, &key)),
-        &["grant_type=client_credentials", "resource=model-gw"],
-    );
-    assert_eq!(code, 200, "{body}");
-    let auth = format!(
-        "Authorization: Bearer {}",
-        body["access_token"].as_str().unwrap()
-    );
+    let client_id = register(&s, "agent", "factory-floor");
+    let c = Client::new(&s, &client_id, &tmp.path().join("client"));
+    let (cert, key, bundle, auth) = (c.cert.clone(), c.key.clone(), c.bundle.clone(), c.auth());
 
     // An upstream on a unix socket (HTTP/1.1).
     let sock = tmp.path().join("up.sock");
