@@ -1,0 +1,141 @@
+//! The leaves of sigil's transparency log: one canonical JSON object per issued credential.
+//!
+//! Canonical: keys in lexicographic order, no whitespace, integers only, so the bytes equal
+//! the RFC 8785 (JCS) form and anyone can recompute them from the credential.
+use serde::{Deserialize, Serialize};
+
+use crate::LogError;
+
+/// One log leaf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogRecord {
+    /// An X.509-SVID.
+    X509Svid(X509SvidRecord),
+    /// A JWT-SVID (`kind: "jwt-svid"`) or an OAuth access token (`kind: "access-token"`).
+    Token(TokenRecord),
+}
+
+/// An issued X.509-SVID. Field order is lexicographic (canonical JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct X509SvidRecord {
+    /// SHA-256 of the certificate's DER, lowercase hex.
+    pub cert_sha256: String,
+    pub issued_at: i64,
+    /// Always `"x509-svid"`.
+    pub kind: String,
+    pub not_after: i64,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    pub spiffe_id: String,
+}
+
+/// An issued JWT-SVID or access token. Field order is lexicographic (canonical JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRecord {
+    pub audience: Vec<String>,
+    pub expires_at: i64,
+    pub issued_at: i64,
+    pub jti: String,
+    /// `"jwt-svid"` or `"access-token"`.
+    pub kind: String,
+    /// The subject's SPIFFE ID.
+    pub subject: String,
+}
+
+impl LogRecord {
+    /// The canonical bytes of this record (the leaf data).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let r = match self {
+            Self::X509Svid(r) => serde_json::to_vec(r),
+            Self::Token(r) => serde_json::to_vec(r),
+        };
+        // Serializing plain strings and integers cannot fail.
+        r.unwrap_or_default()
+    }
+
+    /// Parses leaf data; it must be canonical (re-encoding gives the same bytes).
+    pub fn from_bytes(data: &[u8]) -> Result<Self, LogError> {
+        #[derive(Deserialize)]
+        struct Kind {
+            kind: String,
+        }
+        let bad = |e: &dyn std::fmt::Display| LogError::malformed("log record", e);
+        let kind: Kind = serde_json::from_slice(data).map_err(|e| bad(&e))?;
+        let rec = match kind.kind.as_str() {
+            "x509-svid" => Self::X509Svid(serde_json::from_slice(data).map_err(|e| bad(&e))?),
+            "jwt-svid" | "access-token" => {
+                Self::Token(serde_json::from_slice(data).map_err(|e| bad(&e))?)
+            }
+            other => return Err(bad(&format!("unknown kind {other:?}"))),
+        };
+        if rec.to_bytes() != data {
+            return Err(bad(&"not in canonical form"));
+        }
+        Ok(rec)
+    }
+
+    /// The SPIFFE ID the credential was issued to.
+    pub fn spiffe_id(&self) -> &str {
+        match self {
+            Self::X509Svid(r) => &r.spiffe_id,
+            Self::Token(r) => &r.subject,
+        }
+    }
+
+    /// `x509-svid`, `jwt-svid` or `access-token`.
+    pub fn kind(&self) -> &str {
+        match self {
+            Self::X509Svid(r) => &r.kind,
+            Self::Token(r) => &r.kind,
+        }
+    }
+
+    /// When it was issued (Unix seconds).
+    pub fn issued_at(&self) -> i64 {
+        match self {
+            Self::X509Svid(r) => r.issued_at,
+            Self::Token(r) => r.issued_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_round_trips() {
+        let r = LogRecord::X509Svid(X509SvidRecord {
+            cert_sha256: "ab".repeat(32),
+            issued_at: 1,
+            kind: "x509-svid".into(),
+            not_after: 2,
+            serial: "01".into(),
+            spiffe_id: "spiffe://td/a".into(),
+        });
+        let b = r.to_bytes();
+        assert!(b.starts_with(br#"{"cert_sha256":"abab"#));
+        assert!(b.ends_with(br#""serial":"01","spiffe_id":"spiffe://td/a"}"#));
+        assert_eq!(LogRecord::from_bytes(&b).unwrap(), r);
+        let t = LogRecord::Token(TokenRecord {
+            audience: vec!["gw".into()],
+            expires_at: 9,
+            issued_at: 3,
+            jti: "j".into(),
+            kind: "access-token".into(),
+            subject: "spiffe://td/b".into(),
+        });
+        assert_eq!(
+            t.to_bytes(),
+            br#"{"audience":["gw"],"expires_at":9,"issued_at":3,"jti":"j","kind":"access-token","subject":"spiffe://td/b"}"#
+        );
+        assert_eq!(LogRecord::from_bytes(&t.to_bytes()).unwrap(), t);
+        // Not canonical, unknown kinds and extra fields are refused.
+        assert!(LogRecord::from_bytes(b" {\"kind\":\"x509-svid\"}").is_err());
+        let spaced = String::from_utf8(t.to_bytes()).unwrap().replace(',', ", ");
+        assert!(LogRecord::from_bytes(spaced.as_bytes()).is_err());
+        assert!(LogRecord::from_bytes(br#"{"kind":"other"}"#).is_err());
+    }
+}
