@@ -111,6 +111,7 @@ impl Manager {
                 trust_domain: td.clone(),
                 x509_authorities: authorities,
                 jwt_authorities: Vec::new(),
+                policy_authorities: Vec::new(),
                 sequence: 0,
                 refresh_hint_secs: 300,
             });

@@ -16,6 +16,9 @@ pub const MAX_BUNDLE_JSON_LEN: usize = 1024 * 1024;
 pub const USE_X509_SVID: &str = "x509-svid";
 /// `use` of a JWT authority in a SPIFFE bundle.
 pub const USE_JWT_SVID: &str = "jwt-svid";
+/// `use` of a sigil policy-bundle signing key in a SPIFFE bundle (sigil's extension; SPIFFE
+/// consumers ignore keys of a `use` they do not know).
+pub const USE_SIGIL_POLICY: &str = "sigil-policy";
 
 /// A trust domain's authorities.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +29,8 @@ pub struct TrustBundle {
     pub x509_authorities: Vec<Vec<u8>>,
     /// JWT signing keys (each with a `kid`).
     pub jwt_authorities: Vec<Jwk>,
+    /// Policy-bundle signing keys (each with a `kid`), published with `use: "sigil-policy"`.
+    pub policy_authorities: Vec<Jwk>,
     /// `spiffe_sequence`: increases with every change.
     pub sequence: u64,
     /// `spiffe_refresh_hint`: how often consumers should re-fetch, in seconds.
@@ -67,6 +72,15 @@ impl TrustBundle {
             jwk.x5c = None;
             keys.push(jwk);
         }
+        for jwk in &self.policy_authorities {
+            if jwk.kid.as_deref().is_none_or(str::is_empty) {
+                return Err(PkiError::Bundle("a policy authority has no kid".into()));
+            }
+            let mut jwk = jwk.clone();
+            jwk.use_ = Some(USE_SIGIL_POLICY.into());
+            jwk.x5c = None;
+            keys.push(jwk);
+        }
         serde_json::to_string(&SpiffeBundleDoc {
             keys,
             spiffe_refresh_hint: Some(self.refresh_hint_secs),
@@ -86,6 +100,7 @@ impl TrustBundle {
             serde_json::from_str(json).map_err(|e| PkiError::Bundle(e.to_string()))?;
         let mut x509_authorities = Vec::new();
         let mut jwt_authorities = Vec::new();
+        let mut policy_authorities = Vec::new();
         for jwk in doc.keys {
             match jwk.use_.as_deref() {
                 Some(USE_X509_SVID) => x509_authorities.push(x509_authority(&jwk)?),
@@ -95,6 +110,12 @@ impl TrustBundle {
                     }
                     jwt_authorities.push(jwk);
                 }
+                Some(USE_SIGIL_POLICY) => {
+                    if jwk.kid.as_deref().is_none_or(str::is_empty) {
+                        return Err(PkiError::Bundle("a sigil-policy key has no kid".into()));
+                    }
+                    policy_authorities.push(jwk);
+                }
                 _ => {}
             }
         }
@@ -102,6 +123,7 @@ impl TrustBundle {
             trust_domain: td.clone(),
             x509_authorities,
             jwt_authorities,
+            policy_authorities,
             sequence: doc.spiffe_sequence.unwrap_or(0),
             refresh_hint_secs: doc.spiffe_refresh_hint.unwrap_or(0),
         })
@@ -212,6 +234,7 @@ mod tests {
             trust_domain: td(),
             x509_authorities: vec![ca.cert_der().to_vec(), ca2.cert_der().to_vec()],
             jwt_authorities: vec![signer.public_jwk(), signer2.public_jwk()],
+            policy_authorities: Vec::new(),
             sequence: 7,
             refresh_hint_secs: 300,
         };
@@ -311,5 +334,30 @@ mod tests {
         v["keys"][3]["use"] = "enc".into();
         let b = TrustBundle::from_spiffe_json(&td(), &v.to_string()).unwrap();
         assert_eq!(b.jwt_authorities.len(), 1);
+    }
+
+    #[test]
+    fn policy_keys_round_trip_and_stay_out_of_jwt_sets() {
+        let (mut bundle, _, _) = sample();
+        let mut policy = JwtSigner::generate(JwtAlgorithm::EdDsa)
+            .unwrap()
+            .public_jwk();
+        policy.use_ = None;
+        bundle.policy_authorities = vec![policy.clone()];
+        let json = bundle.to_spiffe_json().unwrap();
+        let v: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["keys"][4]["use"], USE_SIGIL_POLICY);
+        assert_eq!(v["keys"][4]["kid"], policy.kid.clone().unwrap());
+        let back = TrustBundle::from_spiffe_json(&td(), &json).unwrap();
+        assert_eq!(back.policy_authorities.len(), 1);
+        assert_eq!(back.jwt_authorities.len(), 2);
+        // A policy key never validates JWTs, and is not in the OIDC JWKS.
+        assert_eq!(back.jwt_key_set().unwrap().len(), 2);
+        let oidc: Value = serde_json::from_str(&back.oidc_jwks_json().unwrap()).unwrap();
+        assert_eq!(oidc["keys"].as_array().unwrap().len(), 2);
+        // A policy key without kid is refused.
+        let mut nokid = v.clone();
+        nokid["keys"][4].as_object_mut().unwrap().remove("kid");
+        assert!(TrustBundle::from_spiffe_json(&td(), &nokid.to_string()).is_err());
     }
 }

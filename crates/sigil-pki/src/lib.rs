@@ -14,7 +14,7 @@ mod jwt;
 mod keys;
 mod x509_verify;
 
-pub use bundle::{MAX_BUNDLE_JSON_LEN, TrustBundle, USE_JWT_SVID, USE_X509_SVID};
+pub use bundle::{MAX_BUNDLE_JSON_LEN, TrustBundle, USE_JWT_SVID, USE_SIGIL_POLICY, USE_X509_SVID};
 pub use ca::{
     CA_BACKDATE_SECS, CertificateAuthority, IssuedX509Svid, MAX_DNS_NAMES, SVID_BACKDATE_SECS,
     SvidSpec,

@@ -9,6 +9,8 @@
 //! only. See `docs/policy.md` for the design and the soundness argument.
 #![forbid(unsafe_code)]
 
+pub mod bundle;
+
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 
@@ -121,8 +123,14 @@ impl PolicyEngine {
     /// their `@id("...")` annotation as id, or get `<file>#<n>`. Templates are refused (sigil
     /// has no way to link them).
     pub fn new(files: &[(String, String)]) -> Result<Self, PolicyError> {
-        let (schema, _) =
-            Schema::from_cedarschema_str(SCHEMA).map_err(|e| PolicyError::Schema(e.to_string()))?;
+        Self::with_schema(SCHEMA, files)
+    }
+
+    /// [`PolicyEngine::new`] against another schema (Cedar schema text), e.g. the one a
+    /// signed policy bundle carries.
+    pub fn with_schema(schema_text: &str, files: &[(String, String)]) -> Result<Self, PolicyError> {
+        let (schema, _) = Schema::from_cedarschema_str(schema_text)
+            .map_err(|e| PolicyError::Schema(e.to_string()))?;
         let mut policies = PolicySet::new();
         for (file, text) in files {
             let parsed = PolicySet::from_str(text).map_err(|e| PolicyError::Parse {

@@ -76,6 +76,10 @@ pub struct ProxyConfig {
     /// `text` or `json`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    /// Where to serve Prometheus metrics (`/metrics`), `/healthz` and `/readyz` over plain
+    /// HTTP; off when unset. Use a loopback address.
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// A token bucket per caller for one model or tool.
@@ -159,6 +163,7 @@ impl ProxyConfig {
         "rate_limit_burst",
         "resource_rate_limits",
         "log_format",
+        "metrics_addr",
     ];
 
     /// Checks what serde cannot.

@@ -17,6 +17,7 @@ use crate::audit::{AuditLog, DecisionRecord};
 use crate::config::Enforce;
 use crate::extract::extract;
 use crate::filter::{FilterError, SseFilter, filter_models, filter_tools_json, tools_list_ids};
+use crate::metrics::{Metrics, Outcome};
 use crate::ratelimit::RateLimiter;
 use crate::token::{Expect, TokenCache, TokenError};
 use crate::upstream::Upstream;
@@ -101,6 +102,7 @@ pub struct Proxy {
     audit: AuditLog,
     upstream: Upstream,
     revoked: tokio::sync::watch::Receiver<i64>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// A refusal: the status and message the client gets, and how long to wait for a 429.
@@ -142,6 +144,7 @@ impl Proxy {
                     )
                 })
                 .collect(),
+            metrics: Arc::new(Metrics::new(cfg.metrics_addr.is_some())),
             cfg,
             creds,
             clock,
@@ -167,6 +170,7 @@ impl Proxy {
             match verify_x509_svid(&chain, &self.creds.load().x509, self.clock.now()) {
                 Ok(v) => Arc::new(v),
                 Err(e) => {
+                    self.metrics.request(Outcome::BadCert);
                     tracing::info!(error = %e, "client certificate refused after handshake");
                     return;
                 }
@@ -206,15 +210,24 @@ impl Proxy {
     }
 
     async fn handle(&self, req: Request<Incoming>, peer: &VerifiedX509Svid) -> Response<Body> {
+        let received = self.metrics.start();
         let request_id = uuid::Uuid::new_v4().to_string();
         let (parts, body) = req.into_parts();
         if self.cfg.enforce == Enforce::MtlsOnly {
             if self.creds.load().revoked.is_revoked(peer) {
                 let deny = Deny::new(StatusCode::UNAUTHORIZED, "client certificate revoked");
+                self.metrics.request(Outcome::Revoked);
                 return openai_error(&deny, &request_id);
             }
             return self
-                .forward(parts, body.boxed(), peer, &request_id, ResponseFilter::None)
+                .forward(
+                    parts,
+                    body.boxed(),
+                    peer,
+                    &request_id,
+                    ResponseFilter::None,
+                    received,
+                )
                 .await;
         }
         let mcp = parts.method == http::Method::POST && parts.uri.path() == self.cfg.mcp_path;
@@ -251,6 +264,7 @@ impl Proxy {
         if let Err(e) = self.audit.record(&record).await {
             tracing::error!(error = %e, request_id, "audit failed; refusing");
             if allowed {
+                self.metrics.request(Outcome::AuditFailure);
                 let deny = Deny::new(StatusCode::SERVICE_UNAVAILABLE, "audit log unavailable");
                 return self.refusal(mcp, &deny, &body_seen, &request_id);
             }
@@ -258,10 +272,11 @@ impl Proxy {
         match decided {
             Ok(ok) => {
                 let body = Full::new(ok.body).map_err(|never| match never {}).boxed();
-                self.forward(parts, body, peer, &request_id, ok.filter)
+                self.forward(parts, body, peer, &request_id, ok.filter, received)
                     .await
             }
             Err(deny) => {
+                self.metrics.refused(deny.status, &deny.message);
                 tracing::info!(spiffe_id = %peer.spiffe_id, request_id, reason = %deny.message, "request refused");
                 self.refusal(mcp, &deny, &body_seen, &request_id)
             }
@@ -314,7 +329,10 @@ impl Proxy {
             leeway: self.cfg.token_leeway_secs,
             x5t_s256: &peer.x5t_s256,
         };
-        let claims = self.tokens.check(&token, &expect).map_err(|e| {
+        let token_started = self.metrics.start();
+        let checked = self.tokens.check(&token, &expect);
+        self.metrics.token_checked(token_started);
+        let claims = checked.map_err(|e| {
             record.reason = e.to_string();
             Deny::new(StatusCode::UNAUTHORIZED, e.to_string())
         })?;
@@ -396,7 +414,10 @@ impl Proxy {
                 weekday: (now.div_euclid(86_400) + 3).rem_euclid(7),
                 arguments: call.arguments.as_ref(),
             };
-            let decision = engine.decide(&query).map_err(|e| {
+            let policy_started = self.metrics.start();
+            let decided = engine.decide(&query);
+            self.metrics.policy_evaluated(policy_started);
+            let decision = decided.map_err(|e| {
                 record.reason = e.to_string();
                 Deny::new(StatusCode::FORBIDDEN, "request could not be evaluated")
             })?;
@@ -459,6 +480,7 @@ impl Proxy {
         peer: &VerifiedX509Svid,
         request_id: &str,
         filter: ResponseFilter,
+        received: Option<Instant>,
     ) -> Response<Body> {
         let path = parts
             .uri
@@ -466,6 +488,7 @@ impl Proxy {
             .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".into());
         let Some(uri) = self.upstream.uri(&path) else {
+            self.metrics.request(Outcome::BadRequest);
             return openai_error(
                 &Deny::new(StatusCode::BAD_REQUEST, "invalid request path"),
                 request_id,
@@ -488,17 +511,24 @@ impl Proxy {
         if let Ok(v) = HeaderValue::from_str(request_id) {
             headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
         }
+        self.metrics.forwarding(received);
+        let sent = self.metrics.start();
         match self
             .upstream
             .request(Request::from_parts(parts, body))
             .await
         {
             Ok(resp) => {
+                self.metrics.upstream_done(sent);
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 match filter_response(&mut parts, body, filter).await {
-                    Ok(body) => Response::from_parts(parts, body),
+                    Ok(body) => {
+                        self.metrics.allowed(self.cfg.enforce);
+                        Response::from_parts(parts, body)
+                    }
                     Err(e) => {
+                        self.metrics.request(Outcome::Upstream);
                         tracing::warn!(error = %e, request_id, "upstream response refused");
                         openai_error(
                             &Deny::new(
@@ -511,6 +541,8 @@ impl Proxy {
                 }
             }
             Err(e) => {
+                self.metrics.upstream_done(sent);
+                self.metrics.request(Outcome::Upstream);
                 tracing::warn!(error = %e, request_id, "upstream unreachable");
                 openai_error(
                     &Deny::new(StatusCode::BAD_GATEWAY, "upstream unavailable"),

@@ -11,6 +11,7 @@ mod credentials;
 mod extract;
 mod filter;
 mod forward;
+mod metrics;
 mod policy;
 mod ratelimit;
 mod revocation;
@@ -36,6 +37,8 @@ use tokio::task::JoinHandle;
 pub struct RunningProxy {
     /// The bound listener address.
     pub addr: SocketAddr,
+    /// The bound metrics listener address, if `metrics_addr` is set.
+    pub metrics_addr: Option<SocketAddr>,
     task: JoinHandle<()>,
 }
 
@@ -79,6 +82,7 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         cfg.policy_dir.as_deref(),
     )?));
     policy::watch(cfg.policy_dir.clone(), policies.clone());
+    let (metrics_at, metrics_policies, enforce) = (cfg.metrics_addr, policies.clone(), cfg.enforce);
     let state = Arc::new(forward::Proxy::new(
         cfg,
         creds.clone(),
@@ -87,8 +91,27 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         policies,
         revoked_rx,
     ));
+    let metrics_listener = match metrics_at {
+        Some(at) => Some(
+            sigil_metrics::serve(
+                at,
+                Arc::new(metrics::ProxyExporter {
+                    metrics: state.metrics.clone(),
+                    creds: creds.clone(),
+                    policies: metrics_policies,
+                    clock: clock.clone(),
+                    enforce,
+                }),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().map(|l| l.addr);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let task = tokio::spawn(async move {
+        // Stops with the accept loop.
+        let _metrics_listener = metrics_listener;
         loop {
             let (tcp, remote) = match listener.accept().await {
                 Ok(x) => x,
@@ -101,12 +124,14 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             let acceptor = acceptor.clone();
             let state = state.clone();
             tokio::spawn(async move {
+                let _open = state.metrics.connection_opened();
                 let _ = tcp.set_nodelay(true);
                 let stream =
                     match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
                     {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
+                            state.metrics.handshake_failed(&e);
                             tracing::info!(%remote, error = %e, "TLS handshake refused");
                             return;
                         }
@@ -117,5 +142,9 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         }
     });
     tracing::info!(%addr, "sigil proxy listening");
-    Ok(RunningProxy { addr, task })
+    Ok(RunningProxy {
+        addr,
+        metrics_addr,
+        task,
+    })
 }

@@ -134,6 +134,8 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/ca", get(list_authorities))
         .route("/v1/ca/rotate", post(rotate))
         .route("/v1/bundle", get(bundle))
+        .route("/v1/policy", get(show_policy))
+        .route("/v1/policy/push", post(push_policy))
         .layer(DefaultBodyLimit::max(MAX_ADMIN_BODY))
         .with_state(app)
 }
@@ -491,9 +493,10 @@ async fn rotate(State(app): State<Arc<AppState>>, body: Bytes) -> ApiResult {
     let kind = match req.kind.as_str() {
         "x509" => AuthorityKind::X509,
         "jwt" => AuthorityKind::Jwt,
+        "policy" => AuthorityKind::Policy,
         other => {
             return Err(ApiError::invalid(format!(
-                "kind must be \"x509\" or \"jwt\", not {other:?}"
+                "kind must be \"x509\", \"jwt\" or \"policy\", not {other:?}"
             )));
         }
     };
@@ -512,4 +515,82 @@ async fn bundle(State(app): State<Arc<AppState>>) -> ApiResult {
             "sequence": set.bundle.sequence,
         }),
     )
+}
+
+/// Default lifetime of a pushed policy bundle.
+const DEFAULT_POLICY_TTL_SECS: i64 = 24 * 3600;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushPolicyRequest {
+    /// File name → Cedar text.
+    policies: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    ttl_secs: Option<i64>,
+    #[serde(default)]
+    rate_limits: Option<serde_json::Value>,
+}
+
+/// `sigil policy push`: validates the policies against sigil's schema (refusing them with the
+/// validator's reasons), signs the next revision with the policy key, stores it, and wakes
+/// every agent's sync stream.
+async fn push_policy(State(app): State<Arc<AppState>>, body: Bytes) -> ApiResult {
+    let req: PushPolicyRequest = parse_body(&body)?;
+    let ttl = req.ttl_secs.unwrap_or(DEFAULT_POLICY_TTL_SECS);
+    if !(1..=crate::authority::MAX_POLICY_TTL_SECS).contains(&ttl) {
+        return Err(ApiError::invalid(format!(
+            "ttl_secs must be between 1 and {}",
+            crate::authority::MAX_POLICY_TTL_SECS
+        )));
+    }
+    for name in req.policies.keys() {
+        if name.is_empty()
+            || name.len() > 255
+            || name.contains('/')
+            || name.starts_with('.')
+            || name.chars().any(char::is_control)
+        {
+            return Err(ApiError::invalid(format!("bad policy file name {name:?}")));
+        }
+    }
+    let files: Vec<(String, String)> = req
+        .policies
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Err(e) = sigil_policy::PolicyEngine::new(&files) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_policy",
+            e.to_string(),
+        ));
+    }
+    let outcome = app
+        .authorities
+        .push_policy(req.policies, req.rate_limits, ttl)
+        .await?;
+    app.notify_change();
+    ok(StatusCode::CREATED, &outcome)
+}
+
+/// The current policy bundle: revision, expiry, key and the envelope.
+async fn show_policy(State(app): State<Arc<AppState>>) -> ApiResult {
+    match app.store.latest_policy_bundle().await? {
+        Some(b) => ok(
+            StatusCode::OK,
+            &json!({
+                "revision": b.revision,
+                "key_id": b.key_id,
+                "not_after": b.not_after,
+                "created_at": b.created_at,
+                "payload_sha256": b.payload_sha256,
+                "envelope": b.envelope,
+            }),
+        ),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no policy bundle has been pushed",
+        )),
+    }
 }

@@ -1,5 +1,5 @@
-//! The signing keys of the trust domain: the X.509 CA and the JWT key, their rotation, and
-//! the trust bundle that publishes them.
+//! The signing keys of the trust domain: the X.509 CA, the JWT key and the policy key, their
+//! rotation, the trust bundle that publishes them, and the signing of policy bundles.
 //!
 //! Rotation is two-step, so no relying party ever sees a signature from a key it does not
 //! know yet: `rotate` first *prepares* a new key (published in the bundle, not signing); the
@@ -12,13 +12,18 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use sigil_core::{Clock, TrustDomain, UnixTime};
 use sigil_pki::{CertificateAuthority, Jwk, JwtAlgorithm, JwtSigner, KeyAlgorithm, TrustBundle};
-use sigil_store::{AuthorityKind, AuthorityRecord, AuthorityState, Store};
+use sigil_policy::bundle::{BundleContent, PolicySigner};
+use sigil_store::{AuthorityKind, AuthorityRecord, AuthorityState, PolicyBundleRecord, Store};
 
 use crate::ServerError;
 
 /// How long a retired key may still have live credentials: the longest TTL anything may have.
 const X509_RETIRE_GRACE: i64 = sigil_core::MAX_X509_TTL_SECS as i64;
 const JWT_RETIRE_GRACE: i64 = sigil_core::MAX_JWT_TTL_SECS as i64;
+/// The longest lifetime a policy bundle may be given (`sigil policy push --ttl`); a retired
+/// policy key stays published that long, so every bundle it signed can still be verified.
+pub const MAX_POLICY_TTL_SECS: i64 = 30 * 24 * 3600;
+const POLICY_RETIRE_GRACE: i64 = MAX_POLICY_TTL_SECS;
 /// Lifetime recorded for JWT keys (they have no certificate); rotation is expected well before.
 const JWT_KEY_TTL: i64 = 10 * 365 * 24 * 3600;
 /// How often relying parties should re-fetch the bundle.
@@ -29,6 +34,8 @@ pub struct AuthoritySet {
     pub ca: Arc<CertificateAuthority>,
     pub ca_id: String,
     pub jwt: Arc<JwtSigner>,
+    /// The active policy-bundle signing key.
+    pub policy: Arc<PolicySigner>,
     pub bundle: TrustBundle,
     pub bundle_json: String,
     pub oidc_jwks_json: String,
@@ -62,6 +69,17 @@ pub struct RotationOutcome {
     pub action: &'static str,
     pub key_id: String,
     pub bundle_sequence: i64,
+}
+
+/// The outcome of a policy push, for the admin.
+#[derive(Debug, Serialize)]
+pub struct PolicyPushOutcome {
+    pub revision: i64,
+    pub key_id: String,
+    pub not_before: UnixTime,
+    pub not_after: UnixTime,
+    pub policies: usize,
+    pub payload_sha256: String,
 }
 
 /// One authority as the admin sees it.
@@ -121,6 +139,20 @@ impl Authorities {
             tracing::info!(kid = %signer.kid(), "generated JWT signing key");
             changed = true;
         }
+        let policy = store.list_authorities(AuthorityKind::Policy).await?;
+        if !policy.iter().any(|r| r.state == AuthorityState::Active) {
+            let signer = PolicySigner::generate().map_err(policy_err)?;
+            save_policy(
+                &*store,
+                &settings.key_dir,
+                &signer,
+                AuthorityState::Active,
+                now,
+            )
+            .await?;
+            tracing::info!(kid = %signer.kid(), "generated policy signing key");
+            changed = true;
+        }
         if changed || store.bundle_sequence().await? == 0 {
             store.bump_bundle_sequence().await?;
         }
@@ -144,7 +176,11 @@ impl Authorities {
         let _guard = self.rotating.lock().await;
         let now = self.clock.now();
         let mut pruned = false;
-        for kind in [AuthorityKind::X509, AuthorityKind::Jwt] {
+        for kind in [
+            AuthorityKind::X509,
+            AuthorityKind::Jwt,
+            AuthorityKind::Policy,
+        ] {
             for r in self.store.list_authorities(kind).await? {
                 if r.state == AuthorityState::Retired && r.last_use_expiry.min(r.not_after) <= now {
                     self.store.delete_authority(&r.id).await?;
@@ -173,6 +209,7 @@ impl Authorities {
                 let grace = match kind {
                     AuthorityKind::X509 => X509_RETIRE_GRACE,
                     AuthorityKind::Jwt => JWT_RETIRE_GRACE,
+                    AuthorityKind::Policy => POLICY_RETIRE_GRACE,
                 };
                 for r in records.iter().filter(|r| r.state == AuthorityState::Active) {
                     retire(&*self.store, r, now, grace).await?;
@@ -212,6 +249,18 @@ impl Authorities {
                         .await?;
                         signer.kid().to_owned()
                     }
+                    AuthorityKind::Policy => {
+                        let signer = PolicySigner::generate().map_err(policy_err)?;
+                        save_policy(
+                            &*self.store,
+                            &self.settings.key_dir,
+                            &signer,
+                            AuthorityState::Prepared,
+                            now,
+                        )
+                        .await?;
+                        signer.kid().to_owned()
+                    }
                 };
                 ("prepared", id)
             };
@@ -227,10 +276,82 @@ impl Authorities {
         })
     }
 
+    /// Signs and stores the next policy bundle: `policies` (already validated by the caller)
+    /// with sigil's schema, valid from now for `ttl_secs`, at the revision after the highest
+    /// stored one. Another replica pushing at the same time makes the insert conflict: the
+    /// bundle is then re-signed at the next revision.
+    pub async fn push_policy(
+        &self,
+        policies: std::collections::BTreeMap<String, String>,
+        rate_limits: Option<serde_json::Value>,
+        ttl_secs: i64,
+    ) -> Result<PolicyPushOutcome, ServerError> {
+        let _guard = self.rotating.lock().await;
+        let signer = self.current().policy.clone();
+        let mut last_err = None;
+        for _ in 0..8 {
+            let now = self.clock.now();
+            let revision = self.store.policy_revision().await? + 1;
+            let content = BundleContent {
+                not_after: now + ttl_secs,
+                not_before: now,
+                policies: policies.clone(),
+                rate_limits: rate_limits.clone(),
+                revision: u64::try_from(revision).unwrap_or(0),
+                schema: sigil_policy::SCHEMA.to_owned(),
+                trust_domain: self.settings.trust_domain.to_string(),
+            };
+            let envelope = signer.sign(&content).map_err(policy_err)?;
+            let payload_sha256 = {
+                use sha2::Digest as _;
+                hex::encode(sha2::Sha256::digest(
+                    content.to_payload().map_err(policy_err)?,
+                ))
+            };
+            let record = PolicyBundleRecord {
+                revision,
+                envelope,
+                payload_sha256: payload_sha256.clone(),
+                key_id: signer.kid().to_owned(),
+                not_after: content.not_after,
+                created_at: now,
+            };
+            match self.store.insert_policy_bundle(&record).await {
+                Ok(()) => {
+                    tracing::info!(
+                        revision,
+                        key_id = %signer.kid(),
+                        not_after = content.not_after,
+                        policies = policies.len(),
+                        "policy bundle pushed"
+                    );
+                    return Ok(PolicyPushOutcome {
+                        revision,
+                        key_id: signer.kid().to_owned(),
+                        not_before: content.not_before,
+                        not_after: content.not_after,
+                        policies: policies.len(),
+                        payload_sha256,
+                    });
+                }
+                Err(sigil_store::StoreError::Conflict(e)) => last_err = Some(e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServerError::Internal(format!(
+            "could not take a policy revision: {}",
+            last_err.unwrap_or_default()
+        )))
+    }
+
     /// Every authority with its state.
     pub async fn list(&self) -> Result<Vec<AuthorityInfo>, ServerError> {
         let mut out = Vec::new();
-        for kind in [AuthorityKind::X509, AuthorityKind::Jwt] {
+        for kind in [
+            AuthorityKind::X509,
+            AuthorityKind::Jwt,
+            AuthorityKind::Policy,
+        ] {
             for r in self.store.list_authorities(kind).await? {
                 out.push(AuthorityInfo {
                     kind: kind_name(kind),
@@ -250,7 +371,12 @@ fn kind_name(kind: AuthorityKind) -> &'static str {
     match kind {
         AuthorityKind::X509 => "x509",
         AuthorityKind::Jwt => "jwt",
+        AuthorityKind::Policy => "policy",
     }
+}
+
+fn policy_err(e: sigil_policy::bundle::BundleError) -> ServerError {
+    ServerError::Internal(format!("policy key: {e}"))
 }
 
 fn state_name(s: AuthorityState) -> &'static str {
@@ -330,6 +456,35 @@ async fn save_jwt(
     Ok(())
 }
 
+async fn save_policy(
+    store: &dyn Store,
+    key_dir: &Path,
+    signer: &PolicySigner,
+    state: AuthorityState,
+    now: UnixTime,
+) -> Result<(), ServerError> {
+    let key_ref = format!("policy-{}.key.pem", signer.kid());
+    write_private_file(&key_dir.join(&key_ref), signer.pkcs8_pem().as_bytes())?;
+    let jwk = serde_json::to_vec(&signer.public_jwk())
+        .map_err(|e| ServerError::Internal(format!("encoding JWK: {e}")))?;
+    store
+        .save_authority(&AuthorityRecord {
+            id: signer.kid().to_owned(),
+            kind: AuthorityKind::Policy,
+            state,
+            // As for JWT keys, the public material is the JWK JSON.
+            public_der: jwk,
+            key_ref,
+            algorithm: "EdDSA".into(),
+            not_after: now + JWT_KEY_TTL,
+            last_use_expiry: 0,
+            created_at: now,
+            activated_at: (state == AuthorityState::Active).then_some(now),
+        })
+        .await?;
+    Ok(())
+}
+
 async fn build_set(
     store: &dyn Store,
     settings: &KeySettings,
@@ -355,6 +510,21 @@ async fn build_set(
         .ok_or_else(|| ServerError::Internal("no active JWT authority".into()))?;
     let jwt_key = load_key_file(&settings.key_dir, &active_jwt.key_ref)?;
     let signer = JwtSigner::from_pkcs8_pem(&jwt_key, settings_alg(&active_jwt.algorithm)?)?;
+    let policy = store.list_authorities(AuthorityKind::Policy).await?;
+    let active_policy = policy
+        .iter()
+        .rev()
+        .find(|r| r.state == AuthorityState::Active)
+        .ok_or_else(|| ServerError::Internal("no active policy authority".into()))?;
+    let policy_signer =
+        PolicySigner::from_pkcs8_pem(&load_key_file(&settings.key_dir, &active_policy.key_ref)?)
+            .map_err(policy_err)?;
+    let mut policy_jwks = Vec::new();
+    for r in policy.iter().filter(|r| live(r)) {
+        let jwk: Jwk = serde_json::from_slice(&r.public_der)
+            .map_err(|e| ServerError::Internal(format!("stored JWK {} unreadable: {e}", r.id)))?;
+        policy_jwks.push(jwk);
+    }
 
     let mut jwks = Vec::new();
     for r in jwt.iter().filter(|r| live(r)) {
@@ -370,6 +540,7 @@ async fn build_set(
             .map(|r| r.public_der.clone())
             .collect(),
         jwt_authorities: jwks,
+        policy_authorities: policy_jwks,
         sequence: u64::try_from(store.bundle_sequence().await?).unwrap_or(0),
         refresh_hint_secs: REFRESH_HINT_SECS,
     };
@@ -377,6 +548,7 @@ async fn build_set(
         ca_id: active_ca.id.clone(),
         ca: Arc::new(ca),
         jwt: Arc::new(signer),
+        policy: Arc::new(policy_signer),
         bundle_json: bundle.to_spiffe_json()?,
         oidc_jwks_json: bundle.oidc_jwks_json()?,
         x509_pem: bundle.x509_pem(),

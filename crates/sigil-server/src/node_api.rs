@@ -140,6 +140,7 @@ struct SyncKey {
     entries: i64,
     revocations: i64,
     bundle: i64,
+    policy: i64,
     cut_off: bool,
 }
 
@@ -161,6 +162,7 @@ async fn sync_key(
         entries: app.store.entries_revision().await.map_err(internal)?,
         revocations: app.store.revocations_revision().await.map_err(internal)?,
         bundle: i64::try_from(app.authorities.current().bundle.sequence).unwrap_or(i64::MAX),
+        policy: app.store.policy_revision().await.map_err(internal)?,
         cut_off: revoked || record.is_none_or(|n| n.evicted),
     })
 }
@@ -189,6 +191,14 @@ async fn sync_update(
         .list_revocations(app.clock.now())
         .await
         .map_err(internal)?;
+    let (policy_bundle, policy_revision) = if key.policy > 0 {
+        match app.store.latest_policy_bundle().await.map_err(internal)? {
+            Some(b) => (b.envelope, b.revision),
+            None => (String::new(), 0),
+        }
+    } else {
+        (String::new(), 0)
+    };
     Ok(pb::SyncUpdate {
         entries: entries.into_iter().map(entry_to_pb).collect(),
         entries_revision: key.entries,
@@ -205,6 +215,8 @@ async fn sync_update(
             .collect(),
         revocations_revision: key.revocations,
         evicted: false,
+        policy_bundle,
+        policy_revision,
     })
 }
 

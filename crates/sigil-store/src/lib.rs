@@ -13,7 +13,7 @@ pub use error::{JoinTokenError, StoreError};
 pub use migrate::SCHEMA_VERSION;
 pub use model::{
     AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IdentityKind, IssuedIdentity,
-    NodeRecord, Revocation, UnknownName,
+    NodeRecord, PolicyBundleRecord, Revocation, UnknownName,
 };
 pub use sql::{Backend, SqlStore};
 pub use store::Store;

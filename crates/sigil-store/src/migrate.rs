@@ -15,12 +15,13 @@ struct Migration {
 }
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sqlite: r"
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sqlite: r"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -106,7 +107,7 @@ CREATE TABLE authorities (
     activated_at    INTEGER
 );
 ",
-    postgres: r"
+        postgres: r"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value BIGINT NOT NULL
@@ -192,7 +193,57 @@ CREATE TABLE authorities (
     activated_at    BIGINT
 );
 ",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "policy bundles",
+        // Policy keys are authorities of kind 'policy'. SQLite cannot alter a CHECK
+        // constraint, so the table is rebuilt (same columns, same rows).
+        sqlite: r"
+CREATE TABLE authorities_v2 (
+    id              TEXT PRIMARY KEY,
+    kind            TEXT NOT NULL CHECK (kind IN ('x509', 'jwt', 'policy')),
+    state           TEXT NOT NULL CHECK (state IN ('prepared', 'active', 'retired')),
+    public_der      BLOB NOT NULL,
+    key_ref         TEXT NOT NULL,
+    algorithm       TEXT NOT NULL,
+    not_after       INTEGER NOT NULL,
+    last_use_expiry INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    activated_at    INTEGER
+);
+INSERT INTO authorities_v2 (id, kind, state, public_der, key_ref, algorithm, not_after,
+    last_use_expiry, created_at, activated_at)
+SELECT id, kind, state, public_der, key_ref, algorithm, not_after, last_use_expiry,
+    created_at, activated_at FROM authorities;
+DROP TABLE authorities;
+ALTER TABLE authorities_v2 RENAME TO authorities;
+
+CREATE TABLE policy_bundles (
+    revision       INTEGER PRIMARY KEY,
+    envelope       TEXT NOT NULL,
+    payload_sha256 TEXT NOT NULL,
+    key_id         TEXT NOT NULL,
+    not_after      INTEGER NOT NULL,
+    created_at     INTEGER NOT NULL
+);
+",
+        postgres: r"
+ALTER TABLE authorities DROP CONSTRAINT authorities_kind_check;
+ALTER TABLE authorities ADD CONSTRAINT authorities_kind_check
+    CHECK (kind IN ('x509', 'jwt', 'policy'));
+
+CREATE TABLE policy_bundles (
+    revision       BIGINT PRIMARY KEY,
+    envelope       TEXT NOT NULL,
+    payload_sha256 TEXT NOT NULL,
+    key_id         TEXT NOT NULL,
+    not_after      BIGINT NOT NULL,
+    created_at     BIGINT NOT NULL
+);
+",
+    },
+];
 
 /// Brings the schema up to [`SCHEMA_VERSION`]; refuses a database newer than that.
 ///

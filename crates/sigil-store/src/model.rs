@@ -84,6 +84,8 @@ pub enum AuthorityKind {
     X509,
     /// A JWT signing key (`jwt`).
     Jwt,
+    /// A policy-bundle signing key (`policy`).
+    Policy,
 }
 
 /// Where an authority is in its rotation.
@@ -121,6 +123,23 @@ pub struct AuthorityRecord {
     pub created_at: UnixTime,
     /// When it last became active.
     pub activated_at: Option<UnixTime>,
+}
+
+/// A signed policy bundle as published (`sigil policy push`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyBundleRecord {
+    /// The bundle's revision: unique, strictly increasing with every push.
+    pub revision: i64,
+    /// The signed envelope (JSON), exactly as sent to agents.
+    pub envelope: String,
+    /// Lowercase hex SHA-256 of the signed payload.
+    pub payload_sha256: String,
+    /// The policy key that signed it.
+    pub key_id: String,
+    /// The bundle's expiry (unix seconds).
+    pub not_after: UnixTime,
+    /// When it was pushed.
+    pub created_at: UnixTime,
 }
 
 /// Which entries to list. `None` fields match everything.
@@ -170,7 +189,11 @@ text_enum!(IdentityKind, "identity kind", {
     JwtSvid => "jwt-svid",
     AccessToken => "access-token",
 });
-text_enum!(AuthorityKind, "authority kind", { X509 => "x509", Jwt => "jwt" });
+text_enum!(AuthorityKind, "authority kind", {
+    X509 => "x509",
+    Jwt => "jwt",
+    Policy => "policy",
+});
 text_enum!(AuthorityState, "authority state", {
     Prepared => "prepared",
     Active => "active",
@@ -205,7 +228,11 @@ mod tests {
                 format!("\"{}\"", s.as_str())
             );
         }
-        for k in [AuthorityKind::X509, AuthorityKind::Jwt] {
+        for k in [
+            AuthorityKind::X509,
+            AuthorityKind::Jwt,
+            AuthorityKind::Policy,
+        ] {
             assert_eq!(k.as_str().parse::<AuthorityKind>().unwrap(), k);
             assert_eq!(
                 serde_json::to_string(&k).unwrap(),

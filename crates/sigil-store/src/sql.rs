@@ -13,7 +13,7 @@ use sqlx::{Any, AnyConnection, AnyPool, Executor, Row, Transaction};
 use crate::migrate::migrate;
 use crate::{
     AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IdentityKind, IssuedIdentity,
-    JoinTokenError, NodeRecord, Revocation, Store, StoreError,
+    JoinTokenError, NodeRecord, PolicyBundleRecord, Revocation, Store, StoreError,
 };
 
 /// Which database a [`SqlStore`] talks to.
@@ -951,6 +951,55 @@ impl Store for SqlStore {
     }
 
     async fn bump_bundle_sequence(&self) -> Result<i64, StoreError> {
+    async fn insert_policy_bundle(&self, b: &PolicyBundleRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO policy_bundles (revision, envelope, payload_sha256, key_id, not_after, \
+             created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(b.revision)
+        .bind(&b.envelope)
+        .bind(&b.payload_sha256)
+        .bind(&b.key_id)
+        .bind(b.not_after)
+        .bind(b.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            StoreError::conflict_or(e, || {
+                format!("policy bundle revision {} exists", b.revision)
+            })
+        })?;
+        Ok(())
+    }
+
+    async fn latest_policy_bundle(&self) -> Result<Option<PolicyBundleRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT revision, envelope, payload_sha256, key_id, not_after, created_at \
+             FROM policy_bundles ORDER BY revision DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let r = Reader::new(&row, "policy_bundles", "revision");
+        Ok(Some(PolicyBundleRecord {
+            revision: r.get("revision")?,
+            envelope: r.get("envelope")?,
+            payload_sha256: r.get("payload_sha256")?,
+            key_id: r.get("key_id")?,
+            not_after: r.get("not_after")?,
+            created_at: r.get("created_at")?,
+        }))
+    }
+
+    async fn policy_revision(&self) -> Result<i64, StoreError> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(revision) FROM policy_bundles")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v.unwrap_or(0))
+    }
+
         let mut conn = self.pool.acquire().await?;
         bump_meta(&mut conn, BUNDLE_SEQUENCE).await
     }

@@ -4,7 +4,7 @@ use sigil_core::{EntryId, EntrySpec, RegistrationEntry, SpiffeId, UnixTime};
 
 use crate::{
     AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IssuedIdentity, NodeRecord,
-    Revocation, StoreError,
+    PolicyBundleRecord, Revocation, StoreError,
 };
 
 /// The trust authority's persistent state. Object safe: the server holds an `Arc<dyn Store>`.
@@ -152,6 +152,18 @@ pub trait Store: Send + Sync {
 
     /// Deletes an authority. [`StoreError::NotFound`] if absent.
     async fn delete_authority(&self, id: &str) -> Result<(), StoreError>;
+
+    // ---- policy bundles ----
+
+    /// Stores a pushed bundle. [`StoreError::Conflict`] if its revision exists (another
+    /// replica pushed meanwhile: take the next revision and sign again).
+    async fn insert_policy_bundle(&self, bundle: &PolicyBundleRecord) -> Result<(), StoreError>;
+
+    /// The bundle with the highest revision, if any was pushed.
+    async fn latest_policy_bundle(&self) -> Result<Option<PolicyBundleRecord>, StoreError>;
+
+    /// The highest pushed revision (0 before the first push).
+    async fn policy_revision(&self) -> Result<i64, StoreError>;
 
     // ---- meta ----
 

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use sigil_core::{EntryId, EntrySpec, RegistrationEntry, Selector, SpiffeId};
 use sigil_store::{
     AuthorityKind, AuthorityRecord, AuthorityState, Backend, EntryFilter, IdentityKind,
-    IssuedIdentity, JoinTokenError, NodeRecord, Revocation, SCHEMA_VERSION, SqlStore, Store,
-    StoreError,
+    IssuedIdentity, JoinTokenError, NodeRecord, PolicyBundleRecord, Revocation, SCHEMA_VERSION,
+    SqlStore, Store, StoreError,
 };
 use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
@@ -160,6 +160,7 @@ on_both_backends!(
     revocation_expiry_and_pruning,
     authorities_lifecycle,
     bundle_sequence,
+    policy_bundles_and_policy_keys,
     durable_across_reopen_and_migrations_idempotent,
     corrupt_rows_are_reported_not_panicked_on,
     newer_schema_is_refused,
@@ -918,6 +919,50 @@ async fn bundle_sequence(db: &Db) {
     assert_eq!(got, (3..=12).collect::<Vec<_>>());
     assert_eq!(store.bundle_sequence().await.unwrap(), 12);
     store.ping().await.unwrap();
+}
+
+async fn policy_bundles_and_policy_keys(db: &Db) {
+    let store = db.open().await;
+    assert_eq!(store.policy_revision().await.unwrap(), 0);
+    assert!(store.latest_policy_bundle().await.unwrap().is_none());
+    let b = |revision: i64| PolicyBundleRecord {
+        revision,
+        envelope: format!("{{\"r\":{revision}}}"),
+        payload_sha256: "ab".repeat(32),
+        key_id: "pk-1".into(),
+        not_after: T0 + 3600,
+        created_at: T0,
+    };
+    store.insert_policy_bundle(&b(1)).await.unwrap();
+    store.insert_policy_bundle(&b(2)).await.unwrap();
+    // A revision is taken once: a second push at the same revision is a conflict.
+    assert!(matches!(
+        store.insert_policy_bundle(&b(2)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.policy_revision().await.unwrap(), 2);
+    assert_eq!(store.latest_policy_bundle().await.unwrap(), Some(b(2)));
+    // Policy keys are authorities of their own kind.
+    let pk = authority("pk-1", AuthorityKind::Policy, T0);
+    store.save_authority(&pk).await.unwrap();
+    assert_eq!(
+        store.list_authorities(AuthorityKind::Policy).await.unwrap(),
+        vec![pk.clone()]
+    );
+    assert!(
+        store
+            .list_authorities(AuthorityKind::Jwt)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(store);
+    let store = db.open().await;
+    assert_eq!(store.latest_policy_bundle().await.unwrap(), Some(b(2)));
+    assert_eq!(
+        store.list_authorities(AuthorityKind::Policy).await.unwrap(),
+        vec![pk]
+    );
 }
 
 async fn durable_across_reopen_and_migrations_idempotent(db: &Db) {

@@ -71,6 +71,9 @@ pub struct ProxyArgs {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Serve Prometheus /metrics, /healthz and /readyz here (plain HTTP; use loopback).
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
 }
 
 impl ProxyArgs {
@@ -103,6 +106,7 @@ impl ProxyArgs {
             ("audit_log", p(&self.audit_log)),
             ("mcp_path", s(&self.mcp_path)),
             ("policy_dir", p(&self.policy_dir)),
+            ("metrics_addr", s(&self.metrics_addr)),
             (
                 "max_body_bytes",
                 self.max_body_bytes.map(toml::Value::Integer),

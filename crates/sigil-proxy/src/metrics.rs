@@ -1,0 +1,460 @@
+//! The proxy's metrics (Prometheus, opt-in with `metrics_addr`) and its `/readyz` check.
+//!
+//! Every labelled series is resolved once at start: the request path increments a counter
+//! picked by index (an atomic add) and observes histograms (one uncontended lock each); it
+//! never formats or allocates a label. With no `metrics_addr` every call is a no-op and no
+//! clock is read.
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::StatusCode;
+use sigil_core::Clock;
+use sigil_metrics::prometheus_client::metrics::counter::Counter;
+use sigil_metrics::prometheus_client::metrics::family::Family;
+use sigil_metrics::prometheus_client::metrics::gauge::Gauge;
+use sigil_metrics::prometheus_client::metrics::histogram::Histogram;
+use sigil_metrics::prometheus_client::registry::Registry;
+use sigil_metrics::{Exporter, ReadyFuture};
+use sigil_policy::PolicyEngine;
+
+use crate::Credentials;
+use crate::config::Enforce;
+
+/// How a request ended, as the `decision` and `reason` labels of
+/// `sigil_proxy_requests_total`. A fixed set: never a free-text label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Permitted by policy and answered by the upstream.
+    Allowed,
+    /// Forwarded in `enforce = "mtls-only"` mode (no token or policy).
+    AllowedMtlsOnly,
+    /// Refused by policy (or a call policy could not evaluate).
+    Policy,
+    /// Missing, invalid, expired or wrongly bound token.
+    BadToken,
+    /// Client certificate refused (at the handshake or right after it): counted per
+    /// connection, since no request could be read.
+    BadCert,
+    /// Client certificate revoked.
+    Revoked,
+    /// Rate limited (per identity or per identity × model/tool).
+    RateLimited,
+    /// Allowed, but the audit record could not be made durable: refused.
+    AuditFailure,
+    /// Body larger than `max_body_bytes`.
+    TooLarge,
+    /// Unreadable or ambiguous request (framing, JSON, path).
+    BadRequest,
+    /// Allowed, but the upstream failed or its answer could not be filtered.
+    Upstream,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 11] = [
+        Outcome::Allowed,
+        Outcome::AllowedMtlsOnly,
+        Outcome::Policy,
+        Outcome::BadToken,
+        Outcome::BadCert,
+        Outcome::Revoked,
+        Outcome::RateLimited,
+        Outcome::AuditFailure,
+        Outcome::TooLarge,
+        Outcome::BadRequest,
+        Outcome::Upstream,
+    ];
+
+    fn labels(self) -> [(&'static str, &'static str); 2] {
+        let (decision, reason) = match self {
+            Outcome::Allowed => ("allow", "policy"),
+            Outcome::AllowedMtlsOnly => ("allow", "mtls_only"),
+            Outcome::Policy => ("deny", "policy"),
+            Outcome::BadToken => ("deny", "bad_token"),
+            Outcome::BadCert => ("deny", "bad_cert"),
+            Outcome::Revoked => ("deny", "revoked"),
+            Outcome::RateLimited => ("deny", "rate_limited"),
+            Outcome::AuditFailure => ("deny", "audit_failure"),
+            Outcome::TooLarge => ("deny", "too_large"),
+            Outcome::BadRequest => ("deny", "bad_request"),
+            Outcome::Upstream => ("deny", "upstream"),
+        };
+        [("decision", decision), ("reason", reason)]
+    }
+
+    /// The reason of a refusal from the status the client gets (the refusal paths of
+    /// `authorize` each have their own status; 401 is a bad token unless revoked).
+    pub(crate) fn of_refusal(status: StatusCode, message: &str) -> Self {
+        match status {
+            StatusCode::UNAUTHORIZED if message == "client certificate revoked" => Outcome::Revoked,
+            StatusCode::UNAUTHORIZED => Outcome::BadToken,
+            StatusCode::FORBIDDEN => Outcome::Policy,
+            StatusCode::TOO_MANY_REQUESTS => Outcome::RateLimited,
+            StatusCode::PAYLOAD_TOO_LARGE => Outcome::TooLarge,
+            StatusCode::SERVICE_UNAVAILABLE => Outcome::AuditFailure,
+            StatusCode::BAD_GATEWAY => Outcome::Upstream,
+            _ => Outcome::BadRequest,
+        }
+    }
+}
+
+/// The proxy's metrics; a no-op when the listener is not configured.
+pub struct Metrics {
+    inner: Option<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    /// Indexed by `Outcome as usize`.
+    requests: Vec<Counter>,
+    request_duration: Histogram,
+    upstream_duration: Histogram,
+    policy_evaluation: Histogram,
+    token_validation: Histogram,
+    open_connections: Gauge,
+    svid_expiry: Gauge,
+    policies: Gauge,
+}
+
+/// Decrements `sigil_proxy_open_connections` when the connection ends.
+pub(crate) struct OpenConnection(Option<Gauge>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.dec();
+        }
+    }
+}
+
+impl Metrics {
+    /// Metrics that are recorded (`enabled`) or a no-op.
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            inner: enabled.then(Inner::new),
+        }
+    }
+
+    /// The time a measured step starts (`None`, no clock read, when disabled).
+    #[inline]
+    pub(crate) fn start(&self) -> Option<Instant> {
+        self.inner.as_ref().map(|_| Instant::now())
+    }
+
+    /// Counts a request by how it ended.
+    #[inline]
+    pub(crate) fn request(&self, outcome: Outcome) {
+        if let Some(c) = self
+            .inner
+            .as_ref()
+            .and_then(|i| i.requests.get(outcome as usize))
+        {
+            c.inc();
+        }
+    }
+
+    /// Counts a request forwarded and answered by the upstream.
+    #[inline]
+    pub(crate) fn allowed(&self, enforce: Enforce) {
+        self.request(match enforce {
+            Enforce::Full => Outcome::Allowed,
+            Enforce::MtlsOnly => Outcome::AllowedMtlsOnly,
+        });
+    }
+
+    /// Counts a refused request by the status it was refused with.
+    #[inline]
+    pub(crate) fn refused(&self, status: StatusCode, message: &str) {
+        if self.inner.is_some() {
+            self.request(Outcome::of_refusal(status, message));
+        }
+    }
+
+    /// A TLS handshake failed: counted as `bad_cert` / `revoked` when the client certificate
+    /// was the reason (other failures, e.g. a client going away, are not requests).
+    pub(crate) fn handshake_failed(&self, e: &std::io::Error) {
+        if self.inner.is_none() {
+            return;
+        }
+        let tls = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        match tls {
+            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => {
+                self.request(Outcome::Revoked)
+            }
+            Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => {
+                self.request(Outcome::BadCert)
+            }
+            _ => {}
+        }
+    }
+
+    /// Added latency: from the request received to the upstream request sent.
+    #[inline]
+    pub(crate) fn forwarding(&self, received: Option<Instant>) {
+        observe(self.inner.as_ref().map(|i| &i.request_duration), received);
+    }
+
+    /// The upstream answered (response head) or failed.
+    #[inline]
+    pub(crate) fn upstream_done(&self, sent: Option<Instant>) {
+        observe(self.inner.as_ref().map(|i| &i.upstream_duration), sent);
+    }
+
+    /// One Cedar decision.
+    #[inline]
+    pub(crate) fn policy_evaluated(&self, started: Option<Instant>) {
+        observe(self.inner.as_ref().map(|i| &i.policy_evaluation), started);
+    }
+
+    /// One token check (cache lookup, or full validation on a miss).
+    #[inline]
+    pub(crate) fn token_checked(&self, started: Option<Instant>) {
+        observe(self.inner.as_ref().map(|i| &i.token_validation), started);
+    }
+
+    /// Counts an open client connection until the returned guard is dropped.
+    pub(crate) fn connection_opened(&self) -> OpenConnection {
+        OpenConnection(self.inner.as_ref().map(|i| {
+            i.open_connections.inc();
+            i.open_connections.clone()
+        }))
+    }
+}
+
+#[inline]
+fn observe(h: Option<&Histogram>, started: Option<Instant>) {
+    if let (Some(h), Some(t)) = (h, started) {
+        h.observe(t.elapsed().as_secs_f64());
+    }
+}
+
+impl Inner {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let family = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        registry.register(
+            "sigil_proxy_requests",
+            "Requests by decision and reason (client certificate refusals count per connection)",
+            family.clone(),
+        );
+        // Resolved once, so every series exists from the start and the hot path never looks
+        // a label up.
+        let requests = Outcome::ALL
+            .iter()
+            .map(|o| family.get_or_create(&o.labels()).clone())
+            .collect();
+        let histogram = |registry: &mut Registry, name: &str, help: &str| {
+            let h = sigil_metrics::latency_histogram();
+            registry.register(name, help, h.clone());
+            h
+        };
+        let request_duration = histogram(
+            &mut registry,
+            "sigil_proxy_request_duration_seconds",
+            "Latency the proxy adds: from the request received to the upstream request sent",
+        );
+        let upstream_duration = histogram(
+            &mut registry,
+            "sigil_proxy_upstream_duration_seconds",
+            "From the upstream request sent to its response head (or failure)",
+        );
+        let policy_evaluation = histogram(
+            &mut registry,
+            "sigil_proxy_policy_evaluation_seconds",
+            "One Cedar policy decision",
+        );
+        let token_validation = histogram(
+            &mut registry,
+            "sigil_proxy_token_validation_seconds",
+            "One access token check (cached or fully validated)",
+        );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::<i64>::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let open_connections = gauge(
+            &mut registry,
+            "sigil_proxy_open_connections",
+            "Client connections open (handshaking included)",
+        );
+        let svid_expiry = gauge(
+            &mut registry,
+            "sigil_proxy_svid_expiry_seconds",
+            "Seconds until the serving X.509-SVID's notAfter (negative once expired)",
+        );
+        let policies = gauge(
+            &mut registry,
+            "sigil_proxy_policies",
+            "Cedar policies in the set in force",
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            policy_evaluation,
+            token_validation,
+            open_connections,
+            svid_expiry,
+            policies,
+        }
+    }
+}
+
+/// What the metrics listener reads at scrape time.
+pub(crate) struct ProxyExporter {
+    pub metrics: Arc<Metrics>,
+    pub creds: Arc<ArcSwap<Credentials>>,
+    pub policies: Arc<ArcSwap<PolicyEngine>>,
+    pub clock: Arc<dyn Clock>,
+    pub enforce: Enforce,
+}
+
+impl ProxyExporter {
+    /// Seconds until the serving SVID expires (`None` if its leaf cannot be read).
+    fn svid_expiry(&self) -> Option<i64> {
+        let creds = self.creds.load();
+        let leaf = creds.serving.cert.first()?;
+        let not_after = sigil_metrics::not_after(leaf.as_ref())?;
+        Some(sigil_metrics::seconds_until(not_after, self.clock.now()))
+    }
+}
+
+impl Exporter for ProxyExporter {
+    fn encode(&self, out: &mut String) -> std::fmt::Result {
+        let Some(inner) = &self.metrics.inner else {
+            return Ok(());
+        };
+        inner.svid_expiry.set(self.svid_expiry().unwrap_or(0));
+        let n = self.policies.load().len();
+        inner.policies.set(i64::try_from(n).unwrap_or(i64::MAX));
+        sigil_metrics::prometheus_client::encoding::text::encode(out, &inner.registry)
+    }
+
+    fn ready(&self) -> ReadyFuture<'_> {
+        let r = match self.svid_expiry() {
+            None => Err("serving SVID unreadable".to_owned()),
+            Some(s) if s <= 0 => Err("serving SVID expired".to_owned()),
+            Some(_) if self.enforce == Enforce::Full && self.policies.load().is_empty() => {
+                Err("no policies loaded".to_owned())
+            }
+            Some(_) => Ok(()),
+        };
+        Box::pin(async move { r })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(m: &Metrics) -> String {
+        let mut out = String::new();
+        if let Some(i) = &m.inner {
+            sigil_metrics::prometheus_client::encoding::text::encode(&mut out, &i.registry)
+                .unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn refusals_map_to_a_fixed_reason() {
+        use Outcome::*;
+        let cases = [
+            (
+                StatusCode::UNAUTHORIZED,
+                "client certificate revoked",
+                Revoked,
+            ),
+            (StatusCode::UNAUTHORIZED, "missing bearer token", BadToken),
+            (StatusCode::FORBIDDEN, "policy denies invoke", Policy),
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate limit exceeded",
+                RateLimited,
+            ),
+            (StatusCode::PAYLOAD_TOO_LARGE, "too large", TooLarge),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit log unavailable",
+                AuditFailure,
+            ),
+            (StatusCode::BAD_GATEWAY, "upstream unavailable", Upstream),
+            (
+                StatusCode::BAD_REQUEST,
+                "ambiguous message framing",
+                BadRequest,
+            ),
+        ];
+        for (status, message, want) in cases {
+            assert_eq!(
+                Outcome::of_refusal(status, message),
+                want,
+                "{status} {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn counts_outcomes_and_exposes_every_series_from_the_start() {
+        let m = Metrics::new(true);
+        let text = encode(&m);
+        for o in Outcome::ALL {
+            let [(_, d), (_, r)] = o.labels();
+            let line = format!("sigil_proxy_requests_total{{decision=\"{d}\",reason=\"{r}\"}} 0");
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        for _ in 0..7 {
+            m.request(Outcome::Allowed);
+        }
+        m.refused(StatusCode::FORBIDDEN, "policy denies");
+        m.refused(StatusCode::UNAUTHORIZED, "client certificate revoked");
+        m.policy_evaluated(m.start());
+        let conn = m.connection_opened();
+        let text = encode(&m);
+        assert!(
+            text.contains("sigil_proxy_requests_total{decision=\"allow\",reason=\"policy\"} 7")
+        );
+        assert!(text.contains("sigil_proxy_requests_total{decision=\"deny\",reason=\"policy\"} 1"));
+        assert!(
+            text.contains("sigil_proxy_requests_total{decision=\"deny\",reason=\"revoked\"} 1")
+        );
+        assert!(
+            text.contains("sigil_proxy_policy_evaluation_seconds_count 1"),
+            "{text}"
+        );
+        assert!(text.contains("sigil_proxy_open_connections 1"));
+        drop(conn);
+        assert!(encode(&m).contains("sigil_proxy_open_connections 0"));
+    }
+
+    #[test]
+    fn disabled_metrics_record_nothing_and_read_no_clock() {
+        let m = Metrics::new(false);
+        assert!(m.start().is_none());
+        m.request(Outcome::Allowed);
+        m.refused(StatusCode::FORBIDDEN, "x");
+        drop(m.connection_opened());
+        assert!(encode(&m).is_empty());
+    }
+
+    #[test]
+    fn handshake_failures_count_only_certificate_refusals() {
+        let m = Metrics::new(true);
+        let tls = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        m.handshake_failed(&tls(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Revoked,
+        )));
+        m.handshake_failed(&tls(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        )));
+        m.handshake_failed(&tls(rustls::Error::NoCertificatesPresented));
+        m.handshake_failed(&std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        let text = encode(&m);
+        assert!(text.contains("reason=\"revoked\"} 1"), "{text}");
+        assert!(text.contains("reason=\"bad_cert\"} 2"), "{text}");
+    }
+}
