@@ -1,10 +1,15 @@
 //! Group commit for issuance records: every caller waits until its own record is durable,
 //! and records that arrive while a commit is in flight share the next commit, so the cost of
 //! a durable write (an fsync) is paid once per batch instead of once per credential.
+//!
+//! Each record's transparency-log leaf is appended in the same transaction as the record.
 use std::sync::Arc;
 
-use sigil_store::{IssuedIdentity, Store, StoreError};
+use sigil_log::{Frontier, leaf_hash, stored_hash_index};
+use sigil_store::{IssuedIdentity, Store, StoreError, TlogAppend};
 use tokio::sync::{mpsc, oneshot};
+
+use crate::tlog;
 
 /// Most records in one commit.
 const MAX_BATCH: usize = 256;
@@ -38,6 +43,10 @@ impl IssuanceLog {
 }
 
 async fn writer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
+    // The transparency log's right edge, kept in memory so an append reads nothing; `None`
+    // until loaded from the stored hashes (at the first record, and after a failed commit,
+    // which may mean another writer appended).
+    let mut frontier: Option<Frontier> = None;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -47,11 +56,8 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
             }
         }
         let records: Vec<IssuedIdentity> = batch.iter().map(|(r, _)| r.clone()).collect();
-        // A lone record is one autocommit statement; a batch is one transaction.
-        let result = match records.as_slice() {
-            [one] => store.record_issued(one).await,
-            many => store.record_issued_batch(many).await,
-        };
+        // The batch and its log leaves are one transaction.
+        let result = commit(&*store, &mut frontier, &records).await;
         match result {
             Ok(()) => {
                 for (_, done) in batch {
@@ -62,7 +68,8 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
             // rolled back as a whole, so retry each alone and report each outcome.
             Err(_) if batch.len() > 1 => {
                 for (r, done) in batch {
-                    let _ = done.send(store.record_issued(&r).await);
+                    let one = commit(&*store, &mut frontier, std::slice::from_ref(&r)).await;
+                    let _ = done.send(one);
                 }
             }
             Err(e) => {
@@ -70,6 +77,46 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
                     let _ = done.send(Err(clone_err(&e)));
                 }
             }
+        }
+    }
+}
+
+/// Commits `records` with their transparency-log leaves in one transaction; advances the
+/// in-memory frontier only once the commit succeeded.
+async fn commit(
+    store: &dyn Store,
+    frontier: &mut Option<Frontier>,
+    records: &[IssuedIdentity],
+) -> Result<(), StoreError> {
+    let base = match frontier.take() {
+        Some(f) => f,
+        None => tlog::load_frontier(store).await?,
+    };
+    let mut next = base.clone();
+    let mut append = TlogAppend::default();
+    for r in records {
+        let data = tlog::leaf_for(r).to_bytes();
+        let index = next.size();
+        let first = stored_hash_index(0, index);
+        for (at, h) in (first..).zip(next.append(leaf_hash(&data))) {
+            append.hashes.push((at, h.0));
+        }
+        append.leaves.push((index, data));
+    }
+    match store.record_issued_logged(records, &append).await {
+        Ok(()) => {
+            *frontier = Some(next);
+            Ok(())
+        }
+        Err(e) => {
+            // A duplicate credential leaves the tree as it was; a taken leaf index means
+            // another writer appended, so the next commit reloads the frontier.
+            if !matches!(&e, StoreError::Conflict(m) if !m.starts_with("log ")) {
+                *frontier = None;
+            } else {
+                *frontier = Some(base);
+            }
+            Err(e)
         }
     }
 }
@@ -124,5 +171,15 @@ mod tests {
         // Durable: a fresh connection sees every record.
         let reopened = SqlStore::connect(&url).await.unwrap();
         assert_eq!(reopened.count_issued().await.unwrap(), 201);
+        // Every record is a log leaf, and the stored tree matches one rebuilt from them.
+        assert_eq!(reopened.tlog_size().await.unwrap(), 201);
+        let entries = reopened.tlog_entries(0, 201).await.unwrap();
+        let mut tree = sigil_log::MemoryTree::new();
+        for e in &entries {
+            sigil_log::LogRecord::from_bytes(e).unwrap();
+            tree.push(e);
+        }
+        let f = tlog::load_frontier(&reopened).await.unwrap();
+        assert_eq!((f.size(), f.root()), (201, tree.root()));
     }
 }

@@ -10,6 +10,7 @@ mod issuance_log;
 mod issuer;
 mod node_api;
 mod public;
+mod tlog;
 mod tls;
 
 use std::net::SocketAddr;
@@ -32,6 +33,7 @@ pub use authority::{
 pub use config::{ConfigError, DEFAULT_SCOPES, ServerConfig};
 pub use issuer::{IssueError, Issuer};
 pub use node_api::{hash_join_token, node_id_for_token};
+pub use tlog::{LOG_KEY_FILE, TransparencyLog, origin_for as log_origin_for};
 pub use tls::{PeerAuth, provider as tls_provider};
 
 /// What can stop the server from starting or serving.
@@ -59,6 +61,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Bumped after every change an agent must hear about; sync streams wake on it.
     pub changes: watch::Sender<u64>,
+    /// The transparency log of issued identities (served read-only).
+    pub tlog: Arc<TransparencyLog>,
 }
 
 impl AppState {
@@ -128,6 +132,11 @@ pub async fn start(
         )
         .await?,
     );
+    let tlog = Arc::new(TransparencyLog::load_or_create(
+        store.clone(),
+        &config.data_dir.join("keys"),
+        &tlog::origin_for(&config.trust_domain.to_string()),
+    )?);
     let issuer = Arc::new(Issuer::new(
         store.clone(),
         authorities.clone(),
@@ -158,6 +167,7 @@ pub async fn start(
         issuer: issuer.clone(),
         clock: clock.clone(),
         changes: watch::channel(0).0,
+        tlog,
     });
     let node =
         sigil_proto::node::v1::node_server::NodeServer::new(node_api::NodeApi::new(state.clone()))

@@ -23,10 +23,60 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/.well-known/openid-configuration", get(discovery))
         .route("/keys", get(jwks))
         .route("/bundle", get(bundle))
+        .route("/log/checkpoint", get(log_checkpoint))
+        .route("/log/key", get(log_key))
+        .route("/log/tile/{*path}", get(log_tile))
         // The token endpoint reads its body itself (see `read_limited`).
         .route("/oauth2/token", post(token))
         .layer(DefaultBodyLimit::max(max))
         .with_state(app)
+}
+
+async fn log_checkpoint(State(app): State<Arc<AppState>>) -> Response {
+    match app.tlog.checkpoint().await {
+        Ok(note) => log_response("text/plain; charset=utf-8", "no-cache", note),
+        Err(e) => log_error(&e),
+    }
+}
+
+async fn log_key(State(app): State<Arc<AppState>>) -> Response {
+    let body = format!("{}\n", app.tlog.vkey()).into_bytes();
+    log_response("text/plain; charset=utf-8", "no-cache", body)
+}
+
+async fn log_tile(
+    State(app): State<Arc<AppState>>,
+    axum::extract::Path(path): axum::extract::Path<String>,
+) -> Response {
+    let path = format!("tile/{path}");
+    match app.tlog.tile(&path).await {
+        // Tiles never change once they exist (a partial tile is its own path).
+        Ok(Some(data)) => log_response(
+            "application/octet-stream",
+            "public, max-age=31536000, immutable",
+            data,
+        ),
+        Ok(None) => (StatusCode::NOT_FOUND, "no such tile\n").into_response(),
+        Err(e) => log_error(&e),
+    }
+}
+
+fn log_response(content_type: &'static str, cache: &'static str, body: Vec<u8>) -> Response {
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    r
+}
+
+fn log_error(e: &crate::ServerError) -> Response {
+    tracing::error!(error = %e, "serving the transparency log failed");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "transparency log unavailable\n",
+    )
+        .into_response()
 }
 
 async fn discovery(State(app): State<Arc<AppState>>) -> Response {

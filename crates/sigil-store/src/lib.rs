@@ -16,4 +16,4 @@ pub use model::{
     NodeRecord, PolicyBundleRecord, Revocation, UnknownName,
 };
 pub use sql::{Backend, SqlStore};
-pub use store::Store;
+pub use store::{Store, TlogAppend};

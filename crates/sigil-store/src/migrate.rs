@@ -15,7 +15,7 @@ struct Migration {
 }
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -240,6 +240,30 @@ CREATE TABLE policy_bundles (
     key_id         TEXT NOT NULL,
     not_after      BIGINT NOT NULL,
     created_at     BIGINT NOT NULL
+);
+",
+    },
+    Migration {
+        version: 3,
+        name: "transparency log",
+        sqlite: r"
+CREATE TABLE tlog_leaves (
+    idx  INTEGER PRIMARY KEY,
+    data BLOB NOT NULL
+);
+CREATE TABLE tlog_hashes (
+    idx  INTEGER PRIMARY KEY,
+    hash BLOB NOT NULL
+);
+",
+        postgres: r"
+CREATE TABLE tlog_leaves (
+    idx  BIGINT PRIMARY KEY,
+    data BYTEA NOT NULL
+);
+CREATE TABLE tlog_hashes (
+    idx  BIGINT PRIMARY KEY,
+    hash BYTEA NOT NULL
 );
 ",
     },

@@ -11,6 +11,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyConnection, AnyPool, Executor, Row, Transaction};
 
 use crate::migrate::migrate;
+use crate::store::TlogAppend;
 use crate::{
     AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IdentityKind, IssuedIdentity,
     JoinTokenError, NodeRecord, PolicyBundleRecord, Revocation, Store, StoreError,
@@ -196,6 +197,10 @@ async fn insert_issued(
         })
     })?;
     Ok(())
+}
+
+fn to_i64(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Invalid(format!("index {v} out of range")))
 }
 
 /// Increments a `meta` counter and returns its new value.
@@ -1002,6 +1007,100 @@ impl Store for SqlStore {
 
         let mut conn = self.pool.acquire().await?;
         bump_meta(&mut conn, BUNDLE_SEQUENCE).await
+    }
+
+    async fn record_issued_logged(
+        &self,
+        issued: &[IssuedIdentity],
+        log: &TlogAppend,
+    ) -> Result<(), StoreError> {
+        let mut tx = begin_write(&self.pool, self.backend).await?;
+        for i in issued {
+            insert_issued(&mut tx, i).await?;
+        }
+        for (idx, data) in &log.leaves {
+            sqlx::query("INSERT INTO tlog_leaves (idx, data) VALUES ($1, $2)")
+                .bind(to_i64(*idx)?)
+                .bind(data.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| {
+                    StoreError::conflict_or(e, || format!("log leaf {idx} already exists"))
+                })?;
+        }
+        for (idx, hash) in &log.hashes {
+            sqlx::query("INSERT INTO tlog_hashes (idx, hash) VALUES ($1, $2)")
+                .bind(to_i64(*idx)?)
+                .bind(hash.to_vec())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| {
+                    StoreError::conflict_or(e, || format!("log hash {idx} already exists"))
+                })?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn tlog_size(&self) -> Result<u64, StoreError> {
+        let max: Option<i64> = sqlx::query_scalar("SELECT MAX(idx) FROM tlog_leaves")
+            .fetch_one(&self.pool)
+            .await?;
+        match max {
+            None => Ok(0),
+            Some(m) => u64::try_from(m)
+                .map(|m| m + 1)
+                .map_err(|_| StoreError::Corrupt(format!("negative log index {m}"))),
+        }
+    }
+
+    async fn tlog_hashes(&self, indexes: &[u64]) -> Result<Vec<[u8; 32]>, StoreError> {
+        let mut out = Vec::with_capacity(indexes.len());
+        // Contiguous runs (tiles) are read with one range query each.
+        let mut i = 0;
+        while let Some(&start) = indexes.get(i) {
+            let mut end = start;
+            let mut j = i + 1;
+            while indexes.get(j) == Some(&(end + 1)) {
+                end += 1;
+                j += 1;
+            }
+            let rows = sqlx::query(
+                "SELECT idx, hash FROM tlog_hashes WHERE idx >= $1 AND idx <= $2 ORDER BY idx",
+            )
+            .bind(to_i64(start)?)
+            .bind(to_i64(end)?)
+            .fetch_all(&self.pool)
+            .await?;
+            if u64::try_from(rows.len()).ok() != Some(end - start + 1) {
+                return Err(StoreError::NotFound(format!(
+                    "log hashes {start}..={end} (have {})",
+                    rows.len()
+                )));
+            }
+            for row in &rows {
+                let hash: Vec<u8> = row.try_get("hash")?;
+                let hash: [u8; 32] = hash
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("log hash is not 32 bytes".into()))?;
+                out.push(hash);
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+
+    async fn tlog_entries(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT data FROM tlog_leaves WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+        )
+        .bind(to_i64(start)?)
+        .bind(to_i64(end)?)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get::<Vec<u8>, _>("data").map_err(StoreError::from))
+            .collect()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

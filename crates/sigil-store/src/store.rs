@@ -165,6 +165,27 @@ pub trait Store: Send + Sync {
     /// The highest pushed revision (0 before the first push).
     async fn policy_revision(&self) -> Result<i64, StoreError>;
 
+    // ---- transparency log ----
+
+    /// Records issued credentials and appends their transparency-log leaves (with the
+    /// tree's new stored hashes) in ONE transaction: all or none. [`StoreError::Conflict`] if a
+    /// credential exists or a leaf index is taken (another writer appended meanwhile).
+    async fn record_issued_logged(
+        &self,
+        issued: &[IssuedIdentity],
+        log: &TlogAppend,
+    ) -> Result<(), StoreError>;
+
+    /// How many leaves the transparency log holds.
+    async fn tlog_size(&self) -> Result<u64, StoreError>;
+
+    /// The stored tree hashes at these indexes, in order. [`StoreError::NotFound`] if one is
+    /// missing.
+    async fn tlog_hashes(&self, indexes: &[u64]) -> Result<Vec<[u8; 32]>, StoreError>;
+
+    /// The data of leaves `start..end` (fewer if the log is shorter), in order.
+    async fn tlog_entries(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>, StoreError>;
+
     // ---- meta ----
 
     /// The trust bundle's sequence number (0 before the first bump).
@@ -175,4 +196,13 @@ pub trait Store: Send + Sync {
 
     /// Checks the database answers (for readiness probes).
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Leaves to append to the transparency log, with the tree hashes they complete.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlogAppend {
+    /// `(leaf index, leaf data)`, consecutive from the current size.
+    pub leaves: Vec<(u64, Vec<u8>)>,
+    /// `(stored hash index, hash)` of every hash the new leaves add to the tree.
+    pub hashes: Vec<(u64, [u8; 32])>,
 }
