@@ -951,11 +951,6 @@ impl Store for SqlStore {
         Ok(())
     }
 
-    async fn bundle_sequence(&self) -> Result<i64, StoreError> {
-        self.meta_value(BUNDLE_SEQUENCE).await
-    }
-
-    async fn bump_bundle_sequence(&self) -> Result<i64, StoreError> {
     async fn insert_policy_bundle(&self, b: &PolicyBundleRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO policy_bundles (revision, envelope, payload_sha256, key_id, not_after, \
@@ -1005,6 +1000,11 @@ impl Store for SqlStore {
         Ok(v.unwrap_or(0))
     }
 
+    async fn bundle_sequence(&self) -> Result<i64, StoreError> {
+        self.meta_value(BUNDLE_SEQUENCE).await
+    }
+
+    async fn bump_bundle_sequence(&self) -> Result<i64, StoreError> {
         let mut conn = self.pool.acquire().await?;
         bump_meta(&mut conn, BUNDLE_SEQUENCE).await
     }
