@@ -200,7 +200,7 @@ class Proxy:
         self.policy_dir = self.dir / "policies"
         self.policy_dir.mkdir(exist_ok=True)
         (self.policy_dir / "test.cedar").write_text(policy)
-        self.audit_log = self.dir / "audit.jsonl"
+        self.audit_log = self.dir / "audit.log"
         self.log_path = self.dir / "proxy.log"
         args = [self.bin, "proxy", "--trust-domain", TD, "--listen", f"127.0.0.1:{self.port}",
                 "--upstream", upstream, "--audience", "model-gw", "--issuer", server.url,
@@ -226,7 +226,11 @@ class Proxy:
     def audit(self) -> list:
         if not self.audit_log.exists():
             return []
-        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line]
+        # The segment: a header line, then `<len hex8> <crc32c hex8> <json>` lines, then zeros.
+        # `sigil audit show` verifies each record's CRC and prints the JSON.
+        out = subprocess.run([self.bin, "audit", "show", str(self.audit_log)],
+                             capture_output=True, text=True, check=True)
+        return [json.loads(line) for line in out.stdout.splitlines() if line]
 
     def stop(self):
         if self.proc.poll() is None:

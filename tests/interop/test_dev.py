@@ -51,7 +51,7 @@ def test_sigil_dev_instructions_work_as_printed(tmp_path: Path):
         assert '"object":"chat.completion"' in out, out  # curl through the proxy
         assert "['defect-detector']" in out, out  # models.list(), filtered by policy
         assert out.count("spiffe://sigil.test/demo/agent") >= 2, out
-        audit = (data / "proxy-audit.jsonl").read_text()
+        audit = (data / "proxy-audit.log").read_text()
         assert '"decision":"allow"' in audit
     finally:
         proc.terminate()

@@ -1,8 +1,24 @@
-//! Audit before forward: every decision (allow and deny) is appended to a local JSON-lines
-//! file and made durable (fdatasync) before the request proceeds. If it cannot be written,
-//! the request is refused: the only failure mode is deny. Records that arrive while a sync is
-//! in flight share the next one (group commit), so the fsync cost is paid per batch.
-use std::io::Write;
+//! Audit before forward: every decision (allow and deny) is appended to a local audit segment
+//! and made durable (fdatasync) before the request proceeds. If it cannot be written, the
+//! request is refused: the only failure mode is deny. Records that arrive while a sync is in
+//! flight share the next one (group commit), so the sync cost is paid per batch.
+//!
+//! # Segment format
+//!
+//! A text file, so `grep` and `tail` keep working: the line `sigil-audit v1`, then one line
+//! per record, `<length> <crc32c> <json>\n`, where length is the JSON's byte length and crc32c
+//! its CRC-32C, both as 8 lowercase hex digits. The file is extended ahead of the writer with
+//! zero bytes (in [`PREALLOC_STEP`] steps), so a record write overwrites blocks that already
+//! exist and the file size does not change: `fdatasync` then has no metadata to commit, which
+//! makes the per-request sync cheaper. Readers stop at the first NUL byte.
+//!
+//! On open, the segment is scanned: a torn tail — one last record that a crash cut short or
+//! that fails its CRC, followed only by zeros — is cut (zeroed) and logged; anything else that
+//! does not verify (a bad record followed by more data, or a file in another format) refuses
+//! to start rather than overwrite it.
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use serde::Serialize;
@@ -10,6 +26,14 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most records per sync.
 const MAX_BATCH: usize = 512;
+/// The first line of a segment.
+const MAGIC: &[u8] = b"sigil-audit v1\n";
+/// `<8 hex> <8 hex> `
+const PREFIX: usize = 18;
+/// Largest record accepted when reading.
+const MAX_RECORD: usize = 1 << 20;
+/// How far ahead of the writer the file is zero-filled.
+pub const PREALLOC_STEP: u64 = 4 << 20;
 
 /// One authorization decision.
 #[derive(Debug, Clone, Serialize)]
@@ -33,10 +57,144 @@ pub struct DecisionRecord {
     pub reason: String,
 }
 
-/// Why a record could not be made durable.
+/// Why a record could not be made durable, or a segment not opened or read.
 #[derive(Debug, thiserror::Error)]
 #[error("audit log unavailable: {0}")]
 pub struct AuditError(String);
+
+/// One framed line for `json`.
+fn frame(json: &[u8]) -> Vec<u8> {
+    let mut line = format!("{:08x} {:08x} ", json.len(), crc32c::crc32c(json)).into_bytes();
+    line.extend_from_slice(json);
+    line.push(b'\n');
+    line
+}
+
+/// The JSON of one framed line (with its `\n`), if it verifies.
+fn unframe(line: &[u8]) -> Option<&[u8]> {
+    let body = line.strip_suffix(b"\n")?;
+    let head = std::str::from_utf8(body.get(..PREFIX)?).ok()?;
+    let (len, rest) = head.split_once(' ')?;
+    let crc = rest.strip_suffix(' ')?;
+    if len.len() != 8 || crc.len() != 8 {
+        return None;
+    }
+    let len = usize::from_str_radix(len, 16).ok()?;
+    let crc = u32::from_str_radix(crc, 16).ok()?;
+    let json = body.get(PREFIX..)?;
+    (json.len() == len && crc32c::crc32c(json) == crc).then_some(json)
+}
+
+/// What a scan of a segment found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scan {
+    /// The records' JSON, in order.
+    pub records: Vec<Vec<u8>>,
+    /// Where the next record goes.
+    pub end: u64,
+    /// Bytes of a torn last record (0 if none).
+    pub torn: u64,
+    /// Whether the file is empty or holds only part of the header (a crash at creation).
+    pub fresh: bool,
+}
+
+/// Reads and verifies a whole segment.
+pub fn scan(file: &File) -> Result<Scan, AuditError> {
+    let err = |m: String| AuditError(m);
+    let mut r = BufReader::with_capacity(64 * 1024, file);
+    r.seek(SeekFrom::Start(0)).map_err(|e| err(e.to_string()))?;
+    let mut head = Vec::new();
+    r.by_ref()
+        .take(MAGIC.len() as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| err(e.to_string()))?;
+    if head != MAGIC {
+        // Empty, or a crash while the header was written: a prefix of it, then only zeros.
+        let written = head.iter().position(|b| *b == 0).unwrap_or(head.len());
+        let (start, zeros) = head.split_at(written);
+        if MAGIC.starts_with(start) && zeros.iter().all(|b| *b == 0) && rest_is_zero(&mut r)? {
+            return Ok(Scan {
+                records: Vec::new(),
+                end: 0,
+                torn: 0,
+                fresh: true,
+            });
+        }
+        return Err(err(
+            "the file is not a sigil audit segment (move it aside to start a new one)".into(),
+        ));
+    }
+    let mut pos = MAGIC.len() as u64;
+    let mut records = Vec::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        r.by_ref()
+            .take((PREFIX + MAX_RECORD + 1) as u64)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| err(e.to_string()))?;
+        if line.is_empty() || line.first() == Some(&0) {
+            // The end: EOF, or the zero-filled region ahead of the writer.
+            if !line.iter().all(|b| *b == 0) || !rest_is_zero(&mut r)? {
+                return Err(err(format!(
+                    "data after the end of the records at byte {pos}"
+                )));
+            }
+            return Ok(Scan {
+                records,
+                end: pos,
+                torn: 0,
+                fresh: false,
+            });
+        }
+        match unframe(&line) {
+            Some(json) => {
+                records.push(json.to_vec());
+                pos += line.len() as u64;
+            }
+            None => {
+                // A torn tail is the last thing in the file: zeros (or nothing) follow it.
+                let cut = line.iter().position(|b| *b == 0).unwrap_or(line.len());
+                let after_zero = line.get(cut..).unwrap_or(&[]).iter().all(|b| *b == 0);
+                if after_zero && rest_is_zero(&mut r)? {
+                    return Ok(Scan {
+                        records,
+                        end: pos,
+                        torn: cut as u64,
+                        fresh: false,
+                    });
+                }
+                return Err(err(format!(
+                    "record {} at byte {pos} does not verify and is not the last (corrupt segment)",
+                    records.len()
+                )));
+            }
+        }
+    }
+}
+
+fn rest_is_zero(r: &mut impl Read) -> Result<bool, AuditError> {
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf).map_err(|e| AuditError(e.to_string()))?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if buf.get(..n).is_some_and(|b| b.iter().any(|x| *x != 0)) {
+            return Ok(false);
+        }
+    }
+}
+
+/// The records of the segment at `path`, verified, as JSON values (a torn tail is skipped).
+pub fn read_records(path: &Path) -> Result<Vec<serde_json::Value>, AuditError> {
+    let file = File::open(path).map_err(|e| AuditError(format!("{}: {e}", path.display())))?;
+    scan(&file)?
+        .records
+        .iter()
+        .map(|j| serde_json::from_slice(j).map_err(|e| AuditError(e.to_string())))
+        .collect()
+}
 
 type Pending = (Vec<u8>, oneshot::Sender<Result<(), String>>);
 
@@ -46,31 +204,47 @@ pub struct AuditLog {
     tx: mpsc::Sender<Pending>,
 }
 
+/// Where the writer is in a regular-file segment.
+struct Cursor {
+    pos: u64,
+    allocated: u64,
+}
+
 impl AuditLog {
-    /// Opens (creating, mode 0600) `path` for appending and starts the writer thread.
+    /// Opens (creating, mode 0600) the segment at `path`, recovers it (cutting a torn tail),
+    /// and starts the writer thread.
     pub fn open(path: &Path) -> Result<Self, AuditError> {
         use std::os::unix::fs::OpenOptionsExt;
+        let at = |e: std::io::Error| AuditError(format!("opening {}: {e}", path.display()));
         let file = std::fs::OpenOptions::new()
-            .append(true)
+            .read(true)
+            .write(true)
             .create(true)
+            .truncate(false)
             .mode(0o600)
             .open(path)
-            .map_err(|e| AuditError(format!("opening {}: {e}", path.display())))?;
+            .map_err(at)?;
+        let regular = file.metadata().map_err(at)?.file_type().is_file();
+        // Devices (e.g. /dev/full in tests, a pipe) are written as a stream, unscanned.
+        let cursor = if regular {
+            Some(recover(&file, path)?)
+        } else {
+            None
+        };
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         std::thread::Builder::new()
             .name("sigil-audit".into())
-            .spawn(move || writer(file, rx))
+            .spawn(move || writer(file, cursor, rx))
             .map_err(|e| AuditError(format!("starting the audit writer: {e}")))?;
         Ok(Self { tx })
     }
 
-    /// Returns once `rec` is durable in the file.
+    /// Returns once `rec` is durable in the segment.
     pub async fn record(&self, rec: &DecisionRecord) -> Result<(), AuditError> {
-        let mut line = serde_json::to_vec(rec).map_err(|e| AuditError(e.to_string()))?;
-        line.push(b'\n');
+        let json = serde_json::to_vec(rec).map_err(|e| AuditError(e.to_string()))?;
         let (done, wait) = oneshot::channel();
         self.tx
-            .send((line, done))
+            .send((frame(&json), done))
             .await
             .map_err(|_| AuditError("writer stopped".into()))?;
         wait.await
@@ -79,7 +253,50 @@ impl AuditLog {
     }
 }
 
-fn writer(mut file: std::fs::File, mut rx: mpsc::Receiver<Pending>) {
+/// Scans the segment, cuts a torn tail, writes the header of a new one; where to go on.
+fn recover(file: &File, path: &Path) -> Result<Cursor, AuditError> {
+    let io = |e: std::io::Error| AuditError(format!("{}: {e}", path.display()));
+    let s = scan(file).map_err(|e| AuditError(format!("{}: {}", path.display(), e.0)))?;
+    let len = file.metadata().map_err(io)?.len();
+    if s.fresh {
+        file.set_len(0).map_err(io)?;
+        file.write_all_at(MAGIC, 0).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        return Ok(Cursor {
+            pos: MAGIC.len() as u64,
+            allocated: MAGIC.len() as u64,
+        });
+    }
+    if s.torn > 0 {
+        tracing::warn!(
+            path = %path.display(),
+            records = s.records.len(),
+            torn_bytes = s.torn,
+            "audit segment had a torn last record (a crash during its write); cut"
+        );
+        zero(file, s.end, s.end + s.torn).map_err(io)?;
+        file.sync_data().map_err(io)?;
+    }
+    Ok(Cursor {
+        pos: s.end,
+        allocated: len,
+    })
+}
+
+/// Writes zeros over `[from, to)`.
+fn zero(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    const CHUNK: u64 = 64 * 1024;
+    let zeros = [0u8; CHUNK as usize];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(CHUNK);
+        file.write_all_at(zeros.get(..n as usize).unwrap_or(&[]), at)?;
+        at += n;
+    }
+    Ok(())
+}
+
+fn writer(mut file: File, mut cursor: Option<Cursor>, mut rx: mpsc::Receiver<Pending>) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -89,10 +306,11 @@ fn writer(mut file: std::fs::File, mut rx: mpsc::Receiver<Pending>) {
             }
         }
         let bytes: Vec<u8> = batch.iter().flat_map(|(l, _)| l.iter().copied()).collect();
-        let result = file
-            .write_all(&bytes)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| e.to_string());
+        let result = match cursor.as_mut() {
+            Some(c) => append(&file, c, &bytes),
+            None => file.write_all(&bytes).and_then(|()| file.sync_data()),
+        }
+        .map_err(|e| e.to_string());
         if let Err(e) = &result {
             tracing::error!(error = %e, "audit log write failed; refusing requests");
         }
@@ -100,6 +318,22 @@ fn writer(mut file: std::fs::File, mut rx: mpsc::Receiver<Pending>) {
             let _ = done.send(result.clone());
         }
     }
+}
+
+/// Writes `bytes` at the cursor (zero-filling ahead first when needed) and syncs.
+fn append(file: &File, c: &mut Cursor, bytes: &[u8]) -> std::io::Result<()> {
+    let end = c.pos + bytes.len() as u64;
+    if end > c.allocated {
+        let to = end.div_ceil(PREALLOC_STEP).max(1) * PREALLOC_STEP;
+        zero(file, c.allocated, to)?;
+        c.allocated = to;
+    }
+    file.write_all_at(bytes, c.pos)?;
+    // On a write error the position is not advanced: the next batch overwrites the same
+    // place, so a partial record never sits before a complete one.
+    file.sync_data()?;
+    c.pos = end;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -122,10 +356,22 @@ mod tests {
         }
     }
 
+    #[test]
+    fn crc32c_is_the_castagnoli_crc() {
+        // The crate's published check value.
+        assert_eq!(crc32c::crc32c(b"Hello world!"), 0x7B98_E751);
+        let f = frame(br#"{"a":1}"#);
+        assert_eq!(unframe(&f), Some(&br#"{"a":1}"#[..]));
+        let mut bad = f.clone();
+        bad[PREFIX + 2] ^= 1;
+        assert_eq!(unframe(&bad), None);
+        assert_eq!(unframe(&f[..f.len() - 1]), None, "no newline: torn");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_record_is_written_once_and_failures_are_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
+        let path = dir.path().join("audit.log");
         let log = AuditLog::open(&path).unwrap();
         let mut set = tokio::task::JoinSet::new();
         for i in 0..300 {
@@ -135,22 +381,109 @@ mod tests {
         while let Some(r) = set.join_next().await {
             r.unwrap().unwrap();
         }
-        let text = std::fs::read_to_string(&path).unwrap();
-        let mut ids: Vec<String> = text
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
-            })
+        let records = read_records(&path).unwrap();
+        let mut ids: Vec<String> = records
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap().to_owned())
             .collect();
         ids.sort();
         ids.dedup();
-        assert_eq!(ids.len(), 300);
-        assert_eq!(text.lines().count(), 300);
+        assert_eq!((ids.len(), records.len()), (300, 300));
+        // Preallocated ahead, and still text up to the first NUL.
+        let raw = std::fs::read(&path).unwrap();
+        assert_eq!(raw.len() as u64 % PREALLOC_STEP, 0);
+        let text = String::from_utf8(raw.split(|b| *b == 0).next().unwrap().to_vec()).unwrap();
+        assert_eq!(text.lines().count(), 301);
         // A device that cannot take writes: every record fails, none is acknowledged.
         let full = AuditLog::open(Path::new("/dev/full")).unwrap();
         assert!(full.record(&rec(1)).await.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reopening_continues_after_the_last_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        for round in 0..3 {
+            let log = AuditLog::open(&path).unwrap();
+            for i in 0..5 {
+                log.record(&rec(round * 10 + i)).await.unwrap();
+            }
+        }
+        let ids: Vec<String> = read_records(&path)
+            .unwrap()
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids.len(), 15);
+        assert_eq!(ids[5], "r10");
+    }
+
+    /// A segment with `n` records, then `tail` written after them.
+    fn segment_with(dir: &Path, n: usize, tail: &[u8]) -> std::path::PathBuf {
+        let path = dir.join(format!("seg-{n}-{}", tail.len()));
+        let mut bytes = MAGIC.to_vec();
+        for i in 0..n {
+            bytes.extend(frame(&serde_json::to_vec(&rec(i)).unwrap()));
+        }
+        bytes.extend_from_slice(tail);
+        bytes.extend(std::iter::repeat_n(0u8, 1000));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_torn_tail_is_cut_and_writing_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let torn = frame(&serde_json::to_vec(&rec(99)).unwrap());
+        // Cut mid-record, and a whole record with one flipped byte: both are torn tails.
+        let mut flipped = torn.clone();
+        flipped[PREFIX + 5] ^= 0x20;
+        for tail in [&torn[..torn.len() / 2], &flipped[..]] {
+            let path = segment_with(dir.path(), 3, tail);
+            let log = AuditLog::open(&path).unwrap();
+            log.record(&rec(7)).await.unwrap();
+            let ids: Vec<String> = read_records(&path)
+                .unwrap()
+                .iter()
+                .map(|r| r["request_id"].as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(ids, ["r0", "r1", "r2", "r7"]);
+        }
+    }
+
+    #[test]
+    fn corruption_and_foreign_files_refuse_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        // A bad record with good ones after it is corruption, not a torn tail.
+        let mut bytes = MAGIC.to_vec();
+        let mut bad = frame(b"{\"x\":1}");
+        bad[PREFIX] = b'[';
+        bytes.extend(bad);
+        bytes.extend(frame(b"{\"x\":2}"));
+        let corrupt = dir.path().join("corrupt");
+        std::fs::write(&corrupt, &bytes).unwrap();
+        let e = AuditLog::open(&corrupt).err().unwrap().to_string();
+        assert!(e.contains("record 0"), "{e}");
+        // A JSON-lines file (the old format) is never overwritten.
+        let old = dir.path().join("old.jsonl");
+        std::fs::write(&old, "{\"decision\":\"allow\"}\n").unwrap();
+        assert!(AuditLog::open(&old).is_err());
+        assert_eq!(
+            std::fs::read_to_string(&old).unwrap(),
+            "{\"decision\":\"allow\"}\n"
+        );
+        // Data after the zero-filled end is refused too.
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend(frame(b"{}"));
+        bytes.extend([0u8; 10]);
+        bytes.extend(frame(b"{}"));
+        let gap = dir.path().join("gap");
+        std::fs::write(&gap, &bytes).unwrap();
+        assert!(AuditLog::open(&gap).is_err());
+        // A crash while the header was written leaves a prefix of it: started afresh.
+        let partial = dir.path().join("partial");
+        std::fs::write(&partial, &MAGIC[..5]).unwrap();
+        AuditLog::open(&partial).unwrap();
+        assert!(read_records(&partial).unwrap().is_empty());
     }
 }

@@ -57,7 +57,7 @@ pub struct ProxyConfig {
     /// Path where the upstream serves MCP (JSON-RPC over streamable HTTP).
     #[serde(default = "default_mcp_path")]
     pub mcp_path: String,
-    /// The append-only audit file (JSON lines, 0600).
+    /// The audit segment (0600): framed JSON records, see `sigil audit show`.
     #[serde(default = "default_audit_log")]
     pub audit_log: PathBuf,
     /// Largest request body, bytes (413 beyond).
@@ -112,7 +112,7 @@ fn default_mcp_path() -> String {
     "/mcp".into()
 }
 fn default_audit_log() -> PathBuf {
-    PathBuf::from("/var/lib/sigil/proxy/audit.jsonl")
+    PathBuf::from("/var/lib/sigil/proxy/audit.log")
 }
 fn default_max_body() -> usize {
     1024 * 1024

@@ -20,6 +20,7 @@ mod token;
 mod upstream;
 mod workload;
 
+pub use audit::{AuditError, Scan as AuditScan, read_records, scan as scan_audit};
 pub use config::ProxyConfig;
 pub use credentials::Credentials;
 

@@ -187,7 +187,7 @@ async fn proxy_refuses_a_client_svid_once_it_has_expired() {
         pdir.join("key.pem").display(),
         bundle_json.display(),
         policies.display(),
-        tmp.path().join("audit.jsonl").display(),
+        tmp.path().join("audit.log").display(),
     );
     let cfg: sigil_proxy::ProxyConfig = toml::from_str(&text).unwrap();
     let proxy = sigil_proxy::start(cfg, Arc::new(clock.clone()))

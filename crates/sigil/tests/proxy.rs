@@ -283,7 +283,7 @@ fn proxy_admits_only_bound_tokens_over_svid_mtls_and_sets_identity_headers() {
     let s = Server::start(&tmp.path().join("srv"), &[]);
     let client_id = register(&s, "agent", "factory-floor");
     let up = Upstream::start();
-    let audit = tmp.path().join("audit.jsonl");
+    let audit = tmp.path().join("audit.log");
     let p = start_proxy(
         &s,
         tmp.path(),
@@ -386,7 +386,7 @@ fn proxy_audits_every_decision_limits_rate_and_size_and_fails_closed() {
     let s = Server::start(&tmp.path().join("srv"), &[]);
     let client_id = register(&s, "agent", "factory-floor");
     let up = Upstream::start();
-    let audit = tmp.path().join("audit.jsonl");
+    let audit = tmp.path().join("audit.log");
     let p = start_proxy(
         &s,
         tmp.path(),
@@ -467,11 +467,9 @@ fn proxy_audits_every_decision_limits_rate_and_size_and_fails_closed() {
     }
 
     // Every decision is in the audit file, allow and deny, with identity and token jti.
-    let text = std::fs::read_to_string(&audit).unwrap();
-    let records: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    // Read back through the verifying reader (length + CRC-32C per record).
+    let records = sigil_proxy::read_records(&audit).unwrap();
+    let text = format!("{records:?}");
     assert!(records.len() >= 5, "{text}");
     assert!(
         records
@@ -489,6 +487,35 @@ fn proxy_audits_every_decision_limits_rate_and_size_and_fails_closed() {
     assert!(records.iter().all(|r| r["spiffe_id"] == client_id.as_str()
         && r["request_id"].as_str().is_some_and(|id| id.len() == 36)));
     drop(p);
+    // `sigil audit` reads the same records; one flipped byte in a middle record is named.
+    let verify = |path: &Path| {
+        run(Command::new(common::sigil_bin())
+            .args(["audit", "verify"])
+            .arg(path))
+    };
+    let (ok, out, _) = verify(&audit);
+    assert!(
+        ok && out.contains(&format!("{} records verify", records.len())),
+        "{out}"
+    );
+    let (ok, shown, _) = run(Command::new(common::sigil_bin())
+        .args(["audit", "show"])
+        .arg(&audit));
+    assert!(ok);
+    assert_eq!(shown.lines().count(), records.len());
+    let mut bytes = std::fs::read(&audit).unwrap();
+    let second = bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(1)
+        .unwrap()
+        .0;
+    bytes[second + 30] ^= 0x01;
+    let bad = tmp.path().join("tampered.log");
+    std::fs::write(&bad, &bytes).unwrap();
+    let (ok, _, err) = verify(&bad);
+    assert!(!ok && err.contains("record 1 "), "{err}");
 
     // An audit log that cannot be written: nothing is forwarded, the client gets 503.
     let p = start_proxy(
@@ -550,7 +577,7 @@ fn sse_streams_through_unbuffered_and_smuggled_requests_never_reach_the_upstream
     let s = Server::start(&tmp.path().join("srv"), &[]);
     let client_id = register(&s, "agent", "factory-floor");
     let (mut up, up_port) = sse_upstream();
-    let audit = tmp.path().join("audit.jsonl");
+    let audit = tmp.path().join("audit.log");
     let p = start_proxy(
         &s,
         tmp.path(),
@@ -664,7 +691,7 @@ fn cedar_policy_decides_on_models_tools_and_batches() {
     let floor = mk("camera", "factory-floor");
     let office = mk("office-bot", "office");
     let up = Upstream::start();
-    let audit = tmp.path().join("audit.jsonl");
+    let audit = tmp.path().join("audit.log");
     // Per identity × model: two calls to defect-detector, then wait (an hour per token).
     let conf = tmp.path().join("proxy.toml");
     std::fs::write(
@@ -794,11 +821,8 @@ fn cedar_policy_decides_on_models_tools_and_batches() {
     let err: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(err["error"]["code"], -32001, "{body}");
     // The decisions name the policies that made them.
-    let text = std::fs::read_to_string(&audit).unwrap();
-    let records: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    // Read back through the verifying reader (length + CRC-32C per record).
+    let records = sigil_proxy::read_records(&audit).unwrap();
     let allowed = records
         .iter()
         .find(|r| r["decision"] == "allow" && r["calls"][0]["resource_id"] == "defect-detector")
@@ -937,7 +961,7 @@ fn proxy_takes_its_identity_from_the_agent_rotates_it_and_cuts_off_revoked_clien
         "--spiffe-id".into(),
         proxy_id.clone(),
     ];
-    let audit = tmp.path().join("audit.jsonl");
+    let audit = tmp.path().join("audit.log");
     let p = spawn_proxy(
         &s,
         &tmp.path().join("p"),
@@ -1030,7 +1054,7 @@ fn proxy_forwards_to_unix_socket_and_http2_upstreams() {
         assert!(Instant::now() < deadline, "unix upstream did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let audit = tmp.path().join("audit.jsonl");
+    let audit = tmp.path().join("audit.log");
     let audit_flag = ["--audit-log", audit.to_str().unwrap()];
     let p = start_proxy_to(
         &s,

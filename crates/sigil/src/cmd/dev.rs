@@ -172,7 +172,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if !policy_file.exists() {
         std::fs::write(&policy_file, DEMO_POLICY)?;
     }
-    let audit_log = data_dir.join("proxy-audit.jsonl");
+    let audit_log = data_dir.join("proxy-audit.log");
     let proxy_cfg: sigil_proxy::ProxyConfig = toml::from_str(&format!(
         "trust_domain = {td}\nlisten_addr = {listen}\nupstream = {up}\naudience = {aud}\n\
          issuer = {iss}\nworkload_api_socket = {sock}\nspiffe_id = {pid}\n\
@@ -236,7 +236,7 @@ for chunk in client.chat.completions.create(model="defect-detector", stream=True
 print()
 EOF
 
-Every decision is recorded in {audit}.
+Every decision is recorded in {audit} (`sigil audit show {audit}` prints it).
 
   export SIGIL_ADMIN_SOCKET={socket}
   sigil entry list

@@ -1,6 +1,7 @@
 //! The command-line interface: one module per subcommand group.
 pub(crate) mod admin;
 mod agent;
+mod audit;
 mod demo_model;
 mod dev;
 mod policy;
@@ -34,6 +35,9 @@ pub enum Command {
     /// Validate Cedar policies against sigil's schema.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
+    /// Read and verify a proxy's audit segment.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
     /// Talk to the SPIFFE Workload API as a workload would.
     #[command(subcommand)]
     Workload(workload::WorkloadCmd),
@@ -91,6 +95,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(a) => agent::run(a).await,
         Command::Proxy(a) => proxy::run(a).await,
         Command::Policy(c) => policy::run(c),
+        Command::Audit(c) => audit::run(c),
         Command::Workload(c) => workload::run(c).await,
         Command::Entry(c) => admin::entry(c).await,
         Command::Jointoken(c) => admin::jointoken(c).await,
