@@ -168,6 +168,13 @@ impl Drop for Proc {
     }
 }
 
+/// Whether processes are pinned to cores (`SIGIL_BENCH_PIN=0` lets the scheduler place
+/// everything, as on a device; throughput is then not "one core").
+fn pinned() -> bool {
+    static PIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PIN.get_or_init(|| std::env::var("SIGIL_BENCH_PIN").map_or(true, |v| v != "0"))
+}
+
 /// Starts `cmd` (already carrying its args), optionally pinned to `core`, stderr to `log`.
 fn spawn(
     name: &'static str,
@@ -176,7 +183,7 @@ fn spawn(
     args: &[String],
     log: &Path,
 ) -> Proc {
-    let mut cmd = match core {
+    let mut cmd = match core.filter(|_| pinned()) {
         Some(c) => {
             let mut cmd = Command::new("taskset");
             cmd.args(["-c", c, program]);
@@ -482,13 +489,17 @@ fn main() {
     );
     // This process (the load generator) and every child not pinned elsewhere: core 0.
     let me = std::process::id();
-    let ok = Command::new("taskset")
-        .args(["-a", "-c", "-p", "0", &me.to_string()])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "taskset failed");
+    if pinned() {
+        let ok = Command::new("taskset")
+            .args(["-a", "-c", "-p", "0", &me.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "taskset failed");
+    } else {
+        println!("SIGIL_BENCH_PIN=0: nothing is pinned; the scheduler places every process");
+    }
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     let tmp = tempfile::tempdir().unwrap();
