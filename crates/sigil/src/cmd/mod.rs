@@ -4,6 +4,7 @@ mod agent;
 mod audit;
 mod demo_model;
 mod dev;
+mod log;
 mod policy;
 mod proxy;
 mod server;
@@ -38,6 +39,9 @@ pub enum Command {
     /// Read and verify a proxy's audit segment.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Verify and search the server's transparency log.
+    #[command(subcommand)]
+    Log(log::LogCmd),
     /// Talk to the SPIFFE Workload API as a workload would.
     #[command(subcommand)]
     Workload(workload::WorkloadCmd),
@@ -96,6 +100,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Proxy(a) => proxy::run(a).await,
         Command::Policy(c) => policy::run(c),
         Command::Audit(c) => audit::run(c),
+        Command::Log(c) => log::run(c).await,
         Command::Workload(c) => workload::run(c).await,
         Command::Entry(c) => admin::entry(c).await,
         Command::Jointoken(c) => admin::jointoken(c).await,
