@@ -1,4 +1,5 @@
 //! The agent's configuration, validated completely before anything binds.
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -28,6 +29,10 @@ pub struct AgentConfig {
     /// `text` or `json`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    /// Where to serve Prometheus metrics (`/metrics`), `/healthz` and `/readyz` over plain
+    /// HTTP; off when unset. Use a loopback address.
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -55,6 +60,7 @@ impl AgentConfig {
         "join_token",
         "trust_bundle",
         "log_format",
+        "metrics_addr",
     ];
 
     /// Checks what serde cannot.

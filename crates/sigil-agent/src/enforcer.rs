@@ -136,6 +136,7 @@ mod tests {
             join_token: None,
             trust_bundle: None,
             log_format: "text".into(),
+            metrics_addr: None,
         }
     }
 

@@ -12,6 +12,7 @@ mod client;
 mod config;
 mod enforcer;
 mod manager;
+mod metrics;
 mod peer;
 mod revocation;
 mod tls;
@@ -39,6 +40,9 @@ pub struct RunningAgent {
     pub manager: Arc<Manager>,
     manager_task: JoinHandle<Result<(), ManagerError>>,
     server_task: JoinHandle<()>,
+    /// The bound metrics listener address, if `metrics_addr` is set.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    _metrics: Option<metrics::Running>,
 }
 
 impl RunningAgent {
@@ -63,9 +67,15 @@ impl RunningAgent {
 pub async fn start(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<RunningAgent> {
     cfg.validate()?;
     let socket = cfg.socket();
+    let (metrics_at, cache_dir) = (cfg.metrics_addr, cfg.data_dir.join("cache"));
+    let agent_metrics = metrics::AgentMetrics::new(metrics_at.is_some());
     let manager = Manager::load(cfg, clock)?;
     let listener = bind_socket(&socket)?;
-    let server_task = serve(listener, manager.clone());
+    let server_task = serve_observed(listener, manager.clone(), agent_metrics.clone());
+    let metrics_running = match metrics_at {
+        Some(at) => Some(metrics::start(at, agent_metrics, manager.clone(), cache_dir).await?),
+        None => None,
+    };
     let manager_task = tokio::spawn(manager.clone().run());
     tracing::info!(socket = %socket.display(), "Workload API listening");
     Ok(RunningAgent {
@@ -73,12 +83,24 @@ pub async fn start(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         manager,
         manager_task,
         server_task,
+        metrics_addr: metrics_running.as_ref().map(|m| m.addr()),
+        _metrics: metrics_running,
     })
 }
 
 /// Serves the SPIFFE Workload API and sigil's Enforcer API on one tonic router, over the
 /// `:authority` adapter, every connection carrying its peer credentials.
+#[cfg_attr(not(test), allow(dead_code))]
 fn serve(listener: UnixListener, manager: Arc<Manager>) -> JoinHandle<()> {
+    serve_observed(listener, manager, metrics::AgentMetrics::new(false))
+}
+
+/// [`serve`], counting the calls in `agent_metrics`.
+fn serve_observed(
+    listener: UnixListener,
+    manager: Arc<Manager>,
+    agent_metrics: Arc<metrics::AgentMetrics>,
+) -> JoinHandle<()> {
     let attestor = Arc::new(WorkloadAttestor::new());
     let api = workload_api::WorkloadApi::new(manager.clone(), attestor.clone());
     let enforcer = enforcer::EnforcerApi::new(manager, attestor);
@@ -89,6 +111,7 @@ fn serve(listener: UnixListener, manager: Arc<Manager>) -> JoinHandle<()> {
             sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(api);
         let enf = sigil_proto::enforcer::enforcer_server::EnforcerServer::new(enforcer);
         if let Err(e) = tonic::transport::Server::builder()
+            .layer(sigil_metrics::ObserveLayer(agent_metrics))
             .add_service(svc)
             .add_service(enf)
             .serve_with_incoming(incoming)

@@ -35,6 +35,11 @@ pub trait Exporter: Send + Sync + 'static {
     /// Refreshes the values computed at scrape time (expiry gauges, ...) and writes every
     /// metric in text format.
     fn encode(&self, out: &mut String) -> std::fmt::Result;
+    /// Updates what needs I/O before [`Exporter::encode`] (e.g. a store query); nothing by
+    /// default.
+    fn refresh(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async {})
+    }
     /// Whether the service is ready to do its job, or why not. Must be cheap: it answers
     /// every probe.
     fn ready(&self) -> ReadyFuture<'_>;
@@ -99,6 +104,7 @@ pub async fn answer(req: &Request<Incoming>, exporter: &dyn Exporter) -> Respons
     }
     match req.uri().path() {
         "/metrics" => {
+            exporter.refresh().await;
             let mut out = String::with_capacity(8 * 1024);
             match exporter.encode(&mut out) {
                 Ok(()) => {
@@ -154,6 +160,174 @@ pub fn not_after(der: &[u8]) -> Option<i64> {
 pub fn seconds_until(not_after: i64, now: i64) -> i64 {
     not_after.saturating_sub(now)
 }
+
+/// Counts requests of a router (HTTP or gRPC) by route and outcome, without touching the
+/// handlers: wrap the router with [`ObserveLayer`].
+pub trait Observer: Send + Sync + 'static {
+    /// What the observer tells routes apart by (resolved once per request, no allocation).
+    type Route: Copy + Send + Sync + 'static;
+    /// The route of a request path; `None`: not observed.
+    fn route(&self, path: &str) -> Option<Self::Route>;
+    /// The response head of an observed request: its HTTP status and, for gRPC, the
+    /// `grpc-status` sent in the head (trailers-only answers: errors; absent means the call
+    /// was answered or its stream opened). What it returns is held until the response body is
+    /// dropped (e.g. to count open streams).
+    fn response(
+        &self,
+        route: Self::Route,
+        status: http::StatusCode,
+        grpc_status: Option<i32>,
+    ) -> Option<Box<dyn Send + Sync>>;
+}
+
+/// A tower layer applying an [`Observer`].
+pub struct ObserveLayer<O>(pub Arc<O>);
+
+impl<O> Clone for ObserveLayer<O> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<O, S> tower::Layer<S> for ObserveLayer<O> {
+    type Service = Observed<O, S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Observed {
+            observer: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service [`ObserveLayer`] makes.
+pub struct Observed<O, S> {
+    observer: Arc<O>,
+    inner: S,
+}
+
+impl<O, S: Clone> Clone for Observed<O, S> {
+    fn clone(&self) -> Self {
+        Self {
+            observer: self.observer.clone(),
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<O, S, B, RB> tower::Service<Request<B>> for Observed<O, S>
+where
+    O: Observer,
+    S: tower::Service<Request<B>, Response = Response<RB>> + Send,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    RB: 'static,
+{
+    type Response = Response<GuardedBody<RB>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let route = self.observer.route(req.uri().path());
+        let fut = self.inner.call(req);
+        let observer = self.observer.clone();
+        Box::pin(async move {
+            let resp = fut.await?;
+            let guard = route.and_then(|r| {
+                let grpc = resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok());
+                observer.response(r, resp.status(), grpc)
+            });
+            Ok(resp.map(|inner| GuardedBody {
+                inner,
+                _guard: guard,
+            }))
+        })
+    }
+}
+
+/// A response body holding a guard until it is dropped.
+pub struct GuardedBody<B> {
+    inner: B,
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl<B> hyper::body::Body for GuardedBody<B>
+where
+    B: hyper::body::Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The canonical name of a gRPC status code (a fixed set, for labels).
+pub fn grpc_code_name(code: i32) -> &'static str {
+    match code {
+        0 => "ok",
+        1 => "cancelled",
+        2 => "unknown",
+        3 => "invalid_argument",
+        4 => "deadline_exceeded",
+        5 => "not_found",
+        6 => "already_exists",
+        7 => "permission_denied",
+        8 => "resource_exhausted",
+        9 => "failed_precondition",
+        10 => "aborted",
+        11 => "out_of_range",
+        12 => "unimplemented",
+        13 => "internal",
+        14 => "unavailable",
+        15 => "data_loss",
+        16 => "unauthenticated",
+        _ => "unknown",
+    }
+}
+
+/// Every name [`grpc_code_name`] returns, to resolve labelled series at start.
+pub const GRPC_CODE_NAMES: [&str; 17] = [
+    "ok",
+    "cancelled",
+    "unknown",
+    "invalid_argument",
+    "deadline_exceeded",
+    "not_found",
+    "already_exists",
+    "permission_denied",
+    "resource_exhausted",
+    "failed_precondition",
+    "aborted",
+    "out_of_range",
+    "unimplemented",
+    "internal",
+    "unavailable",
+    "data_loss",
+    "unauthenticated",
+];
 
 #[cfg(test)]
 mod tests {

@@ -73,6 +73,10 @@ pub struct ServerConfig {
     /// `text` or `json`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    /// Where to serve Prometheus metrics (`/metrics`), `/healthz` and `/readyz` over plain
+    /// HTTP; off when unset. Use a loopback address.
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -150,6 +154,7 @@ impl ServerConfig {
         "node_svid_ttl_secs",
         "max_body_bytes",
         "log_format",
+        "metrics_addr",
     ];
 
     /// Checks what serde cannot: ranges, pairs of keys, URL shapes.

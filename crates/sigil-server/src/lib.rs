@@ -8,6 +8,7 @@ mod authority;
 mod config;
 mod issuance_log;
 mod issuer;
+mod metrics;
 mod node_api;
 mod public;
 mod tlog;
@@ -80,6 +81,8 @@ pub struct RunningServer {
     pub admin_socket: PathBuf,
     /// Shared state, for in-process callers (e.g. `sigil dev`).
     pub state: Arc<AppState>,
+    /// The bound metrics listener address, if `metrics_addr` is set.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -160,6 +163,7 @@ pub async fn start(
         .map_err(|e| ServerError::Io(format!("{}: {e}", admin_socket.display())))?
         .uid();
 
+    let server_metrics = metrics::ServerMetrics::new(config.metrics_addr.is_some());
     let state = Arc::new(AppState {
         config,
         store,
@@ -174,10 +178,27 @@ pub async fn start(
             .max_decoding_message_size(4 * 1024 * 1024);
     let public =
         public::router(state.clone()).merge(tonic::service::Routes::new(node).into_axum_router());
+    let public = public.layer(sigil_metrics::ObserveLayer(server_metrics.clone()));
     let admin = admin::router(state.clone());
 
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    let mut metrics_addr = None;
+    if let Some(at) = state.config.metrics_addr {
+        let exporter = metrics::ServerExporter {
+            metrics: server_metrics,
+            store: state.store.clone(),
+        };
+        let listener = sigil_metrics::serve(at, Arc::new(exporter))
+            .await
+            .map_err(|e| ServerError::Io(e.to_string()))?;
+        metrics_addr = Some(listener.addr);
+        // Held by a task so that shutdown (which aborts the tasks) stops it.
+        tasks.spawn(async move {
+            let _listener = listener;
+            std::future::pending::<()>().await
+        });
+    }
     tasks.spawn(tls::serve_tls(
         listener,
         tls_config,
@@ -201,6 +222,7 @@ pub async fn start(
         addr,
         admin_socket,
         state,
+        metrics_addr,
         shutdown,
         tasks,
     })

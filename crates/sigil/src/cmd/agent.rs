@@ -34,6 +34,9 @@ pub struct AgentArgs {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Serve Prometheus /metrics, /healthz and /readyz here (plain HTTP; use loopback).
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
 }
 
 impl AgentArgs {
@@ -49,6 +52,7 @@ impl AgentArgs {
             ("server_address", s(&self.server_address)),
             ("join_token", s(&self.join_token)),
             ("log_format", s(&self.log_format)),
+            ("metrics_addr", s(&self.metrics_addr)),
             ("data_dir", p(&self.data_dir)),
             ("socket_path", p(&self.socket_path)),
             ("trust_bundle", p(&self.trust_bundle)),

@@ -68,6 +68,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         upstream_ca_cert: None,
         upstream_ca_key: None,
         log_format: None,
+        metrics_addr: None,
     };
     let cfg = load_config(&server_args)?;
     let server = sigil_server::start(cfg, Arc::new(SystemClock)).await?;
@@ -99,6 +100,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         join_token,
         trust_bundle: Some(bootstrap),
         log_format: "text".into(),
+        metrics_addr: None,
     };
     let mut agent = sigil_agent::start(agent_cfg, Arc::new(SystemClock)).await?;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);

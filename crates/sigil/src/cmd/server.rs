@@ -46,6 +46,9 @@ pub struct ServerArgs {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Serve Prometheus /metrics, /healthz and /readyz here (plain HTTP; use loopback).
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
 }
 
 impl ServerArgs {
@@ -64,6 +67,7 @@ impl ServerArgs {
         s("ca_key_type", &self.ca_key_type);
         s("jwt_key_type", &self.jwt_key_type);
         s("log_format", &self.log_format);
+        s("metrics_addr", &self.metrics_addr);
         let mut p = |k: &'static str, x: &Option<PathBuf>| {
             if let Some(x) = x {
                 v.push((k, toml::Value::String(x.display().to_string())));
