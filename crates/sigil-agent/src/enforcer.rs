@@ -52,6 +52,36 @@ impl ep::enforcer_server::Enforcer for EnforcerApi {
             snap.revocations.as_ref().map(|r| Ok(r.to_pb()))
         })))
     }
+
+    type WatchPolicyStream = ResponseStream<ep::PolicyBundle>;
+
+    async fn watch_policy(
+        &self,
+        req: Request<ep::WatchPolicyRequest>,
+    ) -> Result<Response<Self::WatchPolicyStream>, Status> {
+        let selectors = attest_caller(&self.attestor, &req).await?;
+        let snap = serving(&self.mgr)?;
+        if matching(&snap, &selectors).is_empty() {
+            return Err(no_entry());
+        }
+        Ok(Response::new(bundle_stream(&self.mgr, move |snap| {
+            if matching(snap, &selectors).is_empty() {
+                return Some(Err(no_entry()));
+            }
+            let policy = snap.policy.as_ref()?;
+            let keys = snap
+                .bundle
+                .as_ref()
+                .map(|b| b.policy_authorities.clone())
+                .unwrap_or_default();
+            let jwks = serde_json::json!({ "keys": keys }).to_string();
+            Some(Ok(ep::PolicyBundle {
+                envelope: policy.envelope.clone(),
+                revision: i64::try_from(policy.content.revision).unwrap_or(i64::MAX),
+                policy_keys_jwks: jwks,
+            }))
+        })))
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,9 @@ mod enforcer;
 mod manager;
 mod metrics;
 mod peer;
+pub mod policy;
 mod revocation;
+
 mod tls;
 mod workload_api;
 

@@ -18,6 +18,9 @@ use tonic::transport::Channel;
 use crate::attestor::{AttestationError, JoinTokenAttestor, NodeAttestor};
 use crate::cache::{Cache, CachedState, HeldSvid};
 use crate::config::AgentConfig;
+use crate::policy::{Offer, PolicyState};
+use sigil_policy::bundle::{BundleError, PolicyKeys, VerifiedBundle};
+
 use crate::revocation::RevocationList;
 use crate::{client, tls};
 
@@ -37,6 +40,9 @@ pub struct Snapshot {
     /// The latest revocation list (from the server, or the cache), none expired; `None`
     /// until one is known, so enforcers are never told "nothing is revoked" by default.
     pub revocations: Option<Arc<RevocationList>>,
+    /// The signed policy bundle in force (verified; persisted; never an older revision than
+    /// one accepted before), served verbatim to local enforcers. `None` until one is known.
+    pub policy: Option<Arc<VerifiedBundle>>,
 }
 
 /// Why the manager stopped for good.
@@ -64,6 +70,7 @@ pub struct Manager {
     /// The live node API client, for on-demand calls (JWT-SVIDs).
     pub client: ArcSwapOption<NodeClient<Channel>>,
     server_id: SpiffeId,
+    policy: std::sync::Mutex<PolicyState>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -170,8 +177,19 @@ impl Manager {
                 None
             }
         };
+        let policy_keys = bundle
+            .as_ref()
+            .map(|b| PolicyKeys::from_jwks(&b.policy_authorities))
+            .transpose()
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cached trust bundle has unusable policy keys");
+                None
+            })
+            .unwrap_or_default();
+        let policy = PolicyState::load(&cfg.data_dir.join("cache"), td.name(), &policy_keys);
         let serving = node.is_some();
         let sequence = bundle.as_ref().map(|b| b.sequence).unwrap_or(0);
+
         let snapshot = Snapshot {
             bundle: bundle.map(Arc::new),
             entries: Arc::new(state.entries),
@@ -179,7 +197,9 @@ impl Manager {
             serving,
             attesting: !serving && cfg.join_token.is_some(),
             revocations,
+            policy: policy.current(),
         };
+
         let (tx, _) = watch::channel(snapshot);
         Ok(Arc::new(Self {
             cfg,
@@ -192,7 +212,38 @@ impl Manager {
             node_key_alg: KeyAlgorithm::EcdsaP256,
             client: ArcSwapOption::empty(),
             server_id,
+            policy: std::sync::Mutex::new(policy),
         }))
+    }
+
+    /// Offers a signed policy bundle (from the sync stream, or a test): verified with the
+    /// policy keys of the trust bundle in force, refused when older than (or, at the same
+    /// revision, different from) the highest accepted one, or expired. A refusal keeps the
+    /// current bundle. An accepted bundle is persisted, then published.
+    pub fn offer_policy(&self, envelope: &str) -> Result<bool, BundleError> {
+        let keys = match self.snapshot.borrow().bundle.as_deref() {
+            Some(b) => PolicyKeys::from_jwks(&b.policy_authorities)?,
+            None => PolicyKeys::default(),
+        };
+        let now = self.clock.now();
+        let mut st = self
+            .policy
+            .lock()
+            .map_err(|_| BundleError::Malformed("policy state lock poisoned".into()))?;
+        match st.offer(envelope, &keys, now)? {
+            Offer::Unchanged => Ok(false),
+            Offer::Accepted(b) => {
+                tracing::info!(
+                    revision = b.content.revision,
+                    key_id = %b.key_id,
+                    not_after = b.content.not_after,
+                    policies = b.content.policies.len(),
+                    "policy bundle accepted"
+                );
+                self.snapshot.send_modify(|s| s.policy = Some(b));
+                Ok(true)
+            }
+        }
     }
 
     /// Subscribes to snapshots.
@@ -410,7 +461,18 @@ impl Manager {
         u: pb::SyncUpdate,
     ) -> Result<(), String> {
         self.apply_bundle_json(&u.bundle_json)?;
+        if !u.policy_bundle.is_empty()
+            && let Err(e) = self.offer_policy(&u.policy_bundle)
+        {
+            // Keep enforcing the last good bundle; say why this one was refused.
+            tracing::error!(
+                revision = u.policy_revision,
+                error = %e,
+                "refused a policy bundle from the server; keeping the current one"
+            );
+        }
         let mut entries = Vec::with_capacity(u.entries.len());
+
         for e in u.entries {
             match entry_from_pb(e) {
                 Ok(e) => entries.push(e),

@@ -101,9 +101,11 @@ impl BundleContent {
             .collect()
     }
 
-    /// Parses and validates the policies against the bundle's schema.
+    /// Parses and validates the policies against the bundle's schema; the engine knows the
+    /// bundle's revision and expiry ([`PolicyEngine::expired`]).
     pub fn engine(&self) -> Result<PolicyEngine, PolicyError> {
         PolicyEngine::with_schema(&self.schema, &self.policy_files())
+            .map(|e| e.with_bundle(self.revision, self.not_after))
     }
 
     /// The canonical payload: JSON with sorted keys.

@@ -112,6 +112,9 @@ pub struct PolicyEngine {
     /// The schema's action entities, added to each request's entities when the schema has
     /// action groups (so that `action in Action::"group"` evaluates as with the schema).
     action_entities: Vec<Entity>,
+    /// When the set came from a signed bundle: its revision and its `not_after` (unix
+    /// seconds), from which on the set must not be enforced (see [`PolicyEngine::expired`]).
+    bundle: Option<(u64, i64)>,
 }
 
 fn type_name(name: &str) -> Result<EntityTypeName, PolicyError> {
@@ -176,7 +179,26 @@ impl PolicyEngine {
             arguments: type_name("Arguments")?,
             actions,
             action_entities,
+            bundle: None,
         })
+    }
+
+    /// Marks the set as coming from bundle `revision`, valid until `not_after`.
+    pub fn with_bundle(mut self, revision: u64, not_after: i64) -> Self {
+        self.bundle = Some((revision, not_after));
+        self
+    }
+
+    /// The bundle revision and expiry the set came from, if any.
+    pub fn bundle(&self) -> Option<(u64, i64)> {
+        self.bundle
+    }
+
+    /// Whether the set came from a bundle that has expired at `now`: then nothing may be
+    /// decided with it (the enforcer refuses every request). Sets loaded from files never
+    /// expire.
+    pub fn expired(&self, now: i64) -> bool {
+        self.bundle.is_some_and(|(_, not_after)| now >= not_after)
     }
 
     /// How many policies are loaded.

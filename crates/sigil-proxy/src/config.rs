@@ -54,6 +54,14 @@ pub struct ProxyConfig {
     /// on SIGHUP. Without it every call is denied.
     #[serde(default)]
     pub policy_dir: Option<PathBuf>,
+    /// Where policies come from: `dir` (default, `policy_dir`) or `agent`: the signed policy
+    /// bundle the local agent streams (`WatchPolicy` on `workload_api_socket`), verified
+    /// here, never rolled back (highest revision kept in `<audit_log>.policy-revision`), and
+    /// enforced until its `not_after`; then every request is refused (503) until a newer
+    /// bundle arrives.
+    #[serde(default)]
+    pub policy_source: PolicySource,
+
     /// Path where the upstream serves MCP (JSON-RPC over streamable HTTP).
     #[serde(default = "default_mcp_path")]
     pub mcp_path: String,
@@ -97,7 +105,19 @@ pub struct ResourceRateLimit {
     pub burst: f64,
 }
 
+/// Where the proxy's policies come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicySource {
+    /// `*.cedar` files of `policy_dir`.
+    #[default]
+    Dir,
+    /// Signed policy bundles from the local agent.
+    Agent,
+}
+
 /// How much the proxy checks per request.
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Enforce {
@@ -156,6 +176,7 @@ impl ProxyConfig {
         "enforce",
         "token_leeway_secs",
         "policy_dir",
+        "policy_source",
         "mcp_path",
         "audit_log",
         "max_body_bytes",
@@ -235,9 +256,24 @@ impl ProxyConfig {
                 Err(e) => return Err(bad("spiffe_id", &e.to_string())),
             }
         }
+        if self.policy_source == PolicySource::Agent {
+            if self.workload_api_socket.is_none() {
+                return Err(bad(
+                    "policy_source",
+                    "\"agent\" needs workload_api_socket (the bundles come from the agent)",
+                ));
+            }
+            if self.policy_dir.is_some() {
+                return Err(bad(
+                    "policy_dir",
+                    "only applies with policy_source = \"dir\"",
+                ));
+            }
+        }
         if self.audience.is_empty() {
             return Err(bad("audience", "must not be empty"));
         }
+
         if !self.issuer.starts_with("https://") {
             return Err(bad("issuer", "must be an https:// URL"));
         }

@@ -398,6 +398,13 @@ impl Proxy {
             .map(str::to_owned)
             .collect();
         let engine = self.policies.load_full();
+        if engine.expired(now) {
+            record.reason = "policy bundle expired (or none received yet)".into();
+            return Err(Deny::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                record.reason.clone(),
+            ));
+        }
         for call in &record.calls {
             let query = Query {
                 principal: Principal {

@@ -79,10 +79,8 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let listener = TcpListener::bind(cfg.listen_addr).await?;
     let addr = listener.local_addr()?;
     let audit = audit::AuditLog::open(&cfg.audit_log)?;
-    let policies = Arc::new(ArcSwap::from_pointee(policy::load(
-        cfg.policy_dir.as_deref(),
-    )?));
-    policy::watch(cfg.policy_dir.clone(), policies.clone());
+    let policies = policy::start(&cfg, clock.clone())?;
+
     let (metrics_at, metrics_policies, enforce) = (cfg.metrics_addr, policies.clone(), cfg.enforce);
     let state = Arc::new(forward::Proxy::new(
         cfg,

@@ -1,6 +1,8 @@
 //! The proxy's policies: loaded from a directory of `*.cedar` files, swapped atomically on
-//! SIGHUP and when the files change (polled once a second). In-flight requests finish with the
-//! set they started with; a bad set is refused (logged) and the old one kept.
+//! SIGHUP and when the files change (polled once a second), or (`policy_source = "agent"`)
+//! from the signed policy bundles the local agent streams, verified here ([`BundleFollower`]).
+//! In-flight requests finish with the set they started with; a bad set is refused (logged)
+//! and the old one kept.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -8,6 +10,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use sigil_policy::PolicyEngine;
+use sigil_policy::bundle::{Accepted, PolicyKeys, Verdict, verify};
 
 /// How often [`watch`] looks at the policy directory.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -152,6 +155,253 @@ pub fn watch_every(dir: Option<PathBuf>, current: Arc<ArcSwap<PolicyEngine>>, in
     });
 }
 
+/// The policies in force, kept current in the background from `policy_dir` or from the agent
+/// (`policy_source`).
+pub fn start(
+    cfg: &crate::ProxyConfig,
+    clock: Arc<dyn sigil_core::Clock>,
+) -> anyhow::Result<Arc<ArcSwap<PolicyEngine>>> {
+    match (cfg.policy_source, &cfg.workload_api_socket) {
+        (crate::config::PolicySource::Agent, Some(socket)) => {
+            let current = Arc::new(ArcSwap::from_pointee(no_bundle_yet()?));
+            let follower = BundleFollower::new(
+                cfg.trust_domain.name(),
+                revision_file(&cfg.audit_log),
+                current.clone(),
+            )?;
+            tracing::info!(
+                floor = follower.accepted_revision(),
+                "policies from the agent's signed bundles"
+            );
+            watch_agent(socket, follower, current.clone(), clock);
+            Ok(current)
+        }
+        _ => {
+            let current = Arc::new(ArcSwap::from_pointee(load(cfg.policy_dir.as_deref())?));
+            watch(cfg.policy_dir.clone(), current.clone());
+            Ok(current)
+        }
+    }
+}
+
+// ---- policy_source = "agent": signed bundles from the local agent ----
+
+/// The proxy's anti-rollback record: `<audit_log>.policy-revision`.
+pub fn revision_file(audit_log: &Path) -> PathBuf {
+    let mut s = audit_log.as_os_str().to_owned();
+    s.push(".policy-revision");
+    PathBuf::from(s)
+}
+
+/// The set in force before any bundle is known: empty, and already past its validity, so
+/// every request is refused with 503 (never allowed, never "denied by policy").
+pub fn no_bundle_yet() -> anyhow::Result<PolicyEngine> {
+    Ok(PolicyEngine::new(&[])?.with_bundle(0, i64::MIN))
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct KeysDoc {
+    keys: Vec<sigil_pki::Jwk>,
+}
+
+/// Verifies the bundles the agent sends and swaps them in: signature by a policy key of the
+/// trust bundle, trust domain, validity, and never a revision below (or, at the same
+/// revision, different from) the highest accepted one, which is persisted before the new set
+/// is used. A refused bundle leaves the set in force untouched.
+pub struct BundleFollower {
+    trust_domain: String,
+    state_file: PathBuf,
+    accepted: Option<Accepted>,
+    /// The revision of the set in force (none before the first bundle since start).
+    loaded: Option<u64>,
+    current: Arc<ArcSwap<PolicyEngine>>,
+}
+
+impl BundleFollower {
+    /// Reads the anti-rollback record. A record that cannot be read is an error: starting
+    /// without it could accept a rolled-back bundle.
+    pub fn new(
+        trust_domain: &str,
+        state_file: PathBuf,
+        current: Arc<ArcSwap<PolicyEngine>>,
+    ) -> anyhow::Result<Self> {
+        let accepted = match std::fs::read(&state_file) {
+            Ok(b) => Some(serde_json::from_slice::<Accepted>(&b).with_context(|| {
+                format!(
+                    "policy revision record {} is corrupt (remove it only if you know the last revision enforced)",
+                    state_file.display()
+                )
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading {}", state_file.display()));
+            }
+        };
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            state_file,
+            accepted,
+            loaded: None,
+            current,
+        })
+    }
+
+    /// The highest accepted revision.
+    pub fn accepted_revision(&self) -> Option<u64> {
+        self.accepted.as_ref().map(|a| a.revision)
+    }
+
+    /// Takes one message of the agent's `WatchPolicy` stream at `now`. `Ok(true)`: a set was
+    /// swapped in.
+    pub fn offer(
+        &mut self,
+        envelope: &str,
+        policy_keys_jwks: &str,
+        now: i64,
+    ) -> anyhow::Result<bool> {
+        anyhow::ensure!(
+            policy_keys_jwks.len() <= sigil_pki::MAX_BUNDLE_JSON_LEN,
+            "policy keys document too large"
+        );
+        let doc: KeysDoc =
+            serde_json::from_str(policy_keys_jwks).context("policy keys are not a JWKS")?;
+        let keys = PolicyKeys::from_jwks(&doc.keys)?;
+        let b = match verify(
+            envelope,
+            &keys,
+            &self.trust_domain,
+            now,
+            self.accepted.as_ref(),
+        )? {
+            Verdict::New(b) => b,
+            // The bundle accepted before (e.g. before a restart of the proxy): load it if
+            // it is not the set in force.
+            Verdict::Unchanged(b) if self.loaded != Some(b.content.revision) => b,
+            Verdict::Unchanged(_) => return Ok(false),
+        };
+        let engine = b
+            .content
+            .engine()
+            .with_context(|| format!("bundle revision {} policies", b.content.revision))?;
+        let record = b.accepted();
+        if self.accepted.as_ref() != Some(&record) {
+            // INVARIANT: the floor is on disk before the new set is used.
+            write_atomic(&self.state_file, &serde_json::to_vec(&record)?)
+                .with_context(|| format!("writing {}", self.state_file.display()))?;
+        }
+        self.current.store(Arc::new(engine));
+        tracing::info!(
+            revision = b.content.revision,
+            key_id = %b.key_id,
+            not_after = b.content.not_after,
+            policies = self.current.load().len(),
+            "policy bundle in force"
+        );
+        self.accepted = Some(record);
+        self.loaded = Some(b.content.revision);
+        Ok(true)
+    }
+}
+
+/// Follows the agent's `WatchPolicy` stream (reconnecting with backoff), and says once in
+/// the logs when the bundle in force expires with no newer one (from then on every request
+/// is refused: `forward` checks [`PolicyEngine::expired`] per request).
+pub fn watch_agent(
+    socket: &str,
+    mut follower: BundleFollower,
+    current: Arc<ArcSwap<PolicyEngine>>,
+    clock: Arc<dyn sigil_core::Clock>,
+) {
+    let path = crate::workload::socket_path(socket);
+    let follow_clock = clock.clone();
+    tokio::spawn(async move {
+        use sigil_proto::enforcer as epb;
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let opened = async {
+                let channel = crate::workload::connect(path.clone()).await?;
+                let s = epb::enforcer_client::EnforcerClient::new(channel)
+                    .watch_policy(crate::workload::request(epb::WatchPolicyRequest {}))
+                    .await
+                    .context("WatchPolicy (the agent's Enforcer API)")?
+                    .into_inner();
+                anyhow::Ok(s)
+            };
+            match opened.await {
+                Ok(mut stream) => {
+                    backoff = Duration::from_millis(250);
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(m)) => {
+                                let now = follow_clock.now();
+                                if let Err(e) =
+                                    follower.offer(&m.envelope, &m.policy_keys_jwks, now)
+                                {
+                                    tracing::error!(
+                                        revision = m.revision,
+                                        error = format!("{e:#}"),
+                                        "policy bundle from the agent refused; keeping the current policies"
+                                    );
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "policy stream from the agent ended");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = format!("{e:#}"), "agent policy stream unavailable")
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    });
+    tokio::spawn(async move {
+        let mut said: Option<u64> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let engine = current.load();
+            let Some((revision, not_after)) = engine.bundle() else {
+                continue;
+            };
+            if revision > 0 && engine.expired(clock.now()) && said != Some(revision) {
+                tracing::error!(
+                    revision,
+                    not_after,
+                    "policy bundle expired and no newer one has arrived: refusing every request (503) until one does"
+                );
+                said = Some(revision);
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -239,5 +489,118 @@ mod tests {
         assert!(wait_for(3).await);
         std::fs::remove_file(d.join("a.cedar")).unwrap();
         assert!(wait_for(2).await);
+    }
+
+    mod bundles {
+        use std::collections::BTreeMap;
+
+        use sigil_policy::bundle::{BundleContent, Envelope, PolicySigner};
+
+        use super::*;
+
+        const NOW: i64 = 1_700_000_000;
+        const TD: &str = "td.test";
+
+        fn content(revision: u64, policy: &str, not_after: i64) -> BundleContent {
+            BundleContent {
+                not_after,
+                not_before: NOW - 5,
+                policies: BTreeMap::from([("a.cedar".to_owned(), policy.to_owned())]),
+                rate_limits: None,
+                revision,
+                schema: sigil_policy::SCHEMA.to_owned(),
+                trust_domain: TD.to_owned(),
+            }
+        }
+
+        fn jwks(s: &PolicySigner) -> String {
+            serde_json::json!({ "keys": [s.public_jwk()] }).to_string()
+        }
+
+        /// One base64 character of the payload changed (still valid base64): one byte of
+        /// the signed content differs.
+        fn tamper(env: &str) -> String {
+            let mut e: Envelope = serde_json::from_str(env).unwrap();
+            let mut chars: Vec<char> = e.payload.chars().collect();
+            let n = chars.len() / 3;
+            chars[n] = if chars[n] == 'A' { 'B' } else { 'A' };
+            e.payload = chars.into_iter().collect();
+            serde_json::to_string(&e).unwrap()
+        }
+
+        #[test]
+        fn refuses_every_bad_bundle_keeps_the_last_good_one_and_fails_closed_at_expiry() {
+            let dir = tempfile::tempdir().unwrap();
+            let state = revision_file(&dir.path().join("audit.log"));
+            let current = Arc::new(ArcSwap::from_pointee(no_bundle_yet().unwrap()));
+            assert!(
+                current.load().expired(NOW),
+                "nothing is allowed before a bundle"
+            );
+            let signer = PolicySigner::generate().unwrap();
+            let other = PolicySigner::generate().unwrap();
+            let k = jwks(&signer);
+            let mut f = BundleFollower::new(TD, state.clone(), current.clone()).unwrap();
+            let good = signer.sign(&content(2, ALLOW, NOW + 60)).unwrap();
+            assert!(f.offer(&good, &k, NOW).unwrap());
+            assert!(!f.offer(&good, &k, NOW).unwrap());
+            assert_eq!(current.load().bundle(), Some((2, NOW + 60)));
+            let bad = [
+                (
+                    "tampered",
+                    tamper(&signer.sign(&content(3, MORE, NOW + 60)).unwrap()),
+                ),
+                (
+                    "other key",
+                    other.sign(&content(3, MORE, NOW + 60)).unwrap(),
+                ),
+                ("older", signer.sign(&content(1, MORE, NOW + 60)).unwrap()),
+                (
+                    "same revision, other content",
+                    signer.sign(&content(2, MORE, NOW + 60)).unwrap(),
+                ),
+                ("expired", signer.sign(&content(3, MORE, NOW)).unwrap()),
+                (
+                    "invalid policies",
+                    signer.sign(&content(3, "permit(", NOW + 60)).unwrap(),
+                ),
+            ];
+            for (what, env) in &bad {
+                assert!(f.offer(env, &k, NOW).is_err(), "{what} accepted");
+                assert_eq!(current.load().bundle(), Some((2, NOW + 60)), "{what}");
+            }
+            // Trust follows the policy keys the agent sends (its trust bundle's): once the
+            // other key is among them (a rotation), its bundle is accepted.
+            assert!(f.offer(&bad[1].1, &jwks(&other), NOW).is_ok());
+            assert_eq!(current.load().bundle().unwrap().0, 3);
+            // Expiry: the set stays but is refused from not_after on.
+            assert!(!current.load().expired(NOW + 59));
+            assert!(current.load().expired(NOW + 60));
+        }
+
+        #[test]
+        fn the_floor_survives_a_restart() {
+            let dir = tempfile::tempdir().unwrap();
+            let state = revision_file(&dir.path().join("audit.log"));
+            let signer = PolicySigner::generate().unwrap();
+            let k = jwks(&signer);
+            let current = Arc::new(ArcSwap::from_pointee(no_bundle_yet().unwrap()));
+            let mut f = BundleFollower::new(TD, state.clone(), current.clone()).unwrap();
+            let r5 = signer.sign(&content(5, ALLOW, NOW + 60)).unwrap();
+            f.offer(&r5, &k, NOW).unwrap();
+            drop(f);
+            let current = Arc::new(ArcSwap::from_pointee(no_bundle_yet().unwrap()));
+            let mut f = BundleFollower::new(TD, state.clone(), current.clone()).unwrap();
+            assert_eq!(f.accepted_revision(), Some(5));
+            let r4 = signer.sign(&content(4, MORE, NOW + 60)).unwrap();
+            assert!(f.offer(&r4, &k, NOW).is_err());
+            assert!(current.load().expired(NOW));
+            // The same bundle again after the restart: loaded.
+            assert!(f.offer(&r5, &k, NOW).unwrap());
+            assert_eq!(current.load().bundle().unwrap().0, 5);
+            // A corrupt record stops the proxy rather than forgetting the floor.
+            std::fs::write(&state, "{").unwrap();
+            assert!(BundleFollower::new(TD, state, current).is_err());
+        }
     }
 }

@@ -30,7 +30,7 @@ use crate::revocation::Revocations;
 const FIRST_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The socket path of a `unix:///path`, `unix:/path` or plain path address.
-fn socket_path(addr: &str) -> PathBuf {
+pub(crate) fn socket_path(addr: &str) -> PathBuf {
     PathBuf::from(
         addr.strip_prefix("unix://")
             .or_else(|| addr.strip_prefix("unix:"))
@@ -38,7 +38,7 @@ fn socket_path(addr: &str) -> PathBuf {
     )
 }
 
-async fn connect(path: PathBuf) -> anyhow::Result<Channel> {
+pub(crate) async fn connect(path: PathBuf) -> anyhow::Result<Channel> {
     let channel = Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();

@@ -53,6 +53,11 @@ pub struct ProxyArgs {
     /// Directory of Cedar policies (*.cedar); reloaded on SIGHUP. Without it all is denied.
     #[arg(long)]
     pub policy_dir: Option<PathBuf>,
+    /// Where policies come from: dir (policy_dir, default) or agent (signed bundles from
+    /// the local agent on workload_api_socket, enforced until they expire).
+    #[arg(long)]
+    pub policy_source: Option<String>,
+
     /// Path where the upstream serves MCP (default /mcp).
     #[arg(long)]
     pub mcp_path: Option<String>,
@@ -106,6 +111,7 @@ impl ProxyArgs {
             ("audit_log", p(&self.audit_log)),
             ("mcp_path", s(&self.mcp_path)),
             ("policy_dir", p(&self.policy_dir)),
+            ("policy_source", s(&self.policy_source)),
             ("metrics_addr", s(&self.metrics_addr)),
             (
                 "max_body_bytes",
