@@ -8,6 +8,7 @@ mod log;
 mod policy;
 mod proxy;
 mod server;
+mod status;
 mod workload;
 
 use std::path::PathBuf;
@@ -45,6 +46,8 @@ pub enum Command {
     /// Talk to the SPIFFE Workload API as a workload would.
     #[command(subcommand)]
     Workload(workload::WorkloadCmd),
+    /// Ask a running server, agent or proxy (its --metrics-addr) whether it is ready.
+    Status(status::StatusArgs),
     /// Run everything on loopback with embedded defaults, for a first look.
     Dev(dev::DevArgs),
     /// Run a small built-in OpenAI-compatible model server (plain HTTP), for demos.
@@ -95,6 +98,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(a) => server::run(a).await,
         Command::Dev(a) => dev::run(a).await,
+        Command::Status(a) => status::run(a).await,
         Command::DemoModel(a) => demo_model::run(a).await,
         Command::Agent(a) => agent::run(a).await,
         Command::Proxy(a) => proxy::run(a).await,
