@@ -1,5 +1,7 @@
 //! The public HTTPS endpoints: OIDC discovery, JWKS, the SPIFFE bundle, and the OAuth 2.0
-//! token endpoint (client credentials, mTLS client auth, certificate-bound tokens).
+//! token endpoint (client credentials, mTLS client auth, certificate-bound tokens); the two
+//! Merkle logs (`/log/…` issued identities, `/log/audit/…` proxy decisions), and the audit
+//! shipping endpoint `POST /audit/v1/records` for authenticated proxies.
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ use serde_json::json;
 use sigil_store::EntryFilter;
 
 use crate::AppState;
+use crate::tlog::{self, AuditAppendError, TransparencyLog};
 use crate::tls::PeerAuth;
 
 /// The routes of the public listener (gRPC is merged in by the caller).
@@ -29,7 +32,142 @@ pub fn router(app: Arc<AppState>) -> Router {
         // The token endpoint reads its body itself (see `read_limited`).
         .route("/oauth2/token", post(token))
         .layer(DefaultBodyLimit::max(max))
-        .with_state(app)
+        .with_state(app.clone())
+        .merge(audit_router(app))
+}
+
+/// The audit log's state: its key is loaded (created at first start) here, so a bad key
+/// file leaves the audit routes answering 503 and the rest of the server up.
+struct AuditState {
+    app: Arc<AppState>,
+    log: Option<Arc<TransparencyLog>>,
+}
+
+fn audit_router(app: Arc<AppState>) -> Router {
+    let max = app.config.max_body_bytes.max(AUDIT_BATCH_BYTES);
+    let log = match TransparencyLog::load_or_create_audit(
+        app.store.clone(),
+        &app.config.data_dir.join("keys"),
+        &tlog::audit_origin_for(&app.config.trust_domain.to_string()),
+    ) {
+        Ok(l) => Some(Arc::new(l)),
+        Err(e) => {
+            tracing::error!(error = %e, "the audit log is unavailable");
+            None
+        }
+    };
+    Router::new()
+        .route("/log/audit/checkpoint", get(audit_checkpoint))
+        .route("/log/audit/key", get(audit_key))
+        .route("/log/audit/tile/{*path}", get(audit_tile))
+        .route("/audit/v1/records", post(audit_records))
+        .layer(DefaultBodyLimit::max(max))
+        .with_state(Arc::new(AuditState { app, log }))
+}
+
+/// Largest shipped batch body accepted even when `max_body_bytes` is smaller.
+const AUDIT_BATCH_BYTES: usize = 4 << 20;
+
+fn audit_unavailable() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, "audit log unavailable\n").into_response()
+}
+
+async fn audit_checkpoint(State(s): State<Arc<AuditState>>) -> Response {
+    let Some(log) = &s.log else {
+        return audit_unavailable();
+    };
+    match log.checkpoint().await {
+        Ok(note) => log_response("text/plain; charset=utf-8", "no-cache", note),
+        Err(e) => log_error(&e),
+    }
+}
+
+async fn audit_key(State(s): State<Arc<AuditState>>) -> Response {
+    let Some(log) = &s.log else {
+        return audit_unavailable();
+    };
+    let body = format!("{}\n", log.vkey()).into_bytes();
+    log_response("text/plain; charset=utf-8", "no-cache", body)
+}
+
+async fn audit_tile(
+    State(s): State<Arc<AuditState>>,
+    axum::extract::Path(path): axum::extract::Path<String>,
+) -> Response {
+    let Some(log) = &s.log else {
+        return audit_unavailable();
+    };
+    tile_response(log.tile(&format!("tile/{path}")).await)
+}
+
+/// `POST /audit/v1/records`: a proxy ships decision records, one JSON object per line
+/// (`application/x-ndjson`). The caller is the proxy, authenticated by its X.509-SVID over
+/// mTLS (verified against the bundle, not revoked); each record is stored verbatim with the
+/// proxy's SPIFFE ID. The answer, once the batch is committed, is `{"indexes": [...]}`: the
+/// audit-log index of each record, in order. A record already logged for this proxy (same
+/// `request_id`) keeps its index and is not appended again, so re-sending is safe.
+async fn audit_records(
+    State(s): State<Arc<AuditState>>,
+    Extension(peer): Extension<PeerAuth>,
+    body: Bytes,
+) -> Response {
+    let refuse =
+        |status: StatusCode, msg: String| json_response(status, json!({"error": msg}).to_string());
+    let svid = match peer {
+        PeerAuth::Verified(svid) => svid,
+        PeerAuth::Anonymous => {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "a client certificate (the proxy's X.509-SVID) is required".into(),
+            );
+        }
+        PeerAuth::Rejected(why) => {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                format!("client certificate rejected: {why}"),
+            );
+        }
+    };
+    let Some(log) = &s.log else {
+        return audit_unavailable();
+    };
+    let now = s.app.clock.now();
+    match s
+        .app
+        .store
+        .is_revoked(&svid.serial, &svid.spiffe_id, svid.not_before, now)
+        .await
+    {
+        Ok(false) => {}
+        Ok(true) => {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "client certificate has been revoked".into(),
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "audit shipping: revocation check failed");
+            return audit_unavailable();
+        }
+    }
+    let records: Vec<&[u8]> = body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    match log.append_audit(svid.spiffe_id.as_str(), &records).await {
+        Ok(indexes) => {
+            let mut resp = json_response(StatusCode::OK, json!({"indexes": indexes}).to_string());
+            no_store(resp.headers_mut());
+            resp
+        }
+        Err(e @ (AuditAppendError::BadRecord { .. } | AuditAppendError::BadBatch(_))) => {
+            refuse(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        Err(AuditAppendError::Server(e)) => {
+            tracing::error!(error = %e, proxy = %svid.spiffe_id, "appending audit records failed");
+            audit_unavailable()
+        }
+    }
 }
 
 async fn log_checkpoint(State(app): State<Arc<AppState>>) -> Response {
@@ -48,8 +186,11 @@ async fn log_tile(
     State(app): State<Arc<AppState>>,
     axum::extract::Path(path): axum::extract::Path<String>,
 ) -> Response {
-    let path = format!("tile/{path}");
-    match app.tlog.tile(&path).await {
+    tile_response(app.tlog.tile(&format!("tile/{path}")).await)
+}
+
+fn tile_response(tile: Result<Option<Vec<u8>>, crate::ServerError>) -> Response {
+    match tile {
         // Tiles never change once they exist (a partial tile is its own path).
         Ok(Some(data)) => log_response(
             "application/octet-stream",

@@ -15,7 +15,7 @@ struct Migration {
 }
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -262,6 +262,36 @@ CREATE TABLE tlog_leaves (
     data BYTEA NOT NULL
 );
 CREATE TABLE tlog_hashes (
+    idx  BIGINT PRIMARY KEY,
+    hash BYTEA NOT NULL
+);
+",
+    },
+    Migration {
+        version: 4,
+        name: "audit log",
+        sqlite: r"
+CREATE TABLE audit_leaves (
+    idx        INTEGER PRIMARY KEY,
+    data       BLOB NOT NULL,
+    proxy      TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    UNIQUE (proxy, request_id)
+);
+CREATE TABLE audit_hashes (
+    idx  INTEGER PRIMARY KEY,
+    hash BLOB NOT NULL
+);
+",
+        postgres: r"
+CREATE TABLE audit_leaves (
+    idx        BIGINT PRIMARY KEY,
+    data       BYTEA NOT NULL,
+    proxy      TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    UNIQUE (proxy, request_id)
+);
+CREATE TABLE audit_hashes (
     idx  BIGINT PRIMARY KEY,
     hash BYTEA NOT NULL
 );

@@ -1043,70 +1043,172 @@ impl Store for SqlStore {
     }
 
     async fn tlog_size(&self) -> Result<u64, StoreError> {
-        let max: Option<i64> = sqlx::query_scalar("SELECT MAX(idx) FROM tlog_leaves")
-            .fetch_one(&self.pool)
-            .await?;
-        match max {
-            None => Ok(0),
-            Some(m) => u64::try_from(m)
-                .map(|m| m + 1)
-                .map_err(|_| StoreError::Corrupt(format!("negative log index {m}"))),
-        }
+        log_size(&self.pool, "tlog_leaves").await
     }
 
     async fn tlog_hashes(&self, indexes: &[u64]) -> Result<Vec<[u8; 32]>, StoreError> {
-        let mut out = Vec::with_capacity(indexes.len());
-        // Contiguous runs (tiles) are read with one range query each.
-        let mut i = 0;
-        while let Some(&start) = indexes.get(i) {
-            let mut end = start;
-            let mut j = i + 1;
-            while indexes.get(j) == Some(&(end + 1)) {
-                end += 1;
-                j += 1;
-            }
-            let rows = sqlx::query(
-                "SELECT idx, hash FROM tlog_hashes WHERE idx >= $1 AND idx <= $2 ORDER BY idx",
+        log_hashes(&self.pool, "tlog_hashes", indexes).await
+    }
+
+    async fn tlog_entries(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        log_entries(&self.pool, "tlog_leaves", start, end).await
+    }
+
+    async fn audit_lookup(
+        &self,
+        proxy: &str,
+        request_ids: &[String],
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        let mut out = Vec::with_capacity(request_ids.len());
+        for id in request_ids {
+            let idx: Option<i64> = sqlx::query_scalar(
+                "SELECT idx FROM audit_leaves WHERE proxy = $1 AND request_id = $2",
             )
-            .bind(to_i64(start)?)
-            .bind(to_i64(end)?)
-            .fetch_all(&self.pool)
+            .bind(proxy)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
             .await?;
-            if u64::try_from(rows.len()).ok() != Some(end - start + 1) {
-                return Err(StoreError::NotFound(format!(
-                    "log hashes {start}..={end} (have {})",
-                    rows.len()
-                )));
-            }
-            for row in &rows {
-                let hash: Vec<u8> = row.try_get("hash")?;
-                let hash: [u8; 32] = hash
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("log hash is not 32 bytes".into()))?;
-                out.push(hash);
-            }
-            i = j;
+            out.push(match idx {
+                None => None,
+                Some(i) => Some(
+                    u64::try_from(i)
+                        .map_err(|_| StoreError::Corrupt(format!("negative log index {i}")))?,
+                ),
+            });
         }
         Ok(out)
     }
 
-    async fn tlog_entries(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT data FROM tlog_leaves WHERE idx >= $1 AND idx < $2 ORDER BY idx",
-        )
-        .bind(to_i64(start)?)
-        .bind(to_i64(end)?)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| r.try_get::<Vec<u8>, _>("data").map_err(StoreError::from))
-            .collect()
+    async fn audit_append(
+        &self,
+        proxy: &str,
+        request_ids: &[String],
+        log: &TlogAppend,
+    ) -> Result<(), StoreError> {
+        if request_ids.len() != log.leaves.len() {
+            return Err(StoreError::Unsupported(
+                "one request id per audit leaf is required".into(),
+            ));
+        }
+        let mut tx = begin_write(&self.pool, self.backend).await?;
+        for ((idx, data), id) in log.leaves.iter().zip(request_ids) {
+            sqlx::query(
+                "INSERT INTO audit_leaves (idx, data, proxy, request_id) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(to_i64(*idx)?)
+            .bind(data.clone())
+            .bind(proxy)
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                StoreError::conflict_or(e, || {
+                    format!("log leaf {idx} or audit record {proxy} {id} already exists")
+                })
+            })?;
+        }
+        for (idx, hash) in &log.hashes {
+            sqlx::query("INSERT INTO audit_hashes (idx, hash) VALUES ($1, $2)")
+                .bind(to_i64(*idx)?)
+                .bind(hash.to_vec())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| {
+                    StoreError::conflict_or(e, || format!("log hash {idx} already exists"))
+                })?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit_size(&self) -> Result<u64, StoreError> {
+        log_size(&self.pool, "audit_leaves").await
+    }
+
+    async fn audit_hashes(&self, indexes: &[u64]) -> Result<Vec<[u8; 32]>, StoreError> {
+        log_hashes(&self.pool, "audit_hashes", indexes).await
+    }
+
+    async fn audit_entries(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        log_entries(&self.pool, "audit_leaves", start, end).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// How many leaves a Merkle log's leaf table (`tlog_leaves`, `audit_leaves`) holds.
+async fn log_size(pool: &AnyPool, table: &'static str) -> Result<u64, StoreError> {
+    let max: Option<i64> = sqlx::query_scalar(&format!("SELECT MAX(idx) FROM {table}"))
+        .fetch_one(pool)
+        .await?;
+    match max {
+        None => Ok(0),
+        Some(m) => u64::try_from(m)
+            .map(|m| m + 1)
+            .map_err(|_| StoreError::Corrupt(format!("negative log index {m}"))),
+    }
+}
+
+/// Stored tree hashes of a Merkle log's hash table, in order; contiguous runs (tiles) are
+/// read with one range query each.
+async fn log_hashes(
+    pool: &AnyPool,
+    table: &'static str,
+    indexes: &[u64],
+) -> Result<Vec<[u8; 32]>, StoreError> {
+    let sql = format!("SELECT idx, hash FROM {table} WHERE idx >= $1 AND idx <= $2 ORDER BY idx");
+    let mut out = Vec::with_capacity(indexes.len());
+    let mut i = 0;
+    while let Some(&start) = indexes.get(i) {
+        let mut end = start;
+        let mut j = i + 1;
+        while indexes.get(j) == Some(&(end + 1)) {
+            end += 1;
+            j += 1;
+        }
+        let rows = sqlx::query(&sql)
+            .bind(to_i64(start)?)
+            .bind(to_i64(end)?)
+            .fetch_all(pool)
+            .await?;
+        if u64::try_from(rows.len()).ok() != Some(end - start + 1) {
+            return Err(StoreError::NotFound(format!(
+                "log hashes {start}..={end} (have {})",
+                rows.len()
+            )));
+        }
+        for row in &rows {
+            let hash: Vec<u8> = row.try_get("hash")?;
+            let hash: [u8; 32] = hash
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("log hash is not 32 bytes".into()))?;
+            out.push(hash);
+        }
+        i = j;
+    }
+    Ok(out)
+}
+
+/// The data of leaves `start..end` of a Merkle log's leaf table.
+async fn log_entries(
+    pool: &AnyPool,
+    table: &'static str,
+    start: u64,
+    end: u64,
+) -> Result<Vec<Vec<u8>>, StoreError> {
+    let rows = sqlx::query(&format!(
+        "SELECT data FROM {table} WHERE idx >= $1 AND idx < $2 ORDER BY idx"
+    ))
+    .bind(to_i64(start)?)
+    .bind(to_i64(end)?)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| r.try_get::<Vec<u8>, _>("data").map_err(StoreError::from))
+        .collect()
 }
 
 #[cfg(test)]

@@ -186,6 +186,36 @@ pub trait Store: Send + Sync {
     /// The data of leaves `start..end` (fewer if the log is shorter), in order.
     async fn tlog_entries(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>, StoreError>;
 
+    // ---- audit log (proxy decision records) ----
+
+    /// The audit-log index of each of these request ids shipped by `proxy`, `None` where the
+    /// record is not in the log.
+    async fn audit_lookup(
+        &self,
+        proxy: &str,
+        request_ids: &[String],
+    ) -> Result<Vec<Option<u64>>, StoreError>;
+
+    /// Appends records shipped by `proxy` to the audit log with the tree's new stored hashes
+    /// in ONE transaction; `request_ids[i]` is the id of `log.leaves[i]`.
+    /// [`StoreError::Conflict`] if a leaf index is taken (another writer appended meanwhile)
+    /// or a `(proxy, request_id)` is already logged.
+    async fn audit_append(
+        &self,
+        proxy: &str,
+        request_ids: &[String],
+        log: &TlogAppend,
+    ) -> Result<(), StoreError>;
+
+    /// How many leaves the audit log holds.
+    async fn audit_size(&self) -> Result<u64, StoreError>;
+
+    /// The audit log's stored tree hashes at these indexes, in order.
+    async fn audit_hashes(&self, indexes: &[u64]) -> Result<Vec<[u8; 32]>, StoreError>;
+
+    /// The data of audit leaves `start..end` (fewer if the log is shorter), in order.
+    async fn audit_entries(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>, StoreError>;
+
     // ---- meta ----
 
     /// The trust bundle's sequence number (0 before the first bump).
