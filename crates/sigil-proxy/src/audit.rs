@@ -196,6 +196,62 @@ pub fn read_records(path: &Path) -> Result<Vec<serde_json::Value>, AuditError> {
         .collect()
 }
 
+/// Where the first record of a segment starts.
+pub const FIRST_RECORD: u64 = MAGIC.len() as u64;
+
+/// The offset just after each record of a scanned segment (the record boundaries after the
+/// header), in order.
+pub fn record_ends(s: &Scan) -> Vec<u64> {
+    let mut at = FIRST_RECORD;
+    s.records
+        .iter()
+        .map(|r| {
+            at += (PREFIX + r.len() + 1) as u64;
+            at
+        })
+        .collect()
+}
+
+/// The verified records that start at byte `from` of a live segment (a record boundary;
+/// anything before the first record means the first record), each with the offset just
+/// after it. Stops at the end of the written records (zeros or EOF), at a record still being
+/// written, after `max_records`, or once `max_bytes` of records are collected. Reads only
+/// what it returns (plus one buffer), so polling the end of a segment is cheap.
+pub fn read_from(
+    file: &File,
+    from: u64,
+    max_records: usize,
+    max_bytes: usize,
+) -> Result<Vec<(Vec<u8>, u64)>, AuditError> {
+    let io = |e: std::io::Error| AuditError(e.to_string());
+    let mut pos = from.max(FIRST_RECORD);
+    let mut r = BufReader::with_capacity(64 * 1024, file);
+    r.seek(SeekFrom::Start(pos)).map_err(io)?;
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut line = Vec::new();
+    while out.len() < max_records && bytes < max_bytes {
+        // The zero-filled region ahead of the writer (or EOF): nothing more yet.
+        match r.fill_buf().map_err(io)?.first() {
+            None | Some(0) => break,
+            Some(_) => {}
+        }
+        line.clear();
+        r.by_ref()
+            .take((PREFIX + MAX_RECORD + 1) as u64)
+            .read_until(b'\n', &mut line)
+            .map_err(io)?;
+        // A record being written (or torn): read it again next time.
+        let Some(json) = unframe(&line) else {
+            break;
+        };
+        pos += line.len() as u64;
+        bytes += json.len();
+        out.push((json.to_vec(), pos));
+    }
+    Ok(out)
+}
+
 type Pending = (Vec<u8>, oneshot::Sender<Result<(), String>>);
 
 /// A handle to the audit writer thread.
@@ -429,6 +485,36 @@ mod tests {
         bytes.extend(std::iter::repeat_n(0u8, 1000));
         std::fs::write(&path, bytes).unwrap();
         path
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_are_read_from_a_boundary_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        for i in 0..5 {
+            log.record(&rec(i)).await.unwrap();
+        }
+        let file = File::open(&path).unwrap();
+        let ends = record_ends(&scan(&file).unwrap());
+        assert_eq!(ends.len(), 5);
+        let first = read_from(&file, 0, 2, usize::MAX).unwrap();
+        assert_eq!(first.len(), 2);
+        assert_eq!(first.iter().map(|(_, e)| *e).collect::<Vec<_>>(), ends[..2]);
+        let rest = read_from(&file, ends[1], 100, usize::MAX).unwrap();
+        assert_eq!(rest.len(), 3);
+        let v: serde_json::Value = serde_json::from_slice(&rest[0].0).unwrap();
+        assert_eq!(v["request_id"], "r2");
+        assert!(
+            read_from(&file, ends[4], 100, usize::MAX)
+                .unwrap()
+                .is_empty()
+        );
+        // A byte budget stops after the record that crosses it.
+        assert_eq!(read_from(&file, 0, 100, 1).unwrap().len(), 1);
+        // Records written later are seen by the same handle.
+        log.record(&rec(5)).await.unwrap();
+        assert_eq!(read_from(&file, ends[4], 100, usize::MAX).unwrap().len(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,6 +88,11 @@ pub struct ProxyConfig {
     /// HTTP; off when unset. Use a loopback address.
     #[serde(default)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Ship the audit segment's records to this sigil server (`https://host:port`), over
+    /// mTLS with the proxy's own SVID; the acknowledged position is kept in
+    /// `<audit_log>.acked`. Off when unset.
+    #[serde(default)]
+    pub audit_ship_to: Option<String>,
 }
 
 /// A token bucket per caller for one model or tool.
@@ -185,6 +190,7 @@ impl ProxyConfig {
         "resource_rate_limits",
         "log_format",
         "metrics_addr",
+        "audit_ship_to",
     ];
 
     /// Checks what serde cannot.
@@ -248,6 +254,11 @@ impl ProxyConfig {
                     "required without workload_api_socket (cert + key + bundle, or the agent's socket)",
                 ));
             }
+        }
+        if let Some(to) = &self.audit_ship_to
+            && crate::shipper::parse_target(to).is_none()
+        {
+            return Err(bad("audit_ship_to", "must be an https://host:port URL"));
         }
         if let Some(id) = &self.spiffe_id {
             match sigil_core::SpiffeId::new(id) {

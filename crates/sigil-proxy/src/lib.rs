@@ -15,6 +15,7 @@ mod metrics;
 mod policy;
 mod ratelimit;
 mod revocation;
+mod shipper;
 mod tls;
 mod token;
 mod upstream;
@@ -55,6 +56,15 @@ impl RunningProxy {
     }
 }
 
+/// Aborts a background task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Loads the credentials, binds the listener and starts serving.
 pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<RunningProxy> {
     cfg.validate()?;
@@ -79,6 +89,15 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let listener = TcpListener::bind(cfg.listen_addr).await?;
     let addr = listener.local_addr()?;
     let audit = audit::AuditLog::open(&cfg.audit_log)?;
+    // Stopped with the accept loop (the guard is held by its task).
+    let shipper = match &cfg.audit_ship_to {
+        Some(to) => Some(AbortOnDrop(shipper::spawn(
+            to,
+            cfg.audit_log.clone(),
+            creds.clone(),
+        )?)),
+        None => None,
+    };
     let policies = policy::start(&cfg, clock.clone())?;
 
     let (metrics_at, metrics_policies, enforce) = (cfg.metrics_addr, policies.clone(), cfg.enforce);
@@ -111,6 +130,7 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let task = tokio::spawn(async move {
         // Stops with the accept loop.
         let _metrics_listener = metrics_listener;
+        let _shipper = shipper;
         loop {
             let (tcp, remote) = match listener.accept().await {
                 Ok(x) => x,
