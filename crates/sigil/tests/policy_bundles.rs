@@ -1,0 +1,477 @@
+//! End-to-end tests of signed policy bundles (issue 6): `sigil policy push` → server → the
+//! agent's sync stream → the agent's Enforcer API → `sigil proxy` with
+//! `policy_source = "agent"`. Bad bundles are fed to the agent through the server's own
+//! database (what a restored backup or a tampered database would serve): tampered, signed by
+//! another key, expired, the same revision with other content, and an older revision — each
+//! refused, the last good bundle still enforced, also across an agent restart. Finally the
+//! server is stopped: the proxy enforces the last bundle until its expiry, then answers 503.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{Agent, Server, TD, free_port, run, token_request};
+use sigil_policy::bundle::{BundleContent, Envelope, PolicySigner};
+
+const ALLOW_HTTP: &str = r#"@id("allow-http")
+permit (principal == Workload::"spiffe://td.test/agent", action == Action::"http", resource);
+"#;
+const ONLY_MODELS: &str = r#"@id("only-models")
+permit (principal == Workload::"spiffe://td.test/agent", action == Action::"list_models", resource);
+"#;
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// An upstream answering 200 `{"ok":true}` to everything.
+struct Upstream {
+    child: Child,
+    port: u16,
+}
+
+impl Upstream {
+    fn start() -> Self {
+        let port = free_port();
+        let script = r#"
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def one(self):
+        n = int(self.headers.get("content-length") or 0)
+        if n: self.rfile.read(n)
+        out = b'{"ok":true}'
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_GET = do_POST = one
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+        let child = Command::new("python3")
+            .args(["-c", script, &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "upstream did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, port }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Proxy {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Proxy {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A registered client with a minted SVID and a bound token.
+struct Client {
+    cert: PathBuf,
+    key: PathBuf,
+    bundle: PathBuf,
+    token: String,
+}
+
+fn client(s: &Server, name: &str, dir: &Path) -> Client {
+    let id = format!("spiffe://{TD}/{name}");
+    s.sigil_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &id,
+        "--parent-id",
+        &format!("spiffe://{TD}/sigil/node/n"),
+        "--selector",
+        "unix:uid:1",
+        "--scope",
+        "model:invoke",
+    ]);
+    s.mint(&id, dir);
+    let (cert, key, bundle) = (
+        dir.join("svid.pem"),
+        dir.join("key.pem"),
+        dir.join("bundle.pem"),
+    );
+    let (code, body) = token_request(
+        s,
+        &bundle,
+        Some((&cert, &key)),
+        &["grant_type=client_credentials", "resource=model-gw"],
+    );
+    assert_eq!(code, 200, "{body}");
+    Client {
+        cert,
+        key,
+        bundle,
+        token: body["access_token"].as_str().unwrap().to_owned(),
+    }
+}
+
+/// `curl` through the proxy: (HTTP status, body).
+fn call(p: &Proxy, c: &Client, path: &str) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-w", "\n%{http_code}", "--cacert"])
+        .arg(&c.bundle)
+        .arg("--cert")
+        .arg(&c.cert)
+        .arg("--key")
+        .arg(&c.key)
+        .args(["-H", &format!("Authorization: Bearer {}", c.token)])
+        .arg(format!("https://localhost:{}{path}", p.port));
+    let (_, out, _) = run(&mut cmd);
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// Polls `f` until it is true; the time it took.
+fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < within, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    t0.elapsed()
+}
+
+fn push(s: &Server, dir: &Path, policy: &str, ttl: &str) -> i64 {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("p.cedar"), policy).unwrap();
+    let v = s.sigil_json(&["policy", "push", dir.to_str().unwrap(), "--ttl", ttl]);
+    v["revision"].as_i64().unwrap()
+}
+
+/// Runs SQL on the server's SQLite database, behind its back (python3's sqlite3).
+fn db(s_dir: &Path, sql: &str, args: &[String]) {
+    let script = "import sqlite3, sys\n\
+        c = sqlite3.connect(sys.argv[1], timeout=10)\n\
+        c.execute(sys.argv[2], sys.argv[3:])\n\
+        c.commit()\n";
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(s_dir.join("sigil.db"))
+        .arg(sql)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Stores `envelope` as the server's bundle of `revision` (replacing any).
+fn store_bundle(s_dir: &Path, revision: i64, envelope: &str) {
+    db(
+        s_dir,
+        "DELETE FROM policy_bundles WHERE revision = ?",
+        &[revision.to_string()],
+    );
+    db(
+        s_dir,
+        "INSERT INTO policy_bundles (revision, envelope, payload_sha256, key_id, not_after, created_at) \
+         VALUES (?, ?, 'x', 'x', 0, 0)",
+        &[revision.to_string(), envelope.to_owned()],
+    );
+}
+
+/// The server's policy key, read from its key directory (to sign crafted bundles as the
+/// server would).
+fn server_policy_key(s_dir: &Path) -> PolicySigner {
+    let keys = s_dir.join("keys");
+    let file = std::fs::read_dir(&keys)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("policy-")
+        })
+        .expect("no policy key file");
+    PolicySigner::from_pkcs8_pem(&std::fs::read_to_string(file).unwrap()).unwrap()
+}
+
+fn content(revision: u64, policy: &str, not_after: i64) -> BundleContent {
+    BundleContent {
+        not_after,
+        not_before: now() - 5,
+        policies: BTreeMap::from([("p.cedar".to_owned(), policy.to_owned())]),
+        rate_limits: None,
+        revision,
+        schema: sigil_policy::SCHEMA.to_owned(),
+        trust_domain: TD.to_owned(),
+    }
+}
+
+/// The envelope with one character of its payload changed.
+fn tampered(envelope: &str) -> String {
+    let mut e: Envelope = serde_json::from_str(envelope).unwrap();
+    let mut chars: Vec<char> = e.payload.chars().collect();
+    let n = chars.len() / 2;
+    chars[n] = if chars[n] == 'A' { 'B' } else { 'A' };
+    e.payload = chars.into_iter().collect();
+    serde_json::to_string(&e).unwrap()
+}
+
+/// Makes the server send a sync update (any change will do: a new entry).
+fn poke(s: &Server, n: usize) {
+    s.sigil_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &format!("spiffe://{TD}/poke-{n}"),
+        "--parent-id",
+        &format!("spiffe://{TD}/sigil/node/n"),
+        "--selector",
+        &format!("unix:uid:{}", 10_000 + n),
+    ]);
+}
+
+fn count(text: &str, needle: &str) -> usize {
+    text.matches(needle).count()
+}
+
+#[test]
+fn signed_bundles_propagate_are_never_rolled_back_and_expire_closed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv_dir = tmp.path().join("srv");
+    let mut s = Server::start(&srv_dir, &[]);
+    let jt = s.sigil_json(&["jointoken", "create"]);
+    let node = jt["node_id"].as_str().unwrap().to_owned();
+    let proxy_id = format!("spiffe://{TD}/proxy");
+    s.sigil_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &proxy_id,
+        "--parent-id",
+        &node,
+        "--selector",
+        &format!("unix:uid:{}", common::my_uid()),
+        "--dns",
+        "localhost",
+    ]);
+    let mut agent = Agent::start(&s, &tmp.path().join("agent"), jt["token"].as_str());
+    let c = client(&s, "agent", &tmp.path().join("client"));
+    let up = Upstream::start();
+    let pol = tmp.path().join("pol");
+
+    // The trust bundle publishes the policy key.
+    let bundle = s.sigil_json(&["bundle", "show"]);
+    assert!(
+        bundle["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["use"] == "sigil-policy"),
+        "{bundle}"
+    );
+
+    // An invalid set is refused with the validator's reasons, and takes no revision.
+    std::fs::create_dir_all(&pol).unwrap();
+    std::fs::write(
+        pol.join("p.cedar"),
+        "permit (principal, action == Action::\"no_such_action\", resource);",
+    )
+    .unwrap();
+    let out = s.sigil(&["policy", "push", pol.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no_such_action"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    assert_eq!(push(&s, &pol, ALLOW_HTTP, "1h"), 1);
+
+    let port = free_port();
+    let plog = tmp.path().join("proxy.log");
+    let audit = tmp.path().join("audit.log");
+    let child = Command::new(common::sigil_bin())
+        .args(["proxy", "--trust-domain", TD])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--upstream", &format!("http://127.0.0.1:{}", up.port)])
+        .args(["--audience", "model-gw", "--issuer", &s.url("")])
+        .arg("--workload-api-socket")
+        .arg(format!("unix://{}", agent.socket.display()))
+        .args(["--spiffe-id", &proxy_id, "--policy-source", "agent"])
+        .arg("--audit-log")
+        .arg(&audit)
+        .env("SIGIL_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&plog).unwrap())
+        .spawn()
+        .unwrap();
+    let p = Proxy {
+        child,
+        port,
+        log: plog,
+    };
+    wait_until("the proxy listens", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+
+    // Revision 1 is enforced: plain HTTP allowed, listing models denied.
+    wait_until("revision 1 enforced", Duration::from_secs(10), || {
+        call(&p, &c, "/v1/echo").0 == 200
+    });
+    assert_eq!(call(&p, &c, "/v1/models").0, 403);
+    let floor = std::fs::read_to_string(tmp.path().join("audit.log.policy-revision")).unwrap();
+    assert!(floor.contains("\"revision\":1"), "{floor}");
+
+    // A new revision is enforced within a second or two of the push.
+    let t0 = Instant::now();
+    assert_eq!(push(&s, &pol, ONLY_MODELS, "1h"), 2);
+    wait_until("revision 2 enforced", Duration::from_secs(3), || {
+        call(&p, &c, "/v1/echo").0 == 403
+    });
+    let took = t0.elapsed();
+    eprintln!("push → enforced at the proxy: {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(push(&s, &pol, ALLOW_HTTP, "1h"), 3);
+    wait_until("revision 3 enforced", Duration::from_secs(3), || {
+        call(&p, &c, "/v1/echo").0 == 200
+    });
+
+    // Bad bundles, served by the server from its (tampered) database: each refused by the
+    // agent, and revision 3 stays in force at the proxy.
+    let key = server_policy_key(&srv_dir);
+    let other = PolicySigner::generate().unwrap();
+    let good4 = key.sign(&content(4, ONLY_MODELS, now() + 3600)).unwrap();
+    let cases: [(i64, String, &str); 3] = [
+        (4, tampered(&good4), "bundle signature does not verify"),
+        (
+            5,
+            other.sign(&content(5, ONLY_MODELS, now() + 3600)).unwrap(),
+            "unknown policy key",
+        ),
+        (
+            6,
+            key.sign(&content(6, ONLY_MODELS, now() - 1)).unwrap(),
+            "expired at",
+        ),
+    ];
+    for (revision, envelope, why) in &cases {
+        let before = count(&agent.log_text(), why);
+        store_bundle(&srv_dir, *revision, envelope);
+        wait_until(why, Duration::from_secs(5), || {
+            count(&agent.log_text(), why) > before
+        });
+        assert_eq!(call(&p, &c, "/v1/echo").0, 200, "after: {why}");
+    }
+    // The same revision as the one in force, with other content.
+    for r in [4, 5, 6] {
+        db(
+            &srv_dir,
+            "DELETE FROM policy_bundles WHERE revision = ?",
+            &[r.to_string()],
+        );
+    }
+    let why = "differs from the accepted bundle of the same revision";
+    let before = count(&agent.log_text(), why);
+    store_bundle(
+        &srv_dir,
+        3,
+        &key.sign(&content(3, ONLY_MODELS, now() + 3600)).unwrap(),
+    );
+    poke(&s, 1);
+    wait_until(why, Duration::from_secs(5), || {
+        count(&agent.log_text(), why) > before
+    });
+    assert_eq!(call(&p, &c, "/v1/echo").0, 200);
+    // An older revision (the database rolled back to revision 2).
+    db(
+        &srv_dir,
+        "DELETE FROM policy_bundles WHERE revision = 3",
+        &[],
+    );
+    let why = "older than the accepted revision 3";
+    let before = count(&agent.log_text(), why);
+    poke(&s, 2);
+    wait_until(why, Duration::from_secs(5), || {
+        count(&agent.log_text(), why) > before
+    });
+    assert_eq!(call(&p, &c, "/v1/echo").0, 200);
+
+    // Restart the agent: it still refuses the older bundle (the highest revision it accepted
+    // is persisted), serves revision 3 from its cache, and the proxy keeps enforcing it.
+    let before = count(&agent.log_text(), why);
+    agent.restart();
+    wait_until(
+        "older bundle refused after restart",
+        Duration::from_secs(10),
+        || count(&agent.log_text(), why) > before,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(call(&p, &c, "/v1/echo").0, 200);
+    assert_eq!(call(&p, &c, "/v1/models").0, 403);
+
+    // Server gone: the proxy enforces the last bundle until it expires, then refuses
+    // everything with 503. (A garbage row at revision 9 makes the next push revision 10.)
+    store_bundle(&srv_dir, 9, "{}");
+    let ttl = 6;
+    let pushed_at = now();
+    assert_eq!(push(&s, &pol, ALLOW_HTTP, &format!("{ttl}s")), 10);
+    wait_until("revision 10 in force", Duration::from_secs(5), || {
+        std::fs::read_to_string(tmp.path().join("audit.log.policy-revision"))
+            .unwrap_or_default()
+            .contains("\"revision\":10")
+    });
+    s.stop();
+    assert_eq!(call(&p, &c, "/v1/echo").0, 200);
+    wait_until(
+        "503 after expiry",
+        Duration::from_secs(ttl as u64 + 10),
+        || call(&p, &c, "/v1/echo").0 == 503,
+    );
+    assert!(now() >= pushed_at + ttl - 1, "refused before expiry");
+    let (code, body) = call(&p, &c, "/v1/echo");
+    assert_eq!(code, 503);
+    assert!(body.contains("policy bundle expired"), "{body}");
+    wait_until("expiry logged", Duration::from_secs(3), || {
+        p.log_text()
+            .contains("policy bundle expired and no newer one has arrived")
+    });
+    assert!(agent.is_running());
+}
