@@ -27,6 +27,26 @@ pub struct SourceOpts {
     /// Also write every file read to this directory (same layout as `--dir`).
     #[arg(long)]
     save_dir: Option<PathBuf>,
+    /// Which of the server's logs: `issuance` (identities issued, under `/log/`) or `audit`
+    /// (the proxies' decision records, under `/log/audit/`, key at `/log/audit/key`).
+    #[arg(long, value_enum, default_value_t = LogName::Issuance)]
+    log: LogName,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogName {
+    Issuance,
+    Audit,
+}
+
+impl LogName {
+    /// The URL path prefix the log's files are under.
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Issuance => "/log/",
+            Self::Audit => "/log/audit/",
+        }
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -105,11 +125,25 @@ pub async fn run(cmd: LogCmd) -> anyhow::Result<()> {
                     fetch_entries(&src, size).await?
                 }
             };
+            let audit = source.log == LogName::Audit;
             for (i, e) in entries.iter().enumerate() {
-                let Ok(rec) = LogRecord::from_bytes(e) else {
-                    continue;
+                // Audit leaves are decision records: the caller and the time in ms.
+                let (id, at) = if audit {
+                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(e) else {
+                        continue;
+                    };
+                    let id = v.get("spiffe_id").and_then(|i| i.as_str());
+                    let id = id.unwrap_or_default().to_owned();
+                    let ms = v.get("time_ms").and_then(serde_json::Value::as_i64);
+                    let secs = ms.unwrap_or_default() / 1000;
+                    (id, secs)
+                } else {
+                    let Ok(rec) = LogRecord::from_bytes(e) else {
+                        continue;
+                    };
+                    (rec.spiffe_id().to_owned(), rec.issued_at())
                 };
-                if rec.spiffe_id() == spiffe_id && since.is_none_or(|s| rec.issued_at() >= s) {
+                if id == spiffe_id && since.is_none_or(|s| at >= s) {
                     let v: serde_json::Value = serde_json::from_slice(e)?;
                     println!("{}", serde_json::json!({"index": i, "record": v}));
                 }
@@ -293,6 +327,7 @@ enum Source {
         port: u16,
         tls: Arc<rustls::ClientConfig>,
         save: Option<PathBuf>,
+        prefix: &'static str,
     },
 }
 
@@ -325,6 +360,7 @@ impl Source {
                     port,
                     tls: Arc::new(cfg),
                     save: o.save_dir.clone(),
+                    prefix: o.log.prefix(),
                 })
             }
             (None, Some(d)) => Ok(Self::Dir(d.clone(), o.save_dir.clone())),
@@ -345,7 +381,11 @@ impl Source {
                 port,
                 tls,
                 save,
-            } => (https_get(host, *port, tls.clone(), path).await?, save),
+                prefix,
+            } => (
+                https_get(host, *port, tls.clone(), &format!("{prefix}{path}")).await?,
+                save,
+            ),
         };
         if let (Some(dir), Some(b)) = (save, &data) {
             let p = dir.join(path);
@@ -375,7 +415,7 @@ async fn https_get(
     let (mut send, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = http::Request::get(format!("/log/{path}"))
+    let req = http::Request::get(path)
         .header(http::header::HOST, host)
         .body(Empty::<Bytes>::new())?;
     let resp = send.send_request(req).await?;
@@ -384,6 +424,6 @@ async fn https_get(
     match status.as_u16() {
         200 => Ok(Some(body)),
         404 => Ok(None),
-        s => bail!("GET /log/{path}: HTTP {s}"),
+        s => bail!("GET {path}: HTTP {s}"),
     }
 }
