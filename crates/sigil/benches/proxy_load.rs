@@ -642,7 +642,7 @@ fn main() {
             sigil,
             &proxy_args(
                 mtls_port,
-                &dir.join("audit-mtls.jsonl"),
+                &dir.join("audit-mtls.log"),
                 &["--enforce", "mtls-only"],
             ),
             &dir.join("proxy-mtls.log"),
@@ -650,7 +650,7 @@ fn main() {
         .wait_port(mtls_port)
     });
     let full_port = free_port();
-    let audit = dir.join("audit-full.jsonl");
+    let audit = dir.join("audit-full.log");
     let full_proxy = spawn(
         "sigil proxy (full)",
         Some(TARGET_CORE),
@@ -672,10 +672,29 @@ fn main() {
             "sigil proxy (full, audit on tmpfs)",
             Some(TARGET_CORE),
             sigil,
-            &proxy_args(shm_port, &d.path().join("audit.jsonl"), &[]),
+            &proxy_args(shm_port, &d.path().join("audit.log"), &[]),
             &dir.join("proxy-shm.log"),
         )
         .wait_port(shm_port)
+    });
+
+    // (f) = (d) with Prometheus metrics served (issue: observability; budget ≤ 5 µs p50).
+    let has_metrics = String::from_utf8_lossy(&help.stdout).contains("--metrics-addr");
+    let metrics_port = free_port();
+    let metrics_listen = format!("127.0.0.1:{}", free_port());
+    let metrics_proxy = has_metrics.then(|| {
+        spawn(
+            "sigil proxy (full, metrics on)",
+            Some(TARGET_CORE),
+            sigil,
+            &proxy_args(
+                metrics_port,
+                &dir.join("audit-metrics.log"),
+                &["--metrics-addr", &metrics_listen],
+            ),
+            &dir.join("proxy-metrics.log"),
+        )
+        .wait_port(metrics_port)
     });
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -746,6 +765,15 @@ fn main() {
             ));
         }
 
+        if let Some(p) = &metrics_proxy {
+            targets.push(target(
+                "sigil_full_metrics",
+                "(f) = (d), Prometheus metrics on",
+                metrics_port,
+                p.pid(),
+            ));
+        }
+
         println!("proxy_load: N={n} sequential requests on 1 keep-alive connection per target, in 10 rounds interleaved across targets (after a warm-up of {}),", (n / 10).max(500));
         println!("  then {conns} keep-alive connections for {secs} s (after 1 s of warm-up); POST /v1/chat/completions, {} B body, Bearer token always sent", BODY.len());
         println!(
@@ -759,7 +787,11 @@ fn main() {
             affinity(full_proxy.pid()),
             threads(full_proxy.pid())
         );
-        for (name, p) in [("mtls-only", &mtls_proxy), ("audit on tmpfs", &shm_proxy)] {
+        for (name, p) in [
+            ("mtls-only", &mtls_proxy),
+            ("audit on tmpfs", &shm_proxy),
+            ("metrics on", &metrics_proxy),
+        ] {
             if let Some(p) = p {
                 println!(
                     "  under test on core {TARGET_CORE}: sigil proxy {name} (affinity {}, threads: {})",

@@ -61,7 +61,11 @@ pub struct ProxyArgs {
     /// Path where the upstream serves MCP (default /mcp).
     #[arg(long)]
     pub mcp_path: Option<String>,
-    /// Append-only audit file (JSON lines).
+    /// Ship the audit records to this trust authority (https://host:port), acknowledged by
+    /// index in its audit Merkle log.
+    #[arg(long)]
+    pub audit_ship_to: Option<String>,
+    /// The audit segment (see `sigil audit show`).
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
     /// Largest request body in bytes (413 beyond).
@@ -109,6 +113,7 @@ impl ProxyArgs {
         .into_iter()
         .chain([
             ("audit_log", p(&self.audit_log)),
+            ("audit_ship_to", s(&self.audit_ship_to)),
             ("mcp_path", s(&self.mcp_path)),
             ("policy_dir", p(&self.policy_dir)),
             ("policy_source", s(&self.policy_source)),
