@@ -441,6 +441,38 @@ mod tests {
         assert!(encode(&m).is_empty());
     }
 
+    /// What metrics add to one allowed request on the hot path (clock reads, histogram
+    /// observations, one counter), enabled vs disabled. Prints; asserts nothing on timing.
+    /// `cargo test -p sigil-proxy --release --lib per_request_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn per_request_cost() {
+        fn one(m: &Metrics) {
+            let received = m.start();
+            let t = m.start();
+            m.token_checked(t);
+            let t = m.start();
+            m.policy_evaluated(t);
+            m.forwarding(received);
+            let sent = m.start();
+            m.upstream_done(sent);
+            m.allowed(Enforce::Full);
+        }
+        for enabled in [false, true] {
+            let m = Metrics::new(enabled);
+            let n = 2_000_000;
+            for _ in 0..n / 10 {
+                one(std::hint::black_box(&m));
+            }
+            let t = Instant::now();
+            for _ in 0..n {
+                one(std::hint::black_box(&m));
+            }
+            let ns = t.elapsed().as_nanos() as f64 / f64::from(n);
+            println!("metrics enabled={enabled}: {ns:.1} ns per request");
+        }
+    }
+
     #[test]
     fn handshake_failures_count_only_certificate_refusals() {
         let m = Metrics::new(true);
