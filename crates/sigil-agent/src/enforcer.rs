@@ -151,6 +151,12 @@ mod tests {
         socket: std::path::PathBuf,
     }
 
+    impl Fixture {
+        fn mgr_dir(&self) -> &Path {
+            self._dir.path()
+        }
+    }
+
     impl Drop for Fixture {
         fn drop(&mut self) {
             self.server.abort();
@@ -310,6 +316,90 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn watch_policy_streams_each_accepted_bundle_with_the_policy_keys() {
+        use sigil_policy::bundle::{BundleContent, PolicySigner};
+        let signer = PolicySigner::generate().unwrap();
+        let content = |revision: u64, not_after: i64| BundleContent {
+            not_after,
+            not_before: NOW - 5,
+            policies: [(
+                "a.cedar".to_owned(),
+                "permit(principal, action == Action::\"list_models\", resource);".to_owned(),
+            )]
+            .into(),
+            rate_limits: None,
+            revision,
+            schema: sigil_policy::SCHEMA.to_owned(),
+            trust_domain: "td.test".to_owned(),
+        };
+        let jwk = signer.public_jwk();
+        let f = fixture(|s| {
+            s.entries = Arc::new(vec![entry(my_uid())]);
+            s.bundle = Some(Arc::new(sigil_pki::TrustBundle {
+                trust_domain: TrustDomain::new("td.test").unwrap(),
+                x509_authorities: Vec::new(),
+                jwt_authorities: Vec::new(),
+                policy_authorities: vec![jwk.clone()],
+                sequence: 1,
+                refresh_hint_secs: 300,
+            }));
+        });
+        let mut c = EnforcerClient::new(channel(&f.socket).await);
+        let mut stream = c
+            .watch_policy(with_header(ep::WatchPolicyRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), stream.message())
+                .await
+                .is_err(),
+            "nothing before a bundle is known"
+        );
+        let r1 = signer.sign(&content(1, NOW + 60)).unwrap();
+        assert!(f.mgr.offer_policy(&r1).unwrap());
+        let m = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!((m.envelope.as_str(), m.revision), (r1.as_str(), 1));
+        let keys: serde_json::Value = serde_json::from_str(&m.policy_keys_jwks).unwrap();
+        assert_eq!(keys["keys"][0]["kid"], jwk.kid.clone().unwrap());
+        assert_eq!(keys["keys"][0]["use"], "sigil-policy");
+        // Refused (expired, older): nothing new is sent; a newer one is.
+        assert!(
+            f.mgr
+                .offer_policy(&signer.sign(&content(2, NOW)).unwrap())
+                .is_err()
+        );
+        assert!(
+            f.mgr
+                .offer_policy(&signer.sign(&content(0, NOW + 60)).unwrap())
+                .is_err()
+        );
+        let r3 = signer.sign(&content(3, NOW + 60)).unwrap();
+        assert!(f.mgr.offer_policy(&r3).unwrap());
+        let m = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.revision, 3);
+        // Persisted for offline use and across restarts.
+        let cache = f.mgr_dir().join("cache");
+        assert_eq!(
+            std::fs::read_to_string(cache.join(crate::policy::BUNDLE_FILE)).unwrap(),
+            r3
+        );
+        assert!(
+            std::fs::read_to_string(cache.join(crate::policy::REVISION_FILE))
+                .unwrap()
+                .contains("\"revision\":3")
+        );
     }
 
     #[tokio::test]

@@ -272,11 +272,21 @@ fn count(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
 }
 
-#[test]
-fn signed_bundles_propagate_are_never_rolled_back_and_expire_closed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let srv_dir = tmp.path().join("srv");
-    let mut s = Server::start(&srv_dir, &[]);
+/// Everything running: server, agent, a client, an upstream, the proxy (agent mode).
+struct World {
+    s: Server,
+    srv_dir: PathBuf,
+    agent: Agent,
+    c: Client,
+    pol: PathBuf,
+    p: Proxy,
+    _up: Upstream,
+}
+
+/// Starts the world; `before_proxy` runs once the server and agent are up.
+fn start_world(dir: &Path, before_proxy: impl FnOnce(&Server, &Path)) -> World {
+    let srv_dir = dir.join("srv");
+    let s = Server::start(&srv_dir, &[]);
     let jt = s.sigil_json(&["jointoken", "create"]);
     let node = jt["node_id"].as_str().unwrap().to_owned();
     let proxy_id = format!("spiffe://{TD}/proxy");
@@ -292,10 +302,10 @@ fn signed_bundles_propagate_are_never_rolled_back_and_expire_closed() {
         "--dns",
         "localhost",
     ]);
-    let mut agent = Agent::start(&s, &tmp.path().join("agent"), jt["token"].as_str());
-    let c = client(&s, "agent", &tmp.path().join("client"));
+    let agent = Agent::start(&s, &dir.join("agent"), jt["token"].as_str());
+    let c = client(&s, "agent", &dir.join("client"));
     let up = Upstream::start();
-    let pol = tmp.path().join("pol");
+    let pol = dir.join("pol");
 
     // The trust bundle publishes the policy key.
     let bundle = s.sigil_json(&["bundle", "show"]);
@@ -308,26 +318,10 @@ fn signed_bundles_propagate_are_never_rolled_back_and_expire_closed() {
         "{bundle}"
     );
 
-    // An invalid set is refused with the validator's reasons, and takes no revision.
-    std::fs::create_dir_all(&pol).unwrap();
-    std::fs::write(
-        pol.join("p.cedar"),
-        "permit (principal, action == Action::\"no_such_action\", resource);",
-    )
-    .unwrap();
-    let out = s.sigil(&["policy", "push", pol.to_str().unwrap()]);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no_such_action"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-
-    assert_eq!(push(&s, &pol, ALLOW_HTTP, "1h"), 1);
-
+    before_proxy(&s, &pol);
     let port = free_port();
-    let plog = tmp.path().join("proxy.log");
-    let audit = tmp.path().join("audit.log");
+    let plog = dir.join("proxy.log");
+    let audit = dir.join("audit.log");
     let child = Command::new(common::sigil_bin())
         .args(["proxy", "--trust-domain", TD])
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -352,6 +346,46 @@ fn signed_bundles_propagate_are_never_rolled_back_and_expire_closed() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
 
+    World {
+        s,
+        srv_dir,
+        agent,
+        c,
+        pol,
+        p,
+        _up: up,
+    }
+}
+
+#[test]
+fn signed_bundles_propagate_are_never_rolled_back_and_expire_closed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let World {
+        mut s,
+        srv_dir,
+        mut agent,
+        c,
+        pol,
+        p,
+        _up,
+    } = start_world(tmp.path(), |s, pol| {
+        // An invalid set is refused with the validator's reasons, and takes no revision.
+        std::fs::create_dir_all(pol).unwrap();
+        std::fs::write(
+            pol.join("p.cedar"),
+            "permit (principal, action == Action::\"no_such_action\", resource);",
+        )
+        .unwrap();
+        let out = s.sigil(&["policy", "push", pol.to_str().unwrap()]);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no_such_action"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        assert_eq!(push(s, pol, ALLOW_HTTP, "1h"), 1);
+    });
     // Revision 1 is enforced: plain HTTP allowed, listing models denied.
     wait_until("revision 1 enforced", Duration::from_secs(10), || {
         call(&p, &c, "/v1/echo").0 == 200
@@ -474,4 +508,44 @@ fn signed_bundles_propagate_are_never_rolled_back_and_expire_closed() {
             .contains("policy bundle expired and no newer one has arrived")
     });
     assert!(agent.is_running());
+}
+
+#[test]
+fn a_rotated_policy_key_signs_bundles_agents_and_proxies_accept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = start_world(tmp.path(), |s, pol| {
+        assert_eq!(push(s, pol, ALLOW_HTTP, "1h"), 1);
+    });
+    wait_until("revision 1 enforced", Duration::from_secs(10), || {
+        call(&w.p, &w.c, "/v1/echo").0 == 200
+    });
+    let old_key = w.s.sigil_json(&["policy", "show"])["key_id"].clone();
+    // Prepare: the new key is published (two policy keys in the bundle), the old one signs.
+    let prepared = w.s.sigil_json(&["policy", "rotate-key"]);
+    assert_eq!(prepared["action"], "prepared", "{prepared}");
+    let bundle = w.s.sigil_json(&["bundle", "show"]);
+    let policy_keys = bundle["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "sigil-policy")
+        .count();
+    assert_eq!(policy_keys, 2, "{bundle}");
+    assert_eq!(push(&w.s, &w.pol, ONLY_MODELS, "1h"), 2);
+    assert_eq!(w.s.sigil_json(&["policy", "show"])["key_id"], old_key);
+    wait_until("revision 2 enforced", Duration::from_secs(3), || {
+        call(&w.p, &w.c, "/v1/echo").0 == 403
+    });
+    // Activate: the new key signs; agent and proxy accept its bundles.
+    let activated = w.s.sigil_json(&["policy", "rotate-key"]);
+    assert_eq!(activated["action"], "activated", "{activated}");
+    assert_eq!(push(&w.s, &w.pol, ALLOW_HTTP, "1h"), 3);
+    let shown = w.s.sigil_json(&["policy", "show"]);
+    assert_eq!(shown["key_id"], prepared["key_id"], "{shown}");
+    wait_until(
+        "revision 3 (new key) enforced",
+        Duration::from_secs(3),
+        || call(&w.p, &w.c, "/v1/echo").0 == 200,
+    );
+    assert!(!w.agent.log_text().contains("refused a policy bundle"));
 }
