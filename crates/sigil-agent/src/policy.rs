@@ -62,7 +62,11 @@ impl PolicyState {
                     None
                 }
             },
-            Err(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::error!(file = REVISION_FILE, error = %e, "cannot read the policy revision record; the cached bundle's revision is the floor");
+                None
+            }
         };
         let mut current = None;
         if let Ok(bytes) = std::fs::read(dir.join(BUNDLE_FILE)) {
