@@ -539,9 +539,40 @@ fn a_rotated_policy_key_signs_bundles_agents_and_proxies_accept() {
     // Activate: the new key signs; agent and proxy accept its bundles.
     let activated = w.s.sigil_json(&["policy", "rotate-key"]);
     assert_eq!(activated["action"], "activated", "{activated}");
-    assert_eq!(push(&w.s, &w.pol, ALLOW_HTTP, "1h"), 3);
+    // (With a rate-limit configuration, TOML, carried signed in the bundle.)
+    let limits = tmp.path().join("limits.toml");
+    std::fs::write(
+        &limits,
+        "rate_limit_per_sec = 5.0\n[[resource_rate_limits]]\nresource_type = \"Model\"\nresource_id = \"m\"\nper_sec = 1.0\n",
+    )
+    .unwrap();
+    std::fs::write(w.pol.join("p.cedar"), ALLOW_HTTP).unwrap();
+    let pushed = w.s.sigil_json(&[
+        "policy",
+        "push",
+        w.pol.to_str().unwrap(),
+        "--rate-limits",
+        limits.to_str().unwrap(),
+    ]);
+    assert_eq!(pushed["revision"], 3, "{pushed}");
     let shown = w.s.sigil_json(&["policy", "show"]);
     assert_eq!(shown["key_id"], prepared["key_id"], "{shown}");
+    let env: Envelope = serde_json::from_str(shown["envelope"].as_str().unwrap()).unwrap();
+    let payload: serde_json::Value = {
+        use base64::Engine as _;
+        serde_json::from_slice(
+            &base64::engine::general_purpose::STANDARD
+                .decode(env.payload)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(payload["revision"], 3);
+    assert_eq!(payload["rate_limits"]["rate_limit_per_sec"], 5.0);
+    assert_eq!(
+        payload["rate_limits"]["resource_rate_limits"][0]["resource_id"],
+        "m"
+    );
     wait_until(
         "revision 3 (new key) enforced",
         Duration::from_secs(3),
