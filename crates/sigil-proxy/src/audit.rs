@@ -71,7 +71,7 @@ fn frame(json: &[u8]) -> Vec<u8> {
 }
 
 /// The JSON of one framed line (with its `\n`), if it verifies.
-fn unframe(line: &[u8]) -> Option<&[u8]> {
+pub(crate) fn unframe(line: &[u8]) -> Option<&[u8]> {
     let body = line.strip_suffix(b"\n")?;
     let head = std::str::from_utf8(body.get(..PREFIX)?).ok()?;
     let (len, rest) = head.split_once(' ')?;
@@ -269,7 +269,17 @@ struct Cursor {
 impl AuditLog {
     /// Opens (creating, mode 0600) the segment at `path`, recovers it (cutting a torn tail),
     /// and starts the writer thread.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn open(path: &Path) -> Result<Self, AuditError> {
+        Self::open_with_export(path, None)
+    }
+
+    /// [`AuditLog::open`], and after each successful sync the batch's records are offered
+    /// (without blocking) to `export`: only durable records are exported.
+    pub fn open_with_export(
+        path: &Path,
+        export: Option<crate::export::ExportSink>,
+    ) -> Result<Self, AuditError> {
         use std::os::unix::fs::OpenOptionsExt;
         let at = |e: std::io::Error| AuditError(format!("opening {}: {e}", path.display()));
         let file = std::fs::OpenOptions::new()
@@ -290,7 +300,7 @@ impl AuditLog {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         std::thread::Builder::new()
             .name("sigil-audit".into())
-            .spawn(move || writer(file, cursor, rx))
+            .spawn(move || writer(file, cursor, rx, export))
             .map_err(|e| AuditError(format!("starting the audit writer: {e}")))?;
         Ok(Self { tx })
     }
@@ -352,7 +362,12 @@ fn zero(file: &File, from: u64, to: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-fn writer(mut file: File, mut cursor: Option<Cursor>, mut rx: mpsc::Receiver<Pending>) {
+fn writer(
+    mut file: File,
+    mut cursor: Option<Cursor>,
+    mut rx: mpsc::Receiver<Pending>,
+    export: Option<crate::export::ExportSink>,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -370,8 +385,18 @@ fn writer(mut file: File, mut cursor: Option<Cursor>, mut rx: mpsc::Receiver<Pen
         if let Err(e) = &result {
             tracing::error!(error = %e, "audit log write failed; refusing requests");
         }
-        for (_, done) in batch {
+        let mut durable = Vec::new();
+        for (line, done) in batch {
             let _ = done.send(result.clone());
+            if export.is_some() && result.is_ok() {
+                durable.push(line);
+            }
+        }
+        // After the waiters are answered: the export never delays a request.
+        if let Some(x) = &export
+            && !durable.is_empty()
+        {
+            x.offer(durable);
         }
     }
 }

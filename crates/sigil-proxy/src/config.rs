@@ -93,6 +93,18 @@ pub struct ProxyConfig {
     /// `<audit_log>.acked`. Off when unset.
     #[serde(default)]
     pub audit_ship_to: Option<String>,
+    /// SIEM export of the durable audit records as ECS-style JSON lines: `stdout` or a file
+    /// path (appended, 0600). Best effort (a full export queue drops, counted and logged);
+    /// off when unset.
+    #[serde(default)]
+    pub audit_export: Option<String>,
+    /// OTLP/HTTP base URL (`http://host:4318`) to export the audit records to as
+    /// OpenTelemetry log records (JSON encoding, POST `<url>/v1/logs`). Defaults to
+    /// `OTEL_EXPORTER_OTLP_LOGS_ENDPOINT` (full URL) or `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// (+ `/v1/logs`); `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SERVICE_NAME` and
+    /// `OTEL_RESOURCE_ATTRIBUTES` apply. Off when none is set. http:// only for now.
+    #[serde(default)]
+    pub audit_otlp_endpoint: Option<String>,
 }
 
 /// A token bucket per caller for one model or tool.
@@ -191,6 +203,8 @@ impl ProxyConfig {
         "log_format",
         "metrics_addr",
         "audit_ship_to",
+        "audit_export",
+        "audit_otlp_endpoint",
     ];
 
     /// Checks what serde cannot.
@@ -260,6 +274,14 @@ impl ProxyConfig {
         {
             return Err(bad("audit_ship_to", "must be an https://host:port URL"));
         }
+        if let Err(e) = self.export_config() {
+            let key = if e.starts_with("audit_export") {
+                "audit_export"
+            } else {
+                "audit_otlp_endpoint"
+            };
+            return Err(bad(key, &e));
+        }
         if let Some(id) = &self.spiffe_id {
             match sigil_core::SpiffeId::new(id) {
                 Ok(id) if id.is_member_of(&self.trust_domain) => {}
@@ -325,6 +347,18 @@ impl ProxyConfig {
             return Err(bad("log_format", "must be \"text\" or \"json\""));
         }
         Ok(())
+    }
+}
+
+impl ProxyConfig {
+    /// The SIEM export settings (`audit_export`, `audit_otlp_endpoint` and the standard
+    /// `OTEL_*` environment variables); `None` when no export is configured.
+    pub fn export_config(&self) -> Result<Option<crate::export::ExportConfig>, String> {
+        crate::export::ExportConfig::resolve(
+            self.audit_export.as_deref(),
+            self.audit_otlp_endpoint.as_deref(),
+            &|k| std::env::var(k).ok(),
+        )
     }
 }
 

@@ -8,6 +8,7 @@
 mod audit;
 mod config;
 mod credentials;
+mod export;
 mod extract;
 mod filter;
 mod forward;
@@ -88,7 +89,15 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let tls = tls::server_config(creds.clone(), clock.clone())?;
     let listener = TcpListener::bind(cfg.listen_addr).await?;
     let addr = listener.local_addr()?;
-    let audit = audit::AuditLog::open(&cfg.audit_log)?;
+    // SIEM export (stopped with the accept loop, like the shipper).
+    let (export_sink, export_tasks) = match cfg.export_config().map_err(anyhow::Error::msg)? {
+        Some(x) => {
+            let (sink, tasks) = export::spawn(x)?;
+            (Some(sink), tasks.into_iter().map(AbortOnDrop).collect())
+        }
+        None => (None, Vec::new()),
+    };
+    let audit = audit::AuditLog::open_with_export(&cfg.audit_log, export_sink)?;
     // Stopped with the accept loop (the guard is held by its task).
     let shipper = match &cfg.audit_ship_to {
         Some(to) => Some(AbortOnDrop(shipper::spawn(
@@ -131,6 +140,7 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         // Stops with the accept loop.
         let _metrics_listener = metrics_listener;
         let _shipper = shipper;
+        let _export: Vec<AbortOnDrop> = export_tasks;
         loop {
             let (tcp, remote) = match listener.accept().await {
                 Ok(x) => x,

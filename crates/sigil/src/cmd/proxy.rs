@@ -65,6 +65,13 @@ pub struct ProxyArgs {
     /// index in its audit Merkle log.
     #[arg(long)]
     pub audit_ship_to: Option<String>,
+    /// Export the durable audit records as ECS-style JSON lines to `stdout` or a file.
+    #[arg(long)]
+    pub audit_export: Option<String>,
+    /// Export the audit records as OpenTelemetry logs to this OTLP/HTTP base URL
+    /// (http://host:4318; default: OTEL_EXPORTER_OTLP_LOGS_ENDPOINT / _ENDPOINT).
+    #[arg(long)]
+    pub audit_otlp_endpoint: Option<String>,
     /// The audit segment (see `sigil audit show`).
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
@@ -114,6 +121,8 @@ impl ProxyArgs {
         .chain([
             ("audit_log", p(&self.audit_log)),
             ("audit_ship_to", s(&self.audit_ship_to)),
+            ("audit_export", s(&self.audit_export)),
+            ("audit_otlp_endpoint", s(&self.audit_otlp_endpoint)),
             ("mcp_path", s(&self.mcp_path)),
             ("policy_dir", p(&self.policy_dir)),
             ("policy_source", s(&self.policy_source)),

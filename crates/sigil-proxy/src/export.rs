@@ -1,0 +1,1075 @@
+//! SIEM export of the audit records: once a batch of decision records is durable in the
+//! audit segment, the writer thread offers it here ([`ExportSink::offer`], never blocking:
+//! a full queue drops the export, counted and logged). An exporter task maps each record to
+//! ECS-style fields ([`ecs_fields`]) and writes them
+//!
+//! - as JSON lines (`audit_export = "stdout"` or a file path, appended, 0600), one nested ECS
+//!   object per decision, and/or
+//! - as OpenTelemetry log records over OTLP/HTTP with the JSON encoding
+//!   (`audit_otlp_endpoint`, or the standard `OTEL_EXPORTER_OTLP_*` variables): POST
+//!   `<endpoint>/v1/logs`, batches of up to [`OTLP_MAX_BATCH`] records or [`OTLP_LINGER`],
+//!   each retried a few times on a retryable failure, then dropped with a log line and a
+//!   count.
+//!
+//! Export is best effort and never on the request path: the durable segment and the shipping
+//! to the server (`shipper.rs`) are the lossless path. Only records that were synced are
+//! exported, so an exported decision is always in the segment too.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use http::{HeaderName, HeaderValue, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Batches (of one sync each, ≤ 512 records) waiting for the exporter; beyond, dropped.
+const QUEUE_BATCHES: usize = 64;
+/// Most log records per OTLP request.
+pub const OTLP_MAX_BATCH: usize = 256;
+/// Longest a record waits for its OTLP batch to fill.
+pub const OTLP_LINGER: Duration = Duration::from_secs(1);
+/// Tries per OTLP batch (on connection errors, 429, 502, 503, 504).
+const OTLP_ATTEMPTS: u32 = 3;
+const OTLP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default `service.name`.
+const DEFAULT_SERVICE: &str = "sigil-proxy";
+
+/// What the exporter does, resolved from the configuration and the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportConfig {
+    /// `stdout`, or a file path for JSON lines.
+    pub jsonl: Option<String>,
+    /// OTLP/HTTP logs export.
+    pub otlp: Option<OtlpConfig>,
+    /// `service.name` (`OTEL_SERVICE_NAME`, else `service.name` of
+    /// `OTEL_RESOURCE_ATTRIBUTES`, else `sigil-proxy`).
+    pub service_name: String,
+    /// Further resource attributes (`OTEL_RESOURCE_ATTRIBUTES`).
+    pub resource: Vec<(String, String)>,
+}
+
+/// Where and how OTLP log records are posted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpConfig {
+    /// The full logs URL (`…/v1/logs`).
+    pub url: String,
+    /// Extra request headers (`OTEL_EXPORTER_OTLP_LOGS_HEADERS` / `OTEL_EXPORTER_OTLP_HEADERS`).
+    pub headers: Vec<(String, String)>,
+}
+
+impl ExportConfig {
+    /// Resolves the export settings; `env` reads an environment variable. `Ok(None)` when
+    /// neither export is configured. The error names what is wrong.
+    pub fn resolve(
+        audit_export: Option<&str>,
+        audit_otlp_endpoint: Option<&str>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<Self>, String> {
+        let var = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+        if let Some(e) = audit_export
+            && e.trim().is_empty()
+        {
+            return Err("audit_export must be \"stdout\" or a file path".into());
+        }
+        let url = match (audit_otlp_endpoint, var("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")) {
+            (Some(base), _) => Some(logs_url(base)),
+            (None, Some(full)) => Some(full.trim().to_owned()),
+            (None, None) => var("OTEL_EXPORTER_OTLP_ENDPOINT").map(|b| logs_url(&b)),
+        };
+        if let Some(url) = &url {
+            check_http_url(url)?;
+        }
+        if audit_export.is_none() && url.is_none() {
+            return Ok(None);
+        }
+        let headers = var("OTEL_EXPORTER_OTLP_LOGS_HEADERS")
+            .or_else(|| var("OTEL_EXPORTER_OTLP_HEADERS"))
+            .map(|h| key_values(&h, "OTEL_EXPORTER_OTLP_HEADERS"))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, v)| {
+                let ok = HeaderName::try_from(k.as_str()).is_ok()
+                    && HeaderValue::try_from(v.as_str()).is_ok();
+                if !ok {
+                    tracing::warn!(header = %k, "OTEL_EXPORTER_OTLP_HEADERS: invalid header; ignored");
+                }
+                ok
+            })
+            .collect();
+        let mut resource = var("OTEL_RESOURCE_ATTRIBUTES")
+            .map(|r| key_values(&r, "OTEL_RESOURCE_ATTRIBUTES"))
+            .unwrap_or_default();
+        let from_attrs = resource
+            .iter()
+            .position(|(k, _)| k == "service.name")
+            .map(|i| resource.remove(i).1);
+        let service_name = var("OTEL_SERVICE_NAME")
+            .or(from_attrs)
+            .unwrap_or_else(|| DEFAULT_SERVICE.to_owned());
+        Ok(Some(Self {
+            jsonl: audit_export.map(str::to_owned),
+            otlp: url.map(|url| OtlpConfig { url, headers }),
+            service_name,
+            resource,
+        }))
+    }
+}
+
+/// `<base>/v1/logs`.
+fn logs_url(base: &str) -> String {
+    format!("{}/v1/logs", base.trim().trim_end_matches('/'))
+}
+
+fn check_http_url(url: &str) -> Result<(), String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| format!("{url}: not a URL (OTLP/HTTP endpoint)"))?;
+    match uri.scheme_str() {
+        Some("http") if uri.authority().is_some() => Ok(()),
+        Some("https") => Err(format!(
+            "{url}: https is not supported for OTLP export yet; send to an http:// collector \
+             on loopback (e.g. an OpenTelemetry Collector beside the proxy)"
+        )),
+        _ => Err(format!("{url}: must be an http://host:port URL")),
+    }
+}
+
+/// `k1=v1,k2=v2` with percent-encoded values (the OTel environment variable format).
+/// Malformed entries are logged and skipped.
+fn key_values(text: &str, what: &str) -> Vec<(String, String)> {
+    text.split(',')
+        .filter(|kv| !kv.trim().is_empty())
+        .filter_map(|kv| {
+            let parsed = kv.split_once('=').and_then(|(k, v)| {
+                let k = percent_decode(k.trim())?;
+                let v = percent_decode(v.trim())?;
+                (!k.is_empty()).then_some((k, v))
+            });
+            if parsed.is_none() {
+                tracing::warn!("{what}: malformed entry ignored");
+            }
+            parsed
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hi = char::from(bytes.next()?).to_digit(16)?;
+            let lo = char::from(bytes.next()?).to_digit(16)?;
+            out.push(u8::try_from(hi * 16 + lo).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Counts of what the exporter dropped or wrote.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    /// Records dropped because the export queue was full (or the exporter gone).
+    pub dropped_queue: AtomicU64,
+    /// Records written as JSON lines.
+    pub jsonl_written: AtomicU64,
+    /// Records that could not be written as JSON lines.
+    pub jsonl_failed: AtomicU64,
+    /// Records accepted by the OTLP receiver.
+    pub otlp_sent: AtomicU64,
+    /// Records dropped after their OTLP batch failed (retries exhausted, or refused).
+    pub otlp_dropped: AtomicU64,
+}
+
+/// The writer thread's end of the export queue.
+#[derive(Clone)]
+pub struct ExportSink {
+    tx: mpsc::Sender<Vec<Vec<u8>>>,
+    stats: Arc<ExportStats>,
+}
+
+impl ExportSink {
+    /// Offers the framed segment lines of a batch that is durable. Never blocks: when the
+    /// queue is full the batch is dropped, counted, and logged (every 1,000 drops).
+    pub fn offer(&self, lines: Vec<Vec<u8>>) {
+        let n = lines.len() as u64;
+        if let Err(e) = self.tx.try_send(lines) {
+            let before = self.stats.dropped_queue.fetch_add(n, Ordering::Relaxed);
+            if before == 0 || (before + n) / 1000 > before / 1000 {
+                let why = match e {
+                    mpsc::error::TrySendError::Full(_) => "export queue full",
+                    mpsc::error::TrySendError::Closed(_) => "exporter stopped",
+                };
+                tracing::warn!(
+                    dropped_total = before + n,
+                    "audit export: {why}; records dropped from the export (they are in the \
+                     audit segment)"
+                );
+            }
+        }
+    }
+}
+
+/// Starts the exporter; the sink to give the audit writer, and the tasks (abort to stop).
+pub fn spawn(cfg: ExportConfig) -> anyhow::Result<(ExportSink, Vec<JoinHandle<()>>)> {
+    let stats = Arc::new(ExportStats::default());
+    let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
+    let mut tasks = Vec::new();
+    let otlp = match &cfg.otlp {
+        Some(o) => {
+            let (otx, orx) = mpsc::channel(QUEUE_BATCHES);
+            let body = OtlpBody::new(&cfg);
+            let poster = OtlpPoster::new(o)?;
+            tasks.push(tokio::spawn(otlp_loop(poster, body, orx, stats.clone())));
+            Some(otx)
+        }
+        None => None,
+    };
+    let out: Option<Box<dyn tokio::io::AsyncWrite + Unpin + Send>> = match cfg.jsonl.as_deref() {
+        None => None,
+        Some("stdout") | Some("-") => {
+            // A duplicate of fd 1, written like a file (off the runtime's threads).
+            use std::os::fd::AsFd;
+            let fd = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("audit_export: stdout")?;
+            Some(Box::new(tokio::fs::File::from_std(std::fs::File::from(fd))))
+        }
+        Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("audit_export: opening {path}"))?;
+            Some(Box::new(tokio::fs::File::from_std(f)))
+        }
+    };
+    tasks.push(tokio::spawn(dispatch(
+        rx,
+        out,
+        otlp,
+        cfg.service_name.clone(),
+        stats.clone(),
+    )));
+    Ok((ExportSink { tx, stats }, tasks))
+}
+
+/// Maps each durable batch and hands it to the JSON-lines output and the OTLP task.
+async fn dispatch(
+    mut rx: mpsc::Receiver<Vec<Vec<u8>>>,
+    mut out: Option<Box<dyn tokio::io::AsyncWrite + Unpin + Send>>,
+    otlp: Option<mpsc::Sender<Vec<Event>>>,
+    service: String,
+    stats: Arc<ExportStats>,
+) {
+    let mut buf = Vec::new();
+    while let Some(lines) = rx.recv().await {
+        let events: Vec<Event> = lines
+            .iter()
+            .filter_map(|l| crate::audit::unframe(l))
+            .filter_map(|json| match serde_json::from_slice::<Record>(json) {
+                Ok(r) => Some(Event::new(&r, &service)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "audit export: record not understood; skipped");
+                    None
+                }
+            })
+            .collect();
+        if let Some(w) = out.as_mut() {
+            buf.clear();
+            for ev in &events {
+                // Serializing a Value into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut buf, &ev.ecs_json());
+                buf.push(b'\n');
+            }
+            let n = events.len() as u64;
+            match async {
+                w.write_all(&buf).await?;
+                w.flush().await
+            }
+            .await
+            {
+                Ok(()) => {
+                    stats.jsonl_written.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    let before = stats.jsonl_failed.fetch_add(n, Ordering::Relaxed);
+                    if before == 0 || (before + n) / 1000 > before / 1000 {
+                        tracing::warn!(error = %e, failed_total = before + n, "audit export: writing JSON lines failed");
+                    }
+                }
+            }
+        }
+        if let Some(tx) = &otlp {
+            let n = events.len() as u64;
+            if tx.try_send(events).is_err() {
+                let before = stats.otlp_dropped.fetch_add(n, Ordering::Relaxed);
+                if before == 0 || (before + n) / 1000 > before / 1000 {
+                    tracing::warn!(
+                        dropped_total = before + n,
+                        "audit export: OTLP queue full; records dropped from the export"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A decision record as the segment holds it (see `audit::DecisionRecord`).
+#[derive(Debug, Deserialize)]
+pub struct Record {
+    pub time_ms: u64,
+    pub request_id: String,
+    pub spiffe_id: String,
+    pub cert_thumbprint: String,
+    #[serde(default)]
+    pub jti: Option<String>,
+    pub method: String,
+    pub path: String,
+    #[serde(default)]
+    pub calls: Vec<RecordCall>,
+    #[serde(default)]
+    pub policy_ids: Vec<String>,
+    pub decision: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// One call of a record (tool arguments are not exported).
+#[derive(Debug, Deserialize)]
+pub struct RecordCall {
+    pub action: String,
+    pub resource_type: String,
+    pub resource_id: String,
+}
+
+/// One exported field's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Field {
+    Str(String),
+    Int(i64),
+    Strs(Vec<String>),
+}
+
+impl Field {
+    fn json(&self) -> Value {
+        match self {
+            Field::Str(s) => Value::from(s.as_str()),
+            Field::Int(i) => Value::from(*i),
+            Field::Strs(v) => Value::from(v.clone()),
+        }
+    }
+
+    /// The OTLP `AnyValue` (protobuf JSON mapping: int64 as a string).
+    fn otlp(&self) -> Value {
+        match self {
+            Field::Str(s) => json!({ "stringValue": s }),
+            Field::Int(i) => json!({ "intValue": i.to_string() }),
+            Field::Strs(v) => json!({
+                "arrayValue": {
+                    "values": v.iter().map(|s| json!({ "stringValue": s })).collect::<Vec<_>>()
+                }
+            }),
+        }
+    }
+}
+
+/// One decision, mapped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub time_ms: u64,
+    pub allow: bool,
+    /// ECS field name → value, in a fixed order.
+    pub fields: Vec<(&'static str, Field)>,
+}
+
+/// Fields that OTLP carries outside the attributes (timeUnixNano, body, severity, resource).
+const NOT_OTLP_ATTRIBUTES: &[&str] = &["@timestamp", "message", "log.level", "service.name"];
+
+impl Event {
+    pub fn new(r: &Record, service: &str) -> Self {
+        let allow = r.decision == "allow";
+        Self {
+            time_ms: r.time_ms,
+            allow,
+            fields: ecs_fields(r, service),
+        }
+    }
+
+    /// The ECS document: dotted names become nested objects.
+    pub fn ecs_json(&self) -> Value {
+        let mut doc = Map::new();
+        for (k, v) in &self.fields {
+            insert_nested(&mut doc, k, v.json());
+        }
+        Value::Object(doc)
+    }
+
+    /// The OTLP `LogRecord` (protobuf JSON mapping).
+    pub fn otlp_record(&self) -> Value {
+        let (number, text) = if self.allow {
+            (9, "INFO")
+        } else {
+            (13, "WARN")
+        };
+        let nanos = (u128::from(self.time_ms) * 1_000_000).to_string();
+        let message = self
+            .fields
+            .iter()
+            .find(|(k, _)| *k == "message")
+            .map(|(_, v)| v.json())
+            .unwrap_or_default();
+        let attributes: Vec<Value> = self
+            .fields
+            .iter()
+            .filter(|(k, _)| !NOT_OTLP_ATTRIBUTES.contains(k))
+            .map(|(k, v)| json!({ "key": k, "value": v.otlp() }))
+            .collect();
+        json!({
+            "timeUnixNano": nanos,
+            "observedTimeUnixNano": nanos,
+            "severityNumber": number,
+            "severityText": text,
+            "body": { "stringValue": message },
+            "attributes": attributes,
+        })
+    }
+}
+
+fn insert_nested(map: &mut Map<String, Value>, key: &str, value: Value) {
+    if let Some((head, rest)) = key.split_once('.') {
+        let slot = map
+            .entry(head.to_owned())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(inner) = slot {
+            return insert_nested(inner, rest, value);
+        }
+    }
+    // No dot, or the prefix already holds a value: keep the name as it is.
+    map.insert(key.to_owned(), value);
+}
+
+/// The ECS-style fields of one decision (see docs/architecture.md, "SIEM export").
+pub fn ecs_fields(r: &Record, service: &str) -> Vec<(&'static str, Field)> {
+    use Field::{Str, Strs};
+    let allow = r.decision == "allow";
+    let first = r.calls.first();
+    let action = first.map_or("request", |c| c.action.as_str());
+    let calls: Vec<String> = r
+        .calls
+        .iter()
+        .map(|c| format!("{} {}::{:?}", c.action, c.resource_type, c.resource_id))
+        .collect();
+    let what = match calls.as_slice() {
+        [] => format!("{} {}", r.method, r.path),
+        [one] => one.clone(),
+        [one, rest @ ..] => format!("{one} (+{} more)", rest.len()),
+    };
+    let message = format!("{} {} {what}: {}", r.decision, r.spiffe_id, r.reason);
+    let mut f: Vec<(&'static str, Field)> = vec![
+        ("@timestamp", Str(rfc3339_ms(r.time_ms))),
+        ("message", Str(message)),
+        ("log.level", Str(if allow { "info" } else { "warn" }.into())),
+        ("event.kind", Str("event".into())),
+        ("event.category", Strs(vec!["iam".into()])),
+        (
+            "event.type",
+            Strs(vec![if allow { "allowed" } else { "denied" }.into()]),
+        ),
+        ("event.action", Str(action.to_owned())),
+        (
+            "event.outcome",
+            Str(if allow { "success" } else { "failure" }.into()),
+        ),
+        ("event.reason", Str(r.reason.clone())),
+        ("event.id", Str(r.request_id.clone())),
+        ("event.module", Str("sigil".into())),
+        ("event.dataset", Str("sigil.audit".into())),
+        ("service.name", Str(service.to_owned())),
+        ("user.id", Str(r.spiffe_id.clone())),
+        ("source.user.id", Str(r.spiffe_id.clone())),
+    ];
+    if let Some(hex) = b64url_sha256_to_hex(&r.cert_thumbprint) {
+        f.push(("tls.client.hash.sha256", Str(hex)));
+    }
+    f.push(("sigil.cert_thumbprint", Str(r.cert_thumbprint.clone())));
+    if let Some(jti) = &r.jti {
+        f.push(("sigil.token.jti", Str(jti.clone())));
+    }
+    f.extend([
+        ("http.request.method", Str(r.method.clone())),
+        ("url.path", Str(r.path.clone())),
+        ("sigil.decision", Str(r.decision.clone())),
+        ("sigil.policy_ids", Strs(r.policy_ids.clone())),
+    ]);
+    if let Some(c) = first {
+        f.push(("sigil.resource.type", Str(c.resource_type.clone())));
+        f.push(("sigil.resource.id", Str(c.resource_id.clone())));
+    }
+    f.push((
+        "sigil.call_count",
+        Field::Int(i64::try_from(r.calls.len()).unwrap_or(i64::MAX)),
+    ));
+    f.push(("sigil.calls", Strs(calls)));
+    f
+}
+
+/// The uppercase hex of a base64url (unpadded) SHA-256, as ECS wants hashes; `None` if it is
+/// not one.
+fn b64url_sha256_to_hex(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(32);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.trim_end_matches('=').bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(((acc >> bits) & 0xff) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    (out.len() == 32).then(|| hex::encode_upper(out))
+}
+
+/// RFC 3339 UTC with milliseconds, e.g. `2023-11-14T22:13:20.123Z`.
+pub fn rfc3339_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let milli = ms % 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let sod = secs % 86_400;
+    // Days to civil date (H. Hinnant, "chrono-Compatible Low-Level Date Algorithms").
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    )
+}
+
+/// The resource and scope around log records.
+struct OtlpBody {
+    resource: Value,
+}
+
+impl OtlpBody {
+    fn new(cfg: &ExportConfig) -> Self {
+        let mut attrs = vec![
+            json!({ "key": "service.name", "value": { "stringValue": cfg.service_name } }),
+            json!({ "key": "service.version", "value": { "stringValue": env!("CARGO_PKG_VERSION") } }),
+        ];
+        attrs.extend(
+            cfg.resource
+                .iter()
+                .map(|(k, v)| json!({ "key": k, "value": { "stringValue": v } })),
+        );
+        Self {
+            resource: json!({ "attributes": attrs }),
+        }
+    }
+
+    /// The `ExportLogsServiceRequest` for `events`.
+    fn request(&self, events: &[Event]) -> Value {
+        json!({
+            "resourceLogs": [{
+                "resource": self.resource,
+                "scopeLogs": [{
+                    "scope": { "name": "sigil.audit", "version": env!("CARGO_PKG_VERSION") },
+                    "logRecords": events.iter().map(Event::otlp_record).collect::<Vec<_>>(),
+                }],
+            }],
+        })
+    }
+}
+
+struct OtlpPoster {
+    client: Client<HttpConnector, Full<Bytes>>,
+    url: Uri,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Why a post failed, and whether trying again may help.
+struct PostError {
+    retry: bool,
+    message: String,
+}
+
+impl OtlpPoster {
+    fn new(cfg: &OtlpConfig) -> anyhow::Result<Self> {
+        let url: Uri = cfg.url.parse().context("audit_otlp_endpoint")?;
+        let headers = cfg
+            .headers
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    HeaderName::try_from(k.as_str()).ok()?,
+                    HeaderValue::try_from(v.as_str()).ok()?,
+                ))
+            })
+            .collect();
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(OTLP_TIMEOUT));
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(Self {
+            client,
+            url,
+            headers,
+        })
+    }
+
+    async fn post(&self, body: Bytes) -> Result<(), PostError> {
+        let fail = |retry, message: String| PostError { retry, message };
+        let mut req = http::Request::post(self.url.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| fail(false, e.to_string()))?;
+        for (k, v) in &self.headers {
+            req.headers_mut().insert(k.clone(), v.clone());
+        }
+        let resp = tokio::time::timeout(OTLP_TIMEOUT, self.client.request(req))
+            .await
+            .map_err(|_| fail(true, "no answer in 10 s".into()))?
+            .map_err(|e| fail(true, e.to_string()))?;
+        let status = resp.status();
+        let body = tokio::time::timeout(OTLP_TIMEOUT, resp.into_body().collect())
+            .await
+            .map_err(|_| fail(true, "answer body timed out".into()))?
+            .map_err(|e| fail(true, e.to_string()))?
+            .to_bytes();
+        if status.is_success() {
+            // A partial success names what the receiver rejected.
+            if let Ok(v) = serde_json::from_slice::<Value>(&body)
+                && let Some(p) = v.get("partialSuccess")
+                && p.get("rejectedLogRecords").is_some()
+            {
+                tracing::warn!(partial_success = %p, "audit export: OTLP receiver rejected records");
+            }
+            return Ok(());
+        }
+        let retry = matches!(status.as_u16(), 429 | 502 | 503 | 504);
+        Err(fail(
+            retry,
+            format!(
+                "HTTP {}: {}",
+                status.as_u16(),
+                String::from_utf8_lossy(body.get(..body.len().min(300)).unwrap_or_default()).trim()
+            ),
+        ))
+    }
+}
+
+async fn otlp_loop(
+    poster: OtlpPoster,
+    body: OtlpBody,
+    mut rx: mpsc::Receiver<Vec<Event>>,
+    stats: Arc<ExportStats>,
+) {
+    let mut pending: Vec<Event> = Vec::new();
+    let mut deadline = tokio::time::Instant::now();
+    loop {
+        let open = tokio::select! {
+            got = rx.recv() => match got {
+                Some(evs) => {
+                    if pending.is_empty() {
+                        deadline = tokio::time::Instant::now() + OTLP_LINGER;
+                    }
+                    pending.extend(evs);
+                    true
+                }
+                None => false,
+            },
+            () = tokio::time::sleep_until(deadline), if !pending.is_empty() => {
+                deadline = tokio::time::Instant::now();
+                true
+            }
+        };
+        let due =
+            !open || pending.len() >= OTLP_MAX_BATCH || tokio::time::Instant::now() >= deadline;
+        while due && !pending.is_empty() {
+            let take = pending.len().min(OTLP_MAX_BATCH);
+            let batch: Vec<Event> = pending.drain(..take).collect();
+            send_batch(&poster, &body, &batch, &stats).await;
+        }
+        if !open {
+            return;
+        }
+    }
+}
+
+async fn send_batch(poster: &OtlpPoster, body: &OtlpBody, batch: &[Event], stats: &ExportStats) {
+    let n = batch.len() as u64;
+    let bytes = match serde_json::to_vec(&body.request(batch)) {
+        Ok(b) => Bytes::from(b),
+        Err(e) => {
+            tracing::warn!(error = %e, "audit export: OTLP body not serialized");
+            stats.otlp_dropped.fetch_add(n, Ordering::Relaxed);
+            return;
+        }
+    };
+    let mut wait = Duration::from_millis(200);
+    for attempt in 1..=OTLP_ATTEMPTS {
+        match poster.post(bytes.clone()).await {
+            Ok(()) => {
+                stats.otlp_sent.fetch_add(n, Ordering::Relaxed);
+                return;
+            }
+            Err(e) if e.retry && attempt < OTLP_ATTEMPTS => {
+                tracing::debug!(error = %e.message, attempt, "audit export: OTLP post failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            Err(e) => {
+                let total = stats.otlp_dropped.fetch_add(n, Ordering::Relaxed) + n;
+                tracing::warn!(
+                    error = %e.message,
+                    records = n,
+                    dropped_total = total,
+                    "audit export: OTLP batch dropped (the records are in the audit segment)"
+                );
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(decision: &str) -> Record {
+        serde_json::from_value(json!({
+            "time_ms": 1_700_000_000_123u64,
+            "request_id": "req-1",
+            "spiffe_id": "spiffe://td.test/agent",
+            // SHA-256 of "abc", base64url.
+            "cert_thumbprint": "ungWv48Bz-pBQUDeXa4iI7ADYaOWF3qctBD_YfIAFa0",
+            "jti": "tok-1",
+            "method": "POST",
+            "path": "/mcp",
+            "calls": [
+                {"action": "call_tool", "resource_type": "Tool", "resource_id": "read_file",
+                 "arguments": {"path": "/etc/passwd"}},
+                {"action": "call_tool", "resource_type": "Tool", "resource_id": "grep"}
+            ],
+            "policy_ids": ["p1", "p2"],
+            "decision": decision,
+            "reason": "permitted by policy"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339_ms(253_402_300_799_999), "9999-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn thumbprints_become_uppercase_hex() {
+        assert_eq!(
+            b64url_sha256_to_hex("ungWv48Bz-pBQUDeXa4iI7ADYaOWF3qctBD_YfIAFa0").as_deref(),
+            Some("BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD")
+        );
+        assert_eq!(b64url_sha256_to_hex("abc"), None);
+        assert_eq!(b64url_sha256_to_hex("t"), None);
+    }
+
+    #[test]
+    fn allow_and_deny_map_to_ecs() {
+        let allow = Event::new(&record("allow"), "gw").ecs_json();
+        assert_eq!(allow["@timestamp"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(allow["event"]["kind"], "event");
+        assert_eq!(allow["event"]["category"], json!(["iam"]));
+        assert_eq!(allow["event"]["type"], json!(["allowed"]));
+        assert_eq!(allow["event"]["action"], "call_tool");
+        assert_eq!(allow["event"]["outcome"], "success");
+        assert_eq!(allow["event"]["reason"], "permitted by policy");
+        assert_eq!(allow["event"]["id"], "req-1");
+        assert_eq!(allow["user"]["id"], "spiffe://td.test/agent");
+        assert_eq!(allow["source"]["user"]["id"], "spiffe://td.test/agent");
+        assert_eq!(
+            allow["tls"]["client"]["hash"]["sha256"],
+            "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD"
+        );
+        assert_eq!(
+            allow["sigil"]["cert_thumbprint"],
+            "ungWv48Bz-pBQUDeXa4iI7ADYaOWF3qctBD_YfIAFa0"
+        );
+        assert_eq!(allow["sigil"]["token"]["jti"], "tok-1");
+        assert_eq!(allow["sigil"]["policy_ids"], json!(["p1", "p2"]));
+        assert_eq!(allow["sigil"]["resource"]["type"], "Tool");
+        assert_eq!(allow["sigil"]["resource"]["id"], "read_file");
+        assert_eq!(
+            allow["sigil"]["calls"],
+            json!(["call_tool Tool::\"read_file\"", "call_tool Tool::\"grep\""])
+        );
+        assert_eq!(allow["sigil"]["call_count"], 2);
+        assert_eq!(allow["url"]["path"], "/mcp");
+        assert_eq!(allow["http"]["request"]["method"], "POST");
+        assert_eq!(allow["service"]["name"], "gw");
+        assert_eq!(allow["log"]["level"], "info");
+        assert_eq!(
+            allow["message"],
+            "allow spiffe://td.test/agent call_tool Tool::\"read_file\" (+1 more): permitted by policy"
+        );
+        // Tool arguments are not exported.
+        assert!(!allow.to_string().contains("passwd"));
+
+        let mut r = record("deny");
+        r.calls.clear();
+        r.jti = None;
+        r.reason = "missing bearer token".into();
+        let deny = Event::new(&r, "gw").ecs_json();
+        assert_eq!(deny["event"]["outcome"], "failure");
+        assert_eq!(deny["event"]["type"], json!(["denied"]));
+        assert_eq!(deny["event"]["action"], "request");
+        assert_eq!(deny["log"]["level"], "warn");
+        assert!(deny["sigil"]["token"].is_null());
+        assert!(deny["sigil"]["resource"].is_null());
+        assert_eq!(
+            deny["message"],
+            "deny spiffe://td.test/agent POST /mcp: missing bearer token"
+        );
+    }
+
+    #[test]
+    fn otlp_request_has_the_protobuf_json_shape() {
+        let cfg = ExportConfig {
+            jsonl: None,
+            otlp: None,
+            service_name: "gw".into(),
+            resource: vec![("deployment.environment".into(), "test".into())],
+        };
+        let events = [
+            Event::new(&record("allow"), "gw"),
+            Event::new(&record("deny"), "gw"),
+        ];
+        let req = OtlpBody::new(&cfg).request(&events);
+        let rl = &req["resourceLogs"][0];
+        assert_eq!(
+            rl["resource"]["attributes"][0],
+            json!({"key": "service.name", "value": {"stringValue": "gw"}})
+        );
+        assert_eq!(
+            rl["resource"]["attributes"][2]["key"],
+            "deployment.environment"
+        );
+        let recs = rl["scopeLogs"][0]["logRecords"].as_array().unwrap();
+        assert_eq!(rl["scopeLogs"][0]["scope"]["name"], "sigil.audit");
+        assert_eq!(recs.len(), 2);
+        let (a, d) = (&recs[0], &recs[1]);
+        assert_eq!(a["timeUnixNano"], "1700000000123000000");
+        assert_eq!(
+            (a["severityNumber"].clone(), a["severityText"].clone()),
+            (json!(9), json!("INFO"))
+        );
+        assert_eq!(
+            (d["severityNumber"].clone(), d["severityText"].clone()),
+            (json!(13), json!("WARN"))
+        );
+        assert!(
+            a["body"]["stringValue"]
+                .as_str()
+                .unwrap()
+                .starts_with("allow ")
+        );
+        let attr = |r: &Value, k: &str| {
+            r["attributes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["key"] == k)
+                .map(|a| a["value"].clone())
+        };
+        assert_eq!(
+            attr(a, "event.outcome"),
+            Some(json!({"stringValue": "success"}))
+        );
+        assert_eq!(
+            attr(d, "event.outcome"),
+            Some(json!({"stringValue": "failure"}))
+        );
+        assert_eq!(
+            attr(a, "sigil.policy_ids"),
+            Some(json!({"arrayValue": {"values": [{"stringValue": "p1"}, {"stringValue": "p2"}]}}))
+        );
+        assert_eq!(attr(a, "sigil.call_count"), Some(json!({"intValue": "2"})));
+        // Carried outside the attributes.
+        for k in NOT_OTLP_ATTRIBUTES {
+            assert_eq!(attr(a, k), None, "{k}");
+        }
+    }
+
+    #[test]
+    fn settings_come_from_the_config_or_the_otel_environment() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let none = env(&[]);
+        assert_eq!(ExportConfig::resolve(None, None, &none), Ok(None));
+        let c = ExportConfig::resolve(Some("stdout"), None, &none)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.jsonl.as_deref(), c.otlp, c.service_name.as_str()),
+            (Some("stdout"), None, "sigil-proxy")
+        );
+        let c = ExportConfig::resolve(None, Some("http://127.0.0.1:4318/"), &none)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.otlp.unwrap().url, "http://127.0.0.1:4318/v1/logs");
+        let vars = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=a%20b,bad,x-tenant=t1",
+            ),
+            ("OTEL_SERVICE_NAME", "edge-gw"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "service.name=ignored,host.name=cam-3",
+            ),
+        ]);
+        let c = ExportConfig::resolve(None, None, &vars).unwrap().unwrap();
+        let o = c.otlp.unwrap();
+        assert_eq!(o.url, "http://collector:4318/v1/logs");
+        assert_eq!(
+            o.headers,
+            [
+                ("api-key".to_owned(), "a b".to_owned()),
+                ("x-tenant".into(), "t1".into())
+            ]
+        );
+        assert_eq!(c.service_name, "edge-gw");
+        assert_eq!(c.resource, [("host.name".to_owned(), "cam-3".to_owned())]);
+        // The logs-specific variable is a full URL; the config key wins over both.
+        let vars = env(&[
+            ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://c:1/custom/logs"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:2"),
+        ]);
+        let url = |k: Option<&str>| {
+            ExportConfig::resolve(None, k, &vars)
+                .unwrap()
+                .unwrap()
+                .otlp
+                .unwrap()
+                .url
+        };
+        assert_eq!(url(None), "http://c:1/custom/logs");
+        assert_eq!(url(Some("http://c:3")), "http://c:3/v1/logs");
+        assert!(
+            ExportConfig::resolve(None, Some("https://c:3"), &none)
+                .unwrap_err()
+                .contains("https")
+        );
+        assert!(ExportConfig::resolve(None, Some("c:3"), &none).is_err());
+        assert!(ExportConfig::resolve(Some(""), None, &none).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_durable_records_are_exported_as_json_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("export.jsonl");
+        let cfg = ExportConfig::resolve(Some(out.to_str().unwrap()), None, &|_| None)
+            .unwrap()
+            .unwrap();
+        let rec = |i: usize, decision| crate::audit::DecisionRecord {
+            time_ms: 1_700_000_000_000,
+            request_id: format!("r{i}"),
+            spiffe_id: "spiffe://td/a".into(),
+            cert_thumbprint: "t".into(),
+            jti: None,
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            calls: Vec::new(),
+            policy_ids: Vec::new(),
+            decision,
+            reason: "r".into(),
+        };
+        let (sink, _tasks) = spawn(cfg.clone()).unwrap();
+        let log =
+            crate::audit::AuditLog::open_with_export(&dir.path().join("audit.log"), Some(sink))
+                .unwrap();
+        for i in 0..5 {
+            let d = if i % 2 == 0 { "allow" } else { "deny" };
+            log.record(&rec(i, d)).await.unwrap();
+        }
+        // A segment that cannot be written exports nothing.
+        let (sink, _tasks2) = spawn(cfg).unwrap();
+        let full =
+            crate::audit::AuditLog::open_with_export(std::path::Path::new("/dev/full"), Some(sink))
+                .unwrap();
+        assert!(full.record(&rec(9, "allow")).await.is_err());
+        let mut lines = Vec::new();
+        for _ in 0..100 {
+            lines = std::fs::read_to_string(&out)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .collect();
+            if lines.len() >= 5 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let outcomes: Vec<&str> = lines
+            .iter()
+            .map(|l| l["event"]["outcome"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            outcomes,
+            ["success", "failure", "success", "failure", "success"]
+        );
+        assert_eq!(lines[4]["event"]["id"], "r4");
+        assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_without_blocking() {
+        let (tx, _rx) = mpsc::channel(1);
+        let sink = ExportSink {
+            tx,
+            stats: Arc::new(ExportStats::default()),
+        };
+        sink.offer(vec![b"a".to_vec()]);
+        sink.offer(vec![b"b".to_vec(), b"c".to_vec()]);
+        assert_eq!(sink.stats.dropped_queue.load(Ordering::Relaxed), 2);
+    }
+}
