@@ -114,6 +114,9 @@ struct Inner {
     open_connections: Gauge,
     svid_expiry: Gauge,
     policies: Gauge,
+    /// Only present while the set in force came from a signed bundle.
+    bundle_expiry: Family<[(&'static str, &'static str); 0], Gauge>,
+    bundle_revision: Family<[(&'static str, &'static str); 0], Gauge>,
 }
 
 /// Decrements `sigil_proxy_open_connections` when the connection ends.
@@ -290,8 +293,22 @@ impl Inner {
             "sigil_proxy_policies",
             "Cedar policies in the set in force",
         );
+        let bundle_expiry = Family::<[(&'static str, &'static str); 0], Gauge>::default();
+        registry.register(
+            "sigil_proxy_policy_bundle_expiry_seconds",
+            "Seconds until the signed policy bundle in force expires (absent without a bundle)",
+            bundle_expiry.clone(),
+        );
+        let bundle_revision = Family::<[(&'static str, &'static str); 0], Gauge>::default();
+        registry.register(
+            "sigil_proxy_policy_bundle_revision",
+            "Revision of the signed policy bundle in force (absent without a bundle)",
+            bundle_revision.clone(),
+        );
         Self {
             registry,
+            bundle_expiry,
+            bundle_revision,
             requests,
             request_duration,
             upstream_duration,
@@ -329,8 +346,22 @@ impl Exporter for ProxyExporter {
             return Ok(());
         };
         inner.svid_expiry.set(self.svid_expiry().unwrap_or(0));
-        let n = self.policies.load().len();
-        inner.policies.set(i64::try_from(n).unwrap_or(i64::MAX));
+        let engine = self.policies.load();
+        inner
+            .policies
+            .set(i64::try_from(engine.len()).unwrap_or(i64::MAX));
+        match engine.bundle() {
+            Some((revision, not_after)) => {
+                let left = sigil_metrics::seconds_until(not_after, self.clock.now());
+                inner.bundle_expiry.get_or_create(&[]).set(left);
+                let revision = i64::try_from(revision).unwrap_or(i64::MAX);
+                inner.bundle_revision.get_or_create(&[]).set(revision);
+            }
+            None => {
+                inner.bundle_expiry.clear();
+                inner.bundle_revision.clear();
+            }
+        }
         sigil_metrics::prometheus_client::encoding::text::encode(out, &inner.registry)
     }
 
@@ -340,6 +371,12 @@ impl Exporter for ProxyExporter {
             Some(s) if s <= 0 => Err("serving SVID expired".to_owned()),
             Some(_) if self.enforce == Enforce::Full && self.policies.load().is_empty() => {
                 Err("no policies loaded".to_owned())
+            }
+            Some(_)
+                if self.enforce == Enforce::Full
+                    && self.policies.load().expired(self.clock.now()) =>
+            {
+                Err("policy bundle expired".to_owned())
             }
             Some(_) => Ok(()),
         };

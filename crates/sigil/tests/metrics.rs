@@ -286,6 +286,12 @@ fn proxy_and_server_counters_match_a_scripted_run() {
         7.0
     );
     assert_eq!(value(&m, "sigil_proxy_policies"), 1.0);
+    // Policies from a directory, not a signed bundle: no bundle series.
+    assert!(
+        !m.keys()
+            .any(|k| k.starts_with("sigil_proxy_policy_bundle_")),
+        "{m:?}"
+    );
     let expiry = value(&m, "sigil_proxy_svid_expiry_seconds");
     assert!(expiry > 0.0 && expiry <= 24.0 * 3600.0, "{expiry}");
 
