@@ -442,3 +442,65 @@ fn agent_metrics_and_readiness() {
     assert!(ok, "{out}{err}");
     assert!(out.contains("server sync: connected"), "{out}");
 }
+
+/// Readiness follows the serving SVID's validity: an in-process proxy on a manual clock turns
+/// not ready once its SVID's notAfter has passed, and ready again when it is valid at the
+/// clock's time (as after a rotation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_readiness_follows_its_svid_validity() {
+    use sigil_core::{Clock, ManualClock, SystemClock};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let s = tokio::task::block_in_place(|| Server::start(&dir.join("srv"), &[]));
+    let pdir = dir.join("proxy");
+    let minted = tokio::task::block_in_place(|| s.mint(&format!("spiffe://{TD}/proxy"), &pdir));
+    let bundle = dir.join("bundle.json");
+    let out = tokio::task::block_in_place(|| s.sigil(&["bundle", "show"]));
+    std::fs::write(&bundle, &out.stdout).unwrap();
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("p.cedar"), POLICY).unwrap();
+    let cfg = format!(
+        "trust_domain = \"{TD}\"\nlisten_addr = \"127.0.0.1:0\"\nmetrics_addr = \"127.0.0.1:0\"\n\
+         upstream = \"http://127.0.0.1:1\"\naudience = \"model-gw\"\nissuer = \"{}\"\n\
+         cert = \"{}\"\nkey = \"{}\"\nbundle = \"{}\"\npolicy_dir = \"{}\"\naudit_log = \"{}\"\n",
+        s.url(""),
+        pdir.join("svid.pem").display(),
+        pdir.join("key.pem").display(),
+        bundle.display(),
+        policies.display(),
+        dir.join("audit.log").display(),
+    );
+    let cfg: sigil_proxy::ProxyConfig = toml::from_str(&cfg).unwrap();
+    let now = SystemClock.now();
+    let clock = ManualClock::new(now);
+    let proxy = sigil_proxy::start(cfg, std::sync::Arc::new(clock.clone()))
+        .await
+        .unwrap();
+    let addr = proxy.metrics_addr.unwrap().to_string();
+    let probe = |addr: String| tokio::task::spawn_blocking(move || http_get(&addr, "/readyz"));
+    assert_eq!(probe(addr.clone()).await.unwrap().0, 200, "{minted}");
+
+    // Past the SVID's notAfter (admin-minted SVIDs live an hour by default).
+    clock.set(now + 2 * 3600);
+    let (status, body) = probe(addr.clone()).await.unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("serving SVID expired"), "{body}");
+    let m = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || scrape(&addr)
+    })
+    .await
+    .unwrap();
+    assert!(value(&m, "sigil_proxy_svid_expiry_seconds") < 0.0);
+    let (ok, out, _) = tokio::task::block_in_place(|| {
+        run(Command::new(common::sigil_bin()).args(["status", "--metrics-addr", &addr]))
+    });
+    assert!(!ok, "sigil status must fail when not ready: {out}");
+    assert!(out.contains("NOT READY: serving SVID expired"), "{out}");
+
+    // Valid again at the clock's time: ready again.
+    clock.set(now);
+    assert_eq!(probe(addr).await.unwrap().0, 200);
+    proxy.shutdown();
+}
