@@ -1061,6 +1061,87 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 5);
     }
 
+    /// A receiver answering `statuses` in turn (then 200); the bodies it got.
+    async fn receiver(statuses: Vec<u16>) -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let statuses = Arc::new(std::sync::Mutex::new(statuses));
+        let seen = got.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (seen, statuses) = (seen.clone(), statuses.clone());
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (seen, statuses) = (seen.clone(), statuses.clone());
+                        async move {
+                            assert_eq!(req.uri().path(), "/v1/logs");
+                            assert_eq!(req.headers()["content-type"], "application/json");
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            seen.lock()
+                                .unwrap()
+                                .push(serde_json::from_slice::<Value>(&body).unwrap());
+                            let mut st = statuses.lock().unwrap();
+                            let code = if st.is_empty() { 200 } else { st.remove(0) };
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(code)
+                                    .body(Full::new(Bytes::from_static(b"{}")))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        (url, got)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn otlp_batches_are_retried_then_dropped() {
+        let events: Vec<Event> = (0..3).map(|_| Event::new(&record("allow"), "gw")).collect();
+        let cfg = ExportConfig::resolve(None, Some("http://127.0.0.1:1"), &|_| None)
+            .unwrap()
+            .unwrap();
+        let body = OtlpBody::new(&cfg);
+        // Two 503s, then accepted: sent, three posts.
+        let (url, got) = receiver(vec![503, 503]).await;
+        let poster = OtlpPoster::new(&OtlpConfig {
+            url: format!("{url}/v1/logs"),
+            headers: Vec::new(),
+        })
+        .unwrap();
+        let stats = ExportStats::default();
+        send_batch(&poster, &body, &events, &stats).await;
+        assert_eq!(stats.otlp_sent.load(Ordering::Relaxed), 3);
+        assert_eq!(got.lock().unwrap().len(), 3);
+        // Refused (400): dropped at once; retryable every time: dropped after 3 tries.
+        let (url, got) = receiver(vec![400, 503, 503, 503]).await;
+        let poster = OtlpPoster::new(&OtlpConfig {
+            url: format!("{url}/v1/logs"),
+            headers: Vec::new(),
+        })
+        .unwrap();
+        send_batch(&poster, &body, &events, &stats).await;
+        assert_eq!(got.lock().unwrap().len(), 1);
+        send_batch(&poster, &body, &events, &stats).await;
+        assert_eq!(got.lock().unwrap().len(), 4);
+        assert_eq!(stats.otlp_dropped.load(Ordering::Relaxed), 6);
+        // Nothing listening: dropped too, without hanging.
+        let poster = OtlpPoster::new(&OtlpConfig {
+            url: "http://127.0.0.1:1/v1/logs".into(),
+            headers: Vec::new(),
+        })
+        .unwrap();
+        send_batch(&poster, &body, &events, &stats).await;
+        assert_eq!(stats.otlp_dropped.load(Ordering::Relaxed), 9);
+        assert_eq!(stats.otlp_sent.load(Ordering::Relaxed), 3);
+    }
+
     #[tokio::test]
     async fn a_full_queue_drops_without_blocking() {
         let (tx, _rx) = mpsc::channel(1);
