@@ -61,20 +61,9 @@ pub struct ProxyArgs {
     /// Path where the upstream serves MCP (default /mcp).
     #[arg(long)]
     pub mcp_path: Option<String>,
-    /// Ship the audit records to this trust authority (https://host:port), acknowledged by
-    /// index in its audit Merkle log.
-    #[arg(long)]
-    pub audit_ship_to: Option<String>,
-    /// Export the durable audit records as ECS-style JSON lines to `stdout` or a file.
-    #[arg(long)]
-    pub audit_export: Option<String>,
-    /// Export the audit records as OpenTelemetry logs to this OTLP/HTTP base URL
-    /// (http://host:4318; default: OTEL_EXPORTER_OTLP_LOGS_ENDPOINT / _ENDPOINT).
-    #[arg(long)]
-    pub audit_otlp_endpoint: Option<String>,
-    /// The audit segment (see `sigil audit show`).
-    #[arg(long)]
-    pub audit_log: Option<PathBuf>,
+    /// The audit flags (boxed: keeps the `Command` enum's variants of similar size).
+    #[command(flatten)]
+    pub audit: Box<AuditArgs>,
     /// Largest request body in bytes (413 beyond).
     #[arg(long)]
     pub max_body_bytes: Option<i64>,
@@ -90,6 +79,25 @@ pub struct ProxyArgs {
     /// Serve Prometheus /metrics, /healthz and /readyz here (plain HTTP; use loopback).
     #[arg(long)]
     pub metrics_addr: Option<String>,
+}
+
+/// Where the audit records go.
+#[derive(Debug, Default, clap::Args)]
+pub struct AuditArgs {
+    /// The audit segment (see `sigil audit show`).
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// Ship the audit records to this trust authority (https://host:port), acknowledged by
+    /// index in its audit Merkle log.
+    #[arg(long)]
+    pub audit_ship_to: Option<String>,
+    /// Export the durable audit records as ECS-style JSON lines to `stdout` or a file.
+    #[arg(long)]
+    pub audit_export: Option<String>,
+    /// Export the audit records as OpenTelemetry logs to this OTLP/HTTP base URL
+    /// (http://host:4318; default: OTEL_EXPORTER_OTLP_LOGS_ENDPOINT / _ENDPOINT).
+    #[arg(long)]
+    pub audit_otlp_endpoint: Option<String>,
 }
 
 impl ProxyArgs {
@@ -119,10 +127,10 @@ impl ProxyArgs {
         ]
         .into_iter()
         .chain([
-            ("audit_log", p(&self.audit_log)),
-            ("audit_ship_to", s(&self.audit_ship_to)),
-            ("audit_export", s(&self.audit_export)),
-            ("audit_otlp_endpoint", s(&self.audit_otlp_endpoint)),
+            ("audit_log", p(&self.audit.audit_log)),
+            ("audit_ship_to", s(&self.audit.audit_ship_to)),
+            ("audit_export", s(&self.audit.audit_export)),
+            ("audit_otlp_endpoint", s(&self.audit.audit_otlp_endpoint)),
             ("mcp_path", s(&self.mcp_path)),
             ("policy_dir", p(&self.policy_dir)),
             ("policy_source", s(&self.policy_source)),
