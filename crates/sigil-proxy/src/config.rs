@@ -108,7 +108,7 @@ pub struct ProxyConfig {
 }
 
 /// A token bucket per caller for one model or tool.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceRateLimit {
     /// `Model` or `Tool`.
@@ -206,6 +206,15 @@ impl ProxyConfig {
         "audit_export",
         "audit_otlp_endpoint",
     ];
+
+    /// The rate limits of the configuration (a policy bundle's `rate_limits` replace them).
+    pub fn limit_settings(&self) -> crate::ratelimit::LimitSettings {
+        crate::ratelimit::LimitSettings {
+            rate_limit_per_sec: self.rate_limit_per_sec,
+            rate_limit_burst: self.rate_limit_burst,
+            resource_rate_limits: self.resource_rate_limits.clone(),
+        }
+    }
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ProxyConfigError> {
@@ -316,33 +325,9 @@ impl ProxyConfig {
         if !(1024..=64 * 1024 * 1024).contains(&self.max_body_bytes) {
             return Err(bad("max_body_bytes", "must be between 1 KiB and 64 MiB"));
         }
-        if !(self.rate_limit_per_sec >= 0.0 && self.rate_limit_per_sec.is_finite()) {
-            return Err(bad("rate_limit_per_sec", "must be a number >= 0"));
-        }
-        if !(self.rate_limit_burst >= 1.0 && self.rate_limit_burst.is_finite()) {
-            return Err(bad("rate_limit_burst", "must be a number >= 1"));
-        }
-        let mut seen = std::collections::HashSet::new();
-        for l in &self.resource_rate_limits {
-            if !matches!(l.resource_type.as_str(), "Model" | "Tool") {
-                return Err(bad(
-                    "resource_rate_limits",
-                    "resource_type must be Model or Tool",
-                ));
-            }
-            if l.resource_id.is_empty() {
-                return Err(bad("resource_rate_limits", "resource_id must not be empty"));
-            }
-            if !(l.per_sec > 0.0 && l.per_sec.is_finite()) {
-                return Err(bad("resource_rate_limits", "per_sec must be a number > 0"));
-            }
-            if !(l.burst >= 1.0 && l.burst.is_finite()) {
-                return Err(bad("resource_rate_limits", "burst must be a number >= 1"));
-            }
-            if !seen.insert((&l.resource_type, &l.resource_id)) {
-                return Err(bad("resource_rate_limits", "a resource is listed twice"));
-            }
-        }
+        self.limit_settings()
+            .validate()
+            .map_err(|(key, message)| bad(key, message))?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(bad("log_format", "must be \"text\" or \"json\""));
         }

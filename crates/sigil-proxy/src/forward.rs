@@ -18,7 +18,7 @@ use crate::config::Enforce;
 use crate::extract::extract;
 use crate::filter::{FilterError, SseFilter, filter_models, filter_tools_json, tools_list_ids};
 use crate::metrics::{Metrics, Outcome};
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::Limits;
 use crate::token::{Expect, TokenCache, TokenError};
 use crate::upstream::Upstream;
 use crate::{Credentials, ProxyConfig};
@@ -96,9 +96,8 @@ pub struct Proxy {
     clock: Arc<dyn Clock>,
     tokens: TokenCache,
     policies: Arc<ArcSwap<PolicyEngine>>,
-    limits: RateLimiter,
-    /// Per identity × resource, keyed by (resource type, resource id).
-    resource_limits: std::collections::HashMap<(String, String), RateLimiter>,
+    /// Per identity and per identity × resource; from the config or the policy bundle.
+    limits: Arc<ArcSwap<Limits>>,
     audit: AuditLog,
     upstream: Upstream,
     revoked: tokio::sync::watch::Receiver<i64>,
@@ -130,20 +129,11 @@ impl Proxy {
         audit: AuditLog,
         policies: Arc<ArcSwap<PolicyEngine>>,
         revoked: tokio::sync::watch::Receiver<i64>,
+        limits: Arc<ArcSwap<Limits>>,
     ) -> Self {
         let upstream = Upstream::new(&cfg.upstream, cfg.upstream_http2);
         Self {
-            limits: RateLimiter::new(cfg.rate_limit_per_sec, cfg.rate_limit_burst),
-            resource_limits: cfg
-                .resource_rate_limits
-                .iter()
-                .map(|l| {
-                    (
-                        (l.resource_type.clone(), l.resource_id.clone()),
-                        RateLimiter::new(l.per_sec, l.burst),
-                    )
-                })
-                .collect(),
+            limits,
             metrics: Arc::new(Metrics::new(cfg.metrics_addr.is_some())),
             cfg,
             creds,
@@ -341,7 +331,11 @@ impl Proxy {
             record.reason = "token subject is not the certificate's SPIFFE ID".into();
             return Err(Deny::new(StatusCode::UNAUTHORIZED, record.reason.clone()));
         }
-        if let Err(wait) = self.limits.check(peer.spiffe_id.as_str(), Instant::now()) {
+        let limits = self.limits.load_full();
+        if let Err(wait) = limits
+            .per_identity
+            .check(peer.spiffe_id.as_str(), Instant::now())
+        {
             record.reason = "rate limit exceeded".into();
             return Err(Deny {
                 status: StatusCode::TOO_MANY_REQUESTS,
@@ -447,7 +441,7 @@ impl Proxy {
         // Limits per identity × model/tool, taken only once every call is permitted.
         for call in &record.calls {
             let key = (call.resource_type.to_owned(), call.resource_id.clone());
-            if let Some(limiter) = self.resource_limits.get(&key)
+            if let Some(limiter) = limits.resources.get(&key)
                 && let Err(wait) = limiter.check(peer.spiffe_id.as_str(), Instant::now())
             {
                 record.reason = format!(

@@ -24,6 +24,7 @@ mod workload;
 
 pub use audit::{AuditError, Scan as AuditScan, read_records, scan as scan_audit};
 pub use config::ProxyConfig;
+pub use ratelimit::LimitSettings;
 pub use credentials::Credentials;
 
 use std::net::SocketAddr;
@@ -107,7 +108,10 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         )?)),
         None => None,
     };
-    let policies = policy::start(&cfg, clock.clone())?;
+    let limits = Arc::new(ArcSwap::from_pointee(ratelimit::Limits::new(
+        cfg.limit_settings(),
+    )));
+    let policies = policy::start(&cfg, clock.clone(), limits.clone())?;
 
     let (metrics_at, metrics_policies, enforce) = (cfg.metrics_addr, policies.clone(), cfg.enforce);
     let state = Arc::new(forward::Proxy::new(
@@ -117,6 +121,7 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         audit,
         policies,
         revoked_rx,
+        limits,
     ));
     let metrics_listener = match metrics_at {
         Some(at) => Some(

@@ -9,6 +9,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+
+use crate::ratelimit::{LimitSettings, Limits};
 use sigil_policy::PolicyEngine;
 use sigil_policy::bundle::{Accepted, PolicyKeys, Verdict, verify};
 
@@ -160,6 +162,7 @@ pub fn watch_every(dir: Option<PathBuf>, current: Arc<ArcSwap<PolicyEngine>>, in
 pub fn start(
     cfg: &crate::ProxyConfig,
     clock: Arc<dyn sigil_core::Clock>,
+    limits: Arc<ArcSwap<Limits>>,
 ) -> anyhow::Result<Arc<ArcSwap<PolicyEngine>>> {
     match (cfg.policy_source, &cfg.workload_api_socket) {
         (crate::config::PolicySource::Agent, Some(socket)) => {
@@ -168,7 +171,8 @@ pub fn start(
                 cfg.trust_domain.name(),
                 revision_file(&cfg.audit_log),
                 current.clone(),
-            )?;
+            )?
+            .with_limits(limits, cfg.limit_settings());
             tracing::info!(
                 floor = follower.accepted_revision(),
                 "policies from the agent's signed bundles"
@@ -236,6 +240,8 @@ pub struct BundleFollower {
     /// The revision of the set in force (none before the first bundle since start).
     loaded: Option<u64>,
     current: Arc<ArcSwap<PolicyEngine>>,
+    /// The rate limits in force and the configuration's, used when a bundle carries none.
+    limits: Option<(Arc<ArcSwap<Limits>>, LimitSettings)>,
 }
 
 impl BundleFollower {
@@ -264,7 +270,14 @@ impl BundleFollower {
             accepted,
             loaded: None,
             current,
+            limits: None,
         })
+    }
+
+    /// Also applies the bundles' `rate_limits` (replacing `defaults`, the configuration's).
+    pub fn with_limits(mut self, limits: Arc<ArcSwap<Limits>>, defaults: LimitSettings) -> Self {
+        self.limits = Some((limits, defaults));
+        self
     }
 
     /// The highest accepted revision.
@@ -304,6 +317,15 @@ impl BundleFollower {
             .content
             .engine()
             .with_context(|| format!("bundle revision {} policies", b.content.revision))?;
+        // A bundle whose rate limits do not check is refused whole, like bad policies.
+        let settings = match (&self.limits, &b.content.rate_limits) {
+            (Some(_), Some(v)) if !v.is_null() => Some(
+                LimitSettings::from_bundle(v)
+                    .map_err(|e| anyhow::anyhow!("bundle revision {}: {e}", b.content.revision))?,
+            ),
+            (Some((_, defaults)), _) => Some(defaults.clone()),
+            (None, _) => None,
+        };
         let record = b.accepted();
         if self.accepted.as_ref() != Some(&record) {
             // INVARIANT: the floor is on disk before the new set is used.
@@ -311,6 +333,16 @@ impl BundleFollower {
                 .with_context(|| format!("writing {}", self.state_file.display()))?;
         }
         self.current.store(Arc::new(engine));
+        if let (Some((limits, _)), Some(settings)) = (&self.limits, settings) {
+            // Same settings: keep the buckets (and what callers have used of them).
+            if limits.load().settings != settings {
+                limits.store(Arc::new(Limits::new(settings)));
+                tracing::info!(
+                    revision = b.content.revision,
+                    "rate limits from the policy bundle in force"
+                );
+            }
+        }
         tracing::info!(
             revision = b.content.revision,
             key_id = %b.key_id,

@@ -1,7 +1,100 @@
-//! Rate limits per identity: a token bucket per SPIFFE ID.
+//! Rate limits: a token bucket per SPIFFE ID, and per SPIFFE ID × model/tool. The settings
+//! come from the proxy's configuration, or from the signed policy bundle when it carries
+//! `rate_limits` (same keys).
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::config::ResourceRateLimit;
+
+/// What the limits are: the configuration keys `rate_limit_per_sec`, `rate_limit_burst` and
+/// `[[resource_rate_limits]]`, also the shape of a policy bundle's `rate_limits`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Requests per second per identity (0 = unlimited).
+    #[serde(default)]
+    pub rate_limit_per_sec: f64,
+    /// Burst per identity.
+    #[serde(default = "default_burst")]
+    pub rate_limit_burst: f64,
+    /// Per identity × model/tool.
+    #[serde(default)]
+    pub resource_rate_limits: Vec<ResourceRateLimit>,
+}
+
+fn default_burst() -> f64 {
+    20.0
+}
+
+impl LimitSettings {
+    /// Checks the values; `Err((key, message))`.
+    pub fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        if !(self.rate_limit_per_sec >= 0.0 && self.rate_limit_per_sec.is_finite()) {
+            return Err(("rate_limit_per_sec", "must be a number >= 0"));
+        }
+        if !(self.rate_limit_burst >= 1.0 && self.rate_limit_burst.is_finite()) {
+            return Err(("rate_limit_burst", "must be a number >= 1"));
+        }
+        let key = "resource_rate_limits";
+        let mut seen = std::collections::HashSet::new();
+        for l in &self.resource_rate_limits {
+            if !matches!(l.resource_type.as_str(), "Model" | "Tool") {
+                return Err((key, "resource_type must be Model or Tool"));
+            }
+            if l.resource_id.is_empty() {
+                return Err((key, "resource_id must not be empty"));
+            }
+            if !(l.per_sec > 0.0 && l.per_sec.is_finite()) {
+                return Err((key, "per_sec must be a number > 0"));
+            }
+            if !(l.burst >= 1.0 && l.burst.is_finite()) {
+                return Err((key, "burst must be a number >= 1"));
+            }
+            if !seen.insert((&l.resource_type, &l.resource_id)) {
+                return Err((key, "a resource is listed twice"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings of a policy bundle's `rate_limits` value, checked.
+    pub fn from_bundle(v: &serde_json::Value) -> Result<Self, String> {
+        let s: Self = serde_json::from_value(v.clone()).map_err(|e| format!("rate_limits: {e}"))?;
+        s.validate()
+            .map_err(|(k, m)| format!("rate_limits: {k}: {m}"))?;
+        Ok(s)
+    }
+}
+
+/// The limiters in force; swapped whole when the settings change.
+pub struct Limits {
+    pub settings: LimitSettings,
+    pub per_identity: RateLimiter,
+    /// Keyed by (resource type, resource id).
+    pub resources: HashMap<(String, String), RateLimiter>,
+}
+
+impl Limits {
+    pub fn new(settings: LimitSettings) -> Self {
+        Self {
+            per_identity: RateLimiter::new(settings.rate_limit_per_sec, settings.rate_limit_burst),
+            resources: settings
+                .resource_rate_limits
+                .iter()
+                .map(|l| {
+                    (
+                        (l.resource_type.clone(), l.resource_id.clone()),
+                        RateLimiter::new(l.per_sec, l.burst),
+                    )
+                })
+                .collect(),
+            settings,
+        }
+    }
+}
 
 /// Token buckets by identity. `rate` tokens per second, at most `burst` saved up.
 pub struct RateLimiter {
@@ -54,6 +147,30 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bundle_settings_are_checked() {
+        let ok = serde_json::json!({
+            "rate_limit_per_sec": 5,
+            "resource_rate_limits": [{"resource_type": "Tool", "resource_id": "t", "per_sec": 1}]
+        });
+        let s = LimitSettings::from_bundle(&ok).unwrap();
+        assert_eq!((s.rate_limit_per_sec, s.rate_limit_burst), (5.0, 20.0));
+        let l = Limits::new(s);
+        assert!(
+            l.resources
+                .contains_key(&("Tool".to_owned(), "t".to_owned()))
+        );
+        for bad in [
+            serde_json::json!({"rate_limit_per_sec": -1}),
+            serde_json::json!({"rate_limit_burst": 0}),
+            serde_json::json!({"unknown": 1}),
+            serde_json::json!([1]),
+            serde_json::json!({"resource_rate_limits": [{"resource_type": "Model", "resource_id": "m", "per_sec": 0}]}),
+        ] {
+            assert!(LimitSettings::from_bundle(&bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn burst_then_refill_per_identity() {

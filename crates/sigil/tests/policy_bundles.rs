@@ -543,7 +543,7 @@ fn a_rotated_policy_key_signs_bundles_agents_and_proxies_accept() {
     let limits = tmp.path().join("limits.toml");
     std::fs::write(
         &limits,
-        "rate_limit_per_sec = 5.0\n[[resource_rate_limits]]\nresource_type = \"Model\"\nresource_id = \"m\"\nper_sec = 1.0\n",
+        "rate_limit_per_sec = 0.01\nrate_limit_burst = 3.0\n[[resource_rate_limits]]\nresource_type = \"Model\"\nresource_id = \"m\"\nper_sec = 1.0\n",
     )
     .unwrap();
     std::fs::write(w.pol.join("p.cedar"), ALLOW_HTTP).unwrap();
@@ -568,7 +568,7 @@ fn a_rotated_policy_key_signs_bundles_agents_and_proxies_accept() {
         .unwrap()
     };
     assert_eq!(payload["revision"], 3);
-    assert_eq!(payload["rate_limits"]["rate_limit_per_sec"], 5.0);
+    assert_eq!(payload["rate_limits"]["rate_limit_per_sec"], 0.01);
     assert_eq!(
         payload["rate_limits"]["resource_rate_limits"][0]["resource_id"],
         "m"
@@ -577,6 +577,30 @@ fn a_rotated_policy_key_signs_bundles_agents_and_proxies_accept() {
         "revision 3 (new key) enforced",
         Duration::from_secs(3),
         || call(&w.p, &w.c, "/v1/echo").0 == 200,
+    );
+    // Limits the proxy would refuse are refused at push, and change nothing.
+    let bad = tmp.path().join("bad-limits.toml");
+    std::fs::write(&bad, "rate_limit_per_sec = -1.0\n").unwrap();
+    let out = w.s.sigil(&[
+        "policy",
+        "push",
+        w.pol.to_str().unwrap(),
+        "--rate-limits",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rate_limit_per_sec"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(w.s.sigil_json(&["policy", "show"])["revision"], 3);
+    // The bundle's limits are in force: a burst of 3 per identity, then 429.
+    let codes: Vec<u16> = (0..4).map(|_| call(&w.p, &w.c, "/v1/echo").0).collect();
+    assert!(
+        codes.contains(&429),
+        "the bundle's rate limits were not applied: {codes:?}\n{}",
+        w.p.log_text()
     );
     assert!(!w.agent.log_text().contains("refused a policy bundle"));
 }

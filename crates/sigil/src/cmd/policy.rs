@@ -77,16 +77,21 @@ fn read_dir_files(dir: &std::path::Path) -> anyhow::Result<Vec<(String, String)>
     Ok(files)
 }
 
+/// The rate limits of a bundle (the proxy's keys `rate_limit_per_sec`, `rate_limit_burst`,
+/// `[[resource_rate_limits]]`), checked as the proxy will check them.
 fn read_rate_limits(path: &std::path::Path) -> anyhow::Result<Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    if path.extension().is_some_and(|x| x == "toml") {
+    let v: Value = if path.extension().is_some_and(|x| x == "toml") {
         let v: toml::Value =
             toml::from_str(&text).with_context(|| format!("{}: not TOML", path.display()))?;
-        Ok(serde_json::to_value(v)?)
+        serde_json::to_value(v)?
     } else {
-        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))
-    }
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?
+    };
+    sigil_proxy::LimitSettings::from_bundle(&v)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(v)
 }
 
 fn print(opts: &AdminOpts, v: &Value, text: impl FnOnce(&Value) -> String) {
