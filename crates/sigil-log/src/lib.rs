@@ -24,7 +24,7 @@ pub use merkle::{
     EMPTY_HASH, Frontier, HASH_SIZE, Hash, MemoryTree, leaf_hash, node_hash, stored_hash_index,
     verify_consistency, verify_inclusion,
 };
-pub use record::LogRecord;
+pub use record::{ChangeRecord, LogRecord};
 pub use tiles::{TILE_WIDTH, TileId, TilePath};
 
 /// Why a log operation or check failed.

@@ -1,4 +1,6 @@
-//! The leaves of sigil's transparency log: one canonical JSON object per issued credential.
+//! The leaves of sigil's transparency log: one canonical JSON object per issued credential,
+//! and one per change to what the trust authority vouches for (revocations, registration
+//! entries, join tokens, key rotations, policy bundles: [`ChangeRecord`]).
 //!
 //! Canonical: keys in lexicographic order, no whitespace, integers only, so the bytes equal
 //! the RFC 8785 (JCS) form and anyone can recompute them from the credential.
@@ -13,6 +15,83 @@ pub enum LogRecord {
     X509Svid(X509SvidRecord),
     /// A JWT-SVID (`kind: "jwt-svid"`) or an OAuth access token (`kind: "access-token"`).
     Token(TokenRecord),
+    /// A change: `kind` is one of [`CHANGE_KINDS`].
+    Change(Box<ChangeRecord>),
+}
+
+/// The `kind`s of [`ChangeRecord`] leaves.
+pub const CHANGE_KINDS: &[&str] = &[
+    "revocation",
+    "entry",
+    "join-token",
+    "key-rotation",
+    "policy-bundle",
+];
+
+/// A change the trust authority made, logged before the admin API answers. One shape for
+/// every change kind: `at` and `kind` always, the other fields where they apply (absent, not
+/// `null`, otherwise). Field order is lexicographic (canonical JSON).
+///
+/// - `revocation`: `revocation_id`, `serial` or `spiffe_id`, `reason`, `expires_at`;
+/// - `entry`: `action` (`create`/`update`/`delete`), `entry_id`, and for create and update
+///   `spiffe_id`, `parent_id`, `revision`, `spec_sha256` (SHA-256 of the spec's JSON);
+/// - `join-token`: `token_sha256` (never the token), `node_id`, `expires_at`;
+/// - `key-rotation`: `authority` (`x509`/`jwt`/`policy`), `action` (`prepared`/`activated`),
+///   `key_id`, `bundle_sequence`;
+/// - `policy-bundle`: `revision`, `envelope_sha256`, `payload_sha256`, `key_id`, `not_after`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// When the change was made (Unix seconds).
+    pub at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_sequence: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envelope_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
+}
+
+impl ChangeRecord {
+    /// An empty record of `kind` at `at`; set the fields that apply.
+    pub fn new(kind: &str, at: i64) -> Self {
+        Self {
+            kind: kind.to_owned(),
+            at,
+            ..Self::default()
+        }
+    }
 }
 
 /// An issued X.509-SVID. Field order is lexicographic (canonical JSON).
@@ -50,6 +129,7 @@ impl LogRecord {
         let r = match self {
             Self::X509Svid(r) => serde_json::to_vec(r),
             Self::Token(r) => serde_json::to_vec(r),
+            Self::Change(r) => serde_json::to_vec(r),
         };
         // Serializing plain strings and integers cannot fail.
         r.unwrap_or_default()
@@ -68,6 +148,9 @@ impl LogRecord {
             "jwt-svid" | "access-token" => {
                 Self::Token(serde_json::from_slice(data).map_err(|e| bad(&e))?)
             }
+            k if CHANGE_KINDS.contains(&k) => {
+                Self::Change(serde_json::from_slice(data).map_err(|e| bad(&e))?)
+            }
             other => return Err(bad(&format!("unknown kind {other:?}"))),
         };
         if rec.to_bytes() != data {
@@ -76,27 +159,31 @@ impl LogRecord {
         Ok(rec)
     }
 
-    /// The SPIFFE ID the credential was issued to.
+    /// The SPIFFE ID the credential was issued to (for a change, the ID it concerns, or
+    /// `""`).
     pub fn spiffe_id(&self) -> &str {
         match self {
             Self::X509Svid(r) => &r.spiffe_id,
             Self::Token(r) => &r.subject,
+            Self::Change(r) => r.spiffe_id.as_deref().unwrap_or_default(),
         }
     }
 
-    /// `x509-svid`, `jwt-svid` or `access-token`.
+    /// `x509-svid`, `jwt-svid`, `access-token`, or a change kind ([`CHANGE_KINDS`]).
     pub fn kind(&self) -> &str {
         match self {
             Self::X509Svid(r) => &r.kind,
             Self::Token(r) => &r.kind,
+            Self::Change(r) => &r.kind,
         }
     }
 
-    /// When it was issued (Unix seconds).
+    /// When it was issued, or the change made (Unix seconds).
     pub fn issued_at(&self) -> i64 {
         match self {
             Self::X509Svid(r) => r.issued_at,
             Self::Token(r) => r.issued_at,
+            Self::Change(r) => r.at,
         }
     }
 }
@@ -137,5 +224,28 @@ mod tests {
         let spaced = String::from_utf8(t.to_bytes()).unwrap().replace(',', ", ");
         assert!(LogRecord::from_bytes(spaced.as_bytes()).is_err());
         assert!(LogRecord::from_bytes(br#"{"kind":"other"}"#).is_err());
+    }
+
+    #[test]
+    fn change_records_are_canonical_and_self_describing() {
+        let mut c = ChangeRecord::new("revocation", 7);
+        c.serial = Some("0a".into());
+        c.reason = Some("key compromise".into());
+        c.revocation_id = Some(3);
+        c.expires_at = Some(9);
+        let r = LogRecord::Change(Box::new(c));
+        assert_eq!(
+            r.to_bytes(),
+            br#"{"at":7,"expires_at":9,"kind":"revocation","reason":"key compromise","revocation_id":3,"serial":"0a"}"#
+        );
+        assert_eq!(LogRecord::from_bytes(&r.to_bytes()).unwrap(), r);
+        assert_eq!(
+            (r.kind(), r.issued_at(), r.spiffe_id()),
+            ("revocation", 7, "")
+        );
+        // An explicit null is not canonical; a field of no kind is refused.
+        assert!(LogRecord::from_bytes(br#"{"at":1,"kind":"entry","serial":null}"#).is_err());
+        assert!(LogRecord::from_bytes(br#"{"at":1,"kind":"entry","token":"x"}"#).is_err());
+        assert!(LogRecord::from_bytes(br#"{"at":1,"kind":"entry"}"#).is_ok());
     }
 }

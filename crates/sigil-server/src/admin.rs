@@ -97,6 +97,52 @@ impl From<IssueError> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// Appends an admin change to the transparency log, returning once it is durable. Called
+/// after the change is stored and before the admin API (or an agent's sync) sees it: through
+/// the issuance group-commit writer, so not in the change's own transaction (a crash in
+/// between leaves a stored change without its leaf; the error is the admin's answer).
+async fn log_change(app: &AppState, change: sigil_log::ChangeRecord) -> Result<(), ApiError> {
+    let kind = change.kind.clone();
+    app.issuer.log_change(change).await.map_err(|e| {
+        tracing::error!(error = %e, kind, "the change is stored but its log leaf is not");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the change was stored but appending it to the transparency log failed: {e}"),
+        )
+    })
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// The leaf of an entry created or updated.
+fn entry_change(action: &str, entry: &RegistrationEntry) -> sigil_log::ChangeRecord {
+    let mut c = sigil_log::ChangeRecord::new("entry", entry.updated_at);
+    c.action = Some(action.to_owned());
+    c.entry_id = Some(entry.id.to_string());
+    c.spiffe_id = Some(entry.spec.spiffe_id.to_string());
+    c.parent_id = Some(entry.spec.parent_id.to_string());
+    c.revision = Some(entry.revision);
+    c.spec_sha256 = Some(sha256_hex(
+        &serde_json::to_vec(&entry.spec).unwrap_or_default(),
+    ));
+    c
+}
+
+/// The leaf of a revocation.
+fn revocation_change(rev: &Revocation) -> sigil_log::ChangeRecord {
+    let mut c = sigil_log::ChangeRecord::new("revocation", rev.revoked_at);
+    c.revocation_id = Some(rev.id);
+    c.serial = rev.serial.clone();
+    c.spiffe_id = rev.spiffe_id.as_ref().map(ToString::to_string);
+    c.reason = Some(rev.reason.clone());
+    c.expires_at = Some(rev.expires_at);
+    c
+}
+
 fn ok<T: Serialize>(status: StatusCode, v: &T) -> ApiResult {
     let body = serde_json::to_string(v)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
@@ -184,6 +230,7 @@ async fn create_entry(State(app): State<Arc<AppState>>, body: Bytes) -> ApiResul
         updated_at: now,
     };
     app.store.create_entry(&entry).await?;
+    log_change(&app, entry_change("create", &entry)).await?;
     app.notify_change();
     tracing::info!(entry = %entry.id, spiffe_id = %entry.spec.spiffe_id, "entry created");
     ok(StatusCode::CREATED, &entry)
@@ -225,6 +272,7 @@ async fn update_entry(
     let spec: EntrySpec = parse_body(&body)?;
     check_spec(&app, &spec)?;
     let entry = app.store.update_entry(&id, &spec, app.clock.now()).await?;
+    log_change(&app, entry_change("update", &entry)).await?;
     app.notify_change();
     tracing::info!(entry = %id, "entry updated");
     ok(StatusCode::OK, &entry)
@@ -233,6 +281,10 @@ async fn update_entry(
 async fn delete_entry(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
     let id = entry_id(&id)?;
     app.store.delete_entry(&id).await?;
+    let mut change = sigil_log::ChangeRecord::new("entry", app.clock.now());
+    change.action = Some("delete".into());
+    change.entry_id = Some(id.to_string());
+    log_change(&app, change).await?;
     app.notify_change();
     tracing::info!(entry = %id, "entry deleted");
     ok(StatusCode::OK, &json!({"deleted": id}))
@@ -271,6 +323,11 @@ async fn create_join_token(State(app): State<Arc<AppState>>, body: Bytes) -> Api
     let now = app.clock.now();
     let expires_at = now + i64::from(req.ttl_secs);
     app.store.create_join_token(&hash, expires_at, now).await?;
+    let mut change = sigil_log::ChangeRecord::new("join-token", now);
+    change.token_sha256 = Some(hash.clone());
+    change.node_id = Some(node_id.to_string());
+    change.expires_at = Some(expires_at);
+    log_change(&app, change).await?;
     tracing::info!(node = %node_id, expires_at, "join token created");
     ok(
         StatusCode::CREATED,
@@ -298,16 +355,16 @@ async fn evict_node(State(app): State<Arc<AppState>>, body: Bytes) -> ApiResult 
             format!("no node {}", req.spiffe_id),
         ));
     }
-    app.store
-        .add_revocation(&Revocation {
-            id: 0,
-            serial: None,
-            spiffe_id: Some(req.spiffe_id.clone()),
-            reason: "node evicted".into(),
-            revoked_at: now,
-            expires_at: now + i64::from(sigil_core::MAX_X509_TTL_SECS),
-        })
-        .await?;
+    let rev = Revocation {
+        id: 0,
+        serial: None,
+        spiffe_id: Some(req.spiffe_id.clone()),
+        reason: "node evicted".into(),
+        revoked_at: now,
+        expires_at: now + i64::from(sigil_core::MAX_X509_TTL_SECS),
+    };
+    let id = app.store.add_revocation(&rev).await?;
+    log_change(&app, revocation_change(&Revocation { id, ..rev })).await?;
     app.notify_change();
     tracing::warn!(node = %req.spiffe_id, "node evicted");
     ok(StatusCode::OK, &json!({"evicted": req.spiffe_id}))
@@ -362,9 +419,11 @@ async fn revoke(State(app): State<Arc<AppState>>, body: Bytes) -> ApiResult {
         }
     };
     let id = app.store.add_revocation(&rev).await?;
+    let rev = Revocation { id, ..rev };
+    log_change(&app, revocation_change(&rev)).await?;
     app.notify_change();
     tracing::warn!(target = %req.target, "revoked");
-    ok(StatusCode::CREATED, &Revocation { id, ..rev })
+    ok(StatusCode::CREATED, &rev)
 }
 
 async fn list_revocations(State(app): State<Arc<AppState>>) -> ApiResult {
@@ -501,6 +560,12 @@ async fn rotate(State(app): State<Arc<AppState>>, body: Bytes) -> ApiResult {
         }
     };
     let outcome = app.authorities.rotate(kind).await?;
+    let mut change = sigil_log::ChangeRecord::new("key-rotation", app.clock.now());
+    change.authority = Some(req.kind.clone());
+    change.action = Some(outcome.action.to_owned());
+    change.key_id = Some(outcome.key_id.clone());
+    change.bundle_sequence = Some(outcome.bundle_sequence);
+    log_change(&app, change).await?;
     app.notify_change();
     ok(StatusCode::OK, &outcome)
 }
@@ -569,6 +634,13 @@ async fn push_policy(State(app): State<Arc<AppState>>, body: Bytes) -> ApiResult
         .authorities
         .push_policy(req.policies, req.rate_limits, ttl)
         .await?;
+    let mut change = sigil_log::ChangeRecord::new("policy-bundle", outcome.not_before);
+    change.revision = Some(outcome.revision);
+    change.envelope_sha256 = Some(outcome.envelope_sha256.clone());
+    change.payload_sha256 = Some(outcome.payload_sha256.clone());
+    change.key_id = Some(outcome.key_id.clone());
+    change.not_after = Some(outcome.not_after);
+    log_change(&app, change).await?;
     app.notify_change();
     ok(StatusCode::CREATED, &outcome)
 }

@@ -80,6 +80,8 @@ pub struct PolicyPushOutcome {
     pub not_after: UnixTime,
     pub policies: usize,
     pub payload_sha256: String,
+    /// Lowercase hex SHA-256 of the signed envelope as sent to agents (logged).
+    pub envelope_sha256: String,
 }
 
 /// One authority as the admin sees it.
@@ -308,6 +310,10 @@ impl Authorities {
                     content.to_payload().map_err(policy_err)?,
                 ))
             };
+            let envelope_sha256 = {
+                use sha2::Digest as _;
+                hex::encode(sha2::Sha256::digest(envelope.as_bytes()))
+            };
             let record = PolicyBundleRecord {
                 revision,
                 envelope,
@@ -332,6 +338,7 @@ impl Authorities {
                         not_after: content.not_after,
                         policies: policies.len(),
                         payload_sha256,
+                        envelope_sha256,
                     });
                 }
                 Err(sigil_store::StoreError::Conflict(e)) => last_err = Some(e),

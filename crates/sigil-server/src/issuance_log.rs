@@ -3,9 +3,11 @@
 //! a durable write (an fsync) is paid once per batch instead of once per credential.
 //!
 //! Each record's transparency-log leaf is appended in the same transaction as the record.
+//! The same writer appends the leaves of admin changes ([`IssuanceLog::append`]): they share
+//! the tree's in-memory right edge, so there is one appender per server process.
 use std::sync::Arc;
 
-use sigil_log::{Frontier, leaf_hash, stored_hash_index};
+use sigil_log::{Frontier, LogRecord, leaf_hash, stored_hash_index};
 use sigil_store::{IssuedIdentity, Store, StoreError, TlogAppend};
 use tokio::sync::{mpsc, oneshot};
 
@@ -14,7 +16,14 @@ use crate::tlog;
 /// Most records in one commit.
 const MAX_BATCH: usize = 256;
 
-type Pending = (IssuedIdentity, oneshot::Sender<Result<(), StoreError>>);
+/// What a caller waits on: an issued credential (its record and its leaf) or a leaf alone.
+#[derive(Clone)]
+enum Item {
+    Issued(IssuedIdentity),
+    Leaf(LogRecord),
+}
+
+type Pending = (Item, oneshot::Sender<Result<(), StoreError>>);
 
 /// A handle to the writer task.
 #[derive(Clone)]
@@ -32,9 +41,18 @@ impl IssuanceLog {
 
     /// Returns once `record` is committed (durable), or with the store's error.
     pub async fn record(&self, record: IssuedIdentity) -> Result<(), StoreError> {
+        self.submit(Item::Issued(record)).await
+    }
+
+    /// Returns once `leaf` is appended to the transparency log (durable).
+    pub async fn append(&self, leaf: LogRecord) -> Result<(), StoreError> {
+        self.submit(Item::Leaf(leaf)).await
+    }
+
+    async fn submit(&self, item: Item) -> Result<(), StoreError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send((record, done))
+            .send((item, done))
             .await
             .map_err(|_| StoreError::Unsupported("issuance log writer stopped".into()))?;
         wait.await
@@ -55,7 +73,7 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
                 Err(_) => break,
             }
         }
-        let records: Vec<IssuedIdentity> = batch.iter().map(|(r, _)| r.clone()).collect();
+        let records: Vec<Item> = batch.iter().map(|(r, _)| r.clone()).collect();
         // The batch and its log leaves are one transaction.
         let result = commit(&*store, &mut frontier, &records).await;
         match result {
@@ -86,7 +104,7 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
 async fn commit(
     store: &dyn Store,
     frontier: &mut Option<Frontier>,
-    records: &[IssuedIdentity],
+    items: &[Item],
 ) -> Result<(), StoreError> {
     let base = match frontier.take() {
         Some(f) => f,
@@ -94,8 +112,15 @@ async fn commit(
     };
     let mut next = base.clone();
     let mut append = TlogAppend::default();
-    for r in records {
-        let data = tlog::leaf_for(r).to_bytes();
+    let mut records = Vec::new();
+    for item in items {
+        let data = match item {
+            Item::Issued(r) => {
+                records.push(r.clone());
+                tlog::leaf_for(r).to_bytes()
+            }
+            Item::Leaf(l) => l.to_bytes(),
+        };
         let index = next.size();
         let first = stored_hash_index(0, index);
         for (at, h) in (first..).zip(next.append(leaf_hash(&data))) {
@@ -103,7 +128,7 @@ async fn commit(
         }
         append.leaves.push((index, data));
     }
-    match store.record_issued_logged(records, &append).await {
+    match store.record_issued_logged(&records, &append).await {
         Ok(()) => {
             *frontier = Some(next);
             Ok(())
@@ -181,5 +206,30 @@ mod tests {
         }
         let f = tlog::load_frontier(&reopened).await.unwrap();
         assert_eq!((f.size(), f.root()), (201, tree.root()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn change_leaves_share_the_tree_with_issued_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("db").display());
+        let store: Arc<dyn Store> = Arc::new(SqlStore::connect(&url).await.unwrap());
+        let log = IssuanceLog::start(store.clone());
+        log.record(rec("a")).await.unwrap();
+        let mut change = sigil_log::ChangeRecord::new("revocation", 5);
+        change.serial = Some("a".into());
+        let leaf = LogRecord::Change(Box::new(change));
+        log.append(leaf.clone()).await.unwrap();
+        log.record(rec("b")).await.unwrap();
+        // Only credentials are issuance records; every item is a leaf, in order.
+        assert_eq!(store.count_issued().await.unwrap(), 2);
+        let entries = store.tlog_entries(0, 3).await.unwrap();
+        assert_eq!(entries.len(), 3);
+        assert_eq!(LogRecord::from_bytes(&entries[1]).unwrap(), leaf);
+        let mut tree = sigil_log::MemoryTree::new();
+        for e in &entries {
+            tree.push(e);
+        }
+        let f = tlog::load_frontier(&*store).await.unwrap();
+        assert_eq!((f.size(), f.root()), (3, tree.root()));
     }
 }

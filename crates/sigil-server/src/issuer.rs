@@ -51,6 +51,15 @@ impl Issuer {
         }
     }
 
+    /// Appends the leaf of an admin change to the transparency log; returns once it is
+    /// durable (group-committed with issuance records).
+    pub async fn log_change(&self, change: sigil_log::ChangeRecord) -> Result<(), ServerError> {
+        self.log
+            .append(sigil_log::LogRecord::Change(Box::new(change)))
+            .await
+            .map_err(ServerError::from)
+    }
+
     /// The current time.
     pub fn now(&self) -> UnixTime {
         self.clock.now()
