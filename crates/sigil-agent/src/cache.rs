@@ -114,6 +114,7 @@ const NODE: &str = "node.json";
 const BUNDLE: &str = "bundle.json";
 const STATE: &str = "state.json";
 const REVOCATIONS: &str = "revocations.json";
+const LOG: &str = "log.json";
 
 impl Cache {
     /// Opens (creating, mode 0700) the cache directory.
@@ -219,6 +220,15 @@ impl Cache {
         self.write(REVOCATIONS, list)
     }
 
+    /// The last verified transparency-log checkpoint and the pinned key (see `log_witness`).
+    pub fn load_log_witness(&self) -> Result<Option<Vec<u8>>, CacheError> {
+        self.read(LOG)
+    }
+
+    pub fn save_log_witness(&self, data: &[u8]) -> Result<(), CacheError> {
+        write_atomic(&self.dir.join(LOG), data)
+    }
+
     fn write<T: Serialize>(&self, name: &str, v: &T) -> Result<(), CacheError> {
         let bytes =
             serde_json::to_vec(v).map_err(|e| CacheError::Io(format!("encoding {name}: {e}")))?;
@@ -230,6 +240,7 @@ impl Cache {
     pub const BUNDLE_FILE: &'static str = BUNDLE;
     pub const STATE_FILE: &'static str = STATE;
     pub const REVOCATIONS_FILE: &'static str = REVOCATIONS;
+    pub const LOG_FILE: &'static str = LOG;
 }
 
 /// Writes `data` to `path` with mode 0600: temp file, fsync, rename, fsync the directory.

@@ -11,6 +11,7 @@ mod cache;
 mod client;
 mod config;
 mod enforcer;
+pub mod log_witness;
 mod manager;
 mod metrics;
 mod peer;

@@ -71,6 +71,8 @@ pub struct Manager {
     pub client: ArcSwapOption<NodeClient<Channel>>,
     server_id: SpiffeId,
     policy: std::sync::Mutex<PolicyState>,
+    /// The transparency log as this agent has seen it (split-view detection).
+    witness: std::sync::Mutex<crate::log_witness::LogWitness>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -200,6 +202,18 @@ impl Manager {
             policy: policy.current(),
         };
 
+        let witness = match cache.load_log_witness() {
+            Ok(Some(bytes)) => crate::log_witness::LogWitness::restore(&bytes).unwrap_or_else(|e| {
+                tracing::error!(file = Cache::LOG_FILE, error = %e, "cached log checkpoint does not verify; ignoring it");
+                cache.quarantine(Cache::LOG_FILE);
+                Default::default()
+            }),
+            Ok(None) => Default::default(),
+            Err(e) => {
+                tracing::error!(file = Cache::LOG_FILE, error = %e, "cached log checkpoint unreadable");
+                Default::default()
+            }
+        };
         let (tx, _) = watch::channel(snapshot);
         Ok(Arc::new(Self {
             cfg,
@@ -213,7 +227,75 @@ impl Manager {
             client: ArcSwapOption::empty(),
             server_id,
             policy: std::sync::Mutex::new(policy),
+            witness: std::sync::Mutex::new(witness),
         }))
+    }
+
+    /// The last transparency-log checkpoint this agent verified (size, root).
+    pub fn log_checkpoint(&self) -> Option<(u64, sigil_log::Hash)> {
+        self.witness.lock().ok().and_then(|w| w.held())
+    }
+
+    /// The split view detected, if the server ever showed this agent a checkpoint that is
+    /// not consistent with the one held (or one signed by another key).
+    pub fn split_view(&self) -> Option<crate::log_witness::SplitView> {
+        self.witness
+            .lock()
+            .ok()
+            .and_then(|w| w.split_view().cloned())
+    }
+
+    /// Checks the checkpoint of a sync update against the held one (fetching a consistency
+    /// proof when the size moved), persists an accepted one, and refuses a split view loudly.
+    /// Never fails the sync: the old checkpoint is kept.
+    async fn witness_checkpoint(&self, c: &mut NodeClient<Channel>, note: &[u8], key: &str) {
+        use crate::log_witness::Offer as LogOffer;
+        let offer = match self.witness.lock() {
+            Ok(mut w) => w.offer(note, key),
+            Err(_) => return,
+        };
+        let changed = match offer {
+            Ok(LogOffer::Done { changed }) => Ok(changed),
+            Ok(LogOffer::NeedProof { old, new }) => {
+                let proof = c
+                    .get_consistency_proof(pb::ConsistencyProofRequest {
+                        old_size: old,
+                        new_size: new,
+                    })
+                    .await;
+                let proof = match proof {
+                    Ok(r) => r.into_inner().hashes,
+                    Err(s) => {
+                        tracing::warn!(old, new, error = %s.message(), "could not fetch a log consistency proof; keeping the held checkpoint");
+                        return;
+                    }
+                };
+                let hashes: Option<Vec<sigil_log::Hash>> = proof
+                    .iter()
+                    .map(|h| <[u8; 32]>::try_from(h.as_slice()).ok().map(sigil_log::Hash))
+                    .collect();
+                match self.witness.lock() {
+                    Ok(mut w) => w.finish(note, key, &hashes.unwrap_or_default()),
+                    Err(_) => return,
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match changed {
+            Ok(true) => {
+                let file = self.witness.lock().ok().and_then(|w| w.to_file());
+                if let Some(f) = file
+                    && let Err(e) = self.cache.save_log_witness(&f)
+                {
+                    tracing::warn!(error = %e, "could not persist the log checkpoint");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(
+                error = %e,
+                "SPLIT VIEW: the server showed a transparency-log checkpoint inconsistent with the one this agent verified before; refused, keeping the old one"
+            ),
+        }
     }
 
     /// Offers a signed policy bundle (from the sync stream, or a test): verified with the
@@ -461,6 +543,8 @@ impl Manager {
         u: pb::SyncUpdate,
     ) -> Result<(), String> {
         self.apply_bundle_json(&u.bundle_json)?;
+        self.witness_checkpoint(c, &u.log_checkpoint, &u.log_key)
+            .await;
         if !u.policy_bundle.is_empty()
             && let Err(e) = self.offer_policy(&u.policy_bundle)
         {

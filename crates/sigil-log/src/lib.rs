@@ -21,8 +21,9 @@ pub mod tiles;
 
 pub use checkpoint::{LogKey, VerifiedCheckpoint, verify_checkpoint};
 pub use merkle::{
-    EMPTY_HASH, Frontier, HASH_SIZE, Hash, MemoryTree, leaf_hash, node_hash, stored_hash_index,
-    verify_consistency, verify_inclusion,
+    EMPTY_HASH, Frontier, HASH_SIZE, Hash, MemoryTree, consistency_proof_from,
+    consistency_proof_indexes, leaf_hash, node_hash, stored_hash_index, verify_consistency,
+    verify_inclusion,
 };
 pub use record::{ChangeRecord, LogRecord};
 pub use tiles::{TILE_WIDTH, TileId, TilePath};

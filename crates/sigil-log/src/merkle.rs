@@ -194,6 +194,78 @@ impl MemoryTree {
     }
 }
 
+/// Records the indexes a proof needs (answering with placeholder hashes): which stored
+/// hashes a proof reads depends on the sizes only.
+struct IndexRecorder(std::cell::RefCell<Vec<u64>>);
+
+impl HashReader for IndexRecorder {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
+        self.0.borrow_mut().extend_from_slice(indexes);
+        Ok(vec![EMPTY_HASH; indexes.len()])
+    }
+}
+
+/// Answers from hashes fetched beforehand.
+struct Fetched(std::collections::HashMap<u64, Hash>);
+
+impl HashReader for Fetched {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
+        indexes
+            .iter()
+            .map(|i| {
+                self.0
+                    .get(i)
+                    .copied()
+                    .ok_or(tlog_tiles::Error::IndexesNotInTree)
+            })
+            .collect()
+    }
+}
+
+/// The stored-hash indexes ([`stored_hash_index`]) that the consistency proof from `old` to
+/// `new` leaves is made of: fetch them (e.g. from a database), then call
+/// [`consistency_proof_from`]. Empty when no proof is needed (`old` is 0 or `new`).
+pub fn consistency_proof_indexes(old: u64, new: u64) -> Result<Vec<u64>, LogError> {
+    if old > new {
+        return Err(LogError::OutOfRange(format!("{old} > {new}")));
+    }
+    if old == 0 || old == new {
+        return Ok(Vec::new());
+    }
+    let rec = IndexRecorder(std::cell::RefCell::new(Vec::new()));
+    prove_tree(new, old, &rec).map_err(|e| LogError::OutOfRange(e.to_string()))?;
+    Ok(rec.0.into_inner())
+}
+
+/// The consistency proof from `old` to `new` leaves, from the stored hashes at
+/// [`consistency_proof_indexes`]`(old, new)` (`hashes[i]` at `indexes[i]`).
+pub fn consistency_proof_from(
+    old: u64,
+    new: u64,
+    indexes: &[u64],
+    hashes: &[Hash],
+) -> Result<Vec<Hash>, LogError> {
+    if old > new {
+        return Err(LogError::OutOfRange(format!("{old} > {new}")));
+    }
+    if old == 0 || old == new {
+        return Ok(Vec::new());
+    }
+    if indexes.len() != hashes.len() {
+        return Err(LogError::OutOfRange(format!(
+            "{} indexes, {} hashes",
+            indexes.len(),
+            hashes.len()
+        )));
+    }
+    let map = indexes
+        .iter()
+        .copied()
+        .zip(hashes.iter().copied())
+        .collect();
+    prove_tree(new, old, &Fetched(map)).map_err(|e| LogError::OutOfRange(e.to_string()))
+}
+
 /// Checks that `proof` proves leaf `index` (hash `leaf`) is in the tree of `size` leaves whose
 /// head is `root`.
 pub fn verify_inclusion(
@@ -251,6 +323,43 @@ pub fn verify_consistency(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn consistency_proof_from_fetched_hashes_equals_the_memory_proof() {
+        let mut t = MemoryTree::new();
+        for i in 0..70u8 {
+            t.push(&[i]);
+        }
+        for (old, new) in [
+            (1, 2),
+            (3, 7),
+            (7, 8),
+            (5, 70),
+            (64, 70),
+            (69, 70),
+            (0, 9),
+            (9, 9),
+        ] {
+            let idx = consistency_proof_indexes(old, new).unwrap();
+            let hashes: Vec<Hash> = idx.iter().map(|&i| t.stored_hash(i).unwrap()).collect();
+            let proof = consistency_proof_from(old, new, &idx, &hashes).unwrap();
+            assert_eq!(
+                proof,
+                t.consistency_proof(old, new).unwrap(),
+                "{old}->{new}"
+            );
+            verify_consistency(
+                old,
+                t.root_at(old).unwrap(),
+                new,
+                t.root_at(new).unwrap(),
+                &proof,
+            )
+            .unwrap();
+        }
+        assert!(consistency_proof_indexes(3, 2).is_err());
+        assert!(consistency_proof_from(3, 7, &[1], &[]).is_err());
+    }
+
     use super::*;
 
     fn h(s: &str) -> Hash {

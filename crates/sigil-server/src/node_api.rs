@@ -199,7 +199,11 @@ async fn sync_update(
     } else {
         (String::new(), 0)
     };
+    // After everything else was read, so the checkpoint covers what this update says.
+    let log_checkpoint = app.tlog.checkpoint().await.map_err(internal)?;
     Ok(pb::SyncUpdate {
+        log_checkpoint,
+        log_key: app.tlog.vkey().to_owned(),
         entries: entries.into_iter().map(entry_to_pb).collect(),
         entries_revision: key.entries,
         bundle_json: app.authorities.current().bundle_json.clone(),
@@ -423,6 +427,30 @@ impl pb::node_server::Node for NodeApi {
             });
         }
         Ok(Response::new(pb::SignX509SvidsResponse { svids }))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        req: Request<pb::ConsistencyProofRequest>,
+    ) -> Result<Response<pb::ConsistencyProofResponse>, Status> {
+        self.authenticate(&req).await?;
+        let r = req.get_ref();
+        let (size, _) = self.app.tlog.head().await.map_err(internal)?;
+        if r.old_size > r.new_size || r.new_size > size {
+            return Err(Status::out_of_range(format!(
+                "sizes {}..{} are not within the log's {size} leaves",
+                r.old_size, r.new_size
+            )));
+        }
+        let proof = self
+            .app
+            .tlog
+            .consistency_proof(r.old_size, r.new_size)
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(pb::ConsistencyProofResponse {
+            hashes: proof.into_iter().map(|h| h.0.to_vec()).collect(),
+        }))
     }
 
     async fn mint_jwt_svid(

@@ -227,6 +227,21 @@ impl TransparencyLog {
         Ok((f.size(), f.root()))
     }
 
+    /// The consistency proof from the tree of `old` leaves to that of `new` (at most the
+    /// current size), from the stored hashes.
+    pub async fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, ServerError> {
+        let size = size_of(&*self.store, self.kind).await?;
+        if old > new || new > size {
+            return Err(ServerError::Internal(format!(
+                "no consistency proof from {old} to {new} in a tree of {size}"
+            )));
+        }
+        let bad = |e: sigil_log::LogError| ServerError::Internal(e.to_string());
+        let indexes = sigil_log::consistency_proof_indexes(old, new).map_err(bad)?;
+        let hashes = to_hashes(hashes_of(&*self.store, self.kind, &indexes).await?);
+        sigil_log::consistency_proof_from(old, new, &indexes, &hashes).map_err(bad)
+    }
+
     /// A signed checkpoint of the current tree.
     pub async fn checkpoint(&self) -> Result<Vec<u8>, ServerError> {
         let (size, root) = self.head().await?;
