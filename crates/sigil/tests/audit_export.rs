@@ -11,32 +11,13 @@
 
 mod common;
 
+use common::upstream::Upstream;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Server, TD, free_port, run, token_request};
-
-/// Answers every request with 200 and a small JSON body.
-const UPSTREAM: &str = r#"
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def handle_one(self):
-        n = int(self.headers.get("content-length") or 0)
-        if n:
-            self.rfile.read(n)
-        out = b'{"ok":true}'
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-    do_GET = do_POST = handle_one
-    def log_message(self, *a): pass
-ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
-"#;
 
 const POLICY: &str = r#"
 @id("floor-invokes-m")
@@ -108,16 +89,8 @@ fn audit_records_are_exported_as_ecs_json_lines() {
     assert_eq!(code, 200, "{body}");
     let token = body["access_token"].as_str().unwrap().to_owned();
 
-    let up_port = free_port();
-    let _up = Kill(
-        Command::new("python3")
-            .args(["-c", UPSTREAM, &up_port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_port(up_port, "upstream", None);
+    let up = Upstream::start();
+    let up_port = up.port;
 
     // The proxy, standalone from files, exporting to a file.
     let pdir = dir.join("proxy");

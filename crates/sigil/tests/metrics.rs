@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::upstream::Upstream;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -65,45 +67,6 @@ fn wait_listening(addr: &str, what: &str) {
     }
 }
 
-/// An upstream answering every request with a small JSON body.
-struct Upstream {
-    child: Child,
-    port: u16,
-}
-
-const HANDLER: &str = r#"
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def handle_one(self):
-        n = int(self.headers.get("content-length") or 0)
-        if n: self.rfile.read(n)
-        out = b'{"ok":true}'
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-    do_GET = do_POST = handle_one
-    def log_message(self, *a): pass
-ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
-"#;
-
-impl Upstream {
-    fn start() -> Self {
-        let port = free_port();
-        let child = Command::new("python3")
-            .args(["-c", HANDLER, &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_listening(&format!("127.0.0.1:{port}"), "upstream");
-        Self { child, port }
-    }
-}
-
 /// A child process killed on drop.
 struct Killed(Child);
 
@@ -111,13 +74,6 @@ impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

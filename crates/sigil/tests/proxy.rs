@@ -13,62 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::upstream::Upstream;
 use common::{Server, TD, free_port, run, token_request};
-
-/// An upstream that answers every request with the path and headers it received, as JSON.
-struct Upstream {
-    child: Child,
-    port: u16,
-}
-
-/// The echo handler of [`Upstream`], in Python.
-const ECHO_HANDLER: &str = r#"
-import json, sys, socketserver
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def handle_one(self):
-        n = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(n).decode() if n else ""
-        out = json.dumps({"path": self.path, "method": self.command, "body": body,
-                          "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-    do_GET = do_POST = handle_one
-    def log_message(self, *a): pass
-    def address_string(self): return "local"
-"#;
-
-impl Upstream {
-    fn start() -> Self {
-        let port = free_port();
-        let script = format!(
-            "{ECHO_HANDLER}\nThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()"
-        );
-        let child = Command::new("python3")
-            .args(["-c", &script, &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "upstream did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child, port }
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Proxy {
     child: Child,
@@ -1040,20 +986,7 @@ fn proxy_forwards_to_unix_socket_and_http2_upstreams() {
 
     // An upstream on a unix socket (HTTP/1.1).
     let sock = tmp.path().join("up.sock");
-    let script = format!(
-        "{ECHO_HANDLER}\nclass S(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):\n    daemon_threads = True\nS(sys.argv[1], H).serve_forever()"
-    );
-    let _unix_up = Reaped(
-        Command::new("python3")
-            .args(["-c", &script, sock.to_str().unwrap()])
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "unix upstream did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let _unix_up = Upstream::start_unix(&sock);
     let audit = tmp.path().join("audit.log");
     let audit_flag = ["--audit-log", audit.to_str().unwrap()];
     let p = start_proxy_to(
