@@ -105,6 +105,15 @@ pub struct ProxyConfig {
     /// `OTEL_RESOURCE_ATTRIBUTES` apply. Off when none is set. http:// only for now.
     #[serde(default)]
     pub audit_otlp_endpoint: Option<String>,
+    /// OTLP/HTTP base URL (`http://host:4318`) to export a trace of every proxied request
+    /// to (JSON encoding, POST `<url>/v1/traces`). Defaults to
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (full URL) or `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// (+ `/v1/traces`); `OTEL_EXPORTER_OTLP_(TRACES_)HEADERS`, `OTEL_SERVICE_NAME`,
+    /// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER(_ARG)` apply, and
+    /// `OTEL_SDK_DISABLED=true` / `OTEL_TRACES_EXPORTER=none` turn the variables off. Off
+    /// when none is set. http:// only for now.
+    #[serde(default)]
+    pub trace_otlp_endpoint: Option<String>,
 }
 
 /// A token bucket per caller for one model or tool.
@@ -205,6 +214,7 @@ impl ProxyConfig {
         "audit_ship_to",
         "audit_export",
         "audit_otlp_endpoint",
+        "trace_otlp_endpoint",
     ];
 
     /// The rate limits of the configuration (a policy bundle's `rate_limits` replace them).
@@ -291,6 +301,9 @@ impl ProxyConfig {
             };
             return Err(bad(key, &e));
         }
+        if let Err(e) = self.trace_config() {
+            return Err(bad("trace_otlp_endpoint", &e));
+        }
         if let Some(id) = &self.spiffe_id {
             match sigil_core::SpiffeId::new(id) {
                 Ok(id) if id.is_member_of(&self.trust_domain) => {}
@@ -344,6 +357,14 @@ impl ProxyConfig {
             self.audit_otlp_endpoint.as_deref(),
             &|k| std::env::var(k).ok(),
         )
+    }
+
+    /// The trace export settings (`trace_otlp_endpoint` and the standard `OTEL_*`
+    /// environment variables); `None` when traces are off.
+    pub fn trace_config(&self) -> Result<Option<crate::trace::TraceConfig>, String> {
+        crate::trace::TraceConfig::resolve(self.trace_otlp_endpoint.as_deref(), &|k| {
+            std::env::var(k).ok()
+        })
     }
 }
 

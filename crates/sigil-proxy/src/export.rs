@@ -19,17 +19,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use http::{HeaderName, HeaderValue, Uri};
-use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+pub use crate::otlp::OtlpConfig;
+use crate::otlp::{OtlpPoster, Signal};
 
 /// Batches (of one sync each, ≤ 512 records) waiting for the exporter; beyond, dropped.
 const QUEUE_BATCHES: usize = 64;
@@ -37,11 +35,6 @@ const QUEUE_BATCHES: usize = 64;
 pub const OTLP_MAX_BATCH: usize = 256;
 /// Longest a record waits for its OTLP batch to fill.
 pub const OTLP_LINGER: Duration = Duration::from_secs(1);
-/// Tries per OTLP batch (on connection errors, 429, 502, 503, 504).
-const OTLP_ATTEMPTS: u32 = 3;
-const OTLP_TIMEOUT: Duration = Duration::from_secs(10);
-/// The default `service.name`.
-const DEFAULT_SERVICE: &str = "sigil-proxy";
 
 /// What the exporter does, resolved from the configuration and the environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,15 +50,6 @@ pub struct ExportConfig {
     pub resource: Vec<(String, String)>,
 }
 
-/// Where and how OTLP log records are posted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OtlpConfig {
-    /// The full logs URL (`…/v1/logs`).
-    pub url: String,
-    /// Extra request headers (`OTEL_EXPORTER_OTLP_LOGS_HEADERS` / `OTEL_EXPORTER_OTLP_HEADERS`).
-    pub headers: Vec<(String, String)>,
-}
-
 impl ExportConfig {
     /// Resolves the export settings; `env` reads an environment variable. `Ok(None)` when
     /// neither export is configured. The error names what is wrong.
@@ -74,47 +58,17 @@ impl ExportConfig {
         audit_otlp_endpoint: Option<&str>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Option<Self>, String> {
-        let var = |k: &str| env(k).filter(|v| !v.trim().is_empty());
         if let Some(e) = audit_export
             && e.trim().is_empty()
         {
             return Err("audit_export must be \"stdout\" or a file path".into());
         }
-        let url = match (audit_otlp_endpoint, var("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")) {
-            (Some(base), _) => Some(logs_url(base)),
-            (None, Some(full)) => Some(full.trim().to_owned()),
-            (None, None) => var("OTEL_EXPORTER_OTLP_ENDPOINT").map(|b| logs_url(&b)),
-        };
-        if let Some(url) = &url {
-            check_http_url(url)?;
-        }
+        let url = crate::otlp::signal_url(Signal::Logs, audit_otlp_endpoint, env)?;
         if audit_export.is_none() && url.is_none() {
             return Ok(None);
         }
-        let headers = var("OTEL_EXPORTER_OTLP_LOGS_HEADERS")
-            .or_else(|| var("OTEL_EXPORTER_OTLP_HEADERS"))
-            .map(|h| key_values(&h, "OTEL_EXPORTER_OTLP_HEADERS"))
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(k, v)| {
-                let ok = HeaderName::try_from(k.as_str()).is_ok()
-                    && HeaderValue::try_from(v.as_str()).is_ok();
-                if !ok {
-                    tracing::warn!(header = %k, "OTEL_EXPORTER_OTLP_HEADERS: invalid header; ignored");
-                }
-                ok
-            })
-            .collect();
-        let mut resource = var("OTEL_RESOURCE_ATTRIBUTES")
-            .map(|r| key_values(&r, "OTEL_RESOURCE_ATTRIBUTES"))
-            .unwrap_or_default();
-        let from_attrs = resource
-            .iter()
-            .position(|(k, _)| k == "service.name")
-            .map(|i| resource.remove(i).1);
-        let service_name = var("OTEL_SERVICE_NAME")
-            .or(from_attrs)
-            .unwrap_or_else(|| DEFAULT_SERVICE.to_owned());
+        let headers = crate::otlp::signal_headers(Signal::Logs, env);
+        let (service_name, resource) = crate::otlp::resource(env);
         Ok(Some(Self {
             jsonl: audit_export.map(str::to_owned),
             otlp: url.map(|url| OtlpConfig { url, headers }),
@@ -122,59 +76,6 @@ impl ExportConfig {
             resource,
         }))
     }
-}
-
-/// `<base>/v1/logs`.
-fn logs_url(base: &str) -> String {
-    format!("{}/v1/logs", base.trim().trim_end_matches('/'))
-}
-
-fn check_http_url(url: &str) -> Result<(), String> {
-    let uri: Uri = url
-        .parse()
-        .map_err(|_| format!("{url}: not a URL (OTLP/HTTP endpoint)"))?;
-    match uri.scheme_str() {
-        Some("http") if uri.authority().is_some() => Ok(()),
-        Some("https") => Err(format!(
-            "{url}: https is not supported for OTLP export yet; send to an http:// collector \
-             on loopback (e.g. an OpenTelemetry Collector beside the proxy)"
-        )),
-        _ => Err(format!("{url}: must be an http://host:port URL")),
-    }
-}
-
-/// `k1=v1,k2=v2` with percent-encoded values (the OTel environment variable format).
-/// Malformed entries are logged and skipped.
-fn key_values(text: &str, what: &str) -> Vec<(String, String)> {
-    text.split(',')
-        .filter(|kv| !kv.trim().is_empty())
-        .filter_map(|kv| {
-            let parsed = kv.split_once('=').and_then(|(k, v)| {
-                let k = percent_decode(k.trim())?;
-                let v = percent_decode(v.trim())?;
-                (!k.is_empty()).then_some((k, v))
-            });
-            if parsed.is_none() {
-                tracing::warn!("{what}: malformed entry ignored");
-            }
-            parsed
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        if b == b'%' {
-            let hi = char::from(bytes.next()?).to_digit(16)?;
-            let lo = char::from(bytes.next()?).to_digit(16)?;
-            out.push(u8::try_from(hi * 16 + lo).ok()?);
-        } else {
-            out.push(b);
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Counts of what the exporter dropped or wrote.
@@ -584,17 +485,8 @@ struct OtlpBody {
 
 impl OtlpBody {
     fn new(cfg: &ExportConfig) -> Self {
-        let mut attrs = vec![
-            json!({ "key": "service.name", "value": { "stringValue": cfg.service_name } }),
-            json!({ "key": "service.version", "value": { "stringValue": env!("CARGO_PKG_VERSION") } }),
-        ];
-        attrs.extend(
-            cfg.resource
-                .iter()
-                .map(|(k, v)| json!({ "key": k, "value": { "stringValue": v } })),
-        );
         Self {
-            resource: json!({ "attributes": attrs }),
+            resource: crate::otlp::resource_json(&cfg.service_name, &cfg.resource),
         }
     }
 
@@ -609,82 +501,6 @@ impl OtlpBody {
                 }],
             }],
         })
-    }
-}
-
-struct OtlpPoster {
-    client: Client<HttpConnector, Full<Bytes>>,
-    url: Uri,
-    headers: Vec<(HeaderName, HeaderValue)>,
-}
-
-/// Why a post failed, and whether trying again may help.
-struct PostError {
-    retry: bool,
-    message: String,
-}
-
-impl OtlpPoster {
-    fn new(cfg: &OtlpConfig) -> anyhow::Result<Self> {
-        let url: Uri = cfg.url.parse().context("audit_otlp_endpoint")?;
-        let headers = cfg
-            .headers
-            .iter()
-            .filter_map(|(k, v)| {
-                Some((
-                    HeaderName::try_from(k.as_str()).ok()?,
-                    HeaderValue::try_from(v.as_str()).ok()?,
-                ))
-            })
-            .collect();
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(OTLP_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(Self {
-            client,
-            url,
-            headers,
-        })
-    }
-
-    async fn post(&self, body: Bytes) -> Result<(), PostError> {
-        let fail = |retry, message: String| PostError { retry, message };
-        let mut req = http::Request::post(self.url.clone())
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|e| fail(false, e.to_string()))?;
-        for (k, v) in &self.headers {
-            req.headers_mut().insert(k.clone(), v.clone());
-        }
-        let resp = tokio::time::timeout(OTLP_TIMEOUT, self.client.request(req))
-            .await
-            .map_err(|_| fail(true, "no answer in 10 s".into()))?
-            .map_err(|e| fail(true, e.to_string()))?;
-        let status = resp.status();
-        let body = tokio::time::timeout(OTLP_TIMEOUT, resp.into_body().collect())
-            .await
-            .map_err(|_| fail(true, "answer body timed out".into()))?
-            .map_err(|e| fail(true, e.to_string()))?
-            .to_bytes();
-        if status.is_success() {
-            // A partial success names what the receiver rejected.
-            if let Ok(v) = serde_json::from_slice::<Value>(&body)
-                && let Some(p) = v.get("partialSuccess")
-                && p.get("rejectedLogRecords").is_some()
-            {
-                tracing::warn!(partial_success = %p, "audit export: OTLP receiver rejected records");
-            }
-            return Ok(());
-        }
-        let retry = matches!(status.as_u16(), 429 | 502 | 503 | 504);
-        Err(fail(
-            retry,
-            format!(
-                "HTTP {}: {}",
-                status.as_u16(),
-                String::from_utf8_lossy(body.get(..body.len().min(300)).unwrap_or_default()).trim()
-            ),
-        ))
     }
 }
 
@@ -736,28 +552,18 @@ async fn send_batch(poster: &OtlpPoster, body: &OtlpBody, batch: &[Event], stats
             return;
         }
     };
-    let mut wait = Duration::from_millis(200);
-    for attempt in 1..=OTLP_ATTEMPTS {
-        match poster.post(bytes.clone()).await {
-            Ok(()) => {
-                stats.otlp_sent.fetch_add(n, Ordering::Relaxed);
-                return;
-            }
-            Err(e) if e.retry && attempt < OTLP_ATTEMPTS => {
-                tracing::debug!(error = %e.message, attempt, "audit export: OTLP post failed; retrying");
-                tokio::time::sleep(wait).await;
-                wait *= 2;
-            }
-            Err(e) => {
-                let total = stats.otlp_dropped.fetch_add(n, Ordering::Relaxed) + n;
-                tracing::warn!(
-                    error = %e.message,
-                    records = n,
-                    dropped_total = total,
-                    "audit export: OTLP batch dropped (the records are in the audit segment)"
-                );
-                return;
-            }
+    match poster.post_retrying(bytes).await {
+        Ok(()) => {
+            stats.otlp_sent.fetch_add(n, Ordering::Relaxed);
+        }
+        Err(e) => {
+            let total = stats.otlp_dropped.fetch_add(n, Ordering::Relaxed) + n;
+            tracing::warn!(
+                error = %e.message,
+                records = n,
+                dropped_total = total,
+                "audit export: OTLP batch dropped (the records are in the audit segment)"
+            );
         }
     }
 }
@@ -765,6 +571,7 @@ async fn send_batch(poster: &OtlpPoster, body: &OtlpBody, batch: &[Event], stats
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::{BodyExt, Full};
 
     fn record(decision: &str) -> Record {
         serde_json::from_value(json!({

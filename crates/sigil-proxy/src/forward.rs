@@ -20,6 +20,7 @@ use crate::filter::{FilterError, SseFilter, filter_models, filter_tools_json, to
 use crate::metrics::{Metrics, Outcome};
 use crate::ratelimit::Limits;
 use crate::token::{Expect, TokenCache, TokenError};
+use crate::trace::{RequestTrace, Tracer};
 use crate::upstream::Upstream;
 use crate::{Credentials, ProxyConfig};
 use sigil_policy::{PolicyEngine, Principal, Query};
@@ -102,7 +103,12 @@ pub struct Proxy {
     upstream: Upstream,
     revoked: tokio::sync::watch::Receiver<i64>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Traces (off unless configured).
+    tracer: Option<Tracer>,
 }
+
+/// The trace of the request being handled (`None`: tracing off or not sampled).
+type Trace = Option<Box<RequestTrace>>;
 
 /// A refusal: the status and message the client gets, and how long to wait for a 429.
 struct Deny {
@@ -143,7 +149,23 @@ impl Proxy {
             audit,
             upstream,
             revoked,
+            tracer: None,
         }
+    }
+
+    /// Traces every sampled request with `tracer`.
+    pub fn with_tracer(mut self, tracer: Option<Tracer>) -> Self {
+        self.tracer = tracer;
+        self
+    }
+
+    /// The time a step starts when metrics or the request's trace measure it (`None`, no
+    /// clock read, otherwise).
+    #[inline]
+    fn start(&self, trace: &Trace) -> Option<Instant> {
+        self.metrics
+            .start()
+            .or_else(|| trace.as_ref().map(|_| Instant::now()))
     }
 
     /// Serves one accepted TLS connection.
@@ -200,10 +222,39 @@ impl Proxy {
     }
 
     async fn handle(&self, req: Request<Incoming>, peer: &VerifiedX509Svid) -> Response<Body> {
+        // Tracing off: one branch, nothing else.
+        let Some(tracer) = &self.tracer else {
+            return self.handle_request(req, peer, &mut None).await;
+        };
+        let mut trace = tracer.begin(
+            req.headers(),
+            req.method(),
+            req.uri().path(),
+            peer.spiffe_id.as_str(),
+        );
+        let resp = self.handle_request(req, peer, &mut trace).await;
+        if let Some(t) = trace {
+            tracer.finish(t, resp.status());
+        }
+        resp
+    }
+
+    async fn handle_request(
+        &self,
+        req: Request<Incoming>,
+        peer: &VerifiedX509Svid,
+        trace: &mut Trace,
+    ) -> Response<Body> {
         let received = self.metrics.start();
         let request_id = uuid::Uuid::new_v4().to_string();
+        if let Some(t) = trace.as_deref_mut() {
+            t.request_id(&request_id);
+        }
         let (parts, body) = req.into_parts();
         if self.cfg.enforce == Enforce::MtlsOnly {
+            if let Some(t) = trace.as_deref_mut() {
+                t.mtls_only();
+            }
             if self.creds.load().revoked.is_revoked(peer) {
                 let deny = Deny::new(StatusCode::UNAUTHORIZED, "client certificate revoked");
                 self.metrics.request(Outcome::Revoked);
@@ -217,6 +268,7 @@ impl Proxy {
                     &request_id,
                     ResponseFilter::None,
                     received,
+                    trace,
                 )
                 .await;
         }
@@ -240,7 +292,14 @@ impl Proxy {
         let mut body_seen = Bytes::new();
         let mut unread = Some(body);
         let decided = self
-            .authorize(&parts, &mut unread, peer, &mut record, &mut body_seen)
+            .authorize(
+                &parts,
+                &mut unread,
+                peer,
+                &mut record,
+                &mut body_seen,
+                trace,
+            )
             .await;
         if let Some(rest) = unread {
             // Refused before the body was read: take what the client is still sending
@@ -249,12 +308,18 @@ impl Proxy {
         }
         let allowed = decided.is_ok();
         record.decision = if allowed { "allow" } else { "deny" };
+        if let Some(t) = trace.as_deref_mut() {
+            t.decided(&record);
+        }
         // INVARIANT: the decision is durable before anything is forwarded; a decision that
         // cannot be recorded is a refusal.
         if let Err(e) = self.audit.record(&record).await {
             tracing::error!(error = %e, request_id, "audit failed; refusing");
             if allowed {
                 self.metrics.request(Outcome::AuditFailure);
+                if let Some(t) = trace.as_deref_mut() {
+                    t.refused("audit log unavailable");
+                }
                 let deny = Deny::new(StatusCode::SERVICE_UNAVAILABLE, "audit log unavailable");
                 return self.refusal(mcp, &deny, &body_seen, &request_id);
             }
@@ -262,7 +327,7 @@ impl Proxy {
         match decided {
             Ok(ok) => {
                 let body = Full::new(ok.body).map_err(|never| match never {}).boxed();
-                self.forward(parts, body, peer, &request_id, ok.filter, received)
+                self.forward(parts, body, peer, &request_id, ok.filter, received, trace)
                     .await
             }
             Err(deny) => {
@@ -291,6 +356,7 @@ impl Proxy {
         peer: &VerifiedX509Svid,
         record: &mut DecisionRecord,
         body_seen: &mut Bytes,
+        trace: &mut Trace,
     ) -> Result<Authorized, Deny> {
         // Revoked after the handshake: the connection is being closed; refuse what is left.
         if self.creds.load().revoked.is_revoked(peer) {
@@ -319,9 +385,14 @@ impl Proxy {
             leeway: self.cfg.token_leeway_secs,
             x5t_s256: &peer.x5t_s256,
         };
-        let token_started = self.metrics.start();
-        let checked = self.tokens.check(&token, &expect);
+        let token_started = self.start(trace);
+        let (checked, cache_hit) = self.tokens.lookup(&token, &expect);
         self.metrics.token_checked(token_started);
+        self.metrics.token_cache(cache_hit);
+        if let Some(t) = trace.as_deref_mut() {
+            let error = checked.as_ref().err().map(ToString::to_string);
+            t.token_checked(token_started, cache_hit, error);
+        }
         let claims = checked.map_err(|e| {
             record.reason = e.to_string();
             Deny::new(StatusCode::UNAUTHORIZED, e.to_string())
@@ -415,9 +486,13 @@ impl Proxy {
                 weekday: (now.div_euclid(86_400) + 3).rem_euclid(7),
                 arguments: call.arguments.as_ref(),
             };
-            let policy_started = self.metrics.start();
+            let policy_started = self.start(trace);
             let decided = engine.decide(&query);
             self.metrics.policy_evaluated(policy_started);
+            if let Some(t) = trace.as_deref_mut() {
+                let d = decided.as_ref().map_err(ToString::to_string);
+                t.policy_evaluated(policy_started, call, d);
+            }
             let decision = decided.map_err(|e| {
                 record.reason = e.to_string();
                 Deny::new(StatusCode::FORBIDDEN, "request could not be evaluated")
@@ -474,6 +549,8 @@ impl Proxy {
         Ok(Authorized { body, filter })
     }
 
+    // The request's parts, and what the decision left for the forward.
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         mut parts: http::request::Parts,
@@ -482,6 +559,7 @@ impl Proxy {
         request_id: &str,
         filter: ResponseFilter,
         received: Option<Instant>,
+        trace: &mut Trace,
     ) -> Response<Body> {
         let path = parts
             .uri
@@ -512,6 +590,9 @@ impl Proxy {
         if let Ok(v) = HeaderValue::from_str(request_id) {
             headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
         }
+        if let Some(t) = trace.as_deref_mut() {
+            t.inject(headers, &parts.method);
+        }
         self.metrics.forwarding(received);
         let sent = self.metrics.start();
         match self
@@ -521,6 +602,9 @@ impl Proxy {
         {
             Ok(resp) => {
                 self.metrics.upstream_done(sent);
+                if let Some(t) = trace.as_deref_mut() {
+                    t.upstream_done(Ok(resp.status().as_u16()));
+                }
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 match filter_response(&mut parts, body, filter).await {
@@ -543,6 +627,9 @@ impl Proxy {
             }
             Err(e) => {
                 self.metrics.upstream_done(sent);
+                if let Some(t) = trace.as_deref_mut() {
+                    t.upstream_done(Err(e.to_string()));
+                }
                 self.metrics.request(Outcome::Upstream);
                 tracing::warn!(error = %e, request_id, "upstream unreachable");
                 openai_error(

@@ -13,19 +13,21 @@ mod extract;
 mod filter;
 mod forward;
 mod metrics;
+mod otlp;
 mod policy;
 mod ratelimit;
 mod revocation;
 mod shipper;
 mod tls;
 mod token;
+mod trace;
 mod upstream;
 mod workload;
 
 pub use audit::{AuditError, Scan as AuditScan, read_records, scan as scan_audit};
 pub use config::ProxyConfig;
-pub use ratelimit::LimitSettings;
 pub use credentials::Credentials;
+pub use ratelimit::LimitSettings;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -112,17 +114,32 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         cfg.limit_settings(),
     )));
     let policies = policy::start(&cfg, clock.clone(), limits.clone())?;
+    // Traces (stopped with the accept loop).
+    let (tracer, trace_task) = match cfg.trace_config().map_err(anyhow::Error::msg)? {
+        Some(t) => {
+            if let Some(w) = trace::TraceConfig::protocol_warning(&|k| std::env::var(k).ok()) {
+                tracing::warn!("{w}");
+            }
+            tracing::info!(url = %t.otlp.url, "traces exported over OTLP/HTTP");
+            let (tracer, task) = trace::spawn(t)?;
+            (Some(tracer), Some(AbortOnDrop(task)))
+        }
+        None => (None, None),
+    };
 
     let (metrics_at, metrics_policies, enforce) = (cfg.metrics_addr, policies.clone(), cfg.enforce);
-    let state = Arc::new(forward::Proxy::new(
-        cfg,
-        creds.clone(),
-        clock.clone(),
-        audit,
-        policies,
-        revoked_rx,
-        limits,
-    ));
+    let state = Arc::new(
+        forward::Proxy::new(
+            cfg,
+            creds.clone(),
+            clock.clone(),
+            audit,
+            policies,
+            revoked_rx,
+            limits,
+        )
+        .with_tracer(tracer),
+    );
     let metrics_listener = match metrics_at {
         Some(at) => Some(
             sigil_metrics::serve(
@@ -146,6 +163,7 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         let _metrics_listener = metrics_listener;
         let _shipper = shipper;
         let _export: Vec<AbortOnDrop> = export_tasks;
+        let _traces = trace_task;
         loop {
             let (tcp, remote) = match listener.accept().await {
                 Ok(x) => x,

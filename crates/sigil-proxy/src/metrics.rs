@@ -111,6 +111,8 @@ struct Inner {
     upstream_duration: Histogram,
     policy_evaluation: Histogram,
     token_validation: Histogram,
+    token_cache_hits: Counter,
+    token_cache_misses: Counter,
     open_connections: Gauge,
     svid_expiry: Gauge,
     policies: Gauge,
@@ -217,6 +219,18 @@ impl Metrics {
         observe(self.inner.as_ref().map(|i| &i.token_validation), started);
     }
 
+    /// Counts a token check answered from the cache (`hit`) or fully validated.
+    #[inline]
+    pub(crate) fn token_cache(&self, hit: bool) {
+        if let Some(i) = &self.inner {
+            if hit {
+                i.token_cache_hits.inc();
+            } else {
+                i.token_cache_misses.inc();
+            }
+        }
+    }
+
     /// Counts an open client connection until the returned guard is dropped.
     pub(crate) fn connection_opened(&self) -> OpenConnection {
         OpenConnection(self.inner.as_ref().map(|i| {
@@ -273,6 +287,21 @@ impl Inner {
             "sigil_proxy_token_validation_seconds",
             "One access token check (cached or fully validated)",
         );
+        let counter = |registry: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let token_cache_hits = counter(
+            &mut registry,
+            "sigil_proxy_token_cache_hits",
+            "Access token checks answered from the cache of validated tokens",
+        );
+        let token_cache_misses = counter(
+            &mut registry,
+            "sigil_proxy_token_cache_misses",
+            "Access token checks that needed a full validation (signature, claims)",
+        );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let g = Gauge::<i64>::default();
             registry.register(name, help, g.clone());
@@ -314,6 +343,8 @@ impl Inner {
             upstream_duration,
             policy_evaluation,
             token_validation,
+            token_cache_hits,
+            token_cache_misses,
             open_connections,
             svid_expiry,
             policies,
@@ -450,6 +481,9 @@ mod tests {
         m.refused(StatusCode::FORBIDDEN, "policy denies");
         m.refused(StatusCode::UNAUTHORIZED, "client certificate revoked");
         m.policy_evaluated(m.start());
+        m.token_cache(false);
+        m.token_cache(true);
+        m.token_cache(true);
         let conn = m.connection_opened();
         let text = encode(&m);
         assert!(
@@ -464,6 +498,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("sigil_proxy_open_connections 1"));
+        assert!(
+            text.contains("sigil_proxy_token_cache_hits_total 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sigil_proxy_token_cache_misses_total 1"),
+            "{text}"
+        );
         drop(conn);
         assert!(encode(&m).contains("sigil_proxy_open_connections 0"));
     }

@@ -40,10 +40,27 @@ pub struct Expect<'a> {
 }
 
 impl TokenCache {
-    /// Validates `token` (signature once, then from cache) and its binding to this connection.
-    pub fn check(&self, token: &str, e: &Expect<'_>) -> Result<Arc<AccessTokenClaims>, TokenError> {
+    /// Validates `token` (signature once, then from cache) and its binding to this
+    /// connection; and whether the token was found in the cache (a hit) rather than fully
+    /// validated (a miss), whatever the outcome.
+    pub fn lookup(
+        &self,
+        token: &str,
+        e: &Expect<'_>,
+    ) -> (Result<Arc<AccessTokenClaims>, TokenError>, bool) {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let cached = self.map.lock().ok().and_then(|m| m.get(&key).cloned());
+        let hit = cached.is_some();
+        (self.finish(token, key, cached, e), hit)
+    }
+
+    fn finish(
+        &self,
+        token: &str,
+        key: [u8; 32],
+        cached: Option<Arc<AccessTokenClaims>>,
+        e: &Expect<'_>,
+    ) -> Result<Arc<AccessTokenClaims>, TokenError> {
         let claims = match cached {
             Some(c) => {
                 if c.exp + e.leeway <= e.now {

@@ -61,7 +61,8 @@ pub struct ProxyArgs {
     /// Path where the upstream serves MCP (default /mcp).
     #[arg(long)]
     pub mcp_path: Option<String>,
-    /// The audit flags (boxed: keeps the `Command` enum's variants of similar size).
+    /// The audit and trace export flags (boxed: keeps the `Command` enum's variants of
+    /// similar size).
     #[command(flatten)]
     pub audit: Box<AuditArgs>,
     /// Largest request body in bytes (413 beyond).
@@ -98,6 +99,10 @@ pub struct AuditArgs {
     /// (http://host:4318; default: OTEL_EXPORTER_OTLP_LOGS_ENDPOINT / _ENDPOINT).
     #[arg(long)]
     pub audit_otlp_endpoint: Option<String>,
+    /// Export a trace of every proxied request (OTLP/HTTP) to this base URL
+    /// (http://host:4318; default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / _ENDPOINT).
+    #[arg(long)]
+    pub trace_otlp_endpoint: Option<String>,
 }
 
 impl ProxyArgs {
@@ -131,6 +136,7 @@ impl ProxyArgs {
             ("audit_ship_to", s(&self.audit.audit_ship_to)),
             ("audit_export", s(&self.audit.audit_export)),
             ("audit_otlp_endpoint", s(&self.audit.audit_otlp_endpoint)),
+            ("trace_otlp_endpoint", s(&self.audit.trace_otlp_endpoint)),
             ("mcp_path", s(&self.mcp_path)),
             ("policy_dir", p(&self.policy_dir)),
             ("policy_source", s(&self.policy_source)),
