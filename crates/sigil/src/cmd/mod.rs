@@ -2,6 +2,7 @@
 pub(crate) mod admin;
 mod agent;
 mod audit;
+mod bench;
 mod demo_model;
 mod dev;
 mod log;
@@ -52,6 +53,9 @@ pub enum Command {
     Dev(dev::DevArgs),
     /// Run a small built-in OpenAI-compatible model server (plain HTTP), for demos.
     DemoModel(demo_model::DemoModelArgs),
+    /// Measure the system on loopback (policy and revocation propagation).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
     /// Manage registration entries.
     #[command(subcommand)]
     Entry(admin::EntryCmd),
@@ -100,6 +104,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(a) => dev::run(a).await,
         Command::Status(a) => status::run(a).await,
         Command::DemoModel(a) => demo_model::run(a).await,
+        Command::Bench(c) => bench::run(c).await,
         Command::Agent(a) => agent::run(a).await,
         Command::Proxy(a) => proxy::run(a).await,
         Command::Policy(c) => policy::run(c),

@@ -1,0 +1,653 @@
+//! `sigil bench propagation`: a real `sigil server` (embedded SQLite, loopback) and N
+//! in-process agents, each with its own data directory, join token and gRPC connection;
+//! pushes K policy bundles and R revocations through the admin API (the path `sigil policy
+//! push` and `sigil svid revoke` use) and reports, per change kind, the time from the start of
+//! the push call until the last agent has the change active.
+//!
+//! "Active" is read from each agent's published [`sigil_agent::Snapshot`] (the state its
+//! Workload and Enforcer APIs serve): a policy change is active at an agent once its verified
+//! bundle has a revision ≥ the pushed one (revisions are monotonic, so an agent may skip an
+//! intermediate revision when changes come faster than delivery); a revocation is active once
+//! the agent's revocation list holds the revoked ID. Timestamps are taken by one watcher task
+//! per agent when it wakes on the snapshot change, so they include that wake-up delay
+//! (conservative).
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use http::Method;
+use serde::Serialize;
+use serde_json::json;
+use sigil_core::SystemClock;
+use tokio::sync::{Notify, Semaphore};
+
+use super::Output;
+use super::server::{ServerArgs, load_config};
+use crate::admin_client::AdminClient;
+
+const BENCH_TRUST_DOMAIN: &str = "bench.sigil.test";
+/// The path prefix of the SPIFFE IDs the benchmark revokes (nothing holds them).
+const REVOKED_PREFIX: &str = "/bench/revoked/";
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCmd {
+    /// Policy and revocation propagation from `sigil server` to N in-process agents.
+    Propagation(PropagationArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PropagationArgs {
+    /// Number of agents (each with its own data directory, join token and connection).
+    #[arg(long)]
+    pub agents: usize,
+    /// Number of policy changes to push (after one unmeasured warm-up push).
+    #[arg(long, default_value_t = 20)]
+    pub changes: usize,
+    /// Number of revocations to push.
+    #[arg(long, default_value_t = 0)]
+    pub revocations: usize,
+    /// Proxies to start (not implemented: must be 0).
+    #[arg(long, default_value_t = 0)]
+    pub proxies: usize,
+    /// Milliseconds between pushes. Unset: each change is pushed once the previous one is
+    /// active at every agent (or timed out). Set: pushes at this pace without waiting, so
+    /// agents may skip intermediate revisions.
+    #[arg(long)]
+    pub interval_ms: Option<u64>,
+    /// How long to wait for a change to be active everywhere before counting it undelivered.
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+    /// Agents attesting at the same time during setup.
+    #[arg(long, default_value_t = 8)]
+    pub attest_concurrency: usize,
+    /// Work directory (default: a fresh one under the system temp dir, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
+    match cmd {
+        BenchCmd::Propagation(a) => propagation(a).await,
+    }
+}
+
+/// Logs at `warn` unless `SIGIL_LOG` / `RUST_LOG` say otherwise: N agents logging every
+/// accepted bundle would measure the terminal.
+fn init_quiet_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIGIL_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// What one agent's watcher saw: for each kind, the latest value and every (value, when)
+/// transition (values only increase).
+#[derive(Default)]
+struct Observed {
+    policy: AtomicI64,
+    revoked: AtomicI64,
+    policy_log: Mutex<Vec<(i64, Instant)>>,
+    revoked_log: Mutex<Vec<(i64, Instant)>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Policy,
+    Revocation,
+}
+
+impl Observed {
+    fn latest(&self, k: Kind) -> i64 {
+        match k {
+            Kind::Policy => self.policy.load(Ordering::Acquire),
+            Kind::Revocation => self.revoked.load(Ordering::Acquire),
+        }
+    }
+    fn log(&self, k: Kind) -> Vec<(i64, Instant)> {
+        let l = match k {
+            Kind::Policy => &self.policy_log,
+            Kind::Revocation => &self.revoked_log,
+        };
+        l.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+fn record(latest: &AtomicI64, log: &Mutex<Vec<(i64, Instant)>>, value: i64, at: Instant) -> bool {
+    if value > latest.load(Ordering::Acquire) {
+        if let Ok(mut l) = log.lock() {
+            l.push((value, at));
+        }
+        latest.store(value, Ordering::Release);
+        true
+    } else {
+        false
+    }
+}
+
+/// Follows one agent's snapshots until the receiver closes.
+fn watch_agent(
+    mut rx: tokio::sync::watch::Receiver<sigil_agent::Snapshot>,
+    obs: Arc<Observed>,
+    notify: Arc<Notify>,
+    revoked_prefix: String,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last_list: Option<Arc<sigil_agent::RevocationList>> = None;
+        loop {
+            let (policy, list) = {
+                let s = rx.borrow_and_update();
+                (
+                    s.policy
+                        .as_ref()
+                        .map(|b| i64::try_from(b.content.revision).unwrap_or(i64::MAX)),
+                    s.revocations.clone(),
+                )
+            };
+            let at = Instant::now();
+            let mut changed = false;
+            if let Some(r) = policy {
+                changed |= record(&obs.policy, &obs.policy_log, r, at);
+            }
+            let same = match (&list, &last_list) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                if let Some(l) = &list {
+                    let n = l
+                        .revoked
+                        .iter()
+                        .filter(|r| r.spiffe_id.starts_with(&revoked_prefix))
+                        .count();
+                    changed |= record(
+                        &obs.revoked,
+                        &obs.revoked_log,
+                        i64::try_from(n).unwrap_or(i64::MAX),
+                        at,
+                    );
+                }
+                last_list = list;
+            }
+            if changed {
+                notify.notify_one();
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// One pushed change: its kind, the value agents must reach, and when the push started.
+struct Change {
+    kind: Kind,
+    target: i64,
+    started: Instant,
+}
+
+/// Waits until every agent has reached `target` for `kind`, or `deadline`.
+async fn wait_all(
+    observed: &[Arc<Observed>],
+    notify: &Notify,
+    kind: Kind,
+    target: i64,
+    deadline: Instant,
+) -> bool {
+    loop {
+        if observed.iter().all(|o| o.latest(kind) >= target) {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        let wait = (deadline - now).min(Duration::from_millis(5));
+        let _ = tokio::time::timeout(wait, notify.notified()).await;
+    }
+}
+
+#[derive(Debug, Serialize, Default)]
+struct KindReport {
+    /// Changes pushed.
+    changes: usize,
+    /// Changes active at every agent (agent value ≥ the change's) before the timeout.
+    delivered: usize,
+    delivered_fraction: f64,
+    /// (change, agent) pairs: how many agents reached each change (≥ its value).
+    agent_deliveries: usize,
+    agent_deliveries_fraction: f64,
+    /// (change, agent) pairs where the agent's watcher saw exactly that value (not skipped
+    /// over by a later one).
+    exact_observed: usize,
+    exact_observed_fraction: f64,
+    /// Push start → last agent active, over delivered changes (ms).
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    mean_ms: f64,
+    /// Push start → first agent active, median over delivered changes (ms).
+    first_agent_p50_ms: f64,
+    /// The admin call itself (push start → response), median (ms).
+    push_call_p50_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    agents: usize,
+    changes: usize,
+    revocations: usize,
+    proxies: usize,
+    mode: String,
+    definition: &'static str,
+    cores: usize,
+    load_average_before: String,
+    load_average_after: String,
+    setup_secs: f64,
+    run_secs: f64,
+    policy: KindReport,
+    revocation: KindReport,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    // Nearest rank.
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    let i = rank.clamp(1, sorted.len()) - 1;
+    sorted.get(i).copied().unwrap_or(0.0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn summarize(
+    kind: Kind,
+    changes: &[Change],
+    push_calls: &[Duration],
+    observed: &[Arc<Observed>],
+) -> KindReport {
+    let logs: Vec<Vec<(i64, Instant)>> = observed.iter().map(|o| o.log(kind)).collect();
+    let mine: Vec<&Change> = changes.iter().filter(|c| c.kind == kind).collect();
+    let mut r = KindReport {
+        changes: mine.len(),
+        ..Default::default()
+    };
+    let mut last = Vec::new();
+    let mut first = Vec::new();
+    for c in &mine {
+        let mut all = true;
+        let mut latest: Option<Instant> = None;
+        let mut earliest: Option<Instant> = None;
+        for log in &logs {
+            match log.iter().find(|(v, _)| *v >= c.target) {
+                Some((v, at)) => {
+                    r.agent_deliveries += 1;
+                    if *v == c.target {
+                        r.exact_observed += 1;
+                    }
+                    latest = Some(latest.map_or(*at, |l| l.max(*at)));
+                    earliest = Some(earliest.map_or(*at, |e| e.min(*at)));
+                }
+                None => all = false,
+            }
+        }
+        if all {
+            r.delivered += 1;
+            if let Some(l) = latest {
+                last.push(ms(l.saturating_duration_since(c.started)));
+            }
+            if let Some(e) = earliest {
+                first.push(ms(e.saturating_duration_since(c.started)));
+            }
+        }
+    }
+    let pairs = (mine.len() * observed.len()).max(1) as f64;
+    r.delivered_fraction = r.delivered as f64 / (mine.len().max(1)) as f64;
+    r.agent_deliveries_fraction = r.agent_deliveries as f64 / pairs;
+    r.exact_observed_fraction = r.exact_observed as f64 / pairs;
+    last.sort_by(f64::total_cmp);
+    first.sort_by(f64::total_cmp);
+    r.p50_ms = percentile(&last, 50.0);
+    r.p99_ms = percentile(&last, 99.0);
+    r.max_ms = last.last().copied().unwrap_or(0.0);
+    r.mean_ms = if last.is_empty() {
+        0.0
+    } else {
+        last.iter().sum::<f64>() / last.len() as f64
+    };
+    r.first_agent_p50_ms = percentile(&first, 50.0);
+    let mut calls: Vec<f64> = push_calls.iter().copied().map(ms).collect();
+    calls.sort_by(f64::total_cmp);
+    r.push_call_p50_ms = percentile(&calls, 50.0);
+    r
+}
+
+fn bench_policy(i: usize) -> String {
+    format!(
+        "// sigil bench propagation, change {i}\n\
+         @id(\"bench-{i}\")\n\
+         permit (\n  principal in Group::\"bench\",\n  action == Action::\"invoke\",\n  \
+         resource == Model::\"bench-{i}\"\n);\n"
+    )
+}
+
+async fn push_policy(admin: &AdminClient, i: usize) -> anyhow::Result<i64> {
+    let v = admin
+        .call(
+            Method::POST,
+            "/v1/policy/push",
+            Some(json!({
+                "policies": {"bench.cedar": bench_policy(i)},
+                "ttl_secs": 3600,
+                "rate_limits": null,
+            })),
+        )
+        .await?;
+    v.get("revision")
+        .and_then(serde_json::Value::as_i64)
+        .context("policy push: no revision in the answer")
+}
+
+async fn revoke(admin: &AdminClient, i: usize) -> anyhow::Result<()> {
+    admin
+        .call(
+            Method::POST,
+            "/v1/revocations",
+            Some(json!({
+                "target": format!("spiffe://{BENCH_TRUST_DOMAIN}{REVOKED_PREFIX}{i}"),
+                "reason": "sigil bench propagation",
+            })),
+        )
+        .await?;
+    Ok(())
+}
+
+struct WorkDir {
+    path: PathBuf,
+    remove: bool,
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.remove {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn work_dir(dir: Option<PathBuf>) -> anyhow::Result<WorkDir> {
+    let (path, remove) = match dir {
+        Some(d) => (d, false),
+        None => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            // Short: agent socket paths must fit in sun_path.
+            let p = std::env::temp_dir().join(format!("sgb-{}-{nanos:x}", std::process::id()));
+            (p, true)
+        }
+    };
+    std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(WorkDir { path, remove })
+}
+
+/// Starts one agent with a fresh join token and waits until its sync stream is up.
+async fn start_agent(
+    admin: &AdminClient,
+    port: u16,
+    bootstrap: &Path,
+    dir: PathBuf,
+) -> anyhow::Result<sigil_agent::RunningAgent> {
+    let t = admin
+        .call(
+            Method::POST,
+            "/v1/jointokens",
+            Some(json!({"ttl_secs": 600})),
+        )
+        .await?;
+    let token = t
+        .get("token")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
+        .context("join token: no token in the answer")?;
+    let cfg = sigil_agent::AgentConfig {
+        trust_domain: sigil_core::TrustDomain::new(BENCH_TRUST_DOMAIN)?,
+        server_address: format!("127.0.0.1:{port}"),
+        data_dir: dir,
+        socket_path: None,
+        join_token: Some(token),
+        trust_bundle: Some(bootstrap.to_path_buf()),
+        log_format: "text".into(),
+        metrics_addr: None,
+    };
+    let agent = sigil_agent::start(cfg, Arc::new(SystemClock)).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if agent.manager.client.load().is_some() && agent.manager.subscribe().borrow().serving {
+            return Ok(agent);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "an agent did not attest and connect within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
+    init_quiet_logging();
+    anyhow::ensure!(args.agents > 0, "--agents must be at least 1");
+    anyhow::ensure!(
+        args.proxies == 0,
+        "--proxies is not implemented yet: agents only"
+    );
+    let load_before = load_average();
+    let work = work_dir(args.dir.clone())?;
+    let setup_start = Instant::now();
+    let server_args = ServerArgs {
+        config: None,
+        trust_domain: Some(BENCH_TRUST_DOMAIN.into()),
+        data_dir: Some(work.path.join("server")),
+        listen_addr: Some("127.0.0.1:0".into()),
+        admin_socket: None,
+        database_url: None,
+        issuer: None,
+        ca_key_type: None,
+        jwt_key_type: None,
+        upstream_ca_cert: None,
+        upstream_ca_key: None,
+        log_format: None,
+        metrics_addr: None,
+    };
+    let cfg = load_config(&server_args)?;
+    let server = sigil_server::start(cfg, Arc::new(SystemClock)).await?;
+    let port = server.addr.port();
+    let admin = Arc::new(AdminClient::new(&server.admin_socket));
+    let bootstrap = work.path.join("bootstrap-bundle.pem");
+    std::fs::write(&bootstrap, &server.state.authorities.current().x509_pem)?;
+
+    // Attest the agents, a bounded number at a time.
+    let sem = Arc::new(Semaphore::new(args.attest_concurrency.max(1)));
+    let mut starting = tokio::task::JoinSet::new();
+    for i in 0..args.agents {
+        let (sem, admin, bootstrap) = (sem.clone(), admin.clone(), bootstrap.clone());
+        let dir = work.path.join("a").join(i.to_string());
+        starting.spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            start_agent(&admin, port, &bootstrap, dir).await
+        });
+    }
+    let mut agents = Vec::with_capacity(args.agents);
+    while let Some(r) = starting.join_next().await {
+        agents.push(r.context("agent start task")??);
+    }
+    let notify = Arc::new(Notify::new());
+    let observed: Vec<Arc<Observed>> = (0..agents.len())
+        .map(|_| Arc::new(Observed::default()))
+        .collect();
+    let prefix = format!("spiffe://{BENCH_TRUST_DOMAIN}{REVOKED_PREFIX}");
+    let watchers: Vec<_> = agents
+        .iter()
+        .zip(&observed)
+        .map(|(a, o)| {
+            watch_agent(
+                a.manager.subscribe(),
+                o.clone(),
+                notify.clone(),
+                prefix.clone(),
+            )
+        })
+        .collect();
+    let timeout = Duration::from_secs(args.timeout_secs);
+
+    // Warm-up (not measured): every agent holds a first bundle.
+    let warm = push_policy(&admin, 0).await?;
+    anyhow::ensure!(
+        wait_all(
+            &observed,
+            &notify,
+            Kind::Policy,
+            warm,
+            Instant::now() + timeout
+        )
+        .await,
+        "warm-up: the first policy bundle did not reach every agent within {timeout:?}"
+    );
+    let setup_secs = setup_start.elapsed().as_secs_f64();
+
+    let run_start = Instant::now();
+    let mut changes = Vec::with_capacity(args.changes + args.revocations);
+    let (mut policy_calls, mut revocation_calls) = (Vec::new(), Vec::new());
+    let pace = args.interval_ms.map(Duration::from_millis);
+    let mut next = Instant::now();
+    let plan = (1..=args.changes)
+        .map(|i| (Kind::Policy, i))
+        .chain((1..=args.revocations).map(|i| (Kind::Revocation, i)));
+    for (kind, i) in plan {
+        if let Some(p) = pace {
+            tokio::time::sleep_until(next.into()).await;
+            next += p;
+        }
+        let started = Instant::now();
+        let target = match kind {
+            Kind::Policy => push_policy(&admin, i).await?,
+            Kind::Revocation => {
+                revoke(&admin, i).await?;
+                i64::try_from(i)?
+            }
+        };
+        let call = started.elapsed();
+        match kind {
+            Kind::Policy => policy_calls.push(call),
+            Kind::Revocation => revocation_calls.push(call),
+        }
+        changes.push(Change {
+            kind,
+            target,
+            started,
+        });
+        if pace.is_none() {
+            wait_all(&observed, &notify, kind, target, started + timeout).await;
+        }
+    }
+    if pace.is_some() {
+        // Let the last changes land (or time out).
+        let deadline = Instant::now() + timeout;
+        for kind in [Kind::Policy, Kind::Revocation] {
+            if let Some(c) = changes.iter().rev().find(|c| c.kind == kind) {
+                wait_all(&observed, &notify, kind, c.target, deadline).await;
+            }
+        }
+    }
+    let run_secs = run_start.elapsed().as_secs_f64();
+
+    let report = Report {
+        agents: agents.len(),
+        changes: args.changes,
+        revocations: args.revocations,
+        proxies: 0,
+        mode: match args.interval_ms {
+            Some(ms) => format!("paced: one push every {ms} ms, without waiting"),
+            None => "sequential: each push once the previous change is active everywhere".into(),
+        },
+        definition: "a change is delivered to an agent when the agent's active policy bundle \
+            has a revision >= the change's (revocation: its revocation list holds the revoked \
+            ID); latency = push call start -> the last agent's snapshot showing it",
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load_average_before: load_before,
+        load_average_after: load_average(),
+        setup_secs,
+        run_secs,
+        policy: summarize(Kind::Policy, &changes, &policy_calls, &observed),
+        revocation: summarize(Kind::Revocation, &changes, &revocation_calls, &observed),
+    };
+
+    for w in &watchers {
+        w.abort();
+    }
+    for a in agents {
+        a.shutdown().await;
+    }
+    server.shutdown().await;
+    drop(work);
+
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Text => print_text(&report),
+    }
+    Ok(())
+}
+
+fn print_text(r: &Report) {
+    println!(
+        "sigil bench propagation: {} agents, {} policy changes, {} revocations ({}; {} cores, \
+         load {} before, {} after; setup {:.1} s, run {:.1} s)",
+        r.agents,
+        r.changes,
+        r.revocations,
+        r.mode,
+        r.cores,
+        r.load_average_before,
+        r.load_average_after,
+        r.setup_secs,
+        r.run_secs
+    );
+    for (name, k) in [("policy", &r.policy), ("revocation", &r.revocation)] {
+        if k.changes == 0 {
+            continue;
+        }
+        println!(
+            "  {name:<10} push -> last agent active: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
+             (mean {:.1}; first agent p50 {:.1} ms; admin call p50 {:.1} ms)",
+            k.p50_ms, k.p99_ms, k.max_ms, k.mean_ms, k.first_agent_p50_ms, k.push_call_p50_ms
+        );
+        println!(
+            "  {name:<10} delivered to every agent: {}/{} ({:.2}%); agent deliveries {:.2}%; \
+             exact revision observed {:.2}%",
+            k.delivered,
+            k.changes,
+            k.delivered_fraction * 100.0,
+            k.agent_deliveries_fraction * 100.0,
+            k.exact_observed_fraction * 100.0
+        );
+    }
+    println!("  ({})", r.definition);
+}
