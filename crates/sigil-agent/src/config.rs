@@ -11,7 +11,8 @@ use sigil_core::TrustDomain;
 pub struct AgentConfig {
     /// The trust domain of the server.
     pub trust_domain: TrustDomain,
-    /// The server's public listener, `host:port`.
+    /// The server's public listener, `host:port`; with several replicas a comma-separated
+    /// list (`a:8443,b:8443`): the agent uses one and moves to the next on disconnect.
     pub server_address: String,
     /// Data directory: `cache/` (node identity, SVIDs, bundle, entries; 0700, files 0600)
     /// and, by default, `public/api.sock`.
@@ -69,9 +70,15 @@ impl AgentConfig {
             key,
             message: message.to_owned(),
         };
-        match self.server_address.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-            _ => return Err(bad("server_address", "must be host:port")),
+        let servers = self.servers();
+        if servers.is_empty() {
+            return Err(bad("server_address", "must be host:port[,host:port...]"));
+        }
+        for server in servers {
+            match server.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+                _ => return Err(bad("server_address", "must be host:port[,host:port...]")),
+            }
         }
         if let Some(t) = &self.join_token
             && (t.is_empty() || t.len() > 256 || !t.bytes().all(|b| b.is_ascii_graphic()))
@@ -82,6 +89,15 @@ impl AgentConfig {
             return Err(bad("log_format", "must be \"text\" or \"json\""));
         }
         Ok(())
+    }
+
+    /// The server replicas, in the order given.
+    pub fn servers(&self) -> Vec<&str> {
+        self.server_address
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
     }
 
     /// The Workload API socket path.

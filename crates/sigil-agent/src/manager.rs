@@ -73,9 +73,13 @@ pub struct Manager {
     policy: std::sync::Mutex<PolicyState>,
     /// The transparency log as this agent has seen it (split-view detection).
     witness: std::sync::Mutex<crate::log_witness::LogWitness>,
+    /// Which of the configured server replicas is in use (an index into `cfg.servers()`).
+    server_index: std::sync::atomic::AtomicUsize,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Pause before trying the next replica after one failed (backoff applies once all failed).
+const FAILOVER_DELAY: Duration = Duration::from_millis(100);
 
 impl Manager {
     /// Loads the cache and publishes what it holds (valid items only).
@@ -228,6 +232,7 @@ impl Manager {
             server_id,
             policy: std::sync::Mutex::new(policy),
             witness: std::sync::Mutex::new(witness),
+            server_index: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
@@ -353,7 +358,30 @@ impl Manager {
         }
     }
 
-    /// Runs until evicted (or unrecoverable); reconnects with backoff on any failure.
+    /// The server replica in use.
+    fn server(&self) -> String {
+        let servers = self.cfg.servers();
+        let i = self.server_index.load(std::sync::atomic::Ordering::SeqCst);
+        servers
+            .get(i % servers.len().max(1))
+            .map(|s| (*s).to_owned())
+            .unwrap_or_else(|| self.cfg.server_address.clone())
+    }
+
+    /// After a failure: moves to the next replica. Returns whether to try it at once (it
+    /// has not failed in this round) rather than back off (every replica failed in a row).
+    fn fail_over(&self, failures_in_row: &mut usize) -> bool {
+        let n = self.cfg.servers().len().max(1);
+        *failures_in_row += 1;
+        if n > 1 {
+            self.server_index
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        n > 1 && !failures_in_row.is_multiple_of(n)
+    }
+
+    /// Runs until evicted (or unrecoverable); reconnects with backoff on any failure, moving
+    /// to the next server replica first.
     pub async fn run(self: Arc<Self>) -> Result<(), ManagerError> {
         let sweeper = tokio::spawn(self.clone().sweep_forever());
         let result = self.run_inner().await;
@@ -366,6 +394,7 @@ impl Manager {
 
     async fn run_inner(self: &Arc<Self>) -> Result<(), ManagerError> {
         let mut backoff = Duration::from_millis(250);
+        let mut failures_in_row = 0usize;
         // Evidence is single use: once it got us an identity, it is dropped.
         let mut attestor: Option<Box<dyn NodeAttestor>> = self
             .cfg
@@ -385,6 +414,11 @@ impl Manager {
                         return Err(ManagerError::AttestationRefused(why));
                     }
                     Err(e) => {
+                        if self.fail_over(&mut failures_in_row) {
+                            tracing::warn!(error = %e, next = %self.server(), "attestation failed; trying the next server");
+                            tokio::time::sleep(FAILOVER_DELAY).await;
+                            continue;
+                        }
                         tracing::warn!(error = %e, retry_in = ?backoff, "attestation failed; retrying");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -402,10 +436,20 @@ impl Manager {
                 }
                 Ok(SessionEnd::Reconnect) => {
                     backoff = Duration::from_millis(250);
+                    failures_in_row = 0;
                     continue;
                 }
                 Err(e) => {
-                    self.client.store(None);
+                    // A session that got as far as syncing starts a new round of failures.
+                    if self.client.swap(None).is_some() {
+                        backoff = Duration::from_millis(250);
+                        failures_in_row = 0;
+                    }
+                    if self.fail_over(&mut failures_in_row) {
+                        tracing::warn!(error = %e, next = %self.server(), "lost the server; failing over to the next one, serving from cache meanwhile");
+                        tokio::time::sleep(FAILOVER_DELAY).await;
+                        continue;
+                    }
                     tracing::warn!(error = %e, retry_in = ?backoff, "lost the server; serving from cache");
                 }
             }
@@ -426,7 +470,7 @@ impl Manager {
         let transient = |e: &dyn std::fmt::Display| AttestationError::Transient(e.to_string());
         let tls = tls::client_config(self.x509_bundle.clone(), self.server_id.clone(), None)
             .map_err(|e| transient(&e))?;
-        let mut c = client::connect(&self.cfg.server_address, tls)
+        let mut c = client::connect(&self.server(), tls)
             .await
             .map_err(|e| AttestationError::Transient(format!("connecting: {e:?}")))?;
         let key = KeyPair::generate(self.node_key_alg).map_err(|e| transient(&e))?;
@@ -503,16 +547,17 @@ impl Manager {
             Some((node.chain.clone(), node.key.clone())),
         )
         .map_err(|e| e.to_string())?;
-        let mut c = client::connect(&self.cfg.server_address, tls)
+        let server = self.server();
+        let mut c = client::connect(&server, tls)
             .await
-            .map_err(|e| format!("connecting to {}: {e:?}", self.cfg.server_address))?;
+            .map_err(|e| format!("connecting to {server}: {e:?}"))?;
         let mut stream = c
             .sync(pb::SyncRequest {})
             .await
             .map_err(|s| format!("sync: {}: {}", s.code(), s.message()))?
             .into_inner();
         self.client.store(Some(Arc::new(c.clone())));
-        tracing::info!(server = %self.cfg.server_address, "connected; syncing");
+        tracing::info!(server = %server, "connected; syncing");
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {

@@ -16,6 +16,7 @@ use sigil_policy::bundle::{BundleContent, PolicySigner};
 use sigil_store::{AuthorityKind, AuthorityRecord, AuthorityState, PolicyBundleRecord, Store};
 
 use crate::ServerError;
+use crate::keyvault::KeyVault;
 
 /// How long a retired key may still have live credentials: the longest TTL anything may have.
 const X509_RETIRE_GRACE: i64 = sigil_core::MAX_X509_TTL_SECS as i64;
@@ -57,6 +58,7 @@ pub struct Authorities {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     settings: KeySettings,
+    vault: Arc<KeyVault>,
     current: ArcSwap<AuthoritySet>,
     rotating: tokio::sync::Mutex<()>,
 }
@@ -96,23 +98,62 @@ pub struct AuthorityInfo {
 }
 
 impl Authorities {
-    /// Loads the keys from the store (generating or importing them on first start).
+    /// Loads the keys from the store (generating or importing them on first start), private
+    /// keys as files under `settings.key_dir`.
     pub async fn load(
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         settings: KeySettings,
         upstream: Option<CertificateAuthority>,
     ) -> Result<Self, ServerError> {
+        let vault = Arc::new(KeyVault::Files(settings.key_dir.clone()));
+        Self::load_with_vault(store, clock, settings, upstream, vault).await
+    }
+
+    /// [`Self::load`] with the private keys in `vault` (e.g. sealed in the shared database).
+    /// The first start creates the keys under the store's bootstrap lock, so replicas
+    /// starting at once do not both create a CA.
+    pub async fn load_with_vault(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        settings: KeySettings,
+        upstream: Option<CertificateAuthority>,
+        vault: Arc<KeyVault>,
+    ) -> Result<Self, ServerError> {
         create_private_dir(&settings.key_dir)?;
+        let lock = store.bootstrap_lock().await?;
+        let created = Self::create_missing(&*store, &*clock, &settings, upstream, &vault).await;
+        lock.release().await?;
+        created?;
+        let now = clock.now();
+        let set = build_set(&*store, &settings, &vault, now).await?;
+        Ok(Self {
+            store,
+            clock,
+            settings,
+            vault,
+            current: ArcSwap::from_pointee(set),
+            rotating: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Generates (or imports) whatever active key is missing.
+    async fn create_missing(
+        store: &dyn Store,
+        clock: &dyn Clock,
+        settings: &KeySettings,
+        upstream: Option<CertificateAuthority>,
+        vault: &KeyVault,
+    ) -> Result<(), ServerError> {
         let now = clock.now();
         let x509 = store.list_authorities(AuthorityKind::X509).await?;
         let mut changed = false;
         if let Some(ca) = upstream {
             if !x509.iter().any(|r| r.id == ca.key_id()) {
                 for r in x509.iter().filter(|r| r.state == AuthorityState::Active) {
-                    retire(&*store, r, now, X509_RETIRE_GRACE).await?;
+                    retire(store, r, now, X509_RETIRE_GRACE).await?;
                 }
-                save_ca(&*store, &settings.key_dir, &ca, AuthorityState::Active, now).await?;
+                save_ca(store, vault, &ca, AuthorityState::Active, now).await?;
                 tracing::info!(key_id = %ca.key_id(), "imported upstream CA");
                 changed = true;
             }
@@ -123,49 +164,28 @@ impl Authorities {
                 now,
                 settings.ca_ttl_secs,
             )?;
-            save_ca(&*store, &settings.key_dir, &ca, AuthorityState::Active, now).await?;
+            save_ca(store, vault, &ca, AuthorityState::Active, now).await?;
             tracing::info!(key_id = %ca.key_id(), "generated CA");
             changed = true;
         }
         let jwt = store.list_authorities(AuthorityKind::Jwt).await?;
         if !jwt.iter().any(|r| r.state == AuthorityState::Active) {
             let signer = JwtSigner::generate(settings.jwt_alg)?;
-            save_jwt(
-                &*store,
-                &settings.key_dir,
-                &signer,
-                AuthorityState::Active,
-                now,
-            )
-            .await?;
+            save_jwt(store, vault, &signer, AuthorityState::Active, now).await?;
             tracing::info!(kid = %signer.kid(), "generated JWT signing key");
             changed = true;
         }
         let policy = store.list_authorities(AuthorityKind::Policy).await?;
         if !policy.iter().any(|r| r.state == AuthorityState::Active) {
             let signer = PolicySigner::generate().map_err(policy_err)?;
-            save_policy(
-                &*store,
-                &settings.key_dir,
-                &signer,
-                AuthorityState::Active,
-                now,
-            )
-            .await?;
+            save_policy(store, vault, &signer, AuthorityState::Active, now).await?;
             tracing::info!(kid = %signer.kid(), "generated policy signing key");
             changed = true;
         }
         if changed || store.bundle_sequence().await? == 0 {
             store.bump_bundle_sequence().await?;
         }
-        let set = build_set(&*store, &settings, now).await?;
-        Ok(Self {
-            store,
-            clock,
-            settings,
-            current: ArcSwap::from_pointee(set),
-            rotating: tokio::sync::Mutex::new(()),
-        })
+        Ok(())
     }
 
     /// The keys and bundle in force.
@@ -186,7 +206,7 @@ impl Authorities {
             for r in self.store.list_authorities(kind).await? {
                 if r.state == AuthorityState::Retired && r.last_use_expiry.min(r.not_after) <= now {
                     self.store.delete_authority(&r.id).await?;
-                    remove_key_file(&self.settings.key_dir, &r.key_ref);
+                    self.vault.remove(&r.key_ref).await;
                     pruned = true;
                 }
             }
@@ -194,7 +214,7 @@ impl Authorities {
         if pruned {
             self.store.bump_bundle_sequence().await?;
         }
-        let set = build_set(&*self.store, &self.settings, now).await?;
+        let set = build_set(&*self.store, &self.settings, &self.vault, now).await?;
         self.current.store(Arc::new(set));
         Ok(())
     }
@@ -207,7 +227,7 @@ impl Authorities {
         let (action, key_id) =
             if let Some(prepared) = records.iter().find(|r| r.state == AuthorityState::Prepared) {
                 // Load before switching, so a missing key file leaves the old key in force.
-                load_key_file(&self.settings.key_dir, &prepared.key_ref)?;
+                self.vault.get(&prepared.key_ref).await?;
                 let grace = match kind {
                     AuthorityKind::X509 => X509_RETIRE_GRACE,
                     AuthorityKind::Jwt => JWT_RETIRE_GRACE,
@@ -231,7 +251,7 @@ impl Authorities {
                         )?;
                         save_ca(
                             &*self.store,
-                            &self.settings.key_dir,
+                            &self.vault,
                             &ca,
                             AuthorityState::Prepared,
                             now,
@@ -243,7 +263,7 @@ impl Authorities {
                         let signer = JwtSigner::generate(self.settings.jwt_alg)?;
                         save_jwt(
                             &*self.store,
-                            &self.settings.key_dir,
+                            &self.vault,
                             &signer,
                             AuthorityState::Prepared,
                             now,
@@ -255,7 +275,7 @@ impl Authorities {
                         let signer = PolicySigner::generate().map_err(policy_err)?;
                         save_policy(
                             &*self.store,
-                            &self.settings.key_dir,
+                            &self.vault,
                             &signer,
                             AuthorityState::Prepared,
                             now,
@@ -267,7 +287,7 @@ impl Authorities {
                 ("prepared", id)
             };
         let bundle_sequence = self.store.bump_bundle_sequence().await?;
-        let set = build_set(&*self.store, &self.settings, now).await?;
+        let set = build_set(&*self.store, &self.settings, &self.vault, now).await?;
         self.current.store(Arc::new(set));
         tracing::info!(kind = kind_name(kind), action, key_id = %key_id, bundle_sequence, "rotated");
         Ok(RotationOutcome {
@@ -409,14 +429,19 @@ async fn retire(
 
 async fn save_ca(
     store: &dyn Store,
-    key_dir: &Path,
+    vault: &KeyVault,
     ca: &CertificateAuthority,
     state: AuthorityState,
     now: UnixTime,
 ) -> Result<(), ServerError> {
-    let key_ref = format!("x509-{}.key.pem", ca.key_id());
-    // INVARIANT: the key is durable on disk before the store points at it.
-    write_private_file(&key_dir.join(&key_ref), ca.key_pkcs8_pem().as_bytes())?;
+    // INVARIANT: the key is durable (on disk, or sealed in the database) before the store
+    // points at it.
+    let key_ref = vault
+        .put(
+            &format!("x509-{}.key.pem", ca.key_id()),
+            ca.key_pkcs8_pem().as_bytes(),
+        )
+        .await?;
     store
         .save_authority(&AuthorityRecord {
             id: ca.key_id(),
@@ -436,13 +461,17 @@ async fn save_ca(
 
 async fn save_jwt(
     store: &dyn Store,
-    key_dir: &Path,
+    vault: &KeyVault,
     signer: &JwtSigner,
     state: AuthorityState,
     now: UnixTime,
 ) -> Result<(), ServerError> {
-    let key_ref = format!("jwt-{}.key.pem", signer.kid());
-    write_private_file(&key_dir.join(&key_ref), signer.pkcs8_pem().as_bytes())?;
+    let key_ref = vault
+        .put(
+            &format!("jwt-{}.key.pem", signer.kid()),
+            signer.pkcs8_pem().as_bytes(),
+        )
+        .await?;
     let jwk = serde_json::to_vec(&signer.public_jwk())
         .map_err(|e| ServerError::Internal(format!("encoding JWK: {e}")))?;
     store
@@ -465,13 +494,17 @@ async fn save_jwt(
 
 async fn save_policy(
     store: &dyn Store,
-    key_dir: &Path,
+    vault: &KeyVault,
     signer: &PolicySigner,
     state: AuthorityState,
     now: UnixTime,
 ) -> Result<(), ServerError> {
-    let key_ref = format!("policy-{}.key.pem", signer.kid());
-    write_private_file(&key_dir.join(&key_ref), signer.pkcs8_pem().as_bytes())?;
+    let key_ref = vault
+        .put(
+            &format!("policy-{}.key.pem", signer.kid()),
+            signer.pkcs8_pem().as_bytes(),
+        )
+        .await?;
     let jwk = serde_json::to_vec(&signer.public_jwk())
         .map_err(|e| ServerError::Internal(format!("encoding JWK: {e}")))?;
     store
@@ -495,6 +528,7 @@ async fn save_policy(
 async fn build_set(
     store: &dyn Store,
     settings: &KeySettings,
+    vault: &KeyVault,
     now: UnixTime,
 ) -> Result<AuthoritySet, ServerError> {
     let live = |r: &AuthorityRecord| {
@@ -507,7 +541,7 @@ async fn build_set(
         .rev()
         .find(|r| r.state == AuthorityState::Active)
         .ok_or_else(|| ServerError::Internal("no active X.509 authority".into()))?;
-    let ca_key = load_key_file(&settings.key_dir, &active_ca.key_ref)?;
+    let ca_key = vault.get(&active_ca.key_ref).await?;
     let ca_cert = pem::encode(&pem::Pem::new("CERTIFICATE", active_ca.public_der.clone()));
     let ca = CertificateAuthority::from_pem(&ca_cert, &ca_key)?;
     let active_jwt = jwt
@@ -515,7 +549,7 @@ async fn build_set(
         .rev()
         .find(|r| r.state == AuthorityState::Active)
         .ok_or_else(|| ServerError::Internal("no active JWT authority".into()))?;
-    let jwt_key = load_key_file(&settings.key_dir, &active_jwt.key_ref)?;
+    let jwt_key = vault.get(&active_jwt.key_ref).await?;
     let signer = JwtSigner::from_pkcs8_pem(&jwt_key, settings_alg(&active_jwt.algorithm)?)?;
     let policy = store.list_authorities(AuthorityKind::Policy).await?;
     let active_policy = policy
@@ -523,9 +557,8 @@ async fn build_set(
         .rev()
         .find(|r| r.state == AuthorityState::Active)
         .ok_or_else(|| ServerError::Internal("no active policy authority".into()))?;
-    let policy_signer =
-        PolicySigner::from_pkcs8_pem(&load_key_file(&settings.key_dir, &active_policy.key_ref)?)
-            .map_err(policy_err)?;
+    let policy_signer = PolicySigner::from_pkcs8_pem(&vault.get(&active_policy.key_ref).await?)
+        .map_err(policy_err)?;
     let mut policy_jwks = Vec::new();
     for r in policy.iter().filter(|r| live(r)) {
         let jwk: Jwk = serde_json::from_slice(&r.public_der)
@@ -605,24 +638,4 @@ pub fn write_private_file(path: &Path, data: &[u8]) -> Result<(), ServerError> {
             .map_err(io)?;
     }
     Ok(())
-}
-
-fn load_key_file(key_dir: &Path, key_ref: &str) -> Result<String, ServerError> {
-    if key_ref.contains('/') || key_ref.starts_with('.') {
-        return Err(ServerError::Internal(format!(
-            "bad key reference {key_ref:?}"
-        )));
-    }
-    let path = key_dir.join(key_ref);
-    std::fs::read_to_string(&path)
-        .map_err(|e| ServerError::Io(format!("reading key {}: {e}", path.display())))
-}
-
-fn remove_key_file(key_dir: &Path, key_ref: &str) {
-    if key_ref.contains('/') || key_ref.starts_with('.') {
-        return;
-    }
-    if let Err(e) = std::fs::remove_file(key_dir.join(key_ref)) {
-        tracing::warn!(key_ref, error = %e, "could not remove retired key file");
-    }
 }

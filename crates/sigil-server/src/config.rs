@@ -77,6 +77,11 @@ pub struct ServerConfig {
     /// HTTP; off when unset. Use a loopback address.
     #[serde(default)]
     pub metrics_addr: Option<SocketAddr>,
+    /// With PostgreSQL (replicas sharing one database): a file of 32 random bytes (or 64 hex
+    /// digits), mode 0600, the same on every replica; the private keys are stored in the
+    /// database sealed (AES-256-GCM) under it. Required with `postgres://`.
+    #[serde(default)]
+    pub key_encryption_key_file: Option<PathBuf>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -155,6 +160,7 @@ impl ServerConfig {
         "max_body_bytes",
         "log_format",
         "metrics_addr",
+        "key_encryption_key_file",
     ];
 
     /// Checks what serde cannot: ranges, pairs of keys, URL shapes.
@@ -173,6 +179,13 @@ impl ServerConfig {
             return Err(bad(
                 "database_url",
                 "must start with sqlite:// or postgres://",
+            ));
+        }
+        if self.is_postgres() && self.key_encryption_key_file.is_none() {
+            return Err(bad(
+                "key_encryption_key_file",
+                "required with a postgres:// database_url (replicas share the keys, sealed \
+                 under it): a file of 32 random bytes, mode 0600, the same on every replica",
             ));
         }
         if let Some(issuer) = &self.issuer
@@ -225,6 +238,13 @@ impl ServerConfig {
         self.database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("sigil.db").display()))
+    }
+
+    /// Whether the database is PostgreSQL (possibly shared by several replicas).
+    pub fn is_postgres(&self) -> bool {
+        self.database_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"))
     }
 
     /// The OAuth/OIDC issuer.

@@ -99,9 +99,32 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
     }
 }
 
+/// How often a commit is retried when another writer (a replica on the same PostgreSQL
+/// database) took the leaf index meanwhile.
+const LOG_RACE_RETRIES: usize = 8;
+
+/// [`commit_once`], again on a reloaded frontier while another writer took the leaf index.
+async fn commit(
+    store: &dyn Store,
+    frontier: &mut Option<Frontier>,
+    items: &[Item],
+) -> Result<(), StoreError> {
+    let mut attempt = 0;
+    loop {
+        match commit_once(store, frontier, items).await {
+            Err(StoreError::Conflict(m)) if m.starts_with("log ") && attempt < LOG_RACE_RETRIES => {
+                attempt += 1;
+                *frontier = None;
+                tracing::debug!(attempt, "another writer appended to the log; retrying");
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Commits `records` with their transparency-log leaves in one transaction; advances the
 /// in-memory frontier only once the commit succeeded.
-async fn commit(
+async fn commit_once(
     store: &dyn Store,
     frontier: &mut Option<Frontier>,
     items: &[Item],

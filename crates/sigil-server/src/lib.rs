@@ -8,6 +8,7 @@ mod authority;
 mod config;
 mod issuance_log;
 mod issuer;
+mod keyvault;
 mod metrics;
 mod node_api;
 mod public;
@@ -110,6 +111,14 @@ pub async fn start(
     config.validate()?;
     create_private_dir(&config.data_dir)?;
     let store: Arc<dyn Store> = Arc::new(SqlStore::connect(&config.database_url()).await?);
+    let key_dir = config.data_dir.join("keys");
+    let vault = Arc::new(match &config.key_encryption_key_file {
+        Some(kek) => keyvault::KeyVault::sealed(key_dir.clone(), kek, store.clone())?,
+        None => keyvault::KeyVault::Files(key_dir.clone()),
+    });
+    if matches!(*vault, keyvault::KeyVault::Sealed { .. }) {
+        share_log_keys(&vault, &key_dir, &config.trust_domain.to_string()).await?;
+    }
     let upstream = match (&config.upstream_ca_cert, &config.upstream_ca_key) {
         (Some(cert), Some(key)) => {
             let read = |p: &Path| {
@@ -121,7 +130,7 @@ pub async fn start(
         _ => None,
     };
     let authorities = Arc::new(
-        Authorities::load(
+        Authorities::load_with_vault(
             store.clone(),
             clock.clone(),
             KeySettings {
@@ -132,6 +141,7 @@ pub async fn start(
                 key_dir: config.data_dir.join("keys"),
             },
             upstream,
+            vault,
         )
         .await?,
     );
@@ -209,6 +219,32 @@ pub async fn start(
     ));
     tasks.spawn(serve_admin(admin_listener, admin, admin_uid, rx));
     tasks.spawn(identity.rotate_forever(issuer));
+    if state.config.is_postgres() {
+        // Changes committed through any replica (or any other writer) reach this replica's
+        // sync streams at once; the streams' 1 s poll stays as the fallback.
+        let url = state.config.database_url();
+        let app = state.clone();
+        let (refresh_tx, mut refresh_rx) = watch::channel(0u64);
+        tasks.spawn(async move {
+            sigil_store::listen_for_changes(&url, |what| {
+                // The trust bundle (rotation, pruning) is cached: re-read it first.
+                if matches!(what, None | Some("bundle_sequence")) {
+                    refresh_tx.send_modify(|n| *n = n.wrapping_add(1));
+                }
+                app.notify_change();
+            })
+            .await;
+        });
+        let app = state.clone();
+        tasks.spawn(async move {
+            while refresh_rx.changed().await.is_ok() {
+                if let Err(e) = app.authorities.refresh().await {
+                    tracing::warn!(error = %e, "refreshing authorities failed");
+                }
+                app.notify_change();
+            }
+        });
+    }
     tasks.spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(30)).await;
@@ -226,6 +262,38 @@ pub async fn start(
         shutdown,
         tasks,
     })
+}
+
+/// With sealed keys, the transparency and audit log keys are shared too: the database holds
+/// them (the first replica stores its local key file's, or a new one); each replica writes
+/// that one to its key file (0600), where the logs load it from.
+async fn share_log_keys(
+    vault: &keyvault::KeyVault,
+    key_dir: &Path,
+    trust_domain: &str,
+) -> Result<(), ServerError> {
+    create_private_dir(key_dir)?;
+    for (name, origin) in [
+        (tlog::LOG_KEY_FILE, tlog::origin_for(trust_domain)),
+        (tlog::AUDIT_KEY_FILE, tlog::audit_origin_for(trust_domain)),
+    ] {
+        let path = key_dir.join(name);
+        let skey = vault
+            .get_or_create(name, || match std::fs::read_to_string(&path) {
+                Ok(s) => Ok(s),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let mut seed = [0u8; 32];
+                    rand::Rng::fill(&mut rand::rng(), &mut seed);
+                    let key = sigil_log::LogKey::from_seed(&origin, &seed)
+                        .map_err(|e| ServerError::Internal(e.to_string()))?;
+                    Ok(format!("{}\n", key.skey()))
+                }
+                Err(e) => Err(ServerError::Io(format!("reading {}: {e}", path.display()))),
+            })
+            .await?;
+        write_private_file(&path, skey.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// The server's own SPIFFE ID.

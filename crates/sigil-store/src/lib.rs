@@ -15,5 +15,5 @@ pub use model::{
     AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IdentityKind, IssuedIdentity,
     NodeRecord, PolicyBundleRecord, Revocation, UnknownName,
 };
-pub use sql::{Backend, SqlStore};
+pub use sql::{Backend, BootstrapLock, CHANGES_CHANNEL, SqlStore, listen_for_changes};
 pub use store::{Store, TlogAppend};

@@ -15,7 +15,7 @@ struct Migration {
 }
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -295,6 +295,48 @@ CREATE TABLE audit_hashes (
     idx  BIGINT PRIMARY KEY,
     hash BYTEA NOT NULL
 );
+",
+    },
+    Migration {
+        version: 5,
+        name: "ha: sealed keys and change notifications",
+        // Private keys sealed (AES-256-GCM) under each replica's key-encryption key, so every
+        // replica signs with the same keys. On PostgreSQL, triggers NOTIFY `sigil_changes` in
+        // the writing transaction (delivered on commit, to every replica that LISTENs): the
+        // payload names what changed (a `meta` counter, `policy` or `nodes`).
+        sqlite: r"
+CREATE TABLE sealed_keys (
+    name       TEXT PRIMARY KEY,
+    sealed     TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+",
+        postgres: r"
+CREATE TABLE sealed_keys (
+    name       TEXT PRIMARY KEY,
+    sealed     TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+
+CREATE FUNCTION sigil_notify_meta() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('sigil_changes', NEW.key);
+    RETURN NULL;
+END;
+$$;
+CREATE FUNCTION sigil_notify_arg() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('sigil_changes', TG_ARGV[0]);
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER meta_notify AFTER UPDATE ON meta
+    FOR EACH ROW EXECUTE FUNCTION sigil_notify_meta();
+CREATE TRIGGER policy_bundles_notify AFTER INSERT ON policy_bundles
+    FOR EACH STATEMENT EXECUTE FUNCTION sigil_notify_arg('policy');
+CREATE TRIGGER nodes_notify AFTER UPDATE ON nodes
+    FOR EACH ROW WHEN (OLD.evicted IS DISTINCT FROM NEW.evicted)
+    EXECUTE FUNCTION sigil_notify_arg('nodes');
 ",
     },
 ];

@@ -1137,6 +1137,144 @@ impl Store for SqlStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+
+    async fn put_sealed_key(
+        &self,
+        name: &str,
+        sealed: &str,
+        now: UnixTime,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "INSERT INTO sealed_keys (name, sealed, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(sealed)
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn sealed_key(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT sealed FROM sealed_keys WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn delete_sealed_key(&self, name: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM sealed_keys WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn bootstrap_lock(&self) -> Result<BootstrapLock, StoreError> {
+        match self.backend {
+            Backend::Sqlite => Ok(BootstrapLock { conn: None }),
+            Backend::Postgres => {
+                let mut conn = self.pool.acquire().await?;
+                sqlx::query("SELECT pg_advisory_lock($1)")
+                    .bind(BOOTSTRAP_LOCK)
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(BootstrapLock { conn: Some(conn) })
+            }
+        }
+    }
+}
+
+/// The advisory lock key of [`Store::bootstrap_lock`] ("sigilkey" in ASCII).
+const BOOTSTRAP_LOCK: i64 = 0x7369_6769_6c6b_6579;
+
+/// The database-wide bootstrap lock (see [`Store::bootstrap_lock`]).
+pub struct BootstrapLock {
+    conn: Option<sqlx::pool::PoolConnection<Any>>,
+}
+
+impl std::fmt::Debug for BootstrapLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootstrapLock")
+            .field("held", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl BootstrapLock {
+    /// Releases the lock.
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        if let Some(mut conn) = self.conn.take() {
+            sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(BOOTSTRAP_LOCK)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BootstrapLock {
+    fn drop(&mut self) {
+        // Not released (an error path): close the connection rather than return it to the
+        // pool still holding the lock; PostgreSQL drops a session's locks when it ends.
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
+    }
+}
+
+/// The PostgreSQL channel the schema's triggers NOTIFY on every change agents must hear
+/// about (in the writing transaction, so delivered exactly when it commits).
+pub const CHANGES_CHANNEL: &str = "sigil_changes";
+
+/// LISTENs on [`CHANGES_CHANNEL`] on a dedicated PostgreSQL connection to `url` and calls
+/// `on_change` with each payload (`entries_revision`, `revocations_revision`,
+/// `bundle_sequence`, `policy`, `nodes`), or with `None` after (re)connecting, when
+/// notifications may have been missed. Reconnects on error; runs until dropped.
+pub async fn listen_for_changes<F>(url: &str, on_change: F)
+where
+    F: Fn(Option<&str>) + Send,
+{
+    use sqlx::postgres::PgListener;
+    let retry = std::time::Duration::from_secs(1);
+    loop {
+        let mut listener = match PgListener::connect(url).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "change listener: connecting failed; retrying");
+                tokio::time::sleep(retry).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(CHANGES_CHANNEL).await {
+            tracing::warn!(error = %e, "change listener: LISTEN failed; retrying");
+            tokio::time::sleep(retry).await;
+            continue;
+        }
+        tracing::debug!(channel = CHANGES_CHANNEL, "listening for changes");
+        on_change(None);
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) => on_change(Some(n.payload())),
+                // The connection was lost; the next call reconnects and re-LISTENs.
+                Ok(None) => {
+                    tracing::warn!("change listener: connection lost; reconnecting");
+                    on_change(None);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "change listener failed; reconnecting");
+                    on_change(None);
+                    tokio::time::sleep(retry).await;
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// How many leaves a Merkle log's leaf table (`tlog_leaves`, `audit_leaves`) holds.

@@ -2,6 +2,7 @@
 use async_trait::async_trait;
 use sigil_core::{EntryId, EntrySpec, RegistrationEntry, SpiffeId, UnixTime};
 
+use crate::sql::BootstrapLock;
 use crate::{
     AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IssuedIdentity, NodeRecord,
     PolicyBundleRecord, Revocation, StoreError,
@@ -215,6 +216,28 @@ pub trait Store: Send + Sync {
 
     /// The data of audit leaves `start..end` (fewer if the log is shorter), in order.
     async fn audit_entries(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>, StoreError>;
+
+    // ---- sealed private keys (HA: every replica signs with the same keys) ----
+
+    /// Stores a sealed (encrypted) private key under `name` unless one exists; returns
+    /// whether this call stored it (of concurrent callers, exactly one does).
+    async fn put_sealed_key(
+        &self,
+        name: &str,
+        sealed: &str,
+        now: UnixTime,
+    ) -> Result<bool, StoreError>;
+
+    /// The sealed key stored under `name`, if any.
+    async fn sealed_key(&self, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Deletes the sealed key `name` (nothing if absent).
+    async fn delete_sealed_key(&self, name: &str) -> Result<(), StoreError>;
+
+    /// Takes the database-wide bootstrap lock, held until [`BootstrapLock::release`] (or drop):
+    /// replicas starting at once take it around "create the keys if there are none", so only
+    /// one creates them. A session advisory lock on PostgreSQL; nothing on SQLite (one server).
+    async fn bootstrap_lock(&self) -> Result<BootstrapLock, StoreError>;
 
     // ---- meta ----
 
