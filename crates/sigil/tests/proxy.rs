@@ -786,6 +786,9 @@ fn cedar_policy_decides_on_models_tools_and_batches() {
     }));
 }
 
+/// A chat completion for Model::"m" (TEST_POLICY lets factory-floor invoke it).
+const CHAT_M: &str = r#"{"model":"m","messages":[]}"#;
+
 /// A blocking HTTP/1.1 keep-alive connection over mTLS.
 struct KeptConnection {
     tls: rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
@@ -817,10 +820,16 @@ impl KeptConnection {
 
     /// `GET path` with the token; the status code.
     fn get(&mut self, path: &str, token: &str) -> std::io::Result<u16> {
+        self.send("GET", path, token, "")
+    }
+
+    /// `method path` with the token and a JSON body; the status code.
+    fn send(&mut self, method: &str, path: &str, token: &str, body: &str) -> std::io::Result<u16> {
         use std::io::{Read, Write};
+        let len = body.len();
         write!(
             self.tls,
-            "GET {path} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n{body}"
         )?;
         self.tls.flush()?;
         let mut buf = Vec::new();
@@ -958,13 +967,28 @@ fn proxy_takes_its_identity_from_the_agent_rotates_it_and_cuts_off_revoked_clien
     let (bc, bk, bystander_token) = (&bystander.cert, &bystander.key, &bystander.token);
     let mut other = KeptConnection::open(p.port, &bundle_pem, bc, bk).unwrap();
     assert_eq!(other.get("/v1/echo", bystander_token).unwrap(), 200);
+    // And another identity altogether, on its own kept connection.
+    let camera = Client::new(
+        &s,
+        &register(&s, "camera", "factory-floor"),
+        &tmp.path().join("camera"),
+    );
+    let chat = CHAT_M;
+    let mut cam = KeptConnection::open(p.port, &bundle_pem, &camera.cert, &camera.key).unwrap();
+    assert_eq!(
+        cam.send("POST", "/v1/chat/completions", &camera.token, chat)
+            .unwrap(),
+        200
+    );
     let serial = victim.minted["serial"].as_str().unwrap().to_owned();
     s.sigil_json(&["svid", "revoke", &serial]);
-    let took = conn.closed_within(Duration::from_secs(5));
+    // Within a second (server, then agent, then proxy, which wakes the connection).
+    let took = conn.closed_within(Duration::from_secs(1));
     assert!(
         took.is_some(),
-        "the revoked client's connection stayed open"
+        "the revoked client's connection stayed open for more than 1 s"
     );
+    eprintln!("revoked connection closed {took:?} after `sigil svid revoke` returned");
     let refused = KeptConnection::open(p.port, &bundle_pem, &victim.cert, &victim.key)
         .and_then(|mut c| c.get("/v1/echo", &victim.token));
     assert!(
@@ -973,6 +997,11 @@ fn proxy_takes_its_identity_from_the_agent_rotates_it_and_cuts_off_revoked_clien
     );
     // The same SPIFFE ID with another (unrevoked) certificate, on its open connection: fine.
     assert_eq!(other.get("/v1/echo", bystander_token).unwrap(), 200);
+    assert_eq!(
+        cam.send("POST", "/v1/chat/completions", &camera.token, chat)
+            .unwrap(),
+        200
+    );
     drop(agent);
 }
 
