@@ -62,6 +62,10 @@ impl LimitSettings {
 
     /// The settings of a policy bundle's `rate_limits` value, checked.
     pub fn from_bundle(v: &serde_json::Value) -> Result<Self, String> {
+        // serde would also read a struct from an array of its fields in order: only a table.
+        if !v.is_object() {
+            return Err("rate_limits: must be a table of rate_limit_per_sec, rate_limit_burst, resource_rate_limits".into());
+        }
         let s: Self = serde_json::from_value(v.clone()).map_err(|e| format!("rate_limits: {e}"))?;
         s.validate()
             .map_err(|(k, m)| format!("rate_limits: {k}: {m}"))?;
