@@ -474,6 +474,7 @@ async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
         jwt_key_type: None,
         upstream_ca_cert: None,
         upstream_ca_key: None,
+        key_encryption_key_file: None,
         log_format: None,
         metrics_addr: None,
     };

@@ -43,6 +43,10 @@ pub struct ServerArgs {
     /// PKCS#8 PEM key of --upstream-ca-cert.
     #[arg(long)]
     pub upstream_ca_key: Option<PathBuf>,
+    /// 32-byte key (file, 0600) sealing the signing keys in PostgreSQL; the same on every
+    /// replica. Required with a postgres:// database.
+    #[arg(long)]
+    pub key_encryption_key_file: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
@@ -77,6 +81,7 @@ impl ServerArgs {
         p("admin_socket", &self.admin_socket);
         p("upstream_ca_cert", &self.upstream_ca_cert);
         p("upstream_ca_key", &self.upstream_ca_key);
+        p("key_encryption_key_file", &self.key_encryption_key_file);
         v
     }
 }
