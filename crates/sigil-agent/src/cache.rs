@@ -229,6 +229,21 @@ impl Cache {
         write_atomic(&self.dir.join(LOG), data)
     }
 
+    /// Runs blocking cache I/O (the fsyncs of [`write_atomic`]) on tokio's blocking pool, so
+    /// an agent waiting on its disk does not stall the async worker thread and every task
+    /// queued on it. It completes when `f` has: a write awaited here is durable, so callers
+    /// keep "persist, then publish".
+    pub async fn blocking<T, F>(&self, f: F) -> Result<T, CacheError>
+    where
+        F: FnOnce(&Cache) -> Result<T, CacheError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let c = self.clone();
+        tokio::task::spawn_blocking(move || f(&c))
+            .await
+            .map_err(|e| CacheError::Io(format!("cache I/O task: {e}")))?
+    }
+
     fn write<T: Serialize>(&self, name: &str, v: &T) -> Result<(), CacheError> {
         let bytes =
             serde_json::to_vec(v).map_err(|e| CacheError::Io(format!("encoding {name}: {e}")))?;

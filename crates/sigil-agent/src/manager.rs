@@ -290,7 +290,7 @@ impl Manager {
             Ok(true) => {
                 let file = self.witness.lock().ok().and_then(|w| w.to_file());
                 if let Some(f) = file
-                    && let Err(e) = self.cache.save_log_witness(&f)
+                    && let Err(e) = self.cache.blocking(move |c| c.save_log_witness(&f)).await
                 {
                     tracing::warn!(error = %e, "could not persist the log checkpoint");
                 }
@@ -306,18 +306,36 @@ impl Manager {
     /// Offers a signed policy bundle (from the sync stream, or a test): verified with the
     /// policy keys of the trust bundle in force, refused when older than (or, at the same
     /// revision, different from) the highest accepted one, or expired. A refusal keeps the
-    /// current bundle. An accepted bundle is persisted, then published.
-    pub fn offer_policy(&self, envelope: &str) -> Result<bool, BundleError> {
+    /// current bundle. An accepted bundle is persisted (durably), then published.
+    ///
+    /// The verification, the write (fsyncs) and the publication run on the blocking pool,
+    /// not on the async worker thread; they run to the end even if this future is dropped,
+    /// so what is on disk, held and published stays in step.
+    pub async fn offer_policy(self: &Arc<Self>, envelope: &str) -> Result<bool, BundleError> {
         let keys = match self.snapshot.borrow().bundle.as_deref() {
             Some(b) => PolicyKeys::from_jwks(&b.policy_authorities)?,
             None => PolicyKeys::default(),
         };
         let now = self.clock.now();
+        let this = self.clone();
+        let envelope = envelope.to_owned();
+        tokio::task::spawn_blocking(move || this.offer_policy_blocking(&envelope, &keys, now))
+            .await
+            .map_err(|e| BundleError::Malformed(format!("policy task: {e}")))?
+    }
+
+    fn offer_policy_blocking(
+        &self,
+        envelope: &str,
+        keys: &PolicyKeys,
+        now: i64,
+    ) -> Result<bool, BundleError> {
+        // Held through persist and publish: offers are persisted and published in order.
         let mut st = self
             .policy
             .lock()
             .map_err(|_| BundleError::Malformed("policy state lock poisoned".into()))?;
-        match st.offer(envelope, &keys, now)? {
+        match st.offer(envelope, keys, now)? {
             Offer::Unchanged => Ok(false),
             Offer::Accepted(b) => {
                 tracing::info!(
@@ -477,12 +495,17 @@ impl Manager {
         let csr = key.csr_der(None).map_err(|e| transient(&e))?;
         let svid = method.attest(&mut c, csr).await?;
         self.apply_bundle_json(&svid.bundle_json)
+            .await
             .map_err(AttestationError::Transient)?;
         let held = self
             .check_svid(&svid, key.pkcs8_der())
             .map_err(AttestationError::Transient)?;
         tracing::info!(node = %held.spiffe_id, method = method.kind(), "node attested");
-        self.cache.save_node(&held).map_err(|e| transient(&e))?;
+        let h = held.clone();
+        self.cache
+            .blocking(move |c| c.save_node(&h))
+            .await
+            .map_err(|e| transient(&e))?;
         self.set_node(Some(held));
         self.snapshot.send_modify(|s| {
             s.serving = true;
@@ -513,7 +536,7 @@ impl Manager {
     }
 
     /// Installs a bundle unless it is older than the one held. Returns whether it changed.
-    fn apply_bundle_json(&self, json: &str) -> Result<bool, String> {
+    async fn apply_bundle_json(&self, json: &str) -> Result<bool, String> {
         let b = TrustBundle::from_spiffe_json(&self.cfg.trust_domain, json)
             .map_err(|e| format!("bad bundle from server: {e}"))?;
         let current = self
@@ -531,7 +554,11 @@ impl Manager {
         if have && b.sequence == current && self.snapshot.borrow().bundle.as_deref() == Some(&b) {
             return Ok(false);
         }
-        self.cache.save_bundle(json).map_err(|e| e.to_string())?;
+        let j = json.to_owned();
+        self.cache
+            .blocking(move |c| c.save_bundle(&j))
+            .await
+            .map_err(|e| e.to_string())?;
         self.bundle_sequence
             .store(b.sequence, std::sync::atomic::Ordering::SeqCst);
         self.x509_bundle.store(Arc::new(b.x509_bundle()));
@@ -583,15 +610,15 @@ impl Manager {
     }
 
     async fn apply_update(
-        &self,
+        self: &Arc<Self>,
         c: &mut NodeClient<Channel>,
         u: pb::SyncUpdate,
     ) -> Result<(), String> {
-        self.apply_bundle_json(&u.bundle_json)?;
+        self.apply_bundle_json(&u.bundle_json).await?;
         self.witness_checkpoint(c, &u.log_checkpoint, &u.log_key)
             .await;
         if !u.policy_bundle.is_empty()
-            && let Err(e) = self.offer_policy(&u.policy_bundle)
+            && let Err(e) = self.offer_policy(&u.policy_bundle).await
         {
             // Keep enforcing the last good bundle; say why this one was refused.
             tracing::error!(
@@ -635,8 +662,10 @@ impl Manager {
         let revocations_changed = held.as_deref() != Some(&revocations);
         if revocations_changed {
             // INVARIANT: persisted before it is served, so a restart serves the same list.
+            let list = revocations.clone();
             self.cache
-                .save_revocations(&revocations)
+                .blocking(move |c| c.save_revocations(&list))
+                .await
                 .map_err(|e| e.to_string())?;
             tracing::info!(
                 revision = revocations.revision,
@@ -683,9 +712,13 @@ impl Manager {
             .await
             .map_err(|s| format!("renewing node SVID: {}: {}", s.code(), s.message()))?
             .into_inner();
-        self.apply_bundle_json(&resp.bundle_json)?;
+        self.apply_bundle_json(&resp.bundle_json).await?;
         let held = self.check_svid(&resp, key.pkcs8_der())?;
-        self.cache.save_node(&held).map_err(|e| e.to_string())?;
+        let h = held.clone();
+        self.cache
+            .blocking(move |c| c.save_node(&h))
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::info!(serial = %held.serial, "renewed the node SVID");
         self.set_node(Some(held));
         Ok(true)
@@ -737,7 +770,10 @@ impl Manager {
             svids: svids.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         };
         // INVARIANT: persisted before it is served, so a restart serves the same SVIDs.
-        self.cache.save_state(&state).map_err(|e| e.to_string())?;
+        self.cache
+            .blocking(move |c| c.save_state(&state))
+            .await
+            .map_err(|e| e.to_string())?;
         self.snapshot.send_modify(|s| s.svids = Arc::new(svids));
         Ok(())
     }

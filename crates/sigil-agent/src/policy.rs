@@ -4,26 +4,42 @@
 //! for offline use. The Enforcer API serves it verbatim to the local proxy, which verifies it
 //! again.
 //!
-//! Files (in `<data_dir>/cache`, 0600, written atomically):
-//! - `policy-bundle.json`: the envelope of the last accepted bundle;
-//! - `policy-revision.json`: `{"revision", "payload_sha256"}` of the highest accepted one.
+//! File (in `<data_dir>/cache`, 0600, replaced atomically: temp, fsync, rename, fsync dir):
+//! - `policy-revision.json`: `{"revision", "payload_sha256", "envelope"}`: the highest
+//!   accepted revision (the anti-rollback floor) and the envelope of that bundle, in one
+//!   file, so accepting a bundle is one atomic replace (2 fsyncs), and the bundle and its
+//!   floor can never be out of step on disk.
 //!
-//! The bundle is written before the revision record: a crash in between leaves a signed
-//! bundle newer than the record, which [`PolicyState::load`] accepts (it verifies); the
-//! reverse order could leave a record pointing at a bundle that was never stored.
+//! Previous layout (still read, so an upgraded agent keeps its floor): `policy-bundle.json`
+//! held the envelope and `policy-revision.json` only `{"revision", "payload_sha256"}`. At
+//! load the floor is the highest of the record and every cached bundle that verifies (the
+//! old layout wrote the bundle first, so it may be newer than its record). The old bundle
+//! file is removed once a newer bundle has been persisted in the one-file layout. An agent
+//! of the previous version reading the new file still gets the floor (it ignores
+//! `envelope`).
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use sigil_policy::bundle::{
     Accepted, BundleError, PolicyKeys, Verdict, VerifiedBundle, check_time, open, verify,
 };
 
 use crate::cache::write_atomic;
 
-/// The last accepted bundle's envelope.
+/// The previous layout's file for the last accepted bundle's envelope (read, then removed).
 pub const BUNDLE_FILE: &str = "policy-bundle.json";
-/// The anti-rollback record.
+/// The anti-rollback record, with the accepted bundle's envelope.
 pub const REVISION_FILE: &str = "policy-revision.json";
+
+/// `policy-revision.json`. `envelope` is absent in the previous layout.
+#[derive(Serialize, Deserialize)]
+struct RecordFile {
+    revision: u64,
+    payload_sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    envelope: Option<String>,
+}
 
 /// What the agent holds of policy.
 #[derive(Debug)]
@@ -32,6 +48,8 @@ pub struct PolicyState {
     trust_domain: String,
     accepted: Option<Accepted>,
     current: Option<Arc<VerifiedBundle>>,
+    /// The previous layout's bundle file was there at load (removed after the next write).
+    legacy_bundle: bool,
 }
 
 /// What [`PolicyState::offer`] did.
@@ -45,12 +63,19 @@ pub enum Offer {
 
 impl PolicyState {
     /// Loads the anti-rollback record and the cached bundle (its signature checked with
-    /// `keys`, the policy keys of the cached trust bundle). A cached bundle that does not
-    /// verify is ignored (logged); the record stays, so nothing older is accepted later.
+    /// `keys`, the policy keys of the cached trust bundle), from either layout. A cached
+    /// bundle that does not verify is ignored (logged); the record stays, so nothing older
+    /// is accepted later.
     pub fn load(dir: &Path, trust_domain: &str, keys: &PolicyKeys) -> Self {
-        let mut accepted = match std::fs::read(dir.join(REVISION_FILE)) {
-            Ok(b) => match serde_json::from_slice::<Accepted>(&b) {
-                Ok(a) => Some(a),
+        let (mut accepted, embedded) = match std::fs::read(dir.join(REVISION_FILE)) {
+            Ok(b) => match serde_json::from_slice::<RecordFile>(&b) {
+                Ok(r) => (
+                    Some(Accepted {
+                        revision: r.revision,
+                        payload_sha256: r.payload_sha256,
+                    }),
+                    r.envelope,
+                ),
                 Err(e) => {
                     // Fail safe: refuse to forget the floor silently. Keep the file for
                     // inspection and start from the cached bundle's revision.
@@ -59,21 +84,28 @@ impl PolicyState {
                         dir.join(REVISION_FILE),
                         dir.join(format!("{REVISION_FILE}.corrupt")),
                     );
-                    None
+                    (None, None)
                 }
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, None),
             Err(e) => {
                 tracing::error!(file = REVISION_FILE, error = %e, "cannot read the policy revision record; the cached bundle's revision is the floor");
-                None
+                (None, None)
             }
         };
+        let legacy = std::fs::read(dir.join(BUNDLE_FILE))
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let legacy_bundle = legacy.is_some() || dir.join(BUNDLE_FILE).exists();
         let mut current = None;
-        if let Ok(bytes) = std::fs::read(dir.join(BUNDLE_FILE)) {
-            let text = String::from_utf8_lossy(&bytes);
+        // The record's own envelope first, then the previous layout's bundle file (which
+        // that layout wrote before its record, so it may be the newer one).
+        for (file, text) in [(REVISION_FILE, embedded), (BUNDLE_FILE, legacy)] {
+            let Some(text) = text else { continue };
             match open(&text, keys) {
                 Ok(b) if b.content.trust_domain != trust_domain => {
                     tracing::error!(
+                        file,
                         found = %b.content.trust_domain,
                         "cached policy bundle is for another trust domain; ignoring it"
                     );
@@ -82,11 +114,13 @@ impl PolicyState {
                     let a = b.accepted();
                     match &accepted {
                         Some(r) if a.revision < r.revision => tracing::warn!(
+                            file,
                             cached = a.revision,
                             floor = r.revision,
                             "cached policy bundle is older than the highest accepted revision; not serving it"
                         ),
                         Some(r) if a.revision == r.revision && a != *r => tracing::error!(
+                            file,
                             revision = a.revision,
                             "cached policy bundle differs from the accepted one of its revision; not serving it"
                         ),
@@ -99,7 +133,7 @@ impl PolicyState {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(file = BUNDLE_FILE, error = %e, "cached policy bundle does not verify; ignoring it")
+                    tracing::error!(file, error = %e, "cached policy bundle does not verify; ignoring it")
                 }
             }
         }
@@ -108,6 +142,7 @@ impl PolicyState {
             trust_domain: trust_domain.to_owned(),
             accepted,
             current,
+            legacy_bundle,
         }
     }
 
@@ -122,7 +157,8 @@ impl PolicyState {
     }
 
     /// Verifies `envelope` at `now` against `keys` and the highest accepted revision; a
-    /// newer valid bundle is persisted (bundle, then record) and becomes current. On any
+    /// newer valid bundle is persisted (bundle and record in one atomic replace: this
+    /// blocks on the disk, call it off the async worker threads) and becomes current. On any
     /// refusal the current bundle stays.
     pub fn offer(
         &mut self,
@@ -140,13 +176,29 @@ impl PolicyState {
             Verdict::Unchanged(_) => Ok(Offer::Unchanged),
             Verdict::New(b) => {
                 let b: Arc<VerifiedBundle> = Arc::from(b);
-                let record = serde_json::to_vec(&b.accepted())
-                    .map_err(|e| BundleError::Malformed(e.to_string()))?;
-                // INVARIANT: persisted before it is served.
-                write_atomic(&self.dir.join(BUNDLE_FILE), b.envelope.as_bytes())
-                    .map_err(|e| BundleError::Malformed(format!("persisting: {e}")))?;
+                let a = b.accepted();
+                let record = serde_json::to_vec(&RecordFile {
+                    revision: a.revision,
+                    payload_sha256: a.payload_sha256,
+                    envelope: Some(b.envelope.clone()),
+                })
+                .map_err(|e| BundleError::Malformed(e.to_string()))?;
+                // INVARIANT: persisted (durably) before it is served.
                 write_atomic(&self.dir.join(REVISION_FILE), &record)
                     .map_err(|e| BundleError::Malformed(format!("persisting: {e}")))?;
+                if self.legacy_bundle {
+                    // Older than what was just persisted (its revision, when it verified,
+                    // was in the floor), so losing it, or keeping it after a crash, is safe.
+                    match std::fs::remove_file(self.dir.join(BUNDLE_FILE)) {
+                        Ok(()) => self.legacy_bundle = false,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            self.legacy_bundle = false
+                        }
+                        Err(e) => {
+                            tracing::warn!(file = BUNDLE_FILE, error = %e, "could not remove the previous layout's policy bundle file")
+                        }
+                    }
+                }
                 self.accepted = Some(b.accepted());
                 self.current = Some(b.clone());
                 Ok(Offer::Accepted(b))
@@ -246,6 +298,30 @@ mod tests {
         assert_eq!(revision(&st), Some(3));
     }
 
+    /// Rewrites the one-file record, keeping its floor, with `envelope` in it (or none).
+    fn set_record_envelope(dir: &Path, envelope: Option<&str>) {
+        let path = dir.join(REVISION_FILE);
+        let mut r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        match envelope {
+            Some(e) => r["envelope"] = e.into(),
+            None => {
+                r.as_object_mut().unwrap().remove("envelope");
+            }
+        }
+        std::fs::write(&path, serde_json::to_vec(&r).unwrap()).unwrap();
+    }
+
+    /// Writes the previous version's two-file layout: the bundle, and a record of `floor`.
+    fn write_legacy(dir: &Path, bundle: &str, floor: &Accepted) {
+        std::fs::write(dir.join(BUNDLE_FILE), bundle).unwrap();
+        std::fs::write(dir.join(REVISION_FILE), serde_json::to_vec(floor).unwrap()).unwrap();
+    }
+
+    fn accepted_of(env: &str, k: &PolicyKeys) -> Accepted {
+        open(env, k).unwrap().accepted()
+    }
+
     #[test]
     fn the_floor_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -255,28 +331,120 @@ mod tests {
         let r5 = signer.sign(&content(5, P1, NOW + 3600)).unwrap();
         st.offer(&r5, &k, NOW).unwrap();
         drop(st);
+        // One file: the floor and the bundle together.
+        assert!(!dir.path().join(BUNDLE_FILE).exists());
+        let rec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(REVISION_FILE)).unwrap())
+                .unwrap();
+        assert_eq!(rec["revision"], 5);
+        assert_eq!(rec["envelope"], r5.as_str());
 
         // Restart: the cached bundle is served, an older one is refused.
         let mut st = PolicyState::load(dir.path(), TD, &k);
         assert_eq!(revision(&st), Some(5));
+        assert_eq!(st.accepted().unwrap().revision, 5);
         let r4 = signer.sign(&content(4, P2, NOW + 3600)).unwrap();
         assert!(matches!(
             st.offer(&r4, &k, NOW),
             Err(BundleError::Rollback { .. })
         ));
 
-        // Even with the cached bundle gone (or replaced by an older signed one), the
-        // revision record holds the floor.
+        // Even with the cached bundle replaced by an older signed one (in the record, or in
+        // the previous layout's file), or gone, the record holds the floor.
+        set_record_envelope(dir.path(), Some(&r4));
         std::fs::write(dir.path().join(BUNDLE_FILE), &r4).unwrap();
         let mut st = PolicyState::load(dir.path(), TD, &k);
         assert!(st.current().is_none());
         assert_eq!(st.accepted().unwrap().revision, 5);
         assert!(st.offer(&r4, &k, NOW).is_err());
         std::fs::remove_file(dir.path().join(BUNDLE_FILE)).unwrap();
+        set_record_envelope(dir.path(), None);
         let mut st = PolicyState::load(dir.path(), TD, &k);
+        assert!(st.current().is_none());
         assert!(st.offer(&r4, &k, NOW).is_err());
         let r6 = signer.sign(&content(6, P2, NOW + 3600)).unwrap();
         assert!(matches!(st.offer(&r6, &k, NOW), Ok(Offer::Accepted(_))));
+
+        // And again after that restart.
+        let mut st = PolicyState::load(dir.path(), TD, &k);
+        assert_eq!(revision(&st), Some(6));
+        assert!(st.offer(&r5, &k, NOW).is_err());
+        assert!(matches!(st.offer(&r6, &k, NOW), Ok(Offer::Unchanged)));
+    }
+
+    #[test]
+    fn the_two_file_layout_is_migrated_with_its_floor() {
+        let signer = PolicySigner::generate().unwrap();
+        let k = keys(&signer);
+        let env = |r: u64| signer.sign(&content(r, P1, NOW + 3600)).unwrap();
+        let (r5, r6, r7, r8) = (env(5), env(6), env(7), env(8));
+
+        // As the previous version left it: served, floor kept.
+        let dir = tempfile::tempdir().unwrap();
+        write_legacy(dir.path(), &r5, &accepted_of(&r5, &k));
+        let mut st = PolicyState::load(dir.path(), TD, &k);
+        assert_eq!(revision(&st), Some(5));
+        assert_eq!(st.accepted().unwrap().revision, 5);
+        assert!(matches!(st.offer(&r5, &k, NOW), Ok(Offer::Unchanged)));
+        assert!(
+            st.offer(&signer.sign(&content(4, P2, NOW + 3600)).unwrap(), &k, NOW)
+                .is_err()
+        );
+        // Same revision, other content: refused.
+        assert!(
+            st.offer(&signer.sign(&content(5, P2, NOW + 3600)).unwrap(), &k, NOW)
+                .is_err()
+        );
+
+        // A record above the cached bundle: the record is the floor, the bundle not served.
+        let dir = tempfile::tempdir().unwrap();
+        write_legacy(dir.path(), &r5, &accepted_of(&r7, &k));
+        let mut st = PolicyState::load(dir.path(), TD, &k);
+        assert!(st.current().is_none());
+        assert_eq!(st.accepted().unwrap().revision, 7);
+        assert!(st.offer(&r6, &k, NOW).is_err());
+
+        // A crash between the old layout's two writes: the bundle above the record is the
+        // floor (it verifies).
+        let dir = tempfile::tempdir().unwrap();
+        write_legacy(dir.path(), &r6, &accepted_of(&r5, &k));
+        let mut st = PolicyState::load(dir.path(), TD, &k);
+        assert_eq!(revision(&st), Some(6));
+        assert_eq!(st.accepted().unwrap().revision, 6);
+        assert!(st.offer(&r5, &k, NOW).is_err());
+
+        // The next accepted bundle goes into the one-file layout; the old file is removed.
+        assert!(matches!(st.offer(&r8, &k, NOW), Ok(Offer::Accepted(_))));
+        assert!(!dir.path().join(BUNDLE_FILE).exists());
+        let rec = std::fs::read(dir.path().join(REVISION_FILE)).unwrap();
+        // What the previous version reads of it (downgrade): the floor.
+        assert_eq!(
+            serde_json::from_slice::<Accepted>(&rec).unwrap(),
+            accepted_of(&r8, &k)
+        );
+        let mut st = PolicyState::load(dir.path(), TD, &k);
+        assert_eq!(revision(&st), Some(8));
+        assert_eq!(st.current().unwrap().envelope, r8);
+        assert!(st.offer(&r7, &k, NOW).is_err());
+
+        // A stale old-layout bundle (a crash before its removal, or a downgrade that wrote
+        // only an older bundle file) never lowers the floor nor is served.
+        std::fs::write(dir.path().join(BUNDLE_FILE), &r7).unwrap();
+        let mut st = PolicyState::load(dir.path(), TD, &k);
+        assert_eq!(st.current().unwrap().envelope, r8);
+        assert!(st.offer(&r7, &k, NOW).is_err());
+    }
+
+    #[test]
+    fn a_corrupt_record_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = PolicySigner::generate().unwrap();
+        let k = keys(&signer);
+        std::fs::write(dir.path().join(REVISION_FILE), b"{\"revision\": 5, ").unwrap();
+        let st = PolicyState::load(dir.path(), TD, &k);
+        assert!(st.current().is_none());
+        assert!(!dir.path().join(REVISION_FILE).exists());
+        assert!(dir.path().join("policy-revision.json.corrupt").exists());
     }
 
     #[test]
@@ -287,10 +455,16 @@ mod tests {
         let mut st = PolicyState::load(dir.path(), TD, &k);
         let r1 = signer.sign(&content(1, P1, NOW + 3600)).unwrap();
         st.offer(&r1, &k, NOW).unwrap();
-        std::fs::write(dir.path().join(BUNDLE_FILE), tamper(&r1)).unwrap();
+        set_record_envelope(dir.path(), Some(&tamper(&r1)));
         let st = PolicyState::load(dir.path(), TD, &k);
         assert!(st.current().is_none());
         assert_eq!(st.accepted().unwrap().revision, 1);
         assert!(!st.current_is_valid(NOW));
+        // Same in the previous layout's file.
+        set_record_envelope(dir.path(), None);
+        std::fs::write(dir.path().join(BUNDLE_FILE), tamper(&r1)).unwrap();
+        let st = PolicyState::load(dir.path(), TD, &k);
+        assert!(st.current().is_none());
+        assert_eq!(st.accepted().unwrap().revision, 1);
     }
 }
