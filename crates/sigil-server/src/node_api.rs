@@ -1,12 +1,14 @@
 //! The node API (gRPC): join-token attestation, node SVID renewal, and signing of workload
 //! identities for the entries a node is the parent of.
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use sha2::{Digest, Sha256};
 use sigil_core::{EntryId, SpiffeId};
 use sigil_pki::{IssuedX509Svid, SvidSpec, parse_csr};
 use sigil_proto::node::v1 as pb;
 use sigil_store::{EntryFilter, JoinTokenError, NodeRecord, StoreError};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::AppState;
@@ -19,11 +21,31 @@ const MAX_BATCH: usize = 256;
 /// The node API service.
 pub struct NodeApi {
     app: Arc<AppState>,
+    /// The shared sync state, published by one refresher task (started by the first sync).
+    shared: OnceLock<watch::Receiver<SharedState>>,
 }
 
 impl NodeApi {
     pub fn new(app: Arc<AppState>) -> Self {
-        Self { app }
+        Self {
+            app,
+            shared: OnceLock::new(),
+        }
+    }
+
+    /// A receiver of the shared sync state; starts the refresher on first use.
+    fn shared_sync(&self) -> watch::Receiver<SharedState> {
+        self.shared
+            .get_or_init(|| {
+                let (tx, rx) = watch::channel(None);
+                tokio::spawn(refresh_shared(
+                    Arc::downgrade(&self.app),
+                    self.app.changes.subscribe(),
+                    tx,
+                ));
+                rx
+            })
+            .clone()
     }
 
     /// The SPIFFE ID path prefix of node identities.
@@ -144,87 +166,215 @@ struct SyncKey {
     cut_off: bool,
 }
 
-/// Builds the sync state of `node`: a cheap key always, the full update only when asked.
-async fn sync_key(
+/// The fleet-wide part of every sync update, read once per change by the refresher task
+/// and shared by every stream (instead of each stream re-reading it from the store).
+///
+/// Read in the order the streams used to read it: the revisions first, then the data
+/// (so the data is at least as new as the revisions), the log checkpoint last (so it
+/// covers what the update says).
+#[derive(Debug)]
+struct SharedSync {
+    entries_revision: i64,
+    /// Every entry, grouped by parent (node) ID, each group in the store's order.
+    entries: Arc<HashMap<String, Vec<pb::Entry>>>,
+    revocations_revision: i64,
+    /// Unexpired at the time of reading; filtered again at the time of sending.
+    revocations: Arc<Vec<pb::RevokedSvid>>,
+    bundle_sequence: i64,
+    bundle_json: String,
+    policy_revision: i64,
+    /// The latest policy bundle (envelope, revision), if `policy_revision > 0`.
+    policy: Arc<(String, i64)>,
+    log_checkpoint: Vec<u8>,
+}
+
+/// What the refresher last published: nothing yet, a snapshot, or a failed refresh (which
+/// ends the streams, as a failed store read used to).
+type SharedState = Option<Result<Arc<SharedSync>, ()>>;
+
+/// Reads the shared sync state, reusing from `prev` what did not change since (by revision).
+async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<SharedSync, String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let entries_revision = app.store.entries_revision().await.map_err(|e| err(&e))?;
+    let revocations_revision = app
+        .store
+        .revocations_revision()
+        .await
+        .map_err(|e| err(&e))?;
+    let authorities = app.authorities.current();
+    let bundle_sequence = i64::try_from(authorities.bundle.sequence).unwrap_or(i64::MAX);
+    let policy_revision = app.store.policy_revision().await.map_err(|e| err(&e))?;
+    let entries = match prev {
+        Some(p) if p.entries_revision == entries_revision => p.entries.clone(),
+        _ => {
+            let all = app
+                .store
+                .list_entries(&EntryFilter::default())
+                .await
+                .map_err(|e| err(&e))?;
+            let mut by_parent: HashMap<String, Vec<pb::Entry>> = HashMap::new();
+            for e in all {
+                by_parent
+                    .entry(e.spec.parent_id.as_str().to_owned())
+                    .or_default()
+                    .push(entry_to_pb(e));
+            }
+            Arc::new(by_parent)
+        }
+    };
+    let revocations = match prev {
+        Some(p) if p.revocations_revision == revocations_revision => p.revocations.clone(),
+        _ => Arc::new(
+            app.store
+                .list_revocations(app.clock.now())
+                .await
+                .map_err(|e| err(&e))?
+                .into_iter()
+                .map(|r| pb::RevokedSvid {
+                    serial: r.serial.unwrap_or_default(),
+                    spiffe_id: r.spiffe_id.map(|i| i.to_string()).unwrap_or_default(),
+                    revoked_at: r.revoked_at,
+                    expires_at: r.expires_at,
+                })
+                .collect(),
+        ),
+    };
+    let policy = match prev {
+        _ if policy_revision <= 0 => Arc::new((String::new(), 0)),
+        Some(p) if p.policy_revision == policy_revision => p.policy.clone(),
+        _ => Arc::new(
+            match app
+                .store
+                .latest_policy_bundle()
+                .await
+                .map_err(|e| err(&e))?
+            {
+                Some(b) => (b.envelope, b.revision),
+                None => (String::new(), 0),
+            },
+        ),
+    };
+    // After everything else was read, so the checkpoint covers what the updates say.
+    let log_checkpoint = app.tlog.checkpoint().await.map_err(|e| err(&e))?;
+    Ok(SharedSync {
+        entries_revision,
+        entries,
+        revocations_revision,
+        revocations,
+        bundle_sequence,
+        bundle_json: authorities.bundle_json.clone(),
+        policy_revision,
+        policy,
+        log_checkpoint,
+    })
+}
+
+/// The one task that re-reads the shared sync state: at start, on every change
+/// notification (local writes, and PostgreSQL LISTEN/NOTIFY from other replicas) and
+/// every [`SYNC_POLL`]. Every refresh is published (even when nothing fleet-wide changed),
+/// so that every stream re-checks its own node's eviction and revocation at once. Ends
+/// when the server's state is dropped.
+async fn refresh_shared(
+    app: std::sync::Weak<AppState>,
+    mut changes: watch::Receiver<u64>,
+    tx: watch::Sender<SharedState>,
+) {
+    let mut prev: Option<Arc<SharedSync>> = None;
+    loop {
+        // Marked seen before reading: a change made during the read triggers another round.
+        changes.borrow_and_update();
+        let Some(state) = app.upgrade() else { return };
+        match read_shared(&state, prev.as_deref()).await {
+            Ok(s) => {
+                let s = Arc::new(s);
+                prev = Some(s.clone());
+                tx.send_replace(Some(Ok(s)));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "node API failure: reading the sync state");
+                prev = None;
+                tx.send_replace(Some(Err(())));
+            }
+        }
+        drop(state);
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(SYNC_POLL) => {}
+        }
+    }
+}
+
+/// Whether `node` must be cut off: evicted, unknown, or its SVID revoked. Read from the
+/// store by each stream on every refresh, so it is always current (and fails closed).
+/// The revocation query is skipped when `revoked_clear_at` (the revocations revision at
+/// which it last came back negative) is still current: every new revocation bumps that
+/// revision, and one only ever stops applying (it expires), never starts by itself.
+async fn is_cut_off(
     app: &AppState,
     node: &SpiffeId,
     serial: &str,
     not_before: i64,
-) -> Result<SyncKey, Status> {
+    revocations_revision: i64,
+    revoked_clear_at: &mut Option<i64>,
+) -> Result<bool, Status> {
     let now = app.clock.now();
     let record = app.store.get_node(node).await.map_err(internal)?;
+    if record.as_ref().is_none_or(|n| n.evicted) {
+        return Ok(true);
+    }
+    if *revoked_clear_at == Some(revocations_revision) {
+        return Ok(false);
+    }
     let revoked = app
         .store
         .is_revoked(serial, node, not_before, now)
         .await
         .map_err(internal)?;
-    Ok(SyncKey {
-        entries: app.store.entries_revision().await.map_err(internal)?,
-        revocations: app.store.revocations_revision().await.map_err(internal)?,
-        bundle: i64::try_from(app.authorities.current().bundle.sequence).unwrap_or(i64::MAX),
-        policy: app.store.policy_revision().await.map_err(internal)?,
-        cut_off: revoked || record.is_none_or(|n| n.evicted),
-    })
+    if !revoked {
+        *revoked_clear_at = Some(revocations_revision);
+    }
+    Ok(revoked)
 }
 
-async fn sync_update(
-    app: &AppState,
-    node: &SpiffeId,
-    key: SyncKey,
-) -> Result<pb::SyncUpdate, Status> {
-    if key.cut_off {
-        return Ok(pb::SyncUpdate {
+fn sync_key(s: &SharedSync, cut_off: bool) -> SyncKey {
+    SyncKey {
+        entries: s.entries_revision,
+        revocations: s.revocations_revision,
+        bundle: s.bundle_sequence,
+        policy: s.policy_revision,
+        cut_off,
+    }
+}
+
+fn sync_update(app: &AppState, s: &SharedSync, node: &SpiffeId, cut_off: bool) -> pb::SyncUpdate {
+    if cut_off {
+        return pb::SyncUpdate {
             evicted: true,
             ..Default::default()
-        });
+        };
     }
-    let entries = app
-        .store
-        .list_entries(&EntryFilter {
-            parent_id: Some(node.clone()),
-            spiffe_id: None,
-        })
-        .await
-        .map_err(internal)?;
-    let revocations = app
-        .store
-        .list_revocations(app.clock.now())
-        .await
-        .map_err(internal)?;
-    let (policy_bundle, policy_revision) = if key.policy > 0 {
-        match app.store.latest_policy_bundle().await.map_err(internal)? {
-            Some(b) => (b.envelope, b.revision),
-            None => (String::new(), 0),
-        }
-    } else {
-        (String::new(), 0)
-    };
-    // After everything else was read, so the checkpoint covers what this update says.
-    let log_checkpoint = app.tlog.checkpoint().await.map_err(internal)?;
-    Ok(pb::SyncUpdate {
-        log_checkpoint,
+    let now = app.clock.now();
+    pb::SyncUpdate {
+        log_checkpoint: s.log_checkpoint.clone(),
         log_key: app.tlog.vkey().to_owned(),
-        entries: entries.into_iter().map(entry_to_pb).collect(),
-        entries_revision: key.entries,
-        bundle_json: app.authorities.current().bundle_json.clone(),
-        bundle_sequence: key.bundle,
-        revocations: revocations
-            .into_iter()
-            .map(|r| pb::RevokedSvid {
-                serial: r.serial.unwrap_or_default(),
-                spiffe_id: r.spiffe_id.map(|i| i.to_string()).unwrap_or_default(),
-                revoked_at: r.revoked_at,
-                expires_at: r.expires_at,
-            })
+        entries: s.entries.get(node.as_str()).cloned().unwrap_or_default(),
+        entries_revision: s.entries_revision,
+        bundle_json: s.bundle_json.clone(),
+        bundle_sequence: s.bundle_sequence,
+        revocations: s
+            .revocations
+            .iter()
+            .filter(|r| r.expires_at > now)
+            .cloned()
             .collect(),
-        revocations_revision: key.revocations,
+        revocations_revision: s.revocations_revision,
         evicted: false,
-        policy_bundle,
-        policy_revision,
-    })
+        policy_bundle: s.policy.0.clone(),
+        policy_revision: s.policy.1,
+    }
 }
 
-/// How often a sync stream re-checks the store even without a local change notification
+/// How often the shared sync state is re-read even without a local change notification
 /// (changes made through another replica, expiring revocations).
 const SYNC_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -245,33 +395,52 @@ impl pb::node_server::Node for NodeApi {
         };
         let app = self.app.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut changes = app.changes.subscribe();
+        let mut shared = self.shared_sync();
         tokio::spawn(async move {
             let mut last: Option<SyncKey> = None;
+            let mut revoked_clear_at: Option<i64> = None;
             loop {
-                let key = match sync_key(&app, &node.spiffe_id, &svid.serial, svid.not_before).await
-                {
-                    Ok(k) => k,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
+                let state = shared.borrow_and_update().clone();
+                match state {
+                    // Not read yet: wait for the refresher's first round.
+                    None => {}
+                    Some(Err(())) => {
+                        let _ = tx.send(Err(Status::internal("internal error"))).await;
                         return;
                     }
-                };
-                if last != Some(key) {
-                    let update = sync_update(&app, &node.spiffe_id, key).await;
-                    let failed = update.is_err();
-                    if tx.send(update).await.is_err() || failed {
-                        return;
-                    }
-                    last = Some(key);
-                    if key.cut_off {
-                        tracing::warn!(node = %node.spiffe_id, "sync stream ended: node evicted or revoked");
-                        return;
+                    Some(Ok(s)) => {
+                        let cut_off = match is_cut_off(
+                            &app,
+                            &node.spiffe_id,
+                            &svid.serial,
+                            svid.not_before,
+                            s.revocations_revision,
+                            &mut revoked_clear_at,
+                        )
+                        .await
+                        {
+                            Ok(c) => c,
+                            Err(status) => {
+                                let _ = tx.send(Err(status)).await;
+                                return;
+                            }
+                        };
+                        let key = sync_key(&s, cut_off);
+                        if last != Some(key) {
+                            let update = sync_update(&app, &s, &node.spiffe_id, cut_off);
+                            if tx.send(Ok(update)).await.is_err() {
+                                return;
+                            }
+                            last = Some(key);
+                            if cut_off {
+                                tracing::warn!(node = %node.spiffe_id, "sync stream ended: node evicted or revoked");
+                                return;
+                            }
+                        }
                     }
                 }
                 tokio::select! {
-                    _ = changes.changed() => {}
-                    _ = tokio::time::sleep(SYNC_POLL) => {}
+                    r = shared.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
                 }
             }
