@@ -254,10 +254,23 @@ pub fn read_from(
 
 type Pending = (Vec<u8>, oneshot::Sender<Result<(), String>>);
 
+/// What the writer thread is asked to do.
+enum Msg {
+    /// Append a framed record; answered once it is durable.
+    Record(Pending),
+    /// Start a new segment if every record of this one is acknowledged (the writer is at
+    /// `acked`) and it holds at least `min_bytes`: the old segment is deleted.
+    Rotate {
+        acked: u64,
+        min_bytes: u64,
+        done: oneshot::Sender<Result<bool, String>>,
+    },
+}
+
 /// A handle to the audit writer thread.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Pending>,
+    tx: mpsc::Sender<Msg>,
 }
 
 /// Where the writer is in a regular-file segment.
@@ -300,7 +313,10 @@ impl AuditLog {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         std::thread::Builder::new()
             .name("sigil-audit".into())
-            .spawn(move || writer(file, cursor, rx, export))
+            .spawn({
+                let path = path.to_owned();
+                move || writer(file, cursor, rx, export, path)
+            })
             .map_err(|e| AuditError(format!("starting the audit writer: {e}")))?;
         Ok(Self { tx })
     }
@@ -310,13 +326,55 @@ impl AuditLog {
         let json = serde_json::to_vec(rec).map_err(|e| AuditError(e.to_string()))?;
         let (done, wait) = oneshot::channel();
         self.tx
-            .send((frame(&json), done))
+            .send(Msg::Record((frame(&json), done)))
             .await
             .map_err(|_| AuditError("writer stopped".into()))?;
         wait.await
             .map_err(|_| AuditError("writer stopped".into()))?
             .map_err(AuditError)
     }
+
+    /// Replaces the segment by a new, empty one if the writer is exactly at `acked` (every
+    /// record written has been acknowledged by the server) and the segment holds at least
+    /// `min_bytes`; whether it did. Decided in the writer thread, so no record can slip in
+    /// between the check and the switch. The new segment is made durable (header, fsync,
+    /// rename over the old one, fsync of the directory) before anything is written to it.
+    pub async fn rotate_if_acked(&self, acked: u64, min_bytes: u64) -> Result<bool, AuditError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Msg::Rotate {
+                acked,
+                min_bytes,
+                done,
+            })
+            .await
+            .map_err(|_| AuditError("writer stopped".into()))?;
+        wait.await
+            .map_err(|_| AuditError("writer stopped".into()))?
+            .map_err(AuditError)
+    }
+}
+
+/// A new empty segment at `path`, replacing the old one atomically.
+fn fresh_segment(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = std::path::PathBuf::from(tmp);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all_at(MAGIC, 0)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(file)
 }
 
 /// Scans the segment, cuts a torn tail, writes the header of a new one; where to go on.
@@ -365,14 +423,53 @@ fn zero(file: &File, from: u64, to: u64) -> std::io::Result<()> {
 fn writer(
     mut file: File,
     mut cursor: Option<Cursor>,
-    mut rx: mpsc::Receiver<Pending>,
+    mut rx: mpsc::Receiver<Msg>,
     export: Option<crate::export::ExportSink>,
+    path: std::path::PathBuf,
 ) {
-    while let Some(first) = rx.blocking_recv() {
+    let mut held: Option<Msg> = None;
+    while let Some(msg) = held.take().or_else(|| rx.blocking_recv()) {
+        let first = match msg {
+            Msg::Record(p) => p,
+            Msg::Rotate {
+                acked,
+                min_bytes,
+                done,
+            } => {
+                let r = match cursor.as_mut() {
+                    Some(c) if c.pos == acked && c.pos >= min_bytes.max(FIRST_RECORD + 1) => {
+                        match fresh_segment(&path) {
+                            Ok(f) => {
+                                tracing::info!(
+                                    path = %path.display(),
+                                    bytes = c.pos,
+                                    "audit segment fully acknowledged: replaced by a new one"
+                                );
+                                file = f;
+                                *c = Cursor {
+                                    pos: FIRST_RECORD,
+                                    allocated: FIRST_RECORD,
+                                };
+                                Ok(true)
+                            }
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                    _ => Ok(false),
+                };
+                let _ = done.send(r);
+                continue;
+            }
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(Msg::Record(p)) => batch.push(p),
+                Ok(other) => {
+                    // Handled after this batch is durable.
+                    held = Some(other);
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -560,6 +657,36 @@ mod tests {
                 .collect();
             assert_eq!(ids, ["r0", "r1", "r2", "r7"]);
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_segment_is_replaced_only_when_everything_in_it_is_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        for i in 0..3 {
+            log.record(&rec(i)).await.unwrap();
+        }
+        let end = audit_end(&path);
+        // Not everything acknowledged, or too small: kept.
+        assert!(!log.rotate_if_acked(end - 1, 0).await.unwrap());
+        assert!(!log.rotate_if_acked(end, end + 1).await.unwrap());
+        assert_eq!(read_records(&path).unwrap().len(), 3);
+        // All acknowledged: a new, empty segment; writing goes on in it.
+        assert!(log.rotate_if_acked(end, end).await.unwrap());
+        assert!(read_records(&path).unwrap().is_empty());
+        log.record(&rec(9)).await.unwrap();
+        let after = read_records(&path).unwrap();
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0]["request_id"], "r9");
+        assert!(!dir.path().join("audit.log.new").exists());
+        // Reopened later, it is a valid segment.
+        drop(log);
+        AuditLog::open(&path).unwrap();
+    }
+
+    fn audit_end(path: &Path) -> u64 {
+        scan(&File::open(path).unwrap()).unwrap().end
     }
 
     #[test]

@@ -114,6 +114,14 @@ pub struct ProxyConfig {
     /// when none is set. http:// only for now.
     #[serde(default)]
     pub trace_otlp_endpoint: Option<String>,
+    /// With `audit_ship_to`: once the segment holds this many bytes and every record in it is
+    /// acknowledged by the server, it is replaced by a new one (the old one is deleted).
+    #[serde(default = "default_audit_rotate_bytes")]
+    pub audit_rotate_bytes: u64,
+}
+
+fn default_audit_rotate_bytes() -> u64 {
+    64 * 1024 * 1024
 }
 
 /// A token bucket per caller for one model or tool.
@@ -212,6 +220,7 @@ impl ProxyConfig {
         "log_format",
         "metrics_addr",
         "audit_ship_to",
+        "audit_rotate_bytes",
         "audit_export",
         "audit_otlp_endpoint",
         "trace_otlp_endpoint",
@@ -287,6 +296,9 @@ impl ProxyConfig {
                     "required without workload_api_socket (cert + key + bundle, or the agent's socket)",
                 ));
             }
+        }
+        if self.audit_rotate_bytes < 4096 {
+            return Err(bad("audit_rotate_bytes", "must be at least 4096"));
         }
         if let Some(to) = &self.audit_ship_to
             && crate::shipper::parse_target(to).is_none()

@@ -107,6 +107,8 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             to,
             cfg.audit_log.clone(),
             creds.clone(),
+            audit.clone(),
+            cfg.audit_rotate_bytes,
         )?)),
         None => None,
     };

@@ -158,10 +158,13 @@ pub fn spawn(
     target: &str,
     segment: PathBuf,
     creds: Arc<ArcSwap<Credentials>>,
+    audit: audit::AuditLog,
+    rotate_bytes: u64,
 ) -> anyhow::Result<JoinHandle<()>> {
     let (host, port) = parse_target(target).context("audit_ship_to: not an https:// URL")?;
     let state = acked_path(&segment);
     let from = resume_offset(&segment, &state)?;
+    let last_index = read_acked(&state).ok().flatten().map_or(0, |a| a.index);
     let file = File::open(&segment).with_context(|| format!("{}", segment.display()))?;
     let shipper = Shipper {
         host,
@@ -170,6 +173,10 @@ pub fn spawn(
         file: Arc::new(file),
         state,
         conn: None,
+        segment,
+        audit,
+        rotate_bytes,
+        last_index,
     };
     Ok(tokio::spawn(shipper.run(from)))
 }
@@ -181,6 +188,12 @@ struct Shipper {
     file: Arc<File>,
     state: PathBuf,
     conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+    segment: PathBuf,
+    audit: audit::AuditLog,
+    /// Replace a fully acknowledged segment once it holds this many bytes.
+    rotate_bytes: u64,
+    /// The server index of the last acknowledged record.
+    last_index: u64,
 }
 
 impl Shipper {
@@ -192,7 +205,22 @@ impl Shipper {
                     offset = next;
                     backoff = BACKOFF_MIN;
                 }
-                Ok(None) => tokio::time::sleep(POLL).await,
+                Ok(None) => {
+                    // Caught up: a big enough segment whose every record the server holds
+                    // is replaced by a new one (deleting a segment only after its
+                    // acknowledgement).
+                    if offset >= self.rotate_bytes {
+                        match self.rotate(offset).await {
+                            Ok(Some(fresh)) => offset = fresh,
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!(
+                                error = format!("{e:#}"),
+                                "audit segment rotation failed"
+                            ),
+                        }
+                    }
+                    tokio::time::sleep(POLL).await
+                }
                 Err(e) => {
                     self.conn = None;
                     tracing::warn!(error = %e, retry_in = ?backoff, "audit shipping failed");
@@ -201,6 +229,37 @@ impl Shipper {
                 }
             }
         }
+    }
+
+    /// Asks the writer to replace the segment if it is still at `offset`; the offset to go on
+    /// from in the new segment if it did. The state file is moved to the new segment's start
+    /// first: a crash in between re-sends the old segment's records, which the server's
+    /// deduplication (proxy, request id) makes harmless, rather than skip new ones.
+    async fn rotate(&mut self, offset: u64) -> anyhow::Result<Option<u64>> {
+        let start = Acked {
+            offset: audit::FIRST_RECORD,
+            index: self.last_index,
+        };
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || write_acked(&state, &start)).await??;
+        if self
+            .audit
+            .rotate_if_acked(offset, self.rotate_bytes)
+            .await?
+        {
+            let file =
+                File::open(&self.segment).with_context(|| format!("{}", self.segment.display()))?;
+            self.file = Arc::new(file);
+            return Ok(Some(audit::FIRST_RECORD));
+        }
+        // Records arrived meanwhile: keep the acknowledged offset where it was.
+        let kept = Acked {
+            offset,
+            index: self.last_index,
+        };
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || write_acked(&state, &kept)).await??;
+        Ok(None)
     }
 
     /// Ships one batch from `offset`; the new acknowledged offset, or `None` if there was
@@ -235,6 +294,7 @@ impl Shipper {
         tokio::task::spawn_blocking(move || write_acked(&state, &acked))
             .await?
             .context("writing the acknowledged offset")?;
+        self.last_index = acked.index;
         tracing::debug!(
             records = batch.len(),
             last_index = acked.index,

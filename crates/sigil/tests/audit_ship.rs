@@ -68,6 +68,8 @@ struct ProxySetup {
     port: u16,
     upstream: u16,
     server_port: u16,
+    /// `audit_rotate_bytes` (the proxy's default when `None`).
+    rotate_bytes: Option<u64>,
 }
 
 impl ProxySetup {
@@ -93,6 +95,7 @@ impl ProxySetup {
             port: free_port(),
             upstream,
             server_port: s.port,
+            rotate_bytes: None,
         }
     }
 
@@ -127,6 +130,10 @@ impl ProxySetup {
                 format!("https://localhost:{}", self.server_port),
             )
             .env("SIGIL_LOG", "info")
+            .env(
+                "SIGIL_AUDIT_ROTATE_BYTES",
+                self.rotate_bytes.unwrap_or(64 << 20).to_string(),
+            )
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -417,4 +424,68 @@ fn decisions_reach_the_server_audit_log_once_across_proxy_and_server_kills() {
     }
     drop(proxy);
     drop(upstream);
+}
+
+#[test]
+fn a_fully_acknowledged_segment_is_replaced_and_shipping_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("server"), &[]);
+    let up_port = free_port();
+    let _upstream = Kill(
+        Command::new("python3")
+            .args(["-c", ECHO, &up_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(up_port, "upstream", Path::new("/dev/null"));
+    let ca = tmp.path().join("bundle.pem");
+    std::fs::write(&ca, server.bundle_pem()).unwrap();
+    let mut setup = ProxySetup::new(&server, &tmp.path().join("p"), up_port);
+    setup.rotate_bytes = Some(4096);
+    let agent = Client::new(&server, "agent", &tmp.path().join("agent"));
+    let callers = [format!("spiffe://{TD}/agent")];
+    let callers: Vec<&str> = callers.iter().map(String::as_str).collect();
+    let view = AuditView::new(&server, &ca);
+    let _proxy = setup.start();
+    let log = setup.dir.join("proxy.log");
+    let mut sent = Vec::new();
+    // Records of ~0.5 KiB: 4 KiB is passed within the first dozen.
+    for round in 0..3 {
+        for _ in 0..15 {
+            let (code, id) = agent.call(setup.port).expect("response");
+            assert_eq!(code, 200);
+            sent.push(id);
+        }
+        view.wait_size(sent.len() as u64, Duration::from_secs(20));
+        // Once everything is acknowledged, the segment is replaced: what is left locally is
+        // only what came after.
+        let t0 = std::time::Instant::now();
+        loop {
+            let local = sigil_proxy::read_records(&setup.segment()).unwrap();
+            if local.len() < sent.len() - round * 15 || local.is_empty() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the segment was not replaced: {} records\n{}",
+                local.len(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("replaced by a new one")
+    );
+    // Nothing lost, nothing twice, across the replacements.
+    assert_eq!(view.verify(), sent.len() as u64);
+    let logged = view.request_ids(&callers);
+    assert_eq!(logged.len(), sent.len());
+    for id in &sent {
+        assert_eq!(logged.get(id), Some(&1), "request {id}");
+    }
 }

@@ -92,6 +92,10 @@ pub struct AuditArgs {
     /// index in its audit Merkle log.
     #[arg(long)]
     pub audit_ship_to: Option<String>,
+    /// With --audit-ship-to: replace the segment once it holds this many bytes and the
+    /// server has acknowledged all of it (default 64 MiB).
+    #[arg(long)]
+    pub audit_rotate_bytes: Option<i64>,
     /// Export the durable audit records as ECS-style JSON lines to `stdout` or a file.
     #[arg(long)]
     pub audit_export: Option<String>,
@@ -134,6 +138,10 @@ impl ProxyArgs {
         .chain([
             ("audit_log", p(&self.audit.audit_log)),
             ("audit_ship_to", s(&self.audit.audit_ship_to)),
+            (
+                "audit_rotate_bytes",
+                self.audit.audit_rotate_bytes.map(toml::Value::Integer),
+            ),
             ("audit_export", s(&self.audit.audit_export)),
             ("audit_otlp_endpoint", s(&self.audit.audit_otlp_endpoint)),
             ("trace_otlp_endpoint", s(&self.audit.trace_otlp_endpoint)),
