@@ -31,6 +31,15 @@ pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 /// Largest upstream response the proxy buffers to filter (`/v1/models`, JSON `tools/list`).
 const MAX_FILTERED_RESPONSE: usize = 16 * 1024 * 1024;
 
+/// Hour of day (UTC) and weekday (0 = Monday) of `now`, as policy context sees them.
+fn hour_and_weekday(now: i64) -> (i64, i64) {
+    // 1970-01-01 was a Thursday.
+    (
+        now.rem_euclid(86_400) / 3600,
+        (now.div_euclid(86_400) + 3).rem_euclid(7),
+    )
+}
+
 /// The caller of an authorized request, as policy sees it; kept to filter the response.
 #[derive(Clone)]
 struct Caller {
@@ -470,6 +479,7 @@ impl Proxy {
                 record.reason.clone(),
             ));
         }
+        let (hour, weekday) = hour_and_weekday(now);
         for call in &record.calls {
             let query = Query {
                 principal: Principal {
@@ -481,9 +491,8 @@ impl Proxy {
                 resource_type: call.resource_type,
                 resource_id: &call.resource_id,
                 scopes: &scopes,
-                hour: now.rem_euclid(86_400) / 3600,
-                // 1970-01-01 was a Thursday; 0 = Monday.
-                weekday: (now.div_euclid(86_400) + 3).rem_euclid(7),
+                hour,
+                weekday,
                 arguments: call.arguments.as_ref(),
             };
             let policy_started = self.start(trace);
@@ -514,7 +523,12 @@ impl Proxy {
             }
         }
         // Limits per identity × model/tool, taken only once every call is permitted.
-        for call in &record.calls {
+        let per_resource = if limits.resources.is_empty() {
+            &[][..]
+        } else {
+            &record.calls[..]
+        };
+        for call in per_resource {
             let key = (call.resource_type.to_owned(), call.resource_id.clone());
             if let Some(limiter) = limits.resources.get(&key)
                 && let Err(wait) = limiter.check(peer.spiffe_id.as_str(), Instant::now())
@@ -536,8 +550,8 @@ impl Proxy {
             trust_domain: peer.spiffe_id.trust_domain_name().to_owned(),
             groups: claims.groups.clone(),
             scopes: scopes.clone(),
-            hour: now.rem_euclid(86_400) / 3600,
-            weekday: (now.div_euclid(86_400) + 3).rem_euclid(7),
+            hour,
+            weekday,
         };
         let filter = if record.calls.iter().any(|c| c.action == "list_models") {
             ResponseFilter::Models(caller(), engine.clone())
