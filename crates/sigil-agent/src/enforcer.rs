@@ -10,7 +10,7 @@ use std::sync::Arc;
 use sigil_proto::enforcer as ep;
 use tonic::{Request, Response, Status};
 
-use crate::manager::Manager;
+use crate::manager::{Manager, Snapshot};
 use crate::peer::WorkloadAttestor;
 use crate::workload_api::{
     ResponseStream, attest_caller, bundle_stream, matching, no_entry, serving,
@@ -26,6 +26,29 @@ impl EnforcerApi {
     pub fn new(mgr: Arc<Manager>, attestor: Arc<WorkloadAttestor>) -> Self {
         Self { mgr, attestor }
     }
+
+    /// The stream every Enforcer call is: `render(snapshot)` now and on every change, for a
+    /// caller that an entry of this node matches. It ends (PermissionDenied) once the node
+    /// loses its identity or no entry matches the caller any more.
+    async fn watch<R, T, F>(&self, req: &Request<R>, render: F) -> Result<ResponseStream<T>, Status>
+    where
+        T: PartialEq + Clone + Send + 'static,
+        F: Fn(&Snapshot) -> Option<T> + Send + 'static,
+    {
+        let selectors = attest_caller(&self.attestor, req).await?;
+        let snap = serving(&self.mgr)?;
+        // NOTE: any workload of this node may watch for now; a later issue restricts this to
+        // callers matched by entries marked as enforcers.
+        if matching(&snap, &selectors).is_empty() {
+            return Err(no_entry());
+        }
+        Ok(bundle_stream(&self.mgr, move |snap| {
+            if matching(snap, &selectors).is_empty() {
+                return Some(Err(no_entry()));
+            }
+            render(snap).map(Ok)
+        }))
+    }
 }
 
 #[tonic::async_trait]
@@ -36,21 +59,11 @@ impl ep::enforcer_server::Enforcer for EnforcerApi {
         &self,
         req: Request<ep::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        let selectors = attest_caller(&self.attestor, &req).await?;
-        let snap = serving(&self.mgr)?;
-        // NOTE: any workload of this node may watch for now; a later issue restricts this to
-        // callers matched by entries marked as enforcers.
-        if matching(&snap, &selectors).is_empty() {
-            return Err(no_entry());
-        }
-        // The full list now and on every change; the stream ends (PermissionDenied) once the
-        // node loses its identity or no entry matches the caller any more.
-        Ok(Response::new(bundle_stream(&self.mgr, move |snap| {
-            if matching(snap, &selectors).is_empty() {
-                return Some(Err(no_entry()));
-            }
-            snap.revocations.as_ref().map(|r| Ok(r.to_pb()))
-        })))
+        // The full list now and on every change.
+        let stream = self
+            .watch(&req, |snap| snap.revocations.as_ref().map(|r| r.to_pb()))
+            .await?;
+        Ok(Response::new(stream))
     }
 
     type WatchPolicyStream = ResponseStream<ep::PolicyBundle>;
@@ -59,28 +72,23 @@ impl ep::enforcer_server::Enforcer for EnforcerApi {
         &self,
         req: Request<ep::WatchPolicyRequest>,
     ) -> Result<Response<Self::WatchPolicyStream>, Status> {
-        let selectors = attest_caller(&self.attestor, &req).await?;
-        let snap = serving(&self.mgr)?;
-        if matching(&snap, &selectors).is_empty() {
-            return Err(no_entry());
-        }
-        Ok(Response::new(bundle_stream(&self.mgr, move |snap| {
-            if matching(snap, &selectors).is_empty() {
-                return Some(Err(no_entry()));
-            }
-            let policy = snap.policy.as_ref()?;
-            let keys = snap
-                .bundle
-                .as_ref()
-                .map(|b| b.policy_authorities.clone())
-                .unwrap_or_default();
-            let jwks = serde_json::json!({ "keys": keys }).to_string();
-            Some(Ok(ep::PolicyBundle {
-                envelope: policy.envelope.clone(),
-                revision: i64::try_from(policy.content.revision).unwrap_or(i64::MAX),
-                policy_keys_jwks: jwks,
-            }))
-        })))
+        let stream = self
+            .watch(&req, |snap| {
+                let policy = snap.policy.as_ref()?;
+                let keys = snap
+                    .bundle
+                    .as_ref()
+                    .map(|b| b.policy_authorities.clone())
+                    .unwrap_or_default();
+                let jwks = serde_json::json!({ "keys": keys }).to_string();
+                Some(ep::PolicyBundle {
+                    envelope: policy.envelope.clone(),
+                    revision: i64::try_from(policy.content.revision).unwrap_or(i64::MAX),
+                    policy_keys_jwks: jwks,
+                })
+            })
+            .await?;
+        Ok(Response::new(stream))
     }
 }
 
