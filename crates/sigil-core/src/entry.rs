@@ -69,6 +69,11 @@ pub struct EntrySpec {
     /// OAuth scopes the workload may be granted (e.g. `model:invoke`).
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// This workload may watch policy bundles and revocations on its agent's Enforcer API
+    /// (`sigil.agent.v1.Enforcer`): the `sigil proxy` sidecar's entry sets it. Omitted from
+    /// the serialized form when false, so entries without it serialize as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enforcer: bool,
 }
 
 fn default_x509_ttl() -> u32 {
@@ -294,6 +299,20 @@ mod tests {
         let mut s = spec();
         s.groups = vec!["g".into(); MAX_LIST + 1];
         assert!(matches!(s.validate(&td), Err(EntryError::TooMany { .. })));
+    }
+
+    #[test]
+    fn enforcer_defaults_to_false_and_is_omitted_when_false() {
+        let s = spec();
+        assert!(!s.enforcer);
+        let v = serde_json::to_value(&s).unwrap();
+        assert!(v.get("enforcer").is_none(), "{v}");
+        let mut e = spec();
+        e.enforcer = true;
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["enforcer"], true);
+        let back: EntrySpec = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
     }
 
     #[test]

@@ -15,7 +15,7 @@ struct Migration {
 }
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -337,6 +337,18 @@ CREATE TRIGGER policy_bundles_notify AFTER INSERT ON policy_bundles
 CREATE TRIGGER nodes_notify AFTER UPDATE ON nodes
     FOR EACH ROW WHEN (OLD.evicted IS DISTINCT FROM NEW.evicted)
     EXECUTE FUNCTION sigil_notify_arg('nodes');
+",
+    },
+    Migration {
+        version: 6,
+        name: "enforcer entries",
+        // Entries whose workload may watch the agent's Enforcer API. An integer 0/1 like
+        // `nodes.evicted`, so both backends read it the same way; existing entries are not.
+        sqlite: r"
+ALTER TABLE entries ADD COLUMN enforcer INTEGER NOT NULL DEFAULT 0 CHECK (enforcer IN (0, 1));
+",
+        postgres: r"
+ALTER TABLE entries ADD COLUMN enforcer BIGINT NOT NULL DEFAULT 0 CHECK (enforcer IN (0, 1));
 ",
     },
 ];

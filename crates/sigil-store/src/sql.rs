@@ -213,7 +213,7 @@ async fn bump_meta(conn: &mut AnyConnection, key: &str) -> Result<i64, StoreErro
 }
 
 const ENTRY_COLS: &str = "id, spiffe_id, parent_id, selectors_json, x509_ttl_secs, jwt_ttl_secs, \
-     dns_names_json, groups_json, scopes_json, revision, created_at, updated_at";
+     dns_names_json, groups_json, scopes_json, enforcer, revision, created_at, updated_at";
 const NODE_COLS: &str =
     "spiffe_id, attestation_type, serial, not_after, evicted, created_at, updated_at";
 const ISSUED_COLS: &str = "id, kind, serial_or_jti, spiffe_id, thumbprint, audience_json, \
@@ -356,6 +356,7 @@ fn entry_from_row(row: &AnyRow) -> Result<RegistrationEntry, StoreError> {
             dns_names: r.json("dns_names_json")?,
             groups: r.json("groups_json")?,
             scopes: r.json("scopes_json")?,
+            enforcer: r.bool("enforcer")?,
         },
         revision: r.get("revision")?,
         created_at: r.get("created_at")?,
@@ -458,9 +459,9 @@ impl Store for SqlStore {
         }
         sqlx::query(
             "INSERT INTO entries (id, spiffe_id, parent_id, selectors_json, dedup_key, \
-             x509_ttl_secs, jwt_ttl_secs, dns_names_json, groups_json, scopes_json, revision, \
-             created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+             x509_ttl_secs, jwt_ttl_secs, dns_names_json, groups_json, scopes_json, enforcer, \
+             revision, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(entry.id.as_str())
         .bind(spec.spiffe_id.as_str())
@@ -472,6 +473,7 @@ impl Store for SqlStore {
         .bind(&enc.dns_names_json)
         .bind(&enc.groups_json)
         .bind(&enc.scopes_json)
+        .bind(i64::from(spec.enforcer))
         .bind(entry.revision)
         .bind(entry.created_at)
         .bind(entry.updated_at)
@@ -553,8 +555,8 @@ impl Store for SqlStore {
         let row = sqlx::query(&format!(
             "UPDATE entries SET spiffe_id = $1, parent_id = $2, selectors_json = $3, \
              dedup_key = $4, x509_ttl_secs = $5, jwt_ttl_secs = $6, dns_names_json = $7, \
-             groups_json = $8, scopes_json = $9, revision = revision + 1, updated_at = $10 \
-             WHERE id = $11 RETURNING {ENTRY_COLS}"
+             groups_json = $8, scopes_json = $9, enforcer = $10, revision = revision + 1, \
+             updated_at = $11 WHERE id = $12 RETURNING {ENTRY_COLS}"
         ))
         .bind(spec.spiffe_id.as_str())
         .bind(spec.parent_id.as_str())
@@ -565,6 +567,7 @@ impl Store for SqlStore {
         .bind(&enc.dns_names_json)
         .bind(&enc.groups_json)
         .bind(&enc.scopes_json)
+        .bind(i64::from(spec.enforcer))
         .bind(now)
         .bind(id.as_str())
         .fetch_optional(&mut *tx)
@@ -1401,6 +1404,7 @@ mod tests {
             dns_names: vec![],
             groups: vec![],
             scopes: vec![],
+            enforcer: false,
         };
         let a = dedup_key(&spec(&["unix:uid:1", "unix:gid:2"])).unwrap();
         let b = dedup_key(&spec(&["unix:gid:2", "unix:uid:1", "unix:uid:1"])).unwrap();

@@ -147,6 +147,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     entries_round_trip_and_filters,
+    entries_written_without_the_enforcer_column_are_not_enforcers,
     duplicate_entries_conflict,
     not_found_paths,
     revisions_strictly_increase,
@@ -190,6 +191,7 @@ fn spec(spiffe: &str, parent: &str, selectors: &[&str]) -> EntrySpec {
         dns_names: vec![],
         groups: vec![],
         scopes: vec![],
+        enforcer: false,
     }
 }
 
@@ -220,6 +222,7 @@ fn full_entry() -> RegistrationEntry {
             dns_names: vec!["api.local".into(), "*.api.internal".into()],
             groups: vec!["factory-floor".into(), "tier:gold".into()],
             scopes: vec!["model:invoke".into(), "read".into()],
+            enforcer: true,
         },
         revision: 3,
         created_at: T0 - 100,
@@ -372,6 +375,27 @@ async fn entries_round_trip_and_filters(db: &Db) {
     let again = s.update_entry(&e.id, &new_spec, T0 + 600).await.unwrap();
     assert_eq!(again.revision, e.revision + 2);
 
+    // The enforcer flag: dropped by the update above (full_entry sets it), set again here,
+    // and read back by get and list alike.
+    assert!(e.spec.enforcer);
+    assert!(!again.spec.enforcer);
+    let mut enforcer_spec = new_spec.clone();
+    enforcer_spec.enforcer = true;
+    let flagged = s
+        .update_entry(&e.id, &enforcer_spec, T0 + 650)
+        .await
+        .unwrap();
+    assert!(flagged.spec.enforcer);
+    assert_eq!(s.get_entry(&e.id).await.unwrap(), flagged);
+    let listed = s.list_entries(&EntryFilter::default()).await.unwrap();
+    let enforcers: Vec<_> = listed
+        .iter()
+        .filter(|x| x.spec.enforcer)
+        .map(|x| &x.id)
+        .collect();
+    assert_eq!(enforcers, [&e.id]);
+    s.update_entry(&e.id, &new_spec, T0 + 700).await.unwrap();
+
     s.delete_entry(&e.id).await.unwrap();
     assert!(matches!(
         s.get_entry(&e.id).await,
@@ -380,6 +404,35 @@ async fn entries_round_trip_and_filters(db: &Db) {
     assert_eq!(s.count_entries().await.unwrap(), 3);
     // The old spec's selectors are free again once it is gone.
     s.create_entry(&entry(new_spec)).await.unwrap();
+}
+
+async fn entries_written_without_the_enforcer_column_are_not_enforcers(db: &Db) {
+    let store = db.open().await;
+    let s: &dyn Store = &store;
+    // A row as schema v5 wrote it (no `enforcer` column): the migration's default applies.
+    let raw = db.raw().await;
+    let eid = EntryId::random();
+    sqlx::query(
+        "INSERT INTO entries (id, spiffe_id, parent_id, selectors_json, dedup_key, \
+         x509_ttl_secs, jwt_ttl_secs, dns_names_json, groups_json, scopes_json, revision, \
+         created_at, updated_at) \
+         VALUES ($1, 'spiffe://td/old', 'spiffe://td/n', '[\"unix:uid:1\"]', $2, 3600, 300, \
+         '[]', '[]', '[]', 1, 0, 0)",
+    )
+    .bind(eid.as_str())
+    .bind("ef".repeat(32))
+    .execute(&raw)
+    .await
+    .unwrap();
+    let got = s.get_entry(&eid).await.unwrap();
+    assert!(!got.spec.enforcer);
+    // Only 0 and 1 are stored.
+    let bad = sqlx::query("UPDATE entries SET enforcer = 2 WHERE id = $1")
+        .bind(eid.as_str())
+        .execute(&raw)
+        .await;
+    assert!(bad.is_err(), "{bad:?}");
+    raw.close().await;
 }
 
 async fn duplicate_entries_conflict(db: &Db) {
