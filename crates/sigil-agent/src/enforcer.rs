@@ -1,12 +1,15 @@
 //! sigil's Enforcer API (`sigil.agent.v1.Enforcer`), on the Workload API socket: what a local
-//! enforcer (the `sigil proxy` sidecar) learns from this agent — today, the revocation list,
-//! so it can refuse revoked X.509-SVIDs.
+//! enforcer (the `sigil proxy` sidecar) learns from this agent — the signed policy bundles it
+//! enforces and the revocation list, so it can refuse revoked X.509-SVIDs.
 //!
-//! Access follows the Workload API: the `workload.spiffe.io: true` header, and a caller
-//! (attested by its peer credentials) that at least one registration entry of this node
-//! matches.
+//! Access follows the Workload API (the `workload.spiffe.io: true` header, and a caller
+//! attested by its peer credentials), and is narrower: at least one registration entry of
+//! this node that matches the caller must mark it as an enforcer (`enforcer: true`, set with
+//! `sigil entry create --enforcer`). Other workloads get PermissionDenied, and an open stream
+//! ends the same way once no matching entry is marked any more.
 use std::sync::Arc;
 
+use sigil_core::Selector;
 use sigil_proto::enforcer as ep;
 use tonic::{Request, Response, Status};
 
@@ -28,8 +31,8 @@ impl EnforcerApi {
     }
 
     /// The stream every Enforcer call is: `render(snapshot)` now and on every change, for a
-    /// caller that an entry of this node matches. It ends (PermissionDenied) once the node
-    /// loses its identity or no entry matches the caller any more.
+    /// caller that an enforcer entry of this node matches. It ends (PermissionDenied) once the
+    /// node loses its identity or no matching entry marks the caller as an enforcer any more.
     async fn watch<R, T, F>(&self, req: &Request<R>, render: F) -> Result<ResponseStream<T>, Status>
     where
         T: PartialEq + Clone + Send + 'static,
@@ -37,18 +40,30 @@ impl EnforcerApi {
     {
         let selectors = attest_caller(&self.attestor, req).await?;
         let snap = serving(&self.mgr)?;
-        // NOTE: any workload of this node may watch for now; a later issue restricts this to
-        // callers matched by entries marked as enforcers.
-        if matching(&snap, &selectors).is_empty() {
-            return Err(no_entry());
-        }
+        check_enforcer(&snap, &selectors)?;
         Ok(bundle_stream(&self.mgr, move |snap| {
-            if matching(snap, &selectors).is_empty() {
-                return Some(Err(no_entry()));
+            if let Err(denied) = check_enforcer(snap, &selectors) {
+                return Some(Err(denied));
             }
             render(snap).map(Ok)
         }))
     }
+}
+
+/// Whether `snap` lets a caller with `selectors` use the Enforcer API: an entry must match it,
+/// and one of the matching entries must be marked as an enforcer.
+fn check_enforcer(snap: &Snapshot, selectors: &[Selector]) -> Result<(), Status> {
+    let entries = matching(snap, selectors);
+    if entries.is_empty() {
+        return Err(no_entry());
+    }
+    if !entries.iter().any(|e| e.spec.enforcer) {
+        return Err(Status::permission_denied(
+            "no registration entry marks this workload as an enforcer \
+             (create its entry with `sigil entry create --enforcer`)",
+        ));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -116,7 +131,15 @@ mod tests {
         std::fs::metadata("/proc/self").unwrap().uid()
     }
 
+    /// An entry for `uid` marked as an enforcer (the proxy's).
     fn entry(uid: u32) -> RegistrationEntry {
+        let mut e = plain_entry(uid);
+        e.spec.enforcer = true;
+        e
+    }
+
+    /// An entry for `uid` that does not mark it as an enforcer.
+    fn plain_entry(uid: u32) -> RegistrationEntry {
         RegistrationEntry {
             id: EntryId::random(),
             spec: EntrySpec {
@@ -128,6 +151,7 @@ mod tests {
                 dns_names: vec![],
                 groups: vec![],
                 scopes: vec![],
+                enforcer: false,
             },
             revision: 1,
             created_at: 0,
@@ -321,6 +345,103 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         let err = w
             .fetch_x509svid(with_header(wl::X509svidRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn refuses_a_workload_whose_entry_is_not_an_enforcer() {
+        let f = fixture(|s| {
+            s.entries = Arc::new(vec![plain_entry(my_uid())]);
+            s.revocations = Some(Arc::new(list(1, &["aa"])));
+        });
+        let mut c = EnforcerClient::new(channel(&f.socket).await);
+        let err = c
+            .watch_revocations(with_header(ep::WatchRevocationsRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(
+            err.message()
+                .contains("no registration entry marks this workload as an enforcer"),
+            "{err:?}"
+        );
+        let err = c
+            .watch_policy(with_header(ep::WatchPolicyRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().contains("as an enforcer"), "{err:?}");
+
+        // The Workload API still serves the same caller: only the Enforcer API is narrower.
+        let mut w =
+            wl::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel(&f.socket).await);
+        let err = w
+            .fetch_x509svid(with_header(wl::X509svidRequest {}))
+            .await
+            .err();
+        assert!(
+            err.as_ref()
+                .is_none_or(|e| !e.message().contains("enforcer")),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_matching_enforcer_entry_is_enough() {
+        let mut other = entry(my_uid());
+        other.spec.spiffe_id = SpiffeId::new("spiffe://td.test/proxy-2").unwrap();
+        let f = fixture(|s| {
+            s.entries = Arc::new(vec![plain_entry(my_uid()), other]);
+            s.revocations = Some(Arc::new(list(2, &["cc"])));
+        });
+        let mut c = EnforcerClient::new(channel(&f.socket).await);
+        let mut stream = c
+            .watch_revocations(with_header(ep::WatchRevocationsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(next(&mut stream).await.unwrap().unwrap().revision, 2);
+    }
+
+    #[tokio::test]
+    async fn an_entry_that_loses_the_flag_ends_open_streams() {
+        let f = fixture(|s| {
+            s.entries = Arc::new(vec![entry(my_uid())]);
+            s.revocations = Some(Arc::new(list(1, &["aa"])));
+        });
+        let mut c = EnforcerClient::new(channel(&f.socket).await);
+        let mut revocations = c
+            .watch_revocations(with_header(ep::WatchRevocationsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(next(&mut revocations).await.unwrap().unwrap().revision, 1);
+        let mut policy = c
+            .watch_policy(with_header(ep::WatchPolicyRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+
+        // The same entry, updated to drop the flag (the caller still matches it).
+        let mut dropped = entry(my_uid());
+        dropped.spec.enforcer = false;
+        dropped.revision = 2;
+        f.mgr
+            .publish_for_test(|s| s.entries = Arc::new(vec![dropped]));
+        let err = next(&mut revocations).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().contains("as an enforcer"), "{err:?}");
+        let err = tokio::time::timeout(Duration::from_secs(5), policy.message())
+            .await
+            .expect("the policy stream ends within 5 s")
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+        // A new call is refused too.
+        let err = c
+            .watch_revocations(with_header(ep::WatchRevocationsRequest {}))
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied);

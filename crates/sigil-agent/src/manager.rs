@@ -843,6 +843,7 @@ fn entry_from_pb(e: pb::Entry) -> Result<RegistrationEntry, String> {
             dns_names: e.dns_names,
             groups: e.groups,
             scopes: e.scopes,
+            enforcer: e.enforcer,
         },
         revision: e.revision,
         created_at: 0,

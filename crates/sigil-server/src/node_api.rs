@@ -659,6 +659,7 @@ fn entry_to_pb(e: sigil_core::RegistrationEntry) -> pb::Entry {
         dns_names: e.spec.dns_names,
         groups: e.spec.groups,
         scopes: e.spec.scopes,
+        enforcer: e.spec.enforcer,
         revision: e.revision,
     }
 }
