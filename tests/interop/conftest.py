@@ -131,14 +131,18 @@ def wait_for(fn, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}: {last!r}")
 
 
-def register(server: Sigil, agent: Agent, name: str, groups=(), scopes=(), dns=()) -> str:
-    """A registration entry under `agent` for this test process's uid; returns the SPIFFE ID."""
+def register(server: Sigil, agent: Agent, name: str, groups=(), scopes=(), dns=(),
+             enforcer=False) -> str:
+    """A registration entry under `agent` for this test process's uid; returns the SPIFFE ID.
+    `enforcer=True` for a proxy's entry: only then may it watch the agent's Enforcer API."""
     spiffe_id = f"spiffe://{TD}/{name}"
     args = ["entry", "create", "--spiffe-id", spiffe_id, "--parent-id", agent.node_id,
             "--selector", f"unix:uid:{os.getuid()}"]
     for flag, values in (("--group", groups), ("--scope", scopes), ("--dns", dns)):
         for v in values:
             args += [flag, v]
+    if enforcer:
+        args.append("--enforcer")
     server.admin(*args)
     return spiffe_id
 
@@ -188,7 +192,8 @@ class Workload:
 
 class Proxy:
     """A real `sigil proxy` process in agent mode: its serving SVID (`spiffe_id`, an entry with
-    `--dns localhost`) and the bundles come from the agent's Workload API."""
+    `--dns localhost` and `--enforcer`) and the bundles come from the agent's Workload API,
+    the revocations from its Enforcer API."""
 
     def __init__(self, server: Sigil, agent: Agent, root: Path, upstream: str, policy: str,
                  spiffe_id: str = f"spiffe://{TD}/proxy", mcp_path=None, extra=()):

@@ -101,7 +101,7 @@ def stack(tmp_path, monkeypatch):
     try:
         agent = Agent(server, tmp_path)
         parts.append(agent)
-        register(server, agent, "proxy", dns=["localhost"])
+        register(server, agent, "proxy", dns=["localhost"], enforcer=True)
         register(server, agent, "floor/camera", groups=["factory-floor"], scopes=["model:invoke"])
         model = demo_model(server, tmp_path)
         parts.append(model)

@@ -48,7 +48,7 @@ def test_metrics_of_server_agent_and_proxy(tmp_path, monkeypatch):
         agent = Agent(server, tmp_path)
         parts.append(agent)
         monkeypatch.delenv("SIGIL_METRICS_ADDR")
-        register(server, agent, "proxy", dns=["localhost"])
+        register(server, agent, "proxy", dns=["localhost"], enforcer=True)
         camera_id = register(server, agent, "floor/camera", groups=["factory-floor"],
                              scopes=["model:invoke"])
         model = demo_model(server, tmp_path)

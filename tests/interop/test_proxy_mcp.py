@@ -49,7 +49,7 @@ class Stack:
         try:
             self.agent = Agent(self.server, root)
             self.parts.append(self.agent)
-            register(self.server, self.agent, "proxy", dns=["localhost"])
+            register(self.server, self.agent, "proxy", dns=["localhost"], enforcer=True)
             register(self.server, self.agent, "floor/camera", groups=["factory-floor"],
                      scopes=["model:invoke"])
             register(self.server, self.agent, "office/assistant", groups=["office"],

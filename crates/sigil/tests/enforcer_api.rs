@@ -42,23 +42,41 @@ async fn enforcer_client(socket: &Path) -> EnforcerClient<Channel> {
     EnforcerClient::new(channel)
 }
 
-/// A server, an entry for this test process's uid, and an attested agent.
+/// A server, an enforcer entry for this test process's uid, and an attested agent.
 fn stack(tmp: &Path) -> (Server, Agent) {
+    let (s, a, _) = stack_with(tmp, true);
+    (s, a)
+}
+
+/// A server, an entry for this test process's uid (marked as an enforcer or not), and an
+/// attested agent; also the entry's ID.
+fn stack_with(tmp: &Path, enforcer: bool) -> (Server, Agent, String) {
     let s = Server::start(&tmp.join("srv"), &[]);
     let jt = s.sigil_json(&["jointoken", "create"]);
     let node = jt["node_id"].as_str().unwrap().to_owned();
-    s.sigil_json(&[
+    let proxy = id("proxy");
+    let uid = format!("unix:uid:{}", my_uid());
+    let mut args = vec![
         "entry",
         "create",
         "--spiffe-id",
-        &id("proxy"),
+        &proxy,
         "--parent-id",
         &node,
         "--selector",
-        &format!("unix:uid:{}", my_uid()),
-    ]);
+        &uid,
+    ];
+    if enforcer {
+        args.push("--enforcer");
+    }
+    let entry = s.sigil_json(&args);
+    assert_eq!(
+        entry["enforcer"].as_bool().unwrap_or(false),
+        enforcer,
+        "{entry}"
+    );
     let a = Agent::start(&s, &tmp.join("agent"), jt["token"].as_str());
-    (s, a)
+    (s, a, entry["id"].as_str().unwrap().to_owned())
 }
 
 /// Opens WatchRevocations once the agent has attested and synced (until then it answers
@@ -184,6 +202,104 @@ async fn revocations_reach_an_open_stream_and_survive_an_agent_restart_offline()
         got,
         [(String::new(), id("victim")), (serial, String::new())]
     );
+}
+
+/// Calls `f` until it fails with a PermissionDenied that names the enforcer flag (the agent
+/// may still be attesting or syncing: Unavailable, or no entry yet) — within 20 s.
+async fn until_not_an_enforcer<F, Fut, T>(a: &Agent, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match f().await {
+            Err(e)
+                if e.code() == tonic::Code::PermissionDenied
+                    && e.message()
+                        .contains("no registration entry marks this workload as an enforcer") =>
+            {
+                return;
+            }
+            other => assert!(
+                Instant::now() < deadline,
+                "{what}: still not refused as a non-enforcer: {:?}\n{}",
+                other.err(),
+                a.log_text()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads `stream` until it ends with an error (within 10 s), and returns it.
+async fn ended<T>(stream: &mut tonic::Streaming<T>) -> tonic::Status {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .expect("the stream did not end within 10 s")
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => return status,
+        }
+    }
+}
+
+/// The enforcer flag, end to end (admin CLI, store, node API, agent): a workload whose entry
+/// is not marked is refused both streams; marked (`entry update --enforcer`), it is served;
+/// unmarked again (`--no-enforcer`), its open streams end with PermissionDenied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_workloads_of_enforcer_entries_may_watch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, a, entry) = tokio::task::block_in_place(|| stack_with(tmp.path(), false));
+    let mut c = enforcer_client(&a.socket).await;
+    until_not_an_enforcer(&a, "WatchRevocations", || {
+        let mut c = c.clone();
+        async move {
+            c.watch_revocations(with_header(ep::WatchRevocationsRequest {}))
+                .await
+        }
+    })
+    .await;
+    until_not_an_enforcer(&a, "WatchPolicy", || {
+        let mut c = c.clone();
+        async move { c.watch_policy(with_header(ep::WatchPolicyRequest {})).await }
+    })
+    .await;
+
+    let shown =
+        tokio::task::block_in_place(|| s.sigil_json(&["entry", "update", &entry, "--enforcer"]));
+    assert_eq!(shown["enforcer"], true, "{shown}");
+    let (mut revocations, _) = watch(&a).await;
+    let mut policy = c
+        .watch_policy(with_header(ep::WatchPolicyRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Another update keeps the flag unless told otherwise.
+    let shown = tokio::task::block_in_place(|| {
+        s.sigil_json(&["entry", "update", &entry, "--dns", "localhost"])
+    });
+    assert_eq!(shown["enforcer"], true, "{shown}");
+
+    let shown =
+        tokio::task::block_in_place(|| s.sigil_json(&["entry", "update", &entry, "--no-enforcer"]));
+    assert!(shown.get("enforcer").is_none(), "{shown}");
+    for (what, err) in [
+        ("WatchRevocations", ended(&mut revocations).await),
+        ("WatchPolicy", ended(&mut policy).await),
+    ] {
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{what}: {err:?}");
+        assert!(err.message().contains("as an enforcer"), "{what}: {err:?}");
+    }
+    let err = c
+        .watch_revocations(with_header(ep::WatchRevocationsRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 }
 
 /// A caller no entry of the node matches (this test binary, re-run as `nobody`) is refused

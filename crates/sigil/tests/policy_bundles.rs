@@ -254,6 +254,7 @@ fn start_world(dir: &Path, before_proxy: impl FnOnce(&Server, &Path)) -> World {
         &format!("unix:uid:{}", common::my_uid()),
         "--dns",
         "localhost",
+        "--enforcer",
     ]);
     let agent = Agent::start(&s, &dir.join("agent"), jt["token"].as_str());
     let c = client(&s, "agent", &dir.join("client"));

@@ -901,6 +901,7 @@ fn proxy_takes_its_identity_from_the_agent_rotates_it_and_cuts_off_revoked_clien
         "localhost",
         "--x509-ttl",
         "60",
+        "--enforcer",
     ]);
     let agent = common::Agent::start(&s, &tmp.path().join("agent"), jt["token"].as_str());
     // TEST_POLICY lets spiffe://td.test/agent make plain HTTP calls.

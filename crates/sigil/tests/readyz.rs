@@ -69,6 +69,7 @@ fn proxy_readiness_follows_its_svid_through_an_authority_outage() {
         "localhost",
         "--x509-ttl",
         "60",
+        "--enforcer",
     ]);
     let agent = Agent::start(&s, &tmp.path().join("agent"), jt["token"].as_str());
     let up = Upstream::start();

@@ -78,6 +78,10 @@ pub struct EntryFlags {
     /// OAuth scope the workload may be granted (repeat for several).
     #[arg(long = "scope")]
     scopes: Vec<String>,
+    /// The workload is an enforcer (a `sigil proxy` sidecar): it may watch policy bundles
+    /// and revocations on its agent's Enforcer API.
+    #[arg(long)]
+    enforcer: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -98,6 +102,12 @@ pub struct EntryUpdateFlags {
     groups: Vec<String>,
     #[arg(long = "scope")]
     scopes: Vec<String>,
+    /// Mark the workload as an enforcer (may watch its agent's Enforcer API).
+    #[arg(long, conflicts_with = "no_enforcer")]
+    enforcer: bool,
+    /// Clear the enforcer mark.
+    #[arg(long)]
+    no_enforcer: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -240,7 +250,7 @@ fn list(v: &Value, k: &str) -> String {
 
 fn entry_text(e: &Value) -> String {
     format!(
-        "Entry ID   : {}\nSPIFFE ID  : {}\nParent ID  : {}\nSelectors  : {}\nX509 TTL   : {}s\nJWT TTL    : {}s\nDNS names  : {}\nGroups     : {}\nScopes     : {}\nRevision   : {}",
+        "Entry ID   : {}\nSPIFFE ID  : {}\nParent ID  : {}\nSelectors  : {}\nX509 TTL   : {}s\nJWT TTL    : {}s\nDNS names  : {}\nGroups     : {}\nScopes     : {}\nEnforcer   : {}\nRevision   : {}",
         s(e, "id"),
         s(e, "spiffe_id"),
         s(e, "parent_id"),
@@ -250,8 +260,14 @@ fn entry_text(e: &Value) -> String {
         list(e, "dns_names"),
         list(e, "groups"),
         list(e, "scopes"),
+        if is_enforcer(e) { "yes" } else { "no" },
         e.get("revision").unwrap_or(&Value::Null),
     )
+}
+
+/// An entry's `enforcer` flag (the API omits it when false).
+fn is_enforcer(e: &Value) -> bool {
+    e.get("enforcer").and_then(Value::as_bool).unwrap_or(false)
 }
 
 fn entries_text(v: &Value) -> String {
@@ -277,6 +293,9 @@ pub async fn entry(cmd: EntryCmd) -> anyhow::Result<()> {
             body.insert("dns_names".into(), json!(spec.dns_names));
             body.insert("groups".into(), json!(spec.groups));
             body.insert("scopes".into(), json!(spec.scopes));
+            if spec.enforcer {
+                body.insert("enforcer".into(), json!(true));
+            }
             if let Some(t) = spec.x509_ttl {
                 body.insert("x509_ttl_secs".into(), json!(t));
             }
@@ -310,6 +329,11 @@ pub async fn entry(cmd: EntryCmd) -> anyhow::Result<()> {
                 "dns_names": or_list(spec.dns_names, "dns_names"),
                 "groups": or_list(spec.groups, "groups"),
                 "scopes": or_list(spec.scopes, "scopes"),
+                "enforcer": if spec.enforcer {
+                    true
+                } else {
+                    !spec.no_enforcer && is_enforcer(&cur)
+                },
             });
             let v = c.call(Method::PUT, &path, Some(body)).await?;
             print(&opts, &v, entry_text);

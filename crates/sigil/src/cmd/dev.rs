@@ -148,21 +148,38 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             )
             .await?;
     }
-    // The sidecar proxy's own identity, served to it by the agent like to any workload.
+    // The sidecar proxy's own identity, served to it by the agent like to any workload; its
+    // entry marks it as an enforcer, so it may watch policy and revocations on the agent.
     let proxy_id = format!("spiffe://{DEV_TRUST_DOMAIN}/demo/proxy");
-    if !have(&proxy_id) {
-        admin
-            .call(
-                Method::POST,
-                "/v1/entries",
-                Some(json!({
-                    "spiffe_id": proxy_id,
-                    "parent_id": node_id,
-                    "selectors": [format!("unix:uid:{uid}")],
-                    "dns_names": ["localhost"],
-                })),
-            )
-            .await?;
+    let proxy_spec = json!({
+        "spiffe_id": proxy_id,
+        "parent_id": node_id,
+        "selectors": [format!("unix:uid:{uid}")],
+        "dns_names": ["localhost"],
+        "enforcer": true,
+    });
+    let old_proxy_entry = existing.as_array().and_then(|a| {
+        a.iter()
+            .find(|e| e.get("spiffe_id").and_then(|v| v.as_str()) == Some(proxy_id.as_str()))
+    });
+    match old_proxy_entry {
+        None => {
+            admin
+                .call(Method::POST, "/v1/entries", Some(proxy_spec))
+                .await?;
+        }
+        // Made by an older `sigil dev` (before entries could be enforcers): marked now.
+        Some(e) if e.get("enforcer").and_then(|v| v.as_bool()) != Some(true) => {
+            let id = e.get("id").and_then(|v| v.as_str()).unwrap_or_default();
+            admin
+                .call(
+                    Method::PUT,
+                    &format!("/v1/entries/{}", encode(id)),
+                    Some(proxy_spec),
+                )
+                .await?;
+        }
+        Some(_) => {}
     }
 
     // The demo model server (plain HTTP on loopback) and the proxy in front of it.
