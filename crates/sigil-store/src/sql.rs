@@ -116,6 +116,9 @@ async fn open_sqlite(path: &str) -> Result<AnyPool, StoreError> {
     create_private_file(Path::new(path)).map_err(sqlx::Error::Io)?;
     let pool = AnyPoolOptions::new()
         .max_connections(SQLITE_POOL_SIZE)
+        // An embedded database's connection cannot drop like a network one: no ping round
+        // trip to the connection's worker thread before every query.
+        .test_before_acquire(false)
         .after_connect(|conn, _meta| {
             Box::pin(async move {
                 // busy_timeout first, so switching the journal mode waits for other openers.
