@@ -1,7 +1,7 @@
 //! The node API (gRPC): join-token attestation, node SVID renewal, and signing of workload
 //! identities for the entries a node is the parent of.
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use sha2::{Digest, Sha256};
 use sigil_core::{EntryId, SpiffeId};
@@ -23,13 +23,24 @@ pub struct NodeApi {
     app: Arc<AppState>,
     /// The shared sync state, published by one refresher task (started by the first sync).
     shared: OnceLock<watch::Receiver<SharedState>>,
+    /// Consistency proofs already computed, by (old size, new size). The log only grows, so
+    /// a proof between two sizes never changes; after a change every agent asks for the
+    /// same one. Bounded: cleared when full.
+    proofs: Mutex<HashMap<(u64, u64), Proof>>,
 }
+
+/// A consistency proof's hashes (32 bytes each), shared.
+type Proof = Arc<Vec<Vec<u8>>>;
+
+/// Most consistency proofs [`NodeApi`] keeps.
+const MAX_CACHED_PROOFS: usize = 64;
 
 impl NodeApi {
     pub fn new(app: Arc<AppState>) -> Self {
         Self {
             app,
             shared: OnceLock::new(),
+            proofs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -185,7 +196,17 @@ struct SharedSync {
     policy_revision: i64,
     /// The latest policy bundle (envelope, revision), if `policy_revision > 0`.
     policy: Arc<(String, i64)>,
+    /// The SPIFFE IDs of evicted nodes, read on every refresh (an eviction notifies the
+    /// refresher). A stream whose node is listed confirms it from the store before it cuts
+    /// the node off, so a snapshot read before a re-attestation cannot cut off a node that
+    /// is no longer evicted.
+    evicted: Arc<HashSet<String>>,
+    /// The tree size `log_checkpoint` signs.
+    log_size: u64,
     log_checkpoint: Vec<u8>,
+    /// A consistency proof from the previous snapshot's tree size (most agents hold that
+    /// checkpoint) to `log_size`: `(0, [])` when there is none to give.
+    log_consistency: Arc<(u64, Vec<Vec<u8>>)>,
 }
 
 /// What the refresher last published: nothing yet, a snapshot, or a failed refresh (which
@@ -254,8 +275,37 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
             },
         ),
     };
+    let evicted = Arc::new(
+        app.store
+            .list_nodes()
+            .await
+            .map_err(|e| err(&e))?
+            .into_iter()
+            .filter(|n| n.evicted)
+            .map(|n| n.spiffe_id.as_str().to_owned())
+            .collect::<HashSet<_>>(),
+    );
     // After everything else was read, so the checkpoint covers what the updates say.
-    let log_checkpoint = app.tlog.checkpoint().await.map_err(|e| err(&e))?;
+    let (log_size, root) = app.tlog.head().await.map_err(|e| err(&e))?;
+    let log_checkpoint = app
+        .tlog
+        .sign_checkpoint(log_size, root)
+        .map_err(|e| err(&e))?;
+    let log_consistency = match prev {
+        Some(p) if p.log_size == log_size => p.log_consistency.clone(),
+        Some(p) if p.log_size > 0 && p.log_size < log_size => {
+            let proof = app
+                .tlog
+                .consistency_proof(p.log_size, log_size)
+                .await
+                .map_err(|e| err(&e))?;
+            Arc::new((
+                p.log_size,
+                proof.into_iter().map(|h| h.0.to_vec()).collect(),
+            ))
+        }
+        _ => Arc::new((0, Vec::new())),
+    };
     Ok(SharedSync {
         entries_revision,
         entries,
@@ -265,7 +315,10 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
         bundle_json: authorities.bundle_json.clone(),
         policy_revision,
         policy,
+        evicted,
+        log_size,
         log_checkpoint,
+        log_consistency,
     })
 }
 
@@ -284,8 +337,15 @@ async fn refresh_shared(
         // Marked seen before reading: a change made during the read triggers another round.
         changes.borrow_and_update();
         let Some(state) = app.upgrade() else { return };
+        let started = std::time::Instant::now();
         match read_shared(&state, prev.as_deref()).await {
             Ok(s) => {
+                tracing::debug!(
+                    elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    policy_revision = s.policy_revision,
+                    revocations_revision = s.revocations_revision,
+                    "sync state refreshed"
+                );
                 let s = Arc::new(s);
                 prev = Some(s.clone());
                 tx.send_replace(Some(Ok(s)));
@@ -304,34 +364,42 @@ async fn refresh_shared(
     }
 }
 
-/// Whether `node` must be cut off: evicted, unknown, or its SVID revoked. Read from the
-/// store by each stream on every refresh, so it is always current (and fails closed).
-/// The revocation query is skipped when `revoked_clear_at` (the revocations revision at
-/// which it last came back negative) is still current: every new revocation bumps that
-/// revision, and one only ever stops applying (it expires), never starts by itself.
+/// Whether `node` must be cut off: evicted, unknown, or its SVID revoked.
+///
+/// Decided from the shared snapshot, which the refresher re-reads after every change (an
+/// eviction or a revocation notifies it), so no stream queries the store on a change in
+/// the common case. A node the snapshot lists as evicted is confirmed from the store (it may
+/// have re-attested since the snapshot was read); an unknown node is cut off. The
+/// revocation check is the store's `is_revoked` rule applied to the snapshot's unexpired
+/// revocations: the SVID's serial, or its SPIFFE ID revoked at or after the SVID was issued.
+/// It is skipped while `revoked_clear_at` (the revocations revision at which it last came
+/// back negative) is still current: every new revocation bumps that revision, and one only
+/// ever stops applying (it expires), never starts by itself.
 async fn is_cut_off(
     app: &AppState,
+    s: &SharedSync,
     node: &SpiffeId,
     serial: &str,
     not_before: i64,
-    revocations_revision: i64,
     revoked_clear_at: &mut Option<i64>,
 ) -> Result<bool, Status> {
-    let now = app.clock.now();
-    let record = app.store.get_node(node).await.map_err(internal)?;
-    if record.as_ref().is_none_or(|n| n.evicted) {
-        return Ok(true);
+    if s.evicted.contains(node.as_str()) {
+        let record = app.store.get_node(node).await.map_err(internal)?;
+        if record.as_ref().is_none_or(|n| n.evicted) {
+            return Ok(true);
+        }
     }
-    if *revoked_clear_at == Some(revocations_revision) {
+    if *revoked_clear_at == Some(s.revocations_revision) {
         return Ok(false);
     }
-    let revoked = app
-        .store
-        .is_revoked(serial, node, not_before, now)
-        .await
-        .map_err(internal)?;
+    let now = app.clock.now();
+    let revoked = s.revocations.iter().any(|r| {
+        r.expires_at > now
+            && ((!r.serial.is_empty() && r.serial == serial)
+                || (r.spiffe_id == node.as_str() && r.revoked_at >= not_before))
+    });
     if !revoked {
-        *revoked_clear_at = Some(revocations_revision);
+        *revoked_clear_at = Some(s.revocations_revision);
     }
     Ok(revoked)
 }
@@ -371,6 +439,8 @@ fn sync_update(app: &AppState, s: &SharedSync, node: &SpiffeId, cut_off: bool) -
         evicted: false,
         policy_bundle: s.policy.0.clone(),
         policy_revision: s.policy.1,
+        log_consistency_from: s.log_consistency.0,
+        log_consistency_proof: s.log_consistency.1.clone(),
     }
 }
 
@@ -411,10 +481,10 @@ impl pb::node_server::Node for NodeApi {
                     Some(Ok(s)) => {
                         let cut_off = match is_cut_off(
                             &app,
+                            &s,
                             &node.spiffe_id,
                             &svid.serial,
                             svid.not_before,
-                            s.revocations_revision,
                             &mut revoked_clear_at,
                         )
                         .await
@@ -604,21 +674,36 @@ impl pb::node_server::Node for NodeApi {
     ) -> Result<Response<pb::ConsistencyProofResponse>, Status> {
         self.authenticate(&req).await?;
         let r = req.get_ref();
-        let (size, _) = self.app.tlog.head().await.map_err(internal)?;
-        if r.old_size > r.new_size || r.new_size > size {
-            return Err(Status::out_of_range(format!(
-                "sizes {}..{} are not within the log's {size} leaves",
-                r.old_size, r.new_size
-            )));
-        }
-        let proof = self
-            .app
-            .tlog
-            .consistency_proof(r.old_size, r.new_size)
-            .await
-            .map_err(internal)?;
+        let key = (r.old_size, r.new_size);
+        let cached = self.proofs.lock().ok().and_then(|m| m.get(&key).cloned());
+        let hashes = match cached {
+            Some(h) => h,
+            None => {
+                let (size, _) = self.app.tlog.head().await.map_err(internal)?;
+                if r.old_size > r.new_size || r.new_size > size {
+                    return Err(Status::out_of_range(format!(
+                        "sizes {}..{} are not within the log's {size} leaves",
+                        r.old_size, r.new_size
+                    )));
+                }
+                let proof = self
+                    .app
+                    .tlog
+                    .consistency_proof(r.old_size, r.new_size)
+                    .await
+                    .map_err(internal)?;
+                let h = Arc::new(proof.into_iter().map(|h| h.0.to_vec()).collect::<Vec<_>>());
+                if let Ok(mut m) = self.proofs.lock() {
+                    if m.len() >= MAX_CACHED_PROOFS {
+                        m.clear();
+                    }
+                    m.insert(key, h.clone());
+                }
+                h
+            }
+        };
         Ok(Response::new(pb::ConsistencyProofResponse {
-            hashes: proof.into_iter().map(|h| h.0.to_vec()).collect(),
+            hashes: hashes.as_ref().clone(),
         }))
     }
 

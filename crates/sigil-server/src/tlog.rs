@@ -245,6 +245,11 @@ impl TransparencyLog {
     /// A signed checkpoint of the current tree.
     pub async fn checkpoint(&self) -> Result<Vec<u8>, ServerError> {
         let (size, root) = self.head().await?;
+        self.sign_checkpoint(size, root)
+    }
+
+    /// A signed checkpoint of the tree of `size` leaves with root `root` (from [`Self::head`]).
+    pub fn sign_checkpoint(&self, size: u64, root: Hash) -> Result<Vec<u8>, ServerError> {
         self.key
             .sign_checkpoint(size, root)
             .map_err(|e| ServerError::Internal(e.to_string()))
