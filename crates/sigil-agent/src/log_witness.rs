@@ -54,6 +54,9 @@ pub struct LogWitness {
     vkey: Option<String>,
     held: Option<(VerifiedCheckpoint, Vec<u8>)>,
     split_view: Option<SplitView>,
+    /// The last note [`Self::verify`] accepted (its bytes, the key it verified with, and
+    /// the result), so `offer` then `finish` of one update check its signature once.
+    verified: Option<(Vec<u8>, String, VerifiedCheckpoint)>,
 }
 
 impl LogWitness {
@@ -71,6 +74,7 @@ impl LogWitness {
             vkey: Some(f.vkey),
             held: Some((cp, note)),
             split_view: None,
+            verified: None,
         })
     }
 
@@ -106,8 +110,17 @@ impl LogWitness {
                 "the server names key {key:?}, pinned is {pinned:?}"
             ))));
         }
-        verify_checkpoint(note, &pinned)
-            .map_err(|e| self.refuse(SplitView::OtherKey(e.to_string())))
+        // The same bytes under the same key verify the same way: check the signature once.
+        if let Some((n, k, cp)) = &self.verified
+            && n.as_slice() == note
+            && *k == pinned
+        {
+            return Ok(cp.clone());
+        }
+        let cp = verify_checkpoint(note, &pinned)
+            .map_err(|e| self.refuse(SplitView::OtherKey(e.to_string())))?;
+        self.verified = Some((note.to_vec(), pinned, cp.clone()));
+        Ok(cp)
     }
 
     /// Offers the checkpoint of a sync update (`key`: the log key the update names).

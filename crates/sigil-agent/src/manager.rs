@@ -43,6 +43,11 @@ pub struct Snapshot {
     /// The signed policy bundle in force (verified; persisted; never an older revision than
     /// one accepted before), served verbatim to local enforcers. `None` until one is known.
     pub policy: Option<Arc<VerifiedBundle>>,
+    /// When `policy` was last replaced (monotonic clock): the moment a new bundle came into
+    /// force here, for `sigil bench propagation` and freshness checks.
+    pub policy_changed_at: Option<std::time::Instant>,
+    /// When `revocations` was last replaced.
+    pub revocations_changed_at: Option<std::time::Instant>,
 }
 
 /// Why the manager stopped for good.
@@ -204,6 +209,9 @@ impl Manager {
             attesting: !serving && cfg.join_token.is_some(),
             revocations,
             policy: policy.current(),
+            // From the cache: in force since the agent started.
+            policy_changed_at: None,
+            revocations_changed_at: None,
         };
 
         let witness = match cache.load_log_witness() {
@@ -253,7 +261,15 @@ impl Manager {
     /// Checks the checkpoint of a sync update against the held one (fetching a consistency
     /// proof when the size moved), persists an accepted one, and refuses a split view loudly.
     /// Never fails the sync: the old checkpoint is kept.
-    async fn witness_checkpoint(&self, c: &mut NodeClient<Channel>, note: &[u8], key: &str) {
+    /// `given`: the proof the update carried (from which tree size), used instead of a fetch
+    /// when it is the one needed.
+    async fn witness_checkpoint(
+        &self,
+        c: &mut NodeClient<Channel>,
+        note: &[u8],
+        key: &str,
+        given: (u64, &[Vec<u8>]),
+    ) {
         use crate::log_witness::Offer as LogOffer;
         let offer = match self.witness.lock() {
             Ok(mut w) => w.offer(note, key),
@@ -262,17 +278,21 @@ impl Manager {
         let changed = match offer {
             Ok(LogOffer::Done { changed }) => Ok(changed),
             Ok(LogOffer::NeedProof { old, new }) => {
-                let proof = c
-                    .get_consistency_proof(pb::ConsistencyProofRequest {
-                        old_size: old,
-                        new_size: new,
-                    })
-                    .await;
-                let proof = match proof {
-                    Ok(r) => r.into_inner().hashes,
-                    Err(s) => {
-                        tracing::warn!(old, new, error = %s.message(), "could not fetch a log consistency proof; keeping the held checkpoint");
-                        return;
+                let proof = if given.0 == old && old > 0 && !given.1.is_empty() {
+                    given.1.to_vec()
+                } else {
+                    let fetched = c
+                        .get_consistency_proof(pb::ConsistencyProofRequest {
+                            old_size: old,
+                            new_size: new,
+                        })
+                        .await;
+                    match fetched {
+                        Ok(r) => r.into_inner().hashes,
+                        Err(s) => {
+                            tracing::warn!(old, new, error = %s.message(), "could not fetch a log consistency proof; keeping the held checkpoint");
+                            return;
+                        }
                     }
                 };
                 let hashes: Option<Vec<sigil_log::Hash>> = proof
@@ -345,7 +365,10 @@ impl Manager {
                     policies = b.content.policies.len(),
                     "policy bundle accepted"
                 );
-                self.snapshot.send_modify(|s| s.policy = Some(b));
+                self.snapshot.send_modify(|s| {
+                    s.policy = Some(b);
+                    s.policy_changed_at = Some(std::time::Instant::now());
+                });
                 Ok(true)
             }
         }
@@ -614,9 +637,12 @@ impl Manager {
         c: &mut NodeClient<Channel>,
         u: pb::SyncUpdate,
     ) -> Result<(), String> {
+        tracing::debug!(
+            policy_revision = u.policy_revision,
+            revocations_revision = u.revocations_revision,
+            "sync update received"
+        );
         self.apply_bundle_json(&u.bundle_json).await?;
-        self.witness_checkpoint(c, &u.log_checkpoint, &u.log_key)
-            .await;
         if !u.policy_bundle.is_empty()
             && let Err(e) = self.offer_policy(&u.policy_bundle).await
         {
@@ -688,8 +714,16 @@ impl Manager {
             s.svids = Arc::new(svids);
             if revocations_changed {
                 s.revocations = Some(Arc::new(revocations));
+                s.revocations_changed_at = Some(std::time::Instant::now());
             }
         });
+        // After the policy and revocations are in force: witnessing the log checkpoint (a
+        // signature check, maybe a round trip for a consistency proof) must not delay them,
+        // nor, on a busy runtime, the other agents' tasks still applying this change.
+        tokio::task::yield_now().await;
+        let given = (u.log_consistency_from, u.log_consistency_proof.as_slice());
+        self.witness_checkpoint(c, &u.log_checkpoint, &u.log_key, given)
+            .await;
         self.reconcile(c).await?;
         Ok(())
     }
@@ -793,6 +827,7 @@ impl Manager {
                     let mut r = (**r).clone();
                     r.drop_expired(now);
                     s.revocations = Some(Arc::new(r));
+                    s.revocations_changed_at = Some(std::time::Instant::now());
                     changed = true;
                 }
                 if s.svids.values().any(|v| v.not_after <= now) {
