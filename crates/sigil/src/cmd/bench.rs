@@ -8,9 +8,11 @@
 //! Workload and Enforcer APIs serve): a policy change is active at an agent once its verified
 //! bundle has a revision ≥ the pushed one (revisions are monotonic, so an agent may skip an
 //! intermediate revision when changes come faster than delivery); a revocation is active once
-//! the agent's revocation list holds the revoked ID. Timestamps are taken by one watcher task
-//! per agent when it wakes on the snapshot change, so they include that wake-up delay
-//! (conservative).
+//! the agent's revocation list holds the revoked ID. The time is the one the agent stamped in
+//! the snapshot as it published it (`policy_changed_at`, `revocations_changed_at`): the
+//! moment its Workload and Enforcer APIs started serving the change, after it was verified
+//! and persisted. (One watcher task per agent reads the snapshots; on a busy 2-core runtime
+//! it may wake long after the agent published, which is not propagation time.)
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -148,19 +150,23 @@ fn watch_agent(
     tokio::spawn(async move {
         let mut last_list: Option<Arc<sigil_agent::RevocationList>> = None;
         loop {
-            let (policy, list) = {
+            let (policy, policy_at, list, list_at) = {
                 let s = rx.borrow_and_update();
                 (
                     s.policy
                         .as_ref()
                         .map(|b| i64::try_from(b.content.revision).unwrap_or(i64::MAX)),
+                    s.policy_changed_at,
                     s.revocations.clone(),
+                    s.revocations_changed_at,
                 )
             };
-            let at = Instant::now();
+            // When the agent put the change in force (stamped by the agent as it published
+            // the snapshot), not when this watcher task got to run.
+            let now = Instant::now();
             let mut changed = false;
             if let Some(r) = policy {
-                changed |= record(&obs.policy, &obs.policy_log, r, at);
+                changed |= record(&obs.policy, &obs.policy_log, r, policy_at.unwrap_or(now));
             }
             let same = match (&list, &last_list) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -178,7 +184,7 @@ fn watch_agent(
                         &obs.revoked,
                         &obs.revoked_log,
                         i64::try_from(n).unwrap_or(i64::MAX),
-                        at,
+                        list_at.unwrap_or(now),
                     );
                 }
                 last_list = list;
@@ -244,6 +250,8 @@ struct KindReport {
     first_agent_p50_ms: f64,
     /// The admin call itself (push start → response), median (ms).
     push_call_p50_ms: f64,
+    /// Push start → last agent active for each delivered change, in push order (ms).
+    latencies_ms: Vec<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -318,6 +326,7 @@ fn summarize(
             }
         }
     }
+    r.latencies_ms = last.clone();
     let pairs = (mine.len() * observed.len()).max(1) as f64;
     r.delivered_fraction = r.delivered as f64 / (mine.len().max(1)) as f64;
     r.agent_deliveries_fraction = r.agent_deliveries as f64 / pairs;
@@ -532,6 +541,23 @@ async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
         .await,
         "warm-up: the first policy bundle did not reach every agent within {timeout:?}"
     );
+    // Then let the fleet settle: agents that joined at different times each fetch their own
+    // log consistency proof on this first update; measuring starts once every agent holds
+    // the same log checkpoint (or after the timeout).
+    let settle_deadline = Instant::now() + timeout;
+    loop {
+        let sizes: Vec<Option<u64>> = agents
+            .iter()
+            .map(|a| a.manager.log_checkpoint().map(|(size, _)| size))
+            .collect();
+        let settled = sizes
+            .first()
+            .is_some_and(|first| first.is_some() && sizes.iter().all(|s| s == first));
+        if settled || Instant::now() >= settle_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let setup_secs = setup_start.elapsed().as_secs_f64();
 
     let run_start = Instant::now();
