@@ -1,7 +1,12 @@
 //! The on-disk cache that lets the agent serve through outages and restarts: node identity,
 //! trust bundle, entries, workload SVIDs and the revocation list, each file 0600 and replaced
-//! atomically.
+//! atomically. The files rewritten on every change pushed by the server, the revocation list
+//! (`revocations.slots`) and the log witness (`log.slots`), are two-slot files
+//! ([`crate::slotfile`]): one in-place write and one flush per change instead of a temp +
+//! rename replace. Their previous files (`revocations.json`, `log.json`) are still read when
+//! the slot file does not exist, and removed after the first write.
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -9,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sigil_core::{EntryId, RegistrationEntry, SpiffeId, UnixTime};
 
 use crate::revocation::RevocationList;
+use crate::slotfile::SlotFile;
 
 /// An X.509-SVID with its private key (DER chain leaf first, PKCS#8 DER key).
 #[derive(Clone, PartialEq, Eq)]
@@ -108,13 +114,99 @@ pub enum CacheError {
 #[derive(Debug, Clone)]
 pub struct Cache {
     dir: PathBuf,
+    revocations: Arc<Slotted>,
+    log: Arc<Slotted>,
 }
 
 const NODE: &str = "node.json";
 const BUNDLE: &str = "bundle.json";
 const STATE: &str = "state.json";
-const REVOCATIONS: &str = "revocations.json";
-const LOG: &str = "log.json";
+const REVOCATIONS: &str = "revocations.slots";
+const LOG: &str = "log.slots";
+/// The files [`REVOCATIONS`] and [`LOG`] replace (read if those do not exist).
+const LEGACY_REVOCATIONS: &str = "revocations.json";
+const LEGACY_LOG: &str = "log.json";
+
+/// A two-slot cache file, opened at the first load or write; the mutex serializes writes
+/// from the clones of the [`Cache`].
+#[derive(Debug)]
+struct Slotted {
+    name: &'static str,
+    /// The file it replaces.
+    legacy: &'static str,
+    open: Mutex<SlotState>,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    file: Option<SlotFile>,
+    /// The legacy file is known to be gone.
+    legacy_gone: bool,
+}
+
+impl Slotted {
+    fn new(name: &'static str, legacy: &'static str) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            legacy,
+            open: Mutex::new(SlotState::default()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        // A panic while holding it cannot leave the file half-updated in memory (the state
+        // is replaced only after a write succeeds).
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The newest record: the slot file's, or the legacy file's if there is no slot file.
+    fn load(&self, dir: &Path) -> Result<Option<Vec<u8>>, CacheError> {
+        let mut st = self.lock();
+        st.file = None;
+        match SlotFile::open(&dir.join(self.name))? {
+            Some((f, payload)) => {
+                st.file = Some(f);
+                Ok(payload)
+            }
+            None => match std::fs::read(dir.join(self.legacy)) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    st.legacy_gone = true;
+                    Ok(None)
+                }
+                Err(e) => Err(CacheError::Io(format!("reading {}: {e}", self.legacy))),
+            },
+        }
+    }
+
+    /// Durably stores `data` (one slot write and one flush), then removes the legacy file.
+    fn save(&self, dir: &Path, data: &[u8]) -> Result<(), CacheError> {
+        let mut st = self.lock();
+        let f = match &mut st.file {
+            Some(f) => f,
+            None => {
+                let (f, _) = SlotFile::open_or_create(&dir.join(self.name), data.len() * 2)?;
+                st.file.insert(f)
+            }
+        };
+        f.write(data)?;
+        if !st.legacy_gone {
+            match std::fs::remove_file(dir.join(self.legacy)) {
+                Ok(()) => st.legacy_gone = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => st.legacy_gone = true,
+                Err(e) => {
+                    tracing::warn!(file = self.legacy, error = %e, "could not remove a previous cache file")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the open file (it is being moved aside).
+    fn close(&self) {
+        self.lock().file = None;
+    }
+}
 
 impl Cache {
     /// Opens (creating, mode 0700) the cache directory.
@@ -127,6 +219,8 @@ impl Cache {
             .map_err(|e| CacheError::Io(format!("creating {}: {e}", dir.display())))?;
         Ok(Self {
             dir: dir.to_owned(),
+            revocations: Slotted::new(REVOCATIONS, LEGACY_REVOCATIONS),
+            log: Slotted::new(LOG, LEGACY_LOG),
         })
     }
 
@@ -138,8 +232,24 @@ impl Cache {
         }
     }
 
-    /// Moves a corrupt file aside (kept for inspection) so it is not read again.
+    /// Moves a corrupt file aside (kept for inspection) so it is not read again. For a
+    /// two-slot file, its previous file too (whichever was read).
     pub fn quarantine(&self, name: &str) {
+        for s in [&self.revocations, &self.log] {
+            if name == s.name {
+                s.close();
+                if self.dir.join(s.legacy).exists() {
+                    self.move_aside(s.legacy);
+                }
+                if !self.dir.join(s.name).exists() {
+                    return;
+                }
+            }
+        }
+        self.move_aside(name);
+    }
+
+    fn move_aside(&self, name: &str) {
         let from = self.dir.join(name);
         let to = self.dir.join(format!("{name}.corrupt"));
         if let Err(e) = std::fs::rename(&from, &to) {
@@ -208,7 +318,7 @@ impl Cache {
 
     /// The cached revocation list, as received (the caller drops expired entries).
     pub fn load_revocations(&self) -> Result<Option<RevocationList>, CacheError> {
-        let Some(bytes) = self.read(REVOCATIONS)? else {
+        let Some(bytes) = self.revocations.load(&self.dir)? else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)
@@ -216,20 +326,24 @@ impl Cache {
             .map_err(|e| CacheError::Corrupt(format!("{REVOCATIONS}: {e}")))
     }
 
+    /// Durable when it returns (one slot write, one flush).
     pub fn save_revocations(&self, list: &RevocationList) -> Result<(), CacheError> {
-        self.write(REVOCATIONS, list)
+        let bytes = serde_json::to_vec(list)
+            .map_err(|e| CacheError::Io(format!("encoding {REVOCATIONS}: {e}")))?;
+        self.revocations.save(&self.dir, &bytes)
     }
 
     /// The last verified transparency-log checkpoint and the pinned key (see `log_witness`).
     pub fn load_log_witness(&self) -> Result<Option<Vec<u8>>, CacheError> {
-        self.read(LOG)
+        self.log.load(&self.dir)
     }
 
+    /// Durable when it returns (one slot write, one flush).
     pub fn save_log_witness(&self, data: &[u8]) -> Result<(), CacheError> {
-        write_atomic(&self.dir.join(LOG), data)
+        self.log.save(&self.dir, data)
     }
 
-    /// Runs blocking cache I/O (the fsyncs of [`write_atomic`]) on tokio's blocking pool, so
+    /// Runs blocking cache I/O (the flushes of [`write_atomic`] and of the slot files) on tokio's blocking pool, so
     /// an agent waiting on its disk does not stall the async worker thread and every task
     /// queued on it. It completes when `f` has: a write awaited here is durable, so callers
     /// keep "persist, then publish".
@@ -347,9 +461,94 @@ mod tests {
             }],
         };
         c.save_revocations(&l).unwrap();
-        assert_eq!(c.load_revocations().unwrap(), Some(l));
+        assert_eq!(c.load_revocations().unwrap(), Some(l.clone()));
+        // Another handle on the directory (a restart).
+        let c2 = Cache::open(dir.path()).unwrap();
+        assert_eq!(c2.load_revocations().unwrap(), Some(l));
         std::fs::write(dir.path().join(REVOCATIONS), b"[1,").unwrap();
         assert!(matches!(c.load_revocations(), Err(CacheError::Corrupt(_))));
+        c.quarantine(REVOCATIONS);
+        assert!(dir.path().join("revocations.slots.corrupt").exists());
+        assert!(c.load_revocations().unwrap().is_none());
+    }
+
+    fn list(revision: i64) -> RevocationList {
+        RevocationList {
+            revision,
+            revoked: vec![],
+        }
+    }
+
+    #[test]
+    fn slot_files_survive_a_torn_write_and_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path()).unwrap();
+        // Clones (the blocking tasks) share one open file: the writes alternate slots.
+        for r in 1..=4 {
+            c.clone().save_revocations(&list(r)).unwrap();
+        }
+        c.save_log_witness(b"witness 1").unwrap();
+        c.save_log_witness(b"witness 2").unwrap();
+        for name in [REVOCATIONS, LOG] {
+            let mode = std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
+        // Tear the newest record of each: the previous one is loaded.
+        for (name, needle) in [
+            (REVOCATIONS, b"\"revision\":4".as_slice()),
+            (LOG, b"witness 2".as_slice()),
+        ] {
+            let path = dir.path().join(name);
+            let mut b = std::fs::read(&path).unwrap();
+            let at = b.windows(needle.len()).position(|w| w == needle).unwrap();
+            b[at + needle.len() - 1] ^= 0x01;
+            std::fs::write(&path, b).unwrap();
+        }
+        let c = Cache::open(dir.path()).unwrap();
+        assert_eq!(c.load_revocations().unwrap(), Some(list(3)));
+        assert_eq!(c.load_log_witness().unwrap().unwrap(), b"witness 1");
+        // Writing goes on into the torn slot.
+        c.save_revocations(&list(5)).unwrap();
+        c.save_log_witness(b"witness 3").unwrap();
+        let c = Cache::open(dir.path()).unwrap();
+        assert_eq!(c.load_revocations().unwrap(), Some(list(5)));
+        assert_eq!(c.load_log_witness().unwrap().unwrap(), b"witness 3");
+    }
+
+    #[test]
+    fn the_previous_files_are_read_then_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(LEGACY_REVOCATIONS),
+            serde_json::to_vec(&list(7)).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(LEGACY_LOG), b"old witness").unwrap();
+        let c = Cache::open(dir.path()).unwrap();
+        assert_eq!(c.load_revocations().unwrap(), Some(list(7)));
+        assert_eq!(c.load_log_witness().unwrap().unwrap(), b"old witness");
+        c.save_revocations(&list(8)).unwrap();
+        c.save_log_witness(b"new witness").unwrap();
+        assert!(!dir.path().join(LEGACY_REVOCATIONS).exists());
+        assert!(!dir.path().join(LEGACY_LOG).exists());
+        let c = Cache::open(dir.path()).unwrap();
+        assert_eq!(c.load_revocations().unwrap(), Some(list(8)));
+        assert_eq!(c.load_log_witness().unwrap().unwrap(), b"new witness");
+
+        // A corrupt previous file is quarantined under its own name.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(LEGACY_REVOCATIONS), b"[1,").unwrap();
+        let c = Cache::open(dir.path()).unwrap();
+        assert!(matches!(c.load_revocations(), Err(CacheError::Corrupt(_))));
+        c.quarantine(Cache::REVOCATIONS_FILE);
+        assert!(dir.path().join("revocations.json.corrupt").exists());
+        assert!(c.load_revocations().unwrap().is_none());
+        c.save_revocations(&list(1)).unwrap();
+        assert_eq!(c.load_revocations().unwrap(), Some(list(1)));
     }
 
     #[test]

@@ -522,10 +522,10 @@ mod tests {
         assert_eq!(m.revision, 3);
         // Persisted for offline use and across restarts.
         let cache = f.mgr_dir().join("cache");
-        let rec: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(cache.join(crate::policy::REVISION_FILE)).unwrap(),
-        )
-        .unwrap();
+        let (_, rec) = crate::slotfile::SlotFile::open(&cache.join(crate::policy::STATE_FILE))
+            .unwrap()
+            .unwrap();
+        let rec: serde_json::Value = serde_json::from_slice(&rec.unwrap()).unwrap();
         assert_eq!(rec["revision"], 3);
         assert_eq!(rec["envelope"], r3.as_str());
     }
@@ -565,16 +565,24 @@ mod tests {
         let serials: Vec<&str> = got.revoked.iter().map(|r| r.serial.as_str()).collect();
         assert_eq!(serials, ["live"]);
 
-        // A corrupt file is moved aside, and no list is assumed.
-        std::fs::write(dir.path().join("cache").join("revocations.json"), b"{").unwrap();
-        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(NOW));
-        let mgr = Manager::load(config(dir.path()), clock).unwrap();
-        assert!(mgr.subscribe().borrow().revocations.is_none());
-        assert!(
-            dir.path()
-                .join("cache")
-                .join("revocations.json.corrupt")
-                .exists()
-        );
+        // A corrupt file is moved aside, and no list is assumed: the slot file, or the
+        // previous layout's file.
+        let file = crate::cache::Cache::REVOCATIONS_FILE;
+        for (name, bytes) in [
+            (file, b"SGLSLOTF garbage".as_slice()),
+            ("revocations.json", b"{"),
+        ] {
+            std::fs::write(dir.path().join("cache").join(name), bytes).unwrap();
+            let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(NOW));
+            let mgr = Manager::load(config(dir.path()), clock).unwrap();
+            assert!(mgr.subscribe().borrow().revocations.is_none(), "{name}");
+            assert!(
+                dir.path()
+                    .join("cache")
+                    .join(format!("{name}.corrupt"))
+                    .exists(),
+                "{name}"
+            );
+        }
     }
 }

@@ -17,6 +17,7 @@ mod metrics;
 mod peer;
 pub mod policy;
 mod revocation;
+pub mod slotfile;
 
 mod tls;
 mod workload_api;

@@ -41,7 +41,7 @@ pub enum Offer {
     NeedProof { old: u64, new: u64 },
 }
 
-/// The persisted form (`log.json` in the cache).
+/// The persisted form (the record of `log.slots` in the cache; `log.json` before).
 #[derive(Serialize, Deserialize)]
 struct WitnessFile {
     vkey: String,

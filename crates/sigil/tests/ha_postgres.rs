@@ -138,8 +138,10 @@ impl HaAgent {
 }
 
 fn revision_in(dir: &Path) -> i64 {
-    std::fs::read(dir.join("cache").join("policy-revision.json"))
+    sigil_agent::slotfile::SlotFile::open(&dir.join("cache").join("policy-state.slots"))
         .ok()
+        .flatten()
+        .and_then(|(_, b)| b)
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v["revision"].as_i64())
         .unwrap_or(0)

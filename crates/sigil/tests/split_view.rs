@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::{Agent, Server, TD};
 use sigil_agent::log_witness::{LogWitness, Offer, SplitView};
+use sigil_agent::slotfile::SlotFile;
 use sigil_log::{LogKey, MemoryTree, verify_checkpoint};
 
 fn find_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
@@ -39,8 +40,13 @@ fn find_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
     None
 }
 
+/// The agent's persisted witness state (`cache/log.slots`, its newest record).
+fn witness_file(agent_dir: &Path) -> Option<Vec<u8>> {
+    SlotFile::open(&agent_dir.join("cache/log.slots")).ok()??.1
+}
+
 fn held(agent_dir: &Path) -> Option<(String, u64)> {
-    let f = std::fs::read(agent_dir.join("cache/log.json")).ok()?;
+    let f = witness_file(agent_dir)?;
     let v: serde_json::Value = serde_json::from_slice(&f).ok()?;
     let note = v["checkpoint"].as_str()?.to_owned();
     let size = note.lines().nth(1)?.parse().ok()?;
@@ -70,8 +76,7 @@ fn agent_follows_the_log_and_refuses_a_forked_checkpoint() {
     wait_for("a held checkpoint", || held(&dir).is_some());
     let (note, size0) = held(&dir).unwrap();
     verify_checkpoint(note.as_bytes(), log_key.vkey()).unwrap();
-    let pinned: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("cache/log.json")).unwrap()).unwrap();
+    let pinned: serde_json::Value = serde_json::from_slice(&witness_file(&dir).unwrap()).unwrap();
     assert_eq!(pinned["vkey"].as_str().unwrap(), log_key.vkey());
 
     // An admin change (a logged leaf) wakes the sync stream: the agent moves forward, with a
@@ -106,7 +111,11 @@ fn agent_follows_the_log_and_refuses_a_forked_checkpoint() {
         "vkey": log_key.vkey(),
         "checkpoint": String::from_utf8(forked.clone()).unwrap(),
     });
-    std::fs::write(dir.join("cache/log.json"), file.to_string()).unwrap();
+    let (mut f, _) = SlotFile::open(&dir.join("cache/log.slots"))
+        .unwrap()
+        .unwrap();
+    f.write(file.to_string().as_bytes()).unwrap();
+    drop(f);
     a.restart();
     s.sigil_json(&[
         "entry",
