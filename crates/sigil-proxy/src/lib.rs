@@ -28,6 +28,7 @@ pub use audit::{AuditError, Scan as AuditScan, read_records, scan as scan_audit}
 pub use config::ProxyConfig;
 pub use credentials::Credentials;
 pub use ratelimit::LimitSettings;
+pub use revocation::Revocations;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,9 +47,21 @@ pub struct RunningProxy {
     /// The bound metrics listener address, if `metrics_addr` is set.
     pub metrics_addr: Option<SocketAddr>,
     task: JoinHandle<()>,
+    creds: Arc<ArcSwap<Credentials>>,
+    policies: Arc<ArcSwap<sigil_policy::PolicyEngine>>,
 }
 
 impl RunningProxy {
+    /// The revision of the signed policy bundle in force (`policy_source = "agent"`), if any.
+    pub fn policy_revision(&self) -> Option<u64> {
+        self.policies.load().bundle().map(|(revision, _)| revision)
+    }
+
+    /// The revocation list in force (empty when run standalone from files).
+    pub fn revocations(&self) -> Arc<Revocations> {
+        self.creds.load().revoked.clone()
+    }
+
     /// Stops accepting.
     pub fn shutdown(self) {
         self.task.abort();
@@ -116,6 +129,7 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         cfg.limit_settings(),
     )));
     let policies = policy::start(&cfg, clock.clone(), limits.clone())?;
+    let (handle_creds, handle_policies) = (creds.clone(), policies.clone());
     // Traces (stopped with the accept loop).
     let (tracer, trace_task) = match cfg.trace_config().map_err(anyhow::Error::msg)? {
         Some(t) => {
@@ -200,5 +214,7 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         addr,
         metrics_addr,
         task,
+        creds: handle_creds,
+        policies: handle_policies,
     })
 }

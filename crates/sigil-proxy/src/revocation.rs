@@ -44,6 +44,11 @@ impl Revocations {
                 .is_some_and(|at| svid.not_before <= *at)
     }
 
+    /// The SPIFFE IDs revoked as a whole (every SVID issued up to the revocation).
+    pub fn revoked_ids(&self) -> impl Iterator<Item = &str> {
+        self.ids.keys().map(String::as_str)
+    }
+
     /// How many revocations are in force.
     pub fn len(&self) -> usize {
         self.serials.len() + self.ids.len()

@@ -50,7 +50,9 @@ pub struct PropagationArgs {
     /// Number of revocations to push.
     #[arg(long, default_value_t = 0)]
     pub revocations: usize,
-    /// Proxies to start (not implemented: must be 0).
+    /// In-process `sigil proxy` sidecars to start (at most one per agent): proxy i takes
+    /// its identity, signed policy bundles and revocations from agent i's Workload API
+    /// socket (`policy_source = "agent"`), as on a device.
     #[arg(long, default_value_t = 0)]
     pub proxies: usize,
     /// Milliseconds between pushes. Unset: each change is pushed once the previous one is
@@ -269,6 +271,11 @@ struct Report {
     run_secs: f64,
     policy: KindReport,
     revocation: KindReport,
+    /// The same, at the proxies (push start → the last proxy enforcing it), when started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proxy_policy: Option<KindReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proxy_revocation: Option<KindReport>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -461,12 +468,134 @@ async fn start_agent(
     }
 }
 
+/// A started in-process proxy; aborted (its tasks dropped) at the end of the run.
+struct BenchProxy(Option<sigil_proxy::RunningProxy>);
+
+impl BenchProxy {
+    fn get(&self) -> Option<&sigil_proxy::RunningProxy> {
+        self.0.as_ref()
+    }
+}
+
+/// Stops a bench proxy's accept loop.
+fn stop_proxy(p: &Mutex<BenchProxy>) {
+    if let Ok(mut p) = p.lock()
+        && let Some(p) = p.0.take()
+    {
+        p.shutdown();
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// Registers an enforcer entry for one proxy under each of the first `n` agents' nodes and
+/// starts the proxies against those agents' sockets (each waits for its SVID and bundles
+/// from its agent, like `sigil proxy --workload-api-socket`).
+async fn start_proxies(
+    admin: &AdminClient,
+    agents: &[sigil_agent::RunningAgent],
+    n: usize,
+    dir: &Path,
+) -> anyhow::Result<Vec<Arc<Mutex<BenchProxy>>>> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self")?.uid();
+    let mut ids = Vec::with_capacity(n);
+    for (i, agent) in agents.iter().take(n).enumerate() {
+        let node = agent
+            .manager
+            .node_id()
+            .context("an agent without a node identity")?;
+        let id = format!("spiffe://{BENCH_TRUST_DOMAIN}/bench/proxy/{i}");
+        admin
+            .call(
+                Method::POST,
+                "/v1/entries",
+                Some(json!({
+                    "spiffe_id": id,
+                    "parent_id": node.to_string(),
+                    "selectors": [format!("unix:uid:{uid}")],
+                    "enforcer": true,
+                })),
+            )
+            .await?;
+        ids.push(id);
+    }
+    let mut out = Vec::with_capacity(n);
+    for (i, (agent, id)) in agents.iter().zip(ids).enumerate() {
+        let pdir = dir.join("p").join(i.to_string());
+        std::fs::create_dir_all(&pdir)?;
+        let cfg: sigil_proxy::ProxyConfig = toml::from_str(&format!(
+            "trust_domain = {td}\nlisten_addr = \"127.0.0.1:0\"\n\
+             upstream = \"http://127.0.0.1:9\"\naudience = \"bench\"\n\
+             issuer = \"https://bench.invalid\"\nworkload_api_socket = {sock}\n\
+             spiffe_id = {id}\npolicy_source = \"agent\"\naudit_log = {audit}\n",
+            td = toml_str(BENCH_TRUST_DOMAIN),
+            sock = toml_str(&format!("unix://{}", agent.socket.display())),
+            id = toml_str(&id),
+            audit = toml_str(&pdir.join("audit.log").display().to_string()),
+        ))
+        .context("bench proxy configuration")?;
+        let p = tokio::time::timeout(
+            Duration::from_secs(60),
+            sigil_proxy::start(cfg, Arc::new(SystemClock)),
+        )
+        .await
+        .context("a proxy did not get its identity from its agent within 60 s")??;
+        out.push(Arc::new(Mutex::new(BenchProxy(Some(p)))));
+    }
+    Ok(out)
+}
+
+/// Polls every proxy's policy revision and revocation list each millisecond (the proxy has
+/// no change feed of its own), stamping a change when it is first seen: figures are at most
+/// ~1 ms (plus scheduling) late.
+fn watch_proxies(
+    proxies: Vec<Arc<Mutex<BenchProxy>>>,
+    observed: Vec<Arc<Observed>>,
+    notify: Arc<Notify>,
+    revoked_prefix: String,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let mut changed = false;
+            for (p, obs) in proxies.iter().zip(&observed) {
+                let Ok(guard) = p.lock() else { continue };
+                let Some(p) = guard.get() else { continue };
+                let now = Instant::now();
+                if let Some(r) = p.policy_revision() {
+                    let r = i64::try_from(r).unwrap_or(i64::MAX);
+                    changed |= record(&obs.policy, &obs.policy_log, r, now);
+                }
+                let n = p
+                    .revocations()
+                    .revoked_ids()
+                    .filter(|id| id.starts_with(&revoked_prefix))
+                    .count();
+                changed |= record(
+                    &obs.revoked,
+                    &obs.revoked_log,
+                    i64::try_from(n).unwrap_or(i64::MAX),
+                    now,
+                );
+            }
+            if changed {
+                notify.notify_one();
+            }
+        }
+    })
+}
+
 async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
     init_quiet_logging();
     anyhow::ensure!(args.agents > 0, "--agents must be at least 1");
     anyhow::ensure!(
-        args.proxies == 0,
-        "--proxies is not implemented yet: agents only"
+        args.proxies <= args.agents,
+        "--proxies must not exceed --agents (one proxy per agent)"
     );
     let load_before = load_average();
     let work = work_dir(args.dir.clone())?;
@@ -509,7 +638,11 @@ async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
     while let Some(r) = starting.join_next().await {
         agents.push(r.context("agent start task")??);
     }
+    let proxies = start_proxies(&admin, &agents, args.proxies, &work.path).await?;
     let notify = Arc::new(Notify::new());
+    let proxy_observed: Vec<Arc<Observed>> = (0..proxies.len())
+        .map(|_| Arc::new(Observed::default()))
+        .collect();
     let observed: Vec<Arc<Observed>> = (0..agents.len())
         .map(|_| Arc::new(Observed::default()))
         .collect();
@@ -526,13 +659,21 @@ async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
             )
         })
         .collect();
+    let proxy_watcher = watch_proxies(
+        proxies.clone(),
+        proxy_observed.clone(),
+        notify.clone(),
+        format!("spiffe://{BENCH_TRUST_DOMAIN}{REVOKED_PREFIX}"),
+    );
+    // Waiting covers agents and proxies; the report gives each separately.
+    let everyone: Vec<Arc<Observed>> = observed.iter().chain(&proxy_observed).cloned().collect();
     let timeout = Duration::from_secs(args.timeout_secs);
 
     // Warm-up (not measured): every agent holds a first bundle.
     let warm = push_policy(&admin, 0).await?;
     anyhow::ensure!(
         wait_all(
-            &observed,
+            &everyone,
             &notify,
             Kind::Policy,
             warm,
@@ -592,7 +733,7 @@ async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
             started,
         });
         if pace.is_none() {
-            wait_all(&observed, &notify, kind, target, started + timeout).await;
+            wait_all(&everyone, &notify, kind, target, started + timeout).await;
         }
     }
     if pace.is_some() {
@@ -600,7 +741,7 @@ async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         for kind in [Kind::Policy, Kind::Revocation] {
             if let Some(c) = changes.iter().rev().find(|c| c.kind == kind) {
-                wait_all(&observed, &notify, kind, c.target, deadline).await;
+                wait_all(&everyone, &notify, kind, c.target, deadline).await;
             }
         }
     }
@@ -610,7 +751,7 @@ async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
         agents: agents.len(),
         changes: args.changes,
         revocations: args.revocations,
-        proxies: 0,
+        proxies: proxies.len(),
         mode: match args.interval_ms {
             Some(ms) => format!("paced: one push every {ms} ms, without waiting"),
             None => "sequential: each push once the previous change is active everywhere".into(),
@@ -625,7 +766,22 @@ async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
         run_secs,
         policy: summarize(Kind::Policy, &changes, &policy_calls, &observed),
         revocation: summarize(Kind::Revocation, &changes, &revocation_calls, &observed),
+        proxy_policy: (!proxies.is_empty())
+            .then(|| summarize(Kind::Policy, &changes, &policy_calls, &proxy_observed)),
+        proxy_revocation: (!proxies.is_empty()).then(|| {
+            summarize(
+                Kind::Revocation,
+                &changes,
+                &revocation_calls,
+                &proxy_observed,
+            )
+        }),
     };
+
+    proxy_watcher.abort();
+    for p in &proxies {
+        stop_proxy(p);
+    }
 
     for w in &watchers {
         w.abort();
@@ -657,17 +813,24 @@ fn print_text(r: &Report) {
         r.setup_secs,
         r.run_secs
     );
-    for (name, k) in [("policy", &r.policy), ("revocation", &r.revocation)] {
+    let rows = [
+        ("policy", "agent", Some(&r.policy)),
+        ("revocation", "agent", Some(&r.revocation)),
+        ("policy", "proxy", r.proxy_policy.as_ref()),
+        ("revocation", "proxy", r.proxy_revocation.as_ref()),
+    ];
+    for (name, who, k) in rows {
+        let Some(k) = k else { continue };
         if k.changes == 0 {
             continue;
         }
         println!(
-            "  {name:<10} push -> last agent active: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
-             (mean {:.1}; first agent p50 {:.1} ms; admin call p50 {:.1} ms)",
+            "  {name:<10} push -> last {who} active: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
+             (mean {:.1}; first {who} p50 {:.1} ms; admin call p50 {:.1} ms)",
             k.p50_ms, k.p99_ms, k.max_ms, k.mean_ms, k.first_agent_p50_ms, k.push_call_p50_ms
         );
         println!(
-            "  {name:<10} delivered to every agent: {}/{} ({:.2}%); agent deliveries {:.2}%; \
+            "  {name:<10} delivered to every {who}: {}/{} ({:.2}%); {who} deliveries {:.2}%; \
              exact revision observed {:.2}%",
             k.delivered,
             k.changes,
