@@ -24,6 +24,9 @@ use sigil_policy::bundle::{BundleError, PolicyKeys, VerifiedBundle};
 use crate::revocation::RevocationList;
 use crate::{client, tls};
 
+/// Log checkpoints are persisted at most this often (a pending one by the sweep).
+const WITNESS_SAVE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// What the Workload API serves right now.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -78,6 +81,9 @@ pub struct Manager {
     policy: std::sync::Mutex<PolicyState>,
     /// The transparency log as this agent has seen it (split-view detection).
     witness: std::sync::Mutex<crate::log_witness::LogWitness>,
+    /// When the held log checkpoint was last persisted, and whether a newer one is held
+    /// but not yet persisted (see [`WITNESS_SAVE_INTERVAL`]).
+    witness_saved: std::sync::Mutex<(Option<std::time::Instant>, bool)>,
     /// Which of the configured server replicas is in use (an index into `cfg.servers()`).
     server_index: std::sync::atomic::AtomicUsize,
 }
@@ -240,6 +246,7 @@ impl Manager {
             server_id,
             policy: std::sync::Mutex::new(policy),
             witness: std::sync::Mutex::new(witness),
+            witness_saved: std::sync::Mutex::new((None, false)),
             server_index: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
@@ -307,19 +314,40 @@ impl Manager {
             Err(e) => Err(e),
         };
         match changed {
-            Ok(true) => {
-                let file = self.witness.lock().ok().and_then(|w| w.to_file());
-                if let Some(f) = file
-                    && let Err(e) = self.cache.blocking(move |c| c.save_log_witness(&f)).await
-                {
-                    tracing::warn!(error = %e, "could not persist the log checkpoint");
-                }
-            }
+            Ok(true) => self.save_witness(false).await,
             Ok(false) => {}
             Err(e) => tracing::error!(
                 error = %e,
                 "SPLIT VIEW: the server showed a transparency-log checkpoint inconsistent with the one this agent verified before; refused, keeping the old one"
             ),
+        }
+    }
+
+    /// Persists the held log checkpoint: at once when none was persisted in the last
+    /// [`WITNESS_SAVE_INTERVAL`] (or `force`), else marked pending for the sweep to write. A
+    /// crash loses at most that interval of checkpoints: the agent then witnesses from the
+    /// last persisted one, which every later honest checkpoint still extends. (Policy and
+    /// revocations, which must never go back, are persisted before they are served.)
+    async fn save_witness(&self, force: bool) {
+        let due = match self.witness_saved.lock() {
+            Ok(mut g) => {
+                let due = force || g.0.is_none_or(|at| at.elapsed() >= WITNESS_SAVE_INTERVAL);
+                g.1 = !due;
+                if due {
+                    g.0 = Some(std::time::Instant::now());
+                }
+                due
+            }
+            Err(_) => true,
+        };
+        if !due {
+            return;
+        }
+        let file = self.witness.lock().ok().and_then(|w| w.to_file());
+        if let Some(f) = file
+            && let Err(e) = self.cache.blocking(move |c| c.save_log_witness(&f)).await
+        {
+            tracing::warn!(error = %e, "could not persist the log checkpoint");
         }
     }
 
@@ -336,6 +364,17 @@ impl Manager {
             Some(b) => PolicyKeys::from_jwks(&b.policy_authorities)?,
             None => PolicyKeys::default(),
         };
+        // The bundle in force, byte for byte (every sync update carries it): nothing to do.
+        // Verifying it again could only refuse it, which keeps it in force all the same.
+        if self
+            .snapshot
+            .borrow()
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.envelope == envelope)
+        {
+            return Ok(false);
+        }
         let now = self.clock.now();
         let this = self.clone();
         let envelope = envelope.to_owned();
@@ -818,6 +857,10 @@ impl Manager {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
+            let pending = self.witness_saved.lock().map(|g| g.1).unwrap_or(false);
+            if pending {
+                self.save_witness(true).await;
+            }
             let now = self.clock.now();
             self.snapshot.send_if_modified(|s| {
                 let mut changed = false;
