@@ -20,6 +20,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Blocking work here is short (fsyncs of state files, reading /proc for peer
+        // credentials): a few dozen threads keep a small device's disk queue busy, while
+        // tokio's default of 512 lets a burst (1,000 in-process agents persisting one
+        // change in `sigil bench propagation`) spawn hundreds of threads that mostly
+        // contend for two cores.
+        .max_blocking_threads(32)
         .build()
     {
         Ok(rt) => rt,
