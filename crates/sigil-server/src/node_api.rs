@@ -277,12 +277,11 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
     };
     let evicted = Arc::new(
         app.store
-            .list_nodes()
+            .list_evicted_nodes()
             .await
             .map_err(|e| err(&e))?
             .into_iter()
-            .filter(|n| n.evicted)
-            .map(|n| n.spiffe_id.as_str().to_owned())
+            .map(|id| id.as_str().to_owned())
             .collect::<HashSet<_>>(),
     );
     // After everything else was read, so the checkpoint covers what the updates say.

@@ -645,6 +645,19 @@ impl Store for SqlStore {
         rows.iter().map(node_from_row).collect()
     }
 
+    async fn list_evicted_nodes(&self) -> Result<Vec<SpiffeId>, StoreError> {
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT spiffe_id FROM nodes WHERE evicted = 1 ORDER BY spiffe_id")
+                .fetch_all(&self.pool)
+                .await?;
+        ids.iter()
+            .map(|s| {
+                SpiffeId::new(s)
+                    .map_err(|e| StoreError::Corrupt(format!("nodes.spiffe_id {s:?}: {e}")))
+            })
+            .collect()
+    }
+
     async fn evict_node(&self, id: &SpiffeId, now: UnixTime) -> Result<bool, StoreError> {
         let n = sqlx::query("UPDATE nodes SET evicted = 1, updated_at = $1 WHERE spiffe_id = $2")
             .bind(now)

@@ -57,6 +57,9 @@ pub trait Store: Send + Sync {
     /// All nodes, ordered by SPIFFE ID.
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
 
+    /// The SPIFFE IDs of evicted nodes, ordered.
+    async fn list_evicted_nodes(&self) -> Result<Vec<SpiffeId>, StoreError>;
+
     /// Marks a node evicted; `false` if the node is unknown.
     async fn evict_node(&self, id: &SpiffeId, now: UnixTime) -> Result<bool, StoreError>;
 

@@ -627,6 +627,18 @@ async fn nodes_round_trip_and_eviction(db: &Db) {
     assert!(evicted.evicted);
     assert_eq!(evicted.updated_at, T0 + 2000);
     assert!(!s.get_node(&n2.spiffe_id).await.unwrap().unwrap().evicted);
+    assert_eq!(
+        s.list_evicted_nodes().await.unwrap(),
+        vec![n1.spiffe_id.clone()]
+    );
+    // Re-attesting after an eviction clears it.
+    s.upsert_node(&NodeRecord {
+        evicted: false,
+        ..evicted
+    })
+    .await
+    .unwrap();
+    assert!(s.list_evicted_nodes().await.unwrap().is_empty());
 }
 
 async fn join_tokens_are_single_use(db: &Db) {
