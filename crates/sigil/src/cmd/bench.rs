@@ -468,28 +468,6 @@ async fn start_agent(
     }
 }
 
-/// A started in-process proxy; aborted (its tasks dropped) at the end of the run.
-struct BenchProxy(Option<sigil_proxy::RunningProxy>);
-
-impl BenchProxy {
-    fn get(&self) -> Option<&sigil_proxy::RunningProxy> {
-        self.0.as_ref()
-    }
-}
-
-/// Stops a bench proxy's accept loop.
-fn stop_proxy(p: &Mutex<BenchProxy>) {
-    if let Ok(mut p) = p.lock()
-        && let Some(p) = p.0.take()
-    {
-        p.shutdown();
-    }
-}
-
-fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
-}
-
 /// Registers an enforcer entry for one proxy under each of the first `n` agents' nodes and
 /// starts the proxies against those agents' sockets (each waits for its SVID and bundles
 /// from its agent, like `sigil proxy --workload-api-socket`).
@@ -498,7 +476,7 @@ async fn start_proxies(
     agents: &[sigil_agent::RunningAgent],
     n: usize,
     dir: &Path,
-) -> anyhow::Result<Vec<Arc<Mutex<BenchProxy>>>> {
+) -> anyhow::Result<Vec<Arc<sigil_proxy::RunningProxy>>> {
     use std::os::unix::fs::MetadataExt;
     let uid = std::fs::metadata("/proc/self")?.uid();
     let mut ids = Vec::with_capacity(n);
@@ -531,10 +509,10 @@ async fn start_proxies(
              upstream = \"http://127.0.0.1:9\"\naudience = \"bench\"\n\
              issuer = \"https://bench.invalid\"\nworkload_api_socket = {sock}\n\
              spiffe_id = {id}\npolicy_source = \"agent\"\naudit_log = {audit}\n",
-            td = toml_str(BENCH_TRUST_DOMAIN),
-            sock = toml_str(&format!("unix://{}", agent.socket.display())),
-            id = toml_str(&id),
-            audit = toml_str(&pdir.join("audit.log").display().to_string()),
+            td = super::toml_str(BENCH_TRUST_DOMAIN),
+            sock = super::toml_str(&format!("unix://{}", agent.socket.display())),
+            id = super::toml_str(&id),
+            audit = super::toml_str(&pdir.join("audit.log").display().to_string()),
         ))
         .context("bench proxy configuration")?;
         let p = tokio::time::timeout(
@@ -543,7 +521,7 @@ async fn start_proxies(
         )
         .await
         .context("a proxy did not get its identity from its agent within 60 s")??;
-        out.push(Arc::new(Mutex::new(BenchProxy(Some(p)))));
+        out.push(Arc::new(p));
     }
     Ok(out)
 }
@@ -552,7 +530,7 @@ async fn start_proxies(
 /// no change feed of its own), stamping a change when it is first seen: figures are at most
 /// ~1 ms (plus scheduling) late.
 fn watch_proxies(
-    proxies: Vec<Arc<Mutex<BenchProxy>>>,
+    proxies: Vec<Arc<sigil_proxy::RunningProxy>>,
     observed: Vec<Arc<Observed>>,
     notify: Arc<Notify>,
     revoked_prefix: String,
@@ -564,8 +542,6 @@ fn watch_proxies(
             tick.tick().await;
             let mut changed = false;
             for (p, obs) in proxies.iter().zip(&observed) {
-                let Ok(guard) = p.lock() else { continue };
-                let Some(p) = guard.get() else { continue };
                 let now = Instant::now();
                 if let Some(r) = p.policy_revision() {
                     let r = i64::try_from(r).unwrap_or(i64::MAX);
@@ -779,8 +755,12 @@ async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
     };
 
     proxy_watcher.abort();
-    for p in &proxies {
-        stop_proxy(p);
+    // The watcher's clones are dropped once it has stopped.
+    let _ = proxy_watcher.await;
+    for p in proxies {
+        if let Ok(p) = Arc::try_unwrap(p) {
+            p.shutdown();
+        }
     }
 
     for w in &watchers {

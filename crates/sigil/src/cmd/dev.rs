@@ -33,11 +33,6 @@ const DEMO_POLICY: &str = include_str!("../../../../policy/demo.cedar");
 /// The audience of the demo proxy.
 const DEMO_AUDIENCE: &str = "model-gw";
 
-/// A TOML basic string.
-fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
-}
-
 fn encode(s: &str) -> String {
     s.replace(':', "%3A").replace('/', "%2F")
 }
@@ -197,15 +192,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "trust_domain = {td}\nlisten_addr = {listen}\nupstream = {up}\naudience = {aud}\n\
          issuer = {iss}\nworkload_api_socket = {sock}\nspiffe_id = {pid}\n\
          policy_dir = {pdir}\naudit_log = {audit}\n",
-        td = toml_str(DEV_TRUST_DOMAIN),
-        listen = toml_str(&args.proxy_listen),
-        up = toml_str(&format!("http://{model_addr}")),
-        aud = toml_str(DEMO_AUDIENCE),
-        iss = toml_str(&format!("https://localhost:{port}")),
-        sock = toml_str(&agent.socket.display().to_string()),
-        pid = toml_str(&proxy_id),
-        pdir = toml_str(&policy_dir.display().to_string()),
-        audit = toml_str(&audit_log.display().to_string()),
+        td = super::toml_str(DEV_TRUST_DOMAIN),
+        listen = super::toml_str(&args.proxy_listen),
+        up = super::toml_str(&format!("http://{model_addr}")),
+        aud = super::toml_str(DEMO_AUDIENCE),
+        iss = super::toml_str(&format!("https://localhost:{port}")),
+        sock = super::toml_str(&agent.socket.display().to_string()),
+        pid = super::toml_str(&proxy_id),
+        pdir = super::toml_str(&policy_dir.display().to_string()),
+        audit = super::toml_str(&audit_log.display().to_string()),
     ))?;
     let proxy = sigil_proxy::start(proxy_cfg, Arc::new(SystemClock)).await?;
     let proxy_port = proxy.addr.port();

@@ -154,6 +154,11 @@ pub fn init_logging(json: bool) {
     };
 }
 
+/// `s` as a TOML string literal (quoted and escaped), for building configuration text.
+pub(crate) fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
