@@ -93,21 +93,7 @@ fn audit_records_are_exported_as_ecs_json_lines() {
     let up_port = up.port;
 
     // The proxy, standalone from files, exporting to a file.
-    let pdir = dir.join("proxy");
-    s.sigil_json(&[
-        "svid",
-        "mint",
-        "--spiffe-id",
-        &format!("spiffe://{TD}/proxy"),
-        "--dns",
-        "localhost",
-        "--out-dir",
-        pdir.to_str().unwrap(),
-    ]);
-    let proxy_bundle = dir.join("bundle.json");
-    let out = s.sigil(&["bundle", "show"]);
-    assert!(out.status.success());
-    std::fs::write(&proxy_bundle, &out.stdout).unwrap();
+    let (pdir, proxy_bundle) = s.proxy_credentials(dir, &format!("spiffe://{TD}/proxy"));
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(policies.join("test.cedar"), POLICY).unwrap();

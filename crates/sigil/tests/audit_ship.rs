@@ -74,22 +74,9 @@ struct ProxySetup {
 
 impl ProxySetup {
     fn new(s: &Server, dir: &Path, upstream: u16) -> Self {
-        let pdir = dir.join("proxy");
         std::fs::create_dir_all(dir.join("policies")).unwrap();
         std::fs::write(dir.join("policies/test.cedar"), POLICY).unwrap();
-        s.sigil_json(&[
-            "svid",
-            "mint",
-            "--spiffe-id",
-            &format!("spiffe://{TD}/proxy"),
-            "--dns",
-            "localhost",
-            "--out-dir",
-            pdir.to_str().unwrap(),
-        ]);
-        let out = s.sigil(&["bundle", "show"]);
-        assert!(out.status.success());
-        std::fs::write(dir.join("bundle.json"), &out.stdout).unwrap();
+        s.proxy_credentials(dir, &format!("spiffe://{TD}/proxy"));
         Self {
             dir: dir.to_owned(),
             port: free_port(),

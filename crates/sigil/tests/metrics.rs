@@ -85,21 +85,7 @@ when { resource == Model::"m" && context.scopes.contains("model:invoke") };
 
 /// Starts `sigil proxy` (standalone, credentials minted by the server) with metrics on.
 fn start_proxy(s: &Server, dir: &Path, upstream: u16, metrics: &str) -> (Killed, u16) {
-    let pdir = dir.join("proxy");
-    s.sigil_json(&[
-        "svid",
-        "mint",
-        "--spiffe-id",
-        &format!("spiffe://{TD}/proxy"),
-        "--dns",
-        "localhost",
-        "--out-dir",
-        pdir.to_str().unwrap(),
-    ]);
-    let bundle = dir.join("bundle.json");
-    let out = s.sigil(&["bundle", "show"]);
-    assert!(out.status.success());
-    std::fs::write(&bundle, &out.stdout).unwrap();
+    let (pdir, bundle) = s.proxy_credentials(dir, &format!("spiffe://{TD}/proxy"));
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(policies.join("p.cedar"), POLICY).unwrap();

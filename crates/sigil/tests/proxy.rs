@@ -51,22 +51,8 @@ fn start_proxy(s: &Server, dir: &Path, upstream: u16, extra: &[&str]) -> Proxy {
 
 /// [`start_proxy`] with any upstream address (`http://…` or `unix://…`).
 fn start_proxy_to(s: &Server, dir: &Path, upstream: &str, extra: &[&str]) -> Proxy {
-    let pdir = dir.join("proxy");
     std::fs::create_dir_all(dir).unwrap();
-    s.sigil_json(&[
-        "svid",
-        "mint",
-        "--spiffe-id",
-        &format!("spiffe://{TD}/proxy"),
-        "--dns",
-        "localhost",
-        "--out-dir",
-        pdir.to_str().unwrap(),
-    ]);
-    let bundle = dir.join("bundle.json");
-    let out = s.sigil(&["bundle", "show"]);
-    assert!(out.status.success());
-    std::fs::write(&bundle, &out.stdout).unwrap();
+    let (pdir, bundle) = s.proxy_credentials(dir, &format!("spiffe://{TD}/proxy"));
     let creds = [
         "--cert".to_owned(),
         pdir.join("svid.pem").display().to_string(),

@@ -163,6 +163,29 @@ impl Server {
         ])
     }
 
+    /// Credentials for a proxy run standalone from files: an X.509-SVID for `spiffe_id` with
+    /// the DNS name `localhost` minted into `<dir>/proxy` (svid.pem, key.pem), and the trust
+    /// bundle (`sigil bundle show`) in `<dir>/bundle.json`. Returns (that directory, the
+    /// bundle file).
+    pub fn proxy_credentials(&self, dir: &Path, spiffe_id: &str) -> (PathBuf, PathBuf) {
+        let pdir = dir.join("proxy");
+        self.sigil_json(&[
+            "svid",
+            "mint",
+            "--spiffe-id",
+            spiffe_id,
+            "--dns",
+            "localhost",
+            "--out-dir",
+            pdir.to_str().unwrap(),
+        ]);
+        let bundle = dir.join("bundle.json");
+        let out = self.sigil(&["bundle", "show"]);
+        assert!(out.status.success());
+        std::fs::write(&bundle, &out.stdout).unwrap();
+        (pdir, bundle)
+    }
+
     /// A raw admin API call with curl over the unix socket: (status, body).
     pub fn admin_raw(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
         let dir = tempfile::tempdir().unwrap();
