@@ -2,6 +2,9 @@
 //!
 //! 1,000+ policies of realistic shape (one per group/model pair, a few generic ones, tool
 //! calls with argument conditions) and the demo set; an allowed and a denied request each.
+//! Calls without arguments from a caller seen before reuse its request parts (see
+//! `PolicyEngine::decide`); `1k/invoke-allowed-new-caller` is the same call from a new caller
+//! each time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::hint::black_box;
@@ -131,6 +134,19 @@ fn bench(c: &mut Criterion) {
         );
         g.bench_function(*name, |b| b.iter(|| engine.decide(black_box(q))));
     }
+    // Every request from a caller not seen lately (twice as many callers as the engine keeps
+    // request parts for): what a first request costs.
+    let callers: Vec<String> = (0..8192)
+        .map(|i| format!("spiffe://factory.example/vision/camera-{i}"))
+        .collect();
+    let mut next = callers.iter().cycle();
+    g.bench_function("1k/invoke-allowed-new-caller", |b| {
+        b.iter(|| {
+            let mut q = query(&g500, &scopes, "invoke", "Model", "m500", None);
+            q.principal.spiffe_id = next.next().map_or("", String::as_str);
+            big.decide(black_box(&q))
+        })
+    });
     g.finish();
 
     // For comparison: every policy, with schema-checked entities and request.

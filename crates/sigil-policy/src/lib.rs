@@ -6,13 +6,17 @@
 //! Decisions are fast with many policies: at load time every policy is indexed by its scope
 //! (action and resource), one [`PolicySet`] is precomputed per (action, resource) that a
 //! policy names plus a fallback per action, and a request is evaluated against its slice
-//! only. See `docs/policy.md` for the design and the soundness argument.
+//! only. See `docs/policy.md` for the design and the soundness argument. What a request's
+//! entities and context are depends only on the caller and the hour unless the call carries
+//! arguments, so those are built once per caller and reused (a bounded cache per engine).
 #![forbid(unsafe_code)]
 
 pub mod bundle;
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
 use cedar_policy::{
     ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId,
@@ -34,6 +38,8 @@ pub const MAX_ARGUMENT_DEPTH: usize = 8;
 
 /// The id of the one `Arguments` entity of a request (`context.arguments`).
 const ARGUMENTS_ID: &str = "arguments";
+/// Most callers whose request parts are kept per engine; beyond that the cache is cleared.
+const CALLER_CACHE: usize = 4096;
 
 /// Why policies could not be loaded, or a request could not be evaluated.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +121,35 @@ pub struct PolicyEngine {
     /// When the set came from a signed bundle: its revision and its `not_after` (unix
     /// seconds), from which on the set must not be enforced (see [`PolicyEngine::expired`]).
     bundle: Option<(u64, i64)>,
+    /// The request parts of recent callers whose calls carry no arguments, by a hash of
+    /// what they were built from (checked in full on every hit).
+    callers: Mutex<HashMap<u64, Arc<CallerParts>>>,
+    hasher: RandomState,
+}
+
+/// A request's principal, entities and context, when the call has no arguments: they depend
+/// only on these fields of the query, never on the action or resource.
+struct CallerParts {
+    spiffe_id: String,
+    trust_domain: String,
+    groups: Vec<String>,
+    scopes: Vec<String>,
+    hour: i64,
+    weekday: i64,
+    principal: EntityUid,
+    entities: Entities,
+    context: Context,
+}
+
+impl CallerParts {
+    fn is_for(&self, q: &Query<'_>) -> bool {
+        self.hour == q.hour
+            && self.weekday == q.weekday
+            && self.spiffe_id == q.principal.spiffe_id
+            && self.trust_domain == q.principal.trust_domain
+            && self.groups == q.principal.groups
+            && self.scopes == q.scopes
+    }
 }
 
 fn type_name(name: &str) -> Result<EntityTypeName, PolicyError> {
@@ -180,6 +215,8 @@ impl PolicyEngine {
             actions,
             action_entities,
             bundle: None,
+            callers: Mutex::new(HashMap::new()),
+            hasher: RandomState::new(),
         })
     }
 
@@ -235,14 +272,68 @@ impl PolicyEngine {
             .by_resource
             .get(&resource)
             .unwrap_or(&slices.fallback);
-        let (principal, mut entities, context) = self.request_parts(q)?;
-        entities.extend(self.action_entities.iter().cloned());
-        let entities = Entities::from_entities(entities, None).map_err(bad)?;
+        let tags = argument_tags(q.arguments)?;
+        let fresh;
+        let cached;
+        let (principal, entities, context) = if tags.is_empty() {
+            cached = self.caller_parts(q)?;
+            (
+                cached.principal.clone(),
+                &cached.entities,
+                cached.context.clone(),
+            )
+        } else {
+            let (principal, mut entities, context) = self.request_parts(q, tags)?;
+            entities.extend(self.action_entities.iter().cloned());
+            fresh = Entities::from_entities(entities, None).map_err(bad)?;
+            (principal, &fresh, context)
+        };
         let request =
             Request::new(principal, slices.uid.clone(), resource, context, None).map_err(bad)?;
         Ok(decision(
-            &self.authorizer.is_authorized(&request, set, &entities),
+            &self.authorizer.is_authorized(&request, set, entities),
         ))
+    }
+
+    /// The request parts for a call without arguments: from the cache when this caller (same
+    /// identity, groups, scopes, hour and weekday) was seen, else built and kept.
+    fn caller_parts(&self, q: &Query<'_>) -> Result<Arc<CallerParts>, PolicyError> {
+        let key = self.hasher.hash_one((
+            q.principal.spiffe_id,
+            q.principal.trust_domain,
+            q.principal.groups,
+            q.scopes,
+            q.hour,
+            q.weekday,
+        ));
+        let hit = self
+            .callers
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).filter(|p| p.is_for(q)).cloned());
+        if let Some(p) = hit {
+            return Ok(p);
+        }
+        let (principal, mut entities, context) = self.request_parts(q, Vec::new())?;
+        entities.extend(self.action_entities.iter().cloned());
+        let parts = Arc::new(CallerParts {
+            spiffe_id: q.principal.spiffe_id.to_owned(),
+            trust_domain: q.principal.trust_domain.to_owned(),
+            groups: q.principal.groups.to_vec(),
+            scopes: q.scopes.to_vec(),
+            hour: q.hour,
+            weekday: q.weekday,
+            principal,
+            entities: Entities::from_entities(entities, None).map_err(bad)?,
+            context,
+        });
+        if let Ok(mut m) = self.callers.lock() {
+            if m.len() >= CALLER_CACHE {
+                m.clear();
+            }
+            m.insert(key, parts.clone());
+        }
+        Ok(parts)
     }
 
     /// Decides one query the slow, plain way: every policy, and the request and its entities
@@ -256,7 +347,7 @@ impl PolicyEngine {
         };
         let action = uid("Action", q.action)?;
         let resource = uid(q.resource_type, q.resource_id)?;
-        let (principal, entities, context) = self.request_parts(q)?;
+        let (principal, entities, context) = self.request_parts(q, argument_tags(q.arguments)?)?;
         let entities = Entities::from_entities(entities, Some(&self.schema)).map_err(bad)?;
         let request =
             Request::new(principal, action, resource, context, Some(&self.schema)).map_err(bad)?;
@@ -267,13 +358,13 @@ impl PolicyEngine {
         )))
     }
 
-    /// The principal, the request's entities (the workload, its groups, the arguments) and the
-    /// context.
+    /// The principal, the request's entities (the workload, its groups, the arguments with
+    /// `tags`) and the context.
     fn request_parts(
         &self,
         q: &Query<'_>,
+        tags: Vec<(String, String)>,
     ) -> Result<(EntityUid, Vec<Entity>, Context), PolicyError> {
-        let tags = argument_tags(q.arguments)?;
         let principal = EntityUid::from_type_name_and_id(
             self.workload.clone(),
             EntityId::new(q.principal.spiffe_id),
@@ -618,6 +709,66 @@ mod tests {
                 .unwrap()
                 .allow
         );
+    }
+
+    #[test]
+    fn per_caller_parts_are_never_reused_for_another_caller_or_hour() {
+        // One permit that depends on every field the per-caller cache is keyed by.
+        let policy = r#"
+            @id("exact")
+            permit (principal == Workload::"spiffe://td/a", action == Action::"invoke", resource == Model::"m")
+            when { principal in Group::"g" && principal.trust_domain == "td" &&
+                   context.scopes.contains("s") && context.hour == 10 && context.weekday == 1 };
+        "#;
+        let e = PolicyEngine::new(&[("p.cedar".into(), policy.into())]).unwrap();
+        let g = vec!["g".to_string()];
+        let h = vec!["h".to_string()];
+        let s = vec!["s".to_string()];
+        let t = vec!["t".to_string()];
+        let base = Query {
+            principal: Principal {
+                spiffe_id: "spiffe://td/a",
+                trust_domain: "td",
+                groups: &g,
+            },
+            action: "invoke",
+            resource_type: "Model",
+            resource_id: "m",
+            scopes: &s,
+            hour: 10,
+            weekday: 1,
+            arguments: None,
+        };
+        let mut variants = vec![base.clone()];
+        let mut v = base.clone();
+        v.principal.spiffe_id = "spiffe://td/b";
+        variants.push(v);
+        let mut v = base.clone();
+        v.principal.trust_domain = "other";
+        variants.push(v);
+        let mut v = base.clone();
+        v.principal.groups = &h;
+        variants.push(v);
+        let mut v = base.clone();
+        v.scopes = &t;
+        variants.push(v);
+        let mut v = base.clone();
+        v.hour = 11;
+        variants.push(v);
+        let mut v = base.clone();
+        v.weekday = 2;
+        variants.push(v);
+        // Interleaved twice, so each variant is decided both fresh and from the cache right
+        // after the allowed caller.
+        for round in 0..2 {
+            for (i, v) in variants.iter().enumerate() {
+                let allowed = e.decide(&base).unwrap().allow;
+                assert!(allowed, "round {round}: the permitted caller is allowed");
+                let d = e.decide(v).unwrap();
+                assert_eq!(d.allow, i == 0, "round {round}, variant {i}");
+                assert_eq!(d, e.decide_reference(v).unwrap(), "variant {i}");
+            }
+        }
     }
 
     #[test]
