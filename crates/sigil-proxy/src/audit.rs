@@ -22,7 +22,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// Most records per sync.
 const MAX_BATCH: usize = 512;
@@ -254,23 +254,74 @@ pub fn read_from(
 
 type Pending = (Vec<u8>, oneshot::Sender<Result<(), String>>);
 
-/// What the writer thread is asked to do.
-enum Msg {
-    /// Append a framed record; answered once it is durable.
-    Record(Pending),
+/// A request for the writer other than a record.
+struct Rotate {
     /// Start a new segment if every record of this one is acknowledged (the writer is at
     /// `acked`) and it holds at least `min_bytes`: the old segment is deleted.
-    Rotate {
-        acked: u64,
-        min_bytes: u64,
-        done: oneshot::Sender<Result<bool, String>>,
-    },
+    acked: u64,
+    min_bytes: u64,
+    done: oneshot::Sender<Result<bool, String>>,
+}
+
+/// What waits for the writer thread.
+#[derive(Default)]
+struct Queue {
+    /// Framed records, in order, each with who waits for it to be durable.
+    records: Vec<Pending>,
+    rotations: Vec<Rotate>,
+    /// The writer is waiting for work (not writing or syncing).
+    idle: bool,
+    /// A request is about to wake the idle writer (see [`AuditLog::record`]).
+    waking: bool,
+    /// Every handle is gone: the writer finishes what is queued and stops.
+    closed: bool,
+}
+
+/// The queue between the request tasks and the writer thread.
+#[derive(Default)]
+struct Shared {
+    queue: std::sync::Mutex<Queue>,
+    work: std::sync::Condvar,
+    /// Batches written (each one sync).
+    syncs: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Queue>, AuditError> {
+        self.queue
+            .lock()
+            .map_err(|_| AuditError("writer failed".into()))
+    }
+}
+
+/// Ends a request's turn at waking the idle writer (see [`AuditLog::record`]).
+struct WakeOnDrop<'a>(&'a Shared);
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut q) = self.0.queue.lock() {
+            q.waking = false;
+        }
+        self.0.work.notify_one();
+    }
+}
+
+/// The last handle closes the queue.
+struct Handle(std::sync::Arc<Shared>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Ok(mut q) = self.0.queue.lock() {
+            q.closed = true;
+        }
+        self.0.work.notify_one();
+    }
 }
 
 /// A handle to the audit writer thread.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Msg>,
+    shared: std::sync::Arc<Handle>,
 }
 
 /// Where the writer is in a regular-file segment.
@@ -310,28 +361,55 @@ impl AuditLog {
         } else {
             None
         };
-        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+        let shared = std::sync::Arc::new(Shared::default());
         std::thread::Builder::new()
             .name("sigil-audit".into())
             .spawn({
                 let path = path.to_owned();
-                move || writer(file, cursor, rx, export, path)
+                let shared = shared.clone();
+                move || writer(file, cursor, &shared, export, path)
             })
             .map_err(|e| AuditError(format!("starting the audit writer: {e}")))?;
-        Ok(Self { tx })
+        Ok(Self {
+            shared: std::sync::Arc::new(Handle(shared)),
+        })
     }
 
     /// Returns once `rec` is durable in the segment.
+    ///
+    /// Group commit: records that arrive while the writer syncs go into its next sync. When
+    /// the writer is idle, the first record does not wake it at once but yields to the
+    /// runtime first, so that the other requests ready to run now add their records to the
+    /// same sync (on a busy proxy, one sync and one thread wake-up for many records; idle,
+    /// the yield returns at once).
     pub async fn record(&self, rec: &DecisionRecord) -> Result<(), AuditError> {
         let json = serde_json::to_vec(rec).map_err(|e| AuditError(e.to_string()))?;
         let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Msg::Record((frame(&json), done)))
-            .await
-            .map_err(|_| AuditError("writer stopped".into()))?;
+        let shared = &self.shared.0;
+        let wake = {
+            let mut q = shared.lock()?;
+            q.records.push((frame(&json), done));
+            let wake = q.idle && !q.waking;
+            q.waking |= wake;
+            wake
+        };
+        if wake {
+            // Wakes the writer after the yield, or if this request is dropped during it.
+            let _wake = WakeOnDrop(shared);
+            tokio::task::yield_now().await;
+        }
         wait.await
             .map_err(|_| AuditError("writer stopped".into()))?
             .map_err(AuditError)
+    }
+
+    /// How many batches the writer has written (one sync each).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn syncs(&self) -> u64 {
+        self.shared
+            .0
+            .syncs
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Replaces the segment by a new, empty one if the writer is exactly at `acked` (every
@@ -341,14 +419,13 @@ impl AuditLog {
     /// rename over the old one, fsync of the directory) before anything is written to it.
     pub async fn rotate_if_acked(&self, acked: u64, min_bytes: u64) -> Result<bool, AuditError> {
         let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Msg::Rotate {
-                acked,
-                min_bytes,
-                done,
-            })
-            .await
-            .map_err(|_| AuditError("writer stopped".into()))?;
+        let shared = &self.shared.0;
+        shared.lock()?.rotations.push(Rotate {
+            acked,
+            min_bytes,
+            done,
+        });
+        shared.work.notify_one();
         wait.await
             .map_err(|_| AuditError("writer stopped".into()))?
             .map_err(AuditError)
@@ -420,81 +497,114 @@ fn zero(file: &File, from: u64, to: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What the writer takes from the queue in one go.
+struct Work {
+    records: Vec<Pending>,
+    rotations: Vec<Rotate>,
+}
+
+/// Waits until there is something to write (or rotate), and takes it; `None` once the queue
+/// is closed and drained (or broken).
+fn next_work(shared: &Shared) -> Option<Work> {
+    let mut q = shared.queue.lock().ok()?;
+    loop {
+        // A request that is waking the writer is about to be joined by others: wait for it.
+        let records_ready = !q.records.is_empty() && !q.waking;
+        if records_ready || !q.rotations.is_empty() || (q.closed && !q.records.is_empty()) {
+            break;
+        }
+        if q.closed {
+            return None;
+        }
+        q.idle = true;
+        q = shared.work.wait(q).ok()?;
+    }
+    q.idle = false;
+    let take = q.records.len().min(MAX_BATCH);
+    let records = q.records.drain(..take).collect();
+    // Rotations only once the records queued before them are written.
+    let rotations = if q.records.is_empty() {
+        std::mem::take(&mut q.rotations)
+    } else {
+        Vec::new()
+    };
+    Some(Work { records, rotations })
+}
+
 fn writer(
     mut file: File,
     mut cursor: Option<Cursor>,
-    mut rx: mpsc::Receiver<Msg>,
+    shared: &Shared,
     export: Option<crate::export::ExportSink>,
     path: std::path::PathBuf,
 ) {
-    let mut held: Option<Msg> = None;
-    while let Some(msg) = held.take().or_else(|| rx.blocking_recv()) {
-        let first = match msg {
-            Msg::Record(p) => p,
-            Msg::Rotate {
-                acked,
-                min_bytes,
-                done,
-            } => {
-                let r = match cursor.as_mut() {
-                    Some(c) if c.pos == acked && c.pos >= min_bytes.max(FIRST_RECORD + 1) => {
-                        match fresh_segment(&path) {
-                            Ok(f) => {
-                                tracing::info!(
-                                    path = %path.display(),
-                                    bytes = c.pos,
-                                    "audit segment fully acknowledged: replaced by a new one"
-                                );
-                                file = f;
-                                *c = Cursor {
-                                    pos: FIRST_RECORD,
-                                    allocated: FIRST_RECORD,
-                                };
-                                Ok(true)
-                            }
-                            Err(e) => Err(e.to_string()),
-                        }
-                    }
-                    _ => Ok(false),
-                };
-                let _ = done.send(r);
-                continue;
-            }
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(Msg::Record(p)) => batch.push(p),
-                Ok(other) => {
-                    // Handled after this batch is durable.
-                    held = Some(other);
-                    break;
-                }
-                Err(_) => break,
-            }
+    while let Some(work) = next_work(shared) {
+        if !work.records.is_empty() {
+            write_batch(&file, cursor.as_mut(), work.records, export.as_ref());
+            shared
+                .syncs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let bytes: Vec<u8> = batch.iter().flat_map(|(l, _)| l.iter().copied()).collect();
-        let result = match cursor.as_mut() {
-            Some(c) => append(&file, c, &bytes),
-            None => file.write_all(&bytes).and_then(|()| file.sync_data()),
-        }
-        .map_err(|e| e.to_string());
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "audit log write failed; refusing requests");
-        }
-        let mut durable = Vec::new();
-        for (line, done) in batch {
-            let _ = done.send(result.clone());
-            if export.is_some() && result.is_ok() {
-                durable.push(line);
-            }
-        }
-        // After the waiters are answered: the export never delays a request.
-        if let Some(x) = &export
-            && !durable.is_empty()
+        for Rotate {
+            acked,
+            min_bytes,
+            done,
+        } in work.rotations
         {
-            x.offer(durable);
+            let r = match cursor.as_mut() {
+                Some(c) if c.pos == acked && c.pos >= min_bytes.max(FIRST_RECORD + 1) => {
+                    match fresh_segment(&path) {
+                        Ok(f) => {
+                            tracing::info!(
+                                path = %path.display(),
+                                bytes = c.pos,
+                                "audit segment fully acknowledged: replaced by a new one"
+                            );
+                            file = f;
+                            *c = Cursor {
+                                pos: FIRST_RECORD,
+                                allocated: FIRST_RECORD,
+                            };
+                            Ok(true)
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                _ => Ok(false),
+            };
+            let _ = done.send(r);
         }
+    }
+}
+
+/// Writes and syncs one batch, then answers its waiters (and offers it to the export).
+fn write_batch(
+    mut file: &File,
+    cursor: Option<&mut Cursor>,
+    batch: Vec<Pending>,
+    export: Option<&crate::export::ExportSink>,
+) {
+    let bytes: Vec<u8> = batch.iter().flat_map(|(l, _)| l.iter().copied()).collect();
+    let result = match cursor {
+        Some(c) => append(file, c, &bytes),
+        None => file.write_all(&bytes).and_then(|()| file.sync_data()),
+    }
+    .map_err(|e| e.to_string());
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "audit log write failed; refusing requests");
+    }
+    let mut durable = Vec::new();
+    for (line, done) in batch {
+        let _ = done.send(result.clone());
+        if export.is_some() && result.is_ok() {
+            durable.push(line);
+        }
+    }
+    // After the waiters are answered: the export never delays a request.
+    if let Some(x) = export
+        && !durable.is_empty()
+    {
+        x.offer(durable);
     }
 }
 
@@ -544,6 +654,57 @@ mod tests {
         bad[PREFIX + 2] ^= 1;
         assert_eq!(unframe(&bad), None);
         assert_eq!(unframe(&f[..f.len() - 1]), None, "no newline: torn");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn records_ready_together_share_one_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        // Once this returns the writer has nothing left to do: it is (or is about to be) idle.
+        log.record(&rec(0)).await.unwrap();
+        let before = log.syncs();
+        assert_eq!(before, 1);
+        let mut set = tokio::task::JoinSet::new();
+        for i in 1..=100 {
+            let log = log.clone();
+            set.spawn(async move { log.record(&rec(i)).await });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap();
+        }
+        // All 100 were ready at once: the first one's yield lets the others join its sync.
+        let syncs = log.syncs() - before;
+        assert!(syncs <= 2, "100 records took {syncs} syncs");
+        assert_eq!(read_records(&path).unwrap().len(), 101);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_dropped_while_waking_the_writer_does_not_stall_it() {
+        use std::future::Future;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        log.record(&rec(0)).await.unwrap();
+        // Let the writer go idle, then drop a request in its yield (a client that hung up).
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        {
+            let r1 = rec(1);
+            let mut dropped = Box::pin(log.record(&r1));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(dropped.as_mut().poll(&mut cx).is_pending(), "in its yield");
+        }
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), log.record(&rec(2)))
+            .await
+            .expect("the writer still takes records");
+        next.unwrap();
+        // The dropped request's decision is on record all the same.
+        let ids: Vec<String> = read_records(&path)
+            .unwrap()
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids, ["r0", "r1", "r2"]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
