@@ -14,7 +14,10 @@
 //! `cargo bench -p sigil --bench proxy_load`. Tunables: `SIGIL_BENCH_N` (latency requests,
 //! default 20000), `SIGIL_BENCH_CONNS` (throughput connections, default 32),
 //! `SIGIL_BENCH_SECS` (throughput seconds, default 5), `SIGIL_BENCH_HOLD` (connections held
-//! for the RSS figure, default 1000).
+//! for the RSS figure, default 1000), `SIGIL_BENCH_PERF=<dir>` (record each target's measured
+//! throughput window with `perf record --call-graph dwarf` into `<dir>/<target>.data`, for `perf report`),
+//! `SIGIL_BENCH_ONLY=<key>,<key>` (measure only these targets besides `direct`; keys as in
+//! the JSON, e.g. `sigil_full,sigil_full_audit_tmpfs`).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -380,6 +383,18 @@ async fn throughput(t: &Target, auth: &HeaderValue, conns: usize, secs: f64, f: 
         }));
     }
     tokio::time::sleep_until(warm_end.into()).await;
+    // Profiling on request: perf follows the process under test for the measured window.
+    let perf = std::env::var_os("SIGIL_BENCH_PERF").map(|dir| {
+        let out = Path::new(&dir).join(format!("{}.data", t.key));
+        Command::new("perf")
+            .args(["record", "-q", "-F", "499", "--call-graph", "dwarf,32768"])
+            .args(["-p", &pid, "-o"])
+            .arg(&out)
+            .args(["--", "sleep", &format!("{secs}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("SIGIL_BENCH_PERF is set but `perf` cannot be started")
+    });
     let (cpu0, self0, up0, t0) = (
         cpu_time(&pid),
         cpu_time("self"),
@@ -396,6 +411,9 @@ async fn throughput(t: &Target, auth: &HeaderValue, conns: usize, secs: f64, f: 
     let mut lat = Vec::new();
     for task in tasks {
         lat.extend(task.await.unwrap());
+    }
+    if let Some(mut p) = perf {
+        let _ = p.wait();
     }
     lat.sort();
     let done = lat.len() as f64;
@@ -774,6 +792,11 @@ fn main() {
             ));
         }
 
+        if let Ok(only) = std::env::var("SIGIL_BENCH_ONLY") {
+            let keep: Vec<&str> = only.split(',').map(str::trim).collect();
+            targets.retain(|t| t.key == "direct" || keep.contains(&t.key));
+            println!("SIGIL_BENCH_ONLY: measuring only direct and {only}");
+        }
         println!("proxy_load: N={n} sequential requests on 1 keep-alive connection per target, in 10 rounds interleaved across targets (after a warm-up of {}),", (n / 10).max(500));
         println!("  then {conns} keep-alive connections for {secs} s (after 1 s of warm-up); POST /v1/chat/completions, {} B body, Bearer token always sent", BODY.len());
         println!(
@@ -825,9 +848,9 @@ fn main() {
         let rss_after = rss_mib(full_proxy.pid());
         let rss_hold = rss_with_connections(&full_t, &auth, hold, full_proxy.pid()).await;
         let hwm = proc_status(full_proxy.pid(), "VmHWM:") as f64 / 1024.0;
-        let rss_hold_nginx = {
-            let t = targets.iter().find(|t| t.key == "nginx_mtls").unwrap();
-            rss_with_connections(t, &auth, hold, nginx_proxy.pid()).await
+        let rss_hold_nginx = match targets.iter().find(|t| t.key == "nginx_mtls") {
+            Some(t) => rss_with_connections(t, &auth, hold, nginx_proxy.pid()).await,
+            None => 0.0,
         };
         let audit_lines = std::fs::read_to_string(&audit)
             .map(|t| t.lines().count())
