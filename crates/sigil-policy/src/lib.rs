@@ -6,9 +6,9 @@
 //! Decisions are fast with many policies: at load time every policy is indexed by its scope
 //! (action and resource), one [`PolicySet`] is precomputed per (action, resource) that a
 //! policy names plus a fallback per action, and a request is evaluated against its slice
-//! only. See `docs/policy.md` for the design and the soundness argument. What a request's
-//! entities and context are depends only on the caller and the hour unless the call carries
-//! arguments, so those are built once per caller and reused (a bounded cache per engine).
+//! only. See `docs/policy.md` for the design and the soundness argument. A request's entities
+//! and context depend only on the caller and the hour (and the arguments of a tool call), so
+//! they are built once per caller and reused (a bounded cache per engine).
 #![forbid(unsafe_code)]
 
 pub mod bundle;
@@ -121,14 +121,15 @@ pub struct PolicyEngine {
     /// When the set came from a signed bundle: its revision and its `not_after` (unix
     /// seconds), from which on the set must not be enforced (see [`PolicyEngine::expired`]).
     bundle: Option<(u64, i64)>,
-    /// The request parts of recent callers whose calls carry no arguments, by a hash of
-    /// what they were built from (checked in full on every hit).
+    /// The request parts of recent callers, by a hash of what they were built from (checked
+    /// in full on every hit).
     callers: Mutex<HashMap<u64, Arc<CallerParts>>>,
     hasher: RandomState,
 }
 
-/// A request's principal, entities and context, when the call has no arguments: they depend
-/// only on these fields of the query, never on the action or resource.
+/// What a request's principal, entities and context are built from, and what they are when
+/// the call has no arguments: they depend only on these fields of the query, never on the
+/// action or resource. A call with arguments adds its `Arguments` entity to `members`.
 struct CallerParts {
     spiffe_id: String,
     trust_domain: String,
@@ -137,6 +138,9 @@ struct CallerParts {
     hour: i64,
     weekday: i64,
     principal: EntityUid,
+    /// The workload, its groups and the schema's action entities.
+    members: Vec<Entity>,
+    /// `members` and an `Arguments` entity without tags.
     entities: Entities,
     context: Context,
 }
@@ -273,21 +277,17 @@ impl PolicyEngine {
             .get(&resource)
             .unwrap_or(&slices.fallback);
         let tags = argument_tags(q.arguments)?;
-        let fresh;
-        let cached;
-        let (principal, entities, context) = if tags.is_empty() {
-            cached = self.caller_parts(q)?;
-            (
-                cached.principal.clone(),
-                &cached.entities,
-                cached.context.clone(),
-            )
+        let caller = self.caller_parts(q)?;
+        let with_arguments;
+        let entities = if tags.is_empty() {
+            &caller.entities
         } else {
-            let (principal, mut entities, context) = self.request_parts(q, tags)?;
-            entities.extend(self.action_entities.iter().cloned());
-            fresh = Entities::from_entities(entities, None).map_err(bad)?;
-            (principal, &fresh, context)
+            let mut members = caller.members.clone();
+            members.push(self.arguments_entity(tags)?);
+            with_arguments = Entities::from_entities(members, None).map_err(bad)?;
+            &with_arguments
         };
+        let (principal, context) = (caller.principal.clone(), caller.context.clone());
         let request =
             Request::new(principal, slices.uid.clone(), resource, context, None).map_err(bad)?;
         Ok(decision(
@@ -295,8 +295,8 @@ impl PolicyEngine {
         ))
     }
 
-    /// The request parts for a call without arguments: from the cache when this caller (same
-    /// identity, groups, scopes, hour and weekday) was seen, else built and kept.
+    /// The request parts of this caller: from the cache when it was seen (same identity,
+    /// groups, scopes, hour and weekday), else built and kept.
     fn caller_parts(&self, q: &Query<'_>) -> Result<Arc<CallerParts>, PolicyError> {
         let key = self.hasher.hash_one((
             q.principal.spiffe_id,
@@ -314,8 +314,10 @@ impl PolicyEngine {
         if let Some(p) = hit {
             return Ok(p);
         }
-        let (principal, mut entities, context) = self.request_parts(q, Vec::new())?;
-        entities.extend(self.action_entities.iter().cloned());
+        let (principal, mut members) = self.caller_entities(q)?;
+        members.extend(self.action_entities.iter().cloned());
+        let mut all = members.clone();
+        all.push(self.arguments_entity(Vec::new())?);
         let parts = Arc::new(CallerParts {
             spiffe_id: q.principal.spiffe_id.to_owned(),
             trust_domain: q.principal.trust_domain.to_owned(),
@@ -324,8 +326,9 @@ impl PolicyEngine {
             hour: q.hour,
             weekday: q.weekday,
             principal,
-            entities: Entities::from_entities(entities, None).map_err(bad)?,
-            context,
+            members,
+            entities: Entities::from_entities(all, None).map_err(bad)?,
+            context: self.context(q)?,
         });
         if let Ok(mut m) = self.callers.lock() {
             if m.len() >= CALLER_CACHE {
@@ -365,6 +368,13 @@ impl PolicyEngine {
         q: &Query<'_>,
         tags: Vec<(String, String)>,
     ) -> Result<(EntityUid, Vec<Entity>, Context), PolicyError> {
+        let (principal, mut entities) = self.caller_entities(q)?;
+        entities.push(self.arguments_entity(tags)?);
+        Ok((principal, entities, self.context(q)?))
+    }
+
+    /// The principal and its entities: the workload (with its `trust_domain`) and its groups.
+    fn caller_entities(&self, q: &Query<'_>) -> Result<(EntityUid, Vec<Entity>), PolicyError> {
         let principal = EntityUid::from_type_name_and_id(
             self.workload.clone(),
             EntityId::new(q.principal.spiffe_id),
@@ -391,19 +401,28 @@ impl PolicyEngine {
             )
             .map_err(bad)?,
         );
-        let arguments =
-            EntityUid::from_type_name_and_id(self.arguments.clone(), EntityId::new(ARGUMENTS_ID));
-        entities.push(
-            Entity::new_with_tags(
-                arguments.clone(),
-                [],
-                [],
-                tags.into_iter()
-                    .map(|(k, v)| (k, RestrictedExpression::new_string(v))),
-            )
-            .map_err(bad)?,
-        );
-        let context = Context::from_pairs([
+        Ok((principal, entities))
+    }
+
+    /// The request's `Arguments` entity (`context.arguments`), with `tags`.
+    fn arguments_entity(&self, tags: Vec<(String, String)>) -> Result<Entity, PolicyError> {
+        Entity::new_with_tags(
+            self.arguments_uid(),
+            [],
+            [],
+            tags.into_iter()
+                .map(|(k, v)| (k, RestrictedExpression::new_string(v))),
+        )
+        .map_err(bad)
+    }
+
+    fn arguments_uid(&self) -> EntityUid {
+        EntityUid::from_type_name_and_id(self.arguments.clone(), EntityId::new(ARGUMENTS_ID))
+    }
+
+    /// The context: the token's scopes, the hour and weekday, the arguments entity.
+    fn context(&self, q: &Query<'_>) -> Result<Context, PolicyError> {
+        Context::from_pairs([
             (
                 "scopes".to_owned(),
                 RestrictedExpression::new_set(
@@ -419,11 +438,10 @@ impl PolicyEngine {
             ),
             (
                 "arguments".to_owned(),
-                RestrictedExpression::new_entity_uid(arguments),
+                RestrictedExpression::new_entity_uid(self.arguments_uid()),
             ),
         ])
-        .map_err(bad)?;
-        Ok((principal, entities, context))
+        .map_err(bad)
     }
 }
 
