@@ -2,9 +2,11 @@
 //!
 //! 1,000+ policies of realistic shape (one per group/model pair, a few generic ones, tool
 //! calls with argument conditions) and the demo set; an allowed and a denied request each.
-//! Calls without arguments from a caller seen before reuse its request parts (see
-//! `PolicyEngine::decide`); `1k/invoke-allowed-new-caller` is the same call from a new caller
-//! each time.
+//! Calls without arguments from a caller seen before reuse its request parts and, for the same
+//! action and resource, its decision (see `PolicyEngine::decide`): the `invoke` cases measure
+//! that recall. `1k/invoke-evaluated` is a known caller on a model not asked for lately (an
+//! evaluation on cached parts); `1k/invoke-allowed-new-caller` a new caller every time (parts
+//! built, then evaluated). Tool calls with arguments are evaluated every time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::hint::black_box;
@@ -134,6 +136,18 @@ fn bench(c: &mut Criterion) {
         );
         g.bench_function(*name, |b| b.iter(|| engine.decide(black_box(q))));
     }
+    // A known caller, each time on a model it has not asked for lately (more models than the
+    // decisions remembered per caller): the decision is evaluated, on the caller's cached parts.
+    let models: Vec<String> = (0..1000).map(|i| format!("m{i}")).collect();
+    let mut model = models.iter().cycle();
+    g.bench_function("1k/invoke-evaluated", |b| {
+        b.iter(|| {
+            let rid = model.next().map_or("", String::as_str);
+            big.decide(black_box(&query(
+                &g500, &scopes, "invoke", "Model", rid, None,
+            )))
+        })
+    });
     // Every request from a caller not seen lately (twice as many callers as the engine keeps
     // request parts for): what a first request costs.
     let callers: Vec<String> = (0..8192)

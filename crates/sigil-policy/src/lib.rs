@@ -8,7 +8,9 @@
 //! policy names plus a fallback per action, and a request is evaluated against its slice
 //! only. See `docs/policy.md` for the design and the soundness argument. A request's entities
 //! and context depend only on the caller and the hour (and the arguments of a tool call), so
-//! they are built once per caller and reused (a bounded cache per engine).
+//! they are built once per caller and reused (a bounded cache per engine); a decision on a
+//! call without arguments is a function of those, the action and the resource, so it is made
+//! once and recalled (until the engine is replaced by a policy reload).
 #![forbid(unsafe_code)]
 
 pub mod bundle;
@@ -40,6 +42,8 @@ pub const MAX_ARGUMENT_DEPTH: usize = 8;
 const ARGUMENTS_ID: &str = "arguments";
 /// Most callers whose request parts are kept per engine; beyond that the cache is cleared.
 const CALLER_CACHE: usize = 4096;
+/// Most decisions remembered per caller; beyond that they are forgotten.
+const DECISIONS_PER_CALLER: usize = 256;
 
 /// Why policies could not be loaded, or a request could not be evaluated.
 #[derive(Debug, thiserror::Error)]
@@ -143,9 +147,46 @@ struct CallerParts {
     /// `members` and an `Arguments` entity without tags.
     entities: Entities,
     context: Context,
+    /// Decisions on calls without arguments, by a hash of action and resource.
+    decisions: Mutex<HashMap<u64, Recalled>>,
+}
+
+/// One remembered decision of a caller.
+struct Recalled {
+    action: String,
+    resource_type: String,
+    resource_id: String,
+    decision: Decision,
 }
 
 impl CallerParts {
+    /// The decision made earlier for this caller on `q`'s action and resource, if any.
+    fn recall(&self, key: u64, q: &Query<'_>) -> Option<Decision> {
+        let m = self.decisions.lock().ok()?;
+        let r = m.get(&key)?;
+        (r.action == q.action
+            && r.resource_type == q.resource_type
+            && r.resource_id == q.resource_id)
+            .then(|| r.decision.clone())
+    }
+
+    fn remember(&self, key: u64, q: &Query<'_>, d: &Decision) {
+        if let Ok(mut m) = self.decisions.lock() {
+            if m.len() >= DECISIONS_PER_CALLER {
+                m.clear();
+            }
+            m.insert(
+                key,
+                Recalled {
+                    action: q.action.to_owned(),
+                    resource_type: q.resource_type.to_owned(),
+                    resource_id: q.resource_id.to_owned(),
+                    decision: d.clone(),
+                },
+            );
+        }
+    }
+
     fn is_for(&self, q: &Query<'_>) -> bool {
         self.hour == q.hour
             && self.weekday == q.weekday
@@ -278,6 +319,17 @@ impl PolicyEngine {
             .unwrap_or(&slices.fallback);
         let tags = argument_tags(q.arguments)?;
         let caller = self.caller_parts(q)?;
+        // Without arguments, the decision is a function of the caller's parts, the action and
+        // the resource only (Cedar evaluation is deterministic): decided once, then recalled.
+        let memo_key = tags.is_empty().then(|| {
+            self.hasher
+                .hash_one((q.action, q.resource_type, q.resource_id))
+        });
+        if let Some(key) = memo_key
+            && let Some(d) = caller.recall(key, q)
+        {
+            return Ok(d);
+        }
         let with_arguments;
         let entities = if tags.is_empty() {
             &caller.entities
@@ -290,9 +342,11 @@ impl PolicyEngine {
         let (principal, context) = (caller.principal.clone(), caller.context.clone());
         let request =
             Request::new(principal, slices.uid.clone(), resource, context, None).map_err(bad)?;
-        Ok(decision(
-            &self.authorizer.is_authorized(&request, set, entities),
-        ))
+        let d = decision(&self.authorizer.is_authorized(&request, set, entities));
+        if let Some(key) = memo_key {
+            caller.remember(key, q, &d);
+        }
+        Ok(d)
     }
 
     /// The request parts of this caller: from the cache when it was seen (same identity,
@@ -329,6 +383,7 @@ impl PolicyEngine {
             members,
             entities: Entities::from_entities(all, None).map_err(bad)?,
             context: self.context(q)?,
+            decisions: Mutex::new(HashMap::new()),
         });
         if let Ok(mut m) = self.callers.lock() {
             if m.len() >= CALLER_CACHE {
@@ -730,7 +785,7 @@ mod tests {
     }
 
     #[test]
-    fn per_caller_parts_are_never_reused_for_another_caller_or_hour() {
+    fn per_caller_parts_and_decisions_are_never_reused_for_another_call() {
         // One permit that depends on every field the per-caller cache is keyed by.
         let policy = r#"
             @id("exact")
@@ -775,6 +830,10 @@ mod tests {
         variants.push(v);
         let mut v = base.clone();
         v.weekday = 2;
+        variants.push(v);
+        // Same caller, another resource: its decision is not the one remembered for "m".
+        let mut v = base.clone();
+        v.resource_id = "n";
         variants.push(v);
         // Interleaved twice, so each variant is decided both fresh and from the cache right
         // after the allowed caller.

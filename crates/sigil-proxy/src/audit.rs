@@ -584,7 +584,10 @@ fn write_batch(
     batch: Vec<Pending>,
     export: Option<&crate::export::ExportSink>,
 ) {
-    let bytes: Vec<u8> = batch.iter().flat_map(|(l, _)| l.iter().copied()).collect();
+    let mut bytes = Vec::with_capacity(batch.iter().map(|(l, _)| l.len()).sum());
+    for (line, _) in &batch {
+        bytes.extend_from_slice(line);
+    }
     let result = match cursor {
         Some(c) => append(file, c, &bytes),
         None => file.write_all(&bytes).and_then(|()| file.sync_data()),
