@@ -182,14 +182,7 @@ impl Slotted {
     /// Durably stores `data` (one slot write and one flush), then removes the legacy file.
     fn save(&self, dir: &Path, data: &[u8]) -> Result<(), CacheError> {
         let mut st = self.lock();
-        let f = match &mut st.file {
-            Some(f) => f,
-            None => {
-                let (f, _) = SlotFile::open_or_create(&dir.join(self.name), data.len() * 2)?;
-                st.file.insert(f)
-            }
-        };
-        f.write(data)?;
+        SlotFile::write_into(&mut st.file, &dir.join(self.name), data)?;
         if !st.legacy_gone {
             match std::fs::remove_file(dir.join(self.legacy)) {
                 Ok(()) => st.legacy_gone = true,
@@ -250,11 +243,7 @@ impl Cache {
     }
 
     fn move_aside(&self, name: &str) {
-        let from = self.dir.join(name);
-        let to = self.dir.join(format!("{name}.corrupt"));
-        if let Err(e) = std::fs::rename(&from, &to) {
-            tracing::warn!(file = %from.display(), error = %e, "could not move corrupt cache file aside");
-        }
+        move_aside(&self.dir, name);
     }
 
     /// Deletes everything the node was (after eviction).
@@ -372,13 +361,41 @@ impl Cache {
     pub const LOG_FILE: &'static str = LOG;
 }
 
+/// Moves the corrupt file `name` of `dir` aside (to `<name>.corrupt`, kept for inspection) so
+/// it is not read again.
+pub(crate) fn move_aside(dir: &Path, name: &str) {
+    let from = dir.join(name);
+    let to = dir.join(format!("{name}.corrupt"));
+    if let Err(e) = std::fs::rename(&from, &to) {
+        tracing::warn!(file = %from.display(), error = %e, "could not move corrupt cache file aside");
+    }
+}
+
 /// Writes `data` to `path` with mode 0600: temp file, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), CacheError> {
+    create_atomic(path, data, "writing").map(drop)
+}
+
+/// `path` with `.tmp` appended: where an atomic write builds the file before renaming it.
+pub(crate) fn tmp_path(path: &Path) -> std::path::PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    std::path::PathBuf::from(s)
+}
+
+/// [`write_atomic`], returning the new file open for reading and writing; `what` heads the
+/// error message ("writing", "creating").
+pub(crate) fn create_atomic(
+    path: &Path,
+    data: &[u8],
+    what: &str,
+) -> Result<std::fs::File, CacheError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let io = |e: std::io::Error| CacheError::Io(format!("writing {}: {e}", path.display()));
-    let tmp = path.with_extension("tmp");
+    let io = |e: std::io::Error| CacheError::Io(format!("{what} {}: {e}", path.display()));
+    let tmp = tmp_path(path);
     let mut f = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(true)
@@ -393,7 +410,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), CacheError> {
             .and_then(|d| d.sync_all())
             .map_err(io)?;
     }
-    Ok(())
+    Ok(f)
 }
 
 #[cfg(test)]

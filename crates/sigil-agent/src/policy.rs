@@ -32,7 +32,7 @@ use sigil_policy::bundle::{
     Accepted, BundleError, PolicyKeys, Verdict, VerifiedBundle, check_time, open, verify,
 };
 
-use crate::cache::CacheError;
+use crate::cache::{CacheError, move_aside};
 use crate::slotfile::SlotFile;
 
 /// The anti-rollback record with the accepted bundle's envelope, in a two-slot file.
@@ -267,15 +267,7 @@ impl PolicyState {
 
     /// Writes `record` durably into the slot file (created at the first write).
     fn persist(&mut self, record: &[u8]) -> Result<(), CacheError> {
-        let f = match &mut self.slots {
-            Some(f) => f,
-            None => {
-                let (f, _) =
-                    SlotFile::open_or_create(&self.dir.join(STATE_FILE), record.len() * 2)?;
-                self.slots.insert(f)
-            }
-        };
-        f.write(record)
+        SlotFile::write_into(&mut self.slots, &self.dir.join(STATE_FILE), record)
     }
 
     /// Whether the current bundle may still be enforced at `now`.
@@ -283,13 +275,6 @@ impl PolicyState {
         self.current
             .as_ref()
             .is_some_and(|b| check_time(&b.content, now).is_ok())
-    }
-}
-
-/// Moves a corrupt file aside (kept for inspection) so it is not read again.
-fn move_aside(dir: &Path, file: &str) {
-    if let Err(e) = std::fs::rename(dir.join(file), dir.join(format!("{file}.corrupt"))) {
-        tracing::warn!(file, error = %e, "could not move a corrupt policy file aside");
     }
 }
 

@@ -126,12 +126,6 @@ fn parse_slot(b: &[u8], capacity: usize) -> Slot {
     }
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
-}
-
 /// The smallest power of two at least `n` and [`MIN_CAPACITY`] (at most `MAX_CAPACITY`).
 fn pow2_at_least(n: usize) -> usize {
     n.max(MIN_CAPACITY)
@@ -151,6 +145,23 @@ fn used(b: &[u8]) -> usize {
 }
 
 impl SlotFile {
+    /// Writes `payload` into the file held in `held`, first opening `path` (or creating it,
+    /// slots sized for twice the payload) if none is held: the lazily opened file of a writer.
+    pub fn write_into(
+        held: &mut Option<SlotFile>,
+        path: &Path,
+        payload: &[u8],
+    ) -> Result<(), CacheError> {
+        let f = match held {
+            Some(f) => f,
+            None => {
+                let (f, _) = Self::open_or_create(path, payload.len() * 2)?;
+                held.insert(f)
+            }
+        };
+        f.write(payload)
+    }
+
     /// Opens `path`, or creates it (empty, slots of at least `min_capacity` bytes) if it does
     /// not exist; returns the newest valid payload. Both slots invalid (or a bad file
     /// header) is [`CacheError::Corrupt`]: the caller moves the file aside.
@@ -236,15 +247,12 @@ impl SlotFile {
         )))
     }
 
-    /// Builds the file as a whole (temp, fsync, rename, fsync dir), `first` in slot 0.
+    /// Builds the file as a whole ([`crate::cache::create_atomic`]), `first` in slot 0.
     fn create(
         path: &Path,
         capacity: usize,
         first: Option<(u64, &[u8])>,
     ) -> Result<Self, CacheError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let io = |e: std::io::Error| CacheError::Io(format!("creating {}: {e}", path.display()));
         let slot_size = SLOT_HEADER + capacity;
         let mut image = vec![0u8; FILE_HEADER + 2 * slot_size];
         let header = file_header(capacity)?;
@@ -260,23 +268,9 @@ impl SlotFile {
             dst.copy_from_slice(&rec);
             extent[0] = rec.len();
         }
-        let tmp = tmp_path(path);
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
         // Written, not `set_len`/`fallocate`: unwritten extents would make the first overwrite
         // of each block a metadata change.
-        f.write_all(&image).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        if let Some(dir) = path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        }
+        let f = crate::cache::create_atomic(path, &image, "creating")?;
         Ok(Self {
             path: path.to_owned(),
             file: f,
@@ -366,7 +360,7 @@ mod tests {
             std::fs::metadata(&p).unwrap().len() as usize,
             FILE_HEADER + 2 * (SLOT_HEADER + MIN_CAPACITY)
         );
-        assert!(!tmp_path(&p).exists());
+        assert!(!crate::cache::tmp_path(&p).exists());
     }
 
     #[test]
