@@ -131,16 +131,70 @@ pub struct PolicyEngine {
     hasher: RandomState,
 }
 
-/// What a request's principal, entities and context are built from, and what they are when
-/// the call has no arguments: they depend only on these fields of the query, never on the
-/// action or resource. A call with arguments adds its `Arguments` entity to `members`.
+/// A caller as policy sees it, owned: what a [`Query`] carries besides the action and the
+/// resource (e.g. kept with a response that is filtered by what the caller may do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub spiffe_id: String,
+    pub trust_domain: String,
+    pub groups: Vec<String>,
+    pub scopes: Vec<String>,
+    pub hour: i64,
+    pub weekday: i64,
+}
+
+impl Caller {
+    /// The caller of `q`.
+    pub fn of(q: &Query<'_>) -> Self {
+        Self {
+            spiffe_id: q.principal.spiffe_id.to_owned(),
+            trust_domain: q.principal.trust_domain.to_owned(),
+            groups: q.principal.groups.to_vec(),
+            scopes: q.scopes.to_vec(),
+            hour: q.hour,
+            weekday: q.weekday,
+        }
+    }
+
+    /// This caller's query for `action` on `resource_type::resource_id`, without arguments.
+    pub fn query<'a>(
+        &'a self,
+        action: &'a str,
+        resource_type: &'a str,
+        resource_id: &'a str,
+    ) -> Query<'a> {
+        Query {
+            principal: Principal {
+                spiffe_id: &self.spiffe_id,
+                trust_domain: &self.trust_domain,
+                groups: &self.groups,
+            },
+            action,
+            resource_type,
+            resource_id,
+            scopes: &self.scopes,
+            hour: self.hour,
+            weekday: self.weekday,
+            arguments: None,
+        }
+    }
+
+    /// Whether `q` is by this caller.
+    fn is_for(&self, q: &Query<'_>) -> bool {
+        self.hour == q.hour
+            && self.weekday == q.weekday
+            && self.spiffe_id == q.principal.spiffe_id
+            && self.trust_domain == q.principal.trust_domain
+            && self.groups == q.principal.groups
+            && self.scopes == q.scopes
+    }
+}
+
+/// What a request's principal, entities and context are for a caller, when the call has no
+/// arguments: they depend only on the caller, never on the action or resource. A call with
+/// arguments adds its `Arguments` entity to `members`.
 struct CallerParts {
-    spiffe_id: String,
-    trust_domain: String,
-    groups: Vec<String>,
-    scopes: Vec<String>,
-    hour: i64,
-    weekday: i64,
+    caller: Caller,
     principal: EntityUid,
     /// The workload, its groups and the schema's action entities.
     members: Vec<Entity>,
@@ -185,15 +239,6 @@ impl CallerParts {
                 },
             );
         }
-    }
-
-    fn is_for(&self, q: &Query<'_>) -> bool {
-        self.hour == q.hour
-            && self.weekday == q.weekday
-            && self.spiffe_id == q.principal.spiffe_id
-            && self.trust_domain == q.principal.trust_domain
-            && self.groups == q.principal.groups
-            && self.scopes == q.scopes
     }
 }
 
@@ -364,7 +409,7 @@ impl PolicyEngine {
             .callers
             .lock()
             .ok()
-            .and_then(|m| m.get(&key).filter(|p| p.is_for(q)).cloned());
+            .and_then(|m| m.get(&key).filter(|p| p.caller.is_for(q)).cloned());
         if let Some(p) = hit {
             return Ok(p);
         }
@@ -373,12 +418,7 @@ impl PolicyEngine {
         let mut all = members.clone();
         all.push(self.arguments_entity(Vec::new())?);
         let parts = Arc::new(CallerParts {
-            spiffe_id: q.principal.spiffe_id.to_owned(),
-            trust_domain: q.principal.trust_domain.to_owned(),
-            groups: q.principal.groups.to_vec(),
-            scopes: q.scopes.to_vec(),
-            hour: q.hour,
-            weekday: q.weekday,
+            caller: Caller::of(q),
             principal,
             members,
             entities: Entities::from_entities(all, None).map_err(bad)?,

@@ -23,7 +23,7 @@ use crate::token::{Expect, TokenCache, TokenError};
 use crate::trace::{RequestTrace, Tracer};
 use crate::upstream::Upstream;
 use crate::{Credentials, ProxyConfig};
-use sigil_policy::{PolicyEngine, Principal, Query};
+use sigil_policy::{Caller, PolicyEngine, Principal, Query};
 use std::time::{Duration, Instant};
 
 pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
@@ -40,43 +40,17 @@ fn hour_and_weekday(now: i64) -> (i64, i64) {
     )
 }
 
-/// The caller of an authorized request, as policy sees it; kept to filter the response.
-#[derive(Clone)]
-struct Caller {
-    spiffe_id: String,
-    trust_domain: String,
-    groups: Vec<String>,
-    scopes: Vec<String>,
-    hour: i64,
-    weekday: i64,
-}
-
-impl Caller {
-    /// Whether `engine` permits this caller `action` on `resource_type::resource_id` (errors
-    /// deny).
-    fn permits(
-        &self,
-        engine: &PolicyEngine,
-        action: &str,
-        resource_type: &str,
-        resource_id: &str,
-    ) -> bool {
-        let q = Query {
-            principal: Principal {
-                spiffe_id: &self.spiffe_id,
-                trust_domain: &self.trust_domain,
-                groups: &self.groups,
-            },
-            action,
-            resource_type,
-            resource_id,
-            scopes: &self.scopes,
-            hour: self.hour,
-            weekday: self.weekday,
-            arguments: None,
-        };
-        engine.decide(&q).is_ok_and(|d| d.allow)
-    }
+/// Whether `engine` permits `caller` `action` on `resource_type::resource_id` (errors deny).
+fn permits(
+    caller: &Caller,
+    engine: &PolicyEngine,
+    action: &str,
+    resource_type: &str,
+    resource_id: &str,
+) -> bool {
+    engine
+        .decide(&caller.query(action, resource_type, resource_id))
+        .is_ok_and(|d| d.allow)
 }
 
 /// What an authorized request may see of the response.
@@ -694,7 +668,7 @@ async fn filter_response(
     match filter {
         ResponseFilter::None => Ok(body.boxed()),
         ResponseFilter::Tools(caller, engine, ids) if sse => {
-            let allow = move |t: &str| caller.permits(&engine, "call_tool", "Tool", t);
+            let allow = move |t: &str| permits(&caller, &engine, "call_tool", "Tool", t);
             Ok(sse_filtered(
                 body,
                 SseFilter::new(ids, allow, MAX_FILTERED_RESPONSE),
@@ -713,10 +687,10 @@ async fn filter_response(
                 .to_bytes();
             let out = match filter {
                 ResponseFilter::Models(caller, engine) => {
-                    filter_models(&bytes, |m| caller.permits(&engine, "invoke", "Model", m))?
+                    filter_models(&bytes, |m| permits(&caller, &engine, "invoke", "Model", m))?
                 }
                 ResponseFilter::Tools(caller, engine, ids) => {
-                    let allow = |t: &str| caller.permits(&engine, "call_tool", "Tool", t);
+                    let allow = |t: &str| permits(&caller, &engine, "call_tool", "Tool", t);
                     filter_tools_json(&bytes, &ids, &allow)?
                 }
                 ResponseFilter::None => bytes.to_vec(),
