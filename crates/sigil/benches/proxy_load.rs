@@ -540,21 +540,7 @@ fn main() {
     ]);
     let cdir = dir.join("client");
     s.mint(&client_id, &cdir);
-    let pdir = dir.join("proxy-svid");
-    s.sigil_json(&[
-        "svid",
-        "mint",
-        "--spiffe-id",
-        &format!("spiffe://{TD}/proxy"),
-        "--dns",
-        "localhost",
-        "--out-dir",
-        pdir.to_str().unwrap(),
-    ]);
-    let bundle_json = dir.join("bundle.json");
-    let out = s.sigil(&["bundle", "show"]);
-    assert!(out.status.success());
-    std::fs::write(&bundle_json, &out.stdout).unwrap();
+    let (pdir, bundle_json) = s.proxy_credentials(dir, &format!("spiffe://{TD}/proxy"));
     let bundle_pem = cdir.join("bundle.pem");
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
