@@ -12,6 +12,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use sigil_proto::node::v1::node_client::NodeClient;
 use tonic::transport::{Channel, Endpoint};
 
+pub mod proxy;
 pub mod upstream;
 
 pub const TD: &str = "td.test";
