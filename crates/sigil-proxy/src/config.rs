@@ -65,6 +65,33 @@ pub struct ProxyConfig {
     /// Path where the upstream serves MCP (JSON-RPC over streamable HTTP).
     #[serde(default = "default_mcp_path")]
     pub mcp_path: String,
+    /// Paths that are model calls, added to the built-in inference routes of OpenAI,
+    /// llama.cpp, Ollama, vLLM and Anthropic-style servers (matched case-insensitively,
+    /// trailing slash ignored).
+    #[serde(default)]
+    pub model_routes: Vec<String>,
+    /// The body fields that choose a model, each authorized as `invoke` (default: `model`,
+    /// `fallbacks`, `context_window_fallbacks`, `models`); replaces the default list.
+    #[serde(default)]
+    pub model_fields: Option<Vec<String>>,
+    /// The model a model route's body may leave unnamed (a one-model server such as
+    /// llama.cpp's `/completion`); without it such a body is refused.
+    #[serde(default)]
+    pub default_model: Option<String>,
+    /// Set Envoy's `X-Forwarded-Client-Cert` (`By=<proxy>;Hash=<cert SHA-256>;URI=<client>`)
+    /// on forwarded requests, for upstreams built to sit behind Envoy or Istio.
+    #[serde(default = "default_true")]
+    pub xfcc: bool,
+    /// Seconds a client has to send a request head (HTTP/1.1; also how long a keep-alive
+    /// connection may wait for its next request).
+    #[serde(default = "default_header_timeout")]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a client has to send a request body the proxy reads.
+    #[serde(default = "default_body_timeout")]
+    pub body_read_timeout_secs: u64,
+    /// Seconds a connection with no request in flight and no bytes moving stays open.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
     /// The audit segment (0600): framed JSON records, see `sigil audit show`.
     #[serde(default = "default_audit_log")]
     pub audit_log: PathBuf,
@@ -124,6 +151,14 @@ fn default_audit_rotate_bytes() -> u64 {
     64 * 1024 * 1024
 }
 
+/// A configuration checked once, with what it resolves to.
+pub struct Validated {
+    pub cfg: ProxyConfig,
+    pub(crate) routes: crate::extract::Routes,
+    pub(crate) export: Option<crate::export::ExportConfig>,
+    pub(crate) trace: Option<crate::trace::TraceConfig>,
+}
+
 /// A token bucket per caller for one model or tool.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -160,6 +195,19 @@ pub enum Enforce {
     Full,
     /// The client SVID only.
     MtlsOnly,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_header_timeout() -> u64 {
+    30
+}
+fn default_body_timeout() -> u64 {
+    30
+}
+fn default_idle_timeout() -> u64 {
+    120
 }
 
 fn default_mcp_path() -> String {
@@ -212,6 +260,13 @@ impl ProxyConfig {
         "policy_dir",
         "policy_source",
         "mcp_path",
+        "model_routes",
+        "model_fields",
+        "default_model",
+        "xfcc",
+        "header_read_timeout_secs",
+        "body_read_timeout_secs",
+        "idle_timeout_secs",
         "audit_log",
         "max_body_bytes",
         "rate_limit_per_sec",
@@ -237,6 +292,32 @@ impl ProxyConfig {
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ProxyConfigError> {
+        self.check().map(|_| ())
+    }
+
+    /// The configuration checked, with what it resolves to (the route table, the export and
+    /// trace settings), for [`crate::start`] to use as it is.
+    pub fn into_validated(self) -> Result<Validated, ProxyConfigError> {
+        let (routes, export, trace) = self.check()?;
+        Ok(Validated {
+            cfg: self,
+            routes,
+            export,
+            trace,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn check(
+        &self,
+    ) -> Result<
+        (
+            crate::extract::Routes,
+            Option<crate::export::ExportConfig>,
+            Option<crate::trace::TraceConfig>,
+        ),
+        ProxyConfigError,
+    > {
         let bad = |key, message: &str| ProxyConfigError {
             key,
             message: message.to_owned(),
@@ -305,16 +386,43 @@ impl ProxyConfig {
         {
             return Err(bad("audit_ship_to", "must be an https://host:port URL"));
         }
-        if let Err(e) = self.export_config() {
+        let export = self.export_config().map_err(|e| {
             let key = if e.starts_with("audit_export") {
                 "audit_export"
             } else {
                 "audit_otlp_endpoint"
             };
-            return Err(bad(key, &e));
-        }
-        if let Err(e) = self.trace_config() {
-            return Err(bad("trace_otlp_endpoint", &e));
+            bad(key, &e)
+        })?;
+        let trace = self
+            .trace_config()
+            .map_err(|e| bad("trace_otlp_endpoint", &e))?;
+        let routes = crate::extract::Routes::new(
+            &self.model_routes,
+            self.model_fields.as_deref(),
+            self.default_model.clone(),
+            &self.mcp_path,
+        )
+        .map_err(|e| {
+            let key = if e.starts_with("mcp_path") {
+                "mcp_path"
+            } else if e.starts_with("model_fields") {
+                "model_fields"
+            } else if e.starts_with("default_model") {
+                "default_model"
+            } else {
+                "model_routes"
+            };
+            bad(key, &e)
+        })?;
+        for (key, v) in [
+            ("header_read_timeout_secs", self.header_read_timeout_secs),
+            ("body_read_timeout_secs", self.body_read_timeout_secs),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(bad(key, "must be between 1 and 3600 seconds"));
+            }
         }
         if let Some(id) = &self.spiffe_id {
             match sigil_core::SpiffeId::new(id) {
@@ -356,7 +464,7 @@ impl ProxyConfig {
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(bad("log_format", "must be \"text\" or \"json\""));
         }
-        Ok(())
+        Ok((routes, export, trace))
     }
 }
 

@@ -2,8 +2,6 @@
 //! models the caller may invoke; an MCP `tools/list` result lists only the tools it may call,
 //! whether the server answers in JSON or as an SSE stream. Filtering fails closed: a response
 //! that cannot be parsed is not passed through.
-use std::collections::HashSet;
-
 use serde_json::Value;
 
 /// Why a response could not be filtered (the client gets a 502 instead).
@@ -18,89 +16,96 @@ pub enum FilterError {
     EventTooLarge(usize),
 }
 
-/// Keeps the entries of an OpenAI model list (`{"object":"list","data":[{"id":..},..]}`)
-/// that `allow` admits; entries without a string `id` are dropped.
+/// Keeps the entries of a model list that `allow` admits: OpenAI's
+/// (`{"object":"list","data":[{"id":..},..]}`) or Ollama's (`{"models":[{"name":..,
+/// "model":..},..]}`, both names admitted). Entries without a string name are dropped.
 pub fn filter_models(body: &[u8], allow: impl Fn(&str) -> bool) -> Result<Vec<u8>, FilterError> {
     let mut v: Value =
         serde_json::from_slice(body).map_err(|e| FilterError::BadJson(e.to_string()))?;
-    let data = v
-        .get_mut("data")
-        .and_then(Value::as_array_mut)
-        .ok_or(FilterError::Shape("model list without a \"data\" array"))?;
-    data.retain(|m| m.get("id").and_then(Value::as_str).is_some_and(&allow));
+    if let Some(data) = v.get_mut("data").and_then(Value::as_array_mut) {
+        data.retain(|m| m.get("id").and_then(Value::as_str).is_some_and(&allow));
+    } else if let Some(models) = v.get_mut("models").and_then(Value::as_array_mut) {
+        models.retain(|m| {
+            m.get("name").and_then(Value::as_str).is_some_and(&allow)
+                && m.get("model")
+                    .is_none_or(|n| n.as_str().is_some_and(&allow))
+        });
+    } else {
+        return Err(FilterError::Shape(
+            "model list without a \"data\" or \"models\" array",
+        ));
+    }
     serde_json::to_vec(&v).map_err(|e| FilterError::BadJson(e.to_string()))
 }
 
-/// The ids of the `tools/list` requests of an MCP request body (one message or a batch).
-pub fn tools_list_ids(body: &[u8]) -> HashSet<String> {
-    let Ok(v) = serde_json::from_slice::<Value>(body) else {
-        return HashSet::new();
-    };
-    let one = |m: &Value| {
-        (m.get("method").and_then(Value::as_str) == Some("tools/list"))
-            .then(|| m.get("id").map(Value::to_string))
-            .flatten()
-    };
-    match &v {
-        Value::Array(batch) => batch.iter().filter_map(one).collect(),
-        m => one(m).into_iter().collect(),
-    }
-}
+/// Whether the caller may use one listed MCP item: `(action, resource type, id)`.
+pub type McpAllow = dyn Fn(&str, &str, &str) -> bool + Send + Sync;
 
-/// Filters one JSON-RPC message in place if it answers one of `ids`; whether it changed.
-fn filter_message(m: &mut Value, ids: &HashSet<String>, allow: &dyn Fn(&str) -> bool) -> bool {
-    let answers = m.get("id").is_some_and(|id| ids.contains(&id.to_string()));
-    if !answers {
-        return false;
-    }
-    let Some(tools) = m
-        .get_mut("result")
-        .and_then(|r| r.get_mut("tools"))
-        .and_then(Value::as_array_mut)
-    else {
+/// The lists of an MCP result that are filtered: the result key, the action and resource
+/// type policy decides on, and the field naming each item.
+const MCP_LISTS: &[(&str, &str, &str, &str)] = &[
+    ("tools", "call_tool", "Tool", "name"),
+    ("prompts", "get_prompt", "Prompt", "name"),
+    ("resources", "read_resource", "Resource", "uri"),
+];
+
+/// Filters one JSON-RPC message in place: any result holding a tool, prompt or resource
+/// list keeps only what the caller may use, whatever the id it answers (ids are spelled
+/// many ways: `1`, `1.0`, `-0`); whether it changed.
+fn filter_message(m: &mut Value, allow: &dyn Fn(&str, &str, &str) -> bool) -> bool {
+    let Some(result) = m.get_mut("result").and_then(Value::as_object_mut) else {
         return false;
     };
-    let before = tools.len();
-    tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(allow));
-    tools.len() != before
+    let mut changed = false;
+    for (key, action, kind, field) in MCP_LISTS {
+        let Some(items) = result.get_mut(*key).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        let before = items.len();
+        items.retain(|t| {
+            t.get(*field)
+                .and_then(Value::as_str)
+                .is_some_and(|id| allow(action, kind, id))
+        });
+        changed |= items.len() != before;
+    }
+    changed
 }
 
 /// Filters a JSON MCP response body (one message or a batch).
-pub fn filter_tools_json(
+pub fn filter_mcp_json(
     body: &[u8],
-    ids: &HashSet<String>,
-    allow: &dyn Fn(&str) -> bool,
+    allow: &dyn Fn(&str, &str, &str) -> bool,
 ) -> Result<Vec<u8>, FilterError> {
     let mut v: Value =
         serde_json::from_slice(body).map_err(|e| FilterError::BadJson(e.to_string()))?;
     match &mut v {
         Value::Array(batch) => {
             for m in batch.iter_mut() {
-                filter_message(m, ids, allow);
+                filter_message(m, allow);
             }
         }
         m => {
-            filter_message(m, ids, allow);
+            filter_message(m, allow);
         }
     }
     serde_json::to_vec(&v).map_err(|e| FilterError::BadJson(e.to_string()))
 }
 
 /// An incremental filter of an MCP SSE response stream: complete events are examined as they
-/// arrive and passed on at once (so streaming is not delayed); an event that carries the answer
-/// to a `tools/list` request is re-emitted with the tools filtered.
-pub struct SseFilter<F> {
+/// arrive and passed on at once (so streaming is not delayed); an event that carries a tool,
+/// prompt or resource list is re-emitted filtered. An event whose data is not JSON is
+/// passed as it is (it carries no list a client would read as one).
+pub struct SseFilter {
     buf: Vec<u8>,
-    ids: HashSet<String>,
-    allow: F,
+    allow: Box<McpAllow>,
     max_event: usize,
 }
 
-impl<F: Fn(&str) -> bool> SseFilter<F> {
-    pub fn new(ids: HashSet<String>, allow: F, max_event: usize) -> Self {
+impl SseFilter {
+    pub fn new(allow: Box<McpAllow>, max_event: usize) -> Self {
         Self {
             buf: Vec::new(),
-            ids,
             allow,
             max_event,
         }
@@ -165,11 +170,11 @@ impl<F: Fn(&str) -> bool> SseFilter<F> {
                 // Every message is filtered (no short circuit).
                 let mut changed = false;
                 for m in batch.iter_mut() {
-                    changed |= filter_message(m, &self.ids, &self.allow);
+                    changed |= filter_message(m, &*self.allow);
                 }
                 changed
             }
-            m => filter_message(m, &self.ids, &self.allow),
+            m => filter_message(m, &*self.allow),
         };
         if !changed {
             return raw.to_vec();
@@ -233,48 +238,58 @@ mod tests {
             {"name":"read_sensor"},{"name":"shutdown_line"},{"name":"read_file"}]}})
     }
 
-    #[test]
-    fn tools_list_results_are_filtered_in_json_and_batches() {
-        let ids = tools_list_ids(
-            br#"[{"jsonrpc":"2.0","id":7,"method":"tools/list"},{"jsonrpc":"2.0","id":"x","method":"ping"}]"#,
-        );
-        assert_eq!(ids, HashSet::from(["7".to_owned()]));
-        let allow = |t: &str| t != "shutdown_line";
-        let out = filter_tools_json(
-            tools_response(json!(7)).to_string().as_bytes(),
-            &ids,
-            &allow,
-        )
-        .unwrap();
-        let v: Value = serde_json::from_slice(&out).unwrap();
-        let names: Vec<&str> = v["result"]["tools"]
+    fn no_shutdown(action: &str, kind: &str, id: &str) -> bool {
+        match (action, kind) {
+            ("call_tool", "Tool") => id != "shutdown_line",
+            ("get_prompt", "Prompt") => id == "ok",
+            ("read_resource", "Resource") => id.starts_with("file:///data/"),
+            _ => false,
+        }
+    }
+
+    fn tool_names(v: &Value) -> Vec<&str> {
+        v["result"]["tools"]
             .as_array()
             .unwrap()
             .iter()
             .map(|t| t["name"].as_str().unwrap())
-            .collect();
-        assert_eq!(names, ["read_sensor", "read_file"]);
-        // A response to another id (a "7" string is not the number 7) is left alone.
-        let other = tools_response(json!("7")).to_string();
-        let out = filter_tools_json(other.as_bytes(), &ids, &allow).unwrap();
-        let v: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["result"]["tools"].as_array().unwrap().len(), 3);
-        let batch = json!([tools_response(json!(7)), {"jsonrpc":"2.0","id":"x","result":{}}]);
-        let out = filter_tools_json(batch.to_string().as_bytes(), &ids, &allow).unwrap();
+            .collect()
+    }
+
+    #[test]
+    fn mcp_lists_are_filtered_whatever_the_id_in_json_and_batches() {
+        // Every spelling of an id, and ids no request used: filtered all the same.
+        for id in ["7", "\"7\"", "-0", "1.0", "1e0", "null"] {
+            let body = tools_response(serde_json::from_str(id).unwrap()).to_string();
+            let out = filter_mcp_json(body.as_bytes(), &no_shutdown).unwrap();
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(tool_names(&v), ["read_sensor", "read_file"], "id {id}");
+        }
+        let batch = json!([tools_response(json!(7)), {"jsonrpc":"2.0","id":"x","result":{
+            "prompts":[{"name":"ok"},{"name":"secret"}],
+            "resources":[{"uri":"file:///data/a"},{"uri":"file:///etc/shadow"},{"name":"no uri"}]}}]);
+        let out = filter_mcp_json(batch.to_string().as_bytes(), &no_shutdown).unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v[0]["result"]["tools"].as_array().unwrap().len(), 2);
-        assert!(filter_tools_json(b"{", &ids, &allow).is_err());
+        assert_eq!(v[1]["result"]["prompts"], json!([{"name":"ok"}]));
+        assert_eq!(
+            v[1]["result"]["resources"],
+            json!([{"uri":"file:///data/a"}])
+        );
+        assert!(filter_mcp_json(b"{", &no_shutdown).is_err());
     }
 
     #[test]
     fn sse_events_are_filtered_across_chunk_boundaries() {
-        let ids = HashSet::from(["1".to_owned()]);
-        let mut f = SseFilter::new(ids, |t: &str| t == "read_sensor", 1 << 20);
+        let mut f = SseFilter::new(
+            Box::new(|_: &str, _: &str, t: &str| t == "read_sensor"),
+            1 << 20,
+        );
         let ping =
             "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n";
         let list = format!(
             "event: message\r\nid: 9\r\ndata: {}\r\n\r\n",
-            tools_response(json!(1))
+            tools_response(json!(-0.0))
         );
         let stream = format!("{ping}{list}: comment\n\n");
         let mut out = Vec::new();
@@ -291,7 +306,7 @@ mod tests {
         assert!(!text.contains("shutdown_line"), "{text}");
         assert!(!text.contains("read_file"), "{text}");
         // An event that never ends cannot grow without bound.
-        let mut f = SseFilter::new(HashSet::new(), |_: &str| true, 64);
+        let mut f = SseFilter::new(Box::new(|_: &str, _: &str, _: &str| true), 64);
         assert!(f.push(&[b'a'; 65]).is_err());
     }
 }

@@ -1,23 +1,38 @@
-//! The sigil sidecar enforcer (`sigil proxy`), first slice: inbound mTLS that only admits
-//! X.509-SVIDs of the trust domain, a per-request certificate-bound access token (validated
-//! once per token, then cached), and streaming forwarding to the upstream with identity
-//! headers set by the proxy and never taken from the client. Policy, rate limits and audit
-//! come next (see the proxy issue).
+//! The sigil sidecar enforcer (`sigil proxy`): inbound mTLS that only admits X.509-SVIDs of
+//! the trust domain, a per-request certificate-bound access token, Cedar policy on the
+//! model, tool, resource or prompt being called, rate limits per identity, a durable audit
+//! record of every decision, and streaming forwarding with identity headers set by the
+//! proxy. It forwards only what it has read in exactly one way; the request path is laid
+//! out step by step in `stack.rs`.
 #![forbid(unsafe_code)]
 
+mod admit;
 mod audit;
+mod authenticate;
+mod body;
 mod config;
+mod conn;
 mod credentials;
+mod decide;
+mod deny;
 mod export;
 mod extract;
 mod filter;
 mod forward;
+mod headers;
+mod json;
+mod limit;
 mod metrics;
+mod observe;
 mod otlp;
+mod path;
 mod policy;
 mod ratelimit;
+mod respond;
 mod revocation;
+mod session;
 mod shipper;
+mod stack;
 mod tls;
 mod token;
 mod trace;
@@ -84,7 +99,9 @@ impl Drop for AbortOnDrop {
 
 /// Loads the credentials, binds the listener and starts serving.
 pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<RunningProxy> {
-    cfg.validate()?;
+    let mut validated = cfg.into_validated()?;
+    let (export_config, trace_config) = (validated.export.take(), validated.trace.take());
+    let cfg = &validated.cfg;
     // Tells open connections that the revocation list changed, so a revoked client's
     // keep-alive connections are closed at once.
     let (revoked_tx, revoked_rx) = tokio::sync::watch::channel(0i64);
@@ -100,13 +117,13 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             .start()
             .await?
         }
-        None => Arc::new(ArcSwap::from_pointee(Credentials::load_files(&cfg)?)),
+        None => Arc::new(ArcSwap::from_pointee(Credentials::load_files(cfg)?)),
     };
     let tls = tls::server_config(creds.clone(), clock.clone())?;
     let listener = TcpListener::bind(cfg.listen_addr).await?;
     let addr = listener.local_addr()?;
     // SIEM export (stopped with the accept loop, like the shipper).
-    let (export_sink, export_tasks) = match cfg.export_config().map_err(anyhow::Error::msg)? {
+    let (export_sink, export_tasks) = match export_config {
         Some(x) => {
             let (sink, tasks) = export::spawn(x)?;
             (Some(sink), tasks.into_iter().map(AbortOnDrop).collect())
@@ -128,10 +145,10 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let limits = Arc::new(ArcSwap::from_pointee(ratelimit::Limits::new(
         cfg.limit_settings(),
     )));
-    let policies = policy::start(&cfg, clock.clone(), limits.clone())?;
+    let policies = policy::start(cfg, clock.clone(), limits.clone())?;
     let (handle_creds, handle_policies) = (creds.clone(), policies.clone());
     // Traces (stopped with the accept loop).
-    let (tracer, trace_task) = match cfg.trace_config().map_err(anyhow::Error::msg)? {
+    let (tracer, trace_task) = match trace_config {
         Some(t) => {
             if let Some(w) = trace::TraceConfig::protocol_warning(&|k| std::env::var(k).ok()) {
                 tracing::warn!("{w}");
@@ -145,8 +162,8 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
 
     let (metrics_at, metrics_policies, enforce) = (cfg.metrics_addr, policies.clone(), cfg.enforce);
     let state = Arc::new(
-        forward::Proxy::new(
-            cfg,
+        stack::Proxy::new(
+            validated,
             creds.clone(),
             clock.clone(),
             audit,

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use http::StatusCode;
 use sigil_core::Clock;
 use sigil_metrics::prometheus_client::metrics::counter::Counter;
 use sigil_metrics::prometheus_client::metrics::family::Family;
@@ -81,21 +80,6 @@ impl Outcome {
         };
         [("decision", decision), ("reason", reason)]
     }
-
-    /// The reason of a refusal from the status the client gets (the refusal paths of
-    /// `authorize` each have their own status; 401 is a bad token unless revoked).
-    pub(crate) fn of_refusal(status: StatusCode, message: &str) -> Self {
-        match status {
-            StatusCode::UNAUTHORIZED if message == "client certificate revoked" => Outcome::Revoked,
-            StatusCode::UNAUTHORIZED => Outcome::BadToken,
-            StatusCode::FORBIDDEN => Outcome::Policy,
-            StatusCode::TOO_MANY_REQUESTS => Outcome::RateLimited,
-            StatusCode::PAYLOAD_TOO_LARGE => Outcome::TooLarge,
-            StatusCode::SERVICE_UNAVAILABLE => Outcome::AuditFailure,
-            StatusCode::BAD_GATEWAY => Outcome::Upstream,
-            _ => Outcome::BadRequest,
-        }
-    }
 }
 
 /// The proxy's metrics; a no-op when the listener is not configured.
@@ -155,23 +139,6 @@ impl Metrics {
             .and_then(|i| i.requests.get(outcome as usize))
         {
             c.inc();
-        }
-    }
-
-    /// Counts a request forwarded and answered by the upstream.
-    #[inline]
-    pub(crate) fn allowed(&self, enforce: Enforce) {
-        self.request(match enforce {
-            Enforce::Full => Outcome::Allowed,
-            Enforce::MtlsOnly => Outcome::AllowedMtlsOnly,
-        });
-    }
-
-    /// Counts a refused request by the status it was refused with.
-    #[inline]
-    pub(crate) fn refused(&self, status: StatusCode, message: &str) {
-        if self.inner.is_some() {
-            self.request(Outcome::of_refusal(status, message));
         }
     }
 
@@ -429,44 +396,6 @@ mod tests {
     }
 
     #[test]
-    fn refusals_map_to_a_fixed_reason() {
-        use Outcome::*;
-        let cases = [
-            (
-                StatusCode::UNAUTHORIZED,
-                "client certificate revoked",
-                Revoked,
-            ),
-            (StatusCode::UNAUTHORIZED, "missing bearer token", BadToken),
-            (StatusCode::FORBIDDEN, "policy denies invoke", Policy),
-            (
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate limit exceeded",
-                RateLimited,
-            ),
-            (StatusCode::PAYLOAD_TOO_LARGE, "too large", TooLarge),
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "audit log unavailable",
-                AuditFailure,
-            ),
-            (StatusCode::BAD_GATEWAY, "upstream unavailable", Upstream),
-            (
-                StatusCode::BAD_REQUEST,
-                "ambiguous message framing",
-                BadRequest,
-            ),
-        ];
-        for (status, message, want) in cases {
-            assert_eq!(
-                Outcome::of_refusal(status, message),
-                want,
-                "{status} {message}"
-            );
-        }
-    }
-
-    #[test]
     fn counts_outcomes_and_exposes_every_series_from_the_start() {
         let m = Metrics::new(true);
         let text = encode(&m);
@@ -478,8 +407,8 @@ mod tests {
         for _ in 0..7 {
             m.request(Outcome::Allowed);
         }
-        m.refused(StatusCode::FORBIDDEN, "policy denies");
-        m.refused(StatusCode::UNAUTHORIZED, "client certificate revoked");
+        m.request(Outcome::Policy);
+        m.request(Outcome::Revoked);
         m.policy_evaluated(m.start());
         m.token_cache(false);
         m.token_cache(true);
@@ -515,7 +444,7 @@ mod tests {
         let m = Metrics::new(false);
         assert!(m.start().is_none());
         m.request(Outcome::Allowed);
-        m.refused(StatusCode::FORBIDDEN, "x");
+        m.request(Outcome::Policy);
         drop(m.connection_opened());
         assert!(encode(&m).is_empty());
     }
@@ -535,7 +464,7 @@ mod tests {
             m.forwarding(received);
             let sent = m.start();
             m.upstream_done(sent);
-            m.allowed(Enforce::Full);
+            m.request(Outcome::Allowed);
         }
         for enabled in [false, true] {
             let m = Metrics::new(enabled);

@@ -122,7 +122,13 @@ impl RateLimiter {
 
     /// Takes one token for `who` at `now`; `Err(wait)` if none is left.
     pub fn check(&self, who: &str, now: Instant) -> Result<(), Duration> {
-        if self.rate <= 0.0 {
+        self.take(who, 1, now)
+    }
+
+    /// Takes `n` tokens for `who` at `now` (a JSON-RPC batch costs one per call), all or
+    /// none; `Err(wait)` if fewer are left (more than the burst never fit: refused).
+    pub fn take(&self, who: &str, n: usize, now: Instant) -> Result<(), Duration> {
+        if self.rate <= 0.0 || n == 0 {
             return Ok(());
         }
         // A poisoned lock only means another request panicked mid-update: fail closed.
@@ -139,11 +145,14 @@ impl RateLimiter {
         let refill = now.saturating_duration_since(*at).as_secs_f64() * self.rate;
         *tokens = (*tokens + refill).min(self.burst);
         *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
+        // Bounded by the burst (at most 100,000 calls fit a body); exact in f64.
+        let n = n as f64;
+        if *tokens >= n {
+            *tokens -= n;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - *tokens) / self.rate))
+            let short = (n.min(self.burst) - *tokens).max(0.0);
+            Err(Duration::from_secs_f64(short / self.rate).max(Duration::from_millis(1)))
         }
     }
 }
@@ -191,6 +200,12 @@ mod tests {
         let t1 = t0 + Duration::from_millis(500);
         rl.check("a", t1).unwrap();
         assert!(rl.check("a", t1).is_err());
+        // A batch takes one token per call, all or none.
+        let t2 = t1 + Duration::from_secs(10);
+        assert!(rl.take("a", 4, t2).is_err(), "more than the burst");
+        rl.take("a", 2, t2).unwrap();
+        assert!(rl.take("a", 2, t2).is_err(), "one left, two asked");
+        rl.take("a", 1, t2).unwrap();
         // Unlimited when rate is 0.
         let off = RateLimiter::new(0.0, 0.0);
         for _ in 0..1000 {

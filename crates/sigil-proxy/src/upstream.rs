@@ -14,7 +14,7 @@ use hyper_util::client::legacy::{Client, Error};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::UnixStream;
 
-use crate::forward::Body;
+use crate::respond::Body;
 
 /// Connects every request to one unix socket.
 #[derive(Clone)]

@@ -278,8 +278,7 @@ fn proxy_audits_every_decision_limits_rate_and_size_and_fails_closed() {
 }
 
 /// An upstream that streams Server-Sent Events, pausing between chunks.
-fn sse_upstream() -> (Child, u16) {
-    let port = free_port();
+fn sse_upstream() -> Upstream {
     let script = r#"
 import sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -299,18 +298,7 @@ class H(BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 "#;
-    let child = Command::new("python3")
-        .args(["-c", script, &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (child, port)
+    Upstream::start_script(script)
 }
 
 #[test]
@@ -319,12 +307,12 @@ fn sse_streams_through_unbuffered_and_smuggled_requests_never_reach_the_upstream
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(&tmp.path().join("srv"), &[]);
     let client_id = register(&s, "agent", "factory-floor");
-    let (mut up, up_port) = sse_upstream();
+    let up = sse_upstream();
     let audit = tmp.path().join("audit.log");
     let p = start_proxy(
         &s,
         tmp.path(),
-        up_port,
+        up.port,
         &["--audit-log", audit.to_str().unwrap()],
     );
     let c = Client::new(&s, &client_id, &tmp.path().join("c1"));
@@ -418,8 +406,7 @@ fn sse_streams_through_unbuffered_and_smuggled_requests_never_reach_the_upstream
     assert!(text.contains("\"path\": \"/v1/completions\""), "{text}");
     assert!(text.contains(r#""body": "{\"model\":\"m\"}""#), "{text}");
     assert!(!text.contains("/admin"), "{text}");
-    let _ = up.kill();
-    let _ = up.wait();
+    drop(up);
 }
 
 #[test]

@@ -65,6 +65,9 @@ pub struct ProxyArgs {
     /// similar size).
     #[command(flatten)]
     pub audit: Box<AuditArgs>,
+    /// How requests are read and classified, and the client timeouts.
+    #[command(flatten)]
+    pub reading: Box<ReadingArgs>,
     /// Largest request body in bytes (413 beyond).
     #[arg(long)]
     pub max_body_bytes: Option<i64>,
@@ -107,6 +110,63 @@ pub struct AuditArgs {
     /// (http://host:4318; default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / _ENDPOINT).
     #[arg(long)]
     pub trace_otlp_endpoint: Option<String>,
+}
+
+/// How requests are read and classified.
+#[derive(Debug, Default, clap::Args)]
+pub struct ReadingArgs {
+    /// A path that is a model call, added to the built-in inference routes (repeatable).
+    #[arg(long = "model-route")]
+    pub model_routes: Vec<String>,
+    /// A body field that chooses a model (repeatable; replaces the default list: model,
+    /// fallbacks, context_window_fallbacks, models).
+    #[arg(long = "model-field")]
+    pub model_fields: Vec<String>,
+    /// The model a model route's body may leave unnamed (a one-model upstream).
+    #[arg(long)]
+    pub default_model: Option<String>,
+    /// Do not set X-Forwarded-Client-Cert on forwarded requests.
+    #[arg(long)]
+    pub no_xfcc: bool,
+    /// Seconds a client has to send a request head (default 30).
+    #[arg(long)]
+    pub header_read_timeout_secs: Option<i64>,
+    /// Seconds a client has to send a request body (default 30).
+    #[arg(long)]
+    pub body_read_timeout_secs: Option<i64>,
+    /// Seconds an idle connection stays open (default 120).
+    #[arg(long)]
+    pub idle_timeout_secs: Option<i64>,
+}
+
+impl ReadingArgs {
+    fn flags(&self) -> Vec<(&'static str, Option<toml::Value>)> {
+        let list = |v: &[String]| {
+            (!v.is_empty())
+                .then(|| toml::Value::Array(v.iter().cloned().map(toml::Value::String).collect()))
+        };
+        vec![
+            ("model_routes", list(&self.model_routes)),
+            ("model_fields", list(&self.model_fields)),
+            (
+                "default_model",
+                self.default_model.clone().map(toml::Value::String),
+            ),
+            ("xfcc", self.no_xfcc.then_some(toml::Value::Boolean(false))),
+            (
+                "header_read_timeout_secs",
+                self.header_read_timeout_secs.map(toml::Value::Integer),
+            ),
+            (
+                "body_read_timeout_secs",
+                self.body_read_timeout_secs.map(toml::Value::Integer),
+            ),
+            (
+                "idle_timeout_secs",
+                self.idle_timeout_secs.map(toml::Value::Integer),
+            ),
+        ]
+    }
 }
 
 impl ProxyArgs {
@@ -162,6 +222,7 @@ impl ProxyArgs {
                 self.rate_limit_burst.map(toml::Value::Float),
             ),
         ])
+        .chain(self.reading.flags())
         .filter_map(|(k, v)| v.map(|v| (k, v)))
         .collect()
     }

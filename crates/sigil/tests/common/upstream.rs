@@ -36,11 +36,15 @@ pub struct Upstream {
 impl Upstream {
     /// On a free loopback port.
     pub fn start() -> Self {
-        let port = free_port();
-        let script = format!(
+        Self::start_script(&format!(
             "{ECHO_HANDLER}\nThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()"
-        );
-        let child = spawn(&script, &port.to_string());
+        ))
+    }
+
+    /// A Python `script` that serves on the loopback port given as its first argument.
+    pub fn start_script(script: &str) -> Self {
+        let port = free_port();
+        let child = spawn(script, &port.to_string());
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "upstream did not start");

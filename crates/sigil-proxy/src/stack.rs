@@ -1,0 +1,377 @@
+//! The request path, top to bottom. Each step is a function in its own file that returns
+//! the next value or a [`Deny`]:
+//!
+//! admit (`admit.rs`) → token (`authenticate.rs`) → limit (`limit.rs`) → session
+//! (`session.rs`) → body (`body.rs`) → extract (`extract.rs`) → limit per call →
+//! decide (`decide.rs`) → limit per resource → audit (`audit.rs`) → forward (`forward.rs`)
+//! → respond (`respond.rs`).
+//!
+//! The audit record is filled once, from what the steps returned; one observer
+//! (`observe.rs`) does metrics and traces for all of them.
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use hyper::body::{Bytes, Incoming};
+use sigil_core::Clock;
+use sigil_pki::VerifiedX509Svid;
+use sigil_policy::PolicyEngine;
+
+use crate::admit::admit;
+use crate::audit::{AuditLog, DecisionRecord};
+use crate::authenticate::{Audience, authenticate};
+use crate::config::{Enforce, Validated};
+use crate::decide::{Answer, decide};
+use crate::deny::Deny;
+use crate::extract::{Call, ExtractError, Routes, Target, extract};
+use crate::forward::forward;
+use crate::headers::Identity;
+use crate::metrics::{Metrics, Outcome};
+use crate::observe::Observer;
+use crate::path::RequestPath;
+use crate::ratelimit::Limits;
+use crate::respond::{Body, ResponseFilter, drain, filter_response, full, openai_error, refusal};
+use crate::session::{SESSION_HEADER, SessionError, Sessions};
+use crate::token::TokenCache;
+use crate::trace::Tracer;
+use crate::{Credentials, ProxyConfig};
+
+/// Shared proxy state.
+pub struct Proxy {
+    pub(crate) cfg: ProxyConfig,
+    routes: Routes,
+    pub(crate) creds: Arc<ArcSwap<Credentials>>,
+    pub(crate) clock: Arc<dyn Clock>,
+    tokens: TokenCache,
+    policies: Arc<ArcSwap<PolicyEngine>>,
+    /// Per identity and per identity × resource; from the config or the policy bundle.
+    limits: Arc<ArcSwap<Limits>>,
+    audit: AuditLog,
+    upstream: crate::upstream::Upstream,
+    pub(crate) revoked: tokio::sync::watch::Receiver<i64>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Traces (off unless configured).
+    tracer: Option<Tracer>,
+    sessions: Sessions,
+    /// The proxy's own SPIFFE ID (XFCC's `By`).
+    proxy_id: Option<String>,
+}
+
+/// What the steps learned about a request, for its audit record and its refusal.
+#[derive(Default)]
+struct Seen {
+    jti: Option<String>,
+    body: Bytes,
+    calls: Vec<Call>,
+}
+
+/// A permitted request: its body, the policies that permitted it, its answer's filter.
+struct Authorized {
+    body: Bytes,
+    policy_ids: Vec<String>,
+    filter: ResponseFilter,
+    mcp: bool,
+}
+
+impl From<ExtractError> for Deny {
+    fn from(e: ExtractError) -> Self {
+        match e {
+            ExtractError::Json(crate::json::JsonError::Syntax(_)) => {
+                Deny::parse_error(e.to_string())
+            }
+            e => Deny::bad_request(e.to_string()),
+        }
+    }
+}
+
+impl Proxy {
+    pub(crate) fn new(
+        v: Validated,
+        creds: Arc<ArcSwap<Credentials>>,
+        clock: Arc<dyn Clock>,
+        audit: AuditLog,
+        policies: Arc<ArcSwap<PolicyEngine>>,
+        revoked: tokio::sync::watch::Receiver<i64>,
+        limits: Arc<ArcSwap<Limits>>,
+    ) -> Self {
+        let cfg = v.cfg;
+        // The proxy's own SPIFFE ID (the same across rotations), for XFCC's `By`.
+        let proxy_id = {
+            let c = creds.load();
+            let chain: Vec<&[u8]> = c.serving.cert.iter().map(|d| d.as_ref()).collect();
+            sigil_pki::verify_x509_svid(&chain, &c.x509, clock.now())
+                .ok()
+                .map(|v| v.spiffe_id.to_string())
+        };
+        let upstream = crate::upstream::Upstream::new(&cfg.upstream, cfg.upstream_http2);
+        Self {
+            limits,
+            metrics: Arc::new(Metrics::new(cfg.metrics_addr.is_some())),
+            routes: v.routes,
+            cfg,
+            creds,
+            clock,
+            tokens: TokenCache::default(),
+            policies,
+            audit,
+            upstream,
+            revoked,
+            tracer: None,
+            sessions: Sessions::default(),
+            proxy_id,
+        }
+    }
+
+    /// Traces every sampled request with `tracer`.
+    pub fn with_tracer(mut self, tracer: Option<Tracer>) -> Self {
+        self.tracer = tracer;
+        self
+    }
+
+    pub(crate) async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: &VerifiedX509Svid,
+    ) -> Response<Body> {
+        let trace = self.tracer.as_ref().and_then(|t| {
+            t.begin(
+                req.headers(),
+                req.method(),
+                req.uri().path(),
+                peer.spiffe_id.as_str(),
+            )
+        });
+        let mut obs = Observer::new(&self.metrics, trace);
+        let resp = self.handle_request(req, peer, &mut obs).await;
+        if let (Some(tracer), Some(t)) = (&self.tracer, obs.into_trace()) {
+            tracer.finish(t, resp.status());
+        }
+        resp
+    }
+
+    async fn handle_request(
+        &self,
+        req: Request<Incoming>,
+        peer: &VerifiedX509Svid,
+        obs: &mut Observer<'_>,
+    ) -> Response<Body> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        obs.request_id(&request_id);
+        let (parts, body) = req.into_parts();
+        if self.cfg.enforce == Enforce::MtlsOnly {
+            obs.mtls_only();
+            if self.creds.load().revoked.is_revoked(peer) {
+                let deny = Deny::revoked();
+                obs.outcome(deny.outcome);
+                return openai_error(&deny, &request_id);
+            }
+            use http_body_util::BodyExt;
+            return self
+                .pass(
+                    parts,
+                    body.boxed(),
+                    peer,
+                    &request_id,
+                    ResponseFilter::None,
+                    false,
+                    obs,
+                )
+                .await;
+        }
+        // The shape refusals take: JSON-RPC on the MCP endpoint.
+        let mcp_shape = parts.method == http::Method::POST
+            && RequestPath::parse(parts.uri.path()).is_ok_and(|p| self.routes.is_mcp(&p));
+        let mut seen = Seen::default();
+        let mut unread = Some(body);
+        let decided: Result<Authorized, Deny> = async {
+            // Revoked after the handshake: the connection is being closed; refuse the rest.
+            let creds = self.creds.load();
+            if creds.revoked.is_revoked(peer) {
+                return Err(Deny::revoked());
+            }
+            let head = admit(&parts)?;
+            let aud = Audience {
+                issuer: &self.cfg.issuer,
+                audience: &self.cfg.audience,
+                leeway: self.cfg.token_leeway_secs,
+                now: self.clock.now(),
+            };
+            let claims = authenticate(&parts.headers, peer, &creds, &self.tokens, &aud, obs)?;
+            seen.jti = Some(claims.jti.clone());
+            let who = peer.spiffe_id.as_str();
+            let limits = self.limits.load_full();
+            crate::limit::identity(&limits, who)?;
+            if let Some(id) = &head.session {
+                self.sessions.check(id, who).map_err(|e| match e {
+                    SessionError::Unknown => Deny::unknown_session(),
+                    SessionError::NotYours => {
+                        Deny::forbidden("MCP session belongs to another identity", Vec::new())
+                    }
+                })?;
+            }
+            let body = unread
+                .take()
+                .ok_or_else(|| Deny::bad_request("body already taken"))?;
+            let body = crate::body::read(
+                &parts,
+                body,
+                self.cfg.max_body_bytes,
+                Duration::from_secs(self.cfg.body_read_timeout_secs),
+            )
+            .await?;
+            seen.body = body.clone();
+            let target = Target {
+                method: parts.method.as_str(),
+                path: &head.path,
+                json_declared: head.json_declared,
+            };
+            seen.calls = extract(&self.routes, &target, &body)?;
+            let mcp = self.routes.is_mcp(&head.path);
+            // Each message of a JSON-RPC batch is a call; any other request is one.
+            let cost = if mcp { seen.calls.len() } else { 1 };
+            crate::limit::batch(&limits, who, cost)?;
+            let answer = if mcp {
+                Answer::Mcp
+            } else if Routes::is_model_list(target.method, &head.path) {
+                Answer::Models
+            } else {
+                Answer::Other
+            };
+            let engine = self.policies.load_full();
+            let permit = decide(engine, aud.now, peer, &claims, &seen.calls, answer, obs)?;
+            crate::limit::resources(&limits, who, &seen.calls)?;
+            Ok(Authorized {
+                body,
+                policy_ids: permit.policy_ids,
+                filter: permit.filter,
+                mcp,
+            })
+        }
+        .await;
+        if let Some(rest) = unread {
+            // Refused before the body was read: take what the client is still sending
+            // (bounded) so the refusal is not lost to a connection reset.
+            drain(rest).await;
+        }
+        let (decision, reason, policy_ids) = match &decided {
+            Ok(a) => (
+                "allow",
+                "permitted by policy".to_owned(),
+                a.policy_ids.clone(),
+            ),
+            Err(d) => ("deny", d.message.clone(), d.policy_ids.clone()),
+        };
+        let record = DecisionRecord {
+            time_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0),
+            request_id: request_id.clone(),
+            spiffe_id: peer.spiffe_id.to_string(),
+            cert_thumbprint: peer.x5t_s256.clone(),
+            jti: seen.jti,
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            calls: seen.calls,
+            policy_ids,
+            decision,
+            reason,
+        };
+        obs.decided(&record);
+        // INVARIANT: the decision is durable before anything is forwarded; a decision that
+        // cannot be recorded is a refusal.
+        if let Err(e) = self.audit.record(&record).await {
+            tracing::error!(error = %e, request_id, "audit failed; refusing");
+            if decided.is_ok() {
+                obs.refused_after_decision("audit log unavailable");
+                let deny = Deny::unavailable("audit log unavailable", Outcome::AuditFailure);
+                obs.outcome(deny.outcome);
+                return refusal(mcp_shape, &deny, &seen.body, &request_id);
+            }
+        }
+        match decided {
+            Ok(a) => {
+                self.pass(parts, full(a.body), peer, &request_id, a.filter, a.mcp, obs)
+                    .await
+            }
+            Err(deny) => {
+                obs.outcome(deny.outcome);
+                tracing::info!(spiffe_id = %peer.spiffe_id, request_id, reason = %deny.message, "request refused");
+                refusal(mcp_shape, &deny, &seen.body, &request_id)
+            }
+        }
+    }
+
+    /// Forwards a permitted request and returns what the caller may see of the answer;
+    /// binds the MCP session the upstream opens to the caller.
+    #[allow(clippy::too_many_arguments)]
+    async fn pass(
+        &self,
+        parts: http::request::Parts,
+        body: Body,
+        peer: &VerifiedX509Svid,
+        request_id: &str,
+        filter: ResponseFilter,
+        mcp: bool,
+        obs: &mut Observer<'_>,
+    ) -> Response<Body> {
+        let ends_session = (mcp && parts.method == http::Method::DELETE)
+            .then(|| parts.headers.get(SESSION_HEADER).cloned())
+            .flatten();
+        let identity = Identity {
+            spiffe_id: peer.spiffe_id.as_str(),
+            x5t_s256: &peer.x5t_s256,
+            proxy_id: self.proxy_id.as_deref(),
+            xfcc: self.cfg.xfcc,
+        };
+        let filtered = !matches!(filter, ResponseFilter::None);
+        let resp = match forward(
+            &self.upstream,
+            parts,
+            body,
+            &identity,
+            request_id,
+            filtered,
+            obs,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(deny) => {
+                obs.outcome(deny.outcome);
+                return openai_error(&deny, request_id);
+            }
+        };
+        if mcp && resp.status().is_success() {
+            if let Some(id) = resp
+                .headers()
+                .get(SESSION_HEADER)
+                .and_then(|v| v.to_str().ok())
+            {
+                self.sessions.bind(id, peer.spiffe_id.as_str());
+            }
+            if let Some(id) = ends_session.as_ref().and_then(|v| v.to_str().ok()) {
+                self.sessions.end(id);
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        match filter_response(&mut parts, body, filter).await {
+            Ok(body) => {
+                obs.outcome(match self.cfg.enforce {
+                    Enforce::Full => Outcome::Allowed,
+                    Enforce::MtlsOnly => Outcome::AllowedMtlsOnly,
+                });
+                Response::from_parts(parts, body)
+            }
+            Err(e) => {
+                obs.outcome(Outcome::Upstream);
+                tracing::warn!(error = %e, request_id, "upstream response refused");
+                openai_error(
+                    &Deny::upstream("upstream response could not be filtered"),
+                    request_id,
+                )
+            }
+        }
+    }
+}
