@@ -252,7 +252,12 @@ pub fn read_from(
     Ok(out)
 }
 
-type Pending = (Vec<u8>, oneshot::Sender<Result<(), String>>);
+/// A framed record and who waits for it: to be written (optional), to be durable.
+struct Pending {
+    line: Vec<u8>,
+    written: Option<oneshot::Sender<Result<(), String>>>,
+    durable: oneshot::Sender<Result<(), String>>,
+}
 
 /// A request for the writer other than a record.
 struct Rotate {
@@ -315,6 +320,19 @@ impl Drop for Handle {
             q.closed = true;
         }
         self.0.work.notify_one();
+    }
+}
+
+/// A record written but maybe not yet on disk: resolves once it is (or could not be).
+pub struct Durable(oneshot::Receiver<Result<(), String>>);
+
+impl Durable {
+    /// Waits until the record is on disk.
+    pub async fn wait(self) -> Result<(), AuditError> {
+        self.0
+            .await
+            .map_err(|_| AuditError("writer stopped".into()))?
+            .map_err(AuditError)
     }
 }
 
@@ -383,12 +401,44 @@ impl AuditLog {
     /// same sync (on a busy proxy, one sync and one thread wake-up for many records; idle,
     /// the yield returns at once).
     pub async fn record(&self, rec: &DecisionRecord) -> Result<(), AuditError> {
+        let (durable, wait) = oneshot::channel();
+        self.enqueue(rec, None, durable).await?;
+        wait.await
+            .map_err(|_| AuditError("writer stopped".into()))?
+            .map_err(AuditError)
+    }
+
+    /// Returns once `rec` is written to the segment (in the kernel: it survives a crash of
+    /// this process), with a [`Durable`] that resolves once it is on disk. For calls
+    /// without side effects, whose answer is held until then: the flush overlaps the
+    /// upstream's work.
+    pub async fn write(&self, rec: &DecisionRecord) -> Result<Durable, AuditError> {
+        let (written, wait_written) = oneshot::channel();
+        let (durable, wait_durable) = oneshot::channel();
+        self.enqueue(rec, Some(written), durable).await?;
+        wait_written
+            .await
+            .map_err(|_| AuditError("writer stopped".into()))?
+            .map_err(AuditError)?;
+        Ok(Durable(wait_durable))
+    }
+
+    /// Queues `rec` for the writer (see [`AuditLog::record`] on how it is woken).
+    async fn enqueue(
+        &self,
+        rec: &DecisionRecord,
+        written: Option<oneshot::Sender<Result<(), String>>>,
+        durable: oneshot::Sender<Result<(), String>>,
+    ) -> Result<(), AuditError> {
         let json = serde_json::to_vec(rec).map_err(|e| AuditError(e.to_string()))?;
-        let (done, wait) = oneshot::channel();
         let shared = &self.shared.0;
         let wake = {
             let mut q = shared.lock()?;
-            q.records.push((frame(&json), done));
+            q.records.push(Pending {
+                line: frame(&json),
+                written,
+                durable,
+            });
             let wake = q.idle && !q.waking;
             q.waking |= wake;
             wake
@@ -398,9 +448,7 @@ impl AuditLog {
             let _wake = WakeOnDrop(shared);
             tokio::task::yield_now().await;
         }
-        wait.await
-            .map_err(|_| AuditError("writer stopped".into()))?
-            .map_err(AuditError)
+        Ok(())
     }
 
     /// How many batches the writer has written (one sync each).
@@ -577,54 +625,68 @@ fn writer(
     }
 }
 
-/// Writes and syncs one batch, then answers its waiters (and offers it to the export).
+/// Writes one batch and answers those waiting for it to be written, syncs it and answers
+/// those waiting for it to be durable (and offers it to the export).
 fn write_batch(
     mut file: &File,
-    cursor: Option<&mut Cursor>,
+    mut cursor: Option<&mut Cursor>,
     batch: Vec<Pending>,
     export: Option<&crate::export::ExportSink>,
 ) {
-    let mut bytes = Vec::with_capacity(batch.iter().map(|(l, _)| l.len()).sum());
-    for (line, _) in &batch {
-        bytes.extend_from_slice(line);
+    let mut bytes = Vec::with_capacity(batch.iter().map(|p| p.line.len()).sum());
+    for p in &batch {
+        bytes.extend_from_slice(&p.line);
     }
-    let result = match cursor {
-        Some(c) => append(file, c, &bytes),
-        None => file.write_all(&bytes).and_then(|()| file.sync_data()),
+    let mut durable_waiters = Vec::with_capacity(batch.len());
+    let mut lines = Vec::new();
+    let written = match cursor.as_deref_mut() {
+        Some(c) => write_at(file, c, &bytes),
+        None => file.write_all(&bytes),
     }
     .map_err(|e| e.to_string());
+    for p in batch {
+        if let Some(w) = p.written {
+            let _ = w.send(written.clone());
+        }
+        durable_waiters.push(p.durable);
+        if export.is_some() {
+            lines.push(p.line);
+        }
+    }
+    let result = written.and_then(|()| {
+        file.sync_data().map_err(|e| e.to_string())?;
+        // On a write or sync error the position is not advanced: the next batch overwrites
+        // the same place, so a partial record never sits before a complete one.
+        if let Some(c) = cursor {
+            c.pos += bytes.len() as u64;
+        }
+        Ok(())
+    });
     if let Err(e) = &result {
         tracing::error!(error = %e, "audit log write failed; refusing requests");
     }
-    let mut durable = Vec::new();
-    for (line, done) in batch {
+    for done in durable_waiters {
         let _ = done.send(result.clone());
-        if export.is_some() && result.is_ok() {
-            durable.push(line);
-        }
     }
     // After the waiters are answered: the export never delays a request.
     if let Some(x) = export
-        && !durable.is_empty()
+        && result.is_ok()
+        && !lines.is_empty()
     {
-        x.offer(durable);
+        x.offer(lines);
     }
 }
 
-/// Writes `bytes` at the cursor (zero-filling ahead first when needed) and syncs.
-fn append(file: &File, c: &mut Cursor, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` at the cursor (zero-filling ahead first when needed); the caller syncs
+/// and advances the cursor.
+fn write_at(file: &File, c: &mut Cursor, bytes: &[u8]) -> std::io::Result<()> {
     let end = c.pos + bytes.len() as u64;
     if end > c.allocated {
         let to = end.div_ceil(PREALLOC_STEP).max(1) * PREALLOC_STEP;
         zero(file, c.allocated, to)?;
         c.allocated = to;
     }
-    file.write_all_at(bytes, c.pos)?;
-    // On a write error the position is not advanced: the next batch overwrites the same
-    // place, so a partial record never sits before a complete one.
-    file.sync_data()?;
-    c.pos = end;
-    Ok(())
+    file.write_all_at(bytes, c.pos)
 }
 
 #[cfg(test)]
@@ -739,6 +801,33 @@ mod tests {
         // A device that cannot take writes: every record fails, none is acknowledged.
         let full = AuditLog::open(Path::new("/dev/full")).unwrap();
         assert!(full.record(&rec(1)).await.is_err());
+        assert!(full.write(&rec(2)).await.is_err(), "written to a full device");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_written_record_is_in_the_file_before_it_is_durable_and_then_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        for i in 0..20 {
+            let durable = log.write(&rec(i)).await.unwrap();
+            // Written: another process (a reader after a crash of this one) sees it now.
+            let records = read_records(&path).unwrap();
+            assert_eq!(records.len(), i + 1);
+            assert_eq!(records[i]["request_id"], format!("r{i}"));
+            durable.wait().await.unwrap();
+        }
+        // Durable writes and written ones share the writer's order and its syncs.
+        let (r100, r101) = (rec(100), rec(101));
+        let (a, b) = tokio::join!(log.record(&r100), log.write(&r101));
+        a.unwrap();
+        b.unwrap().wait().await.unwrap();
+        assert_eq!(read_records(&path).unwrap().len(), 22);
+        drop(log);
+        // Reopened: every record verifies and the next one follows them.
+        let log = AuditLog::open(&path).unwrap();
+        log.record(&rec(200)).await.unwrap();
+        assert_eq!(read_records(&path).unwrap().len(), 23);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,6 +95,12 @@ pub struct ProxyConfig {
     /// The audit segment (0600): framed JSON records, see `sigil audit show`.
     #[serde(default = "default_audit_log")]
     pub audit_log: PathBuf,
+    /// The actions whose audit record is written before the request is forwarded and made
+    /// durable before the answer is released, so the disk flush overlaps the upstream's
+    /// work: calls without side effects. Every other action's record is durable before
+    /// the request is forwarded. Default: `invoke`, `list_models`.
+    #[serde(default = "default_flush_overlap")]
+    pub audit_flush_overlap: Vec<String>,
     /// Largest request body, bytes (413 beyond).
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
@@ -197,6 +203,23 @@ pub enum Enforce {
     MtlsOnly,
 }
 
+fn default_flush_overlap() -> Vec<String> {
+    vec!["invoke".into(), "list_models".into()]
+}
+
+/// Every action the proxy decides on.
+pub const ACTIONS: &[&str] = &[
+    "invoke",
+    "list_models",
+    "call_tool",
+    "list_tools",
+    "read_resource",
+    "get_prompt",
+    "complete",
+    "mcp",
+    "http",
+];
+
 fn default_true() -> bool {
     true
 }
@@ -268,6 +291,7 @@ impl ProxyConfig {
         "body_read_timeout_secs",
         "idle_timeout_secs",
         "audit_log",
+        "audit_flush_overlap",
         "max_body_bytes",
         "rate_limit_per_sec",
         "rate_limit_burst",
@@ -415,6 +439,16 @@ impl ProxyConfig {
             };
             bad(key, &e)
         })?;
+        if let Some(a) = self
+            .audit_flush_overlap
+            .iter()
+            .find(|a| !ACTIONS.contains(&a.as_str()))
+        {
+            return Err(bad(
+                "audit_flush_overlap",
+                &format!("unknown action {a:?} (one of {})", ACTIONS.join(", ")),
+            ));
+        }
         for (key, v) in [
             ("header_read_timeout_secs", self.header_read_timeout_secs),
             ("body_read_timeout_secs", self.body_read_timeout_secs),

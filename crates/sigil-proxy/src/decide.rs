@@ -29,7 +29,7 @@ fn hour_and_weekday(now: i64) -> (i64, i64) {
 }
 
 /// What the request is, for the response filter.
-pub(crate) enum Answer {
+pub(crate) enum Seeing {
     /// A model list.
     Models,
     /// An MCP answer (tool, prompt and resource lists are filtered).
@@ -44,7 +44,7 @@ pub(crate) fn decide(
     peer: &VerifiedX509Svid,
     claims: &AccessTokenClaims,
     calls: &[Call],
-    answer: Answer,
+    seeing: Seeing,
     obs: &mut Observer<'_>,
 ) -> Result<Permit, Deny> {
     if engine.expired(now) {
@@ -108,10 +108,10 @@ pub(crate) fn decide(
         hour,
         weekday,
     };
-    let filter = match answer {
-        Answer::Models => ResponseFilter::Models(caller(), engine),
-        Answer::Mcp => ResponseFilter::Mcp(caller(), engine),
-        Answer::Other => ResponseFilter::None,
+    let filter = match seeing {
+        Seeing::Models => ResponseFilter::Models(caller(), engine),
+        Seeing::Mcp => ResponseFilter::Mcp(caller(), engine),
+        Seeing::Other => ResponseFilter::None,
     };
     Ok(Permit { policy_ids, filter })
 }

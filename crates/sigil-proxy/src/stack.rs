@@ -19,10 +19,10 @@ use sigil_pki::VerifiedX509Svid;
 use sigil_policy::PolicyEngine;
 
 use crate::admit::admit;
-use crate::audit::{AuditLog, DecisionRecord};
+use crate::audit::{AuditLog, DecisionRecord, Durable};
 use crate::authenticate::{Audience, authenticate};
 use crate::config::{Enforce, Validated};
-use crate::decide::{Answer, decide};
+use crate::decide::{Seeing, decide};
 use crate::deny::Deny;
 use crate::extract::{Call, ExtractError, Routes, Target, extract};
 use crate::forward::forward;
@@ -64,6 +64,14 @@ struct Seen {
     jti: Option<String>,
     body: Bytes,
     calls: Vec<Call>,
+}
+
+/// How a forwarded request's answer is released: what the caller may see of it, whether
+/// it opens or ends an MCP session, and the audit record it waits for.
+struct Answer {
+    filter: ResponseFilter,
+    mcp: bool,
+    durable: Option<Durable>,
 }
 
 /// A permitted request: its body, the policies that permitted it, its answer's filter.
@@ -167,16 +175,13 @@ impl Proxy {
                 return openai_error(&deny, &request_id);
             }
             use http_body_util::BodyExt;
+            let answer = Answer {
+                filter: ResponseFilter::None,
+                mcp: false,
+                durable: None,
+            };
             return self
-                .pass(
-                    parts,
-                    body.boxed(),
-                    peer,
-                    &request_id,
-                    ResponseFilter::None,
-                    false,
-                    obs,
-                )
+                .pass(parts, body.boxed(), peer, &request_id, answer, obs)
                 .await;
         }
         // The shape refusals take: JSON-RPC on the MCP endpoint.
@@ -232,11 +237,11 @@ impl Proxy {
             let cost = if mcp { seen.calls.len() } else { 1 };
             crate::limit::batch(&limits, who, cost)?;
             let answer = if mcp {
-                Answer::Mcp
+                Seeing::Mcp
             } else if Routes::is_model_list(target.method, &head.path) {
-                Answer::Models
+                Seeing::Models
             } else {
-                Answer::Other
+                Seeing::Other
             };
             let engine = self.policies.load_full();
             let permit = decide(engine, aud.now, peer, &claims, &seen.calls, answer, obs)?;
@@ -279,20 +284,41 @@ impl Proxy {
             reason,
         };
         obs.decided(&record);
-        // INVARIANT: the decision is durable before anything is forwarded; a decision that
-        // cannot be recorded is a refusal.
-        if let Err(e) = self.audit.record(&record).await {
-            tracing::error!(error = %e, request_id, "audit failed; refusing");
-            if decided.is_ok() {
-                obs.refused_after_decision("audit log unavailable");
-                let deny = Deny::unavailable("audit log unavailable", Outcome::AuditFailure);
-                obs.outcome(deny.outcome);
-                return refusal(mcp_shape, &deny, &seen.body, &request_id);
+        // INVARIANT: a permitted call without side effects (audit_flush_overlap) has its
+        // record written before it is forwarded and durable before its answer is released;
+        // any other decision is durable before anything is forwarded or answered. A
+        // decision that cannot be recorded is a refusal.
+        let overlap = decided.is_ok()
+            && record
+                .calls
+                .iter()
+                .all(|c| self.cfg.audit_flush_overlap.iter().any(|a| a == c.action));
+        let audited = if overlap {
+            self.audit.write(&record).await.map(Some)
+        } else {
+            self.audit.record(&record).await.map(|()| None)
+        };
+        let durable = match audited {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, request_id, "audit failed; refusing");
+                if decided.is_ok() {
+                    obs.refused_after_decision("audit log unavailable");
+                    let deny = Deny::unavailable("audit log unavailable", Outcome::AuditFailure);
+                    obs.outcome(deny.outcome);
+                    return refusal(mcp_shape, &deny, &seen.body, &request_id);
+                }
+                None
             }
-        }
+        };
         match decided {
             Ok(a) => {
-                self.pass(parts, full(a.body), peer, &request_id, a.filter, a.mcp, obs)
+                let answer = Answer {
+                    filter: a.filter,
+                    mcp: a.mcp,
+                    durable,
+                };
+                self.pass(parts, full(a.body), peer, &request_id, answer, obs)
                     .await
             }
             Err(deny) => {
@@ -305,17 +331,20 @@ impl Proxy {
 
     /// Forwards a permitted request and returns what the caller may see of the answer;
     /// binds the MCP session the upstream opens to the caller.
-    #[allow(clippy::too_many_arguments)]
     async fn pass(
         &self,
         parts: http::request::Parts,
         body: Body,
         peer: &VerifiedX509Svid,
         request_id: &str,
-        filter: ResponseFilter,
-        mcp: bool,
+        answer: Answer,
         obs: &mut Observer<'_>,
     ) -> Response<Body> {
+        let Answer {
+            filter,
+            mcp,
+            durable,
+        } = answer;
         let ends_session = (mcp && parts.method == http::Method::DELETE)
             .then(|| parts.headers.get(SESSION_HEADER).cloned())
             .flatten();
@@ -343,6 +372,16 @@ impl Proxy {
                 return openai_error(&deny, request_id);
             }
         };
+        // The answer is released only once the decision's record is on disk.
+        if let Some(d) = durable
+            && let Err(e) = d.wait().await
+        {
+            tracing::error!(error = %e, request_id, "audit failed; answer withheld");
+            obs.refused_after_decision("audit log unavailable");
+            let deny = Deny::unavailable("audit log unavailable", Outcome::AuditFailure);
+            obs.outcome(deny.outcome);
+            return openai_error(&deny, request_id);
+        }
         if mcp && resp.status().is_success() {
             if let Some(id) = resp
                 .headers()
