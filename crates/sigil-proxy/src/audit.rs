@@ -801,7 +801,10 @@ mod tests {
         // A device that cannot take writes: every record fails, none is acknowledged.
         let full = AuditLog::open(Path::new("/dev/full")).unwrap();
         assert!(full.record(&rec(1)).await.is_err());
-        assert!(full.write(&rec(2)).await.is_err(), "written to a full device");
+        assert!(
+            full.write(&rec(2)).await.is_err(),
+            "written to a full device"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,22 +72,23 @@ fn filter_message(m: &mut Value, allow: &dyn Fn(&str, &str, &str) -> bool) -> bo
     changed
 }
 
-/// Filters a JSON MCP response body (one message or a batch).
+/// Filters a JSON MCP response body (one message or a batch); an answer with nothing to
+/// filter is passed as the upstream wrote it.
 pub fn filter_mcp_json(
     body: &[u8],
     allow: &dyn Fn(&str, &str, &str) -> bool,
 ) -> Result<Vec<u8>, FilterError> {
     let mut v: Value =
         serde_json::from_slice(body).map_err(|e| FilterError::BadJson(e.to_string()))?;
-    match &mut v {
-        Value::Array(batch) => {
-            for m in batch.iter_mut() {
-                filter_message(m, allow);
-            }
-        }
-        m => {
-            filter_message(m, allow);
-        }
+    let changed = match &mut v {
+        // Every message is filtered (no short circuit).
+        Value::Array(batch) => batch
+            .iter_mut()
+            .fold(false, |changed, m| filter_message(m, allow) | changed),
+        m => filter_message(m, allow),
+    };
+    if !changed {
+        return Ok(body.to_vec());
     }
     serde_json::to_vec(&v).map_err(|e| FilterError::BadJson(e.to_string()))
 }

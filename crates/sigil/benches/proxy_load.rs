@@ -16,7 +16,8 @@
 //! `SIGIL_BENCH_SECS` (throughput seconds, default 5), `SIGIL_BENCH_HOLD` (connections held
 //! for the RSS figure, default 1000), `SIGIL_BENCH_PERF=<dir>` (record each target's measured
 //! throughput window with `perf record --call-graph dwarf` into `<dir>/<target>.data`, for `perf report`),
-//! `SIGIL_BENCH_ONLY=<key>,<key>` (measure only these targets besides `direct`; keys as in
+//! `SIGIL_BENCH_UPSTREAM_DELAY_US=<µs>` (the upstream answers after that delay: a hyper server
+//! in this process instead of nginx), `SIGIL_BENCH_ONLY=<key>,<key>` (measure only these targets besides `direct`; keys as in
 //! the JSON, e.g. `sigil_full,sigil_full_audit_tmpfs`).
 #![allow(
     clippy::unwrap_used,
@@ -45,11 +46,16 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 const BODY: &[u8] = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+/// A tool call (MCP JSON-RPC): a call with side effects, its record durable before forward.
+const TOOL_BODY: &[u8] = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_sensor","arguments":{"line":3}}}"#;
 const UPSTREAM_BODY: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}"#;
 const POLICY: &str = r#"
 @id("bench-invoke")
 permit (principal in Group::"factory-floor", action == Action::"invoke", resource == Model::"m")
 when { context.scopes.contains("model:invoke") };
+
+@id("bench-tool")
+permit (principal in Group::"factory-floor", action == Action::"call_tool", resource == Tool::"read_sensor");
 "#;
 /// The core the process under test runs on; everything else runs on core 0.
 const TARGET_CORE: &str = "1";
@@ -250,6 +256,8 @@ struct Target {
     pid: u32,
     /// The upstream nginx (its CPU is reported too).
     upstream_pid: u32,
+    /// Send MCP tool calls instead of chat completions.
+    tool: bool,
 }
 
 async fn connect(t: &Target) -> SendRequest<Full<Bytes>> {
@@ -275,9 +283,14 @@ async fn connect(t: &Target) -> SendRequest<Full<Bytes>> {
     }
 }
 
-fn request(auth: &HeaderValue) -> Request<Full<Bytes>> {
-    let mut req = Request::post("/v1/chat/completions")
-        .body(Full::new(Bytes::from_static(BODY)))
+fn request(auth: &HeaderValue, tool: bool) -> Request<Full<Bytes>> {
+    let (path, body) = if tool {
+        ("/mcp", TOOL_BODY)
+    } else {
+        ("/v1/chat/completions", BODY)
+    };
+    let mut req = Request::post(path)
+        .body(Full::new(Bytes::from_static(body)))
         .unwrap();
     let h = req.headers_mut();
     h.insert(HOST, HeaderValue::from_static("localhost"));
@@ -287,9 +300,9 @@ fn request(auth: &HeaderValue) -> Request<Full<Bytes>> {
 }
 
 /// One request on a kept connection; the response must be the upstream's 200.
-async fn call(send: &mut SendRequest<Full<Bytes>>, auth: &HeaderValue) {
+async fn call(send: &mut SendRequest<Full<Bytes>>, auth: &HeaderValue, tool: bool) {
     send.ready().await.unwrap();
-    let resp = send.send_request(request(auth)).await.unwrap();
+    let resp = send.send_request(request(auth, tool)).await.unwrap();
     let status = resp.status();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     if status != StatusCode::OK || body.len() != UPSTREAM_BODY.len() {
@@ -329,17 +342,17 @@ async fn latency(targets: &[Target], auth: &HeaderValue, n: usize, all: &mut [Fi
     for t in targets {
         let mut send = connect(t).await;
         for _ in 0..(n / 10).max(500) {
-            call(&mut send, auth).await;
+            call(&mut send, auth, t.tool).await;
         }
         conns.push(send);
     }
     let mut lat = vec![Vec::with_capacity(n); targets.len()];
     for r in 0..ROUNDS {
         let count = n / ROUNDS + usize::from(r < n % ROUNDS);
-        for (send, lat) in conns.iter_mut().zip(lat.iter_mut()) {
+        for ((send, lat), t) in conns.iter_mut().zip(lat.iter_mut()).zip(targets) {
             for _ in 0..count {
                 let s = Instant::now();
-                call(send, auth).await;
+                call(send, auth, t.tool).await;
                 lat.push(s.elapsed());
             }
         }
@@ -367,6 +380,7 @@ async fn throughput(t: &Target, auth: &HeaderValue, conns: usize, secs: f64, f: 
     let mut tasks = Vec::new();
     for mut send in senders {
         let auth = auth.clone();
+        let tool = t.tool;
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -374,7 +388,7 @@ async fn throughput(t: &Target, auth: &HeaderValue, conns: usize, secs: f64, f: 
                 if s >= end {
                     break;
                 }
-                call(&mut send, &auth).await;
+                call(&mut send, &auth, tool).await;
                 if s >= warm_end {
                     lat.push(s.elapsed());
                 }
@@ -441,7 +455,7 @@ async fn rss_with_connections(t: &Target, auth: &HeaderValue, n: usize, pid: u32
             let mut v = Vec::with_capacity(count);
             for _ in 0..count {
                 let mut s = connect(&t).await;
-                call(&mut s, &auth).await;
+                call(&mut s, &auth, t.tool).await;
                 v.push(s);
             }
             v
@@ -454,11 +468,49 @@ async fn rss_with_connections(t: &Target, auth: &HeaderValue, n: usize, pid: u32
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Every connection is still open: one more request on each of a sample.
     for s in held.iter_mut().step_by(97) {
-        call(s, auth).await;
+        call(s, auth, t.tool).await;
     }
     let rss = rss_mib(pid);
     drop(held);
     rss
+}
+
+/// An upstream that answers every request after `delay` (a model that takes a moment):
+/// hyper on its own thread of this process; its port.
+fn delayed_upstream(delay: Duration) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((tcp, _)) = l.accept().await else {
+                    continue;
+                };
+                tcp.set_nodelay(true).unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| async move {
+                        tokio::time::sleep(delay).await;
+                        let mut resp = hyper::Response::new(Full::new(Bytes::from_static(
+                            UPSTREAM_BODY.as_bytes(),
+                        )));
+                        resp.headers_mut()
+                            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                        Ok::<_, std::convert::Infallible>(resp)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    port
 }
 
 /// POST /oauth2/token over mTLS with our own client: the certificate-bound access token.
@@ -470,6 +522,7 @@ async fn fetch_token(port: u16, tls: &TlsConnector) -> String {
         tls: Some(tls.clone()),
         pid: 0,
         upstream_pid: 0,
+        tool: false,
     };
     let mut send = connect(&t).await;
     let req = Request::post("/oauth2/token")
@@ -556,17 +609,25 @@ fn main() {
     let tls = TlsConnector::from(client_cfg);
 
     // Upstream: nginx answering every path with a fixed JSON body (core 0).
-    let up_port = free_port();
+    let nginx_up_port = free_port();
     let upstream = nginx(
         "upstream nginx",
         &dir.join("nginx-upstream"),
         None,
-        up_port,
+        nginx_up_port,
         &format!(
-            "  server {{\n    listen 127.0.0.1:{up_port};\n    location / {{\n      \
+            "  server {{\n    listen 127.0.0.1:{nginx_up_port};\n    location / {{\n      \
              default_type application/json;\n      return 200 '{UPSTREAM_BODY}';\n    }}\n  }}"
         ),
     );
+    // With SIGIL_BENCH_UPSTREAM_DELAY_US: every proxy and the direct call go to an upstream
+    // that answers after that delay (the fastest a real model answers is ~1 ms).
+    let delay_us: u64 = env_or("SIGIL_BENCH_UPSTREAM_DELAY_US", 0);
+    let up_port = if delay_us > 0 {
+        delayed_upstream(Duration::from_micros(delay_us))
+    } else {
+        nginx_up_port
+    };
     // Diagnostic: the same upstream on core 1, so a direct call crosses cores as proxied
     // calls do (the difference to (a) is the cross-core wake-up cost of this machine).
     let far_port = free_port();
@@ -720,6 +781,7 @@ fn main() {
             tls: Some(tls.clone()),
             pid,
             upstream_pid: upstream.pid(),
+            tool: false,
         };
         let mut targets = vec![Target {
             tls: None,
@@ -760,6 +822,12 @@ fn main() {
             full_proxy.pid(),
         );
         targets.push(full_t.clone());
+        targets.push(Target {
+            key: "sigil_full_tool",
+            label: "(g) = (d), MCP tools/call (durable first)",
+            tool: true,
+            ..full_t.clone()
+        });
         if let Some(p) = &shm_proxy {
             targets.push(target(
                 "sigil_full_audit_tmpfs",
