@@ -11,13 +11,14 @@
 
 mod common;
 
+use common::proxy::{Client, register};
 use common::upstream::Upstream;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Server, TD, free_port, run, token_request};
+use common::{Server, TD, free_port, run};
 
 const POLICY: &str = r#"
 @id("floor-invokes-m")
@@ -47,14 +48,6 @@ fn wait_port(port: u16, what: &str, log: Option<&Path>) {
     }
 }
 
-fn files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    (
-        dir.join("svid.pem"),
-        dir.join("key.pem"),
-        dir.join("bundle.pem"),
-    )
-}
-
 #[test]
 fn audit_records_are_exported_as_ecs_json_lines() {
     let tmp = tempfile::tempdir().unwrap();
@@ -62,32 +55,10 @@ fn audit_records_are_exported_as_ecs_json_lines() {
     let s = Server::start(&dir.join("srv"), &[]);
 
     // The client: in group factory-floor with scope model:invoke, SVID minted by the admin.
-    let client_id = format!("spiffe://{TD}/agent");
-    s.sigil_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        &client_id,
-        "--parent-id",
-        &format!("spiffe://{TD}/sigil/node/n"),
-        "--selector",
-        "unix:uid:1",
-        "--scope",
-        "model:invoke",
-        "--group",
-        "factory-floor",
-    ]);
+    let client_id = register(&s, "agent", "factory-floor");
     let cdir = dir.join("client");
-    s.mint(&client_id, &cdir);
-    let (cert, key, bundle) = files(&cdir);
-    let (code, body) = token_request(
-        &s,
-        &bundle,
-        Some((&cert, &key)),
-        &["grant_type=client_credentials", "resource=model-gw"],
-    );
-    assert_eq!(code, 200, "{body}");
-    let token = body["access_token"].as_str().unwrap().to_owned();
+    let c = Client::new(&s, &client_id, &cdir);
+    let (cert, key, bundle, token) = (c.cert, c.key, c.bundle, c.token);
 
     let up = Upstream::start();
     let up_port = up.port;

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Server, TD, free_port, run, token_request};
+use common::proxy::register_entry;
+use common::{Server, TD, free_port, run};
 
 const ECHO: &str = r#"
 import json, sys
@@ -144,30 +145,10 @@ struct Client {
 
 impl Client {
     fn new(s: &Server, name: &str, dir: &Path) -> Self {
-        let id = format!("spiffe://{TD}/{name}");
-        s.sigil_json(&[
-            "entry",
-            "create",
-            "--spiffe-id",
-            &id,
-            "--parent-id",
-            &format!("spiffe://{TD}/sigil/node/n"),
-            "--selector",
-            "unix:uid:1",
-            "--scope",
-            "model:invoke",
-        ]);
-        s.mint(&id, dir);
-        let (code, body) = token_request(
-            s,
-            &dir.join("bundle.pem"),
-            Some((&dir.join("svid.pem"), &dir.join("key.pem"))),
-            &["grant_type=client_credentials", "resource=model-gw"],
-        );
-        assert_eq!(code, 200, "{body}");
+        let c = common::proxy::Client::new(s, &register_entry(s, name, None), dir);
         Self {
             dir: dir.to_owned(),
-            token: body["access_token"].as_str().unwrap().to_owned(),
+            token: c.token,
         }
     }
 

@@ -10,6 +10,7 @@
 
 mod common;
 
+use common::proxy::{Client, register};
 use common::upstream::Upstream;
 
 use std::collections::BTreeMap;
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Server, TD, free_port, my_uid, run, token_request};
+use common::{Server, TD, free_port, my_uid, run};
 
 /// A plain-HTTP GET: (status, body).
 fn http_get(addr: &str, path: &str) -> (u16, String) {
@@ -118,36 +119,8 @@ fn start_proxy(s: &Server, dir: &Path, upstream: u16, metrics: &str) -> (Killed,
 
 /// A client SVID minted for `spiffe://td.test/agent` (group factory-floor) and its token.
 fn client(s: &Server, dir: &Path) -> (PathBuf, PathBuf, PathBuf, String) {
-    let id = format!("spiffe://{TD}/agent");
-    s.sigil_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        &id,
-        "--parent-id",
-        &format!("spiffe://{TD}/sigil/node/n"),
-        "--selector",
-        "unix:uid:1",
-        "--scope",
-        "model:invoke",
-        "--group",
-        "factory-floor",
-    ]);
-    s.mint(&id, dir);
-    let (cert, key, bundle) = (
-        dir.join("svid.pem"),
-        dir.join("key.pem"),
-        dir.join("bundle.pem"),
-    );
-    let (code, body) = token_request(
-        s,
-        &bundle,
-        Some((&cert, &key)),
-        &["grant_type=client_credentials", "resource=model-gw"],
-    );
-    assert_eq!(code, 200, "{body}");
-    let token = body["access_token"].as_str().unwrap().to_owned();
-    (cert, key, bundle, token)
+    let c = Client::new(s, &register(s, "agent", "factory-floor"), dir);
+    (c.cert, c.key, c.bundle, c.token)
 }
 
 /// One chat completion through the proxy for `model`; the HTTP status.

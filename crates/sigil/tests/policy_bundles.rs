@@ -14,6 +14,7 @@
 
 mod common;
 
+use common::proxy::{Client, register_entry};
 use common::upstream::Upstream;
 
 use std::collections::BTreeMap;
@@ -21,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Agent, Server, TD, free_port, run, token_request};
+use common::{Agent, Server, TD, free_port, run};
 use sigil_policy::bundle::{BundleContent, Envelope, PolicySigner};
 
 const ALLOW_HTTP: &str = r#"@id("allow-http")
@@ -58,46 +59,8 @@ impl Drop for Proxy {
 }
 
 /// A registered client with a minted SVID and a bound token.
-struct Client {
-    cert: PathBuf,
-    key: PathBuf,
-    bundle: PathBuf,
-    token: String,
-}
-
 fn client(s: &Server, name: &str, dir: &Path) -> Client {
-    let id = format!("spiffe://{TD}/{name}");
-    s.sigil_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        &id,
-        "--parent-id",
-        &format!("spiffe://{TD}/sigil/node/n"),
-        "--selector",
-        "unix:uid:1",
-        "--scope",
-        "model:invoke",
-    ]);
-    s.mint(&id, dir);
-    let (cert, key, bundle) = (
-        dir.join("svid.pem"),
-        dir.join("key.pem"),
-        dir.join("bundle.pem"),
-    );
-    let (code, body) = token_request(
-        s,
-        &bundle,
-        Some((&cert, &key)),
-        &["grant_type=client_credentials", "resource=model-gw"],
-    );
-    assert_eq!(code, 200, "{body}");
-    Client {
-        cert,
-        key,
-        bundle,
-        token: body["access_token"].as_str().unwrap().to_owned(),
-    }
+    Client::new(s, &register_entry(s, name, None), dir)
 }
 
 /// `curl` through the proxy: (HTTP status, body).

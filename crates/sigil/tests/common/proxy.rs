@@ -167,21 +167,29 @@ pub fn call_path(
 /// Registers `spiffe://td.test/<name>` in `group` with scope model:invoke (under a node that
 /// never connects: these clients get their SVIDs minted by the admin); its SPIFFE ID.
 pub fn register(s: &Server, name: &str, group: &str) -> String {
+    register_entry(s, name, Some(group))
+}
+
+/// [`register`], in a group or in none.
+pub fn register_entry(s: &Server, name: &str, group: Option<&str>) -> String {
     let id = format!("spiffe://{TD}/{name}");
-    s.sigil_json(&[
+    let parent = format!("spiffe://{TD}/sigil/node/n");
+    let mut args = vec![
         "entry",
         "create",
         "--spiffe-id",
         &id,
         "--parent-id",
-        &format!("spiffe://{TD}/sigil/node/n"),
+        &parent,
         "--selector",
         "unix:uid:1",
         "--scope",
         "model:invoke",
-        "--group",
-        group,
-    ]);
+    ];
+    if let Some(g) = group {
+        args.extend(["--group", g]);
+    }
+    s.sigil_json(&args);
     id
 }
 
