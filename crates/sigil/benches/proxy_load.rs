@@ -443,7 +443,8 @@ async fn throughput(t: &Target, auth: &HeaderValue, conns: usize, secs: f64, f: 
 }
 
 /// Opens `n` mTLS connections with one request each, holds them, reads the RSS of `pid`.
-async fn rss_with_connections(t: &Target, auth: &HeaderValue, n: usize, pid: u32) -> f64 {
+/// RSS (MiB) of `pid` with `n` open connections to `t`, and 2 s after they all closed.
+async fn rss_with_connections(t: &Target, auth: &HeaderValue, n: usize, pid: u32) -> (f64, f64) {
     let mut held = Vec::with_capacity(n);
     let per = 16;
     let mut tasks = Vec::new();
@@ -472,7 +473,8 @@ async fn rss_with_connections(t: &Target, auth: &HeaderValue, n: usize, pid: u32
     }
     let rss = rss_mib(pid);
     drop(held);
-    rss
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    (rss, rss_mib(pid))
 }
 
 /// An upstream that answers every request after `delay` (a model that takes a moment):
@@ -900,10 +902,11 @@ fn main() {
             );
         }
         let rss_after = rss_mib(full_proxy.pid());
-        let rss_hold = rss_with_connections(&full_t, &auth, hold, full_proxy.pid()).await;
+        let (rss_hold, rss_closed) =
+            rss_with_connections(&full_t, &auth, hold, full_proxy.pid()).await;
         let hwm = proc_status(full_proxy.pid(), "VmHWM:") as f64 / 1024.0;
         let rss_hold_nginx = match targets.iter().find(|t| t.key == "nginx_mtls") {
-            Some(t) => rss_with_connections(t, &auth, hold, nginx_proxy.pid()).await,
+            Some(t) => rss_with_connections(t, &auth, hold, nginx_proxy.pid()).await.0,
             None => 0.0,
         };
         let audit_lines = std::fs::read_to_string(&audit)
@@ -957,7 +960,8 @@ fn main() {
         let rss_mtls = rss_idle_mtls.map_or("n/a".into(), |r| format!("{r:.1} MiB"));
         println!(
             "RSS: sigil proxy (full) idle {rss_idle:.1} MiB, after the load {rss_after:.1} MiB, \
-             with {hold} open mTLS connections {rss_hold:.1} MiB (peak {hwm:.1} MiB); \
+             with {hold} open mTLS connections {rss_hold:.1} MiB (peak {hwm:.1} MiB), \
+             2 s after they closed {rss_closed:.1} MiB; \
              sigil proxy (mtls-only) idle {rss_mtls}; nginx proxy idle {rss_idle_nginx:.1} MiB, \
              with {hold} connections {rss_hold_nginx:.1} MiB"
         );
@@ -980,6 +984,7 @@ fn main() {
             "rss_mib": {
                 "sigil_full_idle": rss_idle, "sigil_full_after_load": rss_after,
                 "sigil_full_with_connections": rss_hold, "sigil_full_peak": hwm,
+                "sigil_full_after_close": rss_closed,
                 "sigil_mtls_only_idle": rss_idle_mtls, "nginx_idle": rss_idle_nginx,
                 "nginx_with_connections": rss_hold_nginx, "connections": hold,
             },
