@@ -196,6 +196,33 @@ pub(crate) struct VerifyKey {
     pub(crate) key: ParsedPublicKey,
 }
 
+/// The key a JWT was verified with: its `kid` and its public key, so that a verdict kept for
+/// later (a token cache) can ask whether a newer key set still holds that same key. The key
+/// material is compared too, not only the `kid`: a `kid` is a name the bundle chose, and a
+/// bundle may reuse it for another key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JwtKeyRef {
+    kid: String,
+    alg: JwtAlgorithm,
+    public: Box<[u8]>,
+}
+
+impl JwtKeyRef {
+    /// The key's `kid`.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+}
+
+impl std::fmt::Debug for JwtKeyRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtKeyRef")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
+    }
+}
+
 /// JWT verification keys by `kid`. Only ES256 (P-256) and EdDSA (Ed25519) keys are kept.
 #[derive(Clone, Default)]
 pub struct JwtKeySet {
@@ -259,8 +286,27 @@ impl JwtKeySet {
         self.keys.contains_key(kid)
     }
 
+    /// Whether the set still holds `key`: the same `kid` for the same algorithm and public key.
+    /// A map lookup and a compare of at most 65 bytes; no parsing, no signature check.
+    pub fn holds(&self, key: &JwtKeyRef) -> bool {
+        self.keys
+            .get(&key.kid)
+            .is_some_and(|k| k.alg == key.alg && k.key.as_ref() == &*key.public)
+    }
+
     pub(crate) fn get(&self, kid: &str) -> Option<&VerifyKey> {
         self.keys.get(kid)
+    }
+}
+
+impl VerifyKey {
+    /// A reference to this key under `kid`, for [`JwtKeySet::holds`].
+    pub(crate) fn key_ref(&self, kid: String) -> JwtKeyRef {
+        JwtKeyRef {
+            kid,
+            alg: self.alg,
+            public: self.key.as_ref().into(),
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use sigil_core::{SpiffeId, TrustDomain, UnixTime};
 
 use crate::error::{JwtError, PkiError};
-use crate::jwk::{Jwk, JwtKeySet, split_uncompressed_point};
+use crate::jwk::{Jwk, JwtKeyRef, JwtKeySet, split_uncompressed_point};
 use crate::keys::{
     KeyAlgorithm, b64url, b64url_decode, generate_rcgen_key, pem_decode_one, random_bytes,
 };
@@ -317,9 +317,16 @@ impl JwtSigner {
     }
 }
 
-/// Checks structure, header and signature; returns the header's `typ` and the payload bytes.
-/// Nothing from the payload is read before the signature verifies.
-fn verify_jws(token: &str, keys: &JwtKeySet) -> Result<(Option<String>, Vec<u8>), JwtError> {
+/// A JWS whose signature verified: the header's `typ`, the payload bytes, and the key.
+struct VerifiedJws {
+    typ: Option<String>,
+    payload: Vec<u8>,
+    key: JwtKeyRef,
+}
+
+/// Checks structure, header and signature. Nothing from the payload is read before the
+/// signature verifies.
+fn verify_jws(token: &str, keys: &JwtKeySet) -> Result<VerifiedJws, JwtError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(JwtError::Malformed("token too long"));
     }
@@ -342,7 +349,9 @@ fn verify_jws(token: &str, keys: &JwtKeySet) -> Result<(Option<String>, Vec<u8>)
     let alg = JwtAlgorithm::from_header(&alg_name)
         .ok_or_else(|| JwtError::UnsupportedAlgorithm(alg_name.clone()))?;
     let kid = header.kid.ok_or(JwtError::MissingKid)?;
-    let key = keys.get(&kid).ok_or(JwtError::UnknownKey(kid))?;
+    let Some(key) = keys.get(&kid) else {
+        return Err(JwtError::UnknownKey(kid));
+    };
     if key.alg != alg {
         return Err(JwtError::AlgorithmMismatch {
             header: alg_name,
@@ -362,7 +371,11 @@ fn verify_jws(token: &str, keys: &JwtKeySet) -> Result<(Option<String>, Vec<u8>)
         .verify_sig(signing_input.as_bytes(), &sig)
         .map_err(|_| JwtError::BadSignature)?;
     let payload = b64url_decode(p64).ok_or(JwtError::Malformed("payload is not base64url"))?;
-    Ok((header.typ, payload))
+    Ok(VerifiedJws {
+        typ: header.typ,
+        payload,
+        key: key.key_ref(kid),
+    })
 }
 
 /// `aud` as a string or an array of strings (RFC 7519 section 4.1.3).
@@ -450,7 +463,7 @@ pub fn validate_jwt_svid(
     now: UnixTime,
     leeway_secs: i64,
 ) -> Result<JwtSvidClaims, JwtError> {
-    let (typ, payload) = verify_jws(token, keys)?;
+    let VerifiedJws { typ, payload, .. } = verify_jws(token, keys)?;
     if !matches!(typ.as_deref(), None | Some("JWT") | Some("JOSE")) {
         return Err(JwtError::WrongType);
     }
@@ -491,7 +504,21 @@ pub fn validate_access_token(
     now: UnixTime,
     leeway_secs: i64,
 ) -> Result<AccessTokenClaims, JwtError> {
-    let (typ, payload) = verify_jws(token, keys)?;
+    validate_access_token_keyed(token, keys, issuer, audience, now, leeway_secs)
+        .map(|(claims, _)| claims)
+}
+
+/// [`validate_access_token`], also returning the key that verified the token, so that a
+/// cached verdict can be dropped once [`JwtKeySet::holds`] says that key left the set.
+pub fn validate_access_token_keyed(
+    token: &str,
+    keys: &JwtKeySet,
+    issuer: &str,
+    audience: &str,
+    now: UnixTime,
+    leeway_secs: i64,
+) -> Result<(AccessTokenClaims, JwtKeyRef), JwtError> {
+    let VerifiedJws { typ, payload, key } = verify_jws(token, keys)?;
     let typ_ok = typ.is_some_and(|t| {
         t.eq_ignore_ascii_case(ACCESS_TOKEN_TYP) || t.eq_ignore_ascii_case("application/at+jwt")
     });
@@ -524,7 +551,7 @@ pub fn validate_access_token(
             "cnf.x5t#S256 is not a base64url SHA-256",
         ));
     }
-    Ok(AccessTokenClaims {
+    let claims = AccessTokenClaims {
         iss,
         sub,
         aud,
@@ -536,7 +563,8 @@ pub fn validate_access_token(
         groups: raw.groups.unwrap_or_default(),
         exp,
         cnf: Confirmation { x5t_s256: x5t },
-    })
+    };
+    Ok((claims, key))
 }
 
 #[cfg(test)]
@@ -965,6 +993,28 @@ mod tests {
         c.aud = vec!["aud-1".into()];
         let at = signer.mint_access_token(&c).unwrap();
         assert_eq!(validate(&at, &keys), Err(JwtError::WrongType));
+    }
+
+    #[test]
+    fn keyed_validation_names_the_key_a_later_key_set_may_no_longer_hold() {
+        let signer = JwtSigner::generate(JwtAlgorithm::Es256).unwrap();
+        let other = JwtSigner::generate(JwtAlgorithm::Es256).unwrap();
+        let keys = keys_for(&[&signer, &other]);
+        let token = signer.mint_access_token(&at_claims()).unwrap();
+        let (claims, key) =
+            validate_access_token_keyed(&token, &keys, ISS, "https://api.example.org", NOW, 0)
+                .unwrap();
+        assert_eq!(claims, at_claims());
+        assert_eq!(key.kid(), signer.kid());
+        assert!(keys.holds(&key));
+        assert!(keys_for(&[&signer]).holds(&key));
+        // Rotated out.
+        assert!(!keys_for(&[&other]).holds(&key));
+        assert!(!JwtKeySet::default().holds(&key));
+        // Another key published under the same kid is not the key that verified the token.
+        let mut impostor = other.public_jwk();
+        impostor.kid = Some(signer.kid().to_owned());
+        assert!(!JwtKeySet::from_jwks(&[impostor]).unwrap().holds(&key));
     }
 
     #[test]

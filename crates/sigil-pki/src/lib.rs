@@ -21,10 +21,10 @@ pub use ca::{
 };
 pub use csr::{CsrKeyType, MAX_CSR_LEN, ParsedCsr, parse_csr, parse_csr_pem};
 pub use error::{JwtError, PkiError, SvidError};
-pub use jwk::{Jwk, JwtKeySet};
+pub use jwk::{Jwk, JwtKeyRef, JwtKeySet};
 pub use jwt::{
     ACCESS_TOKEN_TYP, AccessTokenClaims, Confirmation, JwtAlgorithm, JwtSigner, JwtSvidClaims,
-    MAX_TOKEN_LEN, validate_access_token, validate_jwt_svid,
+    MAX_TOKEN_LEN, validate_access_token, validate_access_token_keyed, validate_jwt_svid,
 };
 pub use keys::{KeyAlgorithm, KeyPair};
 pub use x509_verify::{
