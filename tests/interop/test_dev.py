@@ -1,5 +1,7 @@
 """`sigil dev` prints commands that work as printed: run them, verbatim, in a shell."""
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -33,16 +35,22 @@ def test_sigil_dev_instructions_work_as_printed(tmp_path: Path):
     try:
         printed = []
         deadline = time.time() + 60
-        while not any("sigil entry list" in line for line in printed):
+        while not any(line.endswith(" entry list\n") for line in printed):
             assert time.time() < deadline, "sigil dev did not print its instructions"
             line = proc.stdout.readline()
             assert line or proc.poll() is None, (tmp_path / "dev.log").read_text()
             printed.append(line)
         script = commands("".join(printed))
         assert "fetch-x509" in script and "chat/completions" in script and "openai" in script
-        # `sigil` and `python3` (with openai installed) as a user would have them on PATH.
+        # The binary is named by the path it runs from (after `cargo run -- dev` there is no
+        # `sigil` on PATH), so the commands work with none on PATH here either.
+        fetch = next(line for line in script.splitlines() if "workload fetch-x509" in line)
+        assert shlex.split(fetch)[0] == os.path.realpath(sigil), fetch
+        assert not re.search(r"^\s*sigil\s", script, re.M), script
+        # `python3` (with openai installed) as a user would have it on PATH.
         env = dict(os.environ)
-        env["PATH"] = f"{Path(sigil).parent}:{Path(sys.executable).parent}:{env['PATH']}"
+        path = [d for d in env["PATH"].split(":") if not (Path(d) / "sigil").exists()]
+        env["PATH"] = ":".join([str(Path(sys.executable).parent), *path])
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, f"{script}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"

@@ -37,6 +37,26 @@ fn encode(s: &str) -> String {
     s.replace(':', "%3A").replace('/', "%2F")
 }
 
+/// How a shell runs this binary: its absolute path, since after `cargo run -- dev` there is
+/// no `sigil` on the PATH; quoted if it has characters a shell would split or expand.
+fn self_command() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.to_str().map(shell_quote))
+        .unwrap_or_else(|| "sigil".into())
+}
+
+/// `s` as one POSIX shell word: as is when every character is safe unquoted, else in single
+/// quotes (a `'` inside becomes `'\''`).
+fn shell_quote(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
 fn default_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
         return PathBuf::from(x).join("sigil/dev");
@@ -219,9 +239,9 @@ sigil dev is running (trust domain {DEV_TRUST_DOMAIN}); Ctrl-C stops it.
 Any process of yours (uid {uid}) is registered as {demo_id}. From another terminal:
 
   export SPIFFE_ENDPOINT_SOCKET=unix://{api}
-  sigil workload fetch-x509 --spiffe-id {demo_id} --out-dir {demo}
+  {sigil} workload fetch-x509 --spiffe-id {demo_id} --out-dir {demo}
   openssl verify -CAfile {demo}/bundle.pem {demo}/svid.pem
-  sigil workload fetch-jwt --audience model-gw
+  {sigil} workload fetch-jwt --audience model-gw
 
 A demo model server sits behind the sidecar proxy at https://localhost:{proxy_port}. Policy
 ({policy}): group factory-floor may invoke the model defect-detector. Call it with curl:
@@ -251,12 +271,13 @@ for chunk in client.chat.completions.create(model="defect-detector", stream=True
 print()
 EOF
 
-Every decision is recorded in {audit} (`sigil audit show {audit}` prints it).
+Every decision is recorded in {audit} (`{sigil} audit show {audit}` prints it).
 
   export SIGIL_ADMIN_SOCKET={socket}
-  sigil entry list
+  {sigil} entry list
 "#,
         socket = socket.display(),
+        sigil = self_command(),
         aud = DEMO_AUDIENCE,
         policy = policy_file.display(),
         audit = audit_log.display(),
@@ -273,4 +294,21 @@ Every decision is recorded in {audit} (`sigil audit show {audit}` prints it).
     agent.shutdown().await;
     server.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quote_keeps_plain_paths_and_quotes_the_rest() {
+        assert_eq!(shell_quote("/usr/local/bin/sigil"), "/usr/local/bin/sigil");
+        assert_eq!(
+            shell_quote("/home/me/my projects/sigil"),
+            "'/home/me/my projects/sigil'"
+        );
+        assert_eq!(shell_quote("/tmp/it's/sigil"), r"'/tmp/it'\''s/sigil'");
+        assert_eq!(shell_quote("/tmp/$HOME/sigil"), "'/tmp/$HOME/sigil'");
+        assert_eq!(shell_quote(""), "''");
+    }
 }
