@@ -6,11 +6,11 @@
 #![forbid(unsafe_code)]
 
 mod attestor;
-mod authority_fix;
 mod cache;
 mod client;
 mod config;
 mod enforcer;
+mod h2_authority;
 pub mod log_witness;
 mod manager;
 mod metrics;

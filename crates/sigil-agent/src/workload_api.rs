@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
-use crate::authority_fix::AuthorityFix;
+use crate::h2_authority::AuthorityRewriter;
 use crate::manager::{Manager, Snapshot};
 use crate::peer::{PeerCred, WorkloadAttestor};
 
@@ -37,18 +37,18 @@ pub struct ConnInfo {
 
 /// An accepted Workload API connection, carrying its peer credentials into every request.
 ///
-/// The byte stream goes through [`AuthorityFix`]: grpc-core (Python, C++), grpc-java and
+/// The byte stream goes through [`AuthorityRewriter`]: grpc-core (Python, C++), grpc-java and
 /// grpc-swift put the socket path in `:authority`, which h2 rejects; unchanged SPIFFE
 /// clients in those languages must work.
 pub struct AcceptedStream {
-    inner: AuthorityFix<UnixStream>,
+    inner: AuthorityRewriter<UnixStream>,
     info: ConnInfo,
 }
 
 impl AcceptedStream {
     pub fn new(inner: UnixStream) -> Self {
         let accepted_at = SystemTime::now();
-        let inner = AuthorityFix::new(inner);
+        let inner = AuthorityRewriter::new(inner);
         let info = match inner.get_ref().peer_cred() {
             Ok(c) => ConnInfo {
                 pid: c.pid(),
