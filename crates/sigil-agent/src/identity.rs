@@ -53,20 +53,22 @@ pub struct Snapshot {
     pub revocations_changed_at: Option<std::time::Instant>,
 }
 
-/// Why the manager stopped for good.
+/// Why the node holds no identity and the agent stopped keeping one.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ManagerError {
+pub enum IdentityError {
     #[error("this node has been evicted; it needs a new join token")]
     Evicted,
     #[error("no node identity: the cache holds none and no join token was given")]
-    NoIdentity,
+    NotAttested,
     #[error("attestation refused: {0}")]
     AttestationRefused(String),
 }
 
-/// The agent's identity manager.
-pub struct Manager {
+/// The identities this node holds (its own node SVID and its workloads' X.509-SVIDs) and
+/// what they are checked and served with: trust bundle, entries, revocations, policy bundle,
+/// log checkpoint. Kept current from the server and published as [`Snapshot`]s.
+pub struct Identities {
     cfg: AgentConfig,
     cache: Cache,
     clock: Arc<dyn Clock>,
@@ -92,7 +94,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Pause before trying the next replica after one failed (backoff applies once all failed).
 const FAILOVER_DELAY: Duration = Duration::from_millis(100);
 
-impl Manager {
+impl Identities {
     /// Loads the cache and publishes what it holds (valid items only).
     pub fn load(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<Self>> {
         let cache = Cache::open(&cfg.data_dir.join("cache"))?;
@@ -462,17 +464,17 @@ impl Manager {
 
     /// Runs until evicted (or unrecoverable); reconnects with backoff on any failure, moving
     /// to the next server replica first.
-    pub async fn run(self: Arc<Self>) -> Result<(), ManagerError> {
+    pub async fn run(self: Arc<Self>) -> Result<(), IdentityError> {
         let sweeper = tokio::spawn(self.clone().sweep_forever());
         let result = self.run_inner().await;
         sweeper.abort();
         if let Err(e) = &result {
-            tracing::error!(error = %e, "identity manager stopped");
+            tracing::error!(error = %e, "stopped keeping the node's identities");
         }
         result
     }
 
-    async fn run_inner(self: &Arc<Self>) -> Result<(), ManagerError> {
+    async fn run_inner(self: &Arc<Self>) -> Result<(), IdentityError> {
         let mut backoff = Duration::from_millis(250);
         let mut failures_in_row = 0usize;
         // Evidence is single use: once it got us an identity, it is dropped.
@@ -485,13 +487,13 @@ impl Manager {
             if self.node().is_none() {
                 let Some(method) = attestor.as_deref() else {
                     self.stop_serving();
-                    return Err(ManagerError::NoIdentity);
+                    return Err(IdentityError::NotAttested);
                 };
                 match self.attest(method).await {
                     Ok(()) => attestor = None,
                     Err(AttestationError::Refused(why)) => {
                         self.stop_serving();
-                        return Err(ManagerError::AttestationRefused(why));
+                        return Err(IdentityError::AttestationRefused(why));
                     }
                     Err(e) => {
                         if self.fail_over(&mut failures_in_row) {
@@ -512,7 +514,7 @@ impl Manager {
                     self.set_node(None);
                     self.client.store(None);
                     self.stop_serving();
-                    return Err(ManagerError::Evicted);
+                    return Err(IdentityError::Evicted);
                 }
                 Ok(SessionEnd::Reconnect) => {
                     backoff = Duration::from_millis(250);
@@ -892,7 +894,7 @@ impl Manager {
 }
 
 #[cfg(test)]
-impl Manager {
+impl Identities {
     /// Changes the published snapshot directly (tests without a server).
     pub(crate) fn publish_for_test(&self, f: impl FnOnce(&mut Snapshot)) {
         self.snapshot.send_modify(f);
