@@ -464,7 +464,7 @@ mod tests {
 
     #[test]
     fn revocations_round_trip_and_corruption_is_reported() {
-        use crate::revocation::RevokedSvid;
+        use sigil_core::RevokedSvid;
         let dir = tempfile::tempdir().unwrap();
         let c = Cache::open(dir.path()).unwrap();
         assert!(c.load_revocations().unwrap().is_none());

@@ -126,7 +126,8 @@ mod tests {
     use super::*;
     use crate::config::AgentConfig;
     use crate::identity::Snapshot;
-    use crate::revocation::{RevocationList, RevokedSvid};
+    use crate::revocation::RevocationList;
+    use sigil_core::RevokedSvid;
 
     const NOW: i64 = 1_700_000_000;
 

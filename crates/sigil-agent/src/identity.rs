@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use sigil_core::{Clock, EntryId, EntrySpec, RegistrationEntry, Selector, SpiffeId};
+use sigil_core::{Clock, Credential, EntryId, EntrySpec, RegistrationEntry, Selector, SpiffeId};
 use sigil_pki::{
     KeyAlgorithm, KeyPair, SvidUsage, TrustBundle, X509Bundle, verify_x509_svid_for_usage,
 };
@@ -705,12 +705,6 @@ impl Identities {
             }
         }
         let now = self.clock.now();
-        let revoked = |s: &HeldSvid| {
-            u.revocations.iter().any(|r| {
-                (!r.serial.is_empty() && r.serial == s.serial)
-                    || (r.spiffe_id == s.spiffe_id.as_str() && r.revoked_at >= s.received_at - 60)
-            })
-        };
         let held = self.snapshot.borrow().revocations.clone();
         let incoming = RevocationList::from_sync(u.revocations_revision, &u.revocations, now);
         let revocations = match &held {
@@ -740,6 +734,16 @@ impl Identities {
                 "revocation list updated"
             );
         }
+        let revoked = |s: &HeldSvid| {
+            let svid = Credential {
+                serial: &s.serial,
+                spiffe_id: s.spiffe_id.as_str(),
+                // A held SVID keeps no notBefore; the server backdates it by 30 s, so a
+                // minute before it arrived is at or before it.
+                not_before: s.received_at - 60,
+            };
+            revocations.is_revoked(&svid, now)
+        };
         let mut svids = (*self.snapshot.borrow().svids).clone();
         svids.retain(|id, s| {
             let keep = s.not_after > now

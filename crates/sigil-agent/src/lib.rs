@@ -34,7 +34,7 @@ pub use attestor::{AttestationError, JoinTokenAttestor, NodeAttestor};
 pub use config::{AgentConfig, AgentConfigError};
 pub use identity::{Identities, IdentityError, Snapshot};
 pub use peer::{AttestError, PeerCred, WorkloadAttestor};
-pub use revocation::{RevocationList, RevokedSvid};
+pub use revocation::RevocationList;
 
 /// A started agent.
 pub struct RunningAgent {
