@@ -4,10 +4,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use sha2::{Digest, Sha256};
-use sigil_core::{EntryId, SpiffeId};
+use sigil_core::{Credential, EntryId, RevocationSet, RevokedSvid, SpiffeId};
 use sigil_pki::{IssuedX509Svid, SvidSpec, parse_csr};
 use sigil_proto::node::v1 as pb;
-use sigil_store::{EntryFilter, JoinTokenError, NodeRecord, StoreError};
+use sigil_store::{EntryFilter, JoinTokenError, NodeRecord, Revocation, StoreError};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -191,6 +191,8 @@ struct SharedSync {
     revocations_revision: i64,
     /// Unexpired at the time of reading; filtered again at the time of sending.
     revocations: Arc<Vec<pb::RevokedSvid>>,
+    /// The same revocations, indexed for the streams' cut-off checks.
+    revoked: Arc<RevocationSet>,
     bundle_sequence: i64,
     bundle_json: String,
     policy_revision: i64,
@@ -243,22 +245,31 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
             Arc::new(by_parent)
         }
     };
-    let revocations = match prev {
-        Some(p) if p.revocations_revision == revocations_revision => p.revocations.clone(),
-        _ => Arc::new(
-            app.store
+    let (revocations, revoked) = match prev {
+        Some(p) if p.revocations_revision == revocations_revision => {
+            (p.revocations.clone(), p.revoked.clone())
+        }
+        _ => {
+            let listed: Vec<RevokedSvid> = app
+                .store
                 .list_revocations(app.clock.now())
                 .await
                 .map_err(|e| err(&e))?
+                .iter()
+                .map(Revocation::revoked_svid)
+                .collect();
+            let revoked = Arc::new(RevocationSet::new(&listed));
+            let revocations = listed
                 .into_iter()
                 .map(|r| pb::RevokedSvid {
-                    serial: r.serial.unwrap_or_default(),
-                    spiffe_id: r.spiffe_id.map(|i| i.to_string()).unwrap_or_default(),
+                    serial: r.serial,
+                    spiffe_id: r.spiffe_id,
                     revoked_at: r.revoked_at,
                     expires_at: r.expires_at,
                 })
-                .collect(),
-        ),
+                .collect();
+            (Arc::new(revocations), revoked)
+        }
     };
     let policy = match prev {
         _ if policy_revision <= 0 => Arc::new((String::new(), 0)),
@@ -310,6 +321,7 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
         entries,
         revocations_revision,
         revocations,
+        revoked,
         bundle_sequence,
         bundle_json: authorities.bundle_json.clone(),
         policy_revision,
@@ -369,8 +381,9 @@ async fn refresh_shared(
 /// eviction or a revocation notifies it), so no stream queries the store on a change in
 /// the common case. A node the snapshot lists as evicted is confirmed from the store (it may
 /// have re-attested since the snapshot was read); an unknown node is cut off. The
-/// revocation check is the store's `is_revoked` rule applied to the snapshot's unexpired
-/// revocations: the SVID's serial, or its SPIFFE ID revoked at or after the SVID was issued.
+/// revocation check is `sigil_core`'s rule (the store's `is_revoked` too) applied to the
+/// snapshot's revocations: the SVID's serial, or its SPIFFE ID revoked at or after the SVID
+/// was issued.
 /// It is skipped while `revoked_clear_at` (the revocations revision at which it last came
 /// back negative) is still current: every new revocation bumps that revision, and one only
 /// ever stops applying (it expires), never starts by itself.
@@ -392,11 +405,12 @@ async fn is_cut_off(
         return Ok(false);
     }
     let now = app.clock.now();
-    let revoked = s.revocations.iter().any(|r| {
-        r.expires_at > now
-            && ((!r.serial.is_empty() && r.serial == serial)
-                || (r.spiffe_id == node.as_str() && r.revoked_at >= not_before))
-    });
+    let svid = Credential {
+        serial,
+        spiffe_id: node.as_str(),
+        not_before,
+    };
+    let revoked = s.revoked.is_revoked(&svid, now);
     if !revoked {
         *revoked_clear_at = Some(s.revocations_revision);
     }
