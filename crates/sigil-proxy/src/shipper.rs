@@ -371,7 +371,7 @@ fn client_config(creds: &Credentials) -> anyhow::Result<Arc<rustls::ClientConfig
     for der in &creds.x509.authorities {
         roots.add(CertificateDer::from(der.clone()))?;
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+    let cfg = rustls::ClientConfig::builder_with_provider(sigil_tls::provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_client_cert_resolver(Arc::new(OwnSvid(creds.serving.clone())));
