@@ -6,9 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use sigil_core::{Clock, Credential, EntryId, EntrySpec, RegistrationEntry, Selector, SpiffeId};
+use sigil_core::{
+    Clock, Credential, EntryError, EntryId, EntrySpec, RegistrationEntry, Selector, SelectorError,
+    SpiffeId, SpiffeIdError,
+};
 use sigil_pki::{
-    KeyAlgorithm, KeyPair, SvidUsage, TrustBundle, X509Bundle, verify_x509_svid_for_usage,
+    KeyAlgorithm, KeyPair, PkiError, SvidError, SvidUsage, TrustBundle, X509Bundle,
+    verify_x509_svid_for_usage,
 };
 use sigil_proto::node::v1 as pb;
 use sigil_proto::node::v1::node_client::NodeClient;
@@ -16,7 +20,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use crate::attestor::{AttestationError, JoinTokenAttestor, NodeAttestor};
-use crate::cache::{Cache, CachedState, HeldSvid};
+use crate::cache::{Cache, CacheError, CachedState, HeldSvid};
 use crate::config::AgentConfig;
 use crate::policy::{Offer, PolicyState};
 use sigil_policy::bundle::{BundleError, PolicyKeys, VerifiedBundle};
@@ -63,6 +67,64 @@ pub enum IdentityError {
     NotAttested,
     #[error("attestation refused: {0}")]
     AttestationRefused(String),
+}
+
+/// Why a session with the server ended. The agent serves from its cache meanwhile and
+/// starts another, on the next replica first.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+enum SessionError {
+    /// The node has no SVID to authenticate with (it must attest first).
+    #[error("no node identity")]
+    NoNodeIdentity,
+    /// The client TLS config could not be built from the node SVID.
+    #[error("TLS client config: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The server could not be reached.
+    #[error("connecting to {server}: {source:?}")]
+    Connect {
+        server: String,
+        source: tonic::transport::Error,
+    },
+    /// A node API call failed (`call` says which).
+    #[error("{call}: {}: {}", .status.code(), .status.message())]
+    Call {
+        call: &'static str,
+        status: tonic::Status,
+    },
+    /// The server ended the sync stream.
+    #[error("sync stream closed by the server")]
+    StreamClosed,
+    /// The server returned an SVID that does not verify against the bundle in force.
+    #[error("server returned an SVID that does not verify: {0}")]
+    BadSvid(SvidError),
+    /// The server sent a trust bundle that does not parse.
+    #[error("bad bundle from server: {0}")]
+    BadBundle(PkiError),
+    /// A key or CSR could not be made.
+    #[error("making a key or CSR: {0}")]
+    Key(PkiError),
+    /// The cache could not be written (nothing is served that is not persisted).
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+impl SessionError {
+    fn call(call: &'static str) -> impl FnOnce(tonic::Status) -> Self {
+        move |status| Self::Call { call, status }
+    }
+}
+
+/// Why an entry from the server was ignored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+enum BadEntry {
+    #[error(transparent)]
+    Id(#[from] EntryError),
+    #[error(transparent)]
+    SpiffeId(#[from] SpiffeIdError),
+    #[error(transparent)]
+    Selector(#[from] SelectorError),
 }
 
 /// The identities this node holds (its own node SVID and its workloads' X.509-SVIDs) and
@@ -560,10 +622,10 @@ impl Identities {
         let svid = method.attest(&mut c, csr).await?;
         self.apply_bundle_json(&svid.bundle_json)
             .await
-            .map_err(AttestationError::Transient)?;
+            .map_err(|e| transient(&e))?;
         let held = self
             .check_svid(&svid, key.pkcs8_der())
-            .map_err(AttestationError::Transient)?;
+            .map_err(|e| transient(&e))?;
         tracing::info!(node = %held.spiffe_id, method = method.kind(), "node attested");
         let h = held.clone();
         self.cache
@@ -579,7 +641,11 @@ impl Identities {
     }
 
     /// Verifies a freshly signed SVID against the current bundle and pairs it with its key.
-    fn check_svid(&self, svid: &pb::X509SvidResponse, key: Vec<u8>) -> Result<HeldSvid, String> {
+    fn check_svid(
+        &self,
+        svid: &pb::X509SvidResponse,
+        key: Vec<u8>,
+    ) -> Result<HeldSvid, SessionError> {
         let now = self.clock.now();
         let chain: Vec<&[u8]> = svid.cert_chain.iter().map(Vec::as_slice).collect();
         let v = verify_x509_svid_for_usage(
@@ -588,7 +654,7 @@ impl Identities {
             now,
             SvidUsage::ClientAuth,
         )
-        .map_err(|e| format!("server returned an SVID that does not verify: {e}"))?;
+        .map_err(SessionError::BadSvid)?;
         Ok(HeldSvid {
             spiffe_id: v.spiffe_id,
             chain: svid.cert_chain.clone(),
@@ -600,9 +666,9 @@ impl Identities {
     }
 
     /// Installs a bundle unless it is older than the one held. Returns whether it changed.
-    async fn apply_bundle_json(&self, json: &str) -> Result<bool, String> {
+    async fn apply_bundle_json(&self, json: &str) -> Result<bool, SessionError> {
         let b = TrustBundle::from_spiffe_json(&self.cfg.trust_domain, json)
-            .map_err(|e| format!("bad bundle from server: {e}"))?;
+            .map_err(SessionError::BadBundle)?;
         let current = self
             .bundle_sequence
             .load(std::sync::atomic::Ordering::SeqCst);
@@ -619,10 +685,7 @@ impl Identities {
             return Ok(false);
         }
         let j = json.to_owned();
-        self.cache
-            .blocking(move |c| c.save_bundle(&j))
-            .await
-            .map_err(|e| e.to_string())?;
+        self.cache.blocking(move |c| c.save_bundle(&j)).await?;
         self.bundle_sequence
             .store(b.sequence, std::sync::atomic::Ordering::SeqCst);
         self.x509_bundle.store(Arc::new(b.x509_bundle()));
@@ -630,22 +693,25 @@ impl Identities {
         Ok(true)
     }
 
-    async fn session(self: &Arc<Self>) -> Result<SessionEnd, String> {
-        let node = self.node().ok_or("no node identity")?;
+    async fn session(self: &Arc<Self>) -> Result<SessionEnd, SessionError> {
+        let node = self.node().ok_or(SessionError::NoNodeIdentity)?;
         let tls = tls::client_config(
             self.x509_bundle.clone(),
             self.server_id.clone(),
             Some((node.chain.clone(), node.key.clone())),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let server = self.server();
-        let mut c = client::connect(&server, tls)
-            .await
-            .map_err(|e| format!("connecting to {server}: {e:?}"))?;
+        let mut c =
+            client::connect(&server, tls)
+                .await
+                .map_err(|source| SessionError::Connect {
+                    server: server.clone(),
+                    source,
+                })?;
         let mut stream = c
             .sync(pb::SyncRequest {})
             .await
-            .map_err(|s| format!("sync: {}: {}", s.code(), s.message()))?
+            .map_err(SessionError::call("sync"))?
             .into_inner();
         self.client.store(Some(Arc::new(c.clone())));
         tracing::info!(server = %server, "connected; syncing");
@@ -660,9 +726,9 @@ impl Identities {
                         }
                         self.apply_update(&mut c, update).await?;
                     }
-                    Ok(None) => return Err("sync stream closed by the server".into()),
+                    Ok(None) => return Err(SessionError::StreamClosed),
                     Err(s) if s.code() == tonic::Code::PermissionDenied => return Ok(SessionEnd::Evicted),
-                    Err(s) => return Err(format!("sync stream: {}: {}", s.code(), s.message())),
+                    Err(s) => return Err(SessionError::call("sync stream")(s)),
                 },
                 _ = tick.tick() => {
                     if self.maintain(&mut c).await? {
@@ -677,7 +743,7 @@ impl Identities {
         self: &Arc<Self>,
         c: &mut NodeClient<Channel>,
         u: pb::SyncUpdate,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionError> {
         tracing::debug!(
             policy_revision = u.policy_revision,
             revocations_revision = u.revocations_revision,
@@ -726,8 +792,7 @@ impl Identities {
             let list = revocations.clone();
             self.cache
                 .blocking(move |c| c.save_revocations(&list))
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             tracing::info!(
                 revision = revocations.revision,
                 count = revocations.revoked.len(),
@@ -775,7 +840,7 @@ impl Identities {
 
     /// Periodic work: renew due SVIDs and the node SVID. Returns true when the connection
     /// must be re-made (new node certificate).
-    async fn maintain(&self, c: &mut NodeClient<Channel>) -> Result<bool, String> {
+    async fn maintain(&self, c: &mut NodeClient<Channel>) -> Result<bool, SessionError> {
         self.reconcile(c).await?;
         let now = self.clock.now();
         let Some(node) = self.node() else {
@@ -784,27 +849,24 @@ impl Identities {
         if !node.needs_renewal(now) {
             return Ok(false);
         }
-        let key = KeyPair::generate(self.node_key_alg).map_err(|e| e.to_string())?;
-        let csr = key.csr_der(None).map_err(|e| e.to_string())?;
+        let key = KeyPair::generate(self.node_key_alg).map_err(SessionError::Key)?;
+        let csr = key.csr_der(None).map_err(SessionError::Key)?;
         let resp = c
             .renew_node_svid(pb::RenewNodeSvidRequest { csr })
             .await
-            .map_err(|s| format!("renewing node SVID: {}: {}", s.code(), s.message()))?
+            .map_err(SessionError::call("renewing node SVID"))?
             .into_inner();
         self.apply_bundle_json(&resp.bundle_json).await?;
         let held = self.check_svid(&resp, key.pkcs8_der())?;
         let h = held.clone();
-        self.cache
-            .blocking(move |c| c.save_node(&h))
-            .await
-            .map_err(|e| e.to_string())?;
+        self.cache.blocking(move |c| c.save_node(&h)).await?;
         tracing::info!(serial = %held.serial, "renewed the node SVID");
         self.set_node(Some(held));
         Ok(true)
     }
 
     /// Signs SVIDs for entries that have none or whose SVID is past half-life.
-    async fn reconcile(&self, c: &mut NodeClient<Channel>) -> Result<(), String> {
+    async fn reconcile(&self, c: &mut NodeClient<Channel>) -> Result<(), SessionError> {
         let now = self.clock.now();
         let snap = self.snapshot.borrow().clone();
         let due: Vec<&RegistrationEntry> = snap
@@ -818,19 +880,19 @@ impl Identities {
         let mut keys = HashMap::new();
         let mut csrs = Vec::new();
         for e in due {
-            let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).map_err(|e| e.to_string())?;
+            let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).map_err(SessionError::Key)?;
             csrs.push(pb::CsrForEntry {
                 entry_id: e.id.to_string(),
                 csr: key
                     .csr_der(Some(&e.spec.spiffe_id))
-                    .map_err(|e| e.to_string())?,
+                    .map_err(SessionError::Key)?,
             });
             keys.insert(e.id.to_string(), key);
         }
         let resp = c
             .sign_x509_svids(pb::SignX509SvidsRequest { csrs })
             .await
-            .map_err(|s| format!("signing SVIDs: {}: {}", s.code(), s.message()))?
+            .map_err(SessionError::call("signing SVIDs"))?
             .into_inner();
         let mut svids = (*self.snapshot.borrow().svids).clone();
         for signed in resp.svids {
@@ -849,10 +911,7 @@ impl Identities {
             svids: svids.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         };
         // INVARIANT: persisted before it is served, so a restart serves the same SVIDs.
-        self.cache
-            .blocking(move |c| c.save_state(&state))
-            .await
-            .map_err(|e| e.to_string())?;
+        self.cache.blocking(move |c| c.save_state(&state)).await?;
         self.snapshot.send_modify(|s| s.svids = Arc::new(svids));
         Ok(())
     }
@@ -910,17 +969,16 @@ enum SessionEnd {
     Reconnect,
 }
 
-fn entry_from_pb(e: pb::Entry) -> Result<RegistrationEntry, String> {
-    let sid = |s: &str| SpiffeId::new(s).map_err(|e| e.to_string());
+fn entry_from_pb(e: pb::Entry) -> Result<RegistrationEntry, BadEntry> {
     Ok(RegistrationEntry {
-        id: EntryId::parse(&e.id).map_err(|e| e.to_string())?,
+        id: EntryId::parse(&e.id)?,
         spec: EntrySpec {
-            spiffe_id: sid(&e.spiffe_id)?,
-            parent_id: sid(&e.parent_id)?,
+            spiffe_id: SpiffeId::new(&e.spiffe_id)?,
+            parent_id: SpiffeId::new(&e.parent_id)?,
             selectors: e
                 .selectors
                 .iter()
-                .map(|s| Selector::parse(s).map_err(|e| e.to_string()))
+                .map(|s| Selector::parse(s))
                 .collect::<Result<_, _>>()?,
             x509_ttl_secs: e.x509_ttl_secs,
             jwt_ttl_secs: e.jwt_ttl_secs,
