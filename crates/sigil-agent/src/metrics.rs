@@ -13,7 +13,7 @@ use sigil_metrics::prometheus_client::metrics::counter::Counter;
 use sigil_metrics::prometheus_client::metrics::family::Family;
 use sigil_metrics::prometheus_client::metrics::gauge::Gauge;
 use sigil_metrics::prometheus_client::registry::Registry;
-use sigil_metrics::{Exporter, GRPC_CODE_NAMES, Observer, ReadyFuture, grpc_code_name};
+use sigil_metrics::{Exporter, GRPC_CODE_NAMES, NotReady, Observer, ReadyFuture, grpc_code_name};
 use tokio::task::JoinHandle;
 
 use crate::Identities;
@@ -243,16 +243,16 @@ impl AgentExporter {
         self.cache.load_node().ok().flatten().map(|n| n.not_after)
     }
 
-    fn readiness(&self) -> Result<(), String> {
+    fn readiness(&self) -> Result<(), NotReady> {
         let now = self.identities.clock().now();
         match self.node_not_after() {
-            None => return Err("no node SVID".into()),
-            Some(t) if t <= now => return Err("node SVID expired".into()),
+            None => return Err(NotReady::Missing("node SVID")),
+            Some(t) if t <= now => return Err(NotReady::Expired("node SVID")),
             Some(_) => {}
         }
         let snap = self.identities.subscribe().borrow().clone();
         let Some(bundle) = &snap.bundle else {
-            return Err("no trust bundle".into());
+            return Err(NotReady::Missing("trust bundle"));
         };
         let unexpired = bundle
             .x509_authorities
@@ -260,7 +260,7 @@ impl AgentExporter {
             .filter_map(|der| sigil_metrics::not_after(der))
             .any(|t| t > now);
         if !unexpired {
-            return Err("trust bundle expired".into());
+            return Err(NotReady::Expired("trust bundle"));
         }
         Ok(())
     }
