@@ -11,9 +11,9 @@ use sigil_store::{EntryFilter, JoinTokenError, NodeRecord, Revocation, StoreErro
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::AppState;
 use crate::issuer::IssueError;
 use crate::tls::PeerAuth;
+use crate::{AppState, ServerError};
 
 /// Most CSRs one SignX509Svids call may carry.
 const MAX_BATCH: usize = 256;
@@ -216,25 +216,16 @@ struct SharedSync {
 type SharedState = Option<Result<Arc<SharedSync>, ()>>;
 
 /// Reads the shared sync state, reusing from `prev` what did not change since (by revision).
-async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<SharedSync, String> {
-    let err = |e: &dyn std::fmt::Display| e.to_string();
-    let entries_revision = app.store.entries_revision().await.map_err(|e| err(&e))?;
-    let revocations_revision = app
-        .store
-        .revocations_revision()
-        .await
-        .map_err(|e| err(&e))?;
+async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<SharedSync, ServerError> {
+    let entries_revision = app.store.entries_revision().await?;
+    let revocations_revision = app.store.revocations_revision().await?;
     let authorities = app.authorities.current();
     let bundle_sequence = i64::try_from(authorities.bundle.sequence).unwrap_or(i64::MAX);
-    let policy_revision = app.store.policy_revision().await.map_err(|e| err(&e))?;
+    let policy_revision = app.store.policy_revision().await?;
     let entries = match prev {
         Some(p) if p.entries_revision == entries_revision => p.entries.clone(),
         _ => {
-            let all = app
-                .store
-                .list_entries(&EntryFilter::default())
-                .await
-                .map_err(|e| err(&e))?;
+            let all = app.store.list_entries(&EntryFilter::default()).await?;
             let mut by_parent: HashMap<String, Vec<pb::Entry>> = HashMap::new();
             for e in all {
                 by_parent
@@ -253,8 +244,7 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
             let listed: Vec<RevokedSvid> = app
                 .store
                 .list_revocations(app.clock.now())
-                .await
-                .map_err(|e| err(&e))?
+                .await?
                 .iter()
                 .map(Revocation::revoked_svid)
                 .collect();
@@ -274,41 +264,26 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
     let policy = match prev {
         _ if policy_revision <= 0 => Arc::new((String::new(), 0)),
         Some(p) if p.policy_revision == policy_revision => p.policy.clone(),
-        _ => Arc::new(
-            match app
-                .store
-                .latest_policy_bundle()
-                .await
-                .map_err(|e| err(&e))?
-            {
-                Some(b) => (b.envelope, b.revision),
-                None => (String::new(), 0),
-            },
-        ),
+        _ => Arc::new(match app.store.latest_policy_bundle().await? {
+            Some(b) => (b.envelope, b.revision),
+            None => (String::new(), 0),
+        }),
     };
     let evicted = Arc::new(
         app.store
             .list_evicted_nodes()
-            .await
-            .map_err(|e| err(&e))?
+            .await?
             .into_iter()
             .map(|id| id.as_str().to_owned())
             .collect::<HashSet<_>>(),
     );
     // After everything else was read, so the checkpoint covers what the updates say.
-    let (log_size, root) = app.tlog.head().await.map_err(|e| err(&e))?;
-    let log_checkpoint = app
-        .tlog
-        .sign_checkpoint(log_size, root)
-        .map_err(|e| err(&e))?;
+    let (log_size, root) = app.tlog.head().await?;
+    let log_checkpoint = app.tlog.sign_checkpoint(log_size, root)?;
     let log_consistency = match prev {
         Some(p) if p.log_size == log_size => p.log_consistency.clone(),
         Some(p) if p.log_size > 0 && p.log_size < log_size => {
-            let proof = app
-                .tlog
-                .consistency_proof(p.log_size, log_size)
-                .await
-                .map_err(|e| err(&e))?;
+            let proof = app.tlog.consistency_proof(p.log_size, log_size).await?;
             Arc::new((
                 p.log_size,
                 proof.into_iter().map(|h| h.0.to_vec()).collect(),
