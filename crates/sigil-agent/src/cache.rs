@@ -204,11 +204,7 @@ impl Slotted {
 impl Cache {
     /// Opens (creating, mode 0700) the cache directory.
     pub fn open(dir: &Path) -> Result<Self, CacheError> {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
+        sigil_fs::create_private_dir(dir)
             .map_err(|e| CacheError::Io(format!("creating {}: {e}", dir.display())))?;
         Ok(Self {
             dir: dir.to_owned(),
@@ -371,46 +367,10 @@ pub(crate) fn move_aside(dir: &Path, name: &str) {
     }
 }
 
-/// Writes `data` to `path` with mode 0600: temp file, fsync, rename, fsync the directory.
+/// Writes `data` to `path` with mode 0600, atomically and durably ([`sigil_fs::write_private`]).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), CacheError> {
-    create_atomic(path, data, "writing").map(drop)
-}
-
-/// `path` with `.tmp` appended: where an atomic write builds the file before renaming it.
-pub(crate) fn tmp_path(path: &Path) -> std::path::PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
-    std::path::PathBuf::from(s)
-}
-
-/// [`write_atomic`], returning the new file open for reading and writing; `what` heads the
-/// error message ("writing", "creating").
-pub(crate) fn create_atomic(
-    path: &Path,
-    data: &[u8],
-    what: &str,
-) -> Result<std::fs::File, CacheError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |e: std::io::Error| CacheError::Io(format!("{what} {}: {e}", path.display()));
-    let tmp = tmp_path(path);
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-    }
-    Ok(f)
+    sigil_fs::write_private(path, data)
+        .map_err(|e| CacheError::Io(format!("writing {}: {e}", path.display())))
 }
 
 #[cfg(test)]
@@ -464,7 +424,7 @@ mod tests {
 
     #[test]
     fn revocations_round_trip_and_corruption_is_reported() {
-        use crate::revocation::RevokedSvid;
+        use sigil_core::RevokedSvid;
         let dir = tempfile::tempdir().unwrap();
         let c = Cache::open(dir.path()).unwrap();
         assert!(c.load_revocations().unwrap().is_none());

@@ -13,7 +13,7 @@ use sigil_core::Selector;
 use sigil_proto::enforcer as ep;
 use tonic::{Request, Response, Status};
 
-use crate::manager::{Manager, Snapshot};
+use crate::identity::{Identities, Snapshot};
 use crate::peer::WorkloadAttestor;
 use crate::workload_api::{
     ResponseStream, attest_caller, bundle_stream, matching, no_entry, serving,
@@ -21,13 +21,16 @@ use crate::workload_api::{
 
 /// The Enforcer service.
 pub struct EnforcerApi {
-    mgr: Arc<Manager>,
+    identities: Arc<Identities>,
     attestor: Arc<WorkloadAttestor>,
 }
 
 impl EnforcerApi {
-    pub fn new(mgr: Arc<Manager>, attestor: Arc<WorkloadAttestor>) -> Self {
-        Self { mgr, attestor }
+    pub fn new(identities: Arc<Identities>, attestor: Arc<WorkloadAttestor>) -> Self {
+        Self {
+            identities,
+            attestor,
+        }
     }
 
     /// The stream every Enforcer call is: `render(snapshot)` now and on every change, for a
@@ -39,9 +42,9 @@ impl EnforcerApi {
         F: Fn(&Snapshot) -> Option<T> + Send + 'static,
     {
         let selectors = attest_caller(&self.attestor, req).await?;
-        let snap = serving(&self.mgr)?;
+        let snap = serving(&self.identities)?;
         check_enforcer(&snap, &selectors)?;
-        Ok(bundle_stream(&self.mgr, move |snap| {
+        Ok(bundle_stream(&self.identities, move |snap| {
             if let Err(denied) = check_enforcer(snap, &selectors) {
                 return Some(Err(denied));
             }
@@ -122,8 +125,9 @@ mod tests {
 
     use super::*;
     use crate::config::AgentConfig;
-    use crate::manager::Snapshot;
-    use crate::revocation::{RevocationList, RevokedSvid};
+    use crate::identity::Snapshot;
+    use crate::revocation::RevocationList;
+    use sigil_core::RevokedSvid;
 
     const NOW: i64 = 1_700_000_000;
 
@@ -174,11 +178,11 @@ mod tests {
         }
     }
 
-    /// An agent manager with no server (its snapshot set by the test), served on a real
+    /// The agent's identities with no server (its snapshot set by the test), served on a real
     /// unix socket through the same router as `sigil agent`.
     struct Fixture {
         _dir: tempfile::TempDir,
-        mgr: Arc<Manager>,
+        identities: Arc<Identities>,
         server: tokio::task::JoinHandle<()>,
         socket: std::path::PathBuf,
     }
@@ -211,17 +215,17 @@ mod tests {
     fn fixture(snap: impl FnOnce(&mut Snapshot)) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(NOW));
-        let mgr = Manager::load(config(dir.path()), clock).unwrap();
-        mgr.publish_for_test(|s| {
+        let identities = Identities::load(config(dir.path()), clock).unwrap();
+        identities.publish_for_test(|s| {
             s.serving = true;
             snap(s);
         });
         let socket = dir.path().join("api.sock");
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        let server = crate::serve(listener, mgr.clone());
+        let server = crate::serve(listener, identities.clone());
         Fixture {
             _dir: dir,
-            mgr,
+            identities,
             server,
             socket,
         }
@@ -280,15 +284,15 @@ mod tests {
         assert_eq!(first.revoked[0].expires_at, NOW + 3600);
 
         // A change unrelated to revocations sends nothing; a new list is sent in full.
-        f.mgr.publish_for_test(|s| s.attesting = false);
-        f.mgr
+        f.identities.publish_for_test(|s| s.attesting = false);
+        f.identities
             .publish_for_test(|s| s.revocations = Some(Arc::new(list(4, &["aa01", "bb02"]))));
         let second = next(&mut stream).await.unwrap().unwrap();
         assert_eq!(second.revision, 4);
         assert_eq!(serials(&second), ["aa01", "bb02"]);
 
         // The caller's entry goes away: the stream ends with PermissionDenied.
-        f.mgr
+        f.identities
             .publish_for_test(|s| s.entries = Arc::new(vec![entry(my_uid() + 1)]));
         let err = next(&mut stream).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -309,7 +313,7 @@ mod tests {
                 .is_err(),
             "an unknown list must not be sent as an empty one"
         );
-        f.mgr
+        f.identities
             .publish_for_test(|s| s.revocations = Some(Arc::new(list(1, &[]))));
         let first = next(&mut stream).await.unwrap().unwrap();
         assert_eq!(first.revision, 1);
@@ -428,7 +432,7 @@ mod tests {
         let mut dropped = entry(my_uid());
         dropped.spec.enforcer = false;
         dropped.revision = 2;
-        f.mgr
+        f.identities
             .publish_for_test(|s| s.entries = Arc::new(vec![dropped]));
         let err = next(&mut revocations).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -489,7 +493,7 @@ mod tests {
             "nothing before a bundle is known"
         );
         let r1 = signer.sign(&content(1, NOW + 60)).unwrap();
-        assert!(f.mgr.offer_policy(&r1).await.unwrap());
+        assert!(f.identities.offer_policy(&r1).await.unwrap());
         let m = tokio::time::timeout(Duration::from_secs(5), stream.message())
             .await
             .unwrap()
@@ -501,19 +505,19 @@ mod tests {
         assert_eq!(keys["keys"][0]["use"], "sigil-policy");
         // Refused (expired, older): nothing new is sent; a newer one is.
         assert!(
-            f.mgr
+            f.identities
                 .offer_policy(&signer.sign(&content(2, NOW)).unwrap())
                 .await
                 .is_err()
         );
         assert!(
-            f.mgr
+            f.identities
                 .offer_policy(&signer.sign(&content(0, NOW + 60)).unwrap())
                 .await
                 .is_err()
         );
         let r3 = signer.sign(&content(3, NOW + 60)).unwrap();
-        assert!(f.mgr.offer_policy(&r3).await.unwrap());
+        assert!(f.identities.offer_policy(&r3).await.unwrap());
         let m = tokio::time::timeout(Duration::from_secs(5), stream.message())
             .await
             .unwrap()
@@ -558,8 +562,8 @@ mod tests {
         });
         cache.save_revocations(&l).unwrap();
         let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(NOW));
-        let mgr = Manager::load(config(dir.path()), clock).unwrap();
-        let snap = mgr.subscribe().borrow().clone();
+        let identities = Identities::load(config(dir.path()), clock).unwrap();
+        let snap = identities.subscribe().borrow().clone();
         let got = snap.revocations.expect("the cached list is served");
         assert_eq!(got.revision, 9);
         let serials: Vec<&str> = got.revoked.iter().map(|r| r.serial.as_str()).collect();
@@ -574,8 +578,11 @@ mod tests {
         ] {
             std::fs::write(dir.path().join("cache").join(name), bytes).unwrap();
             let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(NOW));
-            let mgr = Manager::load(config(dir.path()), clock).unwrap();
-            assert!(mgr.subscribe().borrow().revocations.is_none(), "{name}");
+            let identities = Identities::load(config(dir.path()), clock).unwrap();
+            assert!(
+                identities.subscribe().borrow().revocations.is_none(),
+                "{name}"
+            );
             assert!(
                 dir.path()
                     .join("cache")

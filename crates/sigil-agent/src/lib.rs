@@ -6,13 +6,13 @@
 #![forbid(unsafe_code)]
 
 mod attestor;
-mod authority_fix;
 mod cache;
 mod client;
 mod config;
 mod enforcer;
+mod h2_authority;
+mod identity;
 pub mod log_witness;
-mod manager;
 mod metrics;
 mod peer;
 pub mod policy;
@@ -32,17 +32,17 @@ use tokio_stream::StreamExt;
 
 pub use attestor::{AttestationError, JoinTokenAttestor, NodeAttestor};
 pub use config::{AgentConfig, AgentConfigError};
-pub use manager::{Manager, ManagerError, Snapshot};
+pub use identity::{Identities, IdentityError, Snapshot};
 pub use peer::{AttestError, PeerCred, WorkloadAttestor};
-pub use revocation::{RevocationList, RevokedSvid};
+pub use revocation::RevocationList;
 
 /// A started agent.
 pub struct RunningAgent {
     /// The Workload API (and Enforcer API) socket.
     pub socket: PathBuf,
-    /// The identity manager (snapshots, for in-process callers).
-    pub manager: Arc<Manager>,
-    manager_task: JoinHandle<Result<(), ManagerError>>,
+    /// The node's identities and what comes with them (snapshots, for in-process callers).
+    pub identities: Arc<Identities>,
+    identity_task: JoinHandle<Result<(), IdentityError>>,
     server_task: JoinHandle<()>,
     /// The bound metrics listener address, if `metrics_addr` is set.
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -50,9 +50,9 @@ pub struct RunningAgent {
 }
 
 impl RunningAgent {
-    /// Waits until the identity manager stops for good (eviction, no identity).
-    pub async fn wait(&mut self) -> Result<(), ManagerError> {
-        match (&mut self.manager_task).await {
+    /// Waits until the node has lost its identity for good (eviction, none to attest with).
+    pub async fn wait(&mut self) -> Result<(), IdentityError> {
+        match (&mut self.identity_task).await {
             Ok(r) => r,
             Err(_) => Ok(()),
         }
@@ -60,7 +60,7 @@ impl RunningAgent {
 
     /// Stops serving.
     pub async fn shutdown(self) {
-        self.manager_task.abort();
+        self.identity_task.abort();
         self.server_task.abort();
         let _ = self.server_task.await;
         let _ = std::fs::remove_file(&self.socket);
@@ -73,19 +73,19 @@ pub async fn start(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let socket = cfg.socket();
     let (metrics_at, cache_dir) = (cfg.metrics_addr, cfg.data_dir.join("cache"));
     let agent_metrics = metrics::AgentMetrics::new(metrics_at.is_some());
-    let manager = Manager::load(cfg, clock)?;
+    let identities = Identities::load(cfg, clock)?;
     let listener = bind_socket(&socket)?;
-    let server_task = serve_observed(listener, manager.clone(), agent_metrics.clone());
+    let server_task = serve_observed(listener, identities.clone(), agent_metrics.clone());
     let metrics_running = match metrics_at {
-        Some(at) => Some(metrics::start(at, agent_metrics, manager.clone(), cache_dir).await?),
+        Some(at) => Some(metrics::start(at, agent_metrics, identities.clone(), cache_dir).await?),
         None => None,
     };
-    let manager_task = tokio::spawn(manager.clone().run());
+    let identity_task = tokio::spawn(identities.clone().run());
     tracing::info!(socket = %socket.display(), "Workload API listening");
     Ok(RunningAgent {
         socket,
-        manager,
-        manager_task,
+        identities,
+        identity_task,
         server_task,
         metrics_addr: metrics_running.as_ref().map(|m| m.addr()),
         _metrics: metrics_running,
@@ -95,19 +95,19 @@ pub async fn start(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
 /// Serves the SPIFFE Workload API and sigil's Enforcer API on one tonic router, over the
 /// `:authority` adapter, every connection carrying its peer credentials.
 #[cfg_attr(not(test), allow(dead_code))]
-fn serve(listener: UnixListener, manager: Arc<Manager>) -> JoinHandle<()> {
-    serve_observed(listener, manager, metrics::AgentMetrics::new(false))
+fn serve(listener: UnixListener, identities: Arc<Identities>) -> JoinHandle<()> {
+    serve_observed(listener, identities, metrics::AgentMetrics::new(false))
 }
 
 /// [`serve`], counting the calls in `agent_metrics`.
 fn serve_observed(
     listener: UnixListener,
-    manager: Arc<Manager>,
+    identities: Arc<Identities>,
     agent_metrics: Arc<metrics::AgentMetrics>,
 ) -> JoinHandle<()> {
     let attestor = Arc::new(WorkloadAttestor::new());
-    let api = workload_api::WorkloadApi::new(manager.clone(), attestor.clone());
-    let enforcer = enforcer::EnforcerApi::new(manager, attestor);
+    let api = workload_api::WorkloadApi::new(identities.clone(), attestor.clone());
+    let enforcer = enforcer::EnforcerApi::new(identities, attestor);
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
         .map(|s| s.map(workload_api::AcceptedStream::new));
     tokio::spawn(async move {

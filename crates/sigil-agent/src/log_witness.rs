@@ -32,6 +32,18 @@ pub enum SplitView {
     },
 }
 
+/// Why a cached witness file was not restored (the agent then starts witnessing afresh).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CorruptWitness {
+    /// Not the JSON of a witness file.
+    #[error("not a witness file: {0}")]
+    Format(#[from] serde_json::Error),
+    /// The checkpoint it holds does not verify with the key it holds.
+    #[error("checkpoint does not verify: {0}")]
+    Checkpoint(#[from] sigil_log::LogError),
+}
+
 /// What to do with an offered checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Offer {
@@ -66,10 +78,10 @@ impl LogWitness {
     }
 
     /// From the cached file; a file that does not verify is an error (the caller starts fresh).
-    pub fn restore(bytes: &[u8]) -> Result<Self, String> {
-        let f: WitnessFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    pub fn restore(bytes: &[u8]) -> Result<Self, CorruptWitness> {
+        let f: WitnessFile = serde_json::from_slice(bytes)?;
         let note = f.checkpoint.into_bytes();
-        let cp = verify_checkpoint(&note, &f.vkey).map_err(|e| e.to_string())?;
+        let cp = verify_checkpoint(&note, &f.vkey)?;
         Ok(Self {
             vkey: Some(f.vkey),
             held: Some((cp, note)),
@@ -252,7 +264,20 @@ mod tests {
         let p = a.consistency_proof(4, 5).unwrap();
         assert_eq!(w.finish(&cp(&a, 4), key.vkey(), &p), Ok(false));
         // Persisted and restored.
-        let restored = LogWitness::restore(&w.to_file().unwrap()).unwrap();
+        let file = w.to_file().unwrap();
+        let restored = LogWitness::restore(&file).unwrap();
         assert_eq!(restored.held(), w.held());
+        // A damaged file is refused, saying how.
+        assert!(matches!(
+            LogWitness::restore(b"{\"vkey\""),
+            Err(CorruptWitness::Format(_))
+        ));
+        let text = String::from_utf8(file).unwrap();
+        let other = LogKey::from_seed("sigil.td/log", &[3; 32]).unwrap();
+        let forged = text.replace(key.vkey(), other.vkey());
+        assert!(matches!(
+            LogWitness::restore(forged.as_bytes()),
+            Err(CorruptWitness::Checkpoint(_))
+        ));
     }
 }

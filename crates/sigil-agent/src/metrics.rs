@@ -3,7 +3,7 @@
 //!
 //! Workload API calls are counted by a tower layer on the socket's router (method from the
 //! gRPC path, result from the status in the response head), so the handlers are untouched;
-//! rotations are counted by watching the manager's snapshots; expiries and the sync state
+//! rotations are counted by watching the identities' snapshots; expiries and the sync state
 //! are read at scrape time.
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,10 +13,10 @@ use sigil_metrics::prometheus_client::metrics::counter::Counter;
 use sigil_metrics::prometheus_client::metrics::family::Family;
 use sigil_metrics::prometheus_client::metrics::gauge::Gauge;
 use sigil_metrics::prometheus_client::registry::Registry;
-use sigil_metrics::{Exporter, GRPC_CODE_NAMES, Observer, ReadyFuture, grpc_code_name};
+use sigil_metrics::{Exporter, GRPC_CODE_NAMES, NotReady, Observer, ReadyFuture, grpc_code_name};
 use tokio::task::JoinHandle;
 
-use crate::Manager;
+use crate::Identities;
 use crate::cache::Cache;
 
 /// The methods served on the agent's socket (a fixed set of label values; "other" last).
@@ -185,14 +185,14 @@ impl Drop for Running {
 pub async fn start(
     addr: SocketAddr,
     metrics: Arc<AgentMetrics>,
-    manager: Arc<Manager>,
+    identities: Arc<Identities>,
     cache_dir: std::path::PathBuf,
 ) -> anyhow::Result<Running> {
-    let watcher = tokio::spawn(watch_rotations(metrics.clone(), manager.clone()));
+    let watcher = tokio::spawn(watch_rotations(metrics.clone(), identities.clone()));
     let cache = Cache::open(&cache_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     let exporter = Arc::new(AgentExporter {
         metrics,
-        manager,
+        identities,
         cache,
     });
     let listener = sigil_metrics::serve(addr, exporter).await?;
@@ -203,9 +203,9 @@ pub async fn start(
 }
 
 /// Counts an entry whose SVID serial changed as a rotation.
-async fn watch_rotations(metrics: Arc<AgentMetrics>, manager: Arc<Manager>) {
+async fn watch_rotations(metrics: Arc<AgentMetrics>, identities: Arc<Identities>) {
     let Some(inner) = &metrics.inner else { return };
-    let mut rx = manager.subscribe();
+    let mut rx = identities.subscribe();
     let mut serials: HashMap<sigil_core::EntryId, String> = HashMap::new();
     loop {
         let rotated = {
@@ -233,26 +233,26 @@ async fn watch_rotations(metrics: Arc<AgentMetrics>, manager: Arc<Manager>) {
 
 struct AgentExporter {
     metrics: Arc<AgentMetrics>,
-    manager: Arc<Manager>,
+    identities: Arc<Identities>,
     cache: Cache,
 }
 
 impl AgentExporter {
     fn node_not_after(&self) -> Option<i64> {
-        self.manager.node_id()?;
+        self.identities.node_id()?;
         self.cache.load_node().ok().flatten().map(|n| n.not_after)
     }
 
-    fn readiness(&self) -> Result<(), String> {
-        let now = self.manager.clock().now();
+    fn readiness(&self) -> Result<(), NotReady> {
+        let now = self.identities.clock().now();
         match self.node_not_after() {
-            None => return Err("no node SVID".into()),
-            Some(t) if t <= now => return Err("node SVID expired".into()),
+            None => return Err(NotReady::Missing("node SVID")),
+            Some(t) if t <= now => return Err(NotReady::Expired("node SVID")),
             Some(_) => {}
         }
-        let snap = self.manager.subscribe().borrow().clone();
+        let snap = self.identities.subscribe().borrow().clone();
         let Some(bundle) = &snap.bundle else {
-            return Err("no trust bundle".into());
+            return Err(NotReady::Missing("trust bundle"));
         };
         let unexpired = bundle
             .x509_authorities
@@ -260,7 +260,7 @@ impl AgentExporter {
             .filter_map(|der| sigil_metrics::not_after(der))
             .any(|t| t > now);
         if !unexpired {
-            return Err("trust bundle expired".into());
+            return Err(NotReady::Expired("trust bundle"));
         }
         Ok(())
     }
@@ -271,8 +271,8 @@ impl Exporter for AgentExporter {
         let Some(inner) = &self.metrics.inner else {
             return Ok(());
         };
-        let now = self.manager.clock().now();
-        let snap = self.manager.subscribe().borrow().clone();
+        let now = self.identities.clock().now();
+        let snap = self.identities.subscribe().borrow().clone();
         inner
             .svids
             .set(i64::try_from(snap.svids.len()).unwrap_or(i64::MAX));
@@ -286,7 +286,7 @@ impl Exporter for AgentExporter {
         );
         inner
             .sync_connected
-            .set(i64::from(self.manager.client.load().is_some()));
+            .set(i64::from(self.identities.client.load().is_some()));
         inner.bundle_sequence.set(
             snap.bundle
                 .as_ref()

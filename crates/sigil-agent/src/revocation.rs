@@ -1,41 +1,12 @@
 //! The revocation list the agent holds for local enforcers (served by the Enforcer API).
 //!
-//! Semantics are the server's (`sigil-store` `is_revoked`): an X.509-SVID is revoked while a
-//! live entry (`now < expires_at`) names its serial, or names its SPIFFE ID with
-//! `revoked_at >= notBefore` (every SVID of that ID issued up to the revocation).
+//! Whether an entry revokes a credential is `sigil_core`'s rule ([`RevokedSvid::revokes`]),
+//! the one the trust authority applies; this module keeps the list: from the sync stream, in
+//! the cache, merged so that an older revision never un-revokes anything.
 use serde::{Deserialize, Serialize};
-use sigil_core::UnixTime;
+use sigil_core::{Credential, RevokedSvid, UnixTime};
 use sigil_proto::enforcer as ep;
 use sigil_proto::node::v1 as pb;
-
-/// One revocation, as the node API sends it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RevokedSvid {
-    /// Lowercase hex serial, or empty when the revocation names a SPIFFE ID only.
-    pub serial: String,
-    /// SPIFFE ID, or empty when the revocation names a serial only.
-    pub spiffe_id: String,
-    pub revoked_at: UnixTime,
-    /// After this it concerns no live credential and is dropped.
-    pub expires_at: UnixTime,
-}
-
-impl RevokedSvid {
-    /// Whether it revokes the credential (`serial`, `spiffe_id`, `not_before`) at `now`.
-    pub fn revokes(
-        &self,
-        serial: &str,
-        spiffe_id: &str,
-        not_before: UnixTime,
-        now: UnixTime,
-    ) -> bool {
-        now < self.expires_at
-            && ((!self.serial.is_empty() && self.serial == serial)
-                || (!self.spiffe_id.is_empty()
-                    && self.spiffe_id == spiffe_id
-                    && self.revoked_at >= not_before))
-    }
-}
 
 /// The full list with the server's `revocations_revision` it came from.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,13 +22,13 @@ impl RevocationList {
             revision,
             revoked: revoked
                 .iter()
-                .filter(|r| !(r.serial.is_empty() && r.spiffe_id.is_empty()))
                 .map(|r| RevokedSvid {
                     serial: r.serial.clone(),
                     spiffe_id: r.spiffe_id.clone(),
                     revoked_at: r.revoked_at,
                     expires_at: r.expires_at,
                 })
+                .filter(RevokedSvid::names_anything)
                 .collect(),
         };
         l.drop_expired(now);
@@ -67,21 +38,13 @@ impl RevocationList {
     /// Drops entries past `expires_at`; returns whether any was dropped.
     pub fn drop_expired(&mut self, now: UnixTime) -> bool {
         let before = self.revoked.len();
-        self.revoked.retain(|r| r.expires_at > now);
+        self.revoked.retain(|r| r.in_force(now));
         self.revoked.len() != before
     }
 
-    /// Whether any live entry revokes the credential (see [`RevokedSvid::revokes`]).
-    pub fn is_revoked(
-        &self,
-        serial: &str,
-        spiffe_id: &str,
-        not_before: UnixTime,
-        now: UnixTime,
-    ) -> bool {
-        self.revoked
-            .iter()
-            .any(|r| r.revokes(serial, spiffe_id, not_before, now))
+    /// Whether any entry revokes `credential` at `now` (see [`RevokedSvid::revokes`]).
+    pub fn is_revoked(&self, credential: &Credential<'_>, now: UnixTime) -> bool {
+        self.revoked.iter().any(|r| r.revokes(credential, now))
     }
 
     /// The list to hold after `incoming` arrives while `self` is held. A list from an older
@@ -151,38 +114,6 @@ mod tests {
             .map(|r| (r.serial.as_str(), r.spiffe_id.as_str()))
             .collect();
         assert_eq!(kept, [("ab", ""), ("", "spiffe://td/a")]);
-    }
-
-    #[test]
-    fn semantics_match_the_server() {
-        let l = RevocationList::from_sync(
-            1,
-            &[
-                pb_rev("ab01", "", 100, 1000),
-                pb_rev("", "spiffe://td/a", 500, 2000),
-            ],
-            0,
-        );
-        // By serial: that certificate only, whatever its ID or age, until expires_at.
-        assert!(l.is_revoked("ab01", "spiffe://td/x", 900, 999));
-        assert!(!l.is_revoked("ab01", "spiffe://td/x", 900, 1000));
-        assert!(!l.is_revoked("ab02", "spiffe://td/x", 50, 200));
-        // By SPIFFE ID: every SVID of it with notBefore <= revoked_at; later ones are valid.
-        assert!(l.is_revoked("ff", "spiffe://td/a", 499, 600));
-        assert!(l.is_revoked("ff", "spiffe://td/a", 500, 600));
-        assert!(!l.is_revoked("ff", "spiffe://td/a", 501, 600));
-        assert!(!l.is_revoked("ff", "spiffe://td/b", 100, 600));
-        assert!(!l.is_revoked("ff", "spiffe://td/a", 100, 2000));
-        // Both named: either condition revokes.
-        let both = RevokedSvid {
-            serial: "cc".into(),
-            spiffe_id: "spiffe://td/c".into(),
-            revoked_at: 500,
-            expires_at: 2000,
-        };
-        assert!(both.revokes("cc", "spiffe://td/other", 900, 600));
-        assert!(both.revokes("dd", "spiffe://td/c", 400, 600));
-        assert!(!both.revokes("dd", "spiffe://td/c", 900, 600));
     }
 
     #[test]

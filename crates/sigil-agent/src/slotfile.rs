@@ -247,7 +247,7 @@ impl SlotFile {
         )))
     }
 
-    /// Builds the file as a whole ([`crate::cache::create_atomic`]), `first` in slot 0.
+    /// Builds the file as a whole ([`sigil_fs::create_private`]), `first` in slot 0.
     fn create(
         path: &Path,
         capacity: usize,
@@ -270,7 +270,8 @@ impl SlotFile {
         }
         // Written, not `set_len`/`fallocate`: unwritten extents would make the first overwrite
         // of each block a metadata change.
-        let f = crate::cache::create_atomic(path, &image, "creating")?;
+        let f = sigil_fs::create_private(path, &image)
+            .map_err(|e| CacheError::Io(format!("creating {}: {e}", path.display())))?;
         Ok(Self {
             path: path.to_owned(),
             file: f,
@@ -360,7 +361,7 @@ mod tests {
             std::fs::metadata(&p).unwrap().len() as usize,
             FILE_HEADER + 2 * (SLOT_HEADER + MIN_CAPACITY)
         );
-        assert!(!crate::cache::tmp_path(&p).exists());
+        assert!(!sigil_fs::temp_path(&p).exists());
     }
 
     #[test]

@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
-use crate::authority_fix::AuthorityFix;
-use crate::manager::{Manager, Snapshot};
+use crate::h2_authority::AuthorityRewriter;
+use crate::identity::{Identities, Snapshot};
 use crate::peer::{PeerCred, WorkloadAttestor};
 
 /// The metadata every Workload API request must carry (SPIFFE Workload Endpoint spec).
@@ -37,18 +37,18 @@ pub struct ConnInfo {
 
 /// An accepted Workload API connection, carrying its peer credentials into every request.
 ///
-/// The byte stream goes through [`AuthorityFix`]: grpc-core (Python, C++), grpc-java and
+/// The byte stream goes through [`AuthorityRewriter`]: grpc-core (Python, C++), grpc-java and
 /// grpc-swift put the socket path in `:authority`, which h2 rejects; unchanged SPIFFE
 /// clients in those languages must work.
 pub struct AcceptedStream {
-    inner: AuthorityFix<UnixStream>,
+    inner: AuthorityRewriter<UnixStream>,
     info: ConnInfo,
 }
 
 impl AcceptedStream {
     pub fn new(inner: UnixStream) -> Self {
         let accepted_at = SystemTime::now();
-        let inner = AuthorityFix::new(inner);
+        let inner = AuthorityRewriter::new(inner);
         let info = match inner.get_ref().peer_cred() {
             Ok(c) => ConnInfo {
                 pid: c.pid(),
@@ -107,7 +107,7 @@ type CachedJwt = (String, i64, i64);
 
 /// The Workload API service.
 pub struct WorkloadApi {
-    mgr: Arc<Manager>,
+    identities: Arc<Identities>,
     attestor: Arc<WorkloadAttestor>,
     jwts: Mutex<HashMap<(EntryId, Vec<String>), CachedJwt>>,
 }
@@ -115,9 +115,9 @@ pub struct WorkloadApi {
 impl WorkloadApi {
     /// The service, attesting callers with `attestor` (shared with the other services on the
     /// socket, so they share its executable-hash cache).
-    pub fn new(mgr: Arc<Manager>, attestor: Arc<WorkloadAttestor>) -> Self {
+    pub fn new(identities: Arc<Identities>, attestor: Arc<WorkloadAttestor>) -> Self {
         Self {
-            mgr,
+            identities,
             attestor,
             jwts: Mutex::new(HashMap::new()),
         }
@@ -128,7 +128,7 @@ impl WorkloadApi {
     }
 
     fn serving(&self) -> Result<Snapshot, Status> {
-        serving(&self.mgr)
+        serving(&self.identities)
     }
 }
 
@@ -174,8 +174,8 @@ pub(crate) async fn attest_caller<T>(
 
 /// The current snapshot if the agent is serving; `Unavailable` while it attests its node,
 /// `PermissionDenied` once it has no node identity.
-pub(crate) fn serving(mgr: &Manager) -> Result<Snapshot, Status> {
-    let snap = mgr.subscribe().borrow().clone();
+pub(crate) fn serving(identities: &Identities) -> Result<Snapshot, Status> {
+    let snap = identities.subscribe().borrow().clone();
     if !snap.serving && snap.attesting {
         return Err(Status::unavailable(
             "this agent is attesting its node; retry shortly",
@@ -255,12 +255,12 @@ fn stream_of<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> Respon
 /// A stream that sends `render(snapshot)` now and again whenever it changes, until the node
 /// loses its identity (then PermissionDenied) or the client goes away. `render` returns
 /// `None` while there is nothing to send yet.
-pub(crate) fn bundle_stream<T, F>(mgr: &Manager, render: F) -> ResponseStream<T>
+pub(crate) fn bundle_stream<T, F>(identities: &Identities, render: F) -> ResponseStream<T>
 where
     T: PartialEq + Clone + Send + 'static,
     F: Fn(&Snapshot) -> Option<Result<T, Status>> + Send + 'static,
 {
-    let mut rx = mgr.subscribe();
+    let mut rx = identities.subscribe();
     let (tx, out) = mpsc::channel(4);
     tokio::spawn(async move {
         let mut last: Option<T> = None;
@@ -319,7 +319,7 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         if matching(&snap, &selectors).is_empty() {
             return Err(no_entry());
         }
-        let mut rx = self.mgr.subscribe();
+        let mut rx = self.identities.subscribe();
         let (tx, out) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut last: Option<wl::X509svidResponse> = None;
@@ -368,7 +368,7 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         self.caller(&req).await?;
         self.serving()?;
-        Ok(Response::new(bundle_stream(&self.mgr, |snap| {
+        Ok(Response::new(bundle_stream(&self.identities, |snap| {
             let b = snap.bundle.as_ref()?;
             Some(Ok(wl::X509BundlesResponse {
                 crl: Vec::new(),
@@ -404,7 +404,7 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let mut audience = r.audience.clone();
         audience.sort();
         audience.dedup();
-        let now = self.mgr.clock().now();
+        let now = self.identities.clock().now();
         let mut svids = Vec::new();
         for e in entries {
             let key = (e.id.clone(), audience.clone());
@@ -417,7 +417,7 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             let token = match cached {
                 Some((t, _, _)) => t,
                 None => {
-                    let client = self.mgr.client.load_full().ok_or_else(|| {
+                    let client = self.identities.client.load_full().ok_or_else(|| {
                         Status::unavailable(
                             "the server is unreachable and no cached JWT-SVID is fresh",
                         )
@@ -455,7 +455,7 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         self.caller(&req).await?;
         self.serving()?;
-        Ok(Response::new(bundle_stream(&self.mgr, |snap| {
+        Ok(Response::new(bundle_stream(&self.identities, |snap| {
             let b = snap.bundle.as_ref()?;
             Some(jwks_bytes(snap).map(|jwks| wl::JwtBundlesResponse {
                 bundles: HashMap::from([(b.trust_domain.id_string(), jwks)]),
@@ -488,7 +488,7 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             &keys,
             &bundle.trust_domain,
             &r.audience,
-            self.mgr.clock().now(),
+            self.identities.clock().now(),
             30,
         )
         .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;

@@ -1,9 +1,10 @@
 //! The vocabulary shared by every sigil crate: SPIFFE IDs, selectors, registration entries,
-//! scopes and an injectable clock. This crate does no I/O.
+//! scopes, the revocation rule and an injectable clock. This crate does no I/O.
 #![forbid(unsafe_code)]
 
 mod clock;
 mod entry;
+mod revocation;
 mod selector;
 mod spiffe_id;
 
@@ -13,5 +14,6 @@ pub use entry::{
     MAX_X509_TTL_SECS, MIN_TTL_SECS, RegistrationEntry, validate_dns_name, validate_group,
     validate_scope,
 };
+pub use revocation::{Credential, RevocationSet, RevokedSvid};
 pub use selector::{Selector, SelectorError, SelectorKind};
 pub use spiffe_id::{MAX_SPIFFE_ID_LEN, SpiffeId, SpiffeIdError, TrustDomain};

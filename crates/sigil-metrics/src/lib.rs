@@ -27,8 +27,28 @@ use tokio::task::JoinHandle;
 pub use prometheus_client;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
-/// The answer of a readiness check: `Err(reason)` when not ready.
-pub type ReadyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+/// The answer of a readiness check: `Err(why)` when not ready.
+pub type ReadyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), NotReady>> + Send + 'a>>;
+
+/// Why a service is not ready (`/readyz` answers 503 with it). What is wrong with the thing
+/// named decides what to do: wait for what is missing, renew what expired, repair what is
+/// unreadable, look at the dependency that does not answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotReady {
+    /// It has not received something it needs yet (a node SVID, a trust bundle, policies).
+    #[error("no {0}")]
+    Missing(&'static str),
+    /// Something it needs has expired and no replacement has arrived.
+    #[error("{0} expired")]
+    Expired(&'static str),
+    /// Something it holds cannot be read.
+    #[error("{0} unreadable")]
+    Unreadable(&'static str),
+    /// A service it depends on does not answer (`why`: its error, or a timeout).
+    #[error("{what} unreachable: {why}")]
+    Unreachable { what: &'static str, why: String },
+}
 
 /// What a service exposes on its metrics listener.
 pub trait Exporter: Send + Sync + 'static {
@@ -337,7 +357,7 @@ mod tests {
 
     struct Fixed {
         registry: Registry,
-        ready: Result<(), String>,
+        ready: Result<(), NotReady>,
     }
 
     impl Exporter for Fixed {
@@ -374,7 +394,7 @@ mod tests {
         c.inc();
         let exporter = Arc::new(Fixed {
             registry,
-            ready: Err("no SVID yet".into()),
+            ready: Err(NotReady::Missing("SVID")),
         });
         let l = serve("127.0.0.1:0".parse().unwrap(), exporter)
             .await
@@ -386,7 +406,7 @@ mod tests {
         assert_eq!(get(l.addr, "/healthz").await.0, 200);
         let (status, body) = get(l.addr, "/readyz").await;
         assert_eq!(status, 503);
-        assert!(body.contains("no SVID yet"), "{body}");
+        assert_eq!(body, "not ready: no SVID\n");
         assert_eq!(get(l.addr, "/nope").await.0, 404);
         let addr = l.addr;
         drop(l);

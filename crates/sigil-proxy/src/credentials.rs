@@ -48,7 +48,7 @@ impl Credentials {
         )?;
         let key = PrivateKeyDer::try_from(key.contents().to_vec())
             .map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?;
-        let signing = crate::tls::provider()
+        let signing = sigil_tls::provider()
             .key_provider
             .load_private_key(key)
             .with_context(|| format!("loading {}", key_path.display()))?;

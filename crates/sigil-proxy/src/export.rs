@@ -63,7 +63,8 @@ impl ExportConfig {
         {
             return Err("audit_export must be \"stdout\" or a file path".into());
         }
-        let url = crate::otlp::signal_url(Signal::Logs, audit_otlp_endpoint, env)?;
+        let url = crate::otlp::signal_url(Signal::Logs, audit_otlp_endpoint, env)
+            .map_err(|e| e.to_string())?;
         if audit_export.is_none() && url.is_none() {
             return Ok(None);
         }

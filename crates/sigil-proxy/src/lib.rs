@@ -42,7 +42,7 @@ mod workload;
 pub use audit::{AuditError, Scan as AuditScan, read_records, scan as scan_audit};
 pub use config::ProxyConfig;
 pub use credentials::Credentials;
-pub use ratelimit::LimitSettings;
+pub use ratelimit::{BundleLimitsError, LimitSettings};
 pub use revocation::Revocations;
 
 use std::net::SocketAddr;

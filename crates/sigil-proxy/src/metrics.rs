@@ -14,7 +14,7 @@ use sigil_metrics::prometheus_client::metrics::family::Family;
 use sigil_metrics::prometheus_client::metrics::gauge::Gauge;
 use sigil_metrics::prometheus_client::metrics::histogram::Histogram;
 use sigil_metrics::prometheus_client::registry::Registry;
-use sigil_metrics::{Exporter, ReadyFuture};
+use sigil_metrics::{Exporter, NotReady, ReadyFuture};
 use sigil_policy::PolicyEngine;
 
 use crate::Credentials;
@@ -365,16 +365,16 @@ impl Exporter for ProxyExporter {
 
     fn ready(&self) -> ReadyFuture<'_> {
         let r = match self.svid_expiry() {
-            None => Err("serving SVID unreadable".to_owned()),
-            Some(s) if s <= 0 => Err("serving SVID expired".to_owned()),
+            None => Err(NotReady::Unreadable("serving SVID")),
+            Some(s) if s <= 0 => Err(NotReady::Expired("serving SVID")),
             Some(_) if self.enforce == Enforce::Full && self.policies.load().is_empty() => {
-                Err("no policies loaded".to_owned())
+                Err(NotReady::Missing("policies"))
             }
             Some(_)
                 if self.enforce == Enforce::Full
                     && self.policies.load().expired(self.clock.now()) =>
             {
-                Err("policy bundle expired".to_owned())
+                Err(NotReady::Expired("policy bundle"))
             }
             Some(_) => Ok(()),
         };

@@ -65,7 +65,7 @@ pub(crate) fn signal_url(
     signal: Signal,
     configured: Option<&str>,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, EndpointError> {
     let url = match (configured, var(env, &signal.var("ENDPOINT"))) {
         (Some(base), _) => Some(join(base, signal)),
         (None, Some(full)) => Some(full.trim().to_owned()),
@@ -134,17 +134,30 @@ fn join(base: &str, signal: Signal) -> String {
     format!("{}{}", base.trim().trim_end_matches('/'), signal.path())
 }
 
-fn check_http_url(url: &str) -> Result<(), String> {
+/// Why an OTLP endpoint was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EndpointError {
+    #[error("{0}: not a URL (OTLP/HTTP endpoint)")]
+    NotAUrl(String),
+    /// `https://`: the exporter has no client TLS roots yet.
+    #[error(
+        "{0}: https is not supported for OTLP export yet; send to an http:// collector \
+         on loopback (e.g. an OpenTelemetry Collector beside the proxy)"
+    )]
+    Https(String),
+    #[error("{0}: must be an http://host:port URL")]
+    NotHttp(String),
+}
+
+fn check_http_url(url: &str) -> Result<(), EndpointError> {
     let uri: Uri = url
         .parse()
-        .map_err(|_| format!("{url}: not a URL (OTLP/HTTP endpoint)"))?;
+        .map_err(|_| EndpointError::NotAUrl(url.to_owned()))?;
     match uri.scheme_str() {
         Some("http") if uri.authority().is_some() => Ok(()),
-        Some("https") => Err(format!(
-            "{url}: https is not supported for OTLP export yet; send to an http:// collector \
-             on loopback (e.g. an OpenTelemetry Collector beside the proxy)"
-        )),
-        _ => Err(format!("{url}: must be an http://host:port URL")),
+        Some("https") => Err(EndpointError::Https(url.to_owned())),
+        _ => Err(EndpointError::NotHttp(url.to_owned())),
     }
 }
 

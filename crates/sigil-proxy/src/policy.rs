@@ -203,27 +203,6 @@ pub fn no_bundle_yet() -> anyhow::Result<PolicyEngine> {
     Ok(PolicyEngine::new(&[])?.with_bundle(0, i64::MIN))
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
 #[derive(serde::Deserialize)]
 struct KeysDoc {
     keys: Vec<sigil_pki::Jwk>,
@@ -329,7 +308,7 @@ impl BundleFollower {
         let record = b.accepted();
         if self.accepted.as_ref() != Some(&record) {
             // INVARIANT: the floor is on disk before the new set is used.
-            write_atomic(&self.state_file, &serde_json::to_vec(&record)?)
+            sigil_fs::write_private(&self.state_file, &serde_json::to_vec(&record)?)
                 .with_context(|| format!("writing {}", self.state_file.display()))?;
         }
         self.current.store(Arc::new(engine));

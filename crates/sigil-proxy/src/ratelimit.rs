@@ -61,16 +61,36 @@ impl LimitSettings {
     }
 
     /// The settings of a policy bundle's `rate_limits` value, checked.
-    pub fn from_bundle(v: &serde_json::Value) -> Result<Self, String> {
+    pub fn from_bundle(v: &serde_json::Value) -> Result<Self, BundleLimitsError> {
         // serde would also read a struct from an array of its fields in order: only a table.
         if !v.is_object() {
-            return Err("rate_limits: must be a table of rate_limit_per_sec, rate_limit_burst, resource_rate_limits".into());
+            return Err(BundleLimitsError::NotATable);
         }
-        let s: Self = serde_json::from_value(v.clone()).map_err(|e| format!("rate_limits: {e}"))?;
+        let s: Self = serde_json::from_value(v.clone()).map_err(BundleLimitsError::Malformed)?;
         s.validate()
-            .map_err(|(k, m)| format!("rate_limits: {k}: {m}"))?;
+            .map_err(|(key, message)| BundleLimitsError::Invalid { key, message })?;
         Ok(s)
     }
+}
+
+/// Why a policy bundle's `rate_limits` value was refused (and the bundle with it).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BundleLimitsError {
+    /// Not a table (serde would read an array of the fields in order; that is refused).
+    #[error(
+        "rate_limits: must be a table of rate_limit_per_sec, rate_limit_burst, resource_rate_limits"
+    )]
+    NotATable,
+    /// A table that does not read as the settings (an unknown key, a wrong type).
+    #[error("rate_limits: {0}")]
+    Malformed(serde_json::Error),
+    /// Settings that read but do not check: `key` is the setting at fault.
+    #[error("rate_limits: {key}: {message}")]
+    Invalid {
+        key: &'static str,
+        message: &'static str,
+    },
 }
 
 /// The limiters in force; swapped whole when the settings change.
@@ -177,12 +197,24 @@ mod tests {
         for bad in [
             serde_json::json!({"rate_limit_per_sec": -1}),
             serde_json::json!({"rate_limit_burst": 0}),
-            serde_json::json!({"unknown": 1}),
-            serde_json::json!([1]),
             serde_json::json!({"resource_rate_limits": [{"resource_type": "Model", "resource_id": "m", "per_sec": 0}]}),
         ] {
-            assert!(LimitSettings::from_bundle(&bad).is_err(), "{bad}");
+            assert!(
+                matches!(
+                    LimitSettings::from_bundle(&bad),
+                    Err(BundleLimitsError::Invalid { .. })
+                ),
+                "{bad}"
+            );
         }
+        assert!(matches!(
+            LimitSettings::from_bundle(&serde_json::json!({"unknown": 1})),
+            Err(BundleLimitsError::Malformed(_))
+        ));
+        assert!(matches!(
+            LimitSettings::from_bundle(&serde_json::json!([1])),
+            Err(BundleLimitsError::NotATable)
+        ));
     }
 
     #[test]

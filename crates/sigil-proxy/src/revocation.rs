@@ -1,62 +1,63 @@
-//! The revocations in force, as the local agent streams them (`sigil.agent.v1.Enforcer`):
-//! a revoked certificate by serial, or every SVID of a SPIFFE ID issued at or before the
-//! revocation — the same rule the trust authority applies (`not_before <= revoked_at`).
-use std::collections::{HashMap, HashSet};
-
+//! The revocations in force, as the local agent streams them (`sigil.agent.v1.Enforcer`).
+//! Whether one revokes a client is `sigil_core`'s rule, the one the trust authority applies.
+use sigil_core::{Credential, RevocationSet, RevokedSvid, UnixTime};
 use sigil_pki::VerifiedX509Svid;
 use sigil_proto::enforcer as pb;
 
 /// An immutable revocation list; swapped whole on every update.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Revocations {
-    serials: HashSet<String>,
-    /// SPIFFE ID → the latest revocation time of that ID.
-    ids: HashMap<String, i64>,
+    set: RevocationSet,
+    /// When the list arrived: what expired before then was dropped, and the rest stays in
+    /// force until the next list (a revocation outlives every credential it concerns).
+    as_of: UnixTime,
     /// The agent's revision of this list.
     pub revision: i64,
 }
 
 impl Revocations {
     /// Builds the list from the agent's message, dropping what expired before `now`.
-    pub fn from_proto(msg: &pb::Revocations, now: i64) -> Self {
-        let mut out = Self {
+    pub fn from_proto(msg: &pb::Revocations, now: UnixTime) -> Self {
+        let revoked: Vec<RevokedSvid> = msg
+            .revoked
+            .iter()
+            .map(|r| RevokedSvid {
+                serial: r.serial.to_ascii_lowercase(),
+                spiffe_id: r.spiffe_id.clone(),
+                revoked_at: r.revoked_at,
+                expires_at: r.expires_at,
+            })
+            .collect();
+        Self {
+            set: RevocationSet::new(revoked.iter().filter(|r| r.in_force(now))),
+            as_of: now,
             revision: msg.revision,
-            ..Self::default()
-        };
-        for r in msg.revoked.iter().filter(|r| r.expires_at > now) {
-            if !r.serial.is_empty() {
-                out.serials.insert(r.serial.to_ascii_lowercase());
-            }
-            if !r.spiffe_id.is_empty() && r.serial.is_empty() {
-                let at = out.ids.entry(r.spiffe_id.clone()).or_insert(r.revoked_at);
-                *at = (*at).max(r.revoked_at);
-            }
         }
-        out
     }
 
     /// Whether `svid` is revoked.
     pub fn is_revoked(&self, svid: &VerifiedX509Svid) -> bool {
-        self.serials.contains(&svid.serial)
-            || self
-                .ids
-                .get(svid.spiffe_id.as_str())
-                .is_some_and(|at| svid.not_before <= *at)
+        let credential = Credential {
+            serial: &svid.serial,
+            spiffe_id: svid.spiffe_id.as_str(),
+            not_before: svid.not_before,
+        };
+        self.set.is_revoked(&credential, self.as_of)
     }
 
     /// The SPIFFE IDs revoked as a whole (every SVID issued up to the revocation).
     pub fn revoked_ids(&self) -> impl Iterator<Item = &str> {
-        self.ids.keys().map(String::as_str)
+        self.set.revoked_ids()
     }
 
     /// How many revocations are in force.
     pub fn len(&self) -> usize {
-        self.serials.len() + self.ids.len()
+        self.set.len()
     }
 
     /// Whether none is.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.set.is_empty()
     }
 }
 
@@ -78,13 +79,13 @@ mod tests {
     }
 
     #[test]
-    fn by_serial_and_by_id_issued_before() {
+    fn from_the_agents_message() {
         let msg = pb::Revocations {
             revision: 3,
             revoked: vec![
                 pb::Revoked {
                     serial: "0AB1".into(),
-                    spiffe_id: "spiffe://td/a".into(),
+                    spiffe_id: String::new(),
                     revoked_at: 100,
                     expires_at: 5000,
                 },
@@ -104,6 +105,7 @@ mod tests {
         };
         let r = Revocations::from_proto(&msg, 500);
         assert_eq!(r.revision, 3);
+        // Serials compared in lowercase, as the trust authority stores them.
         assert!(r.is_revoked(&svid("spiffe://td/a", "0ab1", 50)));
         // A revocation by serial does not take the rest of that ID with it.
         assert!(!r.is_revoked(&svid("spiffe://td/a", "0ab2", 50)));
@@ -111,7 +113,7 @@ mod tests {
         assert!(r.is_revoked(&svid("spiffe://td/b", "01", 999)));
         assert!(r.is_revoked(&svid("spiffe://td/b", "01", 1000)));
         assert!(!r.is_revoked(&svid("spiffe://td/b", "02", 1001)));
-        // Expired revocations are dropped.
+        // Revocations expired when the list arrived are dropped.
         assert!(!r.is_revoked(&svid("spiffe://td/c", "dead", 5)));
         assert_eq!(r.len(), 2);
     }

@@ -16,7 +16,6 @@
 //! shipper retries with exponential backoff. Segments are not rotated yet: the segment
 //! grows, and the acknowledged offset says how much of it the server holds.
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,29 +99,11 @@ pub fn read_acked(path: &Path) -> anyhow::Result<Option<Acked>> {
 /// Replaces the state file atomically and durably: a temporary file beside it is written
 /// and synced, renamed over it, and the directory synced.
 pub fn write_acked(path: &Path, acked: &Acked) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    writeln!(
-        f,
-        "{STATE_MAGIC}\noffset {}\nindex {}",
+    let text = format!(
+        "{STATE_MAGIC}\noffset {}\nindex {}\n",
         acked.offset, acked.index
-    )?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
+    );
+    sigil_fs::write_private(path, text.as_bytes())
 }
 
 /// Where shipping resumes: the acknowledged offset if it is a record boundary of the
@@ -371,7 +352,7 @@ fn client_config(creds: &Credentials) -> anyhow::Result<Arc<rustls::ClientConfig
     for der in &creds.x509.authorities {
         roots.add(CertificateDer::from(der.clone()))?;
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+    let cfg = rustls::ClientConfig::builder_with_provider(sigil_tls::provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_client_cert_resolver(Arc::new(OwnSvid(creds.serving.clone())));

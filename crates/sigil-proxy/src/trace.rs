@@ -52,8 +52,8 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    fn from_env(name: Option<&str>, arg: Option<&str>) -> Result<Self, String> {
-        let ratio = || -> Result<f64, String> {
+    fn from_env(name: Option<&str>, arg: Option<&str>) -> Result<Self, SamplerError> {
+        let ratio = || -> Result<f64, SamplerError> {
             match arg {
                 None => Ok(1.0),
                 Some(a) => a
@@ -61,7 +61,7 @@ impl Sampler {
                     .parse::<f64>()
                     .ok()
                     .filter(|r| (0.0..=1.0).contains(r))
-                    .ok_or_else(|| format!("OTEL_TRACES_SAMPLER_ARG: {a:?} is not in [0, 1]")),
+                    .ok_or_else(|| SamplerError::Ratio(a.to_owned())),
             }
         };
         let (ratio, parent_based) = match name.map(str::trim) {
@@ -71,13 +71,7 @@ impl Sampler {
             Some("parentbased_always_off") => (0.0, true),
             Some("traceidratio") => (ratio()?, false),
             Some("parentbased_traceidratio") => (ratio()?, true),
-            Some(other) => {
-                return Err(format!(
-                    "OTEL_TRACES_SAMPLER: {other:?} is not supported (always_on, always_off, \
-                     traceidratio, parentbased_always_on, parentbased_always_off, \
-                     parentbased_traceidratio)"
-                ));
-            }
+            Some(other) => return Err(SamplerError::Unsupported(other.to_owned())),
         };
         Ok(Self {
             ratio,
@@ -100,6 +94,19 @@ impl Sampler {
         low.copy_from_slice(trace_id.get(8..).unwrap_or(&[0; 8]));
         (u64::from_be_bytes(low) as f64) < self.ratio * (u64::MAX as f64)
     }
+}
+
+/// Why the sampler variables were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SamplerError {
+    #[error("OTEL_TRACES_SAMPLER_ARG: {0:?} is not in [0, 1]")]
+    Ratio(String),
+    #[error(
+        "OTEL_TRACES_SAMPLER: {0:?} is not supported (always_on, always_off, traceidratio, \
+         parentbased_always_on, parentbased_always_off, parentbased_traceidratio)"
+    )]
+    Unsupported(String),
 }
 
 /// What the tracer does, resolved from the configuration and the environment.
@@ -140,7 +147,8 @@ impl TraceConfig {
         let sampler = Sampler::from_env(
             var("OTEL_TRACES_SAMPLER").as_deref(),
             var("OTEL_TRACES_SAMPLER_ARG").as_deref(),
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
         let (service_name, resource) = crate::otlp::resource(env);
         Ok(Some(Self {
             otlp: OtlpConfig {
@@ -851,8 +859,14 @@ mod tests {
                 parent_based: false
             })
         );
-        assert!(Sampler::from_env(Some("traceidratio"), Some("2")).is_err());
-        assert!(Sampler::from_env(Some("jaeger_remote"), None).is_err());
+        assert_eq!(
+            Sampler::from_env(Some("traceidratio"), Some("2")),
+            Err(SamplerError::Ratio("2".into()))
+        );
+        assert_eq!(
+            Sampler::from_env(Some("jaeger_remote"), None),
+            Err(SamplerError::Unsupported("jaeger_remote".into()))
+        );
     }
 
     #[test]

@@ -89,7 +89,7 @@ fn x509_part(
         .collect();
     anyhow::ensure!(!chain.is_empty(), "the SVID has no certificate");
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.x509_svid_key.clone()));
-    let signing = crate::tls::provider()
+    let signing = sigil_tls::provider()
         .key_provider
         .load_private_key(key)
         .context("loading the SVID's key")?;

@@ -608,34 +608,12 @@ fn settings_alg(s: &str) -> Result<JwtAlgorithm, ServerError> {
 
 /// Creates `dir` (and parents) with mode 0700.
 pub fn create_private_dir(dir: &Path) -> Result<(), ServerError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    sigil_fs::create_private_dir(dir)
         .map_err(|e| ServerError::Io(format!("creating {}: {e}", dir.display())))
 }
 
-/// Writes a secret atomically with mode 0600: temp file, fsync, rename, fsync the directory.
+/// Writes a secret atomically and durably with mode 0600 ([`sigil_fs::write_private`]).
 pub fn write_private_file(path: &Path, data: &[u8]) -> Result<(), ServerError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |e: std::io::Error| ServerError::Io(format!("writing {}: {e}", path.display()));
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-    }
-    Ok(())
+    sigil_fs::write_private(path, data)
+        .map_err(|e| ServerError::Io(format!("writing {}: {e}", path.display())))
 }

@@ -36,7 +36,7 @@ pub use config::{ConfigError, DEFAULT_SCOPES, ServerConfig};
 pub use issuer::{IssueError, Issuer};
 pub use node_api::{hash_join_token, node_id_for_token};
 pub use tlog::{LOG_KEY_FILE, TransparencyLog, origin_for as log_origin_for};
-pub use tls::{PeerAuth, provider as tls_provider};
+pub use tls::PeerAuth;
 
 /// What can stop the server from starting or serving.
 #[derive(Debug, thiserror::Error)]

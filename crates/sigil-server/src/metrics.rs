@@ -12,7 +12,7 @@ use sigil_metrics::prometheus_client::metrics::counter::Counter;
 use sigil_metrics::prometheus_client::metrics::family::Family;
 use sigil_metrics::prometheus_client::metrics::gauge::Gauge;
 use sigil_metrics::prometheus_client::registry::Registry;
-use sigil_metrics::{Exporter, GRPC_CODE_NAMES, Observer, ReadyFuture, grpc_code_name};
+use sigil_metrics::{Exporter, GRPC_CODE_NAMES, NotReady, Observer, ReadyFuture, grpc_code_name};
 use sigil_store::Store;
 
 /// The node API's methods (a fixed set of label values; "other" last).
@@ -202,11 +202,12 @@ pub struct ServerExporter {
 const STORE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl ServerExporter {
-    async fn ping(&self) -> Result<(), String> {
+    async fn ping(&self) -> Result<(), NotReady> {
+        let unreachable = |why: String| NotReady::Unreachable { what: "store", why };
         match tokio::time::timeout(STORE_TIMEOUT, self.store.ping()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("store unreachable: {e}")),
-            Err(_) => Err("store unreachable: timed out".into()),
+            Ok(Err(e)) => Err(unreachable(e.to_string())),
+            Err(_) => Err(unreachable("timed out".into())),
         }
     }
 }

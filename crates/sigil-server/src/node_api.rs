@@ -4,16 +4,16 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use sha2::{Digest, Sha256};
-use sigil_core::{EntryId, SpiffeId};
+use sigil_core::{Credential, EntryId, RevocationSet, RevokedSvid, SpiffeId};
 use sigil_pki::{IssuedX509Svid, SvidSpec, parse_csr};
 use sigil_proto::node::v1 as pb;
-use sigil_store::{EntryFilter, JoinTokenError, NodeRecord, StoreError};
+use sigil_store::{EntryFilter, JoinTokenError, NodeRecord, Revocation, StoreError};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::AppState;
 use crate::issuer::IssueError;
 use crate::tls::PeerAuth;
+use crate::{AppState, ServerError};
 
 /// Most CSRs one SignX509Svids call may carry.
 const MAX_BATCH: usize = 256;
@@ -191,6 +191,8 @@ struct SharedSync {
     revocations_revision: i64,
     /// Unexpired at the time of reading; filtered again at the time of sending.
     revocations: Arc<Vec<pb::RevokedSvid>>,
+    /// The same revocations, indexed for the streams' cut-off checks.
+    revoked: Arc<RevocationSet>,
     bundle_sequence: i64,
     bundle_json: String,
     policy_revision: i64,
@@ -214,25 +216,16 @@ struct SharedSync {
 type SharedState = Option<Result<Arc<SharedSync>, ()>>;
 
 /// Reads the shared sync state, reusing from `prev` what did not change since (by revision).
-async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<SharedSync, String> {
-    let err = |e: &dyn std::fmt::Display| e.to_string();
-    let entries_revision = app.store.entries_revision().await.map_err(|e| err(&e))?;
-    let revocations_revision = app
-        .store
-        .revocations_revision()
-        .await
-        .map_err(|e| err(&e))?;
+async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<SharedSync, ServerError> {
+    let entries_revision = app.store.entries_revision().await?;
+    let revocations_revision = app.store.revocations_revision().await?;
     let authorities = app.authorities.current();
     let bundle_sequence = i64::try_from(authorities.bundle.sequence).unwrap_or(i64::MAX);
-    let policy_revision = app.store.policy_revision().await.map_err(|e| err(&e))?;
+    let policy_revision = app.store.policy_revision().await?;
     let entries = match prev {
         Some(p) if p.entries_revision == entries_revision => p.entries.clone(),
         _ => {
-            let all = app
-                .store
-                .list_entries(&EntryFilter::default())
-                .await
-                .map_err(|e| err(&e))?;
+            let all = app.store.list_entries(&EntryFilter::default()).await?;
             let mut by_parent: HashMap<String, Vec<pb::Entry>> = HashMap::new();
             for e in all {
                 by_parent
@@ -243,61 +236,54 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
             Arc::new(by_parent)
         }
     };
-    let revocations = match prev {
-        Some(p) if p.revocations_revision == revocations_revision => p.revocations.clone(),
-        _ => Arc::new(
-            app.store
+    let (revocations, revoked) = match prev {
+        Some(p) if p.revocations_revision == revocations_revision => {
+            (p.revocations.clone(), p.revoked.clone())
+        }
+        _ => {
+            let listed: Vec<RevokedSvid> = app
+                .store
                 .list_revocations(app.clock.now())
-                .await
-                .map_err(|e| err(&e))?
+                .await?
+                .iter()
+                .map(Revocation::revoked_svid)
+                .collect();
+            let revoked = Arc::new(RevocationSet::new(&listed));
+            let revocations = listed
                 .into_iter()
                 .map(|r| pb::RevokedSvid {
-                    serial: r.serial.unwrap_or_default(),
-                    spiffe_id: r.spiffe_id.map(|i| i.to_string()).unwrap_or_default(),
+                    serial: r.serial,
+                    spiffe_id: r.spiffe_id,
                     revoked_at: r.revoked_at,
                     expires_at: r.expires_at,
                 })
-                .collect(),
-        ),
+                .collect();
+            (Arc::new(revocations), revoked)
+        }
     };
     let policy = match prev {
         _ if policy_revision <= 0 => Arc::new((String::new(), 0)),
         Some(p) if p.policy_revision == policy_revision => p.policy.clone(),
-        _ => Arc::new(
-            match app
-                .store
-                .latest_policy_bundle()
-                .await
-                .map_err(|e| err(&e))?
-            {
-                Some(b) => (b.envelope, b.revision),
-                None => (String::new(), 0),
-            },
-        ),
+        _ => Arc::new(match app.store.latest_policy_bundle().await? {
+            Some(b) => (b.envelope, b.revision),
+            None => (String::new(), 0),
+        }),
     };
     let evicted = Arc::new(
         app.store
             .list_evicted_nodes()
-            .await
-            .map_err(|e| err(&e))?
+            .await?
             .into_iter()
             .map(|id| id.as_str().to_owned())
             .collect::<HashSet<_>>(),
     );
     // After everything else was read, so the checkpoint covers what the updates say.
-    let (log_size, root) = app.tlog.head().await.map_err(|e| err(&e))?;
-    let log_checkpoint = app
-        .tlog
-        .sign_checkpoint(log_size, root)
-        .map_err(|e| err(&e))?;
+    let (log_size, root) = app.tlog.head().await?;
+    let log_checkpoint = app.tlog.sign_checkpoint(log_size, root)?;
     let log_consistency = match prev {
         Some(p) if p.log_size == log_size => p.log_consistency.clone(),
         Some(p) if p.log_size > 0 && p.log_size < log_size => {
-            let proof = app
-                .tlog
-                .consistency_proof(p.log_size, log_size)
-                .await
-                .map_err(|e| err(&e))?;
+            let proof = app.tlog.consistency_proof(p.log_size, log_size).await?;
             Arc::new((
                 p.log_size,
                 proof.into_iter().map(|h| h.0.to_vec()).collect(),
@@ -310,6 +296,7 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
         entries,
         revocations_revision,
         revocations,
+        revoked,
         bundle_sequence,
         bundle_json: authorities.bundle_json.clone(),
         policy_revision,
@@ -369,8 +356,9 @@ async fn refresh_shared(
 /// eviction or a revocation notifies it), so no stream queries the store on a change in
 /// the common case. A node the snapshot lists as evicted is confirmed from the store (it may
 /// have re-attested since the snapshot was read); an unknown node is cut off. The
-/// revocation check is the store's `is_revoked` rule applied to the snapshot's unexpired
-/// revocations: the SVID's serial, or its SPIFFE ID revoked at or after the SVID was issued.
+/// revocation check is `sigil_core`'s rule (the store's `is_revoked` too) applied to the
+/// snapshot's revocations: the SVID's serial, or its SPIFFE ID revoked at or after the SVID
+/// was issued.
 /// It is skipped while `revoked_clear_at` (the revocations revision at which it last came
 /// back negative) is still current: every new revocation bumps that revision, and one only
 /// ever stops applying (it expires), never starts by itself.
@@ -392,11 +380,12 @@ async fn is_cut_off(
         return Ok(false);
     }
     let now = app.clock.now();
-    let revoked = s.revocations.iter().any(|r| {
-        r.expires_at > now
-            && ((!r.serial.is_empty() && r.serial == serial)
-                || (r.spiffe_id == node.as_str() && r.revoked_at >= not_before))
-    });
+    let svid = Credential {
+        serial,
+        spiffe_id: node.as_str(),
+        not_before,
+    };
+    let revoked = s.revoked.is_revoked(&svid, now);
     if !revoked {
         *revoked_clear_at = Some(s.revocations_revision);
     }

@@ -160,7 +160,7 @@ async fn audit_records(
             no_store(resp.headers_mut());
             resp
         }
-        Err(e @ (AuditAppendError::BadRecord { .. } | AuditAppendError::BadBatch(_))) => {
+        Err(e @ (AuditAppendError::BadRecord { .. } | AuditAppendError::TooManyRecords)) => {
             refuse(StatusCode::BAD_REQUEST, e.to_string())
         }
         Err(AuditAppendError::Server(e)) => {

@@ -52,29 +52,46 @@ pub fn audit_origin_for(trust_domain: &str) -> String {
     format!("sigil.{trust_domain}/audit")
 }
 
-/// Why a shipped batch was refused (the client's fault) or failed.
+/// Why a shipped batch was refused (the client's fault: `BadRecord`, `TooManyRecords`) or
+/// failed (`Server`).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuditAppendError {
-    #[error("record {index}: {message}")]
-    BadRecord { index: usize, message: String },
-    #[error("{0}")]
-    BadBatch(String),
+    /// Record `index` (from 0) of the batch cannot be logged.
+    #[error("record {index}: {reason}")]
+    BadRecord { index: usize, reason: RecordError },
+    /// The batch holds more than [`MAX_AUDIT_BATCH`] records.
+    #[error("at most {MAX_AUDIT_BATCH} records per batch")]
+    TooManyRecords,
     #[error(transparent)]
     Server(#[from] ServerError),
 }
 
+/// What is wrong with one shipped record.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    #[error("not JSON: {0}")]
+    NotJson(serde_json::Error),
+    #[error("not a JSON object")]
+    NotAnObject,
+    #[error("no string request_id")]
+    NoRequestId,
+    #[error("request_id must be 1 to {MAX_REQUEST_ID} bytes")]
+    RequestIdLength,
+}
+
 /// The `request_id` of one shipped record: a JSON object with a non-empty string id.
-fn request_id_of(record: &[u8]) -> Result<String, String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(record).map_err(|e| format!("not JSON: {e}"))?;
+fn request_id_of(record: &[u8]) -> Result<String, RecordError> {
+    let v: serde_json::Value = serde_json::from_slice(record).map_err(RecordError::NotJson)?;
     let id = v
         .as_object()
-        .ok_or("not a JSON object")?
+        .ok_or(RecordError::NotAnObject)?
         .get("request_id")
         .and_then(|i| i.as_str())
-        .ok_or("no string request_id")?;
+        .ok_or(RecordError::NoRequestId)?;
     if id.is_empty() || id.len() > MAX_REQUEST_ID {
-        return Err(format!("request_id must be 1 to {MAX_REQUEST_ID} bytes"));
+        return Err(RecordError::RequestIdLength);
     }
     Ok(id.to_owned())
 }
@@ -291,15 +308,12 @@ impl TransparencyLog {
             return Err(ServerError::Internal("not the audit log".into()).into());
         }
         if records.len() > MAX_AUDIT_BATCH {
-            return Err(AuditAppendError::BadBatch(format!(
-                "at most {MAX_AUDIT_BATCH} records per batch"
-            )));
+            return Err(AuditAppendError::TooManyRecords);
         }
         let mut ids = Vec::with_capacity(records.len());
         for (index, r) in records.iter().enumerate() {
             ids.push(
-                request_id_of(r)
-                    .map_err(|message| AuditAppendError::BadRecord { index, message })?,
+                request_id_of(r).map_err(|reason| AuditAppendError::BadRecord { index, reason })?,
             );
         }
         let mut edge = self.appender.lock().await;

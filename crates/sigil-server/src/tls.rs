@@ -5,15 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime as TlsTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use sigil_core::{Clock, SpiffeId};
 use sigil_pki::{KeyAlgorithm, KeyPair, SvidSpec, VerifiedX509Svid, verify_x509_svid};
+use sigil_tls::DeferredClientVerifier;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -44,75 +41,6 @@ impl ResolvesServerCert for ServerCertResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.0.load_full())
     }
-}
-
-/// Accepts any client certificate chain *at the TLS layer* while still checking the
-/// handshake signature (proof of possession of the key). The chain itself is verified right
-/// after the handshake against the current bundle (see [`peer_auth`]) so that a bad
-/// certificate gets an OAuth `invalid_client` / gRPC `Unauthenticated` answer instead of a
-/// TLS alert, and so CA rotation never needs a new `ServerConfig`.
-///
-/// INVARIANT: no handler trusts a peer unless it is `PeerAuth::Verified`, which only
-/// [`peer_auth`] produces, after full chain verification.
-#[derive(Debug)]
-struct DeferredClientVerifier {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ClientCertVerifier for DeferredClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-    fn verify_client_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: TlsTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        Ok(ClientCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// The crypto provider every sigil TLS endpoint uses.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// Issues the server's own SVID and keeps it fresh.
@@ -160,13 +88,20 @@ impl ServerIdentity {
         }
     }
 
-    /// A rustls server config using this identity and deferred client verification.
+    /// A rustls server config using this identity and deferred client verification: a
+    /// client certificate is asked for, only its key proven at the handshake, and its chain
+    /// verified right after against the current bundle (see [`peer_auth`]), so that a bad
+    /// certificate gets an OAuth `invalid_client` / gRPC `Unauthenticated` answer instead of
+    /// a TLS alert, and CA rotation never needs a new `ServerConfig`.
+    ///
+    /// INVARIANT: no handler trusts a peer unless it is `PeerAuth::Verified`, which only
+    /// [`peer_auth`] produces, after full chain verification.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, ServerError> {
-        let provider = provider();
+        let provider = sigil_tls::provider();
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| ServerError::Internal(format!("TLS config: {e}")))?
-            .with_client_cert_verifier(Arc::new(DeferredClientVerifier { provider }))
+            .with_client_cert_verifier(Arc::new(DeferredClientVerifier::new(provider)))
             .with_cert_resolver(self.resolver.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
@@ -190,7 +125,7 @@ async fn issue_cert(
         .await
         .map_err(|e| ServerError::Internal(format!("issuing the server certificate: {e}")))?;
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der()));
-    let signing_key = provider()
+    let signing_key = sigil_tls::provider()
         .key_provider
         .load_private_key(der)
         .map_err(|e| ServerError::Internal(format!("loading the server key: {e}")))?;

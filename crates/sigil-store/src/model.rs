@@ -4,7 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-use sigil_core::{SpiffeId, UnixTime};
+use sigil_core::{RevokedSvid, SpiffeId, UnixTime};
 
 /// An attested node (an agent's host) and its current node SVID.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +74,22 @@ pub struct Revocation {
     pub revoked_at: UnixTime,
     /// After this, every credential it could concern has expired, so it can be pruned.
     pub expires_at: UnixTime,
+}
+
+impl Revocation {
+    /// What the revocation rule reads of it (and what nodes receive).
+    pub fn revoked_svid(&self) -> RevokedSvid {
+        RevokedSvid {
+            serial: self.serial.clone().unwrap_or_default(),
+            spiffe_id: self
+                .spiffe_id
+                .as_ref()
+                .map(|id| id.as_str().to_owned())
+                .unwrap_or_default(),
+            revoked_at: self.revoked_at,
+            expires_at: self.expires_at,
+        }
+    }
 }
 
 /// What an authority signs.

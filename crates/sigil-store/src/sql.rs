@@ -6,7 +6,7 @@ use std::str::FromStr;
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
-use sigil_core::{EntryId, EntrySpec, RegistrationEntry, SpiffeId, UnixTime};
+use sigil_core::{Credential, EntryId, EntrySpec, RegistrationEntry, SpiffeId, UnixTime};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyConnection, AnyPool, Executor, Row, Transaction};
 
@@ -838,17 +838,29 @@ impl Store for SqlStore {
         issued_at: UnixTime,
         now: UnixTime,
     ) -> Result<bool, StoreError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM revocations WHERE expires_at > $1 \
-             AND (serial = $2 OR (spiffe_id = $3 AND revoked_at >= $4))",
-        )
-        .bind(now)
+        // The query only finds the revocations that name this serial or ID; whether one
+        // revokes the credential is sigil_core's rule, the one every node applies.
+        let rows = sqlx::query(&format!(
+            "SELECT {REVOCATION_COLS} FROM revocations WHERE serial = $1 OR spiffe_id = $2"
+        ))
         .bind(serial)
         .bind(spiffe_id.as_str())
-        .bind(issued_at)
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(n > 0)
+        let credential = Credential {
+            serial,
+            spiffe_id: spiffe_id.as_str(),
+            not_before: issued_at,
+        };
+        for row in &rows {
+            if revocation_from_row(row)?
+                .revoked_svid()
+                .revokes(&credential, now)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     async fn prune_revocations(&self, now: UnixTime) -> Result<u64, StoreError> {

@@ -115,8 +115,9 @@ pub trait Store: Send + Sync {
     /// Revocations still in force (`expires_at > now`), ordered by ID.
     async fn list_revocations(&self, now: UnixTime) -> Result<Vec<Revocation>, StoreError>;
 
-    /// Whether a credential is revoked: a live revocation names `serial`, or names `spiffe_id`
-    /// with `revoked_at >= issued_at`.
+    /// Whether a credential is revoked: `sigil_core`'s rule ([`sigil_core::RevokedSvid::revokes`])
+    /// over the stored revocations (a live one names `serial`, or names `spiffe_id` with
+    /// `revoked_at >= issued_at`).
     async fn is_revoked(
         &self,
         serial: &str,

@@ -627,17 +627,8 @@ fn pem_encode(tag: &str, der: &[u8]) -> String {
     pem::encode(&pem::Pem::new(tag, der.to_vec()))
 }
 
+/// Replaces `path` with `data` atomically and durably, created with `mode` (a key: 0600).
 pub(crate) fn write_file(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    Ok(())
+    sigil_fs::write_with_mode(path, data, mode)
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -457,7 +457,8 @@ async fn start_agent(
     let agent = sigil_agent::start(cfg, Arc::new(SystemClock)).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if agent.manager.client.load().is_some() && agent.manager.subscribe().borrow().serving {
+        if agent.identities.client.load().is_some() && agent.identities.subscribe().borrow().serving
+        {
             return Ok(agent);
         }
         anyhow::ensure!(
@@ -482,7 +483,7 @@ async fn start_proxies(
     let mut ids = Vec::with_capacity(n);
     for (i, agent) in agents.iter().take(n).enumerate() {
         let node = agent
-            .manager
+            .identities
             .node_id()
             .context("an agent without a node identity")?;
         let id = format!("spiffe://{BENCH_TRUST_DOMAIN}/bench/proxy/{i}");
@@ -628,7 +629,7 @@ async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
         .zip(&observed)
         .map(|(a, o)| {
             watch_agent(
-                a.manager.subscribe(),
+                a.identities.subscribe(),
                 o.clone(),
                 notify.clone(),
                 prefix.clone(),
@@ -665,7 +666,7 @@ async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
     loop {
         let sizes: Vec<Option<u64>> = agents
             .iter()
-            .map(|a| a.manager.log_checkpoint().map(|(size, _)| size))
+            .map(|a| a.identities.log_checkpoint().map(|(size, _)| size))
             .collect();
         let settled = sizes
             .first()

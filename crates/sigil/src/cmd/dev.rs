@@ -121,7 +121,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut agent = sigil_agent::start(agent_cfg, Arc::new(SystemClock)).await?;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     let node_id = loop {
-        if let Some(id) = agent.manager.node_id() {
+        if let Some(id) = agent.identities.node_id() {
             break id;
         }
         anyhow::ensure!(

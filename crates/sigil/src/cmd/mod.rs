@@ -120,23 +120,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Why a duration given on the command line was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DurationError {
+    /// Not a whole number of seconds, minutes, hours or days.
+    #[error("invalid duration {0:?}")]
+    Invalid(String),
+    /// A unit other than `s`, `m`, `h`, `d`.
+    #[error("invalid duration unit in {0:?} (use s, m, h or d)")]
+    Unit(String),
+    /// More seconds than fit in 32 bits.
+    #[error("duration {0:?} is too long")]
+    TooLong(String),
+}
+
 /// Parses a duration: `90`, `90s`, `15m`, `1h`, `2d`.
-pub fn parse_duration(s: &str) -> Result<u32, String> {
+pub fn parse_duration(s: &str) -> Result<u32, DurationError> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
-    let n: u32 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let n: u32 = num
+        .parse()
+        .map_err(|_| DurationError::Invalid(s.to_owned()))?;
     let mult = match unit {
         "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86400,
-        _ => return Err(format!("invalid duration unit in {s:?} (use s, m, h or d)")),
+        _ => return Err(DurationError::Unit(s.to_owned())),
     };
     n.checked_mul(mult)
-        .ok_or_else(|| format!("duration {s:?} is too long"))
+        .ok_or_else(|| DurationError::TooLong(s.to_owned()))
 }
 
 /// Sets up `tracing` logs on stderr (`SIGIL_LOG` or `RUST_LOG` filter, default `info`).
@@ -170,10 +187,20 @@ mod tests {
         assert_eq!(parse_duration("15m"), Ok(900));
         assert_eq!(parse_duration("1h"), Ok(3600));
         assert_eq!(parse_duration("2d"), Ok(172800));
-        assert!(parse_duration("1w").is_err());
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("-5s").is_err());
-        assert!(parse_duration("99999999999d").is_err());
+        assert_eq!(parse_duration("1w"), Err(DurationError::Unit("1w".into())));
+        assert_eq!(parse_duration(""), Err(DurationError::Invalid("".into())));
+        assert_eq!(
+            parse_duration("-5s"),
+            Err(DurationError::Invalid("-5s".into()))
+        );
+        assert!(matches!(
+            parse_duration("99999999999d"),
+            Err(DurationError::Invalid(_))
+        ));
+        assert_eq!(
+            parse_duration("99999d"),
+            Err(DurationError::TooLong("99999d".into()))
+        );
     }
 
     #[test]

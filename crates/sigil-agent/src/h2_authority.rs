@@ -6,7 +6,7 @@
 //! as `:authority`. h2 refuses such a request with RST_STREAM(PROTOCOL_ERROR) and has no
 //! option to relax that check (hyperium/h2#442, grpc/grpc#38142).
 //!
-//! [`AuthorityFix`] wraps an accepted server-side connection before hyper/h2 reads it. The
+//! [`AuthorityRewriter`] wraps an accepted server-side connection before hyper/h2 reads it. The
 //! client→server byte stream is parsed just enough to find header blocks: the connection
 //! preface and every frame other than HEADERS/CONTINUATION pass through unchanged (DATA is
 //! streamed, never buffered whole); if the stream does not start with the HTTP/2 preface,
@@ -89,7 +89,7 @@ const HUFFMAN_EOS: u16 = 256;
 
 /// Wraps the server side of an HTTP/2 connection and rewrites a unix-socket-path
 /// `:authority` sent by the client to `localhost`; see the module documentation.
-pub struct AuthorityFix<S> {
+pub struct AuthorityRewriter<S> {
     inner: S,
     state: State,
     /// Bytes read from the connection, not yet parsed: `input[in_pos..in_end]`. Allocated
@@ -132,7 +132,7 @@ enum State {
     Failed(io::ErrorKind, String),
 }
 
-/// What [`AuthorityFix::step`] did.
+/// What [`AuthorityRewriter::step`] did.
 enum Step {
     /// Parsed something (state changed, output queued or copied): step again.
     Progress,
@@ -146,7 +146,7 @@ struct OpenBlock {
     priority: Option<[u8; PRIORITY_LEN]>,
 }
 
-impl<S> AuthorityFix<S> {
+impl<S> AuthorityRewriter<S> {
     /// Wraps a freshly accepted connection: nothing may have been read from it yet.
     pub fn new(inner: S) -> Self {
         let mut decoder = Decoder::new();
@@ -450,7 +450,7 @@ impl<S> AuthorityFix<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AuthorityFix<S> {
+impl<S: AsyncRead + Unpin> AuthorityRewriter<S> {
     /// Reads from the connection into the input buffer, after the bytes already there
     /// (moved to its start). `Ok(0)` is the end of the stream.
     fn poll_fill_input(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
@@ -473,7 +473,7 @@ impl<S: AsyncRead + Unpin> AuthorityFix<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for AuthorityFix<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for AuthorityRewriter<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -548,7 +548,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for AuthorityFix<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for AuthorityRewriter<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -578,9 +578,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
     }
 }
 
-impl<S: fmt::Debug> fmt::Debug for AuthorityFix<S> {
+impl<S: fmt::Debug> fmt::Debug for AuthorityRewriter<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AuthorityFix")
+        f.debug_struct("AuthorityRewriter")
             .field("inner", &self.inner)
             .finish_non_exhaustive()
     }
@@ -1213,7 +1213,7 @@ mod tests {
     }
 
     async fn read_all<S: AsyncRead + AsyncWrite + Unpin>(
-        mut fix: AuthorityFix<S>,
+        mut fix: AuthorityRewriter<S>,
         outer_chunk: usize,
     ) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
@@ -1239,7 +1239,7 @@ mod tests {
             pending: true,
             flip: false,
         };
-        read_all(AuthorityFix::new(t), outer_chunk).await
+        read_all(AuthorityRewriter::new(t), outer_chunk).await
     }
 
     /// Through a real duplex pipe holding at most `inner_chunk` bytes.
@@ -1257,7 +1257,7 @@ mod tests {
         });
         let out = tokio::time::timeout(
             Duration::from_secs(30),
-            read_all(AuthorityFix::new(server), outer_chunk),
+            read_all(AuthorityRewriter::new(server), outer_chunk),
         )
         .await
         .expect("timed out");
@@ -1600,7 +1600,7 @@ mod tests {
             16_384,
         ));
         input.extend(frame(DATA, END_STREAM, 1, &payload(100)));
-        let mut fix = AuthorityFix::new(Counting {
+        let mut fix = AuthorityRewriter::new(Counting {
             inner: Trickle {
                 data: input,
                 pos: 0,
@@ -1700,7 +1700,7 @@ mod tests {
         expect_invalid(&bomb, "header list above the cap").await;
 
         // The error sticks, and a closed connection inside a block is an error too.
-        let mut fix = AuthorityFix::new(Trickle {
+        let mut fix = AuthorityRewriter::new(Trickle {
             data: garbage,
             pos: 0,
             chunk: 1,
@@ -1771,7 +1771,7 @@ mod tests {
                 pending: false,
                 flip: false,
             };
-            let _ = read_all(AuthorityFix::new(t), 1 + rng.below(50)).await;
+            let _ = read_all(AuthorityRewriter::new(t), 1 + rng.below(50)).await;
         }
     }
 
@@ -1926,11 +1926,11 @@ mod tests {
     #[tokio::test]
     async fn test_is_send_sync_unpin_and_exposes_the_connection() {
         fn check<T: Send + Sync + Unpin + 'static>() {}
-        check::<AuthorityFix<tokio::net::UnixStream>>();
+        check::<AuthorityRewriter<tokio::net::UnixStream>>();
         let (a, _b) = tokio::net::UnixStream::pair().unwrap();
-        let fix = AuthorityFix::new(a);
+        let fix = AuthorityRewriter::new(a);
         assert!(fix.get_ref().peer_cred().is_ok());
-        assert!(format!("{fix:?}").starts_with("AuthorityFix"));
+        assert!(format!("{fix:?}").starts_with("AuthorityRewriter"));
     }
 
     // ---- End to end with the real h2 server. ----
@@ -1942,7 +1942,7 @@ mod tests {
         let (mut client, server) = duplex(64 * 1024);
         let server = tokio::spawn(async move {
             if fix {
-                h2_accept_all(AuthorityFix::new(server)).await
+                h2_accept_all(AuthorityRewriter::new(server)).await
             } else {
                 h2_accept_all(server).await
             }
@@ -2067,7 +2067,7 @@ mod tests {
         // the adapter must not disturb a valid conversation.
         let (client_io, server_io): (DuplexStream, DuplexStream) = duplex(8192);
         let server = tokio::spawn(async move {
-            let mut conn = h2::server::handshake(AuthorityFix::new(server_io))
+            let mut conn = h2::server::handshake(AuthorityRewriter::new(server_io))
                 .await
                 .unwrap();
             let mut seen = Vec::new();

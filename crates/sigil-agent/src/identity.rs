@@ -6,9 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use sigil_core::{Clock, EntryId, EntrySpec, RegistrationEntry, Selector, SpiffeId};
+use sigil_core::{
+    Clock, Credential, EntryError, EntryId, EntrySpec, RegistrationEntry, Selector, SelectorError,
+    SpiffeId, SpiffeIdError,
+};
 use sigil_pki::{
-    KeyAlgorithm, KeyPair, SvidUsage, TrustBundle, X509Bundle, verify_x509_svid_for_usage,
+    KeyAlgorithm, KeyPair, PkiError, SvidError, SvidUsage, TrustBundle, X509Bundle,
+    verify_x509_svid_for_usage,
 };
 use sigil_proto::node::v1 as pb;
 use sigil_proto::node::v1::node_client::NodeClient;
@@ -16,7 +20,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use crate::attestor::{AttestationError, JoinTokenAttestor, NodeAttestor};
-use crate::cache::{Cache, CachedState, HeldSvid};
+use crate::cache::{Cache, CacheError, CachedState, HeldSvid};
 use crate::config::AgentConfig;
 use crate::policy::{Offer, PolicyState};
 use sigil_policy::bundle::{BundleError, PolicyKeys, VerifiedBundle};
@@ -53,20 +57,80 @@ pub struct Snapshot {
     pub revocations_changed_at: Option<std::time::Instant>,
 }
 
-/// Why the manager stopped for good.
+/// Why the node holds no identity and the agent stopped keeping one.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ManagerError {
+pub enum IdentityError {
     #[error("this node has been evicted; it needs a new join token")]
     Evicted,
     #[error("no node identity: the cache holds none and no join token was given")]
-    NoIdentity,
+    NotAttested,
     #[error("attestation refused: {0}")]
     AttestationRefused(String),
 }
 
-/// The agent's identity manager.
-pub struct Manager {
+/// Why a session with the server ended. The agent serves from its cache meanwhile and
+/// starts another, on the next replica first.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+enum SessionError {
+    /// The node has no SVID to authenticate with (it must attest first).
+    #[error("no node identity")]
+    NoNodeIdentity,
+    /// The client TLS config could not be built from the node SVID.
+    #[error("TLS client config: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The server could not be reached.
+    #[error("connecting to {server}: {source:?}")]
+    Connect {
+        server: String,
+        source: tonic::transport::Error,
+    },
+    /// A node API call failed (`call` says which).
+    #[error("{call}: {}: {}", .status.code(), .status.message())]
+    Call {
+        call: &'static str,
+        status: tonic::Status,
+    },
+    /// The server ended the sync stream.
+    #[error("sync stream closed by the server")]
+    StreamClosed,
+    /// The server returned an SVID that does not verify against the bundle in force.
+    #[error("server returned an SVID that does not verify: {0}")]
+    BadSvid(SvidError),
+    /// The server sent a trust bundle that does not parse.
+    #[error("bad bundle from server: {0}")]
+    BadBundle(PkiError),
+    /// A key or CSR could not be made.
+    #[error("making a key or CSR: {0}")]
+    Key(PkiError),
+    /// The cache could not be written (nothing is served that is not persisted).
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+impl SessionError {
+    fn call(call: &'static str) -> impl FnOnce(tonic::Status) -> Self {
+        move |status| Self::Call { call, status }
+    }
+}
+
+/// Why an entry from the server was ignored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+enum BadEntry {
+    #[error(transparent)]
+    Id(#[from] EntryError),
+    #[error(transparent)]
+    SpiffeId(#[from] SpiffeIdError),
+    #[error(transparent)]
+    Selector(#[from] SelectorError),
+}
+
+/// The identities this node holds (its own node SVID and its workloads' X.509-SVIDs) and
+/// what they are checked and served with: trust bundle, entries, revocations, policy bundle,
+/// log checkpoint. Kept current from the server and published as [`Snapshot`]s.
+pub struct Identities {
     cfg: AgentConfig,
     cache: Cache,
     clock: Arc<dyn Clock>,
@@ -92,7 +156,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Pause before trying the next replica after one failed (backoff applies once all failed).
 const FAILOVER_DELAY: Duration = Duration::from_millis(100);
 
-impl Manager {
+impl Identities {
     /// Loads the cache and publishes what it holds (valid items only).
     pub fn load(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<Self>> {
         let cache = Cache::open(&cfg.data_dir.join("cache"))?;
@@ -462,17 +526,17 @@ impl Manager {
 
     /// Runs until evicted (or unrecoverable); reconnects with backoff on any failure, moving
     /// to the next server replica first.
-    pub async fn run(self: Arc<Self>) -> Result<(), ManagerError> {
+    pub async fn run(self: Arc<Self>) -> Result<(), IdentityError> {
         let sweeper = tokio::spawn(self.clone().sweep_forever());
         let result = self.run_inner().await;
         sweeper.abort();
         if let Err(e) = &result {
-            tracing::error!(error = %e, "identity manager stopped");
+            tracing::error!(error = %e, "stopped keeping the node's identities");
         }
         result
     }
 
-    async fn run_inner(self: &Arc<Self>) -> Result<(), ManagerError> {
+    async fn run_inner(self: &Arc<Self>) -> Result<(), IdentityError> {
         let mut backoff = Duration::from_millis(250);
         let mut failures_in_row = 0usize;
         // Evidence is single use: once it got us an identity, it is dropped.
@@ -485,13 +549,13 @@ impl Manager {
             if self.node().is_none() {
                 let Some(method) = attestor.as_deref() else {
                     self.stop_serving();
-                    return Err(ManagerError::NoIdentity);
+                    return Err(IdentityError::NotAttested);
                 };
                 match self.attest(method).await {
                     Ok(()) => attestor = None,
                     Err(AttestationError::Refused(why)) => {
                         self.stop_serving();
-                        return Err(ManagerError::AttestationRefused(why));
+                        return Err(IdentityError::AttestationRefused(why));
                     }
                     Err(e) => {
                         if self.fail_over(&mut failures_in_row) {
@@ -512,7 +576,7 @@ impl Manager {
                     self.set_node(None);
                     self.client.store(None);
                     self.stop_serving();
-                    return Err(ManagerError::Evicted);
+                    return Err(IdentityError::Evicted);
                 }
                 Ok(SessionEnd::Reconnect) => {
                     backoff = Duration::from_millis(250);
@@ -558,10 +622,10 @@ impl Manager {
         let svid = method.attest(&mut c, csr).await?;
         self.apply_bundle_json(&svid.bundle_json)
             .await
-            .map_err(AttestationError::Transient)?;
+            .map_err(|e| transient(&e))?;
         let held = self
             .check_svid(&svid, key.pkcs8_der())
-            .map_err(AttestationError::Transient)?;
+            .map_err(|e| transient(&e))?;
         tracing::info!(node = %held.spiffe_id, method = method.kind(), "node attested");
         let h = held.clone();
         self.cache
@@ -577,7 +641,11 @@ impl Manager {
     }
 
     /// Verifies a freshly signed SVID against the current bundle and pairs it with its key.
-    fn check_svid(&self, svid: &pb::X509SvidResponse, key: Vec<u8>) -> Result<HeldSvid, String> {
+    fn check_svid(
+        &self,
+        svid: &pb::X509SvidResponse,
+        key: Vec<u8>,
+    ) -> Result<HeldSvid, SessionError> {
         let now = self.clock.now();
         let chain: Vec<&[u8]> = svid.cert_chain.iter().map(Vec::as_slice).collect();
         let v = verify_x509_svid_for_usage(
@@ -586,7 +654,7 @@ impl Manager {
             now,
             SvidUsage::ClientAuth,
         )
-        .map_err(|e| format!("server returned an SVID that does not verify: {e}"))?;
+        .map_err(SessionError::BadSvid)?;
         Ok(HeldSvid {
             spiffe_id: v.spiffe_id,
             chain: svid.cert_chain.clone(),
@@ -598,9 +666,9 @@ impl Manager {
     }
 
     /// Installs a bundle unless it is older than the one held. Returns whether it changed.
-    async fn apply_bundle_json(&self, json: &str) -> Result<bool, String> {
+    async fn apply_bundle_json(&self, json: &str) -> Result<bool, SessionError> {
         let b = TrustBundle::from_spiffe_json(&self.cfg.trust_domain, json)
-            .map_err(|e| format!("bad bundle from server: {e}"))?;
+            .map_err(SessionError::BadBundle)?;
         let current = self
             .bundle_sequence
             .load(std::sync::atomic::Ordering::SeqCst);
@@ -617,10 +685,7 @@ impl Manager {
             return Ok(false);
         }
         let j = json.to_owned();
-        self.cache
-            .blocking(move |c| c.save_bundle(&j))
-            .await
-            .map_err(|e| e.to_string())?;
+        self.cache.blocking(move |c| c.save_bundle(&j)).await?;
         self.bundle_sequence
             .store(b.sequence, std::sync::atomic::Ordering::SeqCst);
         self.x509_bundle.store(Arc::new(b.x509_bundle()));
@@ -628,22 +693,25 @@ impl Manager {
         Ok(true)
     }
 
-    async fn session(self: &Arc<Self>) -> Result<SessionEnd, String> {
-        let node = self.node().ok_or("no node identity")?;
+    async fn session(self: &Arc<Self>) -> Result<SessionEnd, SessionError> {
+        let node = self.node().ok_or(SessionError::NoNodeIdentity)?;
         let tls = tls::client_config(
             self.x509_bundle.clone(),
             self.server_id.clone(),
             Some((node.chain.clone(), node.key.clone())),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let server = self.server();
-        let mut c = client::connect(&server, tls)
-            .await
-            .map_err(|e| format!("connecting to {server}: {e:?}"))?;
+        let mut c =
+            client::connect(&server, tls)
+                .await
+                .map_err(|source| SessionError::Connect {
+                    server: server.clone(),
+                    source,
+                })?;
         let mut stream = c
             .sync(pb::SyncRequest {})
             .await
-            .map_err(|s| format!("sync: {}: {}", s.code(), s.message()))?
+            .map_err(SessionError::call("sync"))?
             .into_inner();
         self.client.store(Some(Arc::new(c.clone())));
         tracing::info!(server = %server, "connected; syncing");
@@ -658,9 +726,9 @@ impl Manager {
                         }
                         self.apply_update(&mut c, update).await?;
                     }
-                    Ok(None) => return Err("sync stream closed by the server".into()),
+                    Ok(None) => return Err(SessionError::StreamClosed),
                     Err(s) if s.code() == tonic::Code::PermissionDenied => return Ok(SessionEnd::Evicted),
-                    Err(s) => return Err(format!("sync stream: {}: {}", s.code(), s.message())),
+                    Err(s) => return Err(SessionError::call("sync stream")(s)),
                 },
                 _ = tick.tick() => {
                     if self.maintain(&mut c).await? {
@@ -675,7 +743,7 @@ impl Manager {
         self: &Arc<Self>,
         c: &mut NodeClient<Channel>,
         u: pb::SyncUpdate,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionError> {
         tracing::debug!(
             policy_revision = u.policy_revision,
             revocations_revision = u.revocations_revision,
@@ -703,12 +771,6 @@ impl Manager {
             }
         }
         let now = self.clock.now();
-        let revoked = |s: &HeldSvid| {
-            u.revocations.iter().any(|r| {
-                (!r.serial.is_empty() && r.serial == s.serial)
-                    || (r.spiffe_id == s.spiffe_id.as_str() && r.revoked_at >= s.received_at - 60)
-            })
-        };
         let held = self.snapshot.borrow().revocations.clone();
         let incoming = RevocationList::from_sync(u.revocations_revision, &u.revocations, now);
         let revocations = match &held {
@@ -730,14 +792,23 @@ impl Manager {
             let list = revocations.clone();
             self.cache
                 .blocking(move |c| c.save_revocations(&list))
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             tracing::info!(
                 revision = revocations.revision,
                 count = revocations.revoked.len(),
                 "revocation list updated"
             );
         }
+        let revoked = |s: &HeldSvid| {
+            let svid = Credential {
+                serial: &s.serial,
+                spiffe_id: s.spiffe_id.as_str(),
+                // A held SVID keeps no notBefore; the server backdates it by 30 s, so a
+                // minute before it arrived is at or before it.
+                not_before: s.received_at - 60,
+            };
+            revocations.is_revoked(&svid, now)
+        };
         let mut svids = (*self.snapshot.borrow().svids).clone();
         svids.retain(|id, s| {
             let keep = s.not_after > now
@@ -769,7 +840,7 @@ impl Manager {
 
     /// Periodic work: renew due SVIDs and the node SVID. Returns true when the connection
     /// must be re-made (new node certificate).
-    async fn maintain(&self, c: &mut NodeClient<Channel>) -> Result<bool, String> {
+    async fn maintain(&self, c: &mut NodeClient<Channel>) -> Result<bool, SessionError> {
         self.reconcile(c).await?;
         let now = self.clock.now();
         let Some(node) = self.node() else {
@@ -778,27 +849,24 @@ impl Manager {
         if !node.needs_renewal(now) {
             return Ok(false);
         }
-        let key = KeyPair::generate(self.node_key_alg).map_err(|e| e.to_string())?;
-        let csr = key.csr_der(None).map_err(|e| e.to_string())?;
+        let key = KeyPair::generate(self.node_key_alg).map_err(SessionError::Key)?;
+        let csr = key.csr_der(None).map_err(SessionError::Key)?;
         let resp = c
             .renew_node_svid(pb::RenewNodeSvidRequest { csr })
             .await
-            .map_err(|s| format!("renewing node SVID: {}: {}", s.code(), s.message()))?
+            .map_err(SessionError::call("renewing node SVID"))?
             .into_inner();
         self.apply_bundle_json(&resp.bundle_json).await?;
         let held = self.check_svid(&resp, key.pkcs8_der())?;
         let h = held.clone();
-        self.cache
-            .blocking(move |c| c.save_node(&h))
-            .await
-            .map_err(|e| e.to_string())?;
+        self.cache.blocking(move |c| c.save_node(&h)).await?;
         tracing::info!(serial = %held.serial, "renewed the node SVID");
         self.set_node(Some(held));
         Ok(true)
     }
 
     /// Signs SVIDs for entries that have none or whose SVID is past half-life.
-    async fn reconcile(&self, c: &mut NodeClient<Channel>) -> Result<(), String> {
+    async fn reconcile(&self, c: &mut NodeClient<Channel>) -> Result<(), SessionError> {
         let now = self.clock.now();
         let snap = self.snapshot.borrow().clone();
         let due: Vec<&RegistrationEntry> = snap
@@ -812,19 +880,19 @@ impl Manager {
         let mut keys = HashMap::new();
         let mut csrs = Vec::new();
         for e in due {
-            let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).map_err(|e| e.to_string())?;
+            let key = KeyPair::generate(KeyAlgorithm::EcdsaP256).map_err(SessionError::Key)?;
             csrs.push(pb::CsrForEntry {
                 entry_id: e.id.to_string(),
                 csr: key
                     .csr_der(Some(&e.spec.spiffe_id))
-                    .map_err(|e| e.to_string())?,
+                    .map_err(SessionError::Key)?,
             });
             keys.insert(e.id.to_string(), key);
         }
         let resp = c
             .sign_x509_svids(pb::SignX509SvidsRequest { csrs })
             .await
-            .map_err(|s| format!("signing SVIDs: {}: {}", s.code(), s.message()))?
+            .map_err(SessionError::call("signing SVIDs"))?
             .into_inner();
         let mut svids = (*self.snapshot.borrow().svids).clone();
         for signed in resp.svids {
@@ -843,10 +911,7 @@ impl Manager {
             svids: svids.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         };
         // INVARIANT: persisted before it is served, so a restart serves the same SVIDs.
-        self.cache
-            .blocking(move |c| c.save_state(&state))
-            .await
-            .map_err(|e| e.to_string())?;
+        self.cache.blocking(move |c| c.save_state(&state)).await?;
         self.snapshot.send_modify(|s| s.svids = Arc::new(svids));
         Ok(())
     }
@@ -892,7 +957,7 @@ impl Manager {
 }
 
 #[cfg(test)]
-impl Manager {
+impl Identities {
     /// Changes the published snapshot directly (tests without a server).
     pub(crate) fn publish_for_test(&self, f: impl FnOnce(&mut Snapshot)) {
         self.snapshot.send_modify(f);
@@ -904,17 +969,16 @@ enum SessionEnd {
     Reconnect,
 }
 
-fn entry_from_pb(e: pb::Entry) -> Result<RegistrationEntry, String> {
-    let sid = |s: &str| SpiffeId::new(s).map_err(|e| e.to_string());
+fn entry_from_pb(e: pb::Entry) -> Result<RegistrationEntry, BadEntry> {
     Ok(RegistrationEntry {
-        id: EntryId::parse(&e.id).map_err(|e| e.to_string())?,
+        id: EntryId::parse(&e.id)?,
         spec: EntrySpec {
-            spiffe_id: sid(&e.spiffe_id)?,
-            parent_id: sid(&e.parent_id)?,
+            spiffe_id: SpiffeId::new(&e.spiffe_id)?,
+            parent_id: SpiffeId::new(&e.parent_id)?,
             selectors: e
                 .selectors
                 .iter()
-                .map(|s| Selector::parse(s).map_err(|e| e.to_string()))
+                .map(|s| Selector::parse(s))
                 .collect::<Result<_, _>>()?,
             x509_ttl_secs: e.x509_ttl_secs,
             jwt_ttl_secs: e.jwt_ttl_secs,
