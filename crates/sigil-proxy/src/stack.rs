@@ -82,6 +82,15 @@ struct Authorized {
     mcp: bool,
 }
 
+/// A permitted request refused after all because its record could not be written: the
+/// observer is told, and the refusal returned.
+fn audit_unavailable(obs: &mut Observer<'_>) -> Deny {
+    obs.refused_after_decision("audit log unavailable");
+    let deny = Deny::unavailable("audit log unavailable", Outcome::AuditFailure);
+    obs.outcome(deny.outcome);
+    deny
+}
+
 impl From<ExtractError> for Deny {
     fn from(e: ExtractError) -> Self {
         match e {
@@ -303,9 +312,7 @@ impl Proxy {
             Err(e) => {
                 tracing::error!(error = %e, request_id, "audit failed; refusing");
                 if decided.is_ok() {
-                    obs.refused_after_decision("audit log unavailable");
-                    let deny = Deny::unavailable("audit log unavailable", Outcome::AuditFailure);
-                    obs.outcome(deny.outcome);
+                    let deny = audit_unavailable(obs);
                     return refusal(mcp_shape, &deny, &seen.body, &request_id);
                 }
                 None
@@ -377,10 +384,7 @@ impl Proxy {
             && let Err(e) = d.wait().await
         {
             tracing::error!(error = %e, request_id, "audit failed; answer withheld");
-            obs.refused_after_decision("audit log unavailable");
-            let deny = Deny::unavailable("audit log unavailable", Outcome::AuditFailure);
-            obs.outcome(deny.outcome);
-            return openai_error(&deny, request_id);
+            return openai_error(&audit_unavailable(obs), request_id);
         }
         if mcp && resp.status().is_success() {
             if let Some(id) = resp
