@@ -1,21 +1,17 @@
 """SIEM export over OTLP: a real `sigil proxy` (agent mode, in front of `sigil demo-model`)
-exports its audit records as OpenTelemetry log records (OTLP/HTTP, JSON encoding) to a small
-receiver here that parses every body with the official `opentelemetry-proto` messages
-(`google.protobuf.json_format.Parse` into `ExportLogsServiceRequest`, which refuses unknown
-fields and wrong types), then checks the records of an allowed and a denied request.
+exports its audit records as OpenTelemetry log records to a real receiver here, over OTLP/HTTP
+with protobuf bodies (gzip) and over OTLP/gRPC, which parses every request with the official
+`opentelemetry-proto` messages, then checks the records of an allowed and a denied request and
+the export counters on `/metrics`.
 """
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from google.protobuf import json_format
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.logs.v1.logs_pb2 import SeverityNumber
 
-from conftest import TD, Agent, Proxy, Sigil, Workload, demo_model, register, wait_for
+from conftest import TD, Agent, Proxy, Sigil, Workload, demo_model, free_port, register, wait_for
+from otlp_receiver import OtlpReceiver, attributes
 
 POLICY = """
 @id("floor-defect-detector")
@@ -30,68 +26,21 @@ when { context.scopes.contains("model:invoke") };
 CAMERA = f"spiffe://{TD}/floor/camera"
 
 
-class OtlpReceiver:
-    """An OTLP/HTTP logs receiver on loopback: every POST body is parsed as an
-    `ExportLogsServiceRequest` (protobuf JSON mapping); what did not parse is kept too."""
-
-    def __init__(self):
-        self.requests = []  # (path, headers, ExportLogsServiceRequest)
-        self.errors = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                try:
-                    msg = json_format.Parse(body, ExportLogsServiceRequest())
-                    receiver.requests.append((self.path, dict(self.headers), msg))
-                    status, out = 200, b"{}"
-                except Exception as e:  # noqa: BLE001 - any parse failure is a test failure
-                    receiver.errors.append(f"{e}: {body[:500]!r}")
-                    status, out = 400, json.dumps({"message": str(e)}).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def log_records(self):
-        return [(rl.resource, rec)
-                for _, _, msg in self.requests
-                for rl in msg.resource_logs
-                for sl in rl.scope_logs
-                for rec in sl.log_records]
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def log_records(receiver):
+    return [(rl.resource, rec)
+            for _, _, msg in receiver.requests
+            for rl in msg.resource_logs
+            for sl in rl.scope_logs
+            for rec in sl.log_records]
 
 
-def value(any_value):
-    """A Python value of an OTLP AnyValue."""
-    kind = any_value.WhichOneof("value")
-    if kind == "array_value":
-        return [value(v) for v in any_value.array_value.values]
-    return getattr(any_value, kind)
-
-
-def attributes(kvs) -> dict:
-    return {kv.key: value(kv.value) for kv in kvs}
-
-
-@pytest.fixture()
-def stack(tmp_path, monkeypatch):
+@pytest.fixture(params=["http/protobuf", "grpc"])
+def stack(tmp_path, monkeypatch, request):
+    protocol = request.param
     # The standard OTel variables reach the proxy through its environment.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip" if protocol != "grpc" else "none")
+    monkeypatch.setenv("OTEL_BLRP_SCHEDULE_DELAY", "200")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "edge-gw")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=floor%203")
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "host.name=cam-3")
@@ -105,11 +54,13 @@ def stack(tmp_path, monkeypatch):
         register(server, agent, "floor/camera", groups=["factory-floor"], scopes=["model:invoke"])
         model = demo_model(server, tmp_path)
         parts.append(model)
-        receiver = OtlpReceiver()
+        receiver = OtlpReceiver("logs", protocol)
         parts.append(receiver)
-        # The flag is the base URL; the proxy posts to <base>/v1/logs.
+        # The flag is the base URL; over HTTP the proxy posts to <base>/v1/logs.
+        metrics = f"127.0.0.1:{free_port()}"
         proxy = Proxy(server, agent, tmp_path, model.url, POLICY,
-                      extra=["--audit-otlp-endpoint", receiver.url])
+                      extra=["--audit-otlp-endpoint", receiver.url, "--metrics-addr", metrics])
+        proxy.metrics_url = f"http://{metrics}"
         parts.append(proxy)
         camera = Workload(server, agent, tmp_path, CAMERA)
         proxy.wait_ready(camera.ctx)
@@ -133,17 +84,21 @@ def test_audit_records_reach_an_otlp_receiver_as_valid_log_records(stack):
     assert chat(proxy, camera, "defect-detector").status_code == 200
     assert chat(proxy, camera, "line-controller").status_code == 403
 
-    # Batched for up to a second, then posted.
-    wait_for(lambda: len(receiver.log_records()) >= 2 or receiver.errors, 15,
+    # Batched (OTEL_BLRP_SCHEDULE_DELAY), then sent.
+    wait_for(lambda: len(log_records(receiver)) >= 2 or receiver.errors, 15,
              "two OTLP log records")
     assert not receiver.errors, receiver.errors
-    records = receiver.log_records()
+    records = log_records(receiver)
     assert len(records) == 2, records
     for path, headers, _ in receiver.requests:
-        assert path == "/v1/logs"
-        lowered = {k.lower(): v for k, v in headers.items()}
-        assert lowered["content-type"] == "application/json"
-        assert lowered["x-tenant"] == "floor 3"
+        assert headers["x-tenant"] == "floor 3"
+        if receiver.protocol == "grpc":
+            # Received by grpcio's server: a gRPC request, decoded by the service's types.
+            assert path == "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
+        else:
+            assert path == "/v1/logs"
+            assert headers["content-type"] == "application/x-protobuf"
+            assert headers["content-encoding"] == "gzip"
 
     audit = {r["request_id"]: r for r in proxy.audit()}
     assert len(audit) == 2
@@ -187,3 +142,8 @@ def test_audit_records_reach_an_otlp_receiver_as_valid_log_records(stack):
     assert d["sigil.decision"] == "deny"
     assert d["sigil.resource.id"] == "line-controller"
     assert denied.body.string_value.startswith("deny ")
+
+    # What was exported is counted on /metrics, and nothing was dropped.
+    text = httpx.get(f"{proxy.metrics_url}/metrics", timeout=5).text
+    assert 'sigil_proxy_telemetry_exported_total{signal="logs"} 2' in text, text
+    assert 'sigil_proxy_telemetry_dropped_total{signal="logs",reason="export_failed"} 0' in text

@@ -1,10 +1,9 @@
 """Traces over OTLP: a real `sigil proxy` (agent mode) in front of a small upstream that records
-the headers it gets exports a trace per request (OTLP/HTTP, JSON encoding) to a receiver here
-that parses every body with the official `opentelemetry-proto` messages
-(`google.protobuf.json_format.Parse` into `ExportTraceServiceRequest`). The trace continues
-the client's W3C `traceparent`, and its id is the one the upstream received.
+the headers it gets exports a trace per request, over OTLP/HTTP with protobuf bodies and over
+OTLP/gRPC, to a real receiver here that parses every request with the official
+`opentelemetry-proto` messages. The trace continues the client's W3C `traceparent`, and its id
+is the one the upstream received.
 """
-import base64
 import json
 import re
 import threading
@@ -12,11 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from google.protobuf import json_format
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from conftest import TD, Agent, Proxy, Sigil, Workload, register, wait_for
+from otlp_receiver import OtlpReceiver, attributes
 
 POLICY = """
 @id("floor-defect-detector")
@@ -61,49 +59,12 @@ class Server:
         self.httpd.server_close()
 
 
-HEX_IDS = {"traceId": 32, "spanId": 16, "parentSpanId": 16}
-
-
-def hex_ids_to_base64(node):
-    """OTLP/JSON carries trace and span ids as lowercase hex (not the protobuf JSON mapping's
-    base64 for bytes), as OTLP receivers expect: check that, and rewrite them to base64 so
-    `json_format` can parse the rest strictly."""
-    if isinstance(node, list):
-        for n in node:
-            hex_ids_to_base64(n)
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            if k in HEX_IDS:
-                assert re.fullmatch(f"[0-9a-f]{{{HEX_IDS[k]}}}", v), f"{k}={v!r}"
-                node[k] = base64.b64encode(bytes.fromhex(v)).decode()
-            else:
-                hex_ids_to_base64(v)
-
-
-class OtlpTraceReceiver(Server):
-    def __init__(self):
-        self.requests = []  # (path, headers, ExportTraceServiceRequest)
-        self.errors = []
-
-        def handle(path, headers, body):
-            try:
-                doc = json.loads(body)
-                hex_ids_to_base64(doc)
-                msg = json_format.Parse(json.dumps(doc), ExportTraceServiceRequest())
-                self.requests.append((path, dict(headers), msg))
-                return 200, b"{}"
-            except Exception as e:  # noqa: BLE001 - any parse failure is a test failure
-                self.errors.append(f"{e}: {body[:500]!r}")
-                return 400, json.dumps({"message": str(e)}).encode()
-
-        super().__init__(handle)
-
-    def spans(self):
-        return [(rs.resource, span)
-                for _, _, msg in self.requests
-                for rs in msg.resource_spans
-                for ss in rs.scope_spans
-                for span in ss.spans]
+def spans_of(receiver):
+    return [(rs.resource, span)
+            for _, _, msg in receiver.requests
+            for rs in msg.resource_spans
+            for ss in rs.scope_spans
+            for span in ss.spans]
 
 
 class RecordingUpstream(Server):
@@ -122,26 +83,19 @@ class RecordingUpstream(Server):
         super().__init__(handle)
 
 
-def value(any_value):
-    kind = any_value.WhichOneof("value")
-    if kind == "array_value":
-        return [value(v) for v in any_value.array_value.values]
-    return getattr(any_value, kind)
-
-
-def attributes(kvs) -> dict:
-    return {kv.key: value(kv.value) for kv in kvs}
-
-
-@pytest.fixture()
-def stack(tmp_path, monkeypatch):
+@pytest.fixture(params=["http/protobuf", "grpc"])
+def stack(tmp_path, monkeypatch, request):
+    protocol = request.param
     # Only the standard variables turn traces on (no flag), and not the audit log export.
     for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
               "OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER",
               "OTEL_RESOURCE_ATTRIBUTES", "OTEL_EXPORTER_OTLP_HEADERS"):
         monkeypatch.delenv(v, raising=False)
-    receiver = OtlpTraceReceiver()
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url + "/v1/traces")
+    receiver = OtlpReceiver("traces", protocol)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", protocol)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                       receiver.url + ("/v1/traces" if protocol != "grpc" else ""))
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-tenant=floor%203")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "edge-gw")
     server = Sigil(tmp_path)
@@ -177,7 +131,7 @@ def trace_of(receiver, trace_id: str, n: int):
 
     def got():
         assert not receiver.errors, receiver.errors
-        spans = [s for _, s in receiver.spans() if s.trace_id == tid]
+        spans = [s for _, s in spans_of(receiver) if s.trace_id == tid]
         return spans if len(spans) >= n else None
 
     spans = wait_for(got, 15, f"{n} spans of trace {trace_id}")
@@ -236,14 +190,16 @@ def test_a_request_is_traced_and_the_trace_reaches_the_upstream(stack):
         ("invoke", "defect-detector", "allow")
     assert attributes(by_name["sigil.token.validate"].attributes)["sigil.token.cache"] == "miss"
     for path, headers, msg in receiver.requests:
-        assert path == "/v1/traces"
-        lowered = {k.lower(): v for k, v in headers.items()}
-        assert lowered["content-type"] == "application/json"
-        assert lowered["x-tenant"] == "floor 3"
+        if receiver.protocol == "grpc":
+            assert path == "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+        else:
+            assert path == "/v1/traces"
+            assert headers["content-type"] == "application/x-protobuf"
+        assert headers["x-tenant"] == "floor 3"
         res = attributes(msg.resource_spans[0].resource.attributes)
         assert res["service.name"] == "edge-gw"
     # The token itself is in no span.
-    assert all(token not in str(s) for _, s in receiver.spans())
+    assert all(token not in str(s) for _, s in spans_of(receiver))
 
     # The same token again, with an invalid traceparent: a new trace, the client's
     # tracestate dropped, and the token served from the cache.

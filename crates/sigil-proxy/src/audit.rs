@@ -58,12 +58,12 @@ pub struct DecisionRecord {
 }
 
 /// Why a record could not be made durable, or a segment not opened or read.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("audit log unavailable: {0}")]
 pub struct AuditError(String);
 
 /// One framed line for `json`.
-fn frame(json: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(json: &[u8]) -> Vec<u8> {
     let mut line = format!("{:08x} {:08x} ", json.len(), crc32c::crc32c(json)).into_bytes();
     line.extend_from_slice(json);
     line.push(b'\n');
@@ -255,8 +255,8 @@ pub fn read_from(
 /// A framed record and who waits for it: to be written (optional), to be durable.
 struct Pending {
     line: Vec<u8>,
-    written: Option<oneshot::Sender<Result<(), String>>>,
-    durable: oneshot::Sender<Result<(), String>>,
+    written: Option<oneshot::Sender<Result<(), AuditError>>>,
+    durable: oneshot::Sender<Result<(), AuditError>>,
 }
 
 /// A request for the writer other than a record.
@@ -265,7 +265,7 @@ struct Rotate {
     /// `acked`) and it holds at least `min_bytes`: the old segment is deleted.
     acked: u64,
     min_bytes: u64,
-    done: oneshot::Sender<Result<bool, String>>,
+    done: oneshot::Sender<Result<bool, AuditError>>,
 }
 
 /// What waits for the writer thread.
@@ -324,7 +324,7 @@ impl Drop for Handle {
 }
 
 /// A record written but maybe not yet on disk: resolves once it is (or could not be).
-pub struct Durable(oneshot::Receiver<Result<(), String>>);
+pub struct Durable(oneshot::Receiver<Result<(), AuditError>>);
 
 impl Durable {
     /// Waits until the record is on disk.
@@ -332,7 +332,6 @@ impl Durable {
         self.0
             .await
             .map_err(|_| AuditError("writer stopped".into()))?
-            .map_err(AuditError)
     }
 }
 
@@ -405,7 +404,6 @@ impl AuditLog {
         self.enqueue(rec, None, durable).await?;
         wait.await
             .map_err(|_| AuditError("writer stopped".into()))?
-            .map_err(AuditError)
     }
 
     /// Returns once `rec` is written to the segment (in the kernel: it survives a crash of
@@ -418,8 +416,7 @@ impl AuditLog {
         self.enqueue(rec, Some(written), durable).await?;
         wait_written
             .await
-            .map_err(|_| AuditError("writer stopped".into()))?
-            .map_err(AuditError)?;
+            .map_err(|_| AuditError("writer stopped".into()))??;
         Ok(Durable(wait_durable))
     }
 
@@ -427,8 +424,8 @@ impl AuditLog {
     async fn enqueue(
         &self,
         rec: &DecisionRecord,
-        written: Option<oneshot::Sender<Result<(), String>>>,
-        durable: oneshot::Sender<Result<(), String>>,
+        written: Option<oneshot::Sender<Result<(), AuditError>>>,
+        durable: oneshot::Sender<Result<(), AuditError>>,
     ) -> Result<(), AuditError> {
         let json = serde_json::to_vec(rec).map_err(|e| AuditError(e.to_string()))?;
         let shared = &self.shared.0;
@@ -476,7 +473,6 @@ impl AuditLog {
         shared.work.notify_one();
         wait.await
             .map_err(|_| AuditError("writer stopped".into()))?
-            .map_err(AuditError)
     }
 }
 
@@ -615,7 +611,7 @@ fn writer(
                             };
                             Ok(true)
                         }
-                        Err(e) => Err(e.to_string()),
+                        Err(e) => Err(AuditError(e.to_string())),
                     }
                 }
                 _ => Ok(false),
@@ -643,7 +639,7 @@ fn write_batch(
         Some(c) => write_at(file, c, &bytes),
         None => file.write_all(&bytes),
     }
-    .map_err(|e| e.to_string());
+    .map_err(|e| AuditError(e.to_string()));
     for p in batch {
         if let Some(w) = p.written {
             let _ = w.send(written.clone());
@@ -654,7 +650,7 @@ fn write_batch(
         }
     }
     let result = written.and_then(|()| {
-        file.sync_data().map_err(|e| e.to_string())?;
+        file.sync_data().map_err(|e| AuditError(e.to_string()))?;
         // On a write or sync error the position is not advanced: the next batch overwrites
         // the same place, so a partial record never sits before a complete one.
         if let Some(c) = cursor {
@@ -726,10 +722,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         let log = AuditLog::open(&path).unwrap();
-        // Once this returns the writer has nothing left to do: it is (or is about to be) idle.
         log.record(&rec(0)).await.unwrap();
         let before = log.syncs();
         assert_eq!(before, 1);
+        // Once that returned the writer has nothing left to do: wait until it sleeps (on a
+        // loaded machine it may not have got there yet, and a record arriving before would
+        // be written at once, alone).
+        for _ in 0..5000 {
+            if log.shared.0.lock().unwrap().idle {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         let mut set = tokio::task::JoinSet::new();
         for i in 1..=100 {
             let log = log.clone();

@@ -163,6 +163,8 @@ pub struct Validated {
     pub(crate) routes: crate::extract::Routes,
     pub(crate) export: Option<crate::export::ExportConfig>,
     pub(crate) trace: Option<crate::trace::TraceConfig>,
+    /// What the telemetry exports did, for `/metrics`.
+    pub(crate) counters: crate::otlp::ExportCounters,
 }
 
 /// A token bucket per caller for one model or tool.
@@ -328,6 +330,7 @@ impl ProxyConfig {
             routes,
             export,
             trace,
+            counters: crate::otlp::ExportCounters::default(),
         })
     }
 
@@ -410,35 +413,19 @@ impl ProxyConfig {
         {
             return Err(bad("audit_ship_to", "must be an https://host:port URL"));
         }
-        let export = self.export_config().map_err(|e| {
-            let key = if e.starts_with("audit_export") {
-                "audit_export"
-            } else {
-                "audit_otlp_endpoint"
-            };
-            bad(key, &e)
-        })?;
+        let export = self
+            .export_config()
+            .map_err(|e| bad(e.key(), &e.to_string()))?;
         let trace = self
             .trace_config()
-            .map_err(|e| bad("trace_otlp_endpoint", &e))?;
+            .map_err(|e| bad("trace_otlp_endpoint", &e.to_string()))?;
         let routes = crate::extract::Routes::new(
             &self.model_routes,
             self.model_fields.as_deref(),
             self.default_model.clone(),
             &self.mcp_path,
         )
-        .map_err(|e| {
-            let key = if e.starts_with("mcp_path") {
-                "mcp_path"
-            } else if e.starts_with("model_fields") {
-                "model_fields"
-            } else if e.starts_with("default_model") {
-                "default_model"
-            } else {
-                "model_routes"
-            };
-            bad(key, &e)
-        })?;
+        .map_err(|e| bad(e.key(), &e.to_string()))?;
         if let Some(a) = self
             .audit_flush_overlap
             .iter()
@@ -505,7 +492,9 @@ impl ProxyConfig {
 impl ProxyConfig {
     /// The SIEM export settings (`audit_export`, `audit_otlp_endpoint` and the standard
     /// `OTEL_*` environment variables); `None` when no export is configured.
-    pub fn export_config(&self) -> Result<Option<crate::export::ExportConfig>, String> {
+    pub fn export_config(
+        &self,
+    ) -> Result<Option<crate::export::ExportConfig>, crate::export::ExportConfigError> {
         crate::export::ExportConfig::resolve(
             self.audit_export.as_deref(),
             self.audit_otlp_endpoint.as_deref(),
@@ -515,7 +504,9 @@ impl ProxyConfig {
 
     /// The trace export settings (`trace_otlp_endpoint` and the standard `OTEL_*`
     /// environment variables); `None` when traces are off.
-    pub fn trace_config(&self) -> Result<Option<crate::trace::TraceConfig>, String> {
+    pub fn trace_config(
+        &self,
+    ) -> Result<Option<crate::trace::TraceConfig>, crate::trace::TraceConfigError> {
         crate::trace::TraceConfig::resolve(self.trace_otlp_endpoint.as_deref(), &|k| {
             std::env::var(k).ok()
         })

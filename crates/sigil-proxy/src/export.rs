@@ -5,36 +5,51 @@
 //!
 //! - as JSON lines (`audit_export = "stdout"` or a file path, appended, 0600), one nested ECS
 //!   object per decision, and/or
-//! - as OpenTelemetry log records over OTLP/HTTP with the JSON encoding
-//!   (`audit_otlp_endpoint`, or the standard `OTEL_EXPORTER_OTLP_*` variables): POST
-//!   `<endpoint>/v1/logs`, batches of up to [`OTLP_MAX_BATCH`] records or [`OTLP_LINGER`],
-//!   each retried a few times on a retryable failure, then dropped with a log line and a
-//!   count.
+//! - as OpenTelemetry log records over OTLP (`audit_otlp_endpoint`, or the standard
+//!   `OTEL_EXPORTER_OTLP_*` variables; HTTP/protobuf or gRPC, see `otlp.rs`), through the
+//!   SDK's batch log processor (`OTEL_BLRP_*`): its retries, then a drop, counted on
+//!   `/metrics`.
 //!
 //! Export is best effort and never on the request path: the durable segment and the shipping
 //! to the server (`shipper.rs`) are the lossless path. Only records that were synced are
 //! exported, so an exported decision is always in the segment too.
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use hyper::body::Bytes;
+use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity};
+use opentelemetry::{InstrumentationScope, StringValue};
+use opentelemetry_sdk::logs::{BatchLogProcessor, SdkLogger, SdkLoggerProvider};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 pub use crate::otlp::OtlpConfig;
-use crate::otlp::{OtlpPoster, Signal};
+use crate::otlp::{ExportCounters, Signal, SignalCounters};
 
 /// Batches (of one sync each, ≤ 512 records) waiting for the exporter; beyond, dropped.
 const QUEUE_BATCHES: usize = 64;
-/// Most log records per OTLP request.
-pub const OTLP_MAX_BATCH: usize = 256;
-/// Longest a record waits for its OTLP batch to fill.
-pub const OTLP_LINGER: Duration = Duration::from_secs(1);
+
+/// Why the export settings were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExportConfigError {
+    #[error("audit_export must be \"stdout\" or a file path")]
+    AuditExport,
+    #[error("{0}")]
+    Otlp(crate::otlp::EndpointError),
+}
+
+impl ExportConfigError {
+    /// The configuration key at fault.
+    pub fn key(&self) -> &'static str {
+        match self {
+            ExportConfigError::AuditExport => "audit_export",
+            ExportConfigError::Otlp(_) => "audit_otlp_endpoint",
+        }
+    }
+}
 
 /// What the exporter does, resolved from the configuration and the environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,48 +72,33 @@ impl ExportConfig {
         audit_export: Option<&str>,
         audit_otlp_endpoint: Option<&str>,
         env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Option<Self>, String> {
+    ) -> Result<Option<Self>, ExportConfigError> {
         if let Some(e) = audit_export
             && e.trim().is_empty()
         {
-            return Err("audit_export must be \"stdout\" or a file path".into());
+            return Err(ExportConfigError::AuditExport);
         }
-        let url = crate::otlp::signal_url(Signal::Logs, audit_otlp_endpoint, env)
-            .map_err(|e| e.to_string())?;
-        if audit_export.is_none() && url.is_none() {
+        let otlp = OtlpConfig::resolve(Signal::Logs, audit_otlp_endpoint, env)
+            .map_err(ExportConfigError::Otlp)?;
+        if audit_export.is_none() && otlp.is_none() {
             return Ok(None);
         }
-        let headers = crate::otlp::signal_headers(Signal::Logs, env);
         let (service_name, resource) = crate::otlp::resource(env);
         Ok(Some(Self {
             jsonl: audit_export.map(str::to_owned),
-            otlp: url.map(|url| OtlpConfig { url, headers }),
+            otlp,
             service_name,
             resource,
         }))
     }
 }
 
-/// Counts of what the exporter dropped or wrote.
-#[derive(Debug, Default)]
-pub struct ExportStats {
-    /// Records dropped because the export queue was full (or the exporter gone).
-    pub dropped_queue: AtomicU64,
-    /// Records written as JSON lines.
-    pub jsonl_written: AtomicU64,
-    /// Records that could not be written as JSON lines.
-    pub jsonl_failed: AtomicU64,
-    /// Records accepted by the OTLP receiver.
-    pub otlp_sent: AtomicU64,
-    /// Records dropped after their OTLP batch failed (retries exhausted, or refused).
-    pub otlp_dropped: AtomicU64,
-}
-
 /// The writer thread's end of the export queue.
 #[derive(Clone)]
 pub struct ExportSink {
     tx: mpsc::Sender<Vec<Vec<u8>>>,
-    stats: Arc<ExportStats>,
+    /// Counts records the queue refused (as the logs' queue drops).
+    dropped: SignalCounters,
 }
 
 impl ExportSink {
@@ -107,7 +107,7 @@ impl ExportSink {
     pub fn offer(&self, lines: Vec<Vec<u8>>) {
         let n = lines.len() as u64;
         if let Err(e) = self.tx.try_send(lines) {
-            let before = self.stats.dropped_queue.fetch_add(n, Ordering::Relaxed);
+            let before = self.dropped.dropped_queue.inc_by(n);
             if before == 0 || (before + n) / 1000 > before / 1000 {
                 let why = match e {
                     mpsc::error::TrySendError::Full(_) => "export queue full",
@@ -123,18 +123,37 @@ impl ExportSink {
     }
 }
 
-/// Starts the exporter; the sink to give the audit writer, and the tasks (abort to stop).
-pub fn spawn(cfg: ExportConfig) -> anyhow::Result<(ExportSink, Vec<JoinHandle<()>>)> {
-    let stats = Arc::new(ExportStats::default());
+/// Ends the SDK's logger provider off the runtime's threads (its last export may need them).
+struct Provider(Option<SdkLoggerProvider>);
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            std::thread::spawn(move || {
+                let _ = p.shutdown_with_timeout(Duration::from_secs(5));
+            });
+        }
+    }
+}
+
+/// Starts the exporter (inside the runtime); the sink to give the audit writer, and the task
+/// (abort to stop).
+pub fn spawn(
+    cfg: ExportConfig,
+    counters: ExportCounters,
+) -> anyhow::Result<(ExportSink, Vec<JoinHandle<()>>)> {
     let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
-    let mut tasks = Vec::new();
     let otlp = match &cfg.otlp {
         Some(o) => {
-            let (otx, orx) = mpsc::channel(QUEUE_BATCHES);
-            let body = OtlpBody::new(&cfg);
-            let poster = OtlpPoster::new(o)?;
-            tasks.push(tokio::spawn(otlp_loop(poster, body, orx, stats.clone())));
-            Some(otx)
+            let exporter = o.log_exporter(counters.logs.clone())?;
+            let provider = SdkLoggerProvider::builder()
+                .with_resource(crate::otlp::sdk_resource(&cfg.service_name, &cfg.resource))
+                .with_log_processor(BatchLogProcessor::builder(exporter).build())
+                .build();
+            let scope = InstrumentationScope::builder("sigil.audit")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build();
+            Some((provider.logger_with_scope(scope), Provider(Some(provider))))
         }
         None => None,
     };
@@ -160,23 +179,28 @@ pub fn spawn(cfg: ExportConfig) -> anyhow::Result<(ExportSink, Vec<JoinHandle<()
             Some(Box::new(tokio::fs::File::from_std(f)))
         }
     };
-    tasks.push(tokio::spawn(dispatch(
+    let dropped = if otlp.is_some() {
+        counters.logs.clone()
+    } else {
+        counters.jsonl.clone()
+    };
+    let task = tokio::spawn(dispatch(
         rx,
         out,
         otlp,
         cfg.service_name.clone(),
-        stats.clone(),
-    )));
-    Ok((ExportSink { tx, stats }, tasks))
+        counters.jsonl,
+    ));
+    Ok((ExportSink { tx, dropped }, vec![task]))
 }
 
-/// Maps each durable batch and hands it to the JSON-lines output and the OTLP task.
+/// Maps each durable batch and hands it to the JSON-lines output and the OTLP logger.
 async fn dispatch(
     mut rx: mpsc::Receiver<Vec<Vec<u8>>>,
     mut out: Option<Box<dyn tokio::io::AsyncWrite + Unpin + Send>>,
-    otlp: Option<mpsc::Sender<Vec<Event>>>,
+    otlp: Option<(SdkLogger, Provider)>,
     service: String,
-    stats: Arc<ExportStats>,
+    jsonl: SignalCounters,
 ) {
     let mut buf = Vec::new();
     while let Some(lines) = rx.recv().await {
@@ -206,26 +230,19 @@ async fn dispatch(
             .await
             {
                 Ok(()) => {
-                    stats.jsonl_written.fetch_add(n, Ordering::Relaxed);
+                    jsonl.exported.inc_by(n);
                 }
                 Err(e) => {
-                    let before = stats.jsonl_failed.fetch_add(n, Ordering::Relaxed);
+                    let before = jsonl.dropped_failed.inc_by(n);
                     if before == 0 || (before + n) / 1000 > before / 1000 {
                         tracing::warn!(error = %e, failed_total = before + n, "audit export: writing JSON lines failed");
                     }
                 }
             }
         }
-        if let Some(tx) = &otlp {
-            let n = events.len() as u64;
-            if tx.try_send(events).is_err() {
-                let before = stats.otlp_dropped.fetch_add(n, Ordering::Relaxed);
-                if before == 0 || (before + n) / 1000 > before / 1000 {
-                    tracing::warn!(
-                        dropped_total = before + n,
-                        "audit export: OTLP queue full; records dropped from the export"
-                    );
-                }
+        if let Some((logger, _)) = &otlp {
+            for ev in &events {
+                ev.emit(logger);
             }
         }
     }
@@ -276,16 +293,16 @@ impl Field {
         }
     }
 
-    /// The OTLP `AnyValue` (protobuf JSON mapping: int64 as a string).
-    fn otlp(&self) -> Value {
+    /// The OTLP `AnyValue`.
+    fn otlp(&self) -> AnyValue {
         match self {
-            Field::Str(s) => json!({ "stringValue": s }),
-            Field::Int(i) => json!({ "intValue": i.to_string() }),
-            Field::Strs(v) => json!({
-                "arrayValue": {
-                    "values": v.iter().map(|s| json!({ "stringValue": s })).collect::<Vec<_>>()
-                }
-            }),
+            Field::Str(s) => AnyValue::String(StringValue::from(s.clone())),
+            Field::Int(i) => AnyValue::Int(*i),
+            Field::Strs(v) => AnyValue::ListAny(Box::new(
+                v.iter()
+                    .map(|s| AnyValue::String(StringValue::from(s.clone())))
+                    .collect(),
+            )),
         }
     }
 }
@@ -321,34 +338,29 @@ impl Event {
         Value::Object(doc)
     }
 
-    /// The OTLP `LogRecord` (protobuf JSON mapping).
-    pub fn otlp_record(&self) -> Value {
+    /// Emits the OTLP log record (to the SDK's batch processor).
+    pub fn emit(&self, logger: &SdkLogger) {
+        let mut rec = logger.create_log_record();
         let (number, text) = if self.allow {
-            (9, "INFO")
+            (Severity::Info, "INFO")
         } else {
-            (13, "WARN")
+            (Severity::Warn, "WARN")
         };
-        let nanos = (u128::from(self.time_ms) * 1_000_000).to_string();
-        let message = self
-            .fields
-            .iter()
-            .find(|(k, _)| *k == "message")
-            .map(|(_, v)| v.json())
-            .unwrap_or_default();
-        let attributes: Vec<Value> = self
-            .fields
-            .iter()
-            .filter(|(k, _)| !NOT_OTLP_ATTRIBUTES.contains(k))
-            .map(|(k, v)| json!({ "key": k, "value": v.otlp() }))
-            .collect();
-        json!({
-            "timeUnixNano": nanos,
-            "observedTimeUnixNano": nanos,
-            "severityNumber": number,
-            "severityText": text,
-            "body": { "stringValue": message },
-            "attributes": attributes,
-        })
+        let time = SystemTime::UNIX_EPOCH + Duration::from_millis(self.time_ms);
+        rec.set_timestamp(time);
+        rec.set_observed_timestamp(time);
+        rec.set_severity_number(number);
+        rec.set_severity_text(text);
+        if let Some((_, Field::Str(m))) = self.fields.iter().find(|(k, _)| *k == "message") {
+            rec.set_body(AnyValue::String(StringValue::from(m.clone())));
+        }
+        rec.add_attributes(
+            self.fields
+                .iter()
+                .filter(|(k, _)| !NOT_OTLP_ATTRIBUTES.contains(k))
+                .map(|(k, v)| (*k, v.otlp())),
+        );
+        logger.emit(rec);
     }
 }
 
@@ -479,100 +491,13 @@ pub fn rfc3339_ms(ms: u64) -> String {
     )
 }
 
-/// The resource and scope around log records.
-struct OtlpBody {
-    resource: Value,
-}
-
-impl OtlpBody {
-    fn new(cfg: &ExportConfig) -> Self {
-        Self {
-            resource: crate::otlp::resource_json(&cfg.service_name, &cfg.resource),
-        }
-    }
-
-    /// The `ExportLogsServiceRequest` for `events`.
-    fn request(&self, events: &[Event]) -> Value {
-        json!({
-            "resourceLogs": [{
-                "resource": self.resource,
-                "scopeLogs": [{
-                    "scope": { "name": "sigil.audit", "version": env!("CARGO_PKG_VERSION") },
-                    "logRecords": events.iter().map(Event::otlp_record).collect::<Vec<_>>(),
-                }],
-            }],
-        })
-    }
-}
-
-async fn otlp_loop(
-    poster: OtlpPoster,
-    body: OtlpBody,
-    mut rx: mpsc::Receiver<Vec<Event>>,
-    stats: Arc<ExportStats>,
-) {
-    let mut pending: Vec<Event> = Vec::new();
-    let mut deadline = tokio::time::Instant::now();
-    loop {
-        let open = tokio::select! {
-            got = rx.recv() => match got {
-                Some(evs) => {
-                    if pending.is_empty() {
-                        deadline = tokio::time::Instant::now() + OTLP_LINGER;
-                    }
-                    pending.extend(evs);
-                    true
-                }
-                None => false,
-            },
-            () = tokio::time::sleep_until(deadline), if !pending.is_empty() => {
-                deadline = tokio::time::Instant::now();
-                true
-            }
-        };
-        let due =
-            !open || pending.len() >= OTLP_MAX_BATCH || tokio::time::Instant::now() >= deadline;
-        while due && !pending.is_empty() {
-            let take = pending.len().min(OTLP_MAX_BATCH);
-            let batch: Vec<Event> = pending.drain(..take).collect();
-            send_batch(&poster, &body, &batch, &stats).await;
-        }
-        if !open {
-            return;
-        }
-    }
-}
-
-async fn send_batch(poster: &OtlpPoster, body: &OtlpBody, batch: &[Event], stats: &ExportStats) {
-    let n = batch.len() as u64;
-    let bytes = match serde_json::to_vec(&body.request(batch)) {
-        Ok(b) => Bytes::from(b),
-        Err(e) => {
-            tracing::warn!(error = %e, "audit export: OTLP body not serialized");
-            stats.otlp_dropped.fetch_add(n, Ordering::Relaxed);
-            return;
-        }
-    };
-    match poster.post_retrying(bytes).await {
-        Ok(()) => {
-            stats.otlp_sent.fetch_add(n, Ordering::Relaxed);
-        }
-        Err(e) => {
-            let total = stats.otlp_dropped.fetch_add(n, Ordering::Relaxed) + n;
-            tracing::warn!(
-                error = %e.message,
-                records = n,
-                dropped_total = total,
-                "audit export: OTLP batch dropped (the records are in the audit segment)"
-            );
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, Full};
+    use serde_json::json;
+    use sigil_metrics::prometheus_client::metrics::counter::Counter;
+    use std::sync::Arc;
 
     fn record(decision: &str) -> Record {
         serde_json::from_value(json!({
@@ -673,74 +598,6 @@ mod tests {
     }
 
     #[test]
-    fn otlp_request_has_the_protobuf_json_shape() {
-        let cfg = ExportConfig {
-            jsonl: None,
-            otlp: None,
-            service_name: "gw".into(),
-            resource: vec![("deployment.environment".into(), "test".into())],
-        };
-        let events = [
-            Event::new(&record("allow"), "gw"),
-            Event::new(&record("deny"), "gw"),
-        ];
-        let req = OtlpBody::new(&cfg).request(&events);
-        let rl = &req["resourceLogs"][0];
-        assert_eq!(
-            rl["resource"]["attributes"][0],
-            json!({"key": "service.name", "value": {"stringValue": "gw"}})
-        );
-        assert_eq!(
-            rl["resource"]["attributes"][2]["key"],
-            "deployment.environment"
-        );
-        let recs = rl["scopeLogs"][0]["logRecords"].as_array().unwrap();
-        assert_eq!(rl["scopeLogs"][0]["scope"]["name"], "sigil.audit");
-        assert_eq!(recs.len(), 2);
-        let (a, d) = (&recs[0], &recs[1]);
-        assert_eq!(a["timeUnixNano"], "1700000000123000000");
-        assert_eq!(
-            (a["severityNumber"].clone(), a["severityText"].clone()),
-            (json!(9), json!("INFO"))
-        );
-        assert_eq!(
-            (d["severityNumber"].clone(), d["severityText"].clone()),
-            (json!(13), json!("WARN"))
-        );
-        assert!(
-            a["body"]["stringValue"]
-                .as_str()
-                .unwrap()
-                .starts_with("allow ")
-        );
-        let attr = |r: &Value, k: &str| {
-            r["attributes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|a| a["key"] == k)
-                .map(|a| a["value"].clone())
-        };
-        assert_eq!(
-            attr(a, "event.outcome"),
-            Some(json!({"stringValue": "success"}))
-        );
-        assert_eq!(
-            attr(d, "event.outcome"),
-            Some(json!({"stringValue": "failure"}))
-        );
-        assert_eq!(
-            attr(a, "sigil.policy_ids"),
-            Some(json!({"arrayValue": {"values": [{"stringValue": "p1"}, {"stringValue": "p2"}]}}))
-        );
-        assert_eq!(attr(a, "sigil.call_count"), Some(json!({"intValue": "2"})));
-        // Carried outside the attributes.
-        for k in NOT_OTLP_ATTRIBUTES {
-            assert_eq!(attr(a, k), None, "{k}");
-        }
-    }
-
-    #[test]
     fn settings_come_from_the_config_or_the_otel_environment() {
         let env = |vars: &'static [(&'static str, &'static str)]| {
             move |k: &str| {
@@ -801,13 +658,12 @@ mod tests {
         };
         assert_eq!(url(None), "http://c:1/custom/logs");
         assert_eq!(url(Some("http://c:3")), "http://c:3/v1/logs");
-        assert!(
-            ExportConfig::resolve(None, Some("https://c:3"), &none)
-                .unwrap_err()
-                .contains("https")
-        );
+        assert_eq!(url(Some("https://c:3")), "https://c:3/v1/logs");
         assert!(ExportConfig::resolve(None, Some("c:3"), &none).is_err());
-        assert!(ExportConfig::resolve(Some(""), None, &none).is_err());
+        assert_eq!(
+            ExportConfig::resolve(Some(""), None, &none),
+            Err(ExportConfigError::AuditExport)
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -830,7 +686,7 @@ mod tests {
             decision,
             reason: "r".into(),
         };
-        let (sink, _tasks) = spawn(cfg.clone()).unwrap();
+        let (sink, _tasks) = spawn(cfg.clone(), ExportCounters::default()).unwrap();
         let log =
             crate::audit::AuditLog::open_with_export(&dir.path().join("audit.log"), Some(sink))
                 .unwrap();
@@ -839,7 +695,7 @@ mod tests {
             log.record(&rec(i, d)).await.unwrap();
         }
         // A segment that cannot be written exports nothing.
-        let (sink, _tasks2) = spawn(cfg).unwrap();
+        let (sink, _tasks2) = spawn(cfg, ExportCounters::default()).unwrap();
         let full =
             crate::audit::AuditLog::open_with_export(std::path::Path::new("/dev/full"), Some(sink))
                 .unwrap();
@@ -869,8 +725,19 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 5);
     }
 
-    /// A receiver answering `statuses` in turn (then 200); the bodies it got.
-    async fn receiver(statuses: Vec<u16>) -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+    /// An OTLP/HTTP receiver answering `statuses` in turn (then 200); the requests it got,
+    /// decoded from protobuf.
+    async fn receiver(
+        statuses: Vec<u16>,
+    ) -> (
+        String,
+        Arc<
+            std::sync::Mutex<
+                Vec<opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest>,
+            >,
+        >,
+    ) {
+        use prost::Message;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let got = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -880,26 +747,29 @@ mod tests {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
                 let (seen, statuses) = (seen.clone(), statuses.clone());
-                let svc =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| {
                         let (seen, statuses) = (seen.clone(), statuses.clone());
                         async move {
                             assert_eq!(req.uri().path(), "/v1/logs");
-                            assert_eq!(req.headers()["content-type"], "application/json");
+                            assert_eq!(req.headers()["content-type"], "application/x-protobuf");
+                            assert_eq!(req.headers()["x-tenant"], "t1");
                             let body = req.into_body().collect().await.unwrap().to_bytes();
-                            seen.lock()
-                                .unwrap()
-                                .push(serde_json::from_slice::<Value>(&body).unwrap());
+                            seen.lock().unwrap().push(
+                                opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest::decode(body)
+                                    .unwrap(),
+                            );
                             let mut st = statuses.lock().unwrap();
                             let code = if st.is_empty() { 200 } else { st.remove(0) };
                             Ok::<_, std::convert::Infallible>(
                                 http::Response::builder()
                                     .status(code)
-                                    .body(Full::new(Bytes::from_static(b"{}")))
+                                    .body(Full::new(hyper::body::Bytes::new()))
                                     .unwrap(),
                             )
                         }
-                    });
+                    },
+                );
                 tokio::spawn(
                     hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
@@ -910,44 +780,77 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn otlp_batches_are_retried_then_dropped() {
-        let events: Vec<Event> = (0..3).map(|_| Event::new(&record("allow"), "gw")).collect();
-        let cfg = ExportConfig::resolve(None, Some("http://127.0.0.1:1"), &|_| None)
+    async fn records_reach_an_otlp_receiver_as_protobuf_and_failures_are_counted() {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as Pb;
+        let (url, got) = receiver(vec![400]).await;
+        let vars = move |k: &str| match k {
+            "OTEL_EXPORTER_OTLP_HEADERS" => Some("x-tenant=t1".to_owned()),
+            "OTEL_SERVICE_NAME" => Some("gw".to_owned()),
+            _ => None,
+        };
+        let cfg = ExportConfig::resolve(None, Some(&url), &vars)
             .unwrap()
             .unwrap();
-        let body = OtlpBody::new(&cfg);
-        // Two 503s, then accepted: sent, three posts.
-        let (url, got) = receiver(vec![503, 503]).await;
-        let poster = OtlpPoster::new(&OtlpConfig {
-            url: format!("{url}/v1/logs"),
-            headers: Vec::new(),
-        })
-        .unwrap();
-        let stats = ExportStats::default();
-        send_batch(&poster, &body, &events, &stats).await;
-        assert_eq!(stats.otlp_sent.load(Ordering::Relaxed), 3);
-        assert_eq!(got.lock().unwrap().len(), 3);
-        // Refused (400): dropped at once; retryable every time: dropped after 3 tries.
-        let (url, got) = receiver(vec![400, 503, 503, 503]).await;
-        let poster = OtlpPoster::new(&OtlpConfig {
-            url: format!("{url}/v1/logs"),
-            headers: Vec::new(),
-        })
-        .unwrap();
-        send_batch(&poster, &body, &events, &stats).await;
-        assert_eq!(got.lock().unwrap().len(), 1);
-        send_batch(&poster, &body, &events, &stats).await;
-        assert_eq!(got.lock().unwrap().len(), 4);
-        assert_eq!(stats.otlp_dropped.load(Ordering::Relaxed), 6);
-        // Nothing listening: dropped too, without hanging.
-        let poster = OtlpPoster::new(&OtlpConfig {
-            url: "http://127.0.0.1:1/v1/logs".into(),
-            headers: Vec::new(),
-        })
-        .unwrap();
-        send_batch(&poster, &body, &events, &stats).await;
-        assert_eq!(stats.otlp_dropped.load(Ordering::Relaxed), 9);
-        assert_eq!(stats.otlp_sent.load(Ordering::Relaxed), 3);
+        let counters = ExportCounters::default();
+        let (sink, _tasks) = spawn(cfg, counters.clone()).unwrap();
+        let line = |decision: &str| {
+            let json = serde_json::to_vec(&json!({
+                "time_ms": 1_700_000_000_123u64, "request_id": "req-1",
+                "spiffe_id": "spiffe://td.test/agent",
+                "cert_thumbprint": "ungWv48Bz-pBQUDeXa4iI7ADYaOWF3qctBD_YfIAFa0",
+                "method": "POST", "path": "/mcp",
+                "calls": [{"action": "call_tool", "resource_type": "Tool", "resource_id": "grep"}],
+                "policy_ids": ["p1", "p2"], "decision": decision, "reason": "r"
+            }))
+            .unwrap();
+            crate::audit::frame(&json)
+        };
+        // The first batch is refused (400): dropped and counted; the second arrives.
+        sink.offer(vec![line("allow"), line("deny")]);
+        let wait = |n: u64, c: &Counter| {
+            let c = c.clone();
+            async move {
+                for _ in 0..200 {
+                    if c.get() >= n {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                panic!("counter stayed at {}", c.get());
+            }
+        };
+        wait(2, &counters.logs.dropped_failed).await;
+        sink.offer(vec![line("deny")]);
+        wait(1, &counters.logs.exported).await;
+        let got = got.lock().unwrap();
+        assert_eq!(got.len(), 2);
+        let rl = &got[1].resource_logs[0];
+        let res = rl.resource.as_ref().unwrap();
+        assert!(res.attributes.iter().any(|a| a.key == "service.name"
+            && a.value.as_ref().and_then(|v| v.value.clone())
+                == Some(Pb::StringValue("gw".into()))));
+        let sl = &rl.scope_logs[0];
+        assert_eq!(sl.scope.as_ref().unwrap().name, "sigil.audit");
+        let r = &sl.log_records[0];
+        assert_eq!(r.time_unix_nano, 1_700_000_000_123_000_000);
+        assert_eq!((r.severity_number, r.severity_text.as_str()), (13, "WARN"));
+        let attr = |k: &str| {
+            r.attributes
+                .iter()
+                .find(|a| a.key == k)
+                .and_then(|a| a.value.as_ref())
+                .and_then(|v| v.value.clone())
+        };
+        assert_eq!(
+            attr("event.outcome"),
+            Some(Pb::StringValue("failure".into()))
+        );
+        assert_eq!(attr("sigil.call_count"), Some(Pb::IntValue(1)));
+        assert!(matches!(attr("sigil.policy_ids"), Some(Pb::ArrayValue(a)) if a.values.len() == 2));
+        for k in NOT_OTLP_ATTRIBUTES {
+            assert_eq!(attr(k), None, "{k}");
+        }
+        assert_eq!(counters.logs.dropped_failed.get(), 2);
     }
 
     #[tokio::test]
@@ -955,10 +858,10 @@ mod tests {
         let (tx, _rx) = mpsc::channel(1);
         let sink = ExportSink {
             tx,
-            stats: Arc::new(ExportStats::default()),
+            dropped: SignalCounters::default(),
         };
         sink.offer(vec![b"a".to_vec()]);
         sink.offer(vec![b"b".to_vec(), b"c".to_vec()]);
-        assert_eq!(sink.stats.dropped_queue.load(Ordering::Relaxed), 2);
+        assert_eq!(sink.dropped.dropped_queue.get(), 2);
     }
 }

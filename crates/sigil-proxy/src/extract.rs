@@ -75,6 +75,34 @@ pub struct Routes {
     mcp: String,
 }
 
+/// Why the route settings were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RoutesError {
+    #[error("model route {0:?}: {1}")]
+    ModelRoute(String, String),
+    #[error("mcp_path {0:?}: {1}")]
+    McpPath(String, String),
+    #[error("mcp_path {0:?} is also a model route")]
+    McpIsModelRoute(String),
+    #[error("model_fields must name at least one non-empty field")]
+    ModelFields,
+    #[error("default_model {0:?} is not a valid name")]
+    DefaultModel(String),
+}
+
+impl RoutesError {
+    /// The configuration key at fault.
+    pub fn key(&self) -> &'static str {
+        match self {
+            RoutesError::ModelRoute(..) => "model_routes",
+            RoutesError::McpPath(..) | RoutesError::McpIsModelRoute(_) => "mcp_path",
+            RoutesError::ModelFields => "model_fields",
+            RoutesError::DefaultModel(_) => "default_model",
+        }
+    }
+}
+
 impl Routes {
     /// `extra_model_routes` are added to the defaults; `model_fields` replace them.
     pub fn new(
@@ -82,31 +110,32 @@ impl Routes {
         model_fields: Option<&[String]>,
         default_model: Option<String>,
         mcp_path: &str,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, RoutesError> {
         let mut model: HashSet<String> = DEFAULT_MODEL_ROUTES
             .iter()
             .map(|r| (*r).to_owned())
             .collect();
         for r in extra_model_routes {
-            let p = RequestPath::parse(r).map_err(|e| format!("model route {r:?}: {e}"))?;
+            let p = RequestPath::parse(r)
+                .map_err(|e| RoutesError::ModelRoute(r.clone(), e.to_string()))?;
             model.insert(p.route().to_owned());
         }
         let mcp = RequestPath::parse(mcp_path)
-            .map_err(|e| format!("mcp_path {mcp_path:?}: {e}"))?
+            .map_err(|e| RoutesError::McpPath(mcp_path.to_owned(), e.to_string()))?
             .route()
             .to_owned();
         if model.contains(&mcp) {
-            return Err(format!("mcp_path {mcp_path:?} is also a model route"));
+            return Err(RoutesError::McpIsModelRoute(mcp_path.to_owned()));
         }
         let model_fields: Vec<String> = match model_fields {
             Some(f) => f.iter().map(|f| fold(f)).collect(),
             None => DEFAULT_MODEL_FIELDS.iter().map(|f| fold(f)).collect(),
         };
         if model_fields.is_empty() || model_fields.iter().any(String::is_empty) {
-            return Err("model_fields must name at least one non-empty field".into());
+            return Err(RoutesError::ModelFields);
         }
         if let Some(m) = &default_model {
-            check_name(m).map_err(|_| format!("default_model {m:?} is not a valid name"))?;
+            check_name(m).map_err(|_| RoutesError::DefaultModel(m.clone()))?;
         }
         Ok(Self {
             model,

@@ -123,9 +123,13 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let listener = TcpListener::bind(cfg.listen_addr).await?;
     let addr = listener.local_addr()?;
     // SIEM export (stopped with the accept loop, like the shipper).
+    let counters = validated.counters.clone();
     let (export_sink, export_tasks) = match export_config {
         Some(x) => {
-            let (sink, tasks) = export::spawn(x)?;
+            if let Some(o) = &x.otlp {
+                tracing::info!(url = %o.url, protocol = ?o.protocol, "audit records exported over OTLP");
+            }
+            let (sink, tasks) = export::spawn(x, counters.clone())?;
             (Some(sink), tasks.into_iter().map(AbortOnDrop).collect())
         }
         None => (None, Vec::new()),
@@ -150,11 +154,8 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     // Traces (stopped with the accept loop).
     let (tracer, trace_task) = match trace_config {
         Some(t) => {
-            if let Some(w) = trace::TraceConfig::protocol_warning(&|k| std::env::var(k).ok()) {
-                tracing::warn!("{w}");
-            }
-            tracing::info!(url = %t.otlp.url, "traces exported over OTLP/HTTP");
-            let (tracer, task) = trace::spawn(t)?;
+            tracing::info!(url = %t.otlp.url, protocol = ?t.otlp.protocol, "traces exported over OTLP");
+            let (tracer, task) = trace::spawn(t, counters.traces.clone())?;
             (Some(tracer), Some(AbortOnDrop(task)))
         }
         None => (None, None),

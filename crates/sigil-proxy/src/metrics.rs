@@ -124,6 +124,24 @@ impl Metrics {
         }
     }
 
+    /// Registers the counters of the telemetry exports (`sigil_proxy_telemetry_exported` and
+    /// `sigil_proxy_telemetry_dropped`, by signal and reason).
+    pub(crate) fn with_export(mut self, c: &crate::otlp::ExportCounters) -> Self {
+        if let Some(inner) = self.inner.as_mut() {
+            inner.registry.register(
+                "sigil_proxy_telemetry_exported",
+                "Telemetry items (spans, audit log records) accepted by their receiver",
+                c.exported.clone(),
+            );
+            inner.registry.register(
+                "sigil_proxy_telemetry_dropped",
+                "Telemetry items dropped: a full queue, or a batch that failed after retries",
+                c.dropped.clone(),
+            );
+        }
+        self
+    }
+
     /// The time a measured step starts (`None`, no clock read, when disabled).
     #[inline]
     pub(crate) fn start(&self) -> Option<Instant> {

@@ -124,7 +124,7 @@ impl Proxy {
         let upstream = crate::upstream::Upstream::new(&cfg.upstream, cfg.upstream_http2);
         Self {
             limits,
-            metrics: Arc::new(Metrics::new(cfg.metrics_addr.is_some())),
+            metrics: Arc::new(Metrics::new(cfg.metrics_addr.is_some()).with_export(&v.counters)),
             routes: v.routes,
             cfg,
             creds,

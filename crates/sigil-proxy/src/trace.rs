@@ -1,4 +1,4 @@
-//! Traces of proxied requests over OTLP/HTTP (JSON encoding), off unless configured.
+//! Traces of proxied requests over OTLP (HTTP/protobuf or gRPC), off unless configured.
 //!
 //! A sampled request gets a `SERVER` span `sigil.proxy.request` (SPIFFE ID, action,
 //! resource, decision, reason, status) with child spans `sigil.token.validate`,
@@ -9,37 +9,31 @@
 //!
 //! The request path only fills a [`RequestTrace`] (instants, a few strings) and hands it to
 //! the exporter task with `try_send` (a full queue drops the trace, counted and logged); the
-//! JSON is built and posted there, batched. With tracing off, the request path tests one
-//! `Option` per step: no allocation, no clock read.
+//! task turns it into the SDK's spans and hands them to the SDK's batch span processor
+//! (`OTEL_BSP_*`), which exports them with `opentelemetry-otlp`. With tracing off, the
+//! request path tests one `Option` per step: no allocation, no clock read.
+use std::borrow::Cow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use hyper::body::Bytes;
-use serde_json::{Value, json};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{InstrumentationScope, KeyValue, StringValue};
+use opentelemetry_sdk::trace::{
+    BatchSpanProcessor, SpanData, SpanEvents, SpanLinks, SpanProcessor,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::otlp::{OtlpConfig, OtlpPoster, Signal};
+use crate::otlp::{OtlpConfig, Signal, SignalCounters};
 
-/// Finished traces waiting for the exporter; beyond, dropped.
+/// Finished traces waiting for the exporter task; beyond, dropped.
 const QUEUE_TRACES: usize = 4096;
-/// Most traces (of up to a few spans each) per OTLP request.
-pub const MAX_BATCH: usize = 256;
-/// Longest a finished trace waits for its batch to fill.
-pub const LINGER: Duration = Duration::from_secs(1);
 
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
-
-/// OTLP span kinds.
-const KIND_INTERNAL: u8 = 1;
-const KIND_SERVER: u8 = 2;
-const KIND_CLIENT: u8 = 3;
-/// OTLP status codes.
-const STATUS_UNSET: u8 = 0;
-const STATUS_ERROR: u8 = 2;
 
 /// Which requests are recorded (`OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -109,6 +103,16 @@ pub enum SamplerError {
     Unsupported(String),
 }
 
+/// Why the trace settings were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TraceConfigError {
+    #[error("{0}")]
+    Otlp(crate::otlp::EndpointError),
+    #[error("{0}")]
+    Sampler(SamplerError),
+}
+
 /// What the tracer does, resolved from the configuration and the environment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TraceConfig {
@@ -126,7 +130,7 @@ impl TraceConfig {
     pub fn resolve(
         trace_otlp_endpoint: Option<&str>,
         env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Option<Self>, String> {
+    ) -> Result<Option<Self>, TraceConfigError> {
         let var = |k: &str| crate::otlp::var(env, k);
         if trace_otlp_endpoint.is_none() {
             let disabled = var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim() == "true");
@@ -139,8 +143,8 @@ impl TraceConfig {
                 return Ok(None);
             }
         }
-        let Some(url) = crate::otlp::signal_url(Signal::Traces, trace_otlp_endpoint, env)
-            .map_err(|e| format!("trace_otlp_endpoint: {e}"))?
+        let Some(otlp) = OtlpConfig::resolve(Signal::Traces, trace_otlp_endpoint, env)
+            .map_err(TraceConfigError::Otlp)?
         else {
             return Ok(None);
         };
@@ -148,27 +152,14 @@ impl TraceConfig {
             var("OTEL_TRACES_SAMPLER").as_deref(),
             var("OTEL_TRACES_SAMPLER_ARG").as_deref(),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(TraceConfigError::Sampler)?;
         let (service_name, resource) = crate::otlp::resource(env);
         Ok(Some(Self {
-            otlp: OtlpConfig {
-                url,
-                headers: crate::otlp::signal_headers(Signal::Traces, env),
-            },
+            otlp,
             service_name,
             resource,
             sampler,
         }))
-    }
-
-    /// The protocol variables name one the proxy does not speak (it always sends
-    /// `http/json`): the warning to log.
-    pub fn protocol_warning(env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
-        let p = crate::otlp::var(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-            .or_else(|| crate::otlp::var(env, "OTEL_EXPORTER_OTLP_PROTOCOL"))?;
-        (p.trim() != "http/json").then(|| {
-            format!("OTEL_EXPORTER_OTLP_PROTOCOL={p}: traces are sent as http/json (the only protocol supported)")
-        })
     }
 }
 
@@ -263,7 +254,7 @@ struct Step {
     span_id: [u8; 8],
     start: Instant,
     end: Instant,
-    attributes: Vec<(&'static str, Value)>,
+    attributes: Vec<KeyValue>,
     error: Option<String>,
 }
 
@@ -277,7 +268,7 @@ pub struct RequestTrace {
     flags: u8,
     tracestate: Option<String>,
     start: Instant,
-    start_unix_nanos: u128,
+    start_unix: SystemTime,
     end: Option<Instant>,
     method: String,
     path: String,
@@ -289,12 +280,17 @@ pub struct RequestTrace {
     calls: Vec<(&'static str, &'static str, String)>,
     policy_ids: Vec<String>,
     status: u16,
-    steps: Vec<(&'static str, u8, Step)>,
+    steps: Vec<(&'static str, SpanKind, Step)>,
     /// The upstream span (its id is in the upstream's `traceparent`).
     upstream: Option<Step>,
 }
 
 impl RequestTrace {
+    /// The spans this trace becomes.
+    fn span_count(&self) -> u64 {
+        1 + self.steps.len() as u64 + u64::from(self.upstream.is_some())
+    }
+
     /// The request id (also `x-sigil-request-id` and the audit record's).
     pub(crate) fn request_id(&mut self, id: &str) {
         id.clone_into(&mut self.request_id);
@@ -335,14 +331,14 @@ impl RequestTrace {
         let end = Instant::now();
         self.steps.push((
             "sigil.token.validate",
-            KIND_INTERNAL,
+            SpanKind::Internal,
             Step {
                 span_id: random_id(),
                 start: started.unwrap_or(end),
                 end,
-                attributes: vec![(
+                attributes: vec![KeyValue::new(
                     "sigil.token.cache",
-                    Value::from(if cache_hit { "hit" } else { "miss" }),
+                    if cache_hit { "hit" } else { "miss" },
                 )],
                 error,
             },
@@ -358,27 +354,27 @@ impl RequestTrace {
     ) {
         let end = Instant::now();
         let mut attributes = vec![
-            ("sigil.action", Value::from(call.action)),
-            ("sigil.resource.type", Value::from(call.resource_type)),
-            ("sigil.resource.id", Value::from(call.resource_id.as_str())),
+            KeyValue::new("sigil.action", call.action),
+            KeyValue::new("sigil.resource.type", call.resource_type),
+            KeyValue::new("sigil.resource.id", call.resource_id.clone()),
         ];
         let error = match decision {
             Ok(d) => {
-                attributes.push((
+                attributes.push(KeyValue::new(
                     "sigil.decision",
-                    Value::from(if d.allow { "allow" } else { "deny" }),
+                    if d.allow { "allow" } else { "deny" },
                 ));
-                attributes.push(("sigil.policy_ids", Value::from(d.policy_ids.clone())));
+                attributes.push(strings("sigil.policy_ids", &d.policy_ids));
                 None
             }
             Err(e) => {
-                attributes.push(("sigil.decision", Value::from("deny")));
+                attributes.push(KeyValue::new("sigil.decision", "deny"));
                 Some(e)
             }
         };
         self.steps.push((
             "sigil.policy.evaluate",
-            KIND_INTERNAL,
+            SpanKind::Internal,
             Step {
                 span_id: random_id(),
                 start: started.unwrap_or(end),
@@ -410,7 +406,10 @@ impl RequestTrace {
             span_id,
             start: now,
             end: now,
-            attributes: vec![("http.request.method", Value::from(method.as_str()))],
+            attributes: vec![KeyValue::new(
+                "http.request.method",
+                method.as_str().to_owned(),
+            )],
             error: None,
         });
     }
@@ -421,8 +420,10 @@ impl RequestTrace {
             u.end = Instant::now();
             match result {
                 Ok(status) => {
-                    u.attributes
-                        .push(("http.response.status_code", Value::from(status)));
+                    u.attributes.push(KeyValue::new(
+                        "http.response.status_code",
+                        i64::from(status),
+                    ));
                     if status >= 500 {
                         u.error = Some(format!("HTTP {status}"));
                     }
@@ -432,83 +433,90 @@ impl RequestTrace {
         }
     }
 
-    fn nanos(&self, t: Instant) -> String {
-        let since = t.saturating_duration_since(self.start).as_nanos();
-        (self.start_unix_nanos + since).to_string()
+    fn time(&self, t: Instant) -> SystemTime {
+        self.start_unix + t.saturating_duration_since(self.start)
     }
 
     fn span(
         &self,
-        name: &str,
-        kind: u8,
-        (span_id, parent): (&[u8; 8], Option<&[u8; 8]>),
+        scope: &InstrumentationScope,
+        (name, kind): (&'static str, SpanKind),
+        (span_id, parent): ([u8; 8], Option<[u8; 8]>),
         (start, end): (Instant, Instant),
-        attributes: &[(&'static str, Value)],
+        attributes: Vec<KeyValue>,
         error: Option<&str>,
-    ) -> Value {
-        let mut s = json!({
-            "traceId": hex::encode(self.trace_id),
-            "spanId": hex::encode(span_id),
-            "name": name,
-            "kind": kind,
-            "startTimeUnixNano": self.nanos(start),
-            "endTimeUnixNano": self.nanos(end),
-            "attributes": attributes
-                .iter()
-                .map(|(k, v)| json!({ "key": k, "value": any_value(v) }))
-                .collect::<Vec<_>>(),
-            "status": match error {
-                Some(m) => json!({ "code": STATUS_ERROR, "message": m }),
-                None => json!({ "code": STATUS_UNSET }),
+    ) -> SpanData {
+        let state = self
+            .tracestate
+            .as_deref()
+            .and_then(|t| t.parse::<TraceState>().ok())
+            .unwrap_or_default();
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from_bytes(self.trace_id),
+                SpanId::from_bytes(span_id),
+                TraceFlags::new(self.flags),
+                false,
+                state,
+            ),
+            parent_span_id: parent.map_or(SpanId::INVALID, SpanId::from_bytes),
+            // Only the request's span has a remote parent (the client's).
+            parent_span_is_remote: kind == SpanKind::Server && parent.is_some(),
+            span_kind: kind,
+            name: Cow::Borrowed(name),
+            start_time: self.time(start),
+            end_time: self.time(end),
+            attributes,
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: match error {
+                Some(m) => Status::error(m.to_owned()),
+                None => Status::Unset,
             },
-        });
-        if let Some(o) = s.as_object_mut() {
-            if let Some(p) = parent {
-                o.insert("parentSpanId".into(), Value::from(hex::encode(p)));
-            }
-            if let Some(ts) = &self.tracestate {
-                o.insert("traceState".into(), Value::from(ts.as_str()));
-            }
+            instrumentation_scope: scope.clone(),
         }
-        s
     }
 
     /// The root span's attributes.
-    fn attributes(&self) -> Vec<(&'static str, Value)> {
+    fn attributes(&self) -> Vec<KeyValue> {
         let mut a = vec![
-            ("sigil.spiffe_id", Value::from(self.spiffe_id.as_str())),
-            ("sigil.request_id", Value::from(self.request_id.as_str())),
-            ("sigil.decision", Value::from(self.decision)),
-            ("sigil.reason", Value::from(self.reason.as_str())),
-            ("http.request.method", Value::from(self.method.as_str())),
-            ("url.path", Value::from(self.path.as_str())),
-            ("http.response.status_code", Value::from(self.status)),
+            KeyValue::new("sigil.spiffe_id", self.spiffe_id.clone()),
+            KeyValue::new("sigil.request_id", self.request_id.clone()),
+            KeyValue::new("sigil.decision", self.decision),
+            KeyValue::new("sigil.reason", self.reason.clone()),
+            KeyValue::new("http.request.method", self.method.clone()),
+            KeyValue::new("url.path", self.path.clone()),
+            KeyValue::new("http.response.status_code", i64::from(self.status)),
         ];
         if let Some((action, rtype, rid)) = self.calls.first() {
-            a.push(("sigil.action", Value::from(*action)));
-            a.push(("sigil.resource.type", Value::from(*rtype)));
-            a.push(("sigil.resource.id", Value::from(rid.as_str())));
+            a.push(KeyValue::new("sigil.action", *action));
+            a.push(KeyValue::new("sigil.resource.type", *rtype));
+            a.push(KeyValue::new("sigil.resource.id", rid.clone()));
         }
-        a.push(("sigil.call_count", Value::from(self.calls.len())));
+        a.push(KeyValue::new(
+            "sigil.call_count",
+            i64::try_from(self.calls.len()).unwrap_or(i64::MAX),
+        ));
         if self.calls.len() > 1 {
             let all: Vec<String> = self
                 .calls
                 .iter()
                 .map(|(a, t, id)| format!("{a} {t}::{id:?}"))
                 .collect();
-            a.push(("sigil.calls", Value::from(all)));
+            a.push(strings("sigil.calls", &all));
         }
         if let Some(jti) = &self.jti {
-            a.push(("sigil.token.jti", Value::from(jti.as_str())));
+            a.push(KeyValue::new("sigil.token.jti", jti.clone()));
         }
         if !self.policy_ids.is_empty() {
-            a.push(("sigil.policy_ids", Value::from(self.policy_ids.clone())));
+            a.push(strings("sigil.policy_ids", &self.policy_ids));
         }
         a
     }
 
-    /// The OTLP spans of this request: the request's, then its steps'.
-    pub fn spans(&self) -> Vec<Value> {
+    /// The spans of this request: the request's, then its steps'.
+    pub fn spans(self: Box<Self>, scope: &InstrumentationScope) -> Vec<SpanData> {
         let end = self.end.unwrap_or(self.start);
         let error = (self.status >= 500).then(|| {
             if self.reason.is_empty() || self.decision == "allow" {
@@ -517,30 +525,31 @@ impl RequestTrace {
                 self.reason.clone()
             }
         });
-        let mut out = vec![self.span(
-            "sigil.proxy.request",
-            KIND_SERVER,
-            (&self.span_id, self.parent.as_ref()),
+        let mut out = Vec::with_capacity(2 + self.steps.len());
+        out.push(self.span(
+            scope,
+            ("sigil.proxy.request", SpanKind::Server),
+            (self.span_id, self.parent),
             (self.start, end),
-            &self.attributes(),
+            self.attributes(),
             error.as_deref(),
-        )];
+        ));
         let steps = self
             .steps
             .iter()
-            .map(|(name, kind, s)| (*name, *kind, s))
+            .map(|(name, kind, s)| (*name, kind.clone(), s))
             .chain(
                 self.upstream
                     .iter()
-                    .map(|s| ("sigil.upstream", KIND_CLIENT, s)),
+                    .map(|s| ("sigil.upstream", SpanKind::Client, s)),
             );
         for (name, kind, s) in steps {
             out.push(self.span(
-                name,
-                kind,
-                (&s.span_id, Some(&self.span_id)),
+                scope,
+                (name, kind),
+                (s.span_id, Some(self.span_id)),
                 (s.start, s.end),
-                &s.attributes,
+                s.attributes.clone(),
                 s.error.as_deref(),
             ));
         }
@@ -548,36 +557,25 @@ impl RequestTrace {
     }
 }
 
-/// The OTLP `AnyValue` of a JSON value (int64 as a decimal string).
-fn any_value(v: &Value) -> Value {
-    match v {
-        Value::Bool(b) => json!({ "boolValue": b }),
-        Value::Number(n) if n.is_i64() || n.is_u64() => json!({ "intValue": n.to_string() }),
-        Value::Number(n) => json!({ "doubleValue": n }),
-        Value::Array(items) => json!({
-            "arrayValue": { "values": items.iter().map(any_value).collect::<Vec<_>>() }
-        }),
-        Value::String(s) => json!({ "stringValue": s }),
-        other => json!({ "stringValue": other.to_string() }),
-    }
-}
-
-/// Counts of what the tracer exported or dropped.
-#[derive(Debug, Default)]
-pub struct TraceStats {
-    /// Traces dropped because the queue was full.
-    pub dropped_queue: AtomicU64,
-    /// Spans accepted by the receiver.
-    pub spans_sent: AtomicU64,
-    /// Spans dropped after their batch failed.
-    pub spans_dropped: AtomicU64,
+/// A string-array attribute.
+fn strings(key: &'static str, values: &[String]) -> KeyValue {
+    KeyValue::new(
+        key,
+        opentelemetry::Value::Array(
+            values
+                .iter()
+                .map(|v| StringValue::from(v.clone()))
+                .collect::<Vec<_>>()
+                .into(),
+        ),
+    )
 }
 
 /// The request path's end of the tracer.
 pub struct Tracer {
     tx: mpsc::Sender<Box<RequestTrace>>,
     sampler: Sampler,
-    stats: Arc<TraceStats>,
+    counters: SignalCounters,
 }
 
 impl Tracer {
@@ -605,10 +603,6 @@ impl Tracer {
                 (!all.is_empty()).then(|| all.join(","))
             })
             .filter(|s| s.len() <= 512);
-        let start_unix_nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
         Some(Box::new(RequestTrace {
             trace_id,
             parent: parent.map(|p| p.parent_id),
@@ -617,7 +611,7 @@ impl Tracer {
             flags: parent.map_or(0, |p| p.flags) | 1,
             tracestate,
             start: Instant::now(),
-            start_unix_nanos,
+            start_unix: SystemTime::now(),
             end: None,
             method: method.as_str().to_owned(),
             path: path.to_owned(),
@@ -639,8 +633,13 @@ impl Tracer {
     pub(crate) fn finish(&self, mut t: Box<RequestTrace>, status: http::StatusCode) {
         t.end = Some(Instant::now());
         t.status = status.as_u16();
-        if self.tx.try_send(t).is_err() {
-            let before = self.stats.dropped_queue.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.tx.try_send(t) {
+            let spans = match &e {
+                mpsc::error::TrySendError::Full(t) | mpsc::error::TrySendError::Closed(t) => {
+                    t.span_count()
+                }
+            };
+            let before = self.counters.dropped_queue.inc_by(spans);
             if before.is_multiple_of(1000) {
                 tracing::warn!(
                     dropped_total = before + 1,
@@ -651,86 +650,50 @@ impl Tracer {
     }
 }
 
-/// Starts the trace exporter; the tracer for the request path and the task (abort to stop).
-pub fn spawn(cfg: TraceConfig) -> anyhow::Result<(Tracer, JoinHandle<()>)> {
-    let poster = OtlpPoster::new(&cfg.otlp)?;
-    let resource = crate::otlp::resource_json(&cfg.service_name, &cfg.resource);
-    let stats = Arc::new(TraceStats::default());
+/// Ends the SDK's batch processor off the runtime's threads (its last export may need them).
+struct Processor(Option<Arc<BatchSpanProcessor>>);
+
+impl Drop for Processor {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            std::thread::spawn(move || {
+                let _ = p.shutdown_with_timeout(Duration::from_secs(5));
+            });
+        }
+    }
+}
+
+/// Starts the trace exporter (inside the runtime); the tracer for the request path and the
+/// task (abort to stop).
+pub fn spawn(
+    cfg: TraceConfig,
+    counters: SignalCounters,
+) -> Result<(Tracer, JoinHandle<()>), crate::otlp::BuildError> {
+    let mut processor =
+        BatchSpanProcessor::builder(cfg.otlp.span_exporter(counters.clone())?).build();
+    processor.set_resource(&crate::otlp::sdk_resource(&cfg.service_name, &cfg.resource));
     let (tx, rx) = mpsc::channel(QUEUE_TRACES);
-    let task = tokio::spawn(export_loop(poster, resource, rx, stats.clone()));
+    let task = tokio::spawn(export_loop(Processor(Some(Arc::new(processor))), rx));
     Ok((
         Tracer {
             tx,
             sampler: cfg.sampler,
-            stats,
+            counters,
         },
         task,
     ))
 }
 
-/// The `ExportTraceServiceRequest` of `traces`.
-pub fn request(resource: &Value, traces: &[Box<RequestTrace>]) -> Value {
-    let spans: Vec<Value> = traces.iter().flat_map(|t| t.spans()).collect();
-    json!({
-        "resourceSpans": [{
-            "resource": resource,
-            "scopeSpans": [{
-                "scope": { "name": "sigil.proxy", "version": env!("CARGO_PKG_VERSION") },
-                "spans": spans,
-            }],
-        }],
-    })
-}
-
-async fn export_loop(
-    poster: OtlpPoster,
-    resource: Value,
-    mut rx: mpsc::Receiver<Box<RequestTrace>>,
-    stats: Arc<TraceStats>,
-) {
-    let mut pending: Vec<Box<RequestTrace>> = Vec::new();
-    let mut deadline = tokio::time::Instant::now();
-    loop {
-        let open = tokio::select! {
-            got = rx.recv() => match got {
-                Some(t) => {
-                    if pending.is_empty() {
-                        deadline = tokio::time::Instant::now() + LINGER;
-                    }
-                    pending.push(t);
-                    true
-                }
-                None => false,
-            },
-            () = tokio::time::sleep_until(deadline), if !pending.is_empty() => true,
-        };
-        let due = !open || pending.len() >= MAX_BATCH || tokio::time::Instant::now() >= deadline;
-        while due && !pending.is_empty() {
-            let take = pending.len().min(MAX_BATCH);
-            let batch: Vec<Box<RequestTrace>> = pending.drain(..take).collect();
-            let n: u64 = batch
-                .iter()
-                .map(|t| 1 + t.steps.len() as u64 + u64::from(t.upstream.is_some()))
-                .sum();
-            let body = match serde_json::to_vec(&request(&resource, &batch)) {
-                Ok(b) => Bytes::from(b),
-                Err(e) => {
-                    tracing::warn!(error = %e, "traces: OTLP body not serialized");
-                    continue;
-                }
-            };
-            match poster.post_retrying(body).await {
-                Ok(()) => {
-                    stats.spans_sent.fetch_add(n, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    let total = stats.spans_dropped.fetch_add(n, Ordering::Relaxed) + n;
-                    tracing::warn!(error = %e.message, spans = n, dropped_total = total, "traces: OTLP batch dropped");
-                }
+/// Hands each finished trace's spans to the SDK's batch processor, which exports them.
+async fn export_loop(processor: Processor, mut rx: mpsc::Receiver<Box<RequestTrace>>) {
+    let scope = InstrumentationScope::builder("sigil.proxy")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build();
+    while let Some(t) = rx.recv().await {
+        if let Some(p) = &processor.0 {
+            for span in t.spans(&scope) {
+                p.on_end(span);
             }
-        }
-        if !open {
-            return;
         }
     }
 }
@@ -789,7 +752,7 @@ mod tests {
             Tracer {
                 tx,
                 sampler,
-                stats: Arc::default(),
+                counters: SignalCounters::default(),
             },
             rx,
         )
@@ -905,15 +868,9 @@ mod tests {
         tr.upstream_done(Ok(503));
         t.finish(tr, http::StatusCode::SERVICE_UNAVAILABLE);
         let tr = rx.try_recv().unwrap();
-        let req = request(&crate::otlp::resource_json("gw", &[]), &[tr]);
-        let rs = &req["resourceSpans"][0];
-        assert_eq!(
-            rs["resource"]["attributes"][0]["value"]["stringValue"],
-            "gw"
-        );
-        assert_eq!(rs["scopeSpans"][0]["scope"]["name"], "sigil.proxy");
-        let spans = rs["scopeSpans"][0]["spans"].as_array().unwrap();
-        let names: Vec<&str> = spans.iter().map(|s| s["name"].as_str().unwrap()).collect();
+        let scope = InstrumentationScope::builder("sigil.proxy").build();
+        let spans = tr.spans(&scope);
+        let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
         assert_eq!(
             names,
             [
@@ -924,66 +881,53 @@ mod tests {
             ]
         );
         let root = &spans[0];
-        assert_eq!(root["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(root["parentSpanId"], "00f067aa0ba902b7");
-        assert_eq!(root["kind"], KIND_SERVER);
-        assert_eq!(root["status"]["code"], STATUS_ERROR);
-        assert_eq!(root["status"]["message"], "HTTP 503");
-        let start: u128 = root["startTimeUnixNano"].as_str().unwrap().parse().unwrap();
-        let end: u128 = root["endTimeUnixNano"].as_str().unwrap().parse().unwrap();
-        assert!(start > 1_700_000_000_000_000_000 && end >= start);
-        let attr = |s: &Value, k: &str| {
-            s["attributes"]
-                .as_array()
-                .unwrap()
+        assert_eq!(
+            root.span_context.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(root.parent_span_id.to_string(), "00f067aa0ba902b7");
+        assert!(root.parent_span_is_remote);
+        assert_eq!(root.span_kind, SpanKind::Server);
+        assert_eq!(root.status, Status::error("HTTP 503"));
+        assert!(root.start_time > SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        assert!(root.end_time >= root.start_time);
+        let attr = |s: &SpanData, k: &str| {
+            s.attributes
                 .iter()
-                .find(|a| a["key"] == k)
-                .map(|a| a["value"].clone())
+                .find(|a| a.key.as_str() == k)
+                .map(|a| a.value.clone())
         };
         assert_eq!(
             attr(root, "sigil.spiffe_id"),
-            Some(json!({"stringValue": "spiffe://td/cam"}))
+            Some("spiffe://td/cam".into())
         );
-        assert_eq!(
-            attr(root, "sigil.action"),
-            Some(json!({"stringValue": "invoke"}))
-        );
-        assert_eq!(
-            attr(root, "sigil.resource.id"),
-            Some(json!({"stringValue": "m1"}))
-        );
-        assert_eq!(
-            attr(root, "sigil.decision"),
-            Some(json!({"stringValue": "allow"}))
-        );
+        assert_eq!(attr(root, "sigil.action"), Some("invoke".into()));
+        assert_eq!(attr(root, "sigil.resource.id"), Some("m1".into()));
+        assert_eq!(attr(root, "sigil.decision"), Some("allow".into()));
         assert_eq!(
             attr(root, "http.response.status_code"),
-            Some(json!({"intValue": "503"}))
+            Some(opentelemetry::Value::I64(503))
         );
         assert_eq!(
             attr(root, "sigil.policy_ids"),
-            Some(json!({"arrayValue": {"values": [{"stringValue": "p1"}]}}))
+            Some(opentelemetry::Value::Array(
+                vec![StringValue::from("p1")].into()
+            ))
         );
         for child in &spans[1..] {
-            assert_eq!(child["traceId"], root["traceId"]);
-            assert_eq!(child["parentSpanId"], root["spanId"]);
-            assert_eq!(child["spanId"].as_str().unwrap().len(), 16);
+            assert_eq!(child.span_context.trace_id(), root.span_context.trace_id());
+            assert_eq!(child.parent_span_id, root.span_context.span_id());
+            assert!(!child.parent_span_is_remote);
         }
+        assert_eq!(attr(&spans[1], "sigil.token.cache"), Some("hit".into()));
+        assert_eq!(spans[2].status, Status::error("no"));
+        assert_eq!(spans[3].span_kind, SpanKind::Client);
         assert_eq!(
-            attr(&spans[1], "sigil.token.cache"),
-            Some(json!({"stringValue": "hit"}))
-        );
-        assert_eq!(
-            spans[2]["status"],
-            json!({"code": STATUS_ERROR, "message": "no"})
-        );
-        assert_eq!(spans[3]["kind"], KIND_CLIENT);
-        assert_eq!(
-            spans[3]["spanId"],
+            spans[3].span_context.span_id().to_string(),
             hex::encode(TraceParent::from_headers(&h).unwrap().parent_id)
         );
         // The token itself is nowhere.
-        assert!(!req.to_string().contains("Bearer"));
+        assert!(!format!("{spans:?}").contains("Bearer"));
     }
 
     #[test]
@@ -1034,9 +978,32 @@ mod tests {
                     .is_some()
             );
         }
-        assert!(TraceConfig::resolve(Some("https://c:3"), &env(&[])).is_err());
-        let grpc = env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]);
-        assert!(TraceConfig::protocol_warning(&grpc).is_some());
-        assert!(TraceConfig::protocol_warning(&env(&[])).is_none());
+        assert!(TraceConfig::resolve(Some("ftp://c:3"), &env(&[])).is_err());
+        let c = TraceConfig::resolve(Some("https://c:3"), &env(&[]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.otlp.url, "https://c:3/v1/traces");
+        // gRPC takes the collector's address as it is.
+        let grpc = env(&[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+        ]);
+        let c = TraceConfig::resolve(None, &grpc).unwrap().unwrap();
+        assert_eq!(c.otlp.url, "http://c:4317");
+        assert_eq!(c.otlp.protocol, crate::otlp::Protocol::Grpc);
+        assert!(c.otlp.gzip);
+        for bad in [
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "brotli"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/k.pem"),
+        ] {
+            let vars = move |k: &str| match k {
+                "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://c:2".to_owned()),
+                k if k == bad.0 => Some(bad.1.to_owned()),
+                _ => None,
+            };
+            assert!(TraceConfig::resolve(None, &vars).is_err(), "{bad:?}");
+        }
     }
 }

@@ -102,12 +102,14 @@ pub struct AuditArgs {
     /// Export the durable audit records as ECS-style JSON lines to `stdout` or a file.
     #[arg(long)]
     pub audit_export: Option<String>,
-    /// Export the audit records as OpenTelemetry logs to this OTLP/HTTP base URL
-    /// (http://host:4318; default: OTEL_EXPORTER_OTLP_LOGS_ENDPOINT / _ENDPOINT).
+    /// Export the audit records as OpenTelemetry logs to this OTLP base URL
+    /// (http://host:4318, or host:4317 with OTEL_EXPORTER_OTLP_PROTOCOL=grpc;
+    /// default: OTEL_EXPORTER_OTLP_LOGS_ENDPOINT / _ENDPOINT).
     #[arg(long)]
     pub audit_otlp_endpoint: Option<String>,
-    /// Export a trace of every proxied request (OTLP/HTTP) to this base URL
-    /// (http://host:4318; default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / _ENDPOINT).
+    /// Export a trace of every proxied request over OTLP to this base URL
+    /// (http://host:4318, or host:4317 with OTEL_EXPORTER_OTLP_PROTOCOL=grpc;
+    /// default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / _ENDPOINT).
     #[arg(long)]
     pub trace_otlp_endpoint: Option<String>,
 }
