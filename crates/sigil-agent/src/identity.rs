@@ -19,7 +19,7 @@ use sigil_proto::node::v1::node_client::NodeClient;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use crate::attestor::{AttestationError, JoinTokenAttestor, NodeAttestor};
+use crate::attestor::{AttestationError, JoinTokenAttestor, NodeAttestor, TpmAttestor};
 use crate::cache::{Cache, CacheError, CachedState, HeldSvid};
 use crate::config::AgentConfig;
 use crate::policy::{Offer, PolicyState};
@@ -276,7 +276,7 @@ impl Identities {
             entries: Arc::new(state.entries),
             svids: Arc::new(svids),
             serving,
-            attesting: !serving && cfg.join_token.is_some(),
+            attesting: !serving && (cfg.join_token.is_some() || cfg.uses_tpm()),
             revocations,
             policy: policy.current(),
             // From the cache: in force since the agent started.
@@ -539,12 +539,28 @@ impl Identities {
     async fn run_inner(self: &Arc<Self>) -> Result<(), IdentityError> {
         let mut backoff = Duration::from_millis(250);
         let mut failures_in_row = 0usize;
-        // Evidence is single use: once it got us an identity, it is dropped.
-        let mut attestor: Option<Box<dyn NodeAttestor>> = self
-            .cfg
-            .join_token
-            .clone()
-            .map(|t| Box::new(JoinTokenAttestor::new(t)) as Box<dyn NodeAttestor>);
+        // A join token is single use: once it got us an identity, it is dropped. The TPM
+        // can attest again whenever the node identity is lost.
+        let tpm = self.cfg.uses_tpm().then(|| {
+            TpmAttestor::new(
+                self.cfg
+                    .tpm_tcti
+                    .clone()
+                    .unwrap_or_else(|| sigil_tpm::DEFAULT_TCTI.to_owned()),
+                self.cfg
+                    .tpm_event_log
+                    .clone()
+                    .unwrap_or_else(|| sigil_tpm::DEFAULT_EVENT_LOG.into()),
+            )
+        });
+        let mut attestor: Option<Box<dyn NodeAttestor>> = match &tpm {
+            Some(t) => Some(Box::new(t.clone())),
+            None => self
+                .cfg
+                .join_token
+                .clone()
+                .map(|t| Box::new(JoinTokenAttestor::new(t)) as Box<dyn NodeAttestor>),
+        };
         loop {
             if self.node().is_none() {
                 let Some(method) = attestor.as_deref() else {
@@ -552,6 +568,7 @@ impl Identities {
                     return Err(IdentityError::NotAttested);
                 };
                 match self.attest(method).await {
+                    Ok(()) if tpm.is_some() => {}
                     Ok(()) => attestor = None,
                     Err(AttestationError::Refused(why)) => {
                         self.stop_serving();
