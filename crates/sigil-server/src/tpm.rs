@@ -117,7 +117,7 @@ impl TpmAttestation {
     }
 
     /// Checks the answer to a challenge (which is spent, whatever the outcome) for the node
-    /// key `csr_public_key_der`.
+    /// key `csr_public_key_der`. An unknown or spent challenge is NOT_FOUND.
     pub fn finish(
         &self,
         evidence: &pb::TpmEvidence,
@@ -129,9 +129,9 @@ impl TpmAttestation {
             .lock()
             .map_err(|_| Status::internal("internal error"))?
             .remove(&evidence.challenge_id)
-            .ok_or_else(|| {
-                Status::permission_denied("unknown or already answered TPM challenge")
-            })?;
+            // NOT_FOUND, not PERMISSION_DENIED: a fresh challenge can succeed (e.g. after
+            // this replica restarted between the two calls).
+            .ok_or_else(|| Status::not_found("unknown or already answered TPM challenge"))?;
         finish_attestation(
             &self.policy,
             &pending,

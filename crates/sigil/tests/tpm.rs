@@ -239,7 +239,7 @@ async fn a_tpm_challenge_is_answered_once_and_malformed_requests_are_refused() {
 
     // The same answer again: the challenge is spent.
     let err = c.attest(request.clone()).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(err.message().contains("already answered"), "{err}");
 
     // A join token and TPM evidence at once.
