@@ -93,37 +93,15 @@ impl TpmAttestor {
     pub fn new(tcti: String, event_log: std::path::PathBuf) -> Self {
         Self { tcti, event_log }
     }
-}
 
-fn refused_by_tpm(e: sigil_tpm::DeviceError) -> AttestationError {
-    AttestationError::Refused(format!("TPM: {e}"))
-}
-
-fn joined<T>(r: Result<T, tokio::task::JoinError>) -> Result<T, AttestationError> {
-    r.map_err(|e| AttestationError::Transient(format!("TPM task: {e}")))
-}
-
-fn from_status(s: tonic::Status) -> AttestationError {
-    match s.code() {
-        tonic::Code::PermissionDenied
-        | tonic::Code::InvalidArgument
-        | tonic::Code::FailedPrecondition => AttestationError::Refused(s.message().to_owned()),
-        _ => AttestationError::Transient(format!("{}: {}", s.code(), s.message())),
-    }
-}
-
-#[tonic::async_trait]
-impl NodeAttestor for TpmAttestor {
-    fn kind(&self) -> &'static str {
-        "tpm"
-    }
-
-    async fn attest(
+    /// Runs one TPM challenge over `client` for the node key of `csr`: the evidence for an
+    /// attestation or a renewal.
+    pub async fn evidence(
         &self,
         client: &mut NodeClient<Channel>,
-        csr: Vec<u8>,
-    ) -> Result<pb::X509SvidResponse, AttestationError> {
-        let csr_key = sigil_pki::parse_csr(&csr)
+        csr: &[u8],
+    ) -> Result<pb::TpmEvidence, AttestationError> {
+        let csr_key = sigil_pki::parse_csr(csr)
             .map_err(|e| AttestationError::Transient(format!("own CSR: {e}")))?
             .public_key_der()
             .to_vec();
@@ -173,17 +151,50 @@ impl NodeAttestor for TpmAttestor {
             .await,
         )?
         .map_err(refused_by_tpm)?;
+        Ok(pb::TpmEvidence {
+            challenge_id: challenge.challenge_id,
+            activated_credential: activated,
+            quote,
+            quote_signature: signature,
+            event_log,
+        })
+    }
+}
+
+fn refused_by_tpm(e: sigil_tpm::DeviceError) -> AttestationError {
+    AttestationError::Refused(format!("TPM: {e}"))
+}
+
+fn joined<T>(r: Result<T, tokio::task::JoinError>) -> Result<T, AttestationError> {
+    r.map_err(|e| AttestationError::Transient(format!("TPM task: {e}")))
+}
+
+fn from_status(s: tonic::Status) -> AttestationError {
+    match s.code() {
+        tonic::Code::PermissionDenied
+        | tonic::Code::InvalidArgument
+        | tonic::Code::FailedPrecondition => AttestationError::Refused(s.message().to_owned()),
+        _ => AttestationError::Transient(format!("{}: {}", s.code(), s.message())),
+    }
+}
+
+#[tonic::async_trait]
+impl NodeAttestor for TpmAttestor {
+    fn kind(&self) -> &'static str {
+        "tpm"
+    }
+
+    async fn attest(
+        &self,
+        client: &mut NodeClient<Channel>,
+        csr: Vec<u8>,
+    ) -> Result<pb::X509SvidResponse, AttestationError> {
+        let evidence = self.evidence(client, &csr).await?;
         let resp = client
             .attest(pb::AttestRequest {
                 join_token: String::new(),
                 csr,
-                tpm: Some(pb::TpmEvidence {
-                    challenge_id: challenge.challenge_id,
-                    activated_credential: activated,
-                    quote,
-                    quote_signature: signature,
-                    event_log,
-                }),
+                tpm: Some(evidence),
             })
             .await
             .map_err(from_status)?

@@ -63,6 +63,74 @@ impl NodeApi {
         Ok(node_id)
     }
 
+    /// A TPM node's renewal: fresh evidence from the same TPM, passing the same checks as
+    /// at attestation. Evidence that fails them (a changed boot state, another TPM, none)
+    /// revokes the node: it is evicted, its identities are revoked, and the revocation is a
+    /// transparency-log leaf. A spent or unknown challenge only fails this call.
+    async fn reattest_tpm(
+        &self,
+        node: &NodeRecord,
+        req: &pb::RenewNodeSvidRequest,
+    ) -> Result<(), Status> {
+        let Some(verifier) = &self.tpm else {
+            return Err(Status::failed_precondition(
+                "this server does not accept TPM attestation (no tpm_ek_roots configured)",
+            ));
+        };
+        let parsed =
+            parse_csr(&req.csr).map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
+        let why = match &req.tpm {
+            None => "a TPM node renews with fresh TPM evidence".to_owned(),
+            Some(ev) => match verifier.finish(ev, parsed.public_key_der(), self.app.clock.now()) {
+                Ok(att) => {
+                    let id = node_id_for_ek(&self.app.config.trust_domain, &att.ek_hash)?;
+                    if id == node.spiffe_id {
+                        return Ok(());
+                    }
+                    "the evidence comes from another TPM".to_owned()
+                }
+                Err(s) if s.code() == tonic::Code::PermissionDenied => s.message().to_owned(),
+                Err(s) => return Err(s),
+            },
+        };
+        self.revoke_tpm_node(node, &why).await?;
+        Err(Status::permission_denied(format!(
+            "TPM re-attestation failed, node revoked: {why}"
+        )))
+    }
+
+    /// Evicts `node` and revokes its SPIFFE ID, with a transparency-log leaf saying why.
+    async fn revoke_tpm_node(&self, node: &NodeRecord, why: &str) -> Result<(), Status> {
+        let now = self.app.clock.now();
+        self.app
+            .store
+            .evict_node(&node.spiffe_id, now)
+            .await
+            .map_err(internal)?;
+        let rev = Revocation {
+            id: 0,
+            serial: None,
+            spiffe_id: Some(node.spiffe_id.clone()),
+            reason: format!("TPM re-attestation failed: {why}"),
+            revoked_at: now,
+            expires_at: now + i64::from(sigil_core::MAX_X509_TTL_SECS),
+        };
+        let id = self
+            .app
+            .store
+            .add_revocation(&rev)
+            .await
+            .map_err(internal)?;
+        self.app
+            .issuer
+            .log_change(crate::admin::revocation_change(&Revocation { id, ..rev }))
+            .await
+            .map_err(internal)?;
+        self.app.notify_change();
+        tracing::warn!(node = %node.spiffe_id, why, "TPM node failed re-attestation: evicted and revoked");
+        Ok(())
+    }
+
     /// The join-token attestation of a node: spends the token, returns the node ID.
     async fn attest_join_token(&self, token: &str, csr: &[u8]) -> Result<SpiffeId, Status> {
         let token = token.trim();
@@ -628,6 +696,9 @@ impl pb::node_server::Node for NodeApi {
         req: Request<pb::RenewNodeSvidRequest>,
     ) -> Result<Response<pb::X509SvidResponse>, Status> {
         let node = self.authenticate(&req).await?;
+        if node.attestation_type == "tpm" {
+            self.reattest_tpm(&node, req.get_ref()).await?;
+        }
         let spec = SvidSpec {
             spiffe_id: node.spiffe_id.clone(),
             dns_names: Vec::new(),

@@ -280,3 +280,104 @@ async fn a_server_without_ek_roots_refuses_tpm_attestation() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tpm_node_re_attests_at_renewal_and_a_changed_boot_state_revokes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(&tmp.path().join("ca"));
+    ca.manufacture(&tmp.path().join("tpm-1"));
+    let roots = tmp.path().join("ek-roots.pem");
+    std::fs::write(&roots, ca.roots_pem()).unwrap();
+    // The shortest node SVID lifetime: renewal (and re-attestation) after 60 s.
+    let cfg = tmp.path().join("server.toml");
+    std::fs::write(&cfg, "node_svid_ttl_secs = 120\n").unwrap();
+    let server = tokio::task::block_in_place(|| {
+        Server::start(
+            &tmp.path().join("srv"),
+            &[
+                "--config",
+                cfg.to_str().unwrap(),
+                "--tpm-ek-roots",
+                roots.to_str().unwrap(),
+            ],
+        )
+    });
+    let tpm = SwTpm::start(&tmp.path().join("tpm-1"));
+    let log_path = tmp.path().join("tpm-1.log");
+    let node = boot(&tpm, &ca.roots_pem(), true, &log_path);
+    let workload = format!("spiffe://{TD}/edge-model");
+    server.sigil_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &workload,
+        "--parent-id",
+        &node,
+        "--selector",
+        &format!("unix:uid:{}", my_uid()),
+    ]);
+    let mut a = tokio::task::block_in_place(|| {
+        Agent::start_tpm(&server, &tmp.path().join("agent"), &tpm.tcti(), &log_path)
+    });
+    assert!(
+        wait_for_log(&a, &node, Duration::from_secs(30)),
+        "{}",
+        a.log_text()
+    );
+    let c = spiffe::WorkloadApiClient::connect_to(a.endpoint())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.fetch_x509_svid().await.is_err() {
+        assert!(Instant::now() < deadline, "no SVID:\n{}", a.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(c);
+
+    // A renewal re-attests (fresh challenge, fresh quote) and, the boot state unchanged,
+    // succeeds.
+    assert!(
+        tokio::task::block_in_place(|| wait_for_log(
+            &a,
+            "renewed the node SVID",
+            Duration::from_secs(120)
+        )),
+        "no renewal:\n{}",
+        a.log_text()
+    );
+
+    // Something is measured into PCR 7 that the event log does not explain.
+    tokio::task::block_in_place(|| {
+        let mut dev = TpmDevice::open(&tpm.tcti()).unwrap();
+        dev.extend_pcr(7, [0x42; 32]).unwrap();
+    });
+
+    // Within one renewal period the renewal fails, the node is revoked and the agent,
+    // evicted, drops its workloads' identities and stops.
+    let code = tokio::task::block_in_place(|| a.wait_exit(Duration::from_secs(120)));
+    let log = a.log_text();
+    assert!(code.is_some(), "agent still running:\n{log}");
+    assert!(log.contains("TPM re-attestation failed"), "{log}");
+    assert!(!a.socket.exists() || std::os::unix::net::UnixStream::connect(&a.socket).is_err());
+
+    // The revocation is a transparency-log leaf naming the node and the reason.
+    let bundle = tmp.path().join("bundle.pem");
+    std::fs::write(&bundle, server.bundle_pem()).unwrap();
+    let (ok, found, err) = common::run(std::process::Command::new(common::sigil_bin()).args([
+        "log",
+        "search",
+        "--server",
+        &server.url(""),
+        "--ca",
+        bundle.to_str().unwrap(),
+        "--spiffe-id",
+        &node,
+    ]));
+    assert!(ok, "{err}");
+    assert!(
+        found
+            .lines()
+            .any(|l| l.contains("revocation") && l.contains("TPM re-attestation failed")),
+        "{found}"
+    );
+}
