@@ -64,6 +64,7 @@ impl NodeAttestor for JoinTokenAttestor {
             .attest(pb::AttestRequest {
                 join_token: self.token.clone(),
                 csr,
+                tpm: None,
             })
             .await
             .map_err(|s| match s.code() {
@@ -72,6 +73,131 @@ impl NodeAttestor for JoinTokenAttestor {
                 }
                 _ => AttestationError::Transient(format!("{}: {}", s.code(), s.message())),
             })?
+            .into_inner();
+        resp.svid
+            .ok_or_else(|| AttestationError::Transient("empty attestation response".into()))
+    }
+}
+
+/// Attestation with the node's TPM 2.0: the EK certificate says which TPM (hence which
+/// board), credential activation ties the attestation key to it, and a quote of the PCRs
+/// with the event log says what it booted. Not single use: the TPM can answer any number of
+/// challenges, so a node re-attests after losing its identity (or its agent's data).
+#[derive(Debug, Clone)]
+pub struct TpmAttestor {
+    tcti: String,
+    event_log: std::path::PathBuf,
+}
+
+impl TpmAttestor {
+    pub fn new(tcti: String, event_log: std::path::PathBuf) -> Self {
+        Self { tcti, event_log }
+    }
+
+    /// Runs one TPM challenge over `client` for the node key of `csr`: the evidence for an
+    /// attestation or a renewal.
+    pub async fn evidence(
+        &self,
+        client: &mut NodeClient<Channel>,
+        csr: &[u8],
+    ) -> Result<pb::TpmEvidence, AttestationError> {
+        let csr_key = sigil_pki::parse_csr(csr)
+            .map_err(|e| AttestationError::Transient(format!("own CSR: {e}")))?
+            .public_key_der()
+            .to_vec();
+        // The TPM stack blocks: every TPM command runs off the async runtime.
+        let tcti = self.tcti.clone();
+        let (mut device, ek_certificate, ak_public) = joined(
+            tokio::task::spawn_blocking(move || {
+                let mut d = sigil_tpm::TpmDevice::open(&tcti)?;
+                let ek = d.ek_certificate()?;
+                let ak = d.ak_public().to_vec();
+                Ok::<_, sigil_tpm::DeviceError>((d, ek, ak))
+            })
+            .await,
+        )?
+        .map_err(refused_by_tpm)?;
+        let challenge = client
+            .begin_tpm_attestation(pb::TpmAttestationRequest {
+                ek_certificate,
+                ak_public,
+            })
+            .await
+            .map_err(from_status)?
+            .into_inner();
+        let pcrs = challenge
+            .pcrs
+            .iter()
+            .map(|p| {
+                u8::try_from(*p)
+                    .ok()
+                    .filter(|p| usize::from(*p) < sigil_tpm::PCR_COUNT)
+            })
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(|| AttestationError::Refused("the server asked for a bad PCR".into()))?;
+        let qd = sigil_tpm::qualifying_data(&challenge.nonce, &csr_key);
+        let log_path = self.event_log.display().to_string();
+        let (blob, secret) = (
+            challenge.credential_blob.clone(),
+            challenge.encrypted_secret.clone(),
+        );
+        let (activated, quote, signature, event_log) = joined(
+            tokio::task::spawn_blocking(move || {
+                let activated = device.activate_credential(&blob, &secret)?;
+                let (quote, signature) = device.quote(&qd, &pcrs)?;
+                let log = sigil_tpm::read_event_log(&log_path)?;
+                Ok::<_, sigil_tpm::DeviceError>((activated, quote, signature, log))
+            })
+            .await,
+        )?
+        .map_err(refused_by_tpm)?;
+        Ok(pb::TpmEvidence {
+            challenge_id: challenge.challenge_id,
+            activated_credential: activated,
+            quote,
+            quote_signature: signature,
+            event_log,
+        })
+    }
+}
+
+fn refused_by_tpm(e: sigil_tpm::DeviceError) -> AttestationError {
+    AttestationError::Refused(format!("TPM: {e}"))
+}
+
+fn joined<T>(r: Result<T, tokio::task::JoinError>) -> Result<T, AttestationError> {
+    r.map_err(|e| AttestationError::Transient(format!("TPM task: {e}")))
+}
+
+fn from_status(s: tonic::Status) -> AttestationError {
+    match s.code() {
+        tonic::Code::PermissionDenied
+        | tonic::Code::InvalidArgument
+        | tonic::Code::FailedPrecondition => AttestationError::Refused(s.message().to_owned()),
+        _ => AttestationError::Transient(format!("{}: {}", s.code(), s.message())),
+    }
+}
+
+#[tonic::async_trait]
+impl NodeAttestor for TpmAttestor {
+    fn kind(&self) -> &'static str {
+        "tpm"
+    }
+
+    async fn attest(
+        &self,
+        client: &mut NodeClient<Channel>,
+        csr: Vec<u8>,
+    ) -> Result<pb::X509SvidResponse, AttestationError> {
+        let evidence = self.evidence(client, &csr).await?;
+        let resp = client
+            .attest(pb::AttestRequest {
+                join_token: String::new(),
+                csr,
+                tpm: Some(evidence),
+            })
+            .await
+            .map_err(from_status)?
             .into_inner();
         resp.svid
             .ok_or_else(|| AttestationError::Transient("empty attestation response".into()))

@@ -24,6 +24,18 @@ pub struct AgentConfig {
     /// A single-use join token for the first attestation.
     #[serde(default)]
     pub join_token: Option<String>,
+    /// How the node proves itself: `join_token` (the default when a join token is given) or
+    /// `tpm` (TPM 2.0: EK certificate, credential activation, quote, event log).
+    #[serde(default)]
+    pub attestor: Option<String>,
+    /// With `attestor = "tpm"`: the TPM's TCTI, e.g. `device:/dev/tpmrm0` (the default) or
+    /// `swtpm:host=127.0.0.1,port=2321`.
+    #[serde(default)]
+    pub tpm_tcti: Option<String>,
+    /// With `attestor = "tpm"`: the TCG event log to send (default the kernel's
+    /// `/sys/kernel/security/tpm0/binary_bios_measurements`).
+    #[serde(default)]
+    pub tpm_event_log: Option<PathBuf>,
     /// PEM CA certificates to trust the server with before the first attestation.
     #[serde(default)]
     pub trust_bundle: Option<PathBuf>,
@@ -59,6 +71,9 @@ impl AgentConfig {
         "data_dir",
         "socket_path",
         "join_token",
+        "attestor",
+        "tpm_tcti",
+        "tpm_event_log",
         "trust_bundle",
         "log_format",
         "metrics_addr",
@@ -85,10 +100,26 @@ impl AgentConfig {
         {
             return Err(bad("join_token", "malformed join token"));
         }
+        match self.attestor.as_deref() {
+            None | Some("join_token") => {}
+            Some("tpm") if self.join_token.is_some() => {
+                return Err(bad(
+                    "attestor",
+                    "a join token is not used with the tpm attestor",
+                ));
+            }
+            Some("tpm") => {}
+            Some(_) => return Err(bad("attestor", "must be \"join_token\" or \"tpm\"")),
+        }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(bad("log_format", "must be \"text\" or \"json\""));
         }
         Ok(())
+    }
+
+    /// Whether the node attests with its TPM.
+    pub fn uses_tpm(&self) -> bool {
+        self.attestor.as_deref() == Some("tpm")
     }
 
     /// The server replicas, in the order given.
@@ -105,5 +136,41 @@ impl AgentConfig {
         self.socket_path
             .clone()
             .unwrap_or_else(|| self.data_dir.join("public").join("api.sock"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AgentConfig;
+
+    fn config(extra: serde_json::Value) -> AgentConfig {
+        let mut v = serde_json::json!({
+            "trust_domain": "td.test",
+            "server_address": "127.0.0.1:8443",
+        });
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_tpm_attestor_is_accepted_alone() {
+        let c = config(serde_json::json!({"attestor": "tpm", "tpm_tcti": "swtpm:port=2321"}));
+        assert!(c.validate().is_ok());
+        assert!(c.uses_tpm());
+        assert!(!config(serde_json::json!({"join_token": "t"})).uses_tpm());
+    }
+
+    #[test]
+    fn an_unknown_attestor_or_a_token_with_the_tpm_attestor_is_refused() {
+        let e = config(serde_json::json!({"attestor": "tmp"}))
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.key, "attestor");
+        let e = config(serde_json::json!({"attestor": "tpm", "join_token": "t"}))
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.key, "attestor");
     }
 }

@@ -19,7 +19,7 @@ use sigil_proto::node::v1::node_client::NodeClient;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use crate::attestor::{AttestationError, JoinTokenAttestor, NodeAttestor};
+use crate::attestor::{AttestationError, JoinTokenAttestor, NodeAttestor, TpmAttestor};
 use crate::cache::{Cache, CacheError, CachedState, HeldSvid};
 use crate::config::AgentConfig;
 use crate::policy::{Offer, PolicyState};
@@ -101,6 +101,12 @@ enum SessionError {
     /// The server sent a trust bundle that does not parse.
     #[error("bad bundle from server: {0}")]
     BadBundle(PkiError),
+    /// The server refused the node's TPM re-attestation and revoked it.
+    #[error("node revoked: {0}")]
+    NodeRevoked(String),
+    /// The TPM evidence for a renewal could not be produced or was refused.
+    #[error("TPM re-attestation: {0}")]
+    Reattestation(String),
     /// A key or CSR could not be made.
     #[error("making a key or CSR: {0}")]
     Key(PkiError),
@@ -276,7 +282,7 @@ impl Identities {
             entries: Arc::new(state.entries),
             svids: Arc::new(svids),
             serving,
-            attesting: !serving && cfg.join_token.is_some(),
+            attesting: !serving && (cfg.join_token.is_some() || cfg.uses_tpm()),
             revocations,
             policy: policy.current(),
             // From the cache: in force since the agent started.
@@ -539,12 +545,17 @@ impl Identities {
     async fn run_inner(self: &Arc<Self>) -> Result<(), IdentityError> {
         let mut backoff = Duration::from_millis(250);
         let mut failures_in_row = 0usize;
-        // Evidence is single use: once it got us an identity, it is dropped.
-        let mut attestor: Option<Box<dyn NodeAttestor>> = self
-            .cfg
-            .join_token
-            .clone()
-            .map(|t| Box::new(JoinTokenAttestor::new(t)) as Box<dyn NodeAttestor>);
+        // A join token is single use: once it got us an identity, it is dropped. The TPM
+        // can attest again whenever the node identity is lost.
+        let tpm = self.tpm_attestor();
+        let mut attestor: Option<Box<dyn NodeAttestor>> = match &tpm {
+            Some(t) => Some(Box::new(t.clone())),
+            None => self
+                .cfg
+                .join_token
+                .clone()
+                .map(|t| Box::new(JoinTokenAttestor::new(t)) as Box<dyn NodeAttestor>),
+        };
         loop {
             if self.node().is_none() {
                 let Some(method) = attestor.as_deref() else {
@@ -552,6 +563,7 @@ impl Identities {
                     return Err(IdentityError::NotAttested);
                 };
                 match self.attest(method).await {
+                    Ok(()) if tpm.is_some() => {}
                     Ok(()) => attestor = None,
                     Err(AttestationError::Refused(why)) => {
                         self.stop_serving();
@@ -600,6 +612,22 @@ impl Identities {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+
+    /// The TPM attestor, when the node attests (and re-attests at renewal) with its TPM.
+    fn tpm_attestor(&self) -> Option<TpmAttestor> {
+        self.cfg.uses_tpm().then(|| {
+            TpmAttestor::new(
+                self.cfg
+                    .tpm_tcti
+                    .clone()
+                    .unwrap_or_else(|| sigil_tpm::DEFAULT_TCTI.to_owned()),
+                self.cfg
+                    .tpm_event_log
+                    .clone()
+                    .unwrap_or_else(|| sigil_tpm::DEFAULT_EVENT_LOG.into()),
+            )
+        })
     }
 
     fn stop_serving(&self) {
@@ -731,8 +759,14 @@ impl Identities {
                     Err(s) => return Err(SessionError::call("sync stream")(s)),
                 },
                 _ = tick.tick() => {
-                    if self.maintain(&mut c).await? {
-                        return Ok(SessionEnd::Reconnect);
+                    match self.maintain(&mut c).await {
+                        Ok(true) => return Ok(SessionEnd::Reconnect),
+                        Ok(false) => {}
+                        Err(SessionError::NodeRevoked(why)) => {
+                            tracing::error!(why, "the server refused this node's re-attestation and revoked it");
+                            return Ok(SessionEnd::Evicted);
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
             }
@@ -851,10 +885,27 @@ impl Identities {
         }
         let key = KeyPair::generate(self.node_key_alg).map_err(SessionError::Key)?;
         let csr = key.csr_der(None).map_err(SessionError::Key)?;
+        // A TPM node re-attests: fresh nonce, fresh quote, bound to the new key.
+        let tpm = match self.tpm_attestor() {
+            Some(t) => Some(
+                t.evidence(c, &csr)
+                    .await
+                    .map_err(|e| SessionError::Reattestation(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let reattesting = tpm.is_some();
         let resp = c
-            .renew_node_svid(pb::RenewNodeSvidRequest { csr })
+            .renew_node_svid(pb::RenewNodeSvidRequest { csr, tpm })
             .await
-            .map_err(SessionError::call("renewing node SVID"))?
+            .map_err(|s| {
+                // A refused re-attestation revokes the node on the server.
+                if reattesting && s.code() == tonic::Code::PermissionDenied {
+                    SessionError::NodeRevoked(s.message().to_owned())
+                } else {
+                    SessionError::call("renewing node SVID")(s)
+                }
+            })?
             .into_inner();
         self.apply_bundle_json(&resp.bundle_json).await?;
         let held = self.check_svid(&resp, key.pkcs8_der())?;

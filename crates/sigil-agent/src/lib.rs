@@ -30,7 +30,7 @@ use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 
-pub use attestor::{AttestationError, JoinTokenAttestor, NodeAttestor};
+pub use attestor::{AttestationError, JoinTokenAttestor, NodeAttestor, TpmAttestor};
 pub use config::{AgentConfig, AgentConfigError};
 pub use identity::{Identities, IdentityError, Snapshot};
 pub use peer::{AttestError, PeerCred, WorkloadAttestor};

@@ -133,7 +133,7 @@ fn entry_change(action: &str, entry: &RegistrationEntry) -> sigil_log::ChangeRec
 }
 
 /// The leaf of a revocation.
-fn revocation_change(rev: &Revocation) -> sigil_log::ChangeRecord {
+pub(crate) fn revocation_change(rev: &Revocation) -> sigil_log::ChangeRecord {
     let mut c = sigil_log::ChangeRecord::new("revocation", rev.revoked_at);
     c.revocation_id = Some(rev.id);
     c.serial = rev.serial.clone();

@@ -82,6 +82,16 @@ pub struct ServerConfig {
     /// database sealed (AES-256-GCM) under it. Required with `postgres://`.
     #[serde(default)]
     pub key_encryption_key_file: Option<PathBuf>,
+    /// PEM CA certificates of the TPM manufacturers whose EK certificates are trusted.
+    /// Setting it turns on TPM 2.0 node attestation; unset, TPM attestation is refused.
+    #[serde(default)]
+    pub tpm_ek_roots: Option<PathBuf>,
+    /// The SHA-256 PCRs a TPM node's quote must cover (default 0–7).
+    #[serde(default = "default_tpm_pcrs")]
+    pub tpm_pcrs: Vec<u8>,
+    /// Refuse TPM nodes whose event log does not show Secure Boot enabled.
+    #[serde(default)]
+    pub tpm_require_secure_boot: bool,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -119,6 +129,9 @@ fn default_max_body() -> usize {
 }
 fn default_log_format() -> String {
     "text".into()
+}
+fn default_tpm_pcrs() -> Vec<u8> {
+    vec![0, 1, 2, 3, 4, 5, 6, 7]
 }
 
 /// A configuration value that is present but wrong; names the key.
@@ -161,6 +174,9 @@ impl ServerConfig {
         "log_format",
         "metrics_addr",
         "key_encryption_key_file",
+        "tpm_ek_roots",
+        "tpm_pcrs",
+        "tpm_require_secure_boot",
     ];
 
     /// Checks what serde cannot: ranges, pairs of keys, URL shapes.
@@ -223,6 +239,12 @@ impl ServerConfig {
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(bad("log_format", "must be \"text\" or \"json\""));
         }
+        if self.tpm_pcrs.is_empty() || self.tpm_pcrs.iter().any(|p| *p > 23) {
+            return Err(bad(
+                "tpm_pcrs",
+                "must be a non-empty list of PCR indices 0-23",
+            ));
+        }
         Ok(())
     }
 
@@ -252,5 +274,48 @@ impl ServerConfig {
         self.issuer
             .clone()
             .unwrap_or_else(|| format!("https://localhost:{}", self.listen_addr.port()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerConfig;
+
+    fn config(extra: serde_json::Value) -> ServerConfig {
+        let mut v = serde_json::json!({"trust_domain": "td.test"});
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn tpm_pcrs_default_to_the_firmware_pcrs_and_must_be_in_range() {
+        let c = config(serde_json::json!({}));
+        assert_eq!(c.tpm_pcrs, vec![0, 1, 2, 3, 4, 5, 6, 7]);
+        assert!(c.validate().is_ok());
+        for bad in [serde_json::json!([]), serde_json::json!([7, 24])] {
+            let e = config(serde_json::json!({ "tpm_pcrs": bad }))
+                .validate()
+                .unwrap_err();
+            assert_eq!(e.key, "tpm_pcrs");
+        }
+    }
+
+    #[test]
+    fn unreadable_or_empty_ek_roots_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificates here").unwrap();
+        for path in [dir.path().join("missing.pem"), empty] {
+            let c = config(serde_json::json!({ "tpm_ek_roots": path }));
+            let e = crate::tpm::TpmAttestation::from_config(&c).unwrap_err();
+            assert_eq!(e.key, "tpm_ek_roots");
+        }
+        assert!(
+            crate::tpm::TpmAttestation::from_config(&config(serde_json::json!({})))
+                .unwrap()
+                .is_none()
+        );
     }
 }

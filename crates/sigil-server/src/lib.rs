@@ -14,6 +14,7 @@ mod node_api;
 mod public;
 mod tlog;
 mod tls;
+mod tpm;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -109,6 +110,7 @@ pub async fn start(
     clock: Arc<dyn Clock>,
 ) -> Result<RunningServer, ServerError> {
     config.validate()?;
+    let tpm = tpm::TpmAttestation::from_config(&config)?;
     create_private_dir(&config.data_dir)?;
     let store: Arc<dyn Store> = Arc::new(SqlStore::connect(&config.database_url()).await?);
     let key_dir = config.data_dir.join("keys");
@@ -183,9 +185,11 @@ pub async fn start(
         changes: watch::channel(0).0,
         tlog,
     });
-    let node =
-        sigil_proto::node::v1::node_server::NodeServer::new(node_api::NodeApi::new(state.clone()))
-            .max_decoding_message_size(4 * 1024 * 1024);
+    let node = sigil_proto::node::v1::node_server::NodeServer::new(node_api::NodeApi::new(
+        state.clone(),
+        tpm,
+    ))
+    .max_decoding_message_size(4 * 1024 * 1024);
     let public =
         public::router(state.clone()).merge(tonic::service::Routes::new(node).into_axum_router());
     let public = public.layer(sigil_metrics::ObserveLayer(server_metrics.clone()));

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::issuer::IssueError;
 use crate::tls::PeerAuth;
+use crate::tpm::{TpmAttestation, node_id_for_ek};
 use crate::{AppState, ServerError};
 
 /// Most CSRs one SignX509Svids call may carry.
@@ -27,6 +28,8 @@ pub struct NodeApi {
     /// a proof between two sizes never changes; after a change every agent asks for the
     /// same one. Bounded: cleared when full.
     proofs: Mutex<HashMap<(u64, u64), Proof>>,
+    /// TPM 2.0 attestation, when the server trusts some EK roots.
+    tpm: Option<TpmAttestation>,
 }
 
 /// A consistency proof's hashes (32 bytes each), shared.
@@ -36,11 +39,127 @@ type Proof = Arc<Vec<Vec<u8>>>;
 const MAX_CACHED_PROOFS: usize = 64;
 
 impl NodeApi {
-    pub fn new(app: Arc<AppState>) -> Self {
+    pub fn new(app: Arc<AppState>, tpm: Option<TpmAttestation>) -> Self {
         Self {
             app,
             shared: OnceLock::new(),
             proofs: Mutex::new(HashMap::new()),
+            tpm,
+        }
+    }
+
+    /// The TPM attestation of the node that sent `tpm` evidence for `csr`: its node ID.
+    fn attest_tpm(&self, tpm: &pb::TpmEvidence, csr: &[u8]) -> Result<SpiffeId, Status> {
+        let Some(verifier) = &self.tpm else {
+            return Err(Status::failed_precondition(
+                "this server does not accept TPM attestation (no tpm_ek_roots configured)",
+            ));
+        };
+        let parsed =
+            parse_csr(csr).map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
+        let node = verifier.finish(tpm, parsed.public_key_der(), self.app.clock.now())?;
+        let node_id = node_id_for_ek(&self.app.config.trust_domain, &node.ek_hash)?;
+        tracing::info!(node = %node_id, selectors = ?node.selectors, "TPM evidence verified");
+        Ok(node_id)
+    }
+
+    /// A TPM node's renewal: fresh evidence from the same TPM, passing the same checks as
+    /// at attestation. Evidence that fails them (a changed boot state, another TPM, none)
+    /// revokes the node: it is evicted, its identities are revoked, and the revocation is a
+    /// transparency-log leaf. A spent or unknown challenge only fails this call.
+    async fn reattest_tpm(
+        &self,
+        node: &NodeRecord,
+        req: &pb::RenewNodeSvidRequest,
+    ) -> Result<(), Status> {
+        let Some(verifier) = &self.tpm else {
+            return Err(Status::failed_precondition(
+                "this server does not accept TPM attestation (no tpm_ek_roots configured)",
+            ));
+        };
+        let parsed =
+            parse_csr(&req.csr).map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
+        let why = match &req.tpm {
+            None => "a TPM node renews with fresh TPM evidence".to_owned(),
+            Some(ev) => match verifier.finish(ev, parsed.public_key_der(), self.app.clock.now()) {
+                Ok(att) => {
+                    let id = node_id_for_ek(&self.app.config.trust_domain, &att.ek_hash)?;
+                    if id == node.spiffe_id {
+                        return Ok(());
+                    }
+                    "the evidence comes from another TPM".to_owned()
+                }
+                Err(s) if s.code() == tonic::Code::PermissionDenied => s.message().to_owned(),
+                Err(s) => return Err(s),
+            },
+        };
+        self.revoke_tpm_node(node, &why).await?;
+        Err(Status::permission_denied(format!(
+            "TPM re-attestation failed, node revoked: {why}"
+        )))
+    }
+
+    /// Evicts `node` and revokes its SPIFFE ID, with a transparency-log leaf saying why.
+    async fn revoke_tpm_node(&self, node: &NodeRecord, why: &str) -> Result<(), Status> {
+        let now = self.app.clock.now();
+        self.app
+            .store
+            .evict_node(&node.spiffe_id, now)
+            .await
+            .map_err(internal)?;
+        let rev = Revocation {
+            id: 0,
+            serial: None,
+            spiffe_id: Some(node.spiffe_id.clone()),
+            reason: format!("TPM re-attestation failed: {why}"),
+            revoked_at: now,
+            expires_at: now + i64::from(sigil_core::MAX_X509_TTL_SECS),
+        };
+        let id = self
+            .app
+            .store
+            .add_revocation(&rev)
+            .await
+            .map_err(internal)?;
+        self.app
+            .issuer
+            .log_change(crate::admin::revocation_change(&Revocation { id, ..rev }))
+            .await
+            .map_err(internal)?;
+        self.app.notify_change();
+        tracing::warn!(node = %node.spiffe_id, why, "TPM node failed re-attestation: evicted and revoked");
+        Ok(())
+    }
+
+    /// The join-token attestation of a node: spends the token, returns the node ID.
+    async fn attest_join_token(&self, token: &str, csr: &[u8]) -> Result<SpiffeId, Status> {
+        let token = token.trim();
+        if token.is_empty() || token.len() > 256 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Status::invalid_argument("malformed join token"));
+        }
+        // Check the CSR before spending the token, so a bad CSR does not burn it.
+        parse_csr(csr).map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
+        let hash = hash_join_token(token);
+        let node_id = node_id_for_token(&self.app.config.trust_domain, &hash).map_err(internal)?;
+        let now = self.app.clock.now();
+        match self
+            .app
+            .store
+            .consume_join_token(&hash, &node_id, now)
+            .await
+        {
+            Ok(()) => Ok(node_id),
+            Err(StoreError::JoinToken(e)) => {
+                let why = match e {
+                    JoinTokenError::Unknown => "unknown join token",
+                    JoinTokenError::Expired => "join token has expired",
+                    JoinTokenError::AlreadyUsed => "join token has already been used",
+                    _ => "join token refused",
+                };
+                tracing::warn!(node = %node_id, why, "attestation refused");
+                Err(Status::permission_denied(why))
+            }
+            Err(e) => Err(internal(e)),
         }
     }
 
@@ -513,34 +632,22 @@ impl pb::node_server::Node for NodeApi {
         req: Request<pb::AttestRequest>,
     ) -> Result<Response<pb::AttestResponse>, Status> {
         let req = req.into_inner();
-        let token = req.join_token.trim();
-        if token.is_empty() || token.len() > 256 || !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(Status::invalid_argument("malformed join token"));
-        }
-        // Check the CSR before spending the token, so a bad CSR does not burn it.
-        parse_csr(&req.csr).map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
-        let hash = hash_join_token(token);
-        let node_id = node_id_for_token(&self.app.config.trust_domain, &hash).map_err(internal)?;
-        let now = self.app.clock.now();
-        match self
-            .app
-            .store
-            .consume_join_token(&hash, &node_id, now)
-            .await
-        {
-            Ok(()) => {}
-            Err(StoreError::JoinToken(e)) => {
-                let why = match e {
-                    JoinTokenError::Unknown => "unknown join token",
-                    JoinTokenError::Expired => "join token has expired",
-                    JoinTokenError::AlreadyUsed => "join token has already been used",
-                    _ => "join token refused",
-                };
-                tracing::warn!(node = %node_id, why, "attestation refused");
-                return Err(Status::permission_denied(why));
+        let (node_id, method) = match (&req.tpm, req.join_token.is_empty()) {
+            (Some(tpm), true) => (self.attest_tpm(tpm, &req.csr)?, "tpm"),
+            (None, false) => (
+                self.attest_join_token(&req.join_token, &req.csr).await?,
+                "join_token",
+            ),
+            (Some(_), false) => {
+                return Err(Status::invalid_argument(
+                    "give a join token or TPM evidence, not both",
+                ));
             }
-            Err(e) => return Err(internal(e)),
-        }
+            (None, true) => {
+                return Err(Status::invalid_argument("malformed join token"));
+            }
+        };
+        let now = self.app.clock.now();
         let spec = SvidSpec {
             spiffe_id: node_id.clone(),
             dns_names: Vec::new(),
@@ -549,14 +656,14 @@ impl pb::node_server::Node for NodeApi {
         let svid = self
             .app
             .issuer
-            .sign_x509_svid(&req.csr, spec, "join_token")
+            .sign_x509_svid(&req.csr, spec, method)
             .await
             .map_err(issue_status)?;
         self.app
             .store
             .upsert_node(&NodeRecord {
                 spiffe_id: node_id.clone(),
-                attestation_type: "join_token".into(),
+                attestation_type: method.into(),
                 serial: svid.serial.clone(),
                 not_after: svid.not_after,
                 evicted: false,
@@ -565,10 +672,23 @@ impl pb::node_server::Node for NodeApi {
             })
             .await
             .map_err(internal)?;
-        tracing::info!(node = %node_id, "node attested");
+        tracing::info!(node = %node_id, method, "node attested");
         Ok(Response::new(pb::AttestResponse {
             svid: Some(self.svid_response(&svid)),
         }))
+    }
+
+    async fn begin_tpm_attestation(
+        &self,
+        req: Request<pb::TpmAttestationRequest>,
+    ) -> Result<Response<pb::TpmChallenge>, Status> {
+        let Some(verifier) = &self.tpm else {
+            return Err(Status::failed_precondition(
+                "this server does not accept TPM attestation (no tpm_ek_roots configured)",
+            ));
+        };
+        let challenge = verifier.begin(req.get_ref(), self.app.clock.now())?;
+        Ok(Response::new(challenge))
     }
 
     async fn renew_node_svid(
@@ -576,6 +696,9 @@ impl pb::node_server::Node for NodeApi {
         req: Request<pb::RenewNodeSvidRequest>,
     ) -> Result<Response<pb::X509SvidResponse>, Status> {
         let node = self.authenticate(&req).await?;
+        if node.attestation_type == "tpm" {
+            self.reattest_tpm(&node, req.get_ref()).await?;
+        }
         let spec = SvidSpec {
             spiffe_id: node.spiffe_id.clone(),
             dns_names: Vec::new(),

@@ -52,6 +52,7 @@ async fn expired_join_tokens_and_expired_client_svids_are_refused() {
         .attest(pb::AttestRequest {
             join_token: jt["token"].as_str().unwrap().into(),
             csr,
+            tpm: None,
         })
         .await
         .unwrap_err();

@@ -355,6 +355,7 @@ fn join_tokens_work_once_and_node_csrs_are_checked() {
             .attest(pb::AttestRequest {
                 join_token: token.clone(),
                 csr: b"garbage".to_vec(),
+                tpm: None,
             })
             .await
             .unwrap_err();
@@ -365,6 +366,7 @@ fn join_tokens_work_once_and_node_csrs_are_checked() {
                 .attest(pb::AttestRequest {
                     join_token: bad.into(),
                     csr: csr.clone(),
+                    tpm: None,
                 })
                 .await
                 .unwrap_err();
@@ -381,6 +383,7 @@ fn join_tokens_work_once_and_node_csrs_are_checked() {
             .attest(pb::AttestRequest {
                 join_token: token.clone(),
                 csr: csr.clone(),
+                tpm: None,
             })
             .await
             .unwrap()
@@ -392,6 +395,7 @@ fn join_tokens_work_once_and_node_csrs_are_checked() {
             .attest(pb::AttestRequest {
                 join_token: token.clone(),
                 csr: csr.clone(),
+                tpm: None,
             })
             .await
             .unwrap_err();

@@ -28,6 +28,15 @@ pub struct AgentArgs {
     /// Join token for the first attestation.
     #[arg(long)]
     pub join_token: Option<String>,
+    /// Node attestor: join_token or tpm.
+    #[arg(long)]
+    pub attestor: Option<String>,
+    /// TPM TCTI (with --attestor tpm), e.g. device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321.
+    #[arg(long)]
+    pub tpm_tcti: Option<String>,
+    /// TCG event log to send (with --attestor tpm).
+    #[arg(long)]
+    pub tpm_event_log: Option<PathBuf>,
     /// PEM CA bundle to trust the server with before the first attestation.
     #[arg(long)]
     pub trust_bundle: Option<PathBuf>,
@@ -51,6 +60,9 @@ impl AgentArgs {
             ("trust_domain", s(&self.trust_domain)),
             ("server_address", s(&self.server_address)),
             ("join_token", s(&self.join_token)),
+            ("attestor", s(&self.attestor)),
+            ("tpm_tcti", s(&self.tpm_tcti)),
+            ("tpm_event_log", p(&self.tpm_event_log)),
             ("log_format", s(&self.log_format)),
             ("metrics_addr", s(&self.metrics_addr)),
             ("data_dir", p(&self.data_dir)),

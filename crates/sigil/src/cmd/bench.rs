@@ -450,6 +450,9 @@ async fn start_agent(
         data_dir: dir,
         socket_path: None,
         join_token: Some(token),
+        attestor: None,
+        tpm_tcti: None,
+        tpm_event_log: None,
         trust_bundle: Some(bootstrap.to_path_buf()),
         log_format: "text".into(),
         metrics_addr: None,
@@ -590,6 +593,8 @@ async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
         upstream_ca_cert: None,
         upstream_ca_key: None,
         key_encryption_key_file: None,
+        tpm_ek_roots: None,
+        tpm_require_secure_boot: false,
         log_format: None,
         metrics_addr: None,
     };

@@ -83,6 +83,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         upstream_ca_cert: None,
         upstream_ca_key: None,
         key_encryption_key_file: None,
+        tpm_ek_roots: None,
+        tpm_require_secure_boot: false,
         log_format: None,
         metrics_addr: None,
     };
@@ -114,6 +116,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         data_dir: agent_dir.clone(),
         socket_path: None,
         join_token,
+        attestor: None,
+        tpm_tcti: None,
+        tpm_event_log: None,
         trust_bundle: Some(bootstrap),
         log_format: "text".into(),
         metrics_addr: None,

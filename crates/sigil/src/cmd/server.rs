@@ -47,6 +47,12 @@ pub struct ServerArgs {
     /// replica. Required with a postgres:// database.
     #[arg(long)]
     pub key_encryption_key_file: Option<PathBuf>,
+    /// PEM CA certificates of trusted TPM manufacturers; turns on TPM node attestation.
+    #[arg(long)]
+    pub tpm_ek_roots: Option<PathBuf>,
+    /// Refuse TPM nodes whose event log does not show Secure Boot enabled.
+    #[arg(long)]
+    pub tpm_require_secure_boot: bool,
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
@@ -82,6 +88,10 @@ impl ServerArgs {
         p("upstream_ca_cert", &self.upstream_ca_cert);
         p("upstream_ca_key", &self.upstream_ca_key);
         p("key_encryption_key_file", &self.key_encryption_key_file);
+        p("tpm_ek_roots", &self.tpm_ek_roots);
+        if self.tpm_require_secure_boot {
+            v.push(("tpm_require_secure_boot", toml::Value::Boolean(true)));
+        }
         v
     }
 }

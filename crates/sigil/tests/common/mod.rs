@@ -365,6 +365,12 @@ impl Agent {
 
     /// Starts an agent trusting `bundle` for the server on `port`.
     pub fn start_with(port: u16, dir: &Path, join_token: Option<&str>, bundle: &Path) -> Self {
+        let mut a = Self::unstarted(port, dir, join_token, bundle);
+        a.spawn();
+        a
+    }
+
+    fn unstarted(port: u16, dir: &Path, join_token: Option<&str>, bundle: &Path) -> Self {
         // The socket lives where any user can reach it (tests connect as `nobody` too).
         let socket = dir.with_extension("sock.d").join("api.sock");
         let mut args = vec![
@@ -383,14 +389,31 @@ impl Agent {
         if let Some(t) = join_token {
             args.extend(["--join-token".into(), t.into()]);
         }
-        let mut a = Self {
+        Self {
             child: None,
             exited: None,
             dir: dir.to_owned(),
             socket,
             log: dir.with_extension("log"),
             args,
-        };
+        }
+    }
+
+    /// Starts an agent for `server` that attests with the TPM at `tcti`, sending the event
+    /// log at `event_log`.
+    pub fn start_tpm(server: &Server, dir: &Path, tcti: &str, event_log: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let bundle = dir.with_extension("bootstrap.pem");
+        std::fs::write(&bundle, server.bundle_pem()).unwrap();
+        let mut a = Self::unstarted(server.port, dir, None, &bundle);
+        a.args.extend([
+            "--attestor".into(),
+            "tpm".into(),
+            "--tpm-tcti".into(),
+            tcti.into(),
+            "--tpm-event-log".into(),
+            event_log.display().to_string(),
+        ]);
         a.spawn();
         a
     }
