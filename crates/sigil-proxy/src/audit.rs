@@ -55,6 +55,13 @@ pub struct DecisionRecord {
     /// `allow` or `deny`.
     pub decision: &'static str,
     pub reason: String,
+    /// `outbound` for the local workload's own calls (the outbound listener); absent for
+    /// calls received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direction: Option<&'static str>,
+    /// The outbound route the call was sent on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
 }
 
 /// Why a record could not be made durable, or a segment not opened or read.
@@ -702,6 +709,8 @@ mod tests {
             policy_ids: Vec::new(),
             decision: "allow",
             reason: String::new(),
+            direction: None,
+            route: None,
         }
     }
 

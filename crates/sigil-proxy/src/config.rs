@@ -15,12 +15,17 @@ pub struct ProxyConfig {
     #[serde(default = "default_listen")]
     pub listen_addr: SocketAddr,
     /// The upstream model or tool server: `http://host:port` or `unix:///path/to.sock`.
-    pub upstream: String,
+    /// Without it there is no inbound listener (an `[outbound]`-only sidecar on the
+    /// caller's side).
+    #[serde(default)]
+    pub upstream: Option<String>,
     /// Speak HTTP/2 with prior knowledge (h2c) to the upstream instead of HTTP/1.1.
     #[serde(default)]
     pub upstream_http2: bool,
-    /// The audience access tokens must name (RFC 8707 resource of this service).
-    pub audience: String,
+    /// The audience access tokens must name (RFC 8707 resource of this service); required
+    /// with `upstream`.
+    #[serde(default)]
+    pub audience: Option<String>,
     /// The token issuer (the trust authority's issuer URL).
     pub issuer: String,
     /// The local agent's Workload API socket (`unix:///path` or a path): the proxy's serving
@@ -151,6 +156,11 @@ pub struct ProxyConfig {
     /// acknowledged by the server, it is replaced by a new one (the old one is deleted).
     #[serde(default = "default_audit_rotate_bytes")]
     pub audit_rotate_bytes: u64,
+    /// The outbound side: a plain-HTTP listener for the local workload, whose calls go out on
+    /// `[[outbound.routes]]` over mTLS with this sidecar's SVID and a token from `issuer`,
+    /// decided by egress policy (principal: this sidecar's SPIFFE ID) and audited.
+    #[serde(default)]
+    pub outbound: Option<crate::egress::OutboundConfig>,
 }
 
 fn default_audit_rotate_bytes() -> u64 {
@@ -165,6 +175,19 @@ pub struct Validated {
     pub(crate) trace: Option<crate::trace::TraceConfig>,
     /// What the telemetry exports did, for `/metrics`.
     pub(crate) counters: crate::otlp::ExportCounters,
+}
+
+impl Validated {
+    /// The same settings for the outbound side (exports and traces stay with the first).
+    pub(crate) fn for_outbound(&self) -> Self {
+        Self {
+            cfg: self.cfg.clone(),
+            routes: self.routes.clone(),
+            export: None,
+            trace: None,
+            counters: self.counters.clone(),
+        }
+    }
 }
 
 /// A token bucket per caller for one model or tool.
@@ -220,6 +243,7 @@ pub const ACTIONS: &[&str] = &[
     "complete",
     "mcp",
     "http",
+    "egress",
 ];
 
 fn default_true() -> bool {
@@ -305,6 +329,7 @@ impl ProxyConfig {
         "audit_export",
         "audit_otlp_endpoint",
         "trace_otlp_endpoint",
+        "outbound",
     ];
 
     /// The rate limits of the configuration (a policy bundle's `rate_limits` replace them).
@@ -350,15 +375,31 @@ impl ProxyConfig {
             message: message.to_owned(),
         };
         const UPSTREAM: &str = "must be an http://host:port URL or unix:///path";
-        if self.upstream.starts_with("unix:") {
-            if crate::upstream::unix_path(&self.upstream).is_none() {
+        match (&self.upstream, &self.audience, &self.outbound) {
+            (None, _, None) => {
+                return Err(bad(
+                    "upstream",
+                    "required (or an [outbound] section for a caller-side sidecar)",
+                ));
+            }
+            (Some(_), None, _) => return Err(bad("audience", "required with upstream")),
+            (Some(_), Some(a), _) if a.is_empty() => {
+                return Err(bad("audience", "must not be empty"));
+            }
+            (None, Some(_), _) => return Err(bad("audience", "only applies with upstream")),
+            _ => {}
+        }
+        if let Some(o) = &self.outbound {
+            o.check().map_err(|e| bad("outbound", &e.0))?;
+        }
+        if let Some(upstream) = &self.upstream
+            && upstream.starts_with("unix:")
+        {
+            if crate::upstream::unix_path(upstream).is_none() {
                 return Err(bad("upstream", UPSTREAM));
             }
-        } else {
-            let uri: http::Uri = self
-                .upstream
-                .parse()
-                .map_err(|_| bad("upstream", UPSTREAM))?;
+        } else if let Some(upstream) = &self.upstream {
+            let uri: http::Uri = upstream.parse().map_err(|_| bad("upstream", UPSTREAM))?;
             if uri.scheme_str() != Some("http")
                 || uri.authority().is_none()
                 || uri.path_and_query().is_some_and(|p| p.as_str() != "/")
@@ -465,9 +506,6 @@ impl ProxyConfig {
                     "only applies with policy_source = \"dir\"",
                 ));
             }
-        }
-        if self.audience.is_empty() {
-            return Err(bad("audience", "must not be empty"));
         }
 
         if !self.issuer.starts_with("https://") {

@@ -129,6 +129,57 @@ impl Proxy {
                 }
             }
         };
+        self.serve_http(stream, peer).await;
+    }
+
+    /// Serves one connection to the outbound listener from a local process of `uid` (as
+    /// the kernel says, `None` when it could not say): the workload this sidecar serves, or
+    /// a 403 for anyone else.
+    pub async fn serve_local<IO>(self: Arc<Self>, stream: IO, uid: Result<u32, String>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let allowed = match (&self.side, &uid) {
+            (crate::stack::Side::Outbound(e), Ok(u)) => e.allow_uids.contains(u),
+            _ => false,
+        };
+        if !allowed {
+            let why = match &uid {
+                Ok(u) => format!(
+                    "this outbound listener serves only the workload it belongs to; \
+                     uid {u} may not use it"
+                ),
+                Err(e) => format!("the caller's uid could not be established: {e}"),
+            };
+            tracing::warn!(reason = %why, "outbound caller refused");
+            self.metrics.request(Outcome::BadCert);
+            let deny = crate::deny::Deny::forbidden(why, Vec::new());
+            let svc = hyper::service::service_fn(move |_req| {
+                let resp = crate::respond::openai_error(&deny, "-");
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            return;
+        }
+        let own = match &self.side {
+            crate::stack::Side::Outbound(e) => e.own(&self.creds, self.clock.now()),
+            crate::stack::Side::Inbound { .. } => return,
+        };
+        match own {
+            Ok(peer) => self.serve_http(stream, peer).await,
+            Err(e) => tracing::error!(error = %e, "this sidecar's own SVID does not verify"),
+        }
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 on a connection whose caller is `peer` (outbound: the
+    /// sidecar's own SVID when the connection opened; requests use the one in force).
+    async fn serve_http<IO>(self: Arc<Self>, stream: IO, peer: Arc<sigil_pki::VerifiedX509Svid>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let activity = Arc::new(Activity {
             start: Instant::now(),
             last: AtomicU64::new(0),
@@ -137,6 +188,7 @@ impl Proxy {
         let idle_timeout = Duration::from_secs(self.cfg.idle_timeout_secs);
         let header_timeout = Duration::from_secs(self.cfg.header_read_timeout_secs);
         let mut revoked = self.revoked.clone();
+        let outbound = matches!(self.side, crate::stack::Side::Outbound(_));
         let creds = self.creds.clone();
         let watched = peer.clone();
         let peer_id = peer.spiffe_id.to_string();
@@ -172,7 +224,12 @@ impl Proxy {
         };
         let conn = builder.serve_connection(TokioIo::new(io), svc);
         // A revocation closes the client's open connections, not only its next handshake.
+        // Outbound, the caller is this sidecar's own identity: its revocation is answered per
+        // request (401), so the local workload is told why rather than cut off.
         let revoked_now = async move {
+            if outbound {
+                std::future::pending::<()>().await;
+            }
             loop {
                 if creds.load().revoked.is_revoked(&watched) {
                     return;

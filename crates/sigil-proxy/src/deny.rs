@@ -144,6 +144,16 @@ impl Deny {
     }
 
     /// The upstream failed, or its answer could not be filtered.
+    /// Nothing to send the request to (outbound: no route claims it).
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            Outcome::BadRequest,
+            -32601,
+            message.into(),
+        )
+    }
+
     pub fn upstream(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::BAD_GATEWAY,

@@ -685,6 +685,8 @@ mod tests {
             policy_ids: Vec::new(),
             decision,
             reason: "r".into(),
+            direction: None,
+            route: None,
         };
         let (sink, _tasks) = spawn(cfg.clone(), ExportCounters::default()).unwrap();
         let log =

@@ -11,13 +11,20 @@ use crate::observe::Observer;
 use crate::respond::{Body, REQUEST_ID_HEADER};
 use crate::upstream::Upstream;
 
+/// How the request is vouched for: inbound, the caller's identity set by the proxy; outbound,
+/// the route's access token (the callee's sidecar sets the identity).
+pub(crate) enum Vouch<'a> {
+    Identity(Identity<'a>),
+    Bearer(&'a str),
+}
+
 /// Sends the request to the upstream. `filtered`: the proxy will read the answer, so it asks
 /// for an unencoded one.
 pub(crate) async fn forward(
     upstream: &Upstream,
     mut parts: http::request::Parts,
     body: Body,
-    identity: &Identity<'_>,
+    vouch: &Vouch<'_>,
     request_id: &str,
     filtered: bool,
     obs: &mut Observer<'_>,
@@ -40,7 +47,14 @@ pub(crate) async fn forward(
     if filtered {
         headers.remove(header::ACCEPT_ENCODING);
     }
-    set_identity(headers, identity);
+    match vouch {
+        Vouch::Identity(identity) => set_identity(headers, identity),
+        Vouch::Bearer(token) => {
+            let v = HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| Deny::upstream("the route's token is not a header value"))?;
+            headers.insert(header::AUTHORIZATION, v);
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
     }

@@ -15,6 +15,7 @@ mod conn;
 mod credentials;
 mod decide;
 mod deny;
+mod egress;
 mod export;
 mod extract;
 mod filter;
@@ -26,6 +27,7 @@ mod metrics;
 mod observe;
 mod otlp;
 mod path;
+mod peer;
 mod policy;
 mod ratelimit;
 mod respond;
@@ -42,6 +44,7 @@ mod workload;
 pub use audit::{AuditError, Scan as AuditScan, read_records, scan as scan_audit};
 pub use config::ProxyConfig;
 pub use credentials::Credentials;
+pub use egress::{OutboundConfig, RouteConfig};
 pub use ratelimit::{BundleLimitsError, LimitSettings};
 pub use revocation::Revocations;
 
@@ -57,11 +60,14 @@ use tokio::task::JoinHandle;
 
 /// A started proxy.
 pub struct RunningProxy {
-    /// The bound listener address.
-    pub addr: SocketAddr,
+    /// The bound (inbound, mTLS) listener address, when there is an upstream.
+    pub addr: Option<SocketAddr>,
+    /// The bound outbound listener address (loopback, plain HTTP), if configured.
+    pub outbound_addr: Option<SocketAddr>,
     /// The bound metrics listener address, if `metrics_addr` is set.
     pub metrics_addr: Option<SocketAddr>,
     task: JoinHandle<()>,
+    outbound_tasks: Vec<AbortOnDrop>,
     creds: Arc<ArcSwap<Credentials>>,
     policies: Arc<ArcSwap<sigil_policy::PolicyEngine>>,
 }
@@ -80,6 +86,7 @@ impl RunningProxy {
     /// Stops accepting.
     pub fn shutdown(self) {
         self.task.abort();
+        drop(self.outbound_tasks);
     }
 
     /// Waits until the accept loop ends.
@@ -119,9 +126,11 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         }
         None => Arc::new(ArcSwap::from_pointee(Credentials::load_files(cfg)?)),
     };
-    let tls = tls::server_config(creds.clone(), clock.clone())?;
-    let listener = TcpListener::bind(cfg.listen_addr).await?;
-    let addr = listener.local_addr()?;
+    let listener = match &cfg.upstream {
+        Some(_) => Some(TcpListener::bind(cfg.listen_addr).await?),
+        None => None,
+    };
+    let addr = listener.as_ref().map(|l| l.local_addr()).transpose()?;
     // SIEM export (stopped with the accept loop, like the shipper).
     let counters = validated.counters.clone();
     let (export_sink, export_tasks) = match export_config {
@@ -162,24 +171,90 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     };
 
     let (metrics_at, metrics_policies, enforce) = (cfg.metrics_addr, policies.clone(), cfg.enforce);
-    let state = Arc::new(
-        stack::Proxy::new(
-            validated,
-            creds.clone(),
-            clock.clone(),
-            audit,
-            policies,
-            revoked_rx,
-            limits,
+    let mut metrics = metrics::Metrics::new(cfg.metrics_addr.is_some()).with_export(&counters);
+    // The outbound side shares the credentials, policies, limits, audit log and metrics.
+    let egress = match &cfg.outbound {
+        Some(o) => {
+            let e = Arc::new(egress::Egress::new(
+                o,
+                &cfg.issuer,
+                cfg.token_leeway_secs,
+                creds.clone(),
+                clock.clone(),
+            )?);
+            metrics = metrics.with_outbound(&e);
+            Some((o.clone(), e))
+        }
+        None => None,
+    };
+    let metrics = Arc::new(metrics);
+    let outbound_state = egress.as_ref().map(|(_, e)| {
+        Arc::new(
+            stack::Proxy::new(
+                validated.for_outbound(),
+                stack::Side::Outbound(e.clone()),
+                creds.clone(),
+                clock.clone(),
+                audit.clone(),
+                policies.clone(),
+                revoked_rx.clone(),
+                limits.clone(),
+                metrics.clone(),
+            )
+            .with_tracer(tracer.clone()),
         )
-        .with_tracer(tracer),
-    );
+    });
+    let inbound_side = match (&cfg.upstream, &cfg.audience) {
+        (Some(u), Some(a)) => Some(stack::Side::Inbound {
+            upstream: Box::new(upstream::Upstream::new(u, cfg.upstream_http2)),
+            audience: a.clone(),
+            tokens: token::TokenCache::default(),
+        }),
+        _ => None,
+    };
+    let state = inbound_side.map(|side| {
+        Arc::new(
+            stack::Proxy::new(
+                validated,
+                side,
+                creds.clone(),
+                clock.clone(),
+                audit,
+                policies,
+                revoked_rx,
+                limits,
+                metrics.clone(),
+            )
+            .with_tracer(tracer),
+        )
+    });
+    let mut outbound_tasks = Vec::new();
+    let mut outbound_addr = None;
+    if let (Some((o, _)), Some(state)) = (&egress, &outbound_state) {
+        if let Some(at) = o.listen_addr {
+            let l = TcpListener::bind(at).await?;
+            outbound_addr = Some(l.local_addr()?);
+            outbound_tasks.push(AbortOnDrop(tokio::spawn(serve_outbound_tcp(
+                l,
+                state.clone(),
+            ))));
+            tracing::info!(addr = %at, "sigil proxy outbound listener (plain HTTP, local workload only)");
+        }
+        if let Some(path) = &o.listen_socket {
+            let l = bind_unix(path)?;
+            outbound_tasks.push(AbortOnDrop(tokio::spawn(serve_outbound_unix(
+                l,
+                state.clone(),
+            ))));
+            tracing::info!(socket = %path.display(), "sigil proxy outbound listener (unix socket)");
+        }
+    }
     let metrics_listener = match metrics_at {
         Some(at) => Some(
             sigil_metrics::serve(
                 at,
                 Arc::new(metrics::ProxyExporter {
-                    metrics: state.metrics.clone(),
+                    metrics: metrics.clone(),
                     creds: creds.clone(),
                     policies: metrics_policies,
                     clock: clock.clone(),
@@ -191,6 +266,7 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().map(|l| l.addr);
+    let tls = tls::server_config(creds.clone(), clock.clone())?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let task = tokio::spawn(async move {
         // Stops with the accept loop.
@@ -198,6 +274,11 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         let _shipper = shipper;
         let _export: Vec<AbortOnDrop> = export_tasks;
         let _traces = trace_task;
+        let (Some(listener), Some(state)) = (listener, state) else {
+            // Outbound only: nothing to accept here; the guards live until shutdown.
+            std::future::pending::<()>().await;
+            return;
+        };
         loop {
             let (tcp, remote) = match listener.accept().await {
                 Ok(x) => x,
@@ -227,12 +308,79 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             });
         }
     });
-    tracing::info!(%addr, "sigil proxy listening");
+    if let Some(addr) = addr {
+        tracing::info!(%addr, "sigil proxy listening");
+    }
     Ok(RunningProxy {
         addr,
+        outbound_addr,
         metrics_addr,
         task,
+        outbound_tasks,
         creds: handle_creds,
         policies: handle_policies,
     })
+}
+
+/// Accepts the local workload's loopback TCP connections; each is served once the kernel
+/// says which uid opened it.
+async fn serve_outbound_tcp(listener: TcpListener, state: Arc<stack::Proxy>) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _open = state.metrics.connection_opened();
+            let _ = tcp.set_nodelay(true);
+            let uid = tcp
+                .local_addr()
+                .map_err(peer::PeerError::from)
+                .and_then(|local| peer::tcp_peer_uid(local, remote))
+                .map_err(|e| e.to_string());
+            state.serve_local(tcp, uid).await;
+        });
+    }
+}
+
+/// Accepts the local workload's unix socket connections (`SO_PEERCRED`).
+async fn serve_outbound_unix(listener: tokio::net::UnixListener, state: Arc<stack::Proxy>) {
+    loop {
+        let (sock, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _open = state.metrics.connection_opened();
+            let uid = sock.peer_cred().map(|c| c.uid()).map_err(|e| e.to_string());
+            state.serve_local(sock, uid).await;
+        });
+    }
+}
+
+/// Binds the outbound unix socket, replacing a stale one; anyone may connect (the peer's
+/// uid decides, with a clear refusal, not the file mode).
+fn bind_unix(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        anyhow::ensure!(
+            m.file_type().is_socket(),
+            "{} exists and is not a socket",
+            path.display()
+        );
+        std::fs::remove_file(path)?;
+    }
+    let l = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(l)
 }

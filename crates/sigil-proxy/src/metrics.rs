@@ -142,6 +142,19 @@ impl Metrics {
         self
     }
 
+    /// Registers the outbound routes' connection counter (`sigil_proxy_outbound_connections`,
+    /// by route): each connection is one TLS handshake.
+    pub(crate) fn with_outbound(mut self, e: &crate::egress::Egress) -> Self {
+        if let Some(inner) = self.inner.as_mut() {
+            inner.registry.register(
+                "sigil_proxy_outbound_connections",
+                "mTLS connections (each one handshake) opened to outbound routes",
+                e.connects.clone(),
+            );
+        }
+        self
+    }
+
     /// The time a measured step starts (`None`, no clock read, when disabled).
     #[inline]
     pub(crate) fn start(&self) -> Option<Instant> {

@@ -449,6 +449,8 @@ mod tests {
                 policy_ids: Vec::new(),
                 decision: "allow",
                 reason: "x".repeat(i),
+                direction: None,
+                route: None,
             };
             log.record(&r).await.unwrap();
         }

@@ -24,8 +24,9 @@ use crate::authenticate::{Audience, authenticate};
 use crate::config::{Enforce, Validated};
 use crate::decide::{Seeing, decide};
 use crate::deny::Deny;
+use crate::egress::{Egress, Route};
 use crate::extract::{Call, ExtractError, Routes, Target, extract};
-use crate::forward::forward;
+use crate::forward::{Vouch, forward};
 use crate::headers::Identity;
 use crate::metrics::{Metrics, Outcome};
 use crate::observe::Observer;
@@ -37,18 +38,31 @@ use crate::token::TokenCache;
 use crate::trace::Tracer;
 use crate::{Credentials, ProxyConfig};
 
+/// Which way a proxy's requests go.
+pub(crate) enum Side {
+    /// Calls received over mTLS from other workloads, for the upstream behind this sidecar:
+    /// a token for `audience` is required of each.
+    Inbound {
+        upstream: Box<crate::upstream::Upstream>,
+        audience: String,
+        tokens: TokenCache,
+    },
+    /// The local workload's own calls, sent on its routes; the principal is this sidecar's
+    /// own SVID and the token comes from the trust authority.
+    Outbound(Arc<Egress>),
+}
+
 /// Shared proxy state.
 pub struct Proxy {
     pub(crate) cfg: ProxyConfig,
     routes: Routes,
     pub(crate) creds: Arc<ArcSwap<Credentials>>,
     pub(crate) clock: Arc<dyn Clock>,
-    tokens: TokenCache,
+    pub(crate) side: Side,
     policies: Arc<ArcSwap<PolicyEngine>>,
     /// Per identity and per identity × resource; from the config or the policy bundle.
     limits: Arc<ArcSwap<Limits>>,
     audit: AuditLog,
-    upstream: crate::upstream::Upstream,
     pub(crate) revoked: tokio::sync::watch::Receiver<i64>,
     pub(crate) metrics: Arc<Metrics>,
     /// Traces (off unless configured).
@@ -74,12 +88,14 @@ struct Answer {
     durable: Option<Durable>,
 }
 
-/// A permitted request: its body, the policies that permitted it, its answer's filter.
+/// A permitted request: its body, the policies that permitted it, its answer's filter,
+/// and (outbound) the route and token it goes with.
 struct Authorized {
     body: Bytes,
     policy_ids: Vec<String>,
     filter: ResponseFilter,
     mcp: bool,
+    route: Option<(Arc<Route>, Arc<str>)>,
 }
 
 /// A permitted request refused after all because its record could not be written: the
@@ -103,14 +119,17 @@ impl From<ExtractError> for Deny {
 }
 
 impl Proxy {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         v: Validated,
+        side: Side,
         creds: Arc<ArcSwap<Credentials>>,
         clock: Arc<dyn Clock>,
         audit: AuditLog,
         policies: Arc<ArcSwap<PolicyEngine>>,
         revoked: tokio::sync::watch::Receiver<i64>,
         limits: Arc<ArcSwap<Limits>>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let cfg = v.cfg;
         // The proxy's own SPIFFE ID (the same across rotations), for XFCC's `By`.
@@ -121,18 +140,16 @@ impl Proxy {
                 .ok()
                 .map(|v| v.spiffe_id.to_string())
         };
-        let upstream = crate::upstream::Upstream::new(&cfg.upstream, cfg.upstream_http2);
         Self {
             limits,
-            metrics: Arc::new(Metrics::new(cfg.metrics_addr.is_some()).with_export(&v.counters)),
+            metrics,
             routes: v.routes,
             cfg,
             creds,
             clock,
-            tokens: TokenCache::default(),
+            side,
             policies,
             audit,
-            upstream,
             revoked,
             tracer: None,
             sessions: Sessions::default(),
@@ -151,6 +168,25 @@ impl Proxy {
         req: Request<Incoming>,
         peer: &VerifiedX509Svid,
     ) -> Response<Body> {
+        // Outbound, the caller is this sidecar's SVID in force (it may have rotated since the
+        // connection opened).
+        let own;
+        let peer = match &self.side {
+            Side::Outbound(e) => match e.own(&self.creds, self.clock.now()) {
+                Ok(p) => {
+                    own = p;
+                    &*own
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "this sidecar's own SVID does not verify");
+                    let deny =
+                        Deny::unavailable("this sidecar has no valid SVID", Outcome::BadCert);
+                    self.metrics.request(deny.outcome);
+                    return openai_error(&deny, "-");
+                }
+            },
+            Side::Inbound { .. } => peer,
+        };
         let trace = self.tracer.as_ref().and_then(|t| {
             t.begin(
                 req.headers(),
@@ -176,7 +212,8 @@ impl Proxy {
         let request_id = uuid::Uuid::new_v4().to_string();
         obs.request_id(&request_id);
         let (parts, body) = req.into_parts();
-        if self.cfg.enforce == Enforce::MtlsOnly {
+        let outbound = matches!(self.side, Side::Outbound(_));
+        if self.cfg.enforce == Enforce::MtlsOnly && !outbound {
             obs.mtls_only();
             if self.creds.load().revoked.is_revoked(peer) {
                 let deny = Deny::revoked();
@@ -190,13 +227,14 @@ impl Proxy {
                 durable: None,
             };
             return self
-                .pass(parts, body.boxed(), peer, &request_id, answer, obs)
+                .pass(parts, body.boxed(), peer, &request_id, answer, None, obs)
                 .await;
         }
         // The shape refusals take: JSON-RPC on the MCP endpoint.
         let mcp_shape = parts.method == http::Method::POST
             && RequestPath::parse(parts.uri.path()).is_ok_and(|p| self.routes.is_mcp(&p));
         let mut seen = Seen::default();
+        let mut chosen_route: Option<String> = None;
         let mut unread = Some(body);
         let decided: Result<Authorized, Deny> = async {
             // Revoked after the handshake: the connection is being closed; refuse the rest.
@@ -205,14 +243,24 @@ impl Proxy {
                 return Err(Deny::revoked());
             }
             let head = admit(&parts)?;
-            let aud = Audience {
-                issuer: &self.cfg.issuer,
-                audience: &self.cfg.audience,
-                leeway: self.cfg.token_leeway_secs,
-                now: self.clock.now(),
+            let now = self.clock.now();
+            // Inbound, the caller's token; outbound, the route's (once the route is known).
+            let inbound = match &self.side {
+                Side::Inbound {
+                    audience, tokens, ..
+                } => {
+                    let aud = Audience {
+                        issuer: &self.cfg.issuer,
+                        audience,
+                        leeway: self.cfg.token_leeway_secs,
+                        now,
+                    };
+                    let claims = authenticate(&parts.headers, peer, &creds, tokens, &aud, obs)?;
+                    seen.jti = Some(claims.jti.clone());
+                    Some(claims)
+                }
+                Side::Outbound(_) => None,
             };
-            let claims = authenticate(&parts.headers, peer, &creds, &self.tokens, &aud, obs)?;
-            seen.jti = Some(claims.jti.clone());
             let who = peer.spiffe_id.as_str();
             let limits = self.limits.load_full();
             crate::limit::identity(&limits, who)?;
@@ -252,14 +300,46 @@ impl Proxy {
             } else {
                 Seeing::Other
             };
+            let (claims, route) = match (&self.side, inbound) {
+                (Side::Outbound(egress), _) => {
+                    let host = parts
+                        .headers
+                        .get(http::header::HOST)
+                        .and_then(|v| v.to_str().ok())
+                        .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+                    let route = egress
+                        .select(host, &seen.calls)
+                        .map_err(|e| Deny::not_found(e.to_string()))?;
+                    chosen_route = Some(route.cfg.name.clone());
+                    // Egress policy decides the route first, then every call on it.
+                    seen.calls.insert(
+                        0,
+                        Call {
+                            action: "egress",
+                            resource_type: "Route",
+                            resource_id: route.cfg.name.clone(),
+                            arguments: None,
+                        },
+                    );
+                    let t = egress
+                        .token(&route, peer)
+                        .await
+                        .map_err(|e| Deny::upstream(e.to_string()))?;
+                    seen.jti = Some(t.claims.jti.clone());
+                    (t.claims, Some((route, t.token)))
+                }
+                (Side::Inbound { .. }, Some(claims)) => (claims, None),
+                (Side::Inbound { .. }, None) => return Err(Deny::token("no token was checked")),
+            };
             let engine = self.policies.load_full();
-            let permit = decide(engine, aud.now, peer, &claims, &seen.calls, answer, obs)?;
+            let permit = decide(engine, now, peer, &claims, &seen.calls, answer, obs)?;
             crate::limit::resources(&limits, who, &seen.calls)?;
             Ok(Authorized {
                 body,
                 policy_ids: permit.policy_ids,
                 filter: permit.filter,
                 mcp,
+                route,
             })
         }
         .await;
@@ -291,6 +371,8 @@ impl Proxy {
             policy_ids,
             decision,
             reason,
+            direction: outbound.then_some("outbound"),
+            route: chosen_route,
         };
         obs.decided(&record);
         // INVARIANT: a permitted call without side effects (audit_flush_overlap) has its
@@ -325,7 +407,7 @@ impl Proxy {
                     mcp: a.mcp,
                     durable,
                 };
-                self.pass(parts, full(a.body), peer, &request_id, answer, obs)
+                self.pass(parts, full(a.body), peer, &request_id, answer, a.route, obs)
                     .await
             }
             Err(deny) => {
@@ -336,8 +418,10 @@ impl Proxy {
         }
     }
 
-    /// Forwards a permitted request and returns what the caller may see of the answer;
-    /// binds the MCP session the upstream opens to the caller.
+    /// Forwards a permitted request (to the upstream, or outbound on its route with the
+    /// route's token) and returns what the caller may see of the answer; binds the MCP
+    /// session the upstream opens to the caller.
+    #[allow(clippy::too_many_arguments)]
     async fn pass(
         &self,
         parts: http::request::Parts,
@@ -345,6 +429,7 @@ impl Proxy {
         peer: &VerifiedX509Svid,
         request_id: &str,
         answer: Answer,
+        route: Option<(Arc<Route>, Arc<str>)>,
         obs: &mut Observer<'_>,
     ) -> Response<Body> {
         let Answer {
@@ -355,24 +440,37 @@ impl Proxy {
         let ends_session = (mcp && parts.method == http::Method::DELETE)
             .then(|| parts.headers.get(SESSION_HEADER).cloned())
             .flatten();
-        let identity = Identity {
-            spiffe_id: peer.spiffe_id.as_str(),
-            x5t_s256: &peer.x5t_s256,
-            proxy_id: self.proxy_id.as_deref(),
-            xfcc: self.cfg.xfcc,
-        };
         let filtered = !matches!(filter, ResponseFilter::None);
-        let resp = match forward(
-            &self.upstream,
-            parts,
-            body,
-            &identity,
-            request_id,
-            filtered,
-            obs,
-        )
-        .await
-        {
+        let routed;
+        let (upstream, vouch) = match (&self.side, &route) {
+            (Side::Inbound { upstream, .. }, _) => (
+                &**upstream,
+                Vouch::Identity(Identity {
+                    spiffe_id: peer.spiffe_id.as_str(),
+                    x5t_s256: &peer.x5t_s256,
+                    proxy_id: self.proxy_id.as_deref(),
+                    xfcc: self.cfg.xfcc,
+                }),
+            ),
+            (Side::Outbound(_), Some((r, token))) => match r.client(&self.creds) {
+                Ok(u) => {
+                    routed = u;
+                    (&routed, Vouch::Bearer(token))
+                }
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), route = %r.cfg.name, "route unusable");
+                    let deny = Deny::upstream("the route's TLS client could not be built");
+                    obs.outcome(deny.outcome);
+                    return openai_error(&deny, request_id);
+                }
+            },
+            (Side::Outbound(_), None) => {
+                let deny = Deny::upstream("no route chosen");
+                obs.outcome(deny.outcome);
+                return openai_error(&deny, request_id);
+            }
+        };
+        let resp = match forward(upstream, parts, body, &vouch, request_id, filtered, obs).await {
             Ok(r) => r,
             Err(deny) => {
                 obs.outcome(deny.outcome);

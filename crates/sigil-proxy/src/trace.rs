@@ -572,6 +572,7 @@ fn strings(key: &'static str, values: &[String]) -> KeyValue {
 }
 
 /// The request path's end of the tracer.
+#[derive(Clone)]
 pub struct Tracer {
     tx: mpsc::Sender<Box<RequestTrace>>,
     sampler: Sampler,
@@ -863,6 +864,8 @@ mod tests {
             policy_ids: vec!["p1".into()],
             decision: "allow",
             reason: "permitted by policy".into(),
+            direction: None,
+            route: None,
         });
         tr.inject(&mut h, &post);
         tr.upstream_done(Ok(503));

@@ -46,6 +46,11 @@ pub enum Upstream {
         client: Client<UnixConnector, Body>,
         http2: bool,
     },
+    /// An outbound route: mTLS to the callee's sidecar (HTTP/1.1).
+    Route {
+        client: Client<hyper_rustls::HttpsConnector<crate::egress::Counting>, Body>,
+        base: Uri,
+    },
 }
 
 /// The socket path of a `unix:` upstream address, if it is one.
@@ -83,7 +88,7 @@ impl Upstream {
     /// The upstream URI for `path_and_query`.
     pub fn uri(&self, path_and_query: &str) -> Option<Uri> {
         let mut parts = match self {
-            Self::Tcp { base, .. } => base.clone().into_parts(),
+            Self::Tcp { base, .. } | Self::Route { base, .. } => base.clone().into_parts(),
             // The pool key and Host of a unix upstream.
             Self::Unix { .. } => Uri::from_static("http://localhost").into_parts(),
         };
@@ -93,8 +98,11 @@ impl Upstream {
 
     /// The HTTP version requests go out with.
     pub fn version(&self) -> http::Version {
-        let (Self::Tcp { http2, .. } | Self::Unix { http2, .. }) = self;
-        if *http2 {
+        let http2 = match self {
+            Self::Tcp { http2, .. } | Self::Unix { http2, .. } => *http2,
+            Self::Route { .. } => false,
+        };
+        if http2 {
             http::Version::HTTP_2
         } else {
             http::Version::HTTP_11
@@ -106,6 +114,7 @@ impl Upstream {
         match self {
             Self::Tcp { client, .. } => client.request(req).await,
             Self::Unix { client, .. } => client.request(req).await,
+            Self::Route { client, .. } => client.request(req).await,
         }
     }
 }

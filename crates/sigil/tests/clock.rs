@@ -194,7 +194,7 @@ async fn proxy_refuses_a_client_svid_once_it_has_expired() {
     let proxy = sigil_proxy::start(cfg, Arc::new(clock.clone()))
         .await
         .unwrap();
-    let port = proxy.addr.port();
+    let port = proxy.addr.unwrap().port();
     let call = || {
         let mut cmd = std::process::Command::new("curl");
         cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])

@@ -25,6 +25,10 @@ pub struct DevArgs {
     /// Listener of the sidecar proxy in front of the demo model server (mTLS).
     #[arg(long, default_value = "127.0.0.1:9443")]
     pub proxy_listen: String,
+    /// Outbound listener of the caller-side sidecar (plain HTTP, your uid only): your
+    /// process's calls go out with its identity and token.
+    #[arg(long, default_value = "127.0.0.1:9080")]
+    pub outbound_listen: String,
 }
 
 /// The demo policy `sigil dev` enforces (the one in the repository's `policy/` directory).
@@ -228,7 +232,33 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         audit = super::toml_str(&audit_log.display().to_string()),
     ))?;
     let proxy = sigil_proxy::start(proxy_cfg, Arc::new(SystemClock)).await?;
-    let proxy_port = proxy.addr.port();
+    let proxy_port = proxy
+        .addr
+        .map(|a| a.port())
+        .ok_or_else(|| anyhow::anyhow!("the proxy has no inbound listener"))?;
+    // The caller's side: a sidecar with the demo agent's identity, whose outbound listener
+    // takes plain HTTP from your processes and calls the model through both sidecars.
+    let outbound_cfg: sigil_proxy::ProxyConfig = toml::from_str(&format!(
+        "trust_domain = {td}\nissuer = {iss}\nworkload_api_socket = {sock}\nspiffe_id = {me}\n\
+         policy_dir = {pdir}\naudit_log = {audit}\n\
+         [outbound]\nlisten_addr = {out}\n\
+         [[outbound.routes]]\nname = \"demo-model\"\naddress = {to}\nspiffe_id = {pid}\n\
+         audience = {aud}\nscope = \"model:invoke model:list\"\ndefault = true\n",
+        td = super::toml_str(DEV_TRUST_DOMAIN),
+        iss = super::toml_str(&format!("https://localhost:{port}")),
+        sock = super::toml_str(&agent.socket.display().to_string()),
+        me = super::toml_str(&demo_id),
+        pdir = super::toml_str(&policy_dir.display().to_string()),
+        audit = super::toml_str(&data_dir.join("outbound-audit.log").display().to_string()),
+        out = super::toml_str(&args.outbound_listen),
+        to = super::toml_str(&format!("127.0.0.1:{proxy_port}")),
+        pid = super::toml_str(&proxy_id),
+        aud = super::toml_str(DEMO_AUDIENCE),
+    ))?;
+    let outbound = sigil_proxy::start(outbound_cfg, Arc::new(SystemClock)).await?;
+    let outbound_addr = outbound
+        .outbound_addr
+        .ok_or_else(|| anyhow::anyhow!("the outbound sidecar has no listener"))?;
     let demo = data_dir.join("demo");
     let api = agent.socket.clone();
     println!(
@@ -276,6 +306,17 @@ for chunk in client.chat.completions.create(model="defect-detector", stream=True
 print()
 EOF
 
+An unmodified agent needs neither: the caller-side sidecar at http://{outbound_addr} takes
+plain HTTP from your uid only, and calls the model as {demo_id} (its SVID, its token, mTLS to
+the model's sidecar, egress policy; the API key is ignored and never sent on):
+
+  python3 - <<'EOF'
+import openai
+client = openai.OpenAI(base_url="http://{outbound_addr}/v1", api_key="unused")
+print(client.chat.completions.create(model="defect-detector",
+      messages=[{{"role": "user", "content": "inspect part 7"}}]).choices[0].message.content)
+EOF
+
 Every decision is recorded in {audit} (`{sigil} audit show {audit}` prints it).
 
   export SIGIL_ADMIN_SOCKET={socket}
@@ -295,6 +336,7 @@ Every decision is recorded in {audit} (`{sigil} audit show {audit}` prints it).
         r = agent.wait() => if let Err(e) = r { eprintln!("sigil dev: agent stopped: {e}") },
         r = model => eprintln!("sigil dev: demo model server stopped: {r:?}"),
     }
+    outbound.shutdown();
     proxy.shutdown();
     agent.shutdown().await;
     server.shutdown().await;
