@@ -21,8 +21,7 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::client::ResolvesClientCert;
-use rustls::pki_types::{CertificateDer, ServerName};
+
 use rustls::sign::CertifiedKey;
 use serde::Deserialize;
 use sigil_core::SpiffeId;
@@ -34,6 +33,7 @@ use sigil_tls::SvidServerVerifier;
 use crate::Credentials;
 use crate::extract::Call;
 use crate::respond::Body;
+use crate::shipper::OwnSvid;
 
 /// The `[outbound]` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -231,19 +231,6 @@ impl tower::Service<Uri> for Counting {
         self.n.inc();
         let fut = self.inner.call(uri);
         Box::pin(async move { fut.await.map_err(Into::into) })
-    }
-}
-
-/// Presents the SVID a pool was built with.
-#[derive(Debug)]
-struct OwnSvid(Arc<CertifiedKey>);
-
-impl ResolvesClientCert for OwnSvid {
-    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-    fn has_certs(&self) -> bool {
-        true
     }
 }
 
@@ -550,30 +537,12 @@ fn urlencode(s: &str) -> String {
     out
 }
 
-/// POSTs a form to `<issuer>/oauth2/token` over mTLS with this sidecar's SVID; the server is
-/// checked against the bundle's authorities and its name.
+/// POSTs a form to `<issuer>/oauth2/token` over mTLS with this sidecar's SVID.
 async fn post_form(issuer: &str, creds: &Credentials, body: String) -> anyhow::Result<Bytes> {
     use anyhow::Context as _;
     let (host, port) = crate::shipper::parse_target(issuer)
         .context("the issuer is not an https://host:port URL")?;
-    let mut roots = rustls::RootCertStore::empty();
-    for der in &creds.x509.authorities {
-        roots.add(CertificateDer::from(der.clone()))?;
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(sigil_tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_client_cert_resolver(Arc::new(OwnSvid(creds.serving.clone())));
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .with_context(|| format!("connecting to {host}:{port}"))?;
-    let name = ServerName::try_from(host.clone())?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(name, tcp)
-        .await
-        .with_context(|| format!("TLS to {host}:{port}"))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut send = crate::shipper::connect_authority(creds, &host, port).await?;
     let req = http::Request::post("/oauth2/token")
         .header(http::header::HOST, format!("{host}:{port}"))
         .header(

@@ -321,28 +321,36 @@ impl Shipper {
     ) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
         // Built from the current credentials at each connection, so rotated SVIDs and
         // bundles are picked up.
-        let tls = client_config(&self.creds.load())?;
-        let tcp = tokio::time::timeout(
-            Duration::from_secs(10),
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
+        connect_authority(&self.creds.load(), &self.host, self.port).await
+    }
+}
+
+/// An HTTP/1.1 connection over mTLS to the trust authority at `host:port`: the server is
+/// checked against the bundle's authorities and its name, the client presents the proxy's
+/// own SVID (`creds`).
+pub(crate) async fn connect_authority(
+    creds: &Credentials,
+    host: &str,
+    port: u16,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let tls = client_config(creds)?;
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect((host, port)))
         .await
         .context("connecting timed out")?
-        .with_context(|| format!("connecting to {}:{}", self.host, self.port))?;
-        let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from(self.host.clone())?;
-        let stream = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
-        )
-        .await
-        .context("TLS handshake timed out")?
-        .with_context(|| format!("TLS to {}:{}", self.host, self.port))?;
-        let (send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        Ok(send)
-    }
+        .with_context(|| format!("connecting to {host}:{port}"))?;
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(host.to_owned())?;
+    let stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+    )
+    .await
+    .context("TLS handshake timed out")?
+    .with_context(|| format!("TLS to {host}:{port}"))?;
+    let (send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(send)
 }
 
 /// A client configuration that trusts the bundle's X.509 authorities for the server and
@@ -359,8 +367,9 @@ fn client_config(creds: &Credentials) -> anyhow::Result<Arc<rustls::ClientConfig
     Ok(Arc::new(cfg))
 }
 
+/// Presents one SVID as the client certificate.
 #[derive(Debug)]
-struct OwnSvid(Arc<CertifiedKey>);
+pub(crate) struct OwnSvid(pub(crate) Arc<CertifiedKey>);
 
 impl ResolvesClientCert for OwnSvid {
     fn resolve(
