@@ -61,6 +61,12 @@ def test_sigil_dev_instructions_work_as_printed(tmp_path: Path):
         assert out.count("spiffe://sigil.test/demo/agent") >= 2, out
         audit = (data / "proxy-audit.log").read_text()
         assert '"decision":"allow"' in audit
+        # The openai snippet with only base_url went out through the caller-side sidecar,
+        # which decided egress and recorded it.
+        assert "base_url=\"http://127.0.0.1:" in script, script
+        outbound = (data / "outbound-audit.log").read_text()
+        assert '"direction":"outbound","route":"demo-model"' in outbound, outbound
+        assert '"decision":"allow"' in outbound, outbound
     finally:
         proc.terminate()
         proc.wait(timeout=20)
