@@ -8,7 +8,10 @@
 //! sequential requests) and throughput (C connections for a fixed time). The process under
 //! test runs on core 1 (`taskset -c 1`, one worker); this process, the upstream and the trust
 //! authority run on core 0. Also: the full-path proxy's RSS idle and with 1,000 open mTLS
-//! connections.
+//! connections. Target (h) is the caller's side: plain HTTP to a `sigil proxy` with an
+//! `[outbound]` route to (d) (two sidecars, mTLS between them; the outbound sidecar also on
+//! core 1), with the mTLS handshakes it made per 1,000 calls from its
+//! `sigil_proxy_outbound_connections` counter.
 //!
 //! Run: `scripts/bench-proxy` (installs nginx if missing), or
 //! `cargo bench -p sigil --bench proxy_load`. Tunables: `SIGIL_BENCH_N` (latency requests,
@@ -477,6 +480,26 @@ async fn rss_with_connections(t: &Target, auth: &HeaderValue, n: usize, pid: u32
     (rss, rss_mib(pid))
 }
 
+/// The sum of a Prometheus counter's samples at `addr`'s `/metrics` (0 when absent).
+fn scrape_counter(addr: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    write!(tcp, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn lines_in(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
+}
+
 /// An upstream that answers every request after `delay` (a model that takes a moment):
 /// hyper on its own thread of this process; its port.
 fn delayed_upstream(delay: Duration) -> u16 {
@@ -764,6 +787,51 @@ fn main() {
         .wait_port(metrics_port)
     });
 
+    // (h) Two sidecars: this process speaks plain HTTP to a caller-side `sigil proxy`
+    // ([outbound], the load generator's own uid), which adds the client's identity (its
+    // SVID, an access token it fetches itself) and calls (d) over pooled mTLS, requiring
+    // (d)'s exact SPIFFE ID; (d) decides as for any caller. Both sidecars audit the call.
+    let out_port = free_port();
+    let out_metrics = format!("127.0.0.1:{}", free_port());
+    let out_dir = dir.join("outbound");
+    let out_policies = out_dir.join("policies");
+    std::fs::create_dir_all(&out_policies).unwrap();
+    std::fs::write(
+        out_policies.join("egress.cedar"),
+        format!(
+            "{POLICY}\n@id(\"bench-egress\")\npermit (principal in Group::\"factory-floor\", \
+             action == Action::\"egress\", resource == Route::\"model\");\n"
+        ),
+    )
+    .unwrap();
+    let out_cfg = out_dir.join("outbound.toml");
+    std::fs::write(
+        &out_cfg,
+        format!(
+            "trust_domain = \"{TD}\"\nissuer = \"{issuer}\"\n\
+             cert = \"{c}/svid.pem\"\nkey = \"{c}/key.pem\"\nbundle = \"{b}\"\n\
+             policy_dir = \"{p}\"\naudit_log = \"{a}\"\nmetrics_addr = \"{out_metrics}\"\n\
+             [outbound]\nlisten_addr = \"127.0.0.1:{out_port}\"\n\
+             [[outbound.routes]]\nname = \"model\"\naddress = \"127.0.0.1:{full_port}\"\n\
+             spiffe_id = \"spiffe://{TD}/proxy\"\naudience = \"model-gw\"\n\
+             scope = \"model:invoke\"\ndefault = true\n",
+            issuer = s.url(""),
+            c = cdir.display(),
+            b = bundle_json.display(),
+            p = out_policies.display(),
+            a = out_dir.join("audit.log").display(),
+        ),
+    )
+    .unwrap();
+    let out_proxy = spawn(
+        "sigil proxy (outbound)",
+        Some(TARGET_CORE),
+        sigil,
+        &["proxy".into(), "--config".into(), out_cfg.display().to_string()],
+        &dir.join("proxy-outbound.log"),
+    )
+    .wait_port(out_port);
+
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -848,6 +916,16 @@ fn main() {
             ));
         }
 
+        targets.push(Target {
+            tls: None,
+            ..target(
+                "two_sidecars",
+                "(h) plain HTTP -> outbound sidecar -> (d)",
+                out_port,
+                out_proxy.pid(),
+            )
+        });
+
         if let Ok(only) = std::env::var("SIGIL_BENCH_ONLY") {
             let keep: Vec<&str> = only.split(',').map(str::trim).collect();
             targets.retain(|t| t.key == "direct" || keep.contains(&t.key));
@@ -892,8 +970,13 @@ fn main() {
                 ..Default::default()
             })
             .collect();
+        // The outbound sidecar's handshakes to (d), and the calls it made (its audit records).
+        let out_audit = out_dir.join("audit.log");
+        let handshakes = || scrape_counter(&out_metrics, "sigil_proxy_outbound_connections");
+        let (hs0, calls0) = (handshakes(), lines_in(&out_audit));
         latency(&targets, &auth, n, &mut all).await;
         eprintln!("  done: latency");
+        let (hs1, calls1) = (handshakes(), lines_in(&out_audit));
         for (t, f) in targets.iter().zip(all.iter_mut()) {
             throughput(t, &auth, conns, secs, f).await;
             eprintln!(
@@ -901,6 +984,14 @@ fn main() {
                 t.label, f.p50_us, f.req_per_s
             );
         }
+        let (hs2, calls2) = (handshakes(), lines_in(&out_audit));
+        let per_1000 = |hs: f64, calls: usize| 1000.0 * hs / (calls.max(1) as f64);
+        let outbound = serde_json::json!({
+            "latency_phase": {"handshakes": hs1 - hs0, "calls": calls1 - calls0,
+                "per_1000": per_1000(hs1 - hs0, calls1 - calls0)},
+            "throughput_phase": {"handshakes": hs2 - hs1, "calls": calls2 - calls1,
+                "per_1000": per_1000(hs2 - hs1, calls2 - calls1), "connections": conns},
+        });
         let rss_after = rss_mib(full_proxy.pid());
         let (rss_hold, rss_closed) =
             rss_with_connections(&full_t, &auth, hold, full_proxy.pid()).await;
@@ -966,6 +1057,30 @@ fn main() {
              with {hold} connections {rss_hold_nginx:.1} MiB"
         );
         println!("audit records written by the full-path proxy: {audit_lines}");
+        println!(
+            "outbound sidecar -> (d) mTLS handshakes: {:.0} for {} calls on 1 client connection \
+             ({:.2} per 1,000); {:.0} for {} calls on {conns} client connections ({:.2} per 1,000)",
+            hs1 - hs0,
+            calls1 - calls0,
+            per_1000(hs1 - hs0, calls1 - calls0),
+            hs2 - hs1,
+            calls2 - calls1,
+            per_1000(hs2 - hs1, calls2 - calls1),
+        );
+        if let (Some(two), Some(full)) = (
+            all.iter().find(|f| f.target == "two_sidecars"),
+            all.iter().find(|f| f.target == "sigil_full"),
+        ) {
+            let (d50, d99) = (two.p50_us - direct.p50_us, two.p99_us - direct.p99_us);
+            println!(
+                "budgets: two sidecars add p50 {d50:.0} µs (≤ 300: {}), p99 {d99:.0} µs (≤ 1500: {}); \
+                 the outbound hop alone (h - d): p50 {:.0} µs, p99 {:.0} µs",
+                if d50 <= 300.0 { "met" } else { "MISSED" },
+                if d99 <= 1500.0 { "met" } else { "MISSED" },
+                two.p50_us - full.p50_us,
+                two.p99_us - full.p99_us,
+            );
+        }
         if let Some(full) = all.iter().find(|f| f.target == "sigil_full") {
             let (d50, d99) = (full.p50_us - direct.p50_us, full.p99_us - direct.p99_us);
             println!(
@@ -989,11 +1104,13 @@ fn main() {
                 "nginx_with_connections": rss_hold_nginx, "connections": hold,
             },
             "audit_records": audit_lines,
+            "outbound_handshakes": outbound,
         });
         let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("proxy_load.json");
         std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
         println!("JSON: {}", path.display());
     });
+    drop(out_proxy);
     drop(full_proxy);
     drop(shm_proxy);
     drop(shm_dir);
