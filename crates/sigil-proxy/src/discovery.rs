@@ -34,9 +34,17 @@ pub(crate) fn metadata(
         "tls_client_certificate_bound_access_tokens": true,
         "resource_name": cfg.audience,
     });
-    if cfg.dpop {
-        doc["dpop_signing_alg_values_supported"] = serde_json::json!(sigil_pki::DPOP_ALGORITHMS);
-        doc["dpop_bound_access_tokens_required"] = serde_json::json!(false);
+    if cfg.dpop
+        && let Some(o) = doc.as_object_mut()
+    {
+        o.insert(
+            "dpop_signing_alg_values_supported".into(),
+            serde_json::json!(sigil_pki::DPOP_ALGORITHMS),
+        );
+        o.insert(
+            "dpop_bound_access_tokens_required".into(),
+            serde_json::json!(false),
+        );
     }
     let mut r = http::Response::new(full(doc.to_string()));
     r.headers_mut().insert(

@@ -212,7 +212,7 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             upstream: Box::new(upstream::Upstream::new(u, cfg.upstream_http2)),
             audience: a.clone(),
             tokens: token::TokenCache::default(),
-            dpop: dpop::DpopState::new(cfg),
+            dpop: Box::new(dpop::DpopState::new(cfg)),
         }),
         _ => None,
     };

@@ -46,7 +46,7 @@ pub(crate) enum Side {
         upstream: Box<crate::upstream::Upstream>,
         audience: String,
         tokens: TokenCache,
-        dpop: crate::dpop::DpopState,
+        dpop: Box<crate::dpop::DpopState>,
     },
     /// The local workload's own calls, sent on its routes; the principal is this sidecar's
     /// own SVID and the token comes from the trust authority.

@@ -300,7 +300,10 @@ impl ServerConfig {
         for (n, x) in self.external_issuers.iter().enumerate() {
             x.validate()
                 .map_err(|m| bad("external_issuers", format!("[{n}] {}: {m}", x.issuer)))?;
-            if self.external_issuers[..n]
+            if self
+                .external_issuers
+                .get(..n)
+                .unwrap_or_default()
                 .iter()
                 .any(|o| o.issuer == x.issuer)
             {
@@ -424,6 +427,45 @@ mod tests {
                 .validate()
                 .unwrap_err();
             assert_eq!(e.key, "tpm_pcrs");
+        }
+    }
+
+    #[test]
+    fn external_issuers_and_delegation_depth_are_checked() {
+        use super::jwks_uri_allowed;
+        assert!(jwks_uri_allowed("https://login.example.org/jwks"));
+        assert!(jwks_uri_allowed("http://127.0.0.1:8080/jwks"));
+        assert!(jwks_uri_allowed("http://localhost/jwks"));
+        assert!(jwks_uri_allowed("http://[::1]:80/jwks"));
+        for bad in ["http://login.example.org/jwks", "ftp://x/jwks", "jwks", ""] {
+            assert!(!jwks_uri_allowed(bad), "{bad}");
+        }
+        let issuer = |extra: serde_json::Value| {
+            let mut x = serde_json::json!({
+                "issuer": "https://login.example.org",
+                "jwks_uri": "https://login.example.org/jwks",
+                "audience": "urn:sigil",
+            });
+            if let (Some(o), Some(e)) = (x.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            x
+        };
+        let ok = config(serde_json::json!({ "external_issuers": [issuer(serde_json::json!({}))] }));
+        assert!(ok.validate().is_ok());
+        assert_eq!(ok.max_delegation_depth, 3);
+        for bad in [
+            serde_json::json!({ "external_issuers": [issuer(serde_json::json!({"algorithms": ["HS256"]}))] }),
+            serde_json::json!({ "external_issuers": [issuer(serde_json::json!({"audience": ""}))] }),
+            serde_json::json!({ "external_issuers": [issuer(serde_json::json!({})), issuer(serde_json::json!({}))] }),
+        ] {
+            assert_eq!(config(bad).validate().unwrap_err().key, "external_issuers");
+        }
+        for depth in [0, 17] {
+            let e = config(serde_json::json!({ "max_delegation_depth": depth }))
+                .validate()
+                .unwrap_err();
+            assert_eq!(e.key, "max_delegation_depth");
         }
     }
 

@@ -141,10 +141,14 @@ pub struct Exchange {
     max_depth: usize,
     /// The engine of the stored policy bundle: the change counter it was built at, when, and
     /// the engine (`None`: no bundle pushed).
-    engine: Mutex<Option<(u64, Instant, Option<Arc<PolicyEngine>>)>>,
+    engine: Mutex<Option<CachedEngine>>,
     /// DPoP proofs seen at the token endpoint.
     dpop_jtis: Mutex<JtiCache>,
 }
+
+/// The engine of the stored bundle: the change counter it was built at, when, and the
+/// engine (`None`: no bundle pushed).
+type CachedEngine = (u64, Instant, Option<Arc<PolicyEngine>>);
 
 /// How far a DPoP proof's `iat` may be from now at the token endpoint, seconds.
 pub const DPOP_WINDOW_SECS: i64 = 60;
@@ -386,6 +390,7 @@ impl Exchange {
 
     /// Narrows and decides the exchange: chain length, scopes, audience, the actor's entry
     /// and Cedar's `act_for`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn decide(
         &self,
         req: &ExchangeRequest<'_>,

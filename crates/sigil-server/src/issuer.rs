@@ -221,22 +221,7 @@ impl Issuer {
             .jkt
             .clone()
             .unwrap_or_else(|| claims.cnf.x5t_s256.clone());
-        // INVARIANT: the token and, for an exchange, who acts for whom are durable in the
-        // transparency log before the token is returned.
-        self.log
-            .record(IssuedIdentity {
-                kind: IdentityKind::AccessToken,
-                serial_or_jti: claims.jti.clone(),
-                spiffe_id: g.client.clone(),
-                thumbprint,
-                audience: claims.aud.clone(),
-                issued_at: now,
-                not_after: claims.exp,
-                requester: g.client.to_string(),
-            })
-            .await
-            .map_err(ServerError::from)?;
-        if let Some(d) = &g.delegation {
+        let exchange = g.delegation.as_ref().map(|d| {
             let mut change = sigil_log::ChangeRecord::new("token-exchange", now);
             change.actors = Some(d.chain.clone());
             change.jti = Some(claims.jti.clone());
@@ -245,8 +230,30 @@ impl Issuer {
             change.subject = Some(claims.sub.clone());
             change.subject_issuer = Some(d.subject_issuer.clone());
             change.token_sha256 = Some(d.subject_token_sha256.clone());
-            self.log_change(change).await?;
-        }
+            change
+        });
+        let record = self.log.record(IssuedIdentity {
+            kind: IdentityKind::AccessToken,
+            serial_or_jti: claims.jti.clone(),
+            spiffe_id: g.client.clone(),
+            thumbprint,
+            audience: claims.aud.clone(),
+            issued_at: now,
+            not_after: claims.exp,
+            requester: g.client.to_string(),
+        });
+        // INVARIANT: the token and, for an exchange, who acts for whom are durable in the
+        // transparency log before the token is returned. Both are submitted at once, so the
+        // group-commit writer usually makes them durable in one commit.
+        let logged = async {
+            match exchange {
+                Some(change) => self.log_change(change).await,
+                None => Ok(()),
+            }
+        };
+        let (recorded, logged) = tokio::join!(record, logged);
+        recorded.map_err(ServerError::from)?;
+        logged?;
         tracing::info!(client = %g.client, sub = %claims.sub, jti = %claims.jti, scope = %claims.scope, delegated = g.delegation.is_some(), "issued access token");
         Ok((token, claims))
     }
