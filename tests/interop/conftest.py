@@ -25,12 +25,18 @@ def free_port() -> int:
 
 
 class Sigil:
-    def __init__(self, root: Path, port: int = 0):
+    def __init__(self, root: Path, port: int = 0, config: str = ""):
+        """`config`: TOML text for a configuration file (`--config`), for the keys that have
+        no flag (e.g. `[[external_issuers]]`)."""
         self.bin = os.environ["SIGIL_BIN"]
         self.root = root
         self.dir = root / "server"
         self.port = port or free_port()
         self.socket = self.dir / "admin.sock"
+        self.config = None
+        if config:
+            self.config = root / "server.toml"
+            self.config.write_text(config)
         self.start()
 
     def start(self):
@@ -38,7 +44,8 @@ class Sigil:
         self.log = open(root / "server.log", "ab")
         self.proc = subprocess.Popen(
             [self.bin, "server", "--trust-domain", TD, "--data-dir", str(self.dir),
-             "--listen-addr", f"127.0.0.1:{self.port}"],
+             "--listen-addr", f"127.0.0.1:{self.port}",
+             *(["--config", str(self.config)] if self.config else [])],
             stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.time() + 30
         while True:
@@ -190,6 +197,16 @@ class Workload:
         return r.json()["access_token"]
 
 
+    def exchange(self, subject_token: str, resource: str, **extra) -> httpx.Response:
+        """RFC 8693 token exchange over mTLS: this workload acts for `subject_token`'s user."""
+        with httpx.Client(verify=self.ctx, timeout=10) as c:
+            return c.post(self.server.url + "/oauth2/token", data={
+                "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                "subject_token": subject_token,
+                "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                "resource": resource, **extra})
+
+
 class Proxy:
     """A real `sigil proxy` process in agent mode: its serving SVID (`spiffe_id`, an entry with
     `--dns localhost` and `--enforcer`) and the bundles come from the agent's Workload API,
@@ -296,3 +313,79 @@ def mcp_server(root: Path, calls: Path, json_response: bool, stateless: bool = F
     if stateless:
         args.append("--stateless")
     return Upstream(args, port, root / "mcp-server.log")
+
+
+IDP_DIR = Path(__file__).with_name("idp")
+
+
+class IdP:
+    """A real OpenID provider: tests/interop/idp/provider.js (the npm package `oidc-provider`)
+    run by Node on a free loopback port. `user_token` logs a user in through its own login and
+    consent pages (authorization code flow, as a browser would) and returns the JWT access
+    token the provider mints."""
+
+    CLIENT = ("console", "console-secret")
+    REDIRECT = "http://127.0.0.1/callback"
+
+    def __init__(self, root: Path):
+        assert (IDP_DIR / "node_modules" / "oidc-provider").exists(), \
+            "run `npm ci --prefix tests/interop/idp` (scripts/test does)"
+        self.port = free_port()
+        self.issuer = f"http://127.0.0.1:{self.port}"
+        self.jwks_uri = f"{self.issuer}/jwks"
+        self.log_path = root / f"idp-{self.port}.log"
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(["node", str(IDP_DIR / "provider.js"), str(self.port)],
+                                     stdout=self.log, stderr=self.log)
+        def up():
+            assert self.proc.poll() is None, self.log_path.read_text()
+            return httpx.get(f"{self.issuer}/.well-known/openid-configuration", timeout=1).status_code == 200
+        wait_for(up, 30, "the OpenID provider")
+
+    def user_token(self, user: str, scope: str = "openid tool:call tool:list",
+                   resource: str = "urn:sigil") -> str:
+        import re
+        from html import unescape
+        from urllib.parse import parse_qs, urljoin, urlparse
+        with httpx.Client(timeout=10, follow_redirects=False) as c:
+            r = c.get(f"{self.issuer}/auth", params={
+                "client_id": self.CLIENT[0], "response_type": "code", "scope": scope,
+                "redirect_uri": self.REDIRECT, "resource": resource, "state": "s1"})
+            code = None
+            for _ in range(20):
+                if r.status_code in (302, 303):
+                    loc = urljoin(str(r.url), r.headers["location"])
+                    if loc.startswith(self.REDIRECT):
+                        q = parse_qs(urlparse(loc).query)
+                        assert "code" in q, loc
+                        code = q["code"][0]
+                        break
+                    r = c.get(loc)
+                    continue
+                assert r.status_code == 200, (r.status_code, r.text)
+                # A login or consent page of the provider's dev interactions: fill the form.
+                action = unescape(re.search(r'<form[^>]*action="([^"]+)"', r.text).group(1))
+                fields = {unescape(n): unescape(v) for n, v in re.findall(
+                    r'<input[^>]*type="hidden"[^>]*name="([^"]+)"[^>]*value="([^"]*)"', r.text)}
+                if 'name="login"' in r.text:
+                    fields.update({"login": user, "password": "any"})
+                r = c.post(urljoin(str(r.url), action), data=fields)
+            assert code, "no authorization code"
+            t = c.post(f"{self.issuer}/token", auth=self.CLIENT, data={
+                "grant_type": "authorization_code", "code": code,
+                "redirect_uri": self.REDIRECT, "resource": resource})
+            assert t.status_code == 200, t.text
+            return t.json()["access_token"]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture()
+def idp(tmp_path):
+    p = IdP(tmp_path)
+    yield p
+    p.stop()

@@ -36,7 +36,7 @@ def test_pyjwt_validates_jwt_svid_and_access_token(sigil, tmp_path):
 
     doc = discover(sigil, ctx)
     assert doc["issuer"] == sigil.url
-    assert doc["token_endpoint_auth_methods_supported"] == ["tls_client_auth"]
+    assert doc["token_endpoint_auth_methods_supported"] == ["tls_client_auth", "private_key_jwt"]
     assert doc["tls_client_certificate_bound_access_tokens"] is True
     jwks = jwt.PyJWKClient(doc["jwks_uri"], ssl_context=ctx)
 

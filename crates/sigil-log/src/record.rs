@@ -26,6 +26,7 @@ pub const CHANGE_KINDS: &[&str] = &[
     "join-token",
     "key-rotation",
     "policy-bundle",
+    "token-exchange",
 ];
 
 /// A change the trust authority made, logged before the admin API answers. One shape for
@@ -38,12 +39,17 @@ pub const CHANGE_KINDS: &[&str] = &[
 /// - `join-token`: `token_sha256` (never the token), `node_id`, `expires_at`;
 /// - `key-rotation`: `authority` (`x509`/`jwt`/`policy`), `action` (`prepared`/`activated`),
 ///   `key_id`, `bundle_sequence`;
-/// - `policy-bundle`: `revision`, `envelope_sha256`, `payload_sha256`, `key_id`, `not_after`.
+/// - `policy-bundle`: `revision`, `envelope_sha256`, `payload_sha256`, `key_id`, `not_after`;
+/// - `token-exchange` (RFC 8693): `spiffe_id` (the workload now acting), `actors` (the whole
+///   chain, current actor first), `subject` (the user) and `subject_issuer`, `jti` and
+///   `not_after` of the new token, `token_sha256` (of the subject token exchanged).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actors: Option<Vec<String>>,
     /// When the change was made (Unix seconds).
     pub at: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,6 +62,8 @@ pub struct ChangeRecord {
     pub envelope_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
     pub kind: String,
@@ -79,6 +87,10 @@ pub struct ChangeRecord {
     pub spec_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spiffe_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_issuer: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_sha256: Option<String>,
 }

@@ -63,7 +63,9 @@ fn bench(c: &mut Criterion) {
         exp: NOW + 300,
         cnf: Confirmation {
             x5t_s256: x5t_s256(&svid.der),
+            jkt: None,
         },
+        ..Default::default()
     };
     let token = signer.mint_access_token(&claims).unwrap();
     c.bench_function("access_token_validate_es256", |b| {

@@ -85,16 +85,61 @@ pub struct JwtSvidClaims {
     pub jti: Option<String>,
 }
 
-/// The `cnf` claim: the certificate the token is bound to (RFC 8705).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The `cnf` claim: what the token is bound to, exactly one of a client certificate
+/// (RFC 8705 `x5t#S256`) or a DPoP key (RFC 9449 `jkt`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Confirmation {
-    /// base64url SHA-256 of the client certificate's DER.
-    #[serde(rename = "x5t#S256")]
+    /// base64url SHA-256 of the client certificate's DER; empty for a DPoP-bound token.
+    #[serde(rename = "x5t#S256", default, skip_serializing_if = "String::is_empty")]
     pub x5t_s256: String,
+    /// The RFC 7638 thumbprint (SHA-256, base64url) of the DPoP public key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jkt: Option<String>,
 }
 
-/// The claims of an RFC 9068 access token bound to a client certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Most actors an `act` claim may nest (RFC 8693 §4.1); deeper is refused as malformed.
+pub const MAX_ACT_DEPTH: usize = 16;
+
+/// The `act` claim of a delegated token (RFC 8693 §4.1): the actor (a workload's SPIFFE ID),
+/// and inside it the actor before it, back to the first one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The actor's SPIFFE ID.
+    pub sub: String,
+    /// The previous actor, if this one acts on a token that was itself delegated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Box<Actor>>,
+}
+
+impl Actor {
+    /// The chain of actors, the current (outermost) one first.
+    pub fn chain(&self) -> Vec<&str> {
+        let mut out = vec![self.sub.as_str()];
+        let mut next = self.act.as_deref();
+        while let Some(a) = next {
+            out.push(a.sub.as_str());
+            next = a.act.as_deref();
+        }
+        out
+    }
+
+    /// A chain as an `act` claim: `chain[0]` outermost.
+    pub fn from_chain(chain: &[String]) -> Option<Self> {
+        let mut inner: Option<Box<Actor>> = None;
+        for sub in chain.iter().rev() {
+            inner = Some(Box::new(Actor {
+                sub: sub.clone(),
+                act: inner,
+            }));
+        }
+        inner.map(|b| *b)
+    }
+}
+
+/// The claims of an RFC 9068 access token bound to a client certificate or a DPoP key. A
+/// delegated token (RFC 8693 token exchange) has the user as `sub`, the chain of workloads
+/// acting for them in `act`, and the user's groups in `user_groups`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct AccessTokenClaims {
     /// Issuer (the authorization server's URL).
     pub iss: String,
@@ -118,8 +163,14 @@ pub struct AccessTokenClaims {
     pub groups: Vec<String>,
     /// Expiry.
     pub exp: i64,
-    /// Certificate binding.
+    /// Certificate or DPoP key binding.
     pub cnf: Confirmation,
+    /// The actors of a delegated token, the current one outermost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub act: Option<Actor>,
+    /// The user's groups (from their issuer's groups claim), in a delegated token.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub user_groups: Vec<String>,
 }
 
 impl AccessTokenClaims {
@@ -131,6 +182,19 @@ impl AccessTokenClaims {
     /// Whether `scope` was granted.
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes().any(|s| s == scope)
+    }
+
+    /// The workload presenting the token: the current actor of a delegated token, else the
+    /// subject.
+    pub fn presenter(&self) -> &str {
+        self.act
+            .as_ref()
+            .map_or(self.sub.as_str(), |a| a.sub.as_str())
+    }
+
+    /// How many workloads a delegated token passed through (0: not delegated).
+    pub fn delegation_depth(&self) -> usize {
+        self.act.as_ref().map_or(0, |a| a.chain().len())
     }
 
     /// Checks the token is bound to the certificate the client presented on this connection
@@ -285,11 +349,16 @@ impl JwtSigner {
             ("sub", &claims.sub),
             ("client_id", &claims.client_id),
             ("jti", &claims.jti),
-            ("cnf.x5t#S256", &claims.cnf.x5t_s256),
         ] {
             if value.is_empty() {
                 return Err(PkiError::EmptyClaim(name));
             }
+        }
+        // Exactly one binding: a certificate or a DPoP key.
+        match (&claims.cnf.x5t_s256, &claims.cnf.jkt) {
+            (x, None) if !x.is_empty() => {}
+            (x, Some(j)) if x.is_empty() && !j.is_empty() => {}
+            _ => return Err(PkiError::EmptyClaim("cnf.x5t#S256")),
         }
         if claims.aud.is_empty() || claims.aud.iter().any(String::is_empty) {
             return Err(PkiError::EmptyAudience);
@@ -407,6 +476,7 @@ struct RawSvidClaims {
 struct RawConfirmation {
     #[serde(rename = "x5t#S256")]
     x5t_s256: Option<String>,
+    jkt: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -424,6 +494,9 @@ struct RawAccessClaims {
     nbf: Option<i64>,
     exp: Option<i64>,
     cnf: Option<RawConfirmation>,
+    act: Option<Actor>,
+    #[serde(default)]
+    user_groups: Option<Vec<String>>,
 }
 
 fn check_time(
@@ -534,10 +607,21 @@ pub fn validate_access_token_keyed(
     let client_id = raw.client_id.ok_or(JwtError::MissingClaim("client_id"))?;
     let iat = raw.iat.ok_or(JwtError::MissingClaim("iat"))?;
     let jti = raw.jti.ok_or(JwtError::MissingClaim("jti"))?;
-    let x5t = raw
-        .cnf
-        .and_then(|c| c.x5t_s256)
-        .ok_or(JwtError::MissingClaim("cnf.x5t#S256"))?;
+    let cnf = raw.cnf.ok_or(JwtError::MissingClaim("cnf.x5t#S256"))?;
+    let cnf = match (cnf.x5t_s256, cnf.jkt) {
+        (Some(x5t), None) => Confirmation {
+            x5t_s256: x5t,
+            jkt: None,
+        },
+        (None, Some(jkt)) => Confirmation {
+            x5t_s256: String::new(),
+            jkt: Some(jkt),
+        },
+        (None, None) => return Err(JwtError::MissingClaim("cnf.x5t#S256")),
+        (Some(_), Some(_)) => {
+            return Err(JwtError::Malformed("cnf has both x5t#S256 and jkt"));
+        }
+    };
     if issuer.is_empty() || iss != issuer {
         return Err(JwtError::WrongIssuer);
     }
@@ -546,10 +630,17 @@ pub fn validate_access_token_keyed(
     if sub.is_empty() {
         return Err(JwtError::BadSubject("empty".into()));
     }
-    if b64url_decode(&x5t).is_none_or(|d| d.len() != 32) {
+    let thumbprint = cnf.jkt.as_deref().unwrap_or(&cnf.x5t_s256);
+    if b64url_decode(thumbprint).is_none_or(|d| d.len() != 32) {
         return Err(JwtError::Malformed(
             "cnf.x5t#S256 is not a base64url SHA-256",
         ));
+    }
+    if let Some(act) = &raw.act {
+        let chain = act.chain();
+        if chain.len() > MAX_ACT_DEPTH || chain.iter().any(|s| s.is_empty()) {
+            return Err(JwtError::Malformed("act nests too deep or names no actor"));
+        }
     }
     let claims = AccessTokenClaims {
         iss,
@@ -562,7 +653,9 @@ pub fn validate_access_token_keyed(
         nbf: raw.nbf,
         groups: raw.groups.unwrap_or_default(),
         exp,
-        cnf: Confirmation { x5t_s256: x5t },
+        cnf,
+        act: raw.act,
+        user_groups: raw.user_groups.unwrap_or_default(),
     };
     Ok((claims, key))
 }
@@ -602,7 +695,9 @@ mod tests {
             exp: NOW + 300,
             cnf: Confirmation {
                 x5t_s256: x5t_s256(b"the client certificate"),
+                jkt: None,
             },
+            ..Default::default()
         }
     }
 

@@ -1,5 +1,6 @@
 //! sigil's PKI: the CA, X.509-SVID and JWT-SVID minting and validation, OAuth access tokens
-//! (RFC 9068, certificate-bound per RFC 8705), JWKS and SPIFFE trust bundles.
+//! (RFC 9068, certificate-bound per RFC 8705 or DPoP-bound per RFC 9449, delegated per RFC
+//! 8693), DPoP proofs, JWKS and SPIFFE trust bundles.
 //!
 //! This crate does no I/O: keys and certificates go in and out as PEM/DER bytes, and time is
 //! passed in as `now`.
@@ -8,6 +9,7 @@
 mod bundle;
 mod ca;
 mod csr;
+mod dpop;
 mod error;
 mod jwk;
 mod jwt;
@@ -20,11 +22,16 @@ pub use ca::{
     SvidSpec,
 };
 pub use csr::{CsrKeyType, MAX_CSR_LEN, ParsedCsr, parse_csr, parse_csr_pem};
+pub use dpop::{
+    DPOP_ALGORITHMS, DpopCheck, DpopError, DpopProof, JtiCache, MAX_PROOF_LEN, ath_of,
+    normalize_htu, verify_dpop_proof,
+};
 pub use error::{JwtError, PkiError, SvidError};
 pub use jwk::{Jwk, JwtKeyRef, JwtKeySet};
 pub use jwt::{
-    ACCESS_TOKEN_TYP, AccessTokenClaims, Confirmation, JwtAlgorithm, JwtSigner, JwtSvidClaims,
-    MAX_TOKEN_LEN, validate_access_token, validate_access_token_keyed, validate_jwt_svid,
+    ACCESS_TOKEN_TYP, AccessTokenClaims, Actor, Confirmation, JwtAlgorithm, JwtSigner,
+    JwtSvidClaims, MAX_ACT_DEPTH, MAX_TOKEN_LEN, validate_access_token,
+    validate_access_token_keyed, validate_jwt_svid,
 };
 pub use keys::{KeyAlgorithm, KeyPair};
 pub use x509_verify::{

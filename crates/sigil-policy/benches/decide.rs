@@ -64,6 +64,7 @@ fn query<'a>(
         hour: 10,
         weekday: 2,
         arguments,
+        delegation: None,
     }
 }
 

@@ -87,6 +87,19 @@ pub struct Query<'a> {
     /// The arguments of an MCP `tools/call` (a JSON object; `None` or `null`: no arguments).
     /// They reach policy as the tags of `context.arguments` (see [`argument_tags`]).
     pub arguments: Option<&'a Value>,
+    /// Whom the caller acts for, when its token was delegated (`context.delegation`).
+    pub delegation: Option<&'a Delegation>,
+}
+
+/// A delegated token's user and chain, as policy sees them in `context.delegation`:
+/// `user`, `groups` (the user's), `chain` (the SPIFFE IDs of every workload acting, as a
+/// set) and `depth` (how many there are; 1 when the caller acts directly for the user).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Delegation {
+    pub user: String,
+    pub groups: Vec<String>,
+    /// The actors, the current one (the caller) first.
+    pub chain: Vec<String>,
 }
 
 /// A decision: allow or not, which policies decided, and any evaluation errors (which never
@@ -141,6 +154,7 @@ pub struct Caller {
     pub scopes: Vec<String>,
     pub hour: i64,
     pub weekday: i64,
+    pub delegation: Option<Delegation>,
 }
 
 impl Caller {
@@ -153,6 +167,7 @@ impl Caller {
             scopes: q.scopes.to_vec(),
             hour: q.hour,
             weekday: q.weekday,
+            delegation: q.delegation.cloned(),
         }
     }
 
@@ -176,6 +191,7 @@ impl Caller {
             hour: self.hour,
             weekday: self.weekday,
             arguments: None,
+            delegation: self.delegation.as_ref(),
         }
     }
 
@@ -187,6 +203,7 @@ impl Caller {
             && self.trust_domain == q.principal.trust_domain
             && self.groups == q.principal.groups
             && self.scopes == q.scopes
+            && self.delegation.as_ref() == q.delegation
     }
 }
 
@@ -404,6 +421,7 @@ impl PolicyEngine {
             q.scopes,
             q.hour,
             q.weekday,
+            q.delegation,
         ));
         let hit = self
             .callers
@@ -515,27 +533,55 @@ impl PolicyEngine {
         EntityUid::from_type_name_and_id(self.arguments.clone(), EntityId::new(ARGUMENTS_ID))
     }
 
-    /// The context: the token's scopes, the hour and weekday, the arguments entity.
+    /// The context: the token's scopes, the hour and weekday, the arguments entity, and the
+    /// delegation when there is one.
     fn context(&self, q: &Query<'_>) -> Result<Context, PolicyError> {
-        Context::from_pairs([
-            (
-                "scopes".to_owned(),
-                RestrictedExpression::new_set(
-                    q.scopes
-                        .iter()
-                        .map(|s| RestrictedExpression::new_string(s.clone())),
+        let strings = |v: &[String]| {
+            RestrictedExpression::new_set(
+                v.iter()
+                    .map(|s| RestrictedExpression::new_string(s.clone())),
+            )
+        };
+        let delegation = q
+            .delegation
+            .map(|d| -> Result<_, PolicyError> {
+                let depth = i64::try_from(d.chain.len()).map_err(bad)?;
+                let record = RestrictedExpression::new_record([
+                    (
+                        "user".to_owned(),
+                        RestrictedExpression::new_string(d.user.clone()),
+                    ),
+                    ("groups".to_owned(), strings(&d.groups)),
+                    ("chain".to_owned(), strings(&d.chain)),
+                    ("depth".to_owned(), RestrictedExpression::new_long(depth)),
+                ])
+                .map_err(bad)?;
+                Ok(("delegation".to_owned(), record))
+            })
+            .transpose()?;
+        Context::from_pairs(
+            [
+                (
+                    "scopes".to_owned(),
+                    RestrictedExpression::new_set(
+                        q.scopes
+                            .iter()
+                            .map(|s| RestrictedExpression::new_string(s.clone())),
+                    ),
                 ),
-            ),
-            ("hour".to_owned(), RestrictedExpression::new_long(q.hour)),
-            (
-                "weekday".to_owned(),
-                RestrictedExpression::new_long(q.weekday),
-            ),
-            (
-                "arguments".to_owned(),
-                RestrictedExpression::new_entity_uid(self.arguments_uid()),
-            ),
-        ])
+                ("hour".to_owned(), RestrictedExpression::new_long(q.hour)),
+                (
+                    "weekday".to_owned(),
+                    RestrictedExpression::new_long(q.weekday),
+                ),
+                (
+                    "arguments".to_owned(),
+                    RestrictedExpression::new_entity_uid(self.arguments_uid()),
+                ),
+            ]
+            .into_iter()
+            .chain(delegation),
+        )
         .map_err(bad)
     }
 }
@@ -783,7 +829,52 @@ mod tests {
             hour: 10,
             weekday: 1,
             arguments: None,
+            delegation: None,
         }
+    }
+
+    #[test]
+    fn delegation_reaches_policy_and_is_part_of_the_caller() {
+        let text = r#"
+            @id("direct-for-clinicians")
+            permit (principal, action == Action::"call_tool", resource == Tool::"read_record")
+            when { context has delegation && context.delegation.groups.contains("clinicians")
+                   && context.delegation.depth == 1
+                   && context.delegation.chain.contains("spiffe://td/cam")
+                   && context.delegation.user == "alice" };
+            @id("act-for") permit (principal, action == Action::"act_for", resource == User::"alice")
+            when { context has delegation };
+        "#;
+        let e = PolicyEngine::new(&[("d.cedar".into(), text.into())]).unwrap();
+        let direct = Delegation {
+            user: "alice".into(),
+            groups: vec!["clinicians".into()],
+            chain: vec!["spiffe://td/cam".into()],
+        };
+        let relayed = Delegation {
+            chain: vec!["spiffe://td/cam".into(), "spiffe://td/other".into()],
+            ..direct.clone()
+        };
+        let with = |d: Option<&Delegation>, action, rt, rid| {
+            let mut query = q(&[], action, rt, rid, &[]);
+            query.delegation = d;
+            e.decide(&query).unwrap().allow
+        };
+        assert!(with(Some(&direct), "call_tool", "Tool", "read_record"));
+        // Same caller, another chain: decided again, not recalled from the first answer.
+        assert!(!with(Some(&relayed), "call_tool", "Tool", "read_record"));
+        assert!(!with(None, "call_tool", "Tool", "read_record"));
+        assert!(with(Some(&direct), "call_tool", "Tool", "read_record"));
+        assert!(with(Some(&direct), "act_for", "User", "alice"));
+        assert!(!with(Some(&direct), "act_for", "User", "bob"));
+        assert!(!with(None, "act_for", "User", "alice"));
+        // The reference evaluation (with the schema) agrees.
+        let mut query = q(&[], "call_tool", "Tool", "read_record", &[]);
+        query.delegation = Some(&relayed);
+        assert_eq!(
+            e.decide(&query).unwrap(),
+            e.decide_reference(&query).unwrap()
+        );
     }
 
     #[test]
@@ -851,6 +942,7 @@ mod tests {
             hour: 10,
             weekday: 1,
             arguments: None,
+            delegation: None,
         };
         let mut variants = vec![base.clone()];
         let mut v = base.clone();
@@ -1232,6 +1324,7 @@ mod tests {
                     hour: r.below(24) as i64,
                     weekday: r.below(7) as i64,
                     arguments: Some(&args),
+                    delegation: None,
                 };
                 match (e.decide(&query), e.decide_reference(&query)) {
                     (Ok(a), Ok(b)) => {

@@ -62,6 +62,12 @@ pub struct DecisionRecord {
     /// The outbound route the call was sent on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
+    /// The user a delegated token acts for (its `sub`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The workloads acting for `user`, the caller first (the token's `act` chain).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chain: Option<Vec<String>>,
 }
 
 /// Why a record could not be made durable, or a segment not opened or read.
@@ -711,6 +717,8 @@ mod tests {
             reason: String::new(),
             direction: None,
             route: None,
+            user: None,
+            chain: None,
         }
     }
 

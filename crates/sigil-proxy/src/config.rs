@@ -52,6 +52,24 @@ pub struct ProxyConfig {
     /// audit), for upstreams that do their own authorization and for benchmarks.
     #[serde(default)]
     pub enforce: Enforce,
+    /// Accept DPoP-bound access tokens (RFC 9449) from clients without mTLS: the listener
+    /// then asks for a client certificate without requiring one. Every request with a
+    /// DPoP-bound token must carry a fresh proof for it (`htm`, `htu`, `iat`, `ath`, unused
+    /// `jti`); a certificate-bound token still needs its certificate.
+    #[serde(default)]
+    pub dpop: bool,
+    /// With `dpop`: require a server-issued nonce in every proof (RFC 9449 §9); a proof
+    /// without the current one is answered 401 `use_dpop_nonce` with a `DPoP-Nonce` header.
+    #[serde(default)]
+    pub dpop_nonce: bool,
+    /// How far a DPoP proof's `iat` may be from now, seconds.
+    #[serde(default = "default_dpop_window")]
+    pub dpop_proof_window_secs: i64,
+    /// The URL clients reach this proxy at (`https://host[:port]`): the base of DPoP `htu`
+    /// and the protected resource metadata (RFC 9728). Default: `https://` + the request's
+    /// `Host`.
+    #[serde(default)]
+    pub public_url: Option<String>,
     /// Clock skew allowed on `exp`/`nbf`, seconds.
     #[serde(default = "default_skew")]
     pub token_leeway_secs: i64,
@@ -161,6 +179,10 @@ pub struct ProxyConfig {
     /// decided by egress policy (principal: this sidecar's SPIFFE ID) and audited.
     #[serde(default)]
     pub outbound: Option<crate::egress::OutboundConfig>,
+}
+
+fn default_dpop_window() -> i64 {
+    60
 }
 
 fn default_audit_rotate_bytes() -> u64 {
@@ -305,6 +327,10 @@ impl ProxyConfig {
         "key",
         "bundle",
         "enforce",
+        "dpop",
+        "dpop_nonce",
+        "dpop_proof_window_secs",
+        "public_url",
         "token_leeway_secs",
         "policy_dir",
         "policy_source",
@@ -388,6 +414,23 @@ impl ProxyConfig {
             }
             (None, Some(_), _) => return Err(bad("audience", "only applies with upstream")),
             _ => {}
+        }
+        if !(1..=600).contains(&self.dpop_proof_window_secs) {
+            return Err(bad("dpop_proof_window_secs", "must be between 1 and 600"));
+        }
+        if self.dpop_nonce && !self.dpop {
+            return Err(bad("dpop_nonce", "only applies with dpop = true"));
+        }
+        if let Some(u) = &self.public_url
+            && (!u.starts_with("https://")
+                || u.ends_with('/')
+                || sigil_pki::normalize_htu(u).is_none()
+                || u[8..].contains('/'))
+        {
+            return Err(bad(
+                "public_url",
+                "must be https://host[:port], without a path or a trailing slash",
+            ));
         }
         if let Some(o) = &self.outbound {
             o.check().map_err(|e| bad("outbound", &e.0))?;

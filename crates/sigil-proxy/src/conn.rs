@@ -115,13 +115,20 @@ impl Proxy {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         // The verifier admitted the chain; derive the identity from the same certificate.
+        // Without one (only admitted with `dpop`), each request's DPoP-bound token names it.
+        if stream.get_ref().1.peer_certificates().is_none() {
+            if self.cfg.dpop {
+                self.serve_http(stream, None).await;
+            }
+            return;
+        }
         let peer = {
             let Some(certs) = stream.get_ref().1.peer_certificates() else {
                 return;
             };
             let chain: Vec<&[u8]> = certs.iter().map(|c| c.as_ref()).collect();
             match verify_x509_svid(&chain, &self.creds.load().x509, self.clock.now()) {
-                Ok(v) => Arc::new(v),
+                Ok(v) => Some(Arc::new(v)),
                 Err(e) => {
                     self.metrics.request(Outcome::BadCert);
                     tracing::info!(error = %e, "client certificate refused after handshake");
@@ -169,15 +176,18 @@ impl Proxy {
             crate::stack::Side::Inbound { .. } => return,
         };
         match own {
-            Ok(peer) => self.serve_http(stream, peer).await,
+            Ok(peer) => self.serve_http(stream, Some(peer)).await,
             Err(e) => tracing::error!(error = %e, "this sidecar's own SVID does not verify"),
         }
     }
 
     /// Serves HTTP/1.1 or HTTP/2 on a connection whose caller is `peer` (outbound: the
     /// sidecar's own SVID when the connection opened; requests use the one in force).
-    async fn serve_http<IO>(self: Arc<Self>, stream: IO, peer: Arc<sigil_pki::VerifiedX509Svid>)
-    where
+    async fn serve_http<IO>(
+        self: Arc<Self>,
+        stream: IO,
+        peer: Option<Arc<sigil_pki::VerifiedX509Svid>>,
+    ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity {
@@ -191,7 +201,10 @@ impl Proxy {
         let outbound = matches!(self.side, crate::stack::Side::Outbound(_));
         let creds = self.creds.clone();
         let watched = peer.clone();
-        let peer_id = peer.spiffe_id.to_string();
+        let peer_id = peer
+            .as_ref()
+            .map(|p| p.spiffe_id.to_string())
+            .unwrap_or_default();
         let svc = {
             let activity = activity.clone();
             hyper::service::service_fn(move |req| {
@@ -199,7 +212,7 @@ impl Proxy {
                 let peer = peer.clone();
                 let guard = InFlight::new(&activity);
                 async move {
-                    let resp = this.handle(req, &peer).await;
+                    let resp = this.handle(req, peer.as_deref()).await;
                     // The request stays in flight until its answer's body ends.
                     let resp = resp.map(|b| {
                         b.map_frame(move |f| {
@@ -227,9 +240,11 @@ impl Proxy {
         // Outbound, the caller is this sidecar's own identity: its revocation is answered per
         // request (401), so the local workload is told why rather than cut off.
         let revoked_now = async move {
-            if outbound {
+            // A DPoP client's identity is checked per request (its token's).
+            let Some(watched) = watched.filter(|_| !outbound) else {
                 std::future::pending::<()>().await;
-            }
+                return;
+            };
             loop {
                 if creds.load().revoked.is_revoked(&watched) {
                     return;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use sigil_pki::{AccessTokenClaims, VerifiedX509Svid};
-use sigil_policy::{Caller, PolicyEngine, Principal, Query};
+use sigil_policy::{Caller, Delegation, PolicyEngine, Principal, Query};
 
 use crate::deny::Deny;
 use crate::extract::Call;
@@ -37,6 +37,16 @@ pub(crate) enum Seeing {
     Other,
 }
 
+/// The user and chain of a delegated token, as policy sees them (`context.delegation`).
+pub(crate) fn delegation(claims: &AccessTokenClaims) -> Option<Delegation> {
+    let act = claims.act.as_ref()?;
+    Some(Delegation {
+        user: claims.sub.clone(),
+        groups: claims.user_groups.clone(),
+        chain: act.chain().into_iter().map(str::to_owned).collect(),
+    })
+}
+
 /// Decides every call with `engine` at `now`.
 pub(crate) fn decide(
     engine: Arc<PolicyEngine>,
@@ -60,6 +70,7 @@ pub(crate) fn decide(
         .map(str::to_owned)
         .collect();
     let (hour, weekday) = hour_and_weekday(now);
+    let delegation = delegation(claims);
     let mut policy_ids = Vec::new();
     for call in calls {
         let query = Query {
@@ -75,6 +86,7 @@ pub(crate) fn decide(
             hour,
             weekday,
             arguments: call.arguments.as_ref(),
+            delegation: delegation.as_ref(),
         };
         let started = obs.start();
         let decided = engine.decide(&query);
@@ -107,6 +119,7 @@ pub(crate) fn decide(
         scopes: scopes.clone(),
         hour,
         weekday,
+        delegation: delegation.clone(),
     };
     let filter = match seeing {
         Seeing::Models => ResponseFilter::Models(caller(), engine),

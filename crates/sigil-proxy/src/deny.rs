@@ -18,6 +18,22 @@ pub(crate) struct Deny {
     pub retry_after: Option<Duration>,
     /// The policies that refused (forbids), for the audit record.
     pub policy_ids: Vec<String>,
+    /// For a 401: what `WWW-Authenticate` says (RFC 6750 §3, RFC 9449 §7.1).
+    pub challenge: Option<Challenge>,
+}
+
+/// Why a request was not authenticated, for `WWW-Authenticate` (set at the edge, where the
+/// resource metadata URL is known).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Challenge {
+    /// No credentials: only the schemes and the resource metadata.
+    Missing,
+    /// A token that is not acceptable.
+    InvalidToken,
+    /// A DPoP proof that is not acceptable.
+    InvalidDpopProof,
+    /// A DPoP proof without the current nonce; retry with this one.
+    UseDpopNonce(String),
 }
 
 impl Deny {
@@ -29,6 +45,7 @@ impl Deny {
             rpc_code,
             retry_after: None,
             policy_ids: Vec::new(),
+            challenge: None,
         }
     }
 
@@ -41,14 +58,37 @@ impl Deny {
         )
     }
 
-    /// A missing, invalid or wrongly bound token.
+    /// An invalid or wrongly bound token.
     pub fn token(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            Outcome::BadToken,
-            -32001,
-            message.into(),
-        )
+        Self {
+            challenge: Some(Challenge::InvalidToken),
+            ..Self::new(
+                StatusCode::UNAUTHORIZED,
+                Outcome::BadToken,
+                -32001,
+                message.into(),
+            )
+        }
+    }
+
+    /// No token at all.
+    pub fn no_token(message: impl Into<String>) -> Self {
+        Self {
+            challenge: Some(Challenge::Missing),
+            ..Self::token(message)
+        }
+    }
+
+    /// A DPoP-bound token without an acceptable proof.
+    pub fn dpop(r: crate::dpop::DpopRefusal) -> Self {
+        let challenge = match (&r.error, r.nonce) {
+            (sigil_pki::DpopError::Nonce, Some(n)) => Challenge::UseDpopNonce(n),
+            _ => Challenge::InvalidDpopProof,
+        };
+        Self {
+            challenge: Some(challenge),
+            ..Self::token(r.error.to_string())
+        }
     }
 
     /// A request that cannot be read one way (framing, path, JSON, names).

@@ -687,6 +687,8 @@ mod tests {
             reason: "r".into(),
             direction: None,
             route: None,
+            user: None,
+            chain: None,
         };
         let (sink, _tasks) = spawn(cfg.clone(), ExportCounters::default()).unwrap();
         let log =

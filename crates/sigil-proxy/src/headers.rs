@@ -121,6 +121,10 @@ pub fn set_identity(h: &mut HeaderMap, id: &Identity<'_>) {
 /// URI SAN>` (SPIFFE IDs hold no `;`, `,` or `"`, so no quoting is needed).
 fn xfcc(id: &Identity<'_>) -> Option<HeaderValue> {
     use base64::Engine;
+    // A DPoP client has no certificate to name.
+    if id.x5t_s256.is_empty() {
+        return None;
+    }
     let hash = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(id.x5t_s256)
         .ok()?;

@@ -15,6 +15,8 @@ mod conn;
 mod credentials;
 mod decide;
 mod deny;
+mod discovery;
+mod dpop;
 mod egress;
 mod export;
 mod extract;
@@ -171,6 +173,7 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     };
 
     let (metrics_at, metrics_policies, enforce) = (cfg.metrics_addr, policies.clone(), cfg.enforce);
+    let dpop_on = cfg.dpop;
     let mut metrics = metrics::Metrics::new(cfg.metrics_addr.is_some()).with_export(&counters);
     // The outbound side shares the credentials, policies, limits, audit log and metrics.
     let egress = match &cfg.outbound {
@@ -209,6 +212,7 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             upstream: Box::new(upstream::Upstream::new(u, cfg.upstream_http2)),
             audience: a.clone(),
             tokens: token::TokenCache::default(),
+            dpop: Box::new(dpop::DpopState::new(cfg)),
         }),
         _ => None,
     };
@@ -266,7 +270,7 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().map(|l| l.addr);
-    let tls = tls::server_config(creds.clone(), clock.clone())?;
+    let tls = tls::server_config(creds.clone(), clock.clone(), dpop_on)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let task = tokio::spawn(async move {
         // Stops with the accept loop.

@@ -261,6 +261,10 @@ pub(crate) fn openai_error(deny: &Deny, request_id: &str) -> Response<Body> {
         resp.headers_mut()
             .insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
     }
+    // The edge (`stack.rs`) turns this into `WWW-Authenticate`.
+    if let Some(c) = &deny.challenge {
+        resp.extensions_mut().insert(c.clone());
+    }
     if let Some(wait) = deny.retry_after {
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {

@@ -460,6 +460,8 @@ mod tests {
                 reason: "x".repeat(i),
                 direction: None,
                 route: None,
+                user: None,
+                chain: None,
             };
             log.record(&r).await.unwrap();
         }

@@ -20,7 +20,7 @@ use sigil_policy::PolicyEngine;
 
 use crate::admit::admit;
 use crate::audit::{AuditLog, DecisionRecord, Durable};
-use crate::authenticate::{Audience, authenticate};
+use crate::authenticate::{Audience, Presenter, authenticate};
 use crate::config::{Enforce, Validated};
 use crate::decide::{Seeing, decide};
 use crate::deny::Deny;
@@ -46,6 +46,7 @@ pub(crate) enum Side {
         upstream: Box<crate::upstream::Upstream>,
         audience: String,
         tokens: TokenCache,
+        dpop: Box<crate::dpop::DpopState>,
     },
     /// The local workload's own calls, sent on its routes; the principal is this sidecar's
     /// own SVID and the token comes from the trust authority.
@@ -76,6 +77,8 @@ pub struct Proxy {
 #[derive(Default)]
 struct Seen {
     jti: Option<String>,
+    /// A delegated token's user and chain.
+    delegation: Option<sigil_policy::Delegation>,
     body: Bytes,
     calls: Vec<Call>,
 }
@@ -163,11 +166,25 @@ impl Proxy {
         self
     }
 
+    /// Answers one request; `peer` is the connection's client certificate (`None`: a client
+    /// without one, admitted only with a DPoP-bound token).
     pub(crate) async fn handle(
         &self,
         req: Request<Incoming>,
-        peer: &VerifiedX509Svid,
+        peer: Option<&VerifiedX509Svid>,
     ) -> Response<Body> {
+        // Inbound: the protected resource metadata (RFC 9728) is public, and refusals of
+        // missing or bad credentials say where to find it.
+        let base = match &self.side {
+            Side::Inbound { dpop, .. } => {
+                let base = dpop.base_url(req.headers(), req.uri());
+                if req.uri().path() == crate::discovery::METADATA_PATH {
+                    return crate::discovery::metadata(&self.cfg, &req, base.as_deref());
+                }
+                base
+            }
+            Side::Outbound(_) => None,
+        };
         // Outbound, the caller is this sidecar's SVID in force (it may have rotated since the
         // connection opened).
         let own;
@@ -175,7 +192,7 @@ impl Proxy {
             Side::Outbound(e) => match e.own(&self.creds, self.clock.now()) {
                 Ok(p) => {
                     own = p;
-                    &*own
+                    Some(&*own)
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "this sidecar's own SVID does not verify");
@@ -192,13 +209,16 @@ impl Proxy {
                 req.headers(),
                 req.method(),
                 req.uri().path(),
-                peer.spiffe_id.as_str(),
+                peer.map_or("", |p| p.spiffe_id.as_str()),
             )
         });
         let mut obs = Observer::new(&self.metrics, trace);
-        let resp = self.handle_request(req, peer, &mut obs).await;
+        let mut resp = self.handle_request(req, peer, &mut obs).await;
         if let (Some(tracer), Some(t)) = (&self.tracer, obs.into_trace()) {
             tracer.finish(t, resp.status());
+        }
+        if let Some(c) = resp.extensions_mut().remove::<crate::deny::Challenge>() {
+            crate::discovery::challenge(&self.cfg, base.as_deref(), &c, resp.headers_mut());
         }
         resp
     }
@@ -206,7 +226,7 @@ impl Proxy {
     async fn handle_request(
         &self,
         req: Request<Incoming>,
-        peer: &VerifiedX509Svid,
+        peer: Option<&VerifiedX509Svid>,
         obs: &mut Observer<'_>,
     ) -> Response<Body> {
         let request_id = uuid::Uuid::new_v4().to_string();
@@ -215,6 +235,11 @@ impl Proxy {
         let outbound = matches!(self.side, Side::Outbound(_));
         if self.cfg.enforce == Enforce::MtlsOnly && !outbound {
             obs.mtls_only();
+            let Some(peer) = peer else {
+                let deny = Deny::no_token("a client certificate is required");
+                obs.outcome(deny.outcome);
+                return openai_error(&deny, &request_id);
+            };
             if self.creds.load().revoked.is_revoked(peer) {
                 let deny = Deny::revoked();
                 obs.outcome(deny.outcome);
@@ -236,10 +261,12 @@ impl Proxy {
         let mut seen = Seen::default();
         let mut chosen_route: Option<String> = None;
         let mut unread = Some(body);
+        // A DPoP client without a certificate: the workload its token names.
+        let mut dpop_caller: Option<VerifiedX509Svid> = None;
         let decided: Result<Authorized, Deny> = async {
             // Revoked after the handshake: the connection is being closed; refuse the rest.
             let creds = self.creds.load();
-            if creds.revoked.is_revoked(peer) {
+            if peer.is_some_and(|p| creds.revoked.is_revoked(p)) {
                 return Err(Deny::revoked());
             }
             let head = admit(&parts)?;
@@ -247,7 +274,10 @@ impl Proxy {
             // Inbound, the caller's token; outbound, the route's (once the route is known).
             let inbound = match &self.side {
                 Side::Inbound {
-                    audience, tokens, ..
+                    audience,
+                    tokens,
+                    dpop,
+                    ..
                 } => {
                     let aud = Audience {
                         issuer: &self.cfg.issuer,
@@ -255,11 +285,24 @@ impl Proxy {
                         leeway: self.cfg.token_leeway_secs,
                         now,
                     };
-                    let claims = authenticate(&parts.headers, peer, &creds, tokens, &aud, obs)?;
+                    let (claims, presenter) =
+                        authenticate(&parts, peer, &creds, tokens, &aud, dpop, obs)?;
                     seen.jti = Some(claims.jti.clone());
+                    seen.delegation = crate::decide::delegation(&claims);
+                    if let Presenter::Dpop(caller) = presenter {
+                        if creds.revoked.is_revoked(&caller) {
+                            return Err(Deny::revoked());
+                        }
+                        dpop_caller = Some(caller);
+                    }
                     Some(claims)
                 }
                 Side::Outbound(_) => None,
+            };
+            let Some(peer) = dpop_caller.as_ref().or(peer) else {
+                return Err(Deny::no_token(
+                    "no client certificate and no DPoP-bound token",
+                ));
             };
             let who = peer.spiffe_id.as_str();
             let limits = self.limits.load_full();
@@ -348,6 +391,7 @@ impl Proxy {
             // (bounded) so the refusal is not lost to a connection reset.
             drain(rest).await;
         }
+        let caller = dpop_caller.as_ref().or(peer);
         let (decision, reason, policy_ids) = match &decided {
             Ok(a) => (
                 "allow",
@@ -362,8 +406,8 @@ impl Proxy {
                 .map(|d| d.as_millis())
                 .unwrap_or(0),
             request_id: request_id.clone(),
-            spiffe_id: peer.spiffe_id.to_string(),
-            cert_thumbprint: peer.x5t_s256.clone(),
+            spiffe_id: caller.map(|p| p.spiffe_id.to_string()).unwrap_or_default(),
+            cert_thumbprint: caller.map(|p| p.x5t_s256.clone()).unwrap_or_default(),
             jti: seen.jti,
             method: parts.method.to_string(),
             path: parts.uri.path().to_owned(),
@@ -373,6 +417,8 @@ impl Proxy {
             reason,
             direction: outbound.then_some("outbound"),
             route: chosen_route,
+            user: seen.delegation.as_ref().map(|d| d.user.clone()),
+            chain: seen.delegation.map(|d| d.chain),
         };
         obs.decided(&record);
         // INVARIANT: a permitted call without side effects (audit_flush_overlap) has its
@@ -400,19 +446,33 @@ impl Proxy {
                 None
             }
         };
-        match decided {
-            Ok(a) => {
+        match (decided, caller) {
+            (Ok(a), Some(caller)) => {
                 let answer = Answer {
                     filter: a.filter,
                     mcp: a.mcp,
                     durable,
                 };
-                self.pass(parts, full(a.body), peer, &request_id, answer, a.route, obs)
-                    .await
+                self.pass(
+                    parts,
+                    full(a.body),
+                    caller,
+                    &request_id,
+                    answer,
+                    a.route,
+                    obs,
+                )
+                .await
             }
-            Err(deny) => {
+            (Ok(_), None) => {
+                // INVARIANT: a permitted request had its caller authenticated.
+                let deny = Deny::no_token("no caller was authenticated");
                 obs.outcome(deny.outcome);
-                tracing::info!(spiffe_id = %peer.spiffe_id, request_id, reason = %deny.message, "request refused");
+                refusal(mcp_shape, &deny, &seen.body, &request_id)
+            }
+            (Err(deny), _) => {
+                obs.outcome(deny.outcome);
+                tracing::info!(spiffe_id = caller.map_or("", |c| c.spiffe_id.as_str()), request_id, reason = %deny.message, "request refused");
                 refusal(mcp_shape, &deny, &seen.body, &request_id)
             }
         }

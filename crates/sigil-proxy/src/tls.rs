@@ -39,17 +39,19 @@ impl ResolvesServerCert for CurrentCert {
     }
 }
 
-/// The proxy's rustls server config: client SVID required, certificate from `creds`.
+/// The proxy's rustls server config: client SVID required (optional with `dpop`: a
+/// certificate presented must still verify), certificate from `creds`.
 pub fn server_config(
     creds: Arc<ArcSwap<Credentials>>,
     clock: Arc<dyn Clock>,
+    dpop: bool,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = sigil_tls::provider();
-    let verifier = Arc::new(SvidClientVerifier::new(
-        creds.clone(),
-        clock,
-        provider.clone(),
-    ));
+    let mut verifier = SvidClientVerifier::new(creds.clone(), clock, provider.clone());
+    if dpop {
+        verifier = verifier.optional();
+    }
+    let verifier = Arc::new(verifier);
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)

@@ -1,6 +1,7 @@
-//! Per-request tokens: a certificate-bound access token, validated once per token and then
-//! served from a bounded cache; the binding to this connection's certificate, and that the
-//! key which verified the token is still trusted, are checked on every request.
+//! Per-request tokens: a certificate- or DPoP-bound access token, validated once per token
+//! and then served from a bounded cache; the binding to this connection's certificate (the
+//! DPoP proof is the caller's, `dpop.rs`), and that the key which verified the token is still
+//! trusted, are checked on every request.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -20,6 +21,8 @@ pub enum TokenError {
     Invalid(#[from] JwtError),
     #[error("token is bound to another certificate")]
     WrongCertificate,
+    #[error("certificate-bound token presented without its certificate")]
+    NoCertificate,
 }
 
 /// Verified tokens by SHA-256 of the token.
@@ -41,8 +44,8 @@ pub struct Expect<'a> {
     pub audience: &'a str,
     pub now: i64,
     pub leeway: i64,
-    /// base64url SHA-256 of the connection's client certificate.
-    pub x5t_s256: &'a str,
+    /// base64url SHA-256 of the connection's client certificate, if it presented one.
+    pub x5t_s256: Option<&'a str>,
 }
 
 impl TokenCache {
@@ -101,9 +104,14 @@ impl TokenCache {
             }
         };
         // The binding is per connection: a cached token presented over another certificate
-        // is refused like a fresh one.
-        if claims.cnf.x5t_s256 != e.x5t_s256 {
-            return Err(TokenError::WrongCertificate);
+        // is refused like a fresh one. A DPoP-bound token's proof is checked per request by
+        // the caller.
+        if claims.cnf.jkt.is_none() {
+            match e.x5t_s256 {
+                Some(x) if x == claims.cnf.x5t_s256 => {}
+                Some(_) => return Err(TokenError::WrongCertificate),
+                None => return Err(TokenError::NoCertificate),
+            }
         }
         Ok(claims)
     }
@@ -155,7 +163,9 @@ mod tests {
                 exp: NOW + 300,
                 cnf: Confirmation {
                     x5t_s256: X5T.into(),
+                    jkt: None,
                 },
+                ..Default::default()
             })
             .unwrap()
     }
@@ -167,7 +177,7 @@ mod tests {
             audience: AUD,
             now: NOW,
             leeway: 0,
-            x5t_s256: X5T,
+            x5t_s256: Some(X5T),
         }
     }
 
@@ -180,11 +190,17 @@ mod tests {
         let (again, hit) = cache.lookup(&t, &expect(&keys));
         assert!(again.is_ok() && hit);
         let other_cert = Expect {
-            x5t_s256: "another-certificate",
+            x5t_s256: Some("another-certificate"),
             ..expect(&keys)
         };
         let (wrong, hit) = cache.lookup(&t, &other_cert);
         assert!(matches!(wrong, Err(TokenError::WrongCertificate)) && hit);
+        let no_cert = Expect {
+            x5t_s256: None,
+            ..expect(&keys)
+        };
+        let (none, _) = cache.lookup(&t, &no_cert);
+        assert!(matches!(none, Err(TokenError::NoCertificate)));
     }
 
     #[test]

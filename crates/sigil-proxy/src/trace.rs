@@ -277,6 +277,9 @@ pub struct RequestTrace {
     decision: &'static str,
     reason: String,
     jti: Option<String>,
+    /// The user a delegated token acts for, and the chain of workloads acting.
+    user: Option<String>,
+    chain: Vec<String>,
     calls: Vec<(&'static str, &'static str, String)>,
     policy_ids: Vec<String>,
     status: u16,
@@ -301,6 +304,8 @@ impl RequestTrace {
         self.decision = r.decision;
         self.reason.clone_from(&r.reason);
         self.jti.clone_from(&r.jti);
+        self.user.clone_from(&r.user);
+        self.chain = r.chain.clone().unwrap_or_default();
         self.calls = r
             .calls
             .iter()
@@ -509,6 +514,10 @@ impl RequestTrace {
         if let Some(jti) = &self.jti {
             a.push(KeyValue::new("sigil.token.jti", jti.clone()));
         }
+        if let Some(user) = &self.user {
+            a.push(KeyValue::new("enduser.id", user.clone()));
+            a.push(strings("sigil.delegation.chain", &self.chain));
+        }
         if !self.policy_ids.is_empty() {
             a.push(strings("sigil.policy_ids", &self.policy_ids));
         }
@@ -621,6 +630,8 @@ impl Tracer {
             decision: "deny",
             reason: String::new(),
             jti: None,
+            user: None,
+            chain: Vec::new(),
             calls: Vec::new(),
             policy_ids: Vec::new(),
             status: 0,
@@ -866,6 +877,8 @@ mod tests {
             reason: "permitted by policy".into(),
             direction: None,
             route: None,
+            user: None,
+            chain: None,
         });
         tr.inject(&mut h, &post);
         tr.upstream_done(Ok(503));

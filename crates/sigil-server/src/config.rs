@@ -92,6 +92,56 @@ pub struct ServerConfig {
     /// Refuse TPM nodes whose event log does not show Secure Boot enabled.
     #[serde(default)]
     pub tpm_require_secure_boot: bool,
+    /// OpenID providers whose users' tokens workloads may exchange (RFC 8693) for tokens
+    /// that act for those users (`[[external_issuers]]` tables). None: only sigil's own
+    /// delegated tokens can be exchanged further.
+    #[serde(default)]
+    pub external_issuers: Vec<ExternalIssuer>,
+    /// The longest chain of workloads a delegated token may pass through (1: only the first
+    /// agent may act for the user, no further hop).
+    #[serde(default = "default_max_delegation_depth")]
+    pub max_delegation_depth: u32,
+}
+
+/// An external OpenID provider trusted for token exchange.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalIssuer {
+    /// The `iss` its tokens carry, exactly.
+    pub issuer: String,
+    /// Where its signing keys are (JWKS); fetched on first use, cached, and fetched again
+    /// when a token names a key the cache lacks (at most once per `jwks_refresh_secs`).
+    /// `https://`, or `http://` on a loopback address only.
+    pub jwks_uri: String,
+    /// The audience its tokens must carry to be exchanged here.
+    pub audience: String,
+    /// The claim holding the user's groups (an array of strings, or one string).
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// The JWS algorithms accepted (asymmetric only).
+    #[serde(default = "default_external_algs")]
+    pub algorithms: Vec<String>,
+    /// Least seconds between two JWKS fetches.
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_secs: u64,
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+fn default_external_algs() -> Vec<String> {
+    vec![
+        "RS256".into(),
+        "ES256".into(),
+        "PS256".into(),
+        "EdDSA".into(),
+    ]
+}
+fn default_jwks_refresh() -> u64 {
+    30
+}
+fn default_max_delegation_depth() -> u32 {
+    3
 }
 
 fn default_data_dir() -> PathBuf {
@@ -177,6 +227,8 @@ impl ServerConfig {
         "tpm_ek_roots",
         "tpm_pcrs",
         "tpm_require_secure_boot",
+        "external_issuers",
+        "max_delegation_depth",
     ];
 
     /// Checks what serde cannot: ranges, pairs of keys, URL shapes.
@@ -239,6 +291,25 @@ impl ServerConfig {
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(bad("log_format", "must be \"text\" or \"json\""));
         }
+        if !(1..=sigil_pki::MAX_ACT_DEPTH as u32).contains(&self.max_delegation_depth) {
+            return Err(bad(
+                "max_delegation_depth",
+                format!("must be between 1 and {}", sigil_pki::MAX_ACT_DEPTH),
+            ));
+        }
+        for (n, x) in self.external_issuers.iter().enumerate() {
+            x.validate()
+                .map_err(|m| bad("external_issuers", format!("[{n}] {}: {m}", x.issuer)))?;
+            if self
+                .external_issuers
+                .get(..n)
+                .unwrap_or_default()
+                .iter()
+                .any(|o| o.issuer == x.issuer)
+            {
+                return Err(bad("external_issuers", format!("{} given twice", x.issuer)));
+            }
+        }
         if self.tpm_pcrs.is_empty() || self.tpm_pcrs.iter().any(|p| *p > 23) {
             return Err(bad(
                 "tpm_pcrs",
@@ -277,6 +348,63 @@ impl ServerConfig {
     }
 }
 
+impl ExternalIssuer {
+    fn validate(&self) -> Result<(), String> {
+        if self.issuer.is_empty() {
+            return Err("issuer must not be empty".into());
+        }
+        if self.audience.is_empty() {
+            return Err("audience must not be empty".into());
+        }
+        if self.groups_claim.is_empty() {
+            return Err("groups_claim must not be empty".into());
+        }
+        if !jwks_uri_allowed(&self.jwks_uri) {
+            return Err("jwks_uri must be https://, or http:// on a loopback address".into());
+        }
+        if self.algorithms.is_empty() {
+            return Err("algorithms must not be empty".into());
+        }
+        for a in &self.algorithms {
+            if !matches!(
+                a.as_str(),
+                "RS256"
+                    | "RS384"
+                    | "RS512"
+                    | "PS256"
+                    | "PS384"
+                    | "PS512"
+                    | "ES256"
+                    | "ES384"
+                    | "EdDSA"
+            ) {
+                return Err(format!(
+                    "algorithm {a:?} is not an accepted asymmetric JWS alg"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `https://…`, or `http://` to a loopback host (a provider on the same device, tests).
+pub fn jwks_uri_allowed(uri: &str) -> bool {
+    let Ok(u) = uri.parse::<http::Uri>() else {
+        return false;
+    };
+    match u.scheme_str() {
+        Some("https") => u.host().is_some(),
+        Some("http") => u.host().is_some_and(|h| {
+            h == "localhost"
+                || h.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::ServerConfig;
@@ -299,6 +427,45 @@ mod tests {
                 .validate()
                 .unwrap_err();
             assert_eq!(e.key, "tpm_pcrs");
+        }
+    }
+
+    #[test]
+    fn external_issuers_and_delegation_depth_are_checked() {
+        use super::jwks_uri_allowed;
+        assert!(jwks_uri_allowed("https://login.example.org/jwks"));
+        assert!(jwks_uri_allowed("http://127.0.0.1:8080/jwks"));
+        assert!(jwks_uri_allowed("http://localhost/jwks"));
+        assert!(jwks_uri_allowed("http://[::1]:80/jwks"));
+        for bad in ["http://login.example.org/jwks", "ftp://x/jwks", "jwks", ""] {
+            assert!(!jwks_uri_allowed(bad), "{bad}");
+        }
+        let issuer = |extra: serde_json::Value| {
+            let mut x = serde_json::json!({
+                "issuer": "https://login.example.org",
+                "jwks_uri": "https://login.example.org/jwks",
+                "audience": "urn:sigil",
+            });
+            if let (Some(o), Some(e)) = (x.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            x
+        };
+        let ok = config(serde_json::json!({ "external_issuers": [issuer(serde_json::json!({}))] }));
+        assert!(ok.validate().is_ok());
+        assert_eq!(ok.max_delegation_depth, 3);
+        for bad in [
+            serde_json::json!({ "external_issuers": [issuer(serde_json::json!({"algorithms": ["HS256"]}))] }),
+            serde_json::json!({ "external_issuers": [issuer(serde_json::json!({"audience": ""}))] }),
+            serde_json::json!({ "external_issuers": [issuer(serde_json::json!({})), issuer(serde_json::json!({}))] }),
+        ] {
+            assert_eq!(config(bad).validate().unwrap_err().key, "external_issuers");
+        }
+        for depth in [0, 17] {
+            let e = config(serde_json::json!({ "max_delegation_depth": depth }))
+                .validate()
+                .unwrap_err();
+            assert_eq!(e.key, "max_delegation_depth");
         }
     }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use sigil_core::{Clock, SpiffeId, TrustDomain, UnixTime};
-use sigil_pki::{AccessTokenClaims, Confirmation, IssuedX509Svid, SvidSpec, parse_csr};
+use sigil_pki::{AccessTokenClaims, Actor, Confirmation, IssuedX509Svid, SvidSpec, parse_csr};
 use sigil_store::{IdentityKind, IssuedIdentity, Store};
 
 use crate::ServerError;
@@ -161,41 +161,131 @@ impl Issuer {
         x5t_s256: &str,
         ttl_secs: u32,
     ) -> Result<(String, AccessTokenClaims), IssueError> {
+        self.grant(Grant {
+            issuer,
+            client,
+            subject: None,
+            audience,
+            scopes,
+            groups,
+            cnf: Confirmation {
+                x5t_s256: x5t_s256.to_owned(),
+                jkt: None,
+            },
+            ttl_secs,
+            not_after: None,
+            delegation: None,
+        })
+        .await
+    }
+
+    /// Mints an access token for `g`, recorded (and, for a token exchange, the exchange
+    /// appended to the transparency log) before it is returned.
+    pub async fn grant(&self, g: Grant<'_>) -> Result<(String, AccessTokenClaims), IssueError> {
         let now = self.clock.now();
+        let mut exp = now.saturating_add(i64::from(g.ttl_secs));
+        if let Some(cap) = g.not_after {
+            exp = exp.min(cap);
+        }
+        if exp <= now {
+            return Err(IssueError::InvalidRequest(
+                "the subject token has no lifetime left".into(),
+            ));
+        }
+        let (act, user_groups) = match &g.delegation {
+            Some(d) => (Actor::from_chain(&d.chain), d.user_groups.clone()),
+            None => (None, Vec::new()),
+        };
         let claims = AccessTokenClaims {
-            groups: groups.to_vec(),
-            iss: issuer.to_owned(),
-            sub: client.to_string(),
-            aud: vec![audience.to_owned()],
-            client_id: client.to_string(),
-            scope: scopes.join(" "),
+            groups: g.groups.to_vec(),
+            iss: g.issuer.to_owned(),
+            sub: g.subject.unwrap_or(g.client.as_str()).to_owned(),
+            aud: vec![g.audience.to_owned()],
+            client_id: g.client.to_string(),
+            scope: g.scopes.join(" "),
             jti: uuid::Uuid::new_v4().to_string(),
             iat: now,
             nbf: Some(now),
-            exp: now + i64::from(ttl_secs),
-            cnf: Confirmation {
-                x5t_s256: x5t_s256.to_owned(),
-            },
+            exp,
+            cnf: g.cnf,
+            act,
+            user_groups,
         };
         let set = self.authorities.current();
         let token = set
             .jwt
             .mint_access_token(&claims)
             .map_err(|e| IssueError::Server(e.into()))?;
-        self.log
-            .record(IssuedIdentity {
-                kind: IdentityKind::AccessToken,
-                serial_or_jti: claims.jti.clone(),
-                spiffe_id: client.clone(),
-                thumbprint: x5t_s256.to_owned(),
-                audience: claims.aud.clone(),
-                issued_at: now,
-                not_after: claims.exp,
-                requester: client.to_string(),
-            })
-            .await
-            .map_err(ServerError::from)?;
-        tracing::info!(client = %client, jti = %claims.jti, scope = %claims.scope, "issued access token");
+        let thumbprint = claims
+            .cnf
+            .jkt
+            .clone()
+            .unwrap_or_else(|| claims.cnf.x5t_s256.clone());
+        let exchange = g.delegation.as_ref().map(|d| {
+            let mut change = sigil_log::ChangeRecord::new("token-exchange", now);
+            change.actors = Some(d.chain.clone());
+            change.jti = Some(claims.jti.clone());
+            change.not_after = Some(claims.exp);
+            change.spiffe_id = Some(g.client.to_string());
+            change.subject = Some(claims.sub.clone());
+            change.subject_issuer = Some(d.subject_issuer.clone());
+            change.token_sha256 = Some(d.subject_token_sha256.clone());
+            change
+        });
+        let record = self.log.record(IssuedIdentity {
+            kind: IdentityKind::AccessToken,
+            serial_or_jti: claims.jti.clone(),
+            spiffe_id: g.client.clone(),
+            thumbprint,
+            audience: claims.aud.clone(),
+            issued_at: now,
+            not_after: claims.exp,
+            requester: g.client.to_string(),
+        });
+        // INVARIANT: the token and, for an exchange, who acts for whom are durable in the
+        // transparency log before the token is returned. Both are submitted at once, so the
+        // group-commit writer usually makes them durable in one commit.
+        let logged = async {
+            match exchange {
+                Some(change) => self.log_change(change).await,
+                None => Ok(()),
+            }
+        };
+        let (recorded, logged) = tokio::join!(record, logged);
+        recorded.map_err(ServerError::from)?;
+        logged?;
+        tracing::info!(client = %g.client, sub = %claims.sub, jti = %claims.jti, scope = %claims.scope, delegated = g.delegation.is_some(), "issued access token");
         Ok((token, claims))
     }
+}
+
+/// What an access token is issued for.
+pub struct Grant<'a> {
+    /// The authorization server's issuer URL.
+    pub issuer: &'a str,
+    /// The workload the token is issued to (`client_id`).
+    pub client: &'a SpiffeId,
+    /// `sub` when it is not the client (a user, in a delegated token).
+    pub subject: Option<&'a str>,
+    pub audience: &'a str,
+    pub scopes: &'a [String],
+    /// The client's groups.
+    pub groups: &'a [String],
+    pub cnf: Confirmation,
+    pub ttl_secs: u32,
+    /// The token expires no later than this (the subject token's `exp`).
+    pub not_after: Option<UnixTime>,
+    /// For a token exchange: who acts for whom.
+    pub delegation: Option<DelegationGrant>,
+}
+
+/// The delegation a token exchange grants.
+pub struct DelegationGrant {
+    /// The actors, the client (the current one) first.
+    pub chain: Vec<String>,
+    pub user_groups: Vec<String>,
+    /// The issuer of the user's original token.
+    pub subject_issuer: String,
+    /// SHA-256 (hex) of the subject token that was exchanged.
+    pub subject_token_sha256: String,
 }

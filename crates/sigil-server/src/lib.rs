@@ -6,6 +6,7 @@
 mod admin;
 mod authority;
 mod config;
+mod exchange;
 mod issuance_log;
 mod issuer;
 mod keyvault;
@@ -33,7 +34,7 @@ pub use authority::{
     Authorities, AuthorityInfo, KeySettings, RotationOutcome, create_private_dir,
     write_private_file,
 };
-pub use config::{ConfigError, DEFAULT_SCOPES, ServerConfig};
+pub use config::{ConfigError, DEFAULT_SCOPES, ExternalIssuer, ServerConfig};
 pub use issuer::{IssueError, Issuer};
 pub use node_api::{hash_join_token, node_id_for_token};
 pub use tlog::{LOG_KEY_FILE, TransparencyLog, origin_for as log_origin_for};
@@ -66,6 +67,8 @@ pub struct AppState {
     pub changes: watch::Sender<u64>,
     /// The transparency log of issued identities (served read-only).
     pub tlog: Arc<TransparencyLog>,
+    /// Token exchange (RFC 8693): external issuers' keys and the `act_for` policy.
+    pub exchange: exchange::Exchange,
 }
 
 impl AppState {
@@ -176,7 +179,9 @@ pub async fn start(
         .uid();
 
     let server_metrics = metrics::ServerMetrics::new(config.metrics_addr.is_some());
+    let exchange = exchange::Exchange::new(&config)?;
     let state = Arc::new(AppState {
+        exchange,
         config,
         store,
         authorities: authorities.clone(),

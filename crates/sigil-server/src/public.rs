@@ -16,6 +16,8 @@ use serde_json::json;
 use sigil_store::EntryFilter;
 
 use crate::AppState;
+use crate::exchange::{self, ExchangeError, ExchangeRequest};
+use crate::issuer::{DelegationGrant, Grant, IssueError};
 use crate::tlog::{self, AuditAppendError, TransparencyLog};
 use crate::tls::PeerAuth;
 
@@ -24,6 +26,7 @@ pub fn router(app: Arc<AppState>) -> Router {
     let max = app.config.max_body_bytes;
     Router::new()
         .route("/.well-known/openid-configuration", get(discovery))
+        .route("/.well-known/oauth-authorization-server", get(as_metadata))
         .route("/keys", get(jwks))
         .route("/bundle", get(bundle))
         .route("/log/checkpoint", get(log_checkpoint))
@@ -220,21 +223,32 @@ fn log_error(e: &crate::ServerError) -> Response {
         .into_response()
 }
 
-async fn discovery(State(app): State<Arc<AppState>>) -> Response {
+/// The authorization server's metadata (RFC 8414; also the OIDC discovery document).
+fn metadata(app: &AppState) -> serde_json::Value {
     let iss = app.config.issuer();
-    let doc = json!({
+    json!({
         "issuer": iss,
         "jwks_uri": format!("{iss}/keys"),
         "token_endpoint": format!("{iss}/oauth2/token"),
-        "grant_types_supported": ["client_credentials"],
-        "token_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "grant_types_supported": ["client_credentials", exchange::GRANT_TYPE],
+        "token_endpoint_auth_methods_supported": ["tls_client_auth", "private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["ES256", "EdDSA"],
         "tls_client_certificate_bound_access_tokens": true,
+        "dpop_signing_alg_values_supported": sigil_pki::DPOP_ALGORITHMS,
         "response_types_supported": ["token"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": [app.authorities.current().jwt.algorithm().to_string()],
         "scopes_supported": app.config.oauth_scopes,
-    });
-    json_response(StatusCode::OK, doc.to_string())
+    })
+}
+
+async fn discovery(State(app): State<Arc<AppState>>) -> Response {
+    json_response(StatusCode::OK, metadata(&app).to_string())
+}
+
+/// RFC 8414 `/.well-known/oauth-authorization-server`.
+async fn as_metadata(State(app): State<Arc<AppState>>) -> Response {
+    json_response(StatusCode::OK, metadata(&app).to_string())
 }
 
 async fn jwks(State(app): State<Arc<AppState>>) -> Response {
@@ -306,6 +320,12 @@ struct TokenParams {
     scope: Option<String>,
     client_id: Option<String>,
     audience: Option<String>,
+    subject_token: Option<String>,
+    subject_token_type: Option<String>,
+    actor_token: Option<String>,
+    requested_token_type: Option<String>,
+    client_assertion_type: Option<String>,
+    client_assertion: Option<String>,
 }
 
 fn parse_params(body: &[u8]) -> Result<TokenParams, OAuthError> {
@@ -316,6 +336,12 @@ fn parse_params(body: &[u8]) -> Result<TokenParams, OAuthError> {
             "scope" => &mut p.scope,
             "client_id" => &mut p.client_id,
             "resource" | "audience" => &mut p.audience,
+            "subject_token" => &mut p.subject_token,
+            "subject_token_type" => &mut p.subject_token_type,
+            "actor_token" | "actor_token_type" => &mut p.actor_token,
+            "requested_token_type" => &mut p.requested_token_type,
+            "client_assertion_type" => &mut p.client_assertion_type,
+            "client_assertion" => &mut p.client_assertion,
             _ => continue,
         };
         if slot.is_some() {
@@ -369,6 +395,149 @@ async fn read_limited(body: Body, limit: usize) -> Result<Bytes, OAuthError> {
     Ok(Bytes::from(buf))
 }
 
+/// The authenticated client of a token request: by its X.509-SVID over mTLS
+/// (`tls_client_auth`), or by a JWT-SVID as client assertion (RFC 7523, for clients without
+/// mTLS; they must then bind the token to a DPoP key).
+pub(crate) struct Client {
+    pub spiffe_id: sigil_core::SpiffeId,
+    /// The client certificate's `x5t#S256`, with mTLS.
+    pub x5t_s256: Option<String>,
+}
+
+/// RFC 7523's client assertion type.
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// Who the client is: its certificate, else its client assertion; revoked credentials are
+/// refused.
+async fn authenticate_client(
+    app: &AppState,
+    peer: PeerAuth,
+    params: &TokenParams,
+    now: i64,
+) -> Result<Client, OAuthError> {
+    let (client, serial, issued_at) = match peer {
+        PeerAuth::Verified(svid) => (
+            Client {
+                spiffe_id: svid.spiffe_id.clone(),
+                x5t_s256: Some(svid.x5t_s256.clone()),
+            },
+            svid.serial.clone(),
+            svid.not_before,
+        ),
+        PeerAuth::Rejected(why) => {
+            return Err(OAuthError::new(
+                "invalid_client",
+                format!("client certificate rejected: {why}"),
+            ));
+        }
+        PeerAuth::Anonymous => {
+            let (Some(kind), Some(assertion)) =
+                (&params.client_assertion_type, &params.client_assertion)
+            else {
+                return Err(OAuthError::new(
+                    "invalid_client",
+                    "a client certificate (X.509-SVID, tls_client_auth) or a JWT-SVID client                      assertion (private_key_jwt) is required",
+                ));
+            };
+            if kind != JWT_BEARER {
+                return Err(OAuthError::new(
+                    "invalid_client",
+                    format!("client_assertion_type must be {JWT_BEARER}"),
+                ));
+            }
+            let keys = app
+                .authorities
+                .current()
+                .bundle
+                .jwt_key_set()
+                .map_err(|e| server_error(&e))?;
+            let iss = app.config.issuer();
+            let endpoint = format!("{iss}/oauth2/token");
+            let td = &app.config.trust_domain;
+            let claims = sigil_pki::validate_jwt_svid(assertion, &keys, td, &endpoint, now, 0)
+                .or_else(|_| sigil_pki::validate_jwt_svid(assertion, &keys, td, &iss, now, 0))
+                .map_err(|e| OAuthError::new("invalid_client", format!("client assertion: {e}")))?;
+            let spiffe_id = sigil_core::SpiffeId::new(&claims.sub)
+                .map_err(|e| OAuthError::new("invalid_client", e.to_string()))?;
+            (
+                Client {
+                    spiffe_id,
+                    x5t_s256: None,
+                },
+                claims.jti.unwrap_or_default(),
+                claims.iat,
+            )
+        }
+    };
+    let revoked = app
+        .store
+        .is_revoked(&serial, &client.spiffe_id, issued_at, now)
+        .await
+        .map_err(|e| server_error(&e))?;
+    if revoked {
+        return Err(OAuthError::new(
+            "invalid_client",
+            "the client's credential has been revoked",
+        ));
+    }
+    if let Some(cid) = &params.client_id
+        && cid != client.spiffe_id.as_str()
+    {
+        return Err(OAuthError::new(
+            "invalid_client",
+            "client_id does not match the client's SPIFFE ID",
+        ));
+    }
+    Ok(client)
+}
+
+/// What the token is bound to: the DPoP key of the request's proof (RFC 9449 §5), else the
+/// client certificate. A client without either gets nothing.
+fn binding(
+    app: &AppState,
+    headers: &HeaderMap,
+    client: &Client,
+    now: i64,
+) -> Result<sigil_pki::Confirmation, OAuthError> {
+    let mut proofs = headers.get_all("dpop").iter();
+    let proof =
+        match (proofs.next(), proofs.next()) {
+            (None, _) => None,
+            (Some(v), None) => Some(v.to_str().map_err(|_| {
+                OAuthError::new("invalid_dpop_proof", "the DPoP header is not text")
+            })?),
+            (Some(_), Some(_)) => {
+                return Err(OAuthError::new(
+                    "invalid_dpop_proof",
+                    "more than one DPoP header",
+                ));
+            }
+        };
+    match (proof, &client.x5t_s256) {
+        (Some(proof), _) => {
+            let url = format!("{}/oauth2/token", app.config.issuer());
+            let url = sigil_pki::normalize_htu(&url).unwrap_or(url);
+            let p = app
+                .exchange
+                .dpop_proof(proof, &url, now)
+                .map_err(|e| OAuthError::new("invalid_dpop_proof", e.to_string()))?;
+            Ok(sigil_pki::Confirmation {
+                x5t_s256: String::new(),
+                jkt: Some(p.jkt),
+            })
+        }
+        (None, Some(x5t)) => Ok(sigil_pki::Confirmation {
+            x5t_s256: x5t.clone(),
+            jkt: None,
+        }),
+        (None, None) => Err(OAuthError::new(
+            "invalid_request",
+            "a client authenticated by client assertion must bind its token to a DPoP key \
+             (send a DPoP proof)",
+        )),
+    }
+}
+
 async fn token(
     State(app): State<Arc<AppState>>,
     Extension(peer): Extension<PeerAuth>,
@@ -376,21 +545,6 @@ async fn token(
     body: Body,
 ) -> Result<Response, OAuthError> {
     let body = read_limited(body, app.config.max_body_bytes).await?;
-    let svid = match peer {
-        PeerAuth::Verified(svid) => svid,
-        PeerAuth::Anonymous => {
-            return Err(OAuthError::new(
-                "invalid_client",
-                "a client certificate (X.509-SVID) is required: tls_client_auth",
-            ));
-        }
-        PeerAuth::Rejected(why) => {
-            return Err(OAuthError::new(
-                "invalid_client",
-                format!("client certificate rejected: {why}"),
-            ));
-        }
-    };
     let form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -403,39 +557,28 @@ async fn token(
     }
     let params = parse_params(&body)?;
     let now = app.clock.now();
-    let revoked = app
-        .store
-        .is_revoked(&svid.serial, &svid.spiffe_id, svid.not_before, now)
-        .await
-        .map_err(|e| server_error(&e))?;
-    if revoked {
-        return Err(OAuthError::new(
-            "invalid_client",
-            "client certificate has been revoked",
-        ));
-    }
+    let client = authenticate_client(&app, peer, &params, now).await?;
+    let cnf = binding(&app, &headers, &client, now)?;
     match params.grant_type.as_deref() {
         Some("client_credentials") => {}
+        Some(exchange::GRANT_TYPE) => {
+            return exchange_token(&app, &client, cnf, &params, now).await;
+        }
         Some(other) => {
             return Err(OAuthError::new(
                 "unsupported_grant_type",
-                format!("grant_type {other:?} is not supported; use client_credentials"),
+                format!(
+                    "grant_type {other:?} is not supported; use client_credentials or {}",
+                    exchange::GRANT_TYPE
+                ),
             ));
         }
         None => return Err(OAuthError::new("invalid_request", "grant_type is missing")),
     }
-    if let Some(cid) = &params.client_id
-        && cid != svid.spiffe_id.as_str()
-    {
-        return Err(OAuthError::new(
-            "invalid_client",
-            "client_id does not match the client certificate's SPIFFE ID",
-        ));
-    }
     let entries = app
         .store
         .list_entries(&EntryFilter {
-            spiffe_id: Some(svid.spiffe_id.clone()),
+            spiffe_id: Some(client.spiffe_id.clone()),
             parent_id: None,
         })
         .await
@@ -493,17 +636,21 @@ async fn token(
         .into_iter()
         .collect();
     let ttl = app.config.access_token_ttl_secs;
+    let token_type = token_type(&cnf);
     let (token, claims) = app
         .issuer
-        .mint_access_token(
-            &app.config.issuer(),
-            &svid.spiffe_id,
-            &audience,
-            &granted,
-            &groups,
-            &svid.x5t_s256,
-            ttl,
-        )
+        .grant(Grant {
+            issuer: &app.config.issuer(),
+            client: &client.spiffe_id,
+            subject: None,
+            audience: &audience,
+            scopes: &granted,
+            groups: &groups,
+            cnf,
+            ttl_secs: ttl,
+            not_after: None,
+            delegation: None,
+        })
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "access token issuance failed");
@@ -515,7 +662,7 @@ async fn token(
         })?;
     let body = json!({
         "access_token": token,
-        "token_type": "Bearer",
+        "token_type": token_type,
         "expires_in": ttl,
         "scope": claims.scope,
     });
@@ -523,6 +670,134 @@ async fn token(
     no_store(resp.headers_mut());
     Ok(resp)
 }
+
+/// Token exchange (RFC 8693): the client (the actor, by its certificate) trades
+/// `subject_token` for a token acting for its user. See `exchange.rs`.
+async fn exchange_token(
+    app: &AppState,
+    client: &Client,
+    cnf: sigil_pki::Confirmation,
+    params: &TokenParams,
+    now: i64,
+) -> Result<Response, OAuthError> {
+    let refuse = |e: ExchangeError| {
+        let code = e.code();
+        if matches!(e, ExchangeError::Server(_)) {
+            return server_error(&e);
+        }
+        tracing::info!(actor = %client.spiffe_id, error = code, reason = %e, "token exchange refused");
+        OAuthError::new(code, e.to_string())
+    };
+    let (Some(subject_token), Some(subject_token_type)) =
+        (&params.subject_token, &params.subject_token_type)
+    else {
+        return Err(OAuthError::new(
+            "invalid_request",
+            "subject_token and subject_token_type are required",
+        ));
+    };
+    if !exchange::SUBJECT_TOKEN_TYPES.contains(&subject_token_type.as_str()) {
+        return Err(OAuthError::new(
+            "invalid_request",
+            format!(
+                "subject_token_type must be one of {:?}",
+                exchange::SUBJECT_TOKEN_TYPES
+            ),
+        ));
+    }
+    if params.actor_token.is_some() {
+        return Err(OAuthError::new(
+            "invalid_request",
+            "actor_token is not accepted: the actor is the client certificate",
+        ));
+    }
+    if let Some(t) = &params.requested_token_type
+        && t != ACCESS_TOKEN_TYPE
+    {
+        return Err(OAuthError::new(
+            "invalid_request",
+            format!("requested_token_type must be {ACCESS_TOKEN_TYPE}"),
+        ));
+    }
+    let set = app.authorities.current();
+    let own_keys = set.bundle.jwt_key_set().map_err(|e| server_error(&e))?;
+    let own_issuer = app.config.issuer();
+    let subject = app
+        .exchange
+        .subject(
+            subject_token,
+            &own_issuer,
+            &own_keys,
+            &client.spiffe_id,
+            now,
+        )
+        .await
+        .map_err(refuse)?;
+    // Not held across the await: the watch guard is not Send.
+    let changes = *app.changes.borrow();
+    let engine = app
+        .exchange
+        .engine(app.store.as_ref(), &set.bundle.policy_authorities, changes)
+        .await
+        .map_err(refuse)?;
+    let req = ExchangeRequest {
+        scope: params.scope.as_deref(),
+        audience: params.audience.as_deref(),
+    };
+    let d = app
+        .exchange
+        .decide(
+            &req,
+            subject,
+            &client.spiffe_id,
+            app.store.as_ref(),
+            &app.config,
+            engine,
+            now,
+        )
+        .await
+        .map_err(refuse)?;
+    let token_type = token_type(&cnf);
+    let grant = Grant {
+        issuer: &own_issuer,
+        client: &client.spiffe_id,
+        subject: Some(&d.subject.user),
+        audience: &d.audience,
+        scopes: &d.scopes,
+        groups: &d.actor_groups,
+        cnf,
+        ttl_secs: app.config.access_token_ttl_secs,
+        not_after: Some(d.subject.exp),
+        delegation: Some(DelegationGrant {
+            chain: d.chain.clone(),
+            user_groups: d.subject.groups.clone(),
+            subject_issuer: d.subject.issuer.clone(),
+            subject_token_sha256: exchange::token_sha256(subject_token),
+        }),
+    };
+    let (token, claims) = app.issuer.grant(grant).await.map_err(|e| match e {
+        IssueError::InvalidRequest(m) => OAuthError::new("invalid_grant", m),
+        e => server_error(&e),
+    })?;
+    let body = json!({
+        "access_token": token,
+        "issued_token_type": ACCESS_TOKEN_TYPE,
+        "token_type": token_type,
+        "expires_in": claims.exp - claims.iat,
+        "scope": claims.scope,
+    });
+    let mut resp = json_response(StatusCode::OK, body.to_string());
+    no_store(resp.headers_mut());
+    Ok(resp)
+}
+
+/// `DPoP` for a DPoP-bound token, `Bearer` for a certificate-bound one (RFC 9449 §5).
+fn token_type(cnf: &sigil_pki::Confirmation) -> &'static str {
+    if cnf.jkt.is_some() { "DPoP" } else { "Bearer" }
+}
+
+/// RFC 8693's token type of an access token.
+const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 fn server_error(e: &dyn std::fmt::Display) -> OAuthError {
     tracing::error!(error = %e, "token endpoint failed");

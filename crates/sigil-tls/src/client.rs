@@ -22,6 +22,8 @@ pub struct SvidClientVerifier<T> {
     trust: Arc<ArcSwap<T>>,
     clock: Arc<dyn Clock>,
     signatures: HandshakeSignatures,
+    /// A client may also present no certificate (one it presents is still verified).
+    optional: bool,
 }
 
 impl<T: SvidTrust> SvidClientVerifier<T> {
@@ -35,7 +37,15 @@ impl<T: SvidTrust> SvidClientVerifier<T> {
             trust,
             clock,
             signatures: HandshakeSignatures::new(provider),
+            optional: false,
         }
+    }
+
+    /// Lets clients connect without a certificate (for DPoP clients); a certificate that is
+    /// presented must still verify. The server must then authenticate such clients itself.
+    pub fn optional(mut self) -> Self {
+        self.optional = true;
+        self
     }
 }
 
@@ -46,6 +56,10 @@ impl<T> fmt::Debug for SvidClientVerifier<T> {
 }
 
 impl<T: SvidTrust> ClientCertVerifier for SvidClientVerifier<T> {
+    fn client_auth_mandatory(&self) -> bool {
+        !self.optional
+    }
+
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }

@@ -205,8 +205,21 @@ struct Case {
     /// MCP tool arguments (a JSON object), seen by policy as `context.arguments`.
     #[serde(default)]
     arguments: Option<serde_json::Value>,
+    /// The user the principal acts for, with the chain (`context.delegation`).
+    #[serde(default)]
+    delegation: Option<CaseDelegation>,
     /// `allow` or `deny`.
     expect: String,
+}
+
+/// A test case's `context.delegation`: `chain` lists the actors, the principal first.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseDelegation {
+    user: String,
+    #[serde(default)]
+    groups: Vec<String>,
+    chain: Vec<String>,
 }
 
 fn noon() -> i64 {
@@ -263,6 +276,11 @@ fn run_local(cmd: PolicyCmd) -> anyhow::Result<()> {
                 );
                 let id = sigil_core::SpiffeId::new(&c.principal)
                     .with_context(|| format!("case {:?}: principal", c.name))?;
+                let delegation = c.delegation.as_ref().map(|d| sigil_policy::Delegation {
+                    user: d.user.clone(),
+                    groups: d.groups.clone(),
+                    chain: d.chain.clone(),
+                });
                 // An error (e.g. refused arguments) is a deny, as in the proxy.
                 let d = engine.decide(&sigil_policy::Query {
                     principal: sigil_policy::Principal {
@@ -277,6 +295,7 @@ fn run_local(cmd: PolicyCmd) -> anyhow::Result<()> {
                     hour: c.hour,
                     weekday: c.weekday,
                     arguments: c.arguments.as_ref(),
+                    delegation: delegation.as_ref(),
                 });
                 let (got, why) = match &d {
                     Ok(d) if d.allow => ("allow", d.policy_ids.join(", ")),

@@ -130,6 +130,15 @@ pub struct ReadingArgs {
     /// Do not set X-Forwarded-Client-Cert on forwarded requests.
     #[arg(long)]
     pub no_xfcc: bool,
+    /// Accept DPoP-bound tokens from clients without a client certificate (RFC 9449).
+    #[arg(long)]
+    pub dpop: bool,
+    /// With --dpop: require a server-issued nonce in every DPoP proof.
+    #[arg(long)]
+    pub dpop_nonce: bool,
+    /// The URL clients reach this proxy at (DPoP htu, RFC 9728 resource metadata).
+    #[arg(long)]
+    pub public_url: Option<String>,
     /// Seconds a client has to send a request head (default 30).
     #[arg(long)]
     pub header_read_timeout_secs: Option<i64>,
@@ -155,6 +164,15 @@ impl ReadingArgs {
                 self.default_model.clone().map(toml::Value::String),
             ),
             ("xfcc", self.no_xfcc.then_some(toml::Value::Boolean(false))),
+            ("dpop", self.dpop.then_some(toml::Value::Boolean(true))),
+            (
+                "dpop_nonce",
+                self.dpop_nonce.then_some(toml::Value::Boolean(true)),
+            ),
+            (
+                "public_url",
+                self.public_url.clone().map(toml::Value::String),
+            ),
             (
                 "header_read_timeout_secs",
                 self.header_read_timeout_secs.map(toml::Value::Integer),
