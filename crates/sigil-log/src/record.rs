@@ -26,6 +26,8 @@ pub const CHANGE_KINDS: &[&str] = &[
     "join-token",
     "key-rotation",
     "policy-bundle",
+    "model-key",
+    "key-release",
 ];
 
 /// A change the trust authority made, logged before the admin API answers. One shape for
@@ -38,7 +40,12 @@ pub const CHANGE_KINDS: &[&str] = &[
 /// - `join-token`: `token_sha256` (never the token), `node_id`, `expires_at`;
 /// - `key-rotation`: `authority` (`x509`/`jwt`/`policy`), `action` (`prepared`/`activated`),
 ///   `key_id`, `bundle_sequence`;
-/// - `policy-bundle`: `revision`, `envelope_sha256`, `payload_sha256`, `key_id`, `not_after`.
+/// - `policy-bundle`: `revision`, `envelope_sha256`, `payload_sha256`, `key_id`, `not_after`;
+/// - `model-key`: `action` (`register`/`seal`), `model`, `revision` (the model version),
+///   `key_id`, and for `seal` `header_sha256` and `payload_sha256` (the plaintext's SHA-256);
+/// - `key-release`: a model's data key released to a workload: `model`, `revision` (the
+///   model version), `key_id`, `header_sha256`, `spiffe_id` and `serial` (the workload's
+///   X.509-SVID), `node_id` (its node, if any).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeRecord {
@@ -57,8 +64,12 @@ pub struct ChangeRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
     pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
