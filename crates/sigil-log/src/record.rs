@@ -27,6 +27,8 @@ pub const CHANGE_KINDS: &[&str] = &[
     "key-rotation",
     "policy-bundle",
     "token-exchange",
+    "model-key",
+    "key-release",
 ];
 
 /// A change the trust authority made, logged before the admin API answers. One shape for
@@ -43,6 +45,11 @@ pub const CHANGE_KINDS: &[&str] = &[
 /// - `token-exchange` (RFC 8693): `spiffe_id` (the workload now acting), `actors` (the whole
 ///   chain, current actor first), `subject` (the user) and `subject_issuer`, `jti` and
 ///   `not_after` of the new token, `token_sha256` (of the subject token exchanged).
+/// - `model-key`: `action` (`register`/`seal`), `model`, `revision` (the model version),
+///   `key_id`, and for `seal` `header_sha256` and `payload_sha256` (the plaintext's SHA-256);
+/// - `key-release`: a model's data key released to a workload: `model`, `revision` (the
+///   model version), `key_id`, `header_sha256`, `spiffe_id` and `serial` (the workload's
+///   X.509-SVID), `node_id` (its node, if any).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeRecord {
@@ -63,10 +70,14 @@ pub struct ChangeRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
     pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -66,6 +66,8 @@ pub struct VerifiedX509Svid {
     pub x5t_s256: String,
     /// The leaf's DNS SANs.
     pub dns_names: Vec<String>,
+    /// The leaf's subjectPublicKey bits (for P-256: the uncompressed SEC1 point, 65 bytes).
+    pub public_key: Vec<u8>,
 }
 
 /// base64url (no padding) SHA-256 of a DER certificate: the `x5t#S256` thumbprint of RFC 8705.
@@ -242,6 +244,7 @@ fn check_leaf(der: &[u8], td: &TrustDomain) -> Result<VerifiedX509Svid, SvidErro
         sha256: sha256_hex(der),
         x5t_s256: x5t_s256(der),
         dns_names,
+        public_key: cert.public_key().subject_public_key.data.to_vec(),
     })
 }
 

@@ -474,6 +474,70 @@ impl PolicyEngine {
         )))
     }
 
+    /// Decides a sealed model's key release (action `decrypt` on `Model::"<model>"`) the
+    /// plain way: every policy, the request and its entities checked against the schema.
+    /// `q` gives the principal, hour and weekday (its action, resource and scopes are not
+    /// used: scopes are empty, there are no arguments); the context adds the node's SPIFFE ID,
+    /// its attestation selectors and the model version. Default deny, as [`Self::decide`];
+    /// an `Err` (e.g. a bundle whose schema has no `decrypt`) must be treated as a deny.
+    pub fn decide_release(
+        &self,
+        q: &Query<'_>,
+        model: &str,
+        model_version: i64,
+        node: &str,
+        node_selectors: &[String],
+    ) -> Result<Decision, PolicyError> {
+        let uid = |ty: &str, id: &str| -> Result<EntityUid, PolicyError> {
+            let ty = EntityTypeName::from_str(ty).map_err(bad)?;
+            Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
+        };
+        let action = uid("Action", "decrypt")?;
+        let resource = uid("Model", model)?;
+        let (principal, mut entities) = self.caller_entities(q)?;
+        entities.push(self.arguments_entity(Vec::new())?);
+        let context = Context::from_pairs([
+            (
+                "scopes".to_owned(),
+                RestrictedExpression::new_set(std::iter::empty()),
+            ),
+            ("hour".to_owned(), RestrictedExpression::new_long(q.hour)),
+            (
+                "weekday".to_owned(),
+                RestrictedExpression::new_long(q.weekday),
+            ),
+            (
+                "arguments".to_owned(),
+                RestrictedExpression::new_entity_uid(self.arguments_uid()),
+            ),
+            (
+                "node".to_owned(),
+                RestrictedExpression::new_string(node.to_owned()),
+            ),
+            (
+                "node_selectors".to_owned(),
+                RestrictedExpression::new_set(
+                    node_selectors
+                        .iter()
+                        .map(|s| RestrictedExpression::new_string(s.clone())),
+                ),
+            ),
+            (
+                "model_version".to_owned(),
+                RestrictedExpression::new_long(model_version),
+            ),
+        ])
+        .map_err(bad)?;
+        let entities = Entities::from_entities(entities, Some(&self.schema)).map_err(bad)?;
+        let request =
+            Request::new(principal, action, resource, context, Some(&self.schema)).map_err(bad)?;
+        Ok(decision(&self.authorizer.is_authorized(
+            &request,
+            &self.policies,
+            &entities,
+        )))
+    }
+
     /// The principal, the request's entities (the workload, its groups, the arguments with
     /// `tags`) and the context.
     fn request_parts(
@@ -874,6 +938,56 @@ mod tests {
         assert_eq!(
             e.decide(&query).unwrap(),
             e.decide_reference(&query).unwrap()
+        );
+    }
+
+    #[test]
+    fn key_release_needs_decrypt_and_the_node_selectors_the_policy_requires() {
+        let policy = r#"
+            @id("release-on-secureboot")
+            permit (principal == Workload::"spiffe://td/cam", action == Action::"decrypt",
+                    resource == Model::"defect-detector")
+            when { context.node_selectors.contains("tpm:secureboot:true") };
+        "#;
+        let e = PolicyEngine::new(&[("r.cedar".into(), policy.into())]).unwrap();
+        let sb = vec!["tpm:secureboot:true".to_string()];
+        let none: Vec<String> = vec!["join_token:true".to_string()];
+        let query = q(&[], "decrypt", "Model", "defect-detector", &[]);
+        let d = e
+            .decide_release(&query, "defect-detector", 3, "spiffe://td/node", &sb)
+            .unwrap();
+        assert!(d.allow, "{d:?}");
+        assert_eq!(d.policy_ids, ["release-on-secureboot"]);
+        assert!(
+            !e.decide_release(&query, "defect-detector", 3, "spiffe://td/node", &none)
+                .unwrap()
+                .allow
+        );
+        assert!(
+            !e.decide_release(&query, "other-model", 3, "spiffe://td/node", &sb)
+                .unwrap()
+                .allow
+        );
+        let mut other = query.clone();
+        other.principal.spiffe_id = "spiffe://td/intruder";
+        assert!(
+            !e.decide_release(&other, "defect-detector", 3, "spiffe://td/node", &sb)
+                .unwrap()
+                .allow
+        );
+        // The demo policy (invoke permits) grants no decrypt.
+        let ff = vec!["factory-floor".to_string()];
+        assert!(
+            !engine()
+                .decide_release(
+                    &q(&ff, "decrypt", "Model", "defect-detector", &[]),
+                    "defect-detector",
+                    1,
+                    "spiffe://td/node",
+                    &sb
+                )
+                .unwrap()
+                .allow
         );
     }
 

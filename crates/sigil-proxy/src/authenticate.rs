@@ -111,6 +111,7 @@ fn dpop_caller(claims: &AccessTokenClaims, creds: &Credentials) -> Result<Verifi
         sha256: String::new(),
         x5t_s256: String::new(),
         dns_names: Vec::new(),
+        public_key: Vec::new(),
     })
 }
 

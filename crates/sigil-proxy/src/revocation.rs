@@ -75,6 +75,7 @@ mod tests {
             sha256: String::new(),
             x5t_s256: String::new(),
             dns_names: Vec::new(),
+            public_key: Vec::new(),
         }
     }
 

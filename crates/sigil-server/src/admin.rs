@@ -31,14 +31,14 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
             message: message.into(),
         }
     }
-    fn invalid(message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
     }
 }
@@ -95,13 +95,16 @@ impl From<IssueError> for ApiError {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 /// Appends an admin change to the transparency log, returning once it is durable. Called
 /// after the change is stored and before the admin API (or an agent's sync) sees it: through
 /// the issuance group-commit writer, so not in the change's own transaction (a crash in
 /// between leaves a stored change without its leaf; the error is the admin's answer).
-async fn log_change(app: &AppState, change: sigil_log::ChangeRecord) -> Result<(), ApiError> {
+pub(crate) async fn log_change(
+    app: &AppState,
+    change: sigil_log::ChangeRecord,
+) -> Result<(), ApiError> {
     let kind = change.kind.clone();
     app.issuer.log_change(change).await.map_err(|e| {
         tracing::error!(error = %e, kind, "the change is stored but its log leaf is not");
@@ -143,7 +146,7 @@ pub(crate) fn revocation_change(rev: &Revocation) -> sigil_log::ChangeRecord {
     c
 }
 
-fn ok<T: Serialize>(status: StatusCode, v: &T) -> ApiResult {
+pub(crate) fn ok<T: Serialize>(status: StatusCode, v: &T) -> ApiResult {
     let body = serde_json::to_string(v)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     Ok((
@@ -157,7 +160,7 @@ fn ok<T: Serialize>(status: StatusCode, v: &T) -> ApiResult {
         .into_response())
 }
 
-fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid request: {e}")))
 }
 
@@ -182,6 +185,11 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/bundle", get(bundle))
         .route("/v1/policy", get(show_policy))
         .route("/v1/policy/push", post(push_policy))
+        .route(
+            "/v1/models",
+            post(crate::models::register).get(crate::models::list),
+        )
+        .route("/v1/models/seal", post(crate::models::seal))
         .layer(DefaultBodyLimit::max(MAX_ADMIN_BODY))
         .with_state(app)
 }

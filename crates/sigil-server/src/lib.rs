@@ -11,6 +11,7 @@ mod issuance_log;
 mod issuer;
 mod keyvault;
 mod metrics;
+mod models;
 mod node_api;
 mod public;
 mod tlog;
@@ -69,6 +70,8 @@ pub struct AppState {
     pub tlog: Arc<TransparencyLog>,
     /// Token exchange (RFC 8693): external issuers' keys and the `act_for` policy.
     pub exchange: exchange::Exchange,
+    /// Sealed models: the data-key KEK and the header signing key.
+    pub models: Arc<models::ModelAuthority>,
 }
 
 impl AppState {
@@ -124,6 +127,7 @@ pub async fn start(
     if matches!(*vault, keyvault::KeyVault::Sealed { .. }) {
         share_log_keys(&vault, &key_dir, &config.trust_domain.to_string()).await?;
     }
+    let models = Arc::new(models::ModelAuthority::load(&vault).await?);
     let upstream = match (&config.upstream_ca_cert, &config.upstream_ca_key) {
         (Some(cert), Some(key)) => {
             let read = |p: &Path| {
@@ -189,6 +193,7 @@ pub async fn start(
         clock: clock.clone(),
         changes: watch::channel(0).0,
         tlog,
+        models,
     });
     let node = sigil_proto::node::v1::node_server::NodeServer::new(node_api::NodeApi::new(
         state.clone(),

@@ -34,6 +34,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/log/tile/{*path}", get(log_tile))
         // The token endpoint reads its body itself (see `read_limited`).
         .route("/oauth2/token", post(token))
+        .route("/models/v1/release", post(crate::models::release))
         .layer(DefaultBodyLimit::max(max))
         .with_state(app.clone())
         .merge(audit_router(app))

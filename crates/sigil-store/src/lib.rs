@@ -13,7 +13,7 @@ pub use error::{JoinTokenError, StoreError};
 pub use migrate::SCHEMA_VERSION;
 pub use model::{
     AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IdentityKind, IssuedIdentity,
-    NodeRecord, PolicyBundleRecord, Revocation, UnknownName,
+    ModelKeyRecord, NodeRecord, PolicyBundleRecord, Revocation, UnknownName,
 };
 pub use sql::{Backend, BootstrapLock, CHANGES_CHANNEL, SqlStore, listen_for_changes};
 pub use store::{Store, TlogAppend};

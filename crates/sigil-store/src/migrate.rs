@@ -15,7 +15,7 @@ struct Migration {
 }
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -349,6 +349,39 @@ ALTER TABLE entries ADD COLUMN enforcer INTEGER NOT NULL DEFAULT 0 CHECK (enforc
 ",
         postgres: r"
 ALTER TABLE entries ADD COLUMN enforcer BIGINT NOT NULL DEFAULT 0 CHECK (enforcer IN (0, 1));
+",
+    },
+    Migration {
+        version: 7,
+        name: "sealed models",
+        // One row per model version: its data key wrapped under the server's model KEK, and,
+        // once `sigil model seal` sealed the version's one file, that file's header binding
+        // hash and plaintext SHA-256 (a data key seals exactly one file).
+        sqlite: r"
+CREATE TABLE model_keys (
+    name             TEXT NOT NULL,
+    version          INTEGER NOT NULL,
+    key_id           TEXT NOT NULL UNIQUE,
+    wrapped_key      TEXT NOT NULL,
+    header_sha256    TEXT,
+    plaintext_sha256 TEXT,
+    created_at       INTEGER NOT NULL,
+    sealed_at        INTEGER,
+    PRIMARY KEY (name, version)
+);
+",
+        postgres: r"
+CREATE TABLE model_keys (
+    name             TEXT NOT NULL,
+    version          BIGINT NOT NULL,
+    key_id           TEXT NOT NULL UNIQUE,
+    wrapped_key      TEXT NOT NULL,
+    header_sha256    TEXT,
+    plaintext_sha256 TEXT,
+    created_at       BIGINT NOT NULL,
+    sealed_at        BIGINT,
+    PRIMARY KEY (name, version)
+);
 ",
     },
 ];

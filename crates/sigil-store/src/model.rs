@@ -158,6 +158,27 @@ pub struct PolicyBundleRecord {
     pub created_at: UnixTime,
 }
 
+/// A model version's data key, wrapped under the server's model key-encryption key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelKeyRecord {
+    /// The model's name (`Model::"<name>"` in policy).
+    pub name: String,
+    /// The model version (from 1).
+    pub version: i64,
+    /// The data key's id (unique).
+    pub key_id: String,
+    /// The data key wrapped under the KEK (never the key itself).
+    pub wrapped_key: String,
+    /// Once sealed: lowercase hex SHA-256 binding hash of the sealed file's header.
+    pub header_sha256: Option<String>,
+    /// Once sealed: lowercase hex SHA-256 of the plaintext.
+    pub plaintext_sha256: Option<String>,
+    /// When it was registered.
+    pub created_at: UnixTime,
+    /// When its file was sealed.
+    pub sealed_at: Option<UnixTime>,
+}
+
 /// Which entries to list. `None` fields match everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryFilter {

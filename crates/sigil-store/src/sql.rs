@@ -14,7 +14,7 @@ use crate::migrate::migrate;
 use crate::store::TlogAppend;
 use crate::{
     AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IdentityKind, IssuedIdentity,
-    JoinTokenError, NodeRecord, PolicyBundleRecord, Revocation, Store, StoreError,
+    JoinTokenError, ModelKeyRecord, NodeRecord, PolicyBundleRecord, Revocation, Store, StoreError,
 };
 
 /// Which database a [`SqlStore`] talks to.
@@ -1205,6 +1205,76 @@ impl Store for SqlStore {
         Ok(())
     }
 
+    async fn create_model_key(&self, k: &ModelKeyRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO model_keys (name, version, key_id, wrapped_key, header_sha256, \
+             plaintext_sha256, created_at, sealed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&k.name)
+        .bind(k.version)
+        .bind(&k.key_id)
+        .bind(&k.wrapped_key)
+        .bind(k.header_sha256.as_deref())
+        .bind(k.plaintext_sha256.as_deref())
+        .bind(k.created_at)
+        .bind(k.sealed_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            StoreError::conflict_or(e, || {
+                format!("model {:?} version {} is registered", k.name, k.version)
+            })
+        })?;
+        Ok(())
+    }
+
+    async fn model_key(
+        &self,
+        name: &str,
+        version: i64,
+    ) -> Result<Option<ModelKeyRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {MODEL_KEY_COLUMNS} FROM model_keys WHERE name = $1 AND version = $2"
+        ))
+        .bind(name)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(model_key_from_row).transpose()
+    }
+
+    async fn mark_model_sealed(
+        &self,
+        name: &str,
+        version: i64,
+        header_sha256: &str,
+        plaintext_sha256: &str,
+        now: UnixTime,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE model_keys SET header_sha256 = $1, plaintext_sha256 = $2, sealed_at = $3 \
+             WHERE name = $4 AND version = $5 AND header_sha256 IS NULL",
+        )
+        .bind(header_sha256)
+        .bind(plaintext_sha256)
+        .bind(now)
+        .bind(name)
+        .bind(version)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn list_model_keys(&self) -> Result<Vec<ModelKeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MODEL_KEY_COLUMNS} FROM model_keys ORDER BY name, version"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(model_key_from_row).collect()
+    }
+
     async fn bootstrap_lock(&self) -> Result<BootstrapLock, StoreError> {
         match self.backend {
             Backend::Sqlite => Ok(BootstrapLock { conn: None }),
@@ -1218,6 +1288,23 @@ impl Store for SqlStore {
             }
         }
     }
+}
+
+const MODEL_KEY_COLUMNS: &str = "name, version, key_id, wrapped_key, header_sha256, \
+     plaintext_sha256, created_at, sealed_at";
+
+fn model_key_from_row(row: &AnyRow) -> Result<ModelKeyRecord, StoreError> {
+    let r = Reader::new(row, "model_keys", "key_id");
+    Ok(ModelKeyRecord {
+        name: r.get("name")?,
+        version: r.get("version")?,
+        key_id: r.get("key_id")?,
+        wrapped_key: r.get("wrapped_key")?,
+        header_sha256: r.get("header_sha256")?,
+        plaintext_sha256: r.get("plaintext_sha256")?,
+        created_at: r.get("created_at")?,
+        sealed_at: r.get("sealed_at")?,
+    })
 }
 
 /// The advisory lock key of [`Store::bootstrap_lock`] ("sigilkey" in ASCII).

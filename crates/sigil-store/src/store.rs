@@ -4,8 +4,8 @@ use sigil_core::{EntryId, EntrySpec, RegistrationEntry, SpiffeId, UnixTime};
 
 use crate::sql::BootstrapLock;
 use crate::{
-    AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IssuedIdentity, NodeRecord,
-    PolicyBundleRecord, Revocation, StoreError,
+    AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IssuedIdentity, ModelKeyRecord,
+    NodeRecord, PolicyBundleRecord, Revocation, StoreError,
 };
 
 /// The trust authority's persistent state. Object safe: the server holds an `Arc<dyn Store>`.
@@ -242,6 +242,33 @@ pub trait Store: Send + Sync {
     /// replicas starting at once take it around "create the keys if there are none", so only
     /// one creates them. A session advisory lock on PostgreSQL; nothing on SQLite (one server).
     async fn bootstrap_lock(&self) -> Result<BootstrapLock, StoreError>;
+
+    // ---- sealed models ----
+
+    /// Registers a model version's wrapped data key. [`StoreError::Conflict`] if the version
+    /// (or the key id) exists.
+    async fn create_model_key(&self, key: &ModelKeyRecord) -> Result<(), StoreError>;
+
+    /// One model version's key record, if registered.
+    async fn model_key(
+        &self,
+        name: &str,
+        version: i64,
+    ) -> Result<Option<ModelKeyRecord>, StoreError>;
+
+    /// Records that the version's one file was sealed: `false` (and nothing changes) if it
+    /// is unknown or was sealed before (of concurrent callers, at most one succeeds).
+    async fn mark_model_sealed(
+        &self,
+        name: &str,
+        version: i64,
+        header_sha256: &str,
+        plaintext_sha256: &str,
+        now: UnixTime,
+    ) -> Result<bool, StoreError>;
+
+    /// Every registered model version, by name then version.
+    async fn list_model_keys(&self) -> Result<Vec<ModelKeyRecord>, StoreError>;
 
     // ---- meta ----
 

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use sigil_core::{EntryId, EntrySpec, RegistrationEntry, Selector, SpiffeId};
 use sigil_store::{
     AuthorityKind, AuthorityRecord, AuthorityState, Backend, EntryFilter, IdentityKind,
-    IssuedIdentity, JoinTokenError, NodeRecord, PolicyBundleRecord, Revocation, SCHEMA_VERSION,
-    SqlStore, Store, StoreError,
+    IssuedIdentity, JoinTokenError, ModelKeyRecord, NodeRecord, PolicyBundleRecord, Revocation,
+    SCHEMA_VERSION, SqlStore, Store, StoreError,
 };
 use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
@@ -167,6 +167,7 @@ on_both_backends!(
     newer_schema_is_refused,
     backend_is_reported,
     concurrent_first_opens_migrate_once,
+    model_keys_register_once_and_seal_once,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1321,4 +1322,63 @@ fn store_is_object_safe_and_shareable() {
     assert_send_sync::<dyn Store>();
     assert_send_sync::<SqlStore>();
     let _: Option<Arc<dyn Store>> = None;
+}
+
+async fn model_keys_register_once_and_seal_once(db: &Db) {
+    let store = db.open().await;
+    let k = |name: &str, version: i64, key_id: &str| ModelKeyRecord {
+        name: name.into(),
+        version,
+        key_id: key_id.into(),
+        wrapped_key: format!("kek1:{key_id}"),
+        header_sha256: None,
+        plaintext_sha256: None,
+        created_at: T0,
+        sealed_at: None,
+    };
+    assert!(store.model_key("m", 1).await.unwrap().is_none());
+    store.create_model_key(&k("m", 1, "k1")).await.unwrap();
+    store.create_model_key(&k("m", 2, "k2")).await.unwrap();
+    store.create_model_key(&k("a", 1, "k3")).await.unwrap();
+    // The same version again, or a reused key id, conflicts.
+    assert!(matches!(
+        store.create_model_key(&k("m", 1, "k9")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.create_model_key(&k("z", 1, "k1")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.model_key("m", 1).await.unwrap().unwrap(),
+        k("m", 1, "k1")
+    );
+    // Sealed once only; an unknown version is not.
+    assert!(
+        store
+            .mark_model_sealed("m", 1, "h1", "p1", T0 + 5)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .mark_model_sealed("m", 1, "h2", "p2", T0 + 6)
+            .await
+            .unwrap()
+    );
+    assert!(!store.mark_model_sealed("m", 9, "h", "p", T0).await.unwrap());
+    let got = store.model_key("m", 1).await.unwrap().unwrap();
+    assert_eq!(got.header_sha256.as_deref(), Some("h1"));
+    assert_eq!(got.plaintext_sha256.as_deref(), Some("p1"));
+    assert_eq!(got.sealed_at, Some(T0 + 5));
+    let all = store.list_model_keys().await.unwrap();
+    let names: Vec<(String, i64)> = all.iter().map(|r| (r.name.clone(), r.version)).collect();
+    assert_eq!(
+        names,
+        vec![("a".into(), 1), ("m".into(), 1), ("m".into(), 2)]
+    );
+    // Durable across reopening.
+    drop(store);
+    let store = db.open().await;
+    assert_eq!(store.model_key("m", 1).await.unwrap().unwrap(), got);
 }

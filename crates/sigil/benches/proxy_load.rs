@@ -827,7 +827,11 @@ fn main() {
         "sigil proxy (outbound)",
         Some(TARGET_CORE),
         sigil,
-        &["proxy".into(), "--config".into(), out_cfg.display().to_string()],
+        &[
+            "proxy".into(),
+            "--config".into(),
+            out_cfg.display().to_string(),
+        ],
         &dir.join("proxy-outbound.log"),
     )
     .wait_port(out_port);

@@ -261,6 +261,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("the outbound sidecar has no listener"))?;
     let demo = data_dir.join("demo");
     let api = agent.socket.clone();
+    let (sealed, sealed_sha256) =
+        super::model::dev_demo(&admin, &data_dir, &demo_id, DEMO_POLICY).await?;
     println!(
         r#"
 sigil dev is running (trust domain {DEV_TRUST_DOMAIN}); Ctrl-C stops it.
@@ -319,6 +321,13 @@ EOF
 
 Every decision is recorded in {audit} (`{sigil} audit show {audit}` prints it).
 
+A sealed model: {sealed} (Model::"{dev_model}", encrypted; its key is
+released by the trust authority, only to {demo_id}, wrapped to its SVID key). Open it into
+memory and run a model server on /proc/self/fd/N (here sha256sum; expect {sealed_sha256}):
+
+  {sigil} model open {sealed} --socket unix://{api} --server 127.0.0.1:{port} \
+      --spiffe-id {demo_id} -- sha256sum {{model}}
+
   export SIGIL_ADMIN_SOCKET={socket}
   {sigil} entry list
 "#,
@@ -330,6 +339,8 @@ Every decision is recorded in {audit} (`{sigil} audit show {audit}` prints it).
         data = data_dir.display(),
         demo = demo.display(),
         api = api.display(),
+        sealed = sealed.display(),
+        dev_model = super::model::DEV_MODEL,
     );
     tokio::select! {
         _ = super::server::wait_for_signal() => {}

@@ -6,6 +6,7 @@ mod bench;
 mod demo_model;
 mod dev;
 mod log;
+mod model;
 mod policy;
 mod proxy;
 mod server;
@@ -74,6 +75,9 @@ pub enum Command {
     /// Show the trust bundle.
     #[command(subcommand)]
     Bundle(admin::BundleCmd),
+    /// Sealed models: register, seal, and open in memory for a model server.
+    #[command(subcommand)]
+    Model(model::ModelCmd),
 }
 
 /// How admin commands print results.
@@ -117,6 +121,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Svid(c) => admin::svid(c).await,
         Command::Ca(c) => admin::ca(c).await,
         Command::Bundle(c) => admin::bundle(c).await,
+        Command::Model(c) => model::run(c).await,
     }
 }
 

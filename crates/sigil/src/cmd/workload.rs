@@ -29,7 +29,7 @@ pub enum WorkloadCmd {
     },
 }
 
-async fn client(socket: &str) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
+pub(crate) async fn client(socket: &str) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
     let raw = socket
         .strip_prefix("unix://")
         .or_else(|| socket.strip_prefix("unix:"))
@@ -48,7 +48,7 @@ async fn client(socket: &str) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>
     Ok(SpiffeWorkloadApiClient::new(channel))
 }
 
-fn request<T>(msg: T) -> tonic::Request<T> {
+pub(crate) fn request<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut().insert(
         "workload.spiffe.io",
