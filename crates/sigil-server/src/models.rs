@@ -262,15 +262,7 @@ pub(crate) async fn seal(State(app): State<Arc<AppState>>, body: Bytes) -> ApiRe
     };
     let signed = SignedHeader::sign(header, |m| app.models.signer.sign(m).as_ref().to_vec())
         .map_err(|e| ApiError::invalid(e.to_string()))?;
-    let key = app
-        .models
-        .kek
-        .unwrap(
-            &WrappedDataKey(record.wrapped_key.clone()),
-            &req.name,
-            u64_version(req.version),
-            &record.key_id,
-        )
+    let key = data_key(&app, &record)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let binding = hex::encode(signed.binding());
     let now = app.clock.now();
@@ -297,6 +289,20 @@ pub(crate) async fn seal(State(app): State<Arc<AppState>>, body: Bytes) -> ApiRe
             "data_key": B64.encode(key.as_bytes()),
             "key_id": record.key_id,
         }),
+    )
+}
+
+/// A registered version's data key, unwrapped with the server's key-encryption key (the
+/// wrap is bound to the record's model, version and key id).
+fn data_key(
+    app: &AppState,
+    record: &ModelKeyRecord,
+) -> Result<sigil_seal::DataKey, sigil_seal::SealError> {
+    app.models.kek.unwrap(
+        &WrappedDataKey(record.wrapped_key.clone()),
+        &record.name,
+        u64_version(record.version),
+        &record.key_id,
     )
 }
 
@@ -508,16 +514,7 @@ async fn release_inner(
             ),
         ));
     }
-    let key = app
-        .models
-        .kek
-        .unwrap(
-            &WrappedDataKey(record.wrapped_key.clone()),
-            &req.name,
-            u64_version(req.version),
-            &record.key_id,
-        )
-        .map_err(internal)?;
+    let key = data_key(app, &record).map_err(internal)?;
     let info = release_info(
         &req.name,
         u64_version(req.version),

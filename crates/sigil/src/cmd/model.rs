@@ -193,34 +193,15 @@ async fn seal(
         tokio::task::spawn_blocking(move || sigil_seal::digest_reader(&mut BufReader::new(f)))
             .await??
     };
-    let v = AdminClient::new(&opts.socket)
-        .call(
-            Method::POST,
-            "/v1/models/seal",
-            Some(json!({
-                "name": name,
-                "version": version,
-                "chunk_size": chunk_size,
-                "plaintext_len": digest.len,
-                "plaintext_sha256": digest.sha256,
-                "register": register,
-            })),
-        )
-        .await?;
-    let header = SignedHeader::from_bytes(
-        &B64.decode(
-            field(&v, "header")
-                .as_str()
-                .context("no header in the answer")?,
-        )?,
-    )?;
-    let key = DataKey::from_bytes(
-        &B64.decode(
-            field(&v, "data_key")
-                .as_str()
-                .context("no data key in the answer")?,
-        )?,
-    )?;
+    let (header, key) = seal_request(
+        &AdminClient::new(&opts.socket),
+        name,
+        version,
+        chunk_size,
+        &digest,
+        register,
+    )
+    .await?;
     if header.header().plaintext_sha256 != digest.sha256 || header.header().name != name {
         bail!("the server signed a header for something else");
     }
@@ -278,6 +259,42 @@ async fn seal(
 }
 
 /// A new file in `dir`, named at random (the caller renames it on success or removes it).
+/// Asks the trust authority to seal a version (registering it first when `register`): the
+/// signed header for `digest` and the version's data key.
+async fn seal_request(
+    admin: &AdminClient,
+    name: &str,
+    version: i64,
+    chunk_size: u32,
+    digest: &sigil_seal::Digest,
+    register: bool,
+) -> anyhow::Result<(SignedHeader, DataKey)> {
+    let v = admin
+        .call(
+            Method::POST,
+            "/v1/models/seal",
+            Some(json!({
+                "name": name,
+                "version": version,
+                "chunk_size": chunk_size,
+                "plaintext_len": digest.len,
+                "plaintext_sha256": digest.sha256,
+                "register": register,
+            })),
+        )
+        .await?;
+    let b64 = |k: &str, what: &str| -> anyhow::Result<Vec<u8>> {
+        Ok(B64.decode(
+            field(&v, k)
+                .as_str()
+                .with_context(|| format!("no {what} in the answer"))?,
+        )?)
+    };
+    let header = SignedHeader::from_bytes(&b64("header", "header")?)?;
+    let key = DataKey::from_bytes(&b64("data_key", "data key")?)?;
+    Ok((header, key))
+}
+
 fn tempfile_in(dir: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
     let n: [u8; 8] = rand::random();
     let path = dir.join(format!(".sigil-seal-{}.tmp", hex::encode(n)));
@@ -549,34 +566,15 @@ pub(crate) async fn dev_demo(
         .max()
         .unwrap_or(0)
         + 1;
-    let v = admin
-        .call(
-            Method::POST,
-            "/v1/models/seal",
-            Some(json!({
-                "name": DEV_MODEL,
-                "version": version,
-                "chunk_size": sigil_seal::DEFAULT_CHUNK_SIZE,
-                "plaintext_len": digest.len,
-                "plaintext_sha256": digest.sha256,
-                "register": true,
-            })),
-        )
-        .await?;
-    let header = SignedHeader::from_bytes(
-        &B64.decode(
-            field(&v, "header")
-                .as_str()
-                .context("no header in the answer")?,
-        )?,
-    )?;
-    let key = DataKey::from_bytes(
-        &B64.decode(
-            field(&v, "data_key")
-                .as_str()
-                .context("no data key in the answer")?,
-        )?,
-    )?;
+    let (header, key) = seal_request(
+        admin,
+        DEV_MODEL,
+        version,
+        sigil_seal::DEFAULT_CHUNK_SIZE,
+        &digest,
+        true,
+    )
+    .await?;
     let mut out = Vec::with_capacity(plain.len() + 4096);
     sigil_seal::seal(&mut &plain[..], &mut out, &header, &key)?;
     sigil_fs::write_with_mode(&sealed, &out, 0o644)
