@@ -107,12 +107,21 @@ impl TpmAttestor {
             .to_vec();
         // The TPM stack blocks: every TPM command runs off the async runtime.
         let tcti = self.tcti.clone();
-        let (mut device, ek_certificate, ak_public) = joined(
+        let (mut device, ek_certificate, ek_public, ak_public) = joined(
             tokio::task::spawn_blocking(move || {
                 let mut d = sigil_tpm::TpmDevice::open(&tcti)?;
-                let ek = d.ek_certificate()?;
+                // A TPM without an EK certificate in NV sends its EK public area instead;
+                // the server accepts it only if an administrator pinned its hash.
+                let (cert, public) = match d.ek_certificate() {
+                    Ok(cert) => (cert, Vec::new()),
+                    Err(sigil_tpm::DeviceError::NoEkCertificate) => {
+                        tracing::info!("no EK certificate in the TPM: sending the EK public key");
+                        (Vec::new(), d.ek_public()?)
+                    }
+                    Err(e) => return Err(e),
+                };
                 let ak = d.ak_public().to_vec();
-                Ok::<_, sigil_tpm::DeviceError>((d, ek, ak))
+                Ok::<_, sigil_tpm::DeviceError>((d, cert, public, ak))
             })
             .await,
         )?
@@ -121,6 +130,7 @@ impl TpmAttestor {
             .begin_tpm_attestation(pb::TpmAttestationRequest {
                 ek_certificate,
                 ak_public,
+                ek_public,
             })
             .await
             .map_err(from_status)?

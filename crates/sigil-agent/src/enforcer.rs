@@ -156,6 +156,7 @@ mod tests {
                 groups: vec![],
                 scopes: vec![],
                 enforcer: false,
+                node_selectors: vec![],
             },
             revision: 1,
             created_at: 0,

@@ -1037,6 +1037,7 @@ fn entry_from_pb(e: pb::Entry) -> Result<RegistrationEntry, BadEntry> {
             groups: e.groups,
             scopes: e.scopes,
             enforcer: e.enforcer,
+            node_selectors: vec![],
         },
         revision: e.revision,
         created_at: 0,

@@ -74,6 +74,12 @@ pub struct EntrySpec {
     /// the serialized form when false, so entries without it serialize as before.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub enforcer: bool,
+    /// Node selectors the parent node must have, all of them, for this entry to be sent to
+    /// it or signed for it: what the node's attestation proved, e.g. `tpm:secureboot:true`
+    /// or `tpm:pcr:7:<hex>`. Empty (the default, omitted when serialized): any node that is
+    /// the parent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_selectors: Vec<String>,
 }
 
 fn default_x509_ttl() -> u32 {
@@ -120,6 +126,10 @@ pub enum EntryError {
     BadGroup(String),
     #[error("invalid scope {0:?} (RFC 6749 scope-token)")]
     BadScope(String),
+    #[error(
+        "invalid node selector {0:?} (type:value, printable ASCII without spaces, up to 256 characters)"
+    )]
+    BadNodeSelector(String),
     #[error("{0} is not in trust domain {1}")]
     ForeignTrustDomain(String, String),
     #[error("entry has {count} {field}; at most {max} are allowed")]
@@ -152,6 +162,7 @@ impl EntrySpec {
             ("dns_names", self.dns_names.len()),
             ("groups", self.groups.len()),
             ("scopes", self.scopes.len()),
+            ("node_selectors", self.node_selectors.len()),
         ] {
             if count > MAX_LIST {
                 return Err(EntryError::TooMany {
@@ -168,7 +179,16 @@ impl EntrySpec {
             .try_for_each(|d| validate_dns_name(d))?;
         self.groups.iter().try_for_each(|g| validate_group(g))?;
         self.scopes.iter().try_for_each(|s| validate_scope(s))?;
+        self.node_selectors
+            .iter()
+            .try_for_each(|s| validate_node_selector(s))?;
         Ok(())
+    }
+
+    /// Whether a node with `node_selectors` (what its attestation proved) may receive this
+    /// entry: it has every node selector the entry requires.
+    pub fn node_matches(&self, node_selectors: &[String]) -> bool {
+        node_has_all(&self.node_selectors, node_selectors)
     }
 
     /// Whether every selector of this entry is among `caller` (the caller may have more).
@@ -223,6 +243,26 @@ pub fn validate_group(g: &str) -> Result<(), EntryError> {
         Ok(())
     } else {
         Err(EntryError::BadGroup(g.chars().take(80).collect()))
+    }
+}
+
+/// Whether `node_selectors` (what a node's attestation proved) include every one of
+/// `required` (an entry's node selectors).
+pub fn node_has_all(required: &[String], node_selectors: &[String]) -> bool {
+    required.iter().all(|s| node_selectors.contains(s))
+}
+
+/// A node selector: `type:value`, both non-empty, printable ASCII without spaces, ≤ 256
+/// bytes (`tpm:ek_hash:<hex>`, `tpm:secureboot:true`, `tpm:pcr:7:<hex>`).
+pub fn validate_node_selector(s: &str) -> Result<(), EntryError> {
+    let ok = s.len() <= 256
+        && s.bytes().all(|b| b.is_ascii_graphic())
+        && s.split_once(':')
+            .is_some_and(|(t, v)| !t.is_empty() && !v.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        Err(EntryError::BadNodeSelector(s.chars().take(80).collect()))
     }
 }
 
@@ -339,6 +379,47 @@ mod tests {
         assert!(!s.matches(std::slice::from_ref(&uid)));
         assert!(s.matches(&[uid.clone(), gid.clone(), path]));
         assert!(!s.matches(&[]));
+    }
+
+    #[test]
+    fn node_selectors_are_validated_required_in_full_and_omitted_when_empty() {
+        let td = TrustDomain::new("td").unwrap();
+        let s = spec();
+        assert!(s.node_selectors.is_empty());
+        assert!(
+            serde_json::to_value(&s)
+                .unwrap()
+                .get("node_selectors")
+                .is_none()
+        );
+        assert!(s.node_matches(&[]));
+        let mut s = spec();
+        s.node_selectors = vec!["tpm:secureboot:true".into(), "tpm:pcr:7:ab".into()];
+        s.validate(&td).unwrap();
+        assert!(!s.node_matches(&[]));
+        assert!(!s.node_matches(&["tpm:secureboot:true".into()]));
+        assert!(!s.node_matches(&["tpm:secureboot:false".into(), "tpm:pcr:7:ab".into()]));
+        assert!(s.node_matches(&[
+            "tpm:ek_hash:00".into(),
+            "tpm:pcr:7:ab".into(),
+            "tpm:secureboot:true".into()
+        ]));
+        for bad in [
+            "",
+            "tpm",
+            ":x",
+            "tpm:",
+            "tpm:a b",
+            "tpm:\u{e9}",
+            &format!("t:{}", "a".repeat(256)),
+        ] {
+            let mut s = spec();
+            s.node_selectors = vec![bad.to_owned()];
+            assert!(
+                matches!(s.validate(&td), Err(EntryError::BadNodeSelector(_))),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -11,8 +11,8 @@ mod spiffe_id;
 pub use clock::{Clock, ManualClock, SystemClock, UnixTime};
 pub use entry::{
     DEFAULT_JWT_TTL_SECS, DEFAULT_X509_TTL_SECS, EntryError, EntryId, EntrySpec, MAX_JWT_TTL_SECS,
-    MAX_X509_TTL_SECS, MIN_TTL_SECS, RegistrationEntry, validate_dns_name, validate_group,
-    validate_scope,
+    MAX_X509_TTL_SECS, MIN_TTL_SECS, RegistrationEntry, node_has_all, validate_dns_name,
+    validate_group, validate_node_selector, validate_scope,
 };
 pub use revocation::{Credential, RevocationSet, RevokedSvid};
 pub use selector::{Selector, SelectorError, SelectorKind};

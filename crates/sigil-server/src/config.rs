@@ -92,6 +92,16 @@ pub struct ServerConfig {
     /// Refuse TPM nodes whose event log does not show Secure Boot enabled.
     #[serde(default)]
     pub tpm_require_secure_boot: bool,
+    /// Golden PCR values: a table of PCR index (as a string key, `"7"`) → SHA-256 value (64
+    /// hex digits). A TPM node whose replayed PCR differs is refused. Each PCR must be
+    /// among `tpm_pcrs`.
+    #[serde(default)]
+    pub tpm_golden_pcrs: std::collections::BTreeMap<String, String>,
+    /// EKs accepted without an EK certificate (TPMs that have none in NV): SHA-256 of the
+    /// EK's SubjectPublicKeyInfo, 64 hex digits each, as `sigil tpm ek-hash` prints it on
+    /// the device. Setting it (or `tpm_ek_roots`) turns on TPM node attestation.
+    #[serde(default)]
+    pub tpm_ek_hashes: Vec<String>,
     /// OpenID providers whose users' tokens workloads may exchange (RFC 8693) for tokens
     /// that act for those users (`[[external_issuers]]` tables). None: only sigil's own
     /// delegated tokens can be exchanged further.
@@ -194,6 +204,11 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// 64 hex digits (either case).
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 fn bad(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         key,
@@ -227,6 +242,8 @@ impl ServerConfig {
         "tpm_ek_roots",
         "tpm_pcrs",
         "tpm_require_secure_boot",
+        "tpm_golden_pcrs",
+        "tpm_ek_hashes",
         "external_issuers",
         "max_delegation_depth",
     ];
@@ -316,7 +333,43 @@ impl ServerConfig {
                 "must be a non-empty list of PCR indices 0-23",
             ));
         }
+        self.golden_pcrs()?;
+        if let Some(h) = self.tpm_ek_hashes.iter().find(|h| !is_sha256_hex(h)) {
+            return Err(bad(
+                "tpm_ek_hashes",
+                format!("{h:?} is not a SHA-256 (64 hex digits)"),
+            ));
+        }
         Ok(())
+    }
+
+    /// `tpm_golden_pcrs`, parsed: PCR index → value. Refuses an index that is not a number
+    /// among `tpm_pcrs` and a value that is not 64 hex digits.
+    pub fn golden_pcrs(&self) -> Result<std::collections::BTreeMap<u8, [u8; 32]>, ConfigError> {
+        let mut out = std::collections::BTreeMap::new();
+        for (k, v) in &self.tpm_golden_pcrs {
+            let pcr: u8 = k
+                .parse()
+                .ok()
+                .filter(|p| self.tpm_pcrs.contains(p))
+                .ok_or_else(|| {
+                    bad(
+                        "tpm_golden_pcrs",
+                        format!("PCR {k:?} is not one of tpm_pcrs {:?}", self.tpm_pcrs),
+                    )
+                })?;
+            let value: [u8; 32] = hex::decode(v)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| {
+                    bad(
+                        "tpm_golden_pcrs",
+                        format!("PCR {pcr}: {v:?} is not a SHA-256 value (64 hex digits)"),
+                    )
+                })?;
+            out.insert(pcr, value);
+        }
+        Ok(out)
     }
 
     /// The admin socket path.

@@ -575,15 +575,9 @@ async fn node_of(app: &AppState, serial: &str) -> Result<(String, Vec<String>), 
             "permission_denied",
             format!("node {node_id} has been evicted"),
         )),
-        Some(n) => Ok((n.spiffe_id.to_string(), node_selectors(&n))),
+        Some(n) => Ok((n.spiffe_id.to_string(), n.selectors)),
         None => Ok((node_id.to_string(), Vec::new())),
     }
-}
-
-/// The attestation selectors stored for a node.
-fn node_selectors(node: &sigil_store::NodeRecord) -> Vec<String> {
-    let _ = node;
-    Vec::new()
 }
 
 /// The groups of the workload's registration entries.

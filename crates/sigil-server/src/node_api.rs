@@ -49,10 +49,15 @@ impl NodeApi {
     }
 
     /// The TPM attestation of the node that sent `tpm` evidence for `csr`: its node ID.
-    fn attest_tpm(&self, tpm: &pb::TpmEvidence, csr: &[u8]) -> Result<SpiffeId, Status> {
+    /// A TPM node's attestation: its SPIFFE ID (from the EK) and node selectors.
+    fn attest_tpm(
+        &self,
+        tpm: &pb::TpmEvidence,
+        csr: &[u8],
+    ) -> Result<(SpiffeId, Vec<String>), Status> {
         let Some(verifier) = &self.tpm else {
             return Err(Status::failed_precondition(
-                "this server does not accept TPM attestation (no tpm_ek_roots configured)",
+                "this server does not accept TPM attestation (neither tpm_ek_roots nor tpm_ek_hashes is configured)",
             ));
         };
         let parsed =
@@ -60,7 +65,7 @@ impl NodeApi {
         let node = verifier.finish(tpm, parsed.public_key_der(), self.app.clock.now())?;
         let node_id = node_id_for_ek(&self.app.config.trust_domain, &node.ek_hash)?;
         tracing::info!(node = %node_id, selectors = ?node.selectors, "TPM evidence verified");
-        Ok(node_id)
+        Ok((node_id, node.selectors))
     }
 
     /// A TPM node's renewal: fresh evidence from the same TPM, passing the same checks as
@@ -71,10 +76,10 @@ impl NodeApi {
         &self,
         node: &NodeRecord,
         req: &pb::RenewNodeSvidRequest,
-    ) -> Result<(), Status> {
+    ) -> Result<Vec<String>, Status> {
         let Some(verifier) = &self.tpm else {
             return Err(Status::failed_precondition(
-                "this server does not accept TPM attestation (no tpm_ek_roots configured)",
+                "this server does not accept TPM attestation (neither tpm_ek_roots nor tpm_ek_hashes is configured)",
             ));
         };
         let parsed =
@@ -85,7 +90,7 @@ impl NodeApi {
                 Ok(att) => {
                     let id = node_id_for_ek(&self.app.config.trust_domain, &att.ek_hash)?;
                     if id == node.spiffe_id {
-                        return Ok(());
+                        return Ok(att.selectors);
                     }
                     "the evidence comes from another TPM".to_owned()
                 }
@@ -253,6 +258,12 @@ impl NodeApi {
                 node.spiffe_id
             )));
         }
+        if !entry.spec.node_matches(&node.selectors) {
+            return Err(Status::permission_denied(format!(
+                "entry {id} requires node selectors {:?}, which node {} did not prove",
+                entry.spec.node_selectors, node.spiffe_id
+            )));
+        }
         Ok(entry)
     }
 }
@@ -305,8 +316,9 @@ struct SyncKey {
 #[derive(Debug)]
 struct SharedSync {
     entries_revision: i64,
-    /// Every entry, grouped by parent (node) ID, each group in the store's order.
-    entries: Arc<HashMap<String, Vec<pb::Entry>>>,
+    /// Every entry, grouped by parent (node) ID, each group in the store's order, with the
+    /// node selectors it requires of its parent.
+    entries: Arc<HashMap<String, Vec<NodeEntry>>>,
     revocations_revision: i64,
     /// Unexpired at the time of reading; filtered again at the time of sending.
     revocations: Arc<Vec<pb::RevokedSvid>>,
@@ -345,12 +357,15 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
         Some(p) if p.entries_revision == entries_revision => p.entries.clone(),
         _ => {
             let all = app.store.list_entries(&EntryFilter::default()).await?;
-            let mut by_parent: HashMap<String, Vec<pb::Entry>> = HashMap::new();
+            let mut by_parent: HashMap<String, Vec<NodeEntry>> = HashMap::new();
             for e in all {
                 by_parent
                     .entry(e.spec.parent_id.as_str().to_owned())
                     .or_default()
-                    .push(entry_to_pb(e));
+                    .push(NodeEntry {
+                        requires: e.spec.node_selectors.clone(),
+                        entry: entry_to_pb(e),
+                    });
             }
             Arc::new(by_parent)
         }
@@ -521,7 +536,14 @@ fn sync_key(s: &SharedSync, cut_off: bool) -> SyncKey {
     }
 }
 
-fn sync_update(app: &AppState, s: &SharedSync, node: &SpiffeId, cut_off: bool) -> pb::SyncUpdate {
+/// An entry as the sync streams send it, with the node selectors its parent must have.
+#[derive(Debug)]
+struct NodeEntry {
+    requires: Vec<String>,
+    entry: pb::Entry,
+}
+
+fn sync_update(app: &AppState, s: &SharedSync, node: &NodeRecord, cut_off: bool) -> pb::SyncUpdate {
     if cut_off {
         return pb::SyncUpdate {
             evicted: true,
@@ -532,7 +554,19 @@ fn sync_update(app: &AppState, s: &SharedSync, node: &SpiffeId, cut_off: bool) -
     pb::SyncUpdate {
         log_checkpoint: s.log_checkpoint.clone(),
         log_key: app.tlog.vkey().to_owned(),
-        entries: s.entries.get(node.as_str()).cloned().unwrap_or_default(),
+        // Only the entries whose node selectors this node has: the others are neither sent
+        // nor signed (`entry_of`).
+        entries: s
+            .entries
+            .get(node.spiffe_id.as_str())
+            .map(|group| {
+                group
+                    .iter()
+                    .filter(|e| sigil_core::node_has_all(&e.requires, &node.selectors))
+                    .map(|e| e.entry.clone())
+                    .collect()
+            })
+            .unwrap_or_default(),
         entries_revision: s.entries_revision,
         bundle_json: s.bundle_json.clone(),
         bundle_sequence: s.bundle_sequence,
@@ -604,7 +638,7 @@ impl pb::node_server::Node for NodeApi {
                         };
                         let key = sync_key(&s, cut_off);
                         if last != Some(key) {
-                            let update = sync_update(&app, &s, &node.spiffe_id, cut_off);
+                            let update = sync_update(&app, &s, &node, cut_off);
                             if tx.send(Ok(update)).await.is_err() {
                                 return;
                             }
@@ -632,10 +666,14 @@ impl pb::node_server::Node for NodeApi {
         req: Request<pb::AttestRequest>,
     ) -> Result<Response<pb::AttestResponse>, Status> {
         let req = req.into_inner();
-        let (node_id, method) = match (&req.tpm, req.join_token.is_empty()) {
-            (Some(tpm), true) => (self.attest_tpm(tpm, &req.csr)?, "tpm"),
+        let (node_id, selectors, method) = match (&req.tpm, req.join_token.is_empty()) {
+            (Some(tpm), true) => {
+                let (id, selectors) = self.attest_tpm(tpm, &req.csr)?;
+                (id, selectors, "tpm")
+            }
             (None, false) => (
                 self.attest_join_token(&req.join_token, &req.csr).await?,
+                Vec::new(),
                 "join_token",
             ),
             (Some(_), false) => {
@@ -667,6 +705,7 @@ impl pb::node_server::Node for NodeApi {
                 serial: svid.serial.clone(),
                 not_after: svid.not_after,
                 evicted: false,
+                selectors,
                 created_at: now,
                 updated_at: now,
             })
@@ -684,7 +723,7 @@ impl pb::node_server::Node for NodeApi {
     ) -> Result<Response<pb::TpmChallenge>, Status> {
         let Some(verifier) = &self.tpm else {
             return Err(Status::failed_precondition(
-                "this server does not accept TPM attestation (no tpm_ek_roots configured)",
+                "this server does not accept TPM attestation (neither tpm_ek_roots nor tpm_ek_hashes is configured)",
             ));
         };
         let challenge = verifier.begin(req.get_ref(), self.app.clock.now())?;
@@ -695,9 +734,9 @@ impl pb::node_server::Node for NodeApi {
         &self,
         req: Request<pb::RenewNodeSvidRequest>,
     ) -> Result<Response<pb::X509SvidResponse>, Status> {
-        let node = self.authenticate(&req).await?;
+        let mut node = self.authenticate(&req).await?;
         if node.attestation_type == "tpm" {
-            self.reattest_tpm(&node, req.get_ref()).await?;
+            node.selectors = self.reattest_tpm(&node, req.get_ref()).await?;
         }
         let spec = SvidSpec {
             spiffe_id: node.spiffe_id.clone(),
@@ -740,7 +779,11 @@ impl pb::node_server::Node for NodeApi {
             .await
             .map_err(internal)?;
         Ok(Response::new(pb::FetchEntriesResponse {
-            entries: entries.into_iter().map(entry_to_pb).collect(),
+            entries: entries
+                .into_iter()
+                .filter(|e| e.spec.node_matches(&node.selectors))
+                .map(entry_to_pb)
+                .collect(),
             bundle_json: self.app.authorities.current().bundle_json.clone(),
             entries_revision: revision,
         }))

@@ -9,7 +9,7 @@ use sigil_core::{SpiffeId, TrustDomain, UnixTime};
 use sigil_proto::node::v1 as pb;
 use sigil_tpm::{
     AttestedNode, EkRoots, Evidence, PendingAttestation, TpmPolicy, VerifyError, begin_attestation,
-    finish_attestation,
+    begin_attestation_pinned, finish_attestation,
 };
 use tonic::Status;
 
@@ -44,21 +44,31 @@ pub fn node_id_for_ek(td: &TrustDomain, ek_hash: &str) -> Result<SpiffeId, Statu
 }
 
 impl TpmAttestation {
-    /// From the configuration: `None` when `tpm_ek_roots` is unset. Reads the roots file.
+    /// From the configuration: `None` when neither `tpm_ek_roots` nor `tpm_ek_hashes` is
+    /// set. Reads the roots file.
     pub fn from_config(cfg: &ServerConfig) -> Result<Option<Self>, ConfigError> {
-        let Some(path) = &cfg.tpm_ek_roots else {
-            return Ok(None);
+        let roots = match &cfg.tpm_ek_roots {
+            None if cfg.tpm_ek_hashes.is_empty() => return Ok(None),
+            None => EkRoots::none(),
+            Some(path) => {
+                let bad = |message: String| ConfigError {
+                    key: "tpm_ek_roots",
+                    message,
+                };
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|e| bad(format!("reading {}: {e}", path.display())))?;
+                EkRoots::from_pem(&pem).map_err(|e| bad(e.to_string()))?
+            }
         };
-        let bad = |message: String| ConfigError {
-            key: "tpm_ek_roots",
-            message,
-        };
-        let pem = std::fs::read_to_string(path)
-            .map_err(|e| bad(format!("reading {}: {e}", path.display())))?;
-        let roots = EkRoots::from_pem(&pem).map_err(|e| bad(e.to_string()))?;
         let policy = TpmPolicy {
             pcrs: cfg.tpm_pcrs.clone(),
             require_secure_boot: cfg.tpm_require_secure_boot,
+            golden_pcrs: cfg.golden_pcrs()?,
+            ek_hashes: cfg
+                .tpm_ek_hashes
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
             ..TpmPolicy::new(roots)
         };
         policy.validate().map_err(|e| ConfigError {
@@ -75,16 +85,20 @@ impl TpmAttestation {
         i64::try_from(self.policy.challenge_ttl_secs).unwrap_or(i64::MAX)
     }
 
-    /// Checks the EK certificate and AK, and hands out a challenge.
+    /// Checks the EK (its certificate, or for a TPM without one its pinned public key) and
+    /// the AK, and hands out a challenge.
     pub fn begin(
         &self,
         req: &pb::TpmAttestationRequest,
         now: UnixTime,
     ) -> Result<pb::TpmChallenge, Status> {
         let at = u64::try_from(now).unwrap_or(0);
-        let (challenge, pending) =
+        let begun = if req.ek_certificate.is_empty() && !req.ek_public.is_empty() {
+            begin_attestation_pinned(&self.policy, &req.ek_public, &req.ak_public, at)
+        } else {
             begin_attestation(&self.policy, &req.ek_certificate, &req.ak_public, at)
-                .map_err(refusal)?;
+        };
+        let (challenge, pending) = begun.map_err(refusal)?;
         let mut id = [0u8; 16];
         SystemRandom::new()
             .fill(&mut id)

@@ -15,7 +15,7 @@ struct Migration {
 }
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -382,6 +382,21 @@ CREATE TABLE model_keys (
     sealed_at        BIGINT,
     PRIMARY KEY (name, version)
 );
+",
+    },
+    Migration {
+        version: 8,
+        name: "node selectors",
+        // What a node's attestation proved (a JSON list of node selectors, replaced at every
+        // attestation), and the node selectors an entry requires of its parent node (a JSON
+        // list; empty: none). Existing nodes and entries get empty lists.
+        sqlite: r"
+ALTER TABLE nodes ADD COLUMN selectors_json TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE entries ADD COLUMN node_selectors_json TEXT NOT NULL DEFAULT '[]';
+",
+        postgres: r"
+ALTER TABLE nodes ADD COLUMN selectors_json TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE entries ADD COLUMN node_selectors_json TEXT NOT NULL DEFAULT '[]';
 ",
     },
 ];

@@ -19,6 +19,10 @@ pub struct NodeRecord {
     pub not_after: UnixTime,
     /// Whether an administrator evicted the node (it must re-attest).
     pub evicted: bool,
+    /// What the node's attestation proved, as node selectors (`tpm:ek_hash:…`,
+    /// `tpm:secureboot:…`, `tpm:pcr:<i>:…`); empty for join-token nodes. Replaced at every
+    /// (re-)attestation; registration entries may require some of them.
+    pub selectors: Vec<String>,
     /// When the node first attested. Kept from the first insert on later upserts.
     pub created_at: UnixTime,
     /// When the record last changed.

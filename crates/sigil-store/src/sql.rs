@@ -216,9 +216,9 @@ async fn bump_meta(conn: &mut AnyConnection, key: &str) -> Result<i64, StoreErro
 }
 
 const ENTRY_COLS: &str = "id, spiffe_id, parent_id, selectors_json, x509_ttl_secs, jwt_ttl_secs, \
-     dns_names_json, groups_json, scopes_json, enforcer, revision, created_at, updated_at";
-const NODE_COLS: &str =
-    "spiffe_id, attestation_type, serial, not_after, evicted, created_at, updated_at";
+     dns_names_json, groups_json, scopes_json, enforcer, node_selectors_json, revision, \
+     created_at, updated_at";
+const NODE_COLS: &str = "spiffe_id, attestation_type, serial, not_after, evicted, selectors_json, created_at, updated_at";
 const ISSUED_COLS: &str = "id, kind, serial_or_jti, spiffe_id, thumbprint, audience_json, \
      issued_at, not_after, requester";
 const REVOCATION_COLS: &str = "id, serial, spiffe_id, reason, revoked_at, expires_at";
@@ -232,6 +232,7 @@ struct EncodedSpec {
     dns_names_json: String,
     groups_json: String,
     scopes_json: String,
+    node_selectors_json: String,
 }
 
 fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<String, StoreError> {
@@ -246,6 +247,7 @@ impl EncodedSpec {
             dns_names_json: to_json(&spec.dns_names)?,
             groups_json: to_json(&spec.groups)?,
             scopes_json: to_json(&spec.scopes)?,
+            node_selectors_json: to_json(&spec.node_selectors)?,
         })
     }
 }
@@ -360,6 +362,7 @@ fn entry_from_row(row: &AnyRow) -> Result<RegistrationEntry, StoreError> {
             groups: r.json("groups_json")?,
             scopes: r.json("scopes_json")?,
             enforcer: r.bool("enforcer")?,
+            node_selectors: r.json("node_selectors_json")?,
         },
         revision: r.get("revision")?,
         created_at: r.get("created_at")?,
@@ -375,6 +378,7 @@ fn node_from_row(row: &AnyRow) -> Result<NodeRecord, StoreError> {
         serial: r.get("serial")?,
         not_after: r.get("not_after")?,
         evicted: r.bool("evicted")?,
+        selectors: r.json("selectors_json")?,
         created_at: r.get("created_at")?,
         updated_at: r.get("updated_at")?,
     })
@@ -463,8 +467,8 @@ impl Store for SqlStore {
         sqlx::query(
             "INSERT INTO entries (id, spiffe_id, parent_id, selectors_json, dedup_key, \
              x509_ttl_secs, jwt_ttl_secs, dns_names_json, groups_json, scopes_json, enforcer, \
-             revision, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+             node_selectors_json, revision, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(entry.id.as_str())
         .bind(spec.spiffe_id.as_str())
@@ -477,6 +481,7 @@ impl Store for SqlStore {
         .bind(&enc.groups_json)
         .bind(&enc.scopes_json)
         .bind(i64::from(spec.enforcer))
+        .bind(&enc.node_selectors_json)
         .bind(entry.revision)
         .bind(entry.created_at)
         .bind(entry.updated_at)
@@ -558,8 +563,8 @@ impl Store for SqlStore {
         let row = sqlx::query(&format!(
             "UPDATE entries SET spiffe_id = $1, parent_id = $2, selectors_json = $3, \
              dedup_key = $4, x509_ttl_secs = $5, jwt_ttl_secs = $6, dns_names_json = $7, \
-             groups_json = $8, scopes_json = $9, enforcer = $10, revision = revision + 1, \
-             updated_at = $11 WHERE id = $12 RETURNING {ENTRY_COLS}"
+             groups_json = $8, scopes_json = $9, enforcer = $10, node_selectors_json = $11, \
+             revision = revision + 1, updated_at = $12 WHERE id = $13 RETURNING {ENTRY_COLS}"
         ))
         .bind(spec.spiffe_id.as_str())
         .bind(spec.parent_id.as_str())
@@ -571,6 +576,7 @@ impl Store for SqlStore {
         .bind(&enc.groups_json)
         .bind(&enc.scopes_json)
         .bind(i64::from(spec.enforcer))
+        .bind(&enc.node_selectors_json)
         .bind(now)
         .bind(id.as_str())
         .fetch_optional(&mut *tx)
@@ -609,16 +615,18 @@ impl Store for SqlStore {
     async fn upsert_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO nodes (spiffe_id, attestation_type, serial, not_after, evicted, \
-             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             selectors_json, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (spiffe_id) DO UPDATE SET attestation_type = excluded.attestation_type, \
              serial = excluded.serial, not_after = excluded.not_after, \
-             evicted = excluded.evicted, updated_at = excluded.updated_at",
+             evicted = excluded.evicted, selectors_json = excluded.selectors_json, \
+             updated_at = excluded.updated_at",
         )
         .bind(node.spiffe_id.as_str())
         .bind(&node.attestation_type)
         .bind(&node.serial)
         .bind(node.not_after)
         .bind(i64::from(node.evicted))
+        .bind(to_json(&node.selectors)?)
         .bind(node.created_at)
         .bind(node.updated_at)
         .execute(&self.pool)
@@ -1520,6 +1528,7 @@ mod tests {
             groups: vec![],
             scopes: vec![],
             enforcer: false,
+            node_selectors: vec![],
         };
         let a = dedup_key(&spec(&["unix:uid:1", "unix:gid:2"])).unwrap();
         let b = dedup_key(&spec(&["unix:gid:2", "unix:uid:1", "unix:uid:1"])).unwrap();

@@ -193,6 +193,7 @@ fn spec(spiffe: &str, parent: &str, selectors: &[&str]) -> EntrySpec {
         groups: vec![],
         scopes: vec![],
         enforcer: false,
+        node_selectors: vec![],
     }
 }
 
@@ -224,6 +225,10 @@ fn full_entry() -> RegistrationEntry {
             groups: vec!["factory-floor".into(), "tier:gold".into()],
             scopes: vec!["model:invoke".into(), "read".into()],
             enforcer: true,
+            node_selectors: vec![
+                "tpm:secureboot:true".into(),
+                format!("tpm:pcr:7:{}", "cd".repeat(32)),
+            ],
         },
         revision: 3,
         created_at: T0 - 100,
@@ -238,6 +243,7 @@ fn node(n: &str) -> NodeRecord {
         serial: format!("0a{n}ff"),
         not_after: T0 + 3600,
         evicted: false,
+        selectors: Vec::new(),
         created_at: T0,
         updated_at: T0 + 1,
     }
@@ -604,9 +610,10 @@ async fn nodes_round_trip_and_eviction(db: &Db) {
     assert_eq!(s.get_node(&n1.spiffe_id).await.unwrap(), Some(n1.clone()));
     assert_eq!(s.list_nodes().await.unwrap(), vec![n1.clone(), n2.clone()]);
 
-    // Re-attestation: new serial and expiry; created_at stays the first one.
+    // Re-attestation: new serial, expiry and selectors; created_at stays the first one.
     let renewed = NodeRecord {
         serial: "beef".into(),
+        selectors: vec!["tpm:secureboot:true".into(), "tpm:pcr:7:ab".into()],
         not_after: T0 + 7200,
         created_at: T0 + 999,
         updated_at: T0 + 1000,

@@ -84,6 +84,18 @@ impl TpmDevice {
         Ok(trim_der(der))
     }
 
+    /// The EK's public area (TPMT_PUBLIC, marshalled): what a TPM without an EK certificate
+    /// sends, and what `sigil tpm ek-hash` hashes for an administrator to pin.
+    pub fn ek_public(&mut self) -> Result<Vec<u8>, DeviceError> {
+        let (public, _, _) = self
+            .ctx
+            .read_public(self.ek)
+            .map_err(DeviceError::tpm("read EK public"))?;
+        public
+            .marshall()
+            .map_err(DeviceError::tpm("encode EK public"))
+    }
+
     /// The attestation key's public area (TPMT_PUBLIC, marshalled).
     pub fn ak_public(&self) -> &[u8] {
         &self.ak_public

@@ -1,7 +1,14 @@
 //! The endorsement key: its certificate, checked against the manufacturers' roots, is what
 //! says "this is a genuine TPM"; the hash of its public key is the device's stable identity.
+use std::collections::BTreeSet;
+
+use aws_lc_rs::encoding::AsDer;
 use rustls_pki_types::{CertificateDer, SignatureVerificationAlgorithm, UnixTime};
 use sha2::{Digest, Sha256};
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SymmetricMode};
+use tss_esapi::interface_types::key_bits::{AesKeyBits, RsaKeyBits};
+use tss_esapi::structures::{Public, SymmetricDefinitionObject};
+use tss_esapi::traits::{Marshall, UnMarshall};
 use webpki::{EndEntityCert, KeyUsage};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -37,6 +44,12 @@ pub struct EkRoots {
 }
 
 impl EkRoots {
+    /// No manufacturer trusted: every EK certificate is refused (a server that accepts only
+    /// EKs pinned by hash).
+    pub fn none() -> Self {
+        Self { certs: Vec::new() }
+    }
+
     /// Reads every `CERTIFICATE` block of a PEM bundle. Refuses a bundle with none, or one
     /// whose certificates cannot be anchors.
     pub fn from_pem(pem_text: &str) -> Result<Self, VerifyError> {
@@ -117,4 +130,108 @@ pub fn verify_ek_certificate(
         ek_hash: hex::encode(Sha256::digest(&spki_der)),
         spki_der,
     })
+}
+
+/// The authPolicy of the TCG default EK templates: PolicySecret(TPM_RH_ENDORSEMENT)
+/// (TCG EK Credential Profile 2.0, §B.3.3).
+const EK_AUTH_POLICY_SHA256: [u8; 32] = [
+    0x83, 0x71, 0x97, 0x67, 0x44, 0x84, 0xb3, 0xf8, 0x1a, 0x90, 0xcc, 0x8d, 0x46, 0xa5, 0xd7, 0x24,
+    0xfd, 0x52, 0xd7, 0x6e, 0x06, 0x52, 0x0b, 0x64, 0xf2, 0xa1, 0xda, 0x1b, 0x33, 0x14, 0x69, 0xaa,
+];
+
+/// The SPKI hash of an EK given by its public area (a marshalled TPMT_PUBLIC), after
+/// checking that it is an EK of the TCG default RSA 2048 template (what MakeCredential
+/// assumes): a restricted decryption key, `fixedTPM`, `fixedParent`, `sensitiveDataOrigin`,
+/// `adminWithPolicy`, not `sign`, SHA-256 names, AES-128-CFB, the endorsement-hierarchy
+/// policy. The hash is the same one an EK certificate of the same key gives.
+pub fn ek_public_endorsement(tpmt_public: &[u8]) -> Result<Endorsement, VerifyError> {
+    let bad = |m: String| VerifyError::EkCertificate(format!("EK public area: {m}"));
+    if tpmt_public.is_empty() || tpmt_public.len() > crate::ak::MAX_PUBLIC_LEN {
+        return Err(bad("size out of range".into()));
+    }
+    let public =
+        Public::unmarshall(tpmt_public).map_err(|e| bad(format!("does not parse: {e}")))?;
+    let again = public
+        .marshall()
+        .map_err(|e| bad(format!("does not re-encode: {e}")))?;
+    if again != tpmt_public {
+        return Err(bad("not canonically encoded".into()));
+    }
+    let Public::Rsa {
+        object_attributes: attrs,
+        name_hashing_algorithm,
+        auth_policy,
+        parameters,
+        unique,
+    } = &public
+    else {
+        return Err(bad("not an RSA key".into()));
+    };
+    let required = [
+        (attrs.restricted(), "restricted"),
+        (attrs.decrypt(), "decrypt"),
+        (attrs.fixed_tpm(), "fixedTPM"),
+        (attrs.fixed_parent(), "fixedParent"),
+        (attrs.sensitive_data_origin(), "sensitiveDataOrigin"),
+        (attrs.admin_with_policy(), "adminWithPolicy"),
+    ];
+    for (set, attr) in required {
+        if !set {
+            return Err(bad(format!("attribute {attr} is not set")));
+        }
+    }
+    if attrs.sign_encrypt() {
+        return Err(bad("attribute sign is set".into()));
+    }
+    if *name_hashing_algorithm != HashingAlgorithm::Sha256 {
+        return Err(bad("name algorithm is not SHA-256".into()));
+    }
+    if auth_policy.value() != EK_AUTH_POLICY_SHA256 {
+        return Err(bad("auth policy is not the endorsement hierarchy's".into()));
+    }
+    if parameters.key_bits() != RsaKeyBits::Rsa2048 {
+        return Err(bad("not RSA 2048".into()));
+    }
+    let aes128_cfb = SymmetricDefinitionObject::Aes {
+        key_bits: AesKeyBits::Aes128,
+        mode: SymmetricMode::Cfb,
+    };
+    if parameters.symmetric_definition_object() != aes128_cfb {
+        return Err(bad("symmetric algorithm is not AES-128-CFB".into()));
+    }
+    let exponent = match parameters.exponent().value() {
+        0 => 65537u32,
+        e => e,
+    }
+    .to_be_bytes();
+    let first = exponent.iter().position(|b| *b != 0).unwrap_or(3);
+    let components = aws_lc_rs::rsa::PublicKeyComponents {
+        n: unique.value(),
+        e: exponent.get(first..).unwrap_or(&[1]),
+    };
+    let spki_der = components
+        .as_der()
+        .map_err(|_| bad("not a valid RSA public key".into()))?
+        .as_ref()
+        .to_vec();
+    Ok(Endorsement {
+        ek_hash: hex::encode(Sha256::digest(&spki_der)),
+        spki_der,
+    })
+}
+
+/// An EK without a certificate: its public area, accepted only if its hash is among the
+/// administrator's pinned `allowed` hashes (lowercase hex).
+pub fn verify_ek_public(
+    tpmt_public: &[u8],
+    allowed: &BTreeSet<String>,
+) -> Result<Endorsement, VerifyError> {
+    let ek = ek_public_endorsement(tpmt_public)?;
+    if !allowed.contains(&ek.ek_hash) {
+        return Err(VerifyError::EkCertificate(format!(
+            "no EK certificate, and EK {} is not pinned (tpm_ek_hashes)",
+            ek.ek_hash
+        )));
+    }
+    Ok(ek)
 }

@@ -24,7 +24,10 @@ mod verifier;
 pub use ak::{AttestationKey, MAX_PUBLIC_LEN, check_ak_public};
 pub use credential::{SealedCredential, make_credential};
 pub use device::{DEFAULT_EVENT_LOG, DEFAULT_TCTI, TpmDevice, read_event_log};
-pub use ek::{EkRoots, Endorsement, MAX_EK_CERT_LEN, verify_ek_certificate};
+pub use ek::{
+    EkRoots, Endorsement, MAX_EK_CERT_LEN, ek_public_endorsement, verify_ek_certificate,
+    verify_ek_public,
+};
 pub use error::{DeviceError, VerifyError};
 pub use eventlog::{
     BootState, EventLog, EventLogBuilder, MAX_EVENT_LOG_LEN, PCR_COUNT, parse_event_log,
@@ -32,5 +35,5 @@ pub use eventlog::{
 pub use quote::{MAX_QUOTE_LEN, QuotedPcrs, qualifying_data, verify_quote};
 pub use verifier::{
     AttestedNode, Challenge, DEFAULT_CHALLENGE_TTL_SECS, DEFAULT_PCRS, Evidence,
-    PendingAttestation, TpmPolicy, begin_attestation, finish_attestation,
+    PendingAttestation, TpmPolicy, begin_attestation, begin_attestation_pinned, finish_attestation,
 };

@@ -3,13 +3,13 @@
 //! something — the AK is in the EK's TPM, so its quote speaks for that TPM; the quote is
 //! fresh and bound to the node key; the log explains the quoted PCRs; the policy accepts what
 //! the log says.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 
 use crate::ak::{AttestationKey, check_ak_public};
 use crate::credential::{SealedCredential, make_credential};
-use crate::ek::{EkRoots, Endorsement, verify_ek_certificate};
+use crate::ek::{EkRoots, Endorsement, verify_ek_certificate, verify_ek_public};
 use crate::error::VerifyError;
 use crate::eventlog::{PCR_COUNT, parse_event_log};
 use crate::quote::{qualifying_data, verify_quote};
@@ -30,6 +30,9 @@ pub struct TpmPolicy {
     pub require_secure_boot: bool,
     /// PCR values a node must have (index → SHA-256 value).
     pub golden_pcrs: BTreeMap<u8, [u8; 32]>,
+    /// EKs accepted without a certificate: SHA-256 of their SubjectPublicKeyInfo,
+    /// lowercase hex, pinned by an administrator.
+    pub ek_hashes: BTreeSet<String>,
     /// How long a challenge may be answered.
     pub challenge_ttl_secs: u64,
 }
@@ -42,6 +45,7 @@ impl TpmPolicy {
             pcrs: DEFAULT_PCRS.to_vec(),
             require_secure_boot: false,
             golden_pcrs: BTreeMap::new(),
+            ek_hashes: BTreeSet::new(),
             challenge_ttl_secs: DEFAULT_CHALLENGE_TTL_SECS,
         }
     }
@@ -147,6 +151,27 @@ pub fn begin_attestation(
     now: u64,
 ) -> Result<(Challenge, PendingAttestation), VerifyError> {
     let ek = verify_ek_certificate(ek_cert_der, &policy.roots, now)?;
+    challenge_for(policy, ek, ak_public, now)
+}
+
+/// [`begin_attestation`] for a TPM without an EK certificate: its EK public area
+/// (TPMT_PUBLIC), accepted only if its hash is one of the policy's pinned `ek_hashes`.
+pub fn begin_attestation_pinned(
+    policy: &TpmPolicy,
+    ek_public: &[u8],
+    ak_public: &[u8],
+    now: u64,
+) -> Result<(Challenge, PendingAttestation), VerifyError> {
+    let ek = verify_ek_public(ek_public, &policy.ek_hashes)?;
+    challenge_for(policy, ek, ak_public, now)
+}
+
+fn challenge_for(
+    policy: &TpmPolicy,
+    ek: Endorsement,
+    ak_public: &[u8],
+    now: u64,
+) -> Result<(Challenge, PendingAttestation), VerifyError> {
     let ak = check_ak_public(ak_public)?;
     let credential = random32()?;
     let nonce = random32()?;

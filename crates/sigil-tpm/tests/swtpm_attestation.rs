@@ -22,7 +22,7 @@ use swtpm::{SwTpm, TestCa};
 use tss_esapi::abstraction::{KeyCustomization, ak, ek};
 use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
-use tss_esapi::traits::Marshall;
+use tss_esapi::traits::{Marshall, UnMarshall};
 
 /// The node key the quotes bind (any bytes: the verifier hashes what it is given).
 const CSR_KEY: &[u8] = b"node CSR SubjectPublicKeyInfo";
@@ -424,4 +424,95 @@ fn a_quote_with_a_broken_signature_is_refused() {
     }
     let r = finish(&p, &pending, &a, &log, CSR_KEY);
     assert!(matches!(r, Err(VerifyError::Quote(_))), "{r:?}");
+}
+
+#[test]
+fn a_pinned_ek_without_a_certificate_attests_as_the_same_node_and_an_unpinned_one_is_refused() {
+    let (_d, tpm) = serve(&fixture().tpm_a);
+    let mut dev = TpmDevice::open(&tpm.tcti()).unwrap();
+    let log = boot(&mut dev, true);
+    let ek_public = dev.ek_public().unwrap();
+    let from_public = sigil_tpm::ek_public_endorsement(&ek_public).unwrap();
+    // The same device identity as its EK certificate gives.
+    let cert = dev.ek_certificate().unwrap();
+    let from_cert = sigil_tpm::verify_ek_certificate(&cert, &policy().roots, now()).unwrap();
+    assert_eq!(from_public.ek_hash, from_cert.ek_hash);
+
+    let unpinned = TpmPolicy {
+        roots: EkRoots::none(),
+        ..policy()
+    };
+    let err = sigil_tpm::begin_attestation_pinned(&unpinned, &ek_public, dev.ak_public(), now())
+        .unwrap_err();
+    assert!(err.to_string().contains("is not pinned"), "{err}");
+    // With no manufacturer trusted, the certificate is refused too.
+    assert!(matches!(
+        begin_attestation(&unpinned, &cert, dev.ak_public(), now()),
+        Err(VerifyError::EkCertificate(_))
+    ));
+
+    let mut pinned = unpinned.clone();
+    pinned.ek_hashes.insert(from_public.ek_hash.clone());
+    let (ch, pending) =
+        sigil_tpm::begin_attestation_pinned(&pinned, &ek_public, dev.ak_public(), now()).unwrap();
+    let a = answer(&mut dev, &ch, CSR_KEY);
+    let node = finish(&pinned, &pending, &a, &log, CSR_KEY).unwrap();
+    assert_eq!(node.ek_hash, from_public.ek_hash);
+
+    // Another TPM's EK is not pinned.
+    let (_d2, other) = serve(&fixture().tpm_b);
+    let mut other = TpmDevice::open(&other.tcti()).unwrap();
+    let err = sigil_tpm::begin_attestation_pinned(
+        &pinned,
+        &other.ek_public().unwrap(),
+        other.ak_public(),
+        now(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("is not pinned"), "{err}");
+}
+
+#[test]
+fn an_ek_public_area_that_is_not_a_default_ek_is_refused() {
+    let (_d, tpm) = serve(&fixture().tpm_a);
+    let mut dev = TpmDevice::open(&tpm.tcti()).unwrap();
+    let ek_public = dev.ek_public().unwrap();
+    // The AK (a signing key) is not an EK, whatever its hash.
+    let err = sigil_tpm::ek_public_endorsement(dev.ak_public()).unwrap_err();
+    assert!(
+        err.to_string().contains("attribute decrypt is not set"),
+        "{err}"
+    );
+    // Trailing bytes, truncation, garbage.
+    let mut long = ek_public.clone();
+    long.push(0);
+    for bad in [
+        long,
+        ek_public[..ek_public.len() - 1].to_vec(),
+        b"garbage".to_vec(),
+        Vec::new(),
+    ] {
+        assert!(sigil_tpm::ek_public_endorsement(&bad).is_err());
+    }
+    // The EK template with its policy cleared (anyone could use the key).
+    let public = tss_esapi::structures::Public::unmarshall(&ek_public).unwrap();
+    let tss_esapi::structures::Public::Rsa {
+        object_attributes,
+        name_hashing_algorithm,
+        parameters,
+        unique,
+        ..
+    } = public
+    else {
+        panic!("not RSA");
+    };
+    let no_policy = tss_esapi::structures::Public::Rsa {
+        object_attributes,
+        name_hashing_algorithm,
+        auth_policy: Default::default(),
+        parameters,
+        unique,
+    };
+    let err = sigil_tpm::ek_public_endorsement(&no_policy.marshall().unwrap()).unwrap_err();
+    assert!(err.to_string().contains("auth policy"), "{err}");
 }

@@ -45,9 +45,21 @@ impl TestCa {
 
     /// Manufactures a TPM's state in `state` with an EK certificate from this CA.
     pub fn manufacture(&self, state: &Path) {
+        self.setup(state, &["--create-ek-cert"]);
+    }
+
+    /// Manufactures a TPM's state in `state` without an EK certificate (many TPMs ship
+    /// none): the EK is still the TCG default one, created from its template.
+    pub fn manufacture_without_ek_cert(&self, state: &Path) {
+        self.setup(state, &[]);
+    }
+
+    fn setup(&self, state: &Path, extra: &[&str]) {
         std::fs::create_dir_all(state).unwrap();
         let out = Command::new("swtpm_setup")
-            .args(["--tpm2", "--create-ek-cert", "--overwrite", "--tpmstate"])
+            .arg("--tpm2")
+            .args(extra)
+            .args(["--overwrite", "--tpmstate"])
             .arg(state)
             .arg("--config")
             .arg(self.dir.join("setup.conf"))

@@ -82,6 +82,10 @@ pub struct EntryFlags {
     /// and revocations on its agent's Enforcer API.
     #[arg(long)]
     enforcer: bool,
+    /// Node selector the parent node's attestation must have proved, e.g.
+    /// tpm:secureboot:true or tpm:pcr:7:<hex> (repeat for several; all are required).
+    #[arg(long = "node-selector")]
+    node_selectors: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,6 +112,12 @@ pub struct EntryUpdateFlags {
     /// Clear the enforcer mark.
     #[arg(long)]
     no_enforcer: bool,
+    /// Replace the node selectors the parent node must have (repeat for several).
+    #[arg(long = "node-selector", conflicts_with = "no_node_selectors")]
+    node_selectors: Vec<String>,
+    /// Require no node selectors any more.
+    #[arg(long)]
+    no_node_selectors: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -250,11 +260,12 @@ fn list(v: &Value, k: &str) -> String {
 
 fn entry_text(e: &Value) -> String {
     format!(
-        "Entry ID   : {}\nSPIFFE ID  : {}\nParent ID  : {}\nSelectors  : {}\nX509 TTL   : {}s\nJWT TTL    : {}s\nDNS names  : {}\nGroups     : {}\nScopes     : {}\nEnforcer   : {}\nRevision   : {}",
+        "Entry ID   : {}\nSPIFFE ID  : {}\nParent ID  : {}\nSelectors  : {}\nNode sel.  : {}\nX509 TTL   : {}s\nJWT TTL    : {}s\nDNS names  : {}\nGroups     : {}\nScopes     : {}\nEnforcer   : {}\nRevision   : {}",
         s(e, "id"),
         s(e, "spiffe_id"),
         s(e, "parent_id"),
         list(e, "selectors"),
+        list(e, "node_selectors"),
         e.get("x509_ttl_secs").unwrap_or(&Value::Null),
         e.get("jwt_ttl_secs").unwrap_or(&Value::Null),
         list(e, "dns_names"),
@@ -296,6 +307,9 @@ pub async fn entry(cmd: EntryCmd) -> anyhow::Result<()> {
             if spec.enforcer {
                 body.insert("enforcer".into(), json!(true));
             }
+            if !spec.node_selectors.is_empty() {
+                body.insert("node_selectors".into(), json!(spec.node_selectors));
+            }
             if let Some(t) = spec.x509_ttl {
                 body.insert("x509_ttl_secs".into(), json!(t));
             }
@@ -333,6 +347,13 @@ pub async fn entry(cmd: EntryCmd) -> anyhow::Result<()> {
                     true
                 } else {
                     !spec.no_enforcer && is_enforcer(&cur)
+                },
+                "node_selectors": if spec.no_node_selectors {
+                    json!([])
+                } else if spec.node_selectors.is_empty() {
+                    cur.get("node_selectors").cloned().unwrap_or_else(|| json!([]))
+                } else {
+                    json!(spec.node_selectors)
                 },
             });
             let v = c.call(Method::PUT, &path, Some(body)).await?;
@@ -408,11 +429,12 @@ pub async fn node(cmd: NodeCmd) -> anyhow::Result<()> {
                     .iter()
                     .map(|n| {
                         format!(
-                            "{}  attestation={} svid_expires={} evicted={}",
+                            "{}  attestation={} svid_expires={} evicted={} selectors=[{}]",
                             s(n, "spiffe_id"),
                             s(n, "attestation_type"),
                             n.get("not_after").unwrap_or(&Value::Null),
-                            n.get("evicted").unwrap_or(&Value::Null)
+                            n.get("evicted").unwrap_or(&Value::Null),
+                            list(n, "selectors"),
                         )
                     })
                     .collect::<Vec<_>>()

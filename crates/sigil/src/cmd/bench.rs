@@ -595,6 +595,8 @@ async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
         key_encryption_key_file: None,
         tpm_ek_roots: None,
         tpm_require_secure_boot: false,
+        tpm_golden_pcrs: Vec::new(),
+        tpm_ek_hashes: Vec::new(),
         log_format: None,
         metrics_addr: None,
     };

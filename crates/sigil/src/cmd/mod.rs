@@ -11,6 +11,7 @@ mod policy;
 mod proxy;
 mod server;
 mod status;
+mod tpm;
 mod workload;
 
 use std::path::PathBuf;
@@ -78,6 +79,9 @@ pub enum Command {
     /// Sealed models: register, seal, and open in memory for a model server.
     #[command(subcommand)]
     Model(model::ModelCmd),
+    /// Read a device's TPM: the EK hash an administrator registers or pins.
+    #[command(subcommand)]
+    Tpm(tpm::TpmCmd),
 }
 
 /// How admin commands print results.
@@ -122,6 +126,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ca(c) => admin::ca(c).await,
         Command::Bundle(c) => admin::bundle(c).await,
         Command::Model(c) => model::run(c).await,
+        Command::Tpm(c) => tpm::run(c).await,
     }
 }
 

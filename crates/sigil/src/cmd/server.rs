@@ -53,6 +53,13 @@ pub struct ServerArgs {
     /// Refuse TPM nodes whose event log does not show Secure Boot enabled.
     #[arg(long)]
     pub tpm_require_secure_boot: bool,
+    /// Golden PCR value, PCR=SHA-256 hex (e.g. 7=ab12…; repeat for several PCRs).
+    #[arg(long = "tpm-golden-pcr", value_parser = parse_golden_pcr)]
+    pub tpm_golden_pcrs: Vec<(String, String)>,
+    /// Accept this EK without an EK certificate: the SHA-256 of its public key, as
+    /// `sigil tpm ek-hash` prints it on the device (repeat for several).
+    #[arg(long = "tpm-ek-hash")]
+    pub tpm_ek_hashes: Vec<String>,
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
@@ -92,8 +99,31 @@ impl ServerArgs {
         if self.tpm_require_secure_boot {
             v.push(("tpm_require_secure_boot", toml::Value::Boolean(true)));
         }
+        if !self.tpm_golden_pcrs.is_empty() {
+            let table = self
+                .tpm_golden_pcrs
+                .iter()
+                .map(|(k, x)| (k.clone(), toml::Value::String(x.clone())))
+                .collect();
+            v.push(("tpm_golden_pcrs", toml::Value::Table(table)));
+        }
+        if !self.tpm_ek_hashes.is_empty() {
+            let list = self
+                .tpm_ek_hashes
+                .iter()
+                .map(|h| toml::Value::String(h.clone()))
+                .collect();
+            v.push(("tpm_ek_hashes", toml::Value::Array(list)));
+        }
         v
     }
+}
+
+/// `--tpm-golden-pcr PCR=HEX`; the values are checked with the rest of the configuration.
+fn parse_golden_pcr(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, x)| (k.trim().to_owned(), x.trim().to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected PCR=SHA-256 hex, e.g. 7=ab12…"))
 }
 
 /// Loads and validates the configuration (exit 64 on any problem).
