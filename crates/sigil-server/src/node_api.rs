@@ -48,18 +48,23 @@ impl NodeApi {
         }
     }
 
-    /// The TPM attestation of the node that sent `tpm` evidence for `csr`: its node ID.
-    /// A TPM node's attestation: its SPIFFE ID (from the EK) and node selectors.
+    /// TPM attestation, or FAILED_PRECONDITION where the server is not configured for it.
+    fn tpm_verifier(&self) -> Result<&TpmAttestation, Status> {
+        self.tpm.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this server does not accept TPM attestation (neither tpm_ek_roots nor tpm_ek_hashes is configured)",
+            )
+        })
+    }
+
+    /// The TPM attestation of the node that sent `tpm` evidence for `csr`: its node ID
+    /// (from the EK) and node selectors.
     fn attest_tpm(
         &self,
         tpm: &pb::TpmEvidence,
         csr: &[u8],
     ) -> Result<(SpiffeId, Vec<String>), Status> {
-        let Some(verifier) = &self.tpm else {
-            return Err(Status::failed_precondition(
-                "this server does not accept TPM attestation (neither tpm_ek_roots nor tpm_ek_hashes is configured)",
-            ));
-        };
+        let verifier = self.tpm_verifier()?;
         let parsed =
             parse_csr(csr).map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
         let node = verifier.finish(tpm, parsed.public_key_der(), self.app.clock.now())?;
@@ -77,11 +82,7 @@ impl NodeApi {
         node: &NodeRecord,
         req: &pb::RenewNodeSvidRequest,
     ) -> Result<Vec<String>, Status> {
-        let Some(verifier) = &self.tpm else {
-            return Err(Status::failed_precondition(
-                "this server does not accept TPM attestation (neither tpm_ek_roots nor tpm_ek_hashes is configured)",
-            ));
-        };
+        let verifier = self.tpm_verifier()?;
         let parsed =
             parse_csr(&req.csr).map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
         let why = match &req.tpm {
@@ -721,11 +722,7 @@ impl pb::node_server::Node for NodeApi {
         &self,
         req: Request<pb::TpmAttestationRequest>,
     ) -> Result<Response<pb::TpmChallenge>, Status> {
-        let Some(verifier) = &self.tpm else {
-            return Err(Status::failed_precondition(
-                "this server does not accept TPM attestation (neither tpm_ek_roots nor tpm_ek_hashes is configured)",
-            ));
-        };
+        let verifier = self.tpm_verifier()?;
         let challenge = verifier.begin(req.get_ref(), self.app.clock.now())?;
         Ok(Response::new(challenge))
     }

@@ -2,7 +2,7 @@
 //! checks before trusting anything it signs.
 use sha2::{Digest, Sha256};
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
-use tss_esapi::structures::{Public, RsaScheme};
+use tss_esapi::structures::{Public, PublicRsaParameters, RsaScheme};
 use tss_esapi::traits::{Marshall, UnMarshall};
 
 use crate::error::VerifyError;
@@ -30,19 +30,8 @@ pub struct AttestationKey {
 /// `fixedParent`, `sensitiveDataOrigin`, not `decrypt`.
 pub fn check_ak_public(tpmt_public: &[u8]) -> Result<AttestationKey, VerifyError> {
     let bad = |m: &str| VerifyError::AttestationKey(m.to_owned());
-    if tpmt_public.is_empty() || tpmt_public.len() > MAX_PUBLIC_LEN {
-        return Err(bad("public area size out of range"));
-    }
-    let public = Public::unmarshall(tpmt_public)
-        .map_err(|e| VerifyError::AttestationKey(format!("does not parse: {e}")))?;
-    // The name is computed over the bytes as sent; refuse anything the parser would have
-    // read differently (trailing bytes, non-canonical encodings).
-    let again = public
-        .marshall()
-        .map_err(|e| VerifyError::AttestationKey(format!("does not re-encode: {e}")))?;
-    if again != tpmt_public {
-        return Err(bad("public area is not canonically encoded"));
-    }
+    let public = parse_canonical_public(tpmt_public)
+        .map_err(|m| VerifyError::AttestationKey(format!("public area {m}")))?;
     let Public::Rsa {
         object_attributes: attrs,
         name_hashing_algorithm,
@@ -60,12 +49,10 @@ pub fn check_ak_public(tpmt_public: &[u8]) -> Result<AttestationKey, VerifyError
         (attrs.fixed_parent(), "fixedParent"),
         (attrs.sensitive_data_origin(), "sensitiveDataOrigin"),
     ];
-    for (set, attr) in required {
-        if !set {
-            return Err(VerifyError::AttestationKey(format!(
-                "attribute {attr} is not set"
-            )));
-        }
+    if let Some(attr) = first_unset(&required) {
+        return Err(VerifyError::AttestationKey(format!(
+            "attribute {attr} is not set"
+        )));
     }
     if attrs.decrypt() {
         return Err(bad("attribute decrypt is set"));
@@ -81,13 +68,7 @@ pub fn check_ak_public(tpmt_public: &[u8]) -> Result<AttestationKey, VerifyError
     if modulus.len() < 256 {
         return Err(bad("RSA key shorter than 2048 bits"));
     }
-    let exponent = match parameters.exponent().value() {
-        0 => 65537u32,
-        e => e,
-    };
-    let exponent = exponent.to_be_bytes();
-    let first = exponent.iter().position(|b| *b != 0).unwrap_or(3);
-    let exponent = exponent.get(first..).unwrap_or(&[1]).to_vec();
+    let exponent = rsa_exponent(parameters);
 
     let mut name = TPM_ALG_SHA256.to_be_bytes().to_vec();
     name.extend_from_slice(&Sha256::digest(tpmt_public));
@@ -96,4 +77,38 @@ pub fn check_ak_public(tpmt_public: &[u8]) -> Result<AttestationKey, VerifyError
         modulus,
         exponent,
     })
+}
+
+/// Parses a marshalled TPMT_PUBLIC of 1 to [`MAX_PUBLIC_LEN`] bytes. A TPM name is computed
+/// over the bytes as sent, so anything the parser would read differently (trailing bytes,
+/// non-canonical encodings) is refused. The error says what is wrong with the bytes.
+pub(crate) fn parse_canonical_public(tpmt_public: &[u8]) -> Result<Public, String> {
+    if tpmt_public.is_empty() || tpmt_public.len() > MAX_PUBLIC_LEN {
+        return Err("size out of range".into());
+    }
+    let public = Public::unmarshall(tpmt_public).map_err(|e| format!("does not parse: {e}"))?;
+    let again = public
+        .marshall()
+        .map_err(|e| format!("does not re-encode: {e}"))?;
+    if again != tpmt_public {
+        return Err("is not canonically encoded".into());
+    }
+    Ok(public)
+}
+
+/// The name of the first attribute in `required` that is not set.
+pub(crate) fn first_unset<'a>(required: &[(bool, &'a str)]) -> Option<&'a str> {
+    required.iter().find(|(set, _)| !set).map(|(_, name)| *name)
+}
+
+/// An RSA key's public exponent, big-endian without leading zeros (0 in the public area
+/// means the default, 65537).
+pub(crate) fn rsa_exponent(parameters: &PublicRsaParameters) -> Vec<u8> {
+    let exponent = match parameters.exponent().value() {
+        0 => 65537u32,
+        e => e,
+    }
+    .to_be_bytes();
+    let first = exponent.iter().position(|b| *b != 0).unwrap_or(3);
+    exponent.get(first..).unwrap_or(&[1]).to_vec()
 }

@@ -8,10 +8,10 @@ use sha2::{Digest, Sha256};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SymmetricMode};
 use tss_esapi::interface_types::key_bits::{AesKeyBits, RsaKeyBits};
 use tss_esapi::structures::{Public, SymmetricDefinitionObject};
-use tss_esapi::traits::{Marshall, UnMarshall};
 use webpki::{EndEntityCert, KeyUsage};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::ak::{first_unset, parse_canonical_public, rsa_exponent};
 use crate::error::VerifyError;
 
 /// The largest EK certificate accepted, in DER bytes.
@@ -146,17 +146,7 @@ const EK_AUTH_POLICY_SHA256: [u8; 32] = [
 /// policy. The hash is the same one an EK certificate of the same key gives.
 pub fn ek_public_endorsement(tpmt_public: &[u8]) -> Result<Endorsement, VerifyError> {
     let bad = |m: String| VerifyError::EkCertificate(format!("EK public area: {m}"));
-    if tpmt_public.is_empty() || tpmt_public.len() > crate::ak::MAX_PUBLIC_LEN {
-        return Err(bad("size out of range".into()));
-    }
-    let public =
-        Public::unmarshall(tpmt_public).map_err(|e| bad(format!("does not parse: {e}")))?;
-    let again = public
-        .marshall()
-        .map_err(|e| bad(format!("does not re-encode: {e}")))?;
-    if again != tpmt_public {
-        return Err(bad("not canonically encoded".into()));
-    }
+    let public = parse_canonical_public(tpmt_public).map_err(bad)?;
     let Public::Rsa {
         object_attributes: attrs,
         name_hashing_algorithm,
@@ -175,10 +165,8 @@ pub fn ek_public_endorsement(tpmt_public: &[u8]) -> Result<Endorsement, VerifyEr
         (attrs.sensitive_data_origin(), "sensitiveDataOrigin"),
         (attrs.admin_with_policy(), "adminWithPolicy"),
     ];
-    for (set, attr) in required {
-        if !set {
-            return Err(bad(format!("attribute {attr} is not set")));
-        }
+    if let Some(attr) = first_unset(&required) {
+        return Err(bad(format!("attribute {attr} is not set")));
     }
     if attrs.sign_encrypt() {
         return Err(bad("attribute sign is set".into()));
@@ -199,15 +187,9 @@ pub fn ek_public_endorsement(tpmt_public: &[u8]) -> Result<Endorsement, VerifyEr
     if parameters.symmetric_definition_object() != aes128_cfb {
         return Err(bad("symmetric algorithm is not AES-128-CFB".into()));
     }
-    let exponent = match parameters.exponent().value() {
-        0 => 65537u32,
-        e => e,
-    }
-    .to_be_bytes();
-    let first = exponent.iter().position(|b| *b != 0).unwrap_or(3);
     let components = aws_lc_rs::rsa::PublicKeyComponents {
-        n: unique.value(),
-        e: exponent.get(first..).unwrap_or(&[1]),
+        n: unique.value().to_vec(),
+        e: rsa_exponent(parameters),
     };
     let spki_der = components
         .as_der()
