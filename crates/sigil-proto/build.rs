@@ -3,6 +3,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/sigil/node/v1/node.proto",
         "proto/sigil/agent/v1/enforcer.proto",
+        "proto/sigil/agent/v1/secrets.proto",
         "proto/spiffe/workload.proto",
     ];
     for p in protos {

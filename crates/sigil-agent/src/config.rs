@@ -46,10 +46,22 @@ pub struct AgentConfig {
     /// HTTP; off when unset. Use a loopback address.
     #[serde(default)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Where secret files are written, in a directory per workload uid (use a tmpfs, e.g.
+    /// under `/run`); default `/run/sigil/secrets`.
+    #[serde(default = "default_secrets_dir")]
+    pub secrets_dir: PathBuf,
+    /// Secrets kept written to files for workloads that cannot call the Secrets API:
+    /// `[[secret_files]] spiffe_id = "...", secret = "<path>", file = "<name>"` writes
+    /// `<secrets_dir>/<uid>/<name>` (0400, the workload's uid from its entry's `unix:uid`).
+    #[serde(default)]
+    pub secret_files: Vec<crate::secrets::SecretFile>,
 }
 
 fn default_data_dir() -> PathBuf {
     PathBuf::from("/var/lib/sigil/agent")
+}
+fn default_secrets_dir() -> PathBuf {
+    PathBuf::from("/run/sigil/secrets")
 }
 fn default_log_format() -> String {
     "text".into()
@@ -77,6 +89,8 @@ impl AgentConfig {
         "trust_bundle",
         "log_format",
         "metrics_addr",
+        "secrets_dir",
+        "secret_files",
     ];
 
     /// Checks what serde cannot.
@@ -113,6 +127,23 @@ impl AgentConfig {
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(bad("log_format", "must be \"text\" or \"json\""));
+        }
+        if !self.secrets_dir.is_absolute() {
+            return Err(bad("secrets_dir", "must be an absolute path"));
+        }
+        for f in &self.secret_files {
+            if sigil_core::SpiffeId::new(&f.spiffe_id).is_err() {
+                return Err(bad("secret_files", "spiffe_id must be a SPIFFE ID"));
+            }
+            if f.secret.is_empty() || f.secret.len() > 256 {
+                return Err(bad("secret_files", "secret must be a secret path"));
+            }
+            if !f.valid_file_name() {
+                return Err(bad(
+                    "secret_files",
+                    "file must be one plain name (A-Z a-z 0-9 . _ -, not starting with .)",
+                ));
+            }
         }
         Ok(())
     }

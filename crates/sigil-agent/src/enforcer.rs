@@ -213,6 +213,8 @@ mod tests {
             trust_bundle: None,
             log_format: "text".into(),
             metrics_addr: None,
+            secrets_dir: std::path::PathBuf::from("/run/sigil/secrets"),
+            secret_files: Vec::new(),
         }
     }
 

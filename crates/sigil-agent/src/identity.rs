@@ -508,6 +508,21 @@ impl Identities {
         }
     }
 
+    /// The X.509 authorities of the trust bundle the agent holds, if any yet.
+    pub(crate) fn x509_bundle(&self) -> Option<sigil_pki::X509Bundle> {
+        let snap = self.subscribe().borrow().clone();
+        let b = snap.bundle.as_ref()?;
+        Some(sigil_pki::X509Bundle {
+            trust_domain: b.trust_domain.clone(),
+            authorities: b.x509_authorities.clone(),
+        })
+    }
+
+    /// The trust authority replica in use (`host:port`).
+    pub(crate) fn server_address(&self) -> String {
+        self.server()
+    }
+
     /// The server replica in use.
     fn server(&self) -> String {
         let servers = self.cfg.servers();

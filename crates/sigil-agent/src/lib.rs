@@ -17,6 +17,7 @@ mod metrics;
 mod peer;
 pub mod policy;
 mod revocation;
+mod secrets;
 pub mod slotfile;
 
 mod tls;
@@ -35,6 +36,7 @@ pub use config::{AgentConfig, AgentConfigError};
 pub use identity::{Identities, IdentityError, Snapshot};
 pub use peer::{AttestError, PeerCred, WorkloadAttestor};
 pub use revocation::RevocationList;
+pub use secrets::SecretFile;
 
 /// A started agent.
 pub struct RunningAgent {
@@ -44,6 +46,8 @@ pub struct RunningAgent {
     pub identities: Arc<Identities>,
     identity_task: JoinHandle<Result<(), IdentityError>>,
     server_task: JoinHandle<()>,
+    /// Keeps `secret_files` written, if any.
+    render_task: Option<JoinHandle<()>>,
     /// The bound metrics listener address, if `metrics_addr` is set.
     pub metrics_addr: Option<std::net::SocketAddr>,
     _metrics: Option<metrics::Running>,
@@ -62,6 +66,9 @@ impl RunningAgent {
     pub async fn shutdown(self) {
         self.identity_task.abort();
         self.server_task.abort();
+        if let Some(t) = &self.render_task {
+            t.abort();
+        }
         let _ = self.server_task.await;
         let _ = std::fs::remove_file(&self.socket);
     }
@@ -73,9 +80,17 @@ pub async fn start(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let socket = cfg.socket();
     let (metrics_at, cache_dir) = (cfg.metrics_addr, cfg.data_dir.join("cache"));
     let agent_metrics = metrics::AgentMetrics::new(metrics_at.is_some());
+    let (secrets_dir, secret_files) = (cfg.secrets_dir.clone(), cfg.secret_files.clone());
     let identities = Identities::load(cfg, clock)?;
     let listener = bind_socket(&socket)?;
     let server_task = serve_observed(listener, identities.clone(), agent_metrics.clone());
+    let render_task = (!secret_files.is_empty()).then(|| {
+        tokio::spawn(secrets::render_forever(
+            identities.clone(),
+            secrets_dir,
+            secret_files,
+        ))
+    });
     let metrics_running = match metrics_at {
         Some(at) => Some(metrics::start(at, agent_metrics, identities.clone(), cache_dir).await?),
         None => None,
@@ -87,6 +102,7 @@ pub async fn start(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         identities,
         identity_task,
         server_task,
+        render_task,
         metrics_addr: metrics_running.as_ref().map(|m| m.addr()),
         _metrics: metrics_running,
     })
@@ -107,17 +123,20 @@ fn serve_observed(
 ) -> JoinHandle<()> {
     let attestor = Arc::new(WorkloadAttestor::new());
     let api = workload_api::WorkloadApi::new(identities.clone(), attestor.clone());
-    let enforcer = enforcer::EnforcerApi::new(identities, attestor);
+    let enforcer = enforcer::EnforcerApi::new(identities.clone(), attestor.clone());
+    let secrets = secrets::SecretsApi::new(identities, attestor);
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
         .map(|s| s.map(workload_api::AcceptedStream::new));
     tokio::spawn(async move {
         let svc =
             sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(api);
         let enf = sigil_proto::enforcer::enforcer_server::EnforcerServer::new(enforcer);
+        let sec = sigil_proto::agent::secrets_server::SecretsServer::new(secrets);
         if let Err(e) = tonic::transport::Server::builder()
             .layer(sigil_metrics::ObserveLayer(agent_metrics))
             .add_service(svc)
             .add_service(enf)
+            .add_service(sec)
             .serve_with_incoming(incoming)
             .await
         {

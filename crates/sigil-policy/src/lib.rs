@@ -488,45 +488,82 @@ impl PolicyEngine {
         node: &str,
         node_selectors: &[String],
     ) -> Result<Decision, PolicyError> {
+        self.decide_at_authority(
+            q,
+            ("decrypt", "Model", model),
+            node,
+            node_selectors,
+            [(
+                "model_version".to_owned(),
+                RestrictedExpression::new_long(model_version),
+            )],
+        )
+    }
+
+    /// Decides reading a secret (action `read_secret` on `Secret::"<path>"`) the plain way,
+    /// with the same principal and context as [`Self::decide_release`] (without a model
+    /// version). Default deny; an `Err` must be treated as a deny.
+    pub fn decide_secret_read(
+        &self,
+        q: &Query<'_>,
+        path: &str,
+        node: &str,
+        node_selectors: &[String],
+    ) -> Result<Decision, PolicyError> {
+        self.decide_at_authority(q, ("read_secret", "Secret", path), node, node_selectors, [])
+    }
+
+    /// A decision at the trust authority: `(action, resource type, resource id)` for the
+    /// principal, hour and weekday of `q`, with empty scopes, no arguments, the node and its
+    /// selectors and `extra` in the context; every policy, the request and its entities
+    /// checked against the schema.
+    fn decide_at_authority(
+        &self,
+        q: &Query<'_>,
+        (action, resource_type, resource_id): (&str, &str, &str),
+        node: &str,
+        node_selectors: &[String],
+        extra: impl IntoIterator<Item = (String, RestrictedExpression)>,
+    ) -> Result<Decision, PolicyError> {
         let uid = |ty: &str, id: &str| -> Result<EntityUid, PolicyError> {
             let ty = EntityTypeName::from_str(ty).map_err(bad)?;
             Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
         };
-        let action = uid("Action", "decrypt")?;
-        let resource = uid("Model", model)?;
+        let action = uid("Action", action)?;
+        let resource = uid(resource_type, resource_id)?;
         let (principal, mut entities) = self.caller_entities(q)?;
         entities.push(self.arguments_entity(Vec::new())?);
-        let context = Context::from_pairs([
-            (
-                "scopes".to_owned(),
-                RestrictedExpression::new_set(std::iter::empty()),
-            ),
-            ("hour".to_owned(), RestrictedExpression::new_long(q.hour)),
-            (
-                "weekday".to_owned(),
-                RestrictedExpression::new_long(q.weekday),
-            ),
-            (
-                "arguments".to_owned(),
-                RestrictedExpression::new_entity_uid(self.arguments_uid()),
-            ),
-            (
-                "node".to_owned(),
-                RestrictedExpression::new_string(node.to_owned()),
-            ),
-            (
-                "node_selectors".to_owned(),
-                RestrictedExpression::new_set(
-                    node_selectors
-                        .iter()
-                        .map(|s| RestrictedExpression::new_string(s.clone())),
+        let context = Context::from_pairs(
+            [
+                (
+                    "scopes".to_owned(),
+                    RestrictedExpression::new_set(std::iter::empty()),
                 ),
-            ),
-            (
-                "model_version".to_owned(),
-                RestrictedExpression::new_long(model_version),
-            ),
-        ])
+                ("hour".to_owned(), RestrictedExpression::new_long(q.hour)),
+                (
+                    "weekday".to_owned(),
+                    RestrictedExpression::new_long(q.weekday),
+                ),
+                (
+                    "arguments".to_owned(),
+                    RestrictedExpression::new_entity_uid(self.arguments_uid()),
+                ),
+                (
+                    "node".to_owned(),
+                    RestrictedExpression::new_string(node.to_owned()),
+                ),
+                (
+                    "node_selectors".to_owned(),
+                    RestrictedExpression::new_set(
+                        node_selectors
+                            .iter()
+                            .map(|s| RestrictedExpression::new_string(s.clone())),
+                    ),
+                ),
+            ]
+            .into_iter()
+            .chain(extra),
+        )
         .map_err(bad)?;
         let entities = Entities::from_entities(entities, Some(&self.schema)).map_err(bad)?;
         let request =

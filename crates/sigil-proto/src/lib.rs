@@ -16,12 +16,15 @@ pub mod node {
     }
 }
 
-/// The agent's Enforcer API (`sigil.agent.v1`): what a local enforcer (the sidecar proxy)
-/// learns from the node agent beside it, e.g. the revocation list. Served on the agent's
-/// Workload API socket.
+/// The agent's own APIs (`sigil.agent.v1`), served on its Workload API socket: the Enforcer
+/// API (what a local enforcer, the sidecar proxy, learns from the node agent beside it, e.g.
+/// the revocation list) and the Secrets API (a workload's secrets and dynamic credentials).
 pub mod enforcer {
     tonic::include_proto!("sigil.agent.v1");
 }
+
+/// The same package as [`enforcer`], by its package name.
+pub use enforcer as agent;
 
 /// The SPIFFE Workload API (`SpiffeWorkloadAPI`), from the SPIFFE specification.
 pub mod workload {

@@ -34,10 +34,19 @@ impl KeyEncryptionKey {
         version: u64,
         key_id: &str,
     ) -> Result<WrappedDataKey, SealError> {
+        self.wrap_bound(key, aad(name, version, key_id))
+    }
+
+    /// Wraps `key` with `aad` as associated data (what the wrapped key is bound to).
+    pub(crate) fn wrap_bound(
+        &self,
+        key: &DataKey,
+        aad: Vec<u8>,
+    ) -> Result<WrappedDataKey, SealError> {
         let mut buf = key.as_bytes().to_vec();
         let nonce = self
             .0
-            .seal_in_place_append_tag(Aad::from(aad(name, version, key_id)), &mut buf)
+            .seal_in_place_append_tag(Aad::from(aad), &mut buf)
             .map_err(|_| SealError::Crypto("AES-256-GCM seal"))?;
         let mut out = nonce.as_ref().to_vec();
         out.extend_from_slice(&buf);
@@ -57,7 +66,22 @@ impl KeyEncryptionKey {
         version: u64,
         key_id: &str,
     ) -> Result<DataKey, SealError> {
-        let bad = SealError::Unwrap("not wrapped under this key-encryption key for this model");
+        self.unwrap_bound(
+            wrapped,
+            aad(name, version, key_id),
+            "not wrapped under this key-encryption key for this model",
+        )
+    }
+
+    /// Unwraps a data key wrapped by [`KeyEncryptionKey::wrap_bound`] with the same `aad`;
+    /// `mismatch` says what a failure means.
+    pub(crate) fn unwrap_bound(
+        &self,
+        wrapped: &WrappedDataKey,
+        aad: Vec<u8>,
+        mismatch: &'static str,
+    ) -> Result<DataKey, SealError> {
+        let bad = SealError::Unwrap(mismatch);
         let b64 = wrapped
             .0
             .strip_prefix(WRAP_FORMAT)
@@ -73,7 +97,7 @@ impl KeyEncryptionKey {
             Nonce::try_assume_unique_for_key(&raw).map_err(|_| SealError::Unwrap("nonce"))?;
         let plain = self
             .0
-            .open_in_place(nonce, Aad::from(aad(name, version, key_id)), &mut ct)
+            .open_in_place(nonce, Aad::from(aad), &mut ct)
             .map_err(|_| bad)?;
         let key = DataKey::from_bytes(plain);
         ct.fill(0);

@@ -21,6 +21,7 @@ mod error;
 mod header;
 mod kek;
 mod release;
+mod secret;
 mod stream;
 
 pub use error::SealError;
@@ -30,6 +31,7 @@ pub use header::{
 };
 pub use kek::{KeyEncryptionKey, WrappedDataKey};
 pub use release::{HPKE_SUITE, SvidKeyWrap, release_info, unwrap_with_svid_key, wrap_to_svid_key};
+pub use secret::{SecretEnvelope, open_secret, seal_secret};
 pub use stream::{
     DEFAULT_CHUNK_SIZE, DataKey, Digest, Opened, TAG_LEN, digest_reader, open, seal, sealed_len,
 };

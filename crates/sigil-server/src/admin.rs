@@ -190,6 +190,23 @@ pub fn router(app: Arc<AppState>) -> Router {
             post(crate::models::register).get(crate::models::list),
         )
         .route("/v1/models/seal", post(crate::models::seal))
+        .route(
+            "/v1/secrets",
+            post(crate::secrets::put).get(crate::secrets::list),
+        )
+        .route("/v1/secrets/get", post(crate::secrets::get))
+        .route("/v1/secrets/versions", post(crate::secrets::versions))
+        .route("/v1/secrets/delete", post(crate::secrets::delete))
+        .route(
+            "/v1/db-roles",
+            post(crate::secrets::put_db_role).get(crate::secrets::list_db_roles),
+        )
+        .route("/v1/db-roles/delete", post(crate::secrets::delete_db_role))
+        .route("/v1/leases", get(crate::secrets::list_leases))
+        .route(
+            "/v1/leases/revoke",
+            post(crate::secrets::admin_revoke_lease),
+        )
         .layer(DefaultBodyLimit::max(MAX_ADMIN_BODY))
         .with_state(app)
 }
@@ -374,6 +391,7 @@ async fn evict_node(State(app): State<Arc<AppState>>, body: Bytes) -> ApiResult 
     let id = app.store.add_revocation(&rev).await?;
     log_change(&app, revocation_change(&Revocation { id, ..rev })).await?;
     app.notify_change();
+    app.secrets.wake();
     tracing::warn!(node = %req.spiffe_id, "node evicted");
     ok(StatusCode::OK, &json!({"evicted": req.spiffe_id}))
 }
@@ -430,6 +448,7 @@ async fn revoke(State(app): State<Arc<AppState>>, body: Bytes) -> ApiResult {
     let rev = Revocation { id, ..rev };
     log_change(&app, revocation_change(&rev)).await?;
     app.notify_change();
+    app.secrets.wake();
     tracing::warn!(target = %req.target, "revoked");
     ok(StatusCode::CREATED, &rev)
 }

@@ -34,6 +34,10 @@ pub struct ServerConfig {
     /// `sqlite://...` or `postgres://...`; default SQLite at `<data_dir>/sigil.db`.
     #[serde(default)]
     pub database_url: Option<String>,
+    /// How long a workload may keep a static secret it read before it must read it again
+    /// (the lease its answer carries), seconds; never past its X.509-SVID's expiry.
+    #[serde(default = "default_secret_lease")]
+    pub secret_lease_secs: u32,
     /// The OAuth issuer URL; default `https://localhost:<port>`.
     #[serde(default)]
     pub issuer: Option<String>,
@@ -149,6 +153,9 @@ fn default_external_algs() -> Vec<String> {
 }
 fn default_jwks_refresh() -> u64 {
     30
+}
+fn default_secret_lease() -> u32 {
+    300
 }
 fn default_max_delegation_depth() -> u32 {
     3

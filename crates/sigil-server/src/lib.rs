@@ -14,6 +14,7 @@ mod metrics;
 mod models;
 mod node_api;
 mod public;
+pub mod secrets;
 mod tlog;
 mod tls;
 mod tpm;
@@ -72,6 +73,8 @@ pub struct AppState {
     pub exchange: exchange::Exchange,
     /// Sealed models: the data-key KEK and the header signing key.
     pub models: Arc<models::ModelAuthority>,
+    /// Secrets: the secret KEK, the dynamic credential engines and the lease sweeper.
+    pub secrets: Arc<secrets::SecretAuthority>,
 }
 
 impl AppState {
@@ -128,6 +131,7 @@ pub async fn start(
         share_log_keys(&vault, &key_dir, &config.trust_domain.to_string()).await?;
     }
     let models = Arc::new(models::ModelAuthority::load(&vault).await?);
+    let secrets = Arc::new(secrets::SecretAuthority::load(&vault).await?);
     let upstream = match (&config.upstream_ca_cert, &config.upstream_ca_key) {
         (Some(cert), Some(key)) => {
             let read = |p: &Path| {
@@ -194,6 +198,7 @@ pub async fn start(
         changes: watch::channel(0).0,
         tlog,
         models,
+        secrets,
     });
     let node = sigil_proto::node::v1::node_server::NodeServer::new(node_api::NodeApi::new(
         state.clone(),
@@ -233,6 +238,7 @@ pub async fn start(
     ));
     tasks.spawn(serve_admin(admin_listener, admin, admin_uid, rx));
     tasks.spawn(identity.rotate_forever(issuer));
+    tasks.spawn(secrets::sweep_forever(state.clone()));
     if state.config.is_postgres() {
         // Changes committed through any replica (or any other writer) reach this replica's
         // sync streams at once; the streams' 1 s poll stays as the fallback.

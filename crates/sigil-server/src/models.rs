@@ -80,7 +80,7 @@ impl ModelAuthority {
 
     /// The engine of the latest signed policy bundle (verified with the trust bundle's policy
     /// keys), or why there is none.
-    async fn engine(&self, app: &AppState) -> Result<Arc<PolicyEngine>, String> {
+    pub(crate) async fn engine(&self, app: &AppState) -> Result<Arc<PolicyEngine>, String> {
         let record = app
             .store
             .latest_policy_bundle()
@@ -326,7 +326,7 @@ pub(crate) struct ReleaseRequest {
     header_sha256: String,
 }
 
-fn json_response(status: StatusCode, body: String) -> axum::response::Response {
+pub(crate) fn json_response(status: StatusCode, body: String) -> axum::response::Response {
     use axum::http::{HeaderValue, header};
     use axum::response::IntoResponse as _;
     (
@@ -343,7 +343,11 @@ fn json_response(status: StatusCode, body: String) -> axum::response::Response {
         .into_response()
 }
 
-fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> axum::response::Response {
+pub(crate) fn refuse(
+    status: StatusCode,
+    code: &str,
+    message: impl Into<String>,
+) -> axum::response::Response {
     json_response(
         status,
         json!({"error": code, "message": message.into()}).to_string(),
@@ -368,9 +372,9 @@ pub(crate) async fn release(
     }
 }
 
-type Refusal = (StatusCode, &'static str, String);
+pub(crate) type Refusal = (StatusCode, &'static str, String);
 
-fn internal(e: impl std::fmt::Display) -> Refusal {
+pub(crate) fn internal(e: impl std::fmt::Display) -> Refusal {
     tracing::error!(error = %e, "model key release failed");
     (
         StatusCode::SERVICE_UNAVAILABLE,
@@ -552,7 +556,10 @@ async fn release_inner(
 /// The node an X.509-SVID was signed for (the `requester` of its issuance record) and the
 /// node's attestation selectors. An SVID the admin minted has no node: `("", [])`. An evicted
 /// node's workloads get nothing.
-async fn node_of(app: &AppState, serial: &str) -> Result<(String, Vec<String>), Refusal> {
+pub(crate) async fn node_of(
+    app: &AppState,
+    serial: &str,
+) -> Result<(String, Vec<String>), Refusal> {
     let issued = app
         .store
         .issued_by_serial(serial)
@@ -581,7 +588,7 @@ async fn node_of(app: &AppState, serial: &str) -> Result<(String, Vec<String>), 
 }
 
 /// The groups of the workload's registration entries.
-async fn workload_groups(
+pub(crate) async fn workload_groups(
     app: &AppState,
     id: &sigil_core::SpiffeId,
 ) -> Result<Vec<String>, Refusal> {
@@ -601,7 +608,7 @@ async fn workload_groups(
 }
 
 /// Hour of day (UTC) and weekday (0 = Monday) of unix time `t`.
-fn hour_and_weekday(t: i64) -> (i64, i64) {
+pub(crate) fn hour_and_weekday(t: i64) -> (i64, i64) {
     let days = t.div_euclid(86_400);
     let hour = t.rem_euclid(86_400) / 3600;
     // 1970-01-01 was a Thursday (3 when Monday is 0).

@@ -35,6 +35,9 @@ pub fn router(app: Arc<AppState>) -> Router {
         // The token endpoint reads its body itself (see `read_limited`).
         .route("/oauth2/token", post(token))
         .route("/models/v1/release", post(crate::models::release))
+        .route("/secrets/v1/read", post(crate::secrets::read))
+        .route("/secrets/v1/renew", post(crate::secrets::renew))
+        .route("/secrets/v1/revoke", post(crate::secrets::revoke))
         .layer(DefaultBodyLimit::max(max))
         .with_state(app.clone())
         .merge(audit_router(app))

@@ -12,8 +12,9 @@ mod store;
 pub use error::{JoinTokenError, StoreError};
 pub use migrate::SCHEMA_VERSION;
 pub use model::{
-    AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IdentityKind, IssuedIdentity,
-    ModelKeyRecord, NodeRecord, PolicyBundleRecord, Revocation, UnknownName,
+    AuthorityKind, AuthorityRecord, AuthorityState, DbRoleRecord, EntryFilter, IdentityKind,
+    IssuedIdentity, LeaseFilter, LeaseRecord, ModelKeyRecord, NodeRecord, PolicyBundleRecord,
+    Revocation, SecretVersionRecord, UnknownName,
 };
 pub use sql::{Backend, BootstrapLock, CHANGES_CHANNEL, SqlStore, listen_for_changes};
 pub use store::{Store, TlogAppend};

@@ -15,7 +15,7 @@ struct Migration {
 }
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -397,6 +397,92 @@ ALTER TABLE entries ADD COLUMN node_selectors_json TEXT NOT NULL DEFAULT '[]';
         postgres: r"
 ALTER TABLE nodes ADD COLUMN selectors_json TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE entries ADD COLUMN node_selectors_json TEXT NOT NULL DEFAULT '[]';
+",
+    },
+    Migration {
+        version: 9,
+        name: "secrets and leases",
+        // Static secrets, one row per version: the value encrypted under a data key of its
+        // own, that key wrapped under the server's secret KEK (`deleted_at` set and both
+        // emptied once deleted). Dynamic database credential roles: the engine's connection
+        // URL sealed the same way, and the SQL that creates and drops a role. Leases of
+        // dynamic credentials: who holds them (SPIFFE ID, SVID serial, node), the database
+        // role made for them, and when they end.
+        sqlite: r"
+CREATE TABLE secret_versions (
+    path        TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    key_id      TEXT NOT NULL UNIQUE,
+    wrapped_key TEXT NOT NULL,
+    ciphertext  TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    deleted_at  INTEGER,
+    PRIMARY KEY (path, version)
+);
+CREATE TABLE db_roles (
+    name            TEXT PRIMARY KEY,
+    key_id          TEXT NOT NULL,
+    wrapped_key     TEXT NOT NULL,
+    connection      TEXT NOT NULL,
+    creation_sql    TEXT NOT NULL,
+    revocation_sql  TEXT NOT NULL,
+    default_ttl     INTEGER NOT NULL,
+    max_ttl         INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL
+);
+CREATE TABLE leases (
+    id             TEXT PRIMARY KEY,
+    path           TEXT NOT NULL,
+    spiffe_id      TEXT NOT NULL,
+    serial         TEXT NOT NULL,
+    node_id        TEXT NOT NULL,
+    db_role        TEXT NOT NULL,
+    username       TEXT NOT NULL,
+    issued_at      INTEGER NOT NULL,
+    expires_at     INTEGER NOT NULL,
+    max_expires_at INTEGER NOT NULL,
+    revoked_at     INTEGER,
+    revoke_reason  TEXT
+);
+CREATE INDEX leases_open ON leases (expires_at) WHERE revoked_at IS NULL;
+",
+        postgres: r"
+CREATE TABLE secret_versions (
+    path        TEXT NOT NULL,
+    version     BIGINT NOT NULL,
+    key_id      TEXT NOT NULL UNIQUE,
+    wrapped_key TEXT NOT NULL,
+    ciphertext  TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    deleted_at  BIGINT,
+    PRIMARY KEY (path, version)
+);
+CREATE TABLE db_roles (
+    name            TEXT PRIMARY KEY,
+    key_id          TEXT NOT NULL,
+    wrapped_key     TEXT NOT NULL,
+    connection      TEXT NOT NULL,
+    creation_sql    TEXT NOT NULL,
+    revocation_sql  TEXT NOT NULL,
+    default_ttl     BIGINT NOT NULL,
+    max_ttl         BIGINT NOT NULL,
+    created_at      BIGINT NOT NULL
+);
+CREATE TABLE leases (
+    id             TEXT PRIMARY KEY,
+    path           TEXT NOT NULL,
+    spiffe_id      TEXT NOT NULL,
+    serial         TEXT NOT NULL,
+    node_id        TEXT NOT NULL,
+    db_role        TEXT NOT NULL,
+    username       TEXT NOT NULL,
+    issued_at      BIGINT NOT NULL,
+    expires_at     BIGINT NOT NULL,
+    max_expires_at BIGINT NOT NULL,
+    revoked_at     BIGINT,
+    revoke_reason  TEXT
+);
+CREATE INDEX leases_open ON leases (expires_at) WHERE revoked_at IS NULL;
 ",
     },
 ];

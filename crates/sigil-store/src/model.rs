@@ -283,3 +283,90 @@ mod tests {
         assert!("X509".parse::<AuthorityKind>().is_err());
     }
 }
+
+/// One version of a static secret, as stored: the value encrypted under a data key of its
+/// own, the data key wrapped under the server's secret KEK. Never the value in clear.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretVersionRecord {
+    /// The secret's path (`Secret::"<path>"` in policy).
+    pub path: String,
+    /// From 1, one more at every write.
+    pub version: i64,
+    /// The data key's id (unique).
+    pub key_id: String,
+    /// The data key wrapped under the KEK; empty once deleted.
+    pub wrapped_key: String,
+    /// The encrypted value; empty once deleted.
+    pub ciphertext: String,
+    /// When it was written.
+    pub created_at: UnixTime,
+    /// When it was deleted (its key and ciphertext destroyed).
+    pub deleted_at: Option<UnixTime>,
+}
+
+/// A dynamic database credential role: where and how to make a short-lived database role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbRoleRecord {
+    /// Its name (`Secret::"database/creds/<name>"` in policy).
+    pub name: String,
+    /// The id of the data key that seals `connection`.
+    pub key_id: String,
+    /// That data key wrapped under the KEK.
+    pub wrapped_key: String,
+    /// The engine's connection URL (it may hold a password), sealed.
+    pub connection: String,
+    /// SQL run to create a role: `{{name}}`, `{{password}}` and `{{expiration}}` are filled in.
+    pub creation_sql: String,
+    /// SQL run to drop it (`{{name}}`), after its sessions are terminated.
+    pub revocation_sql: String,
+    /// Lease length when none is asked for, seconds.
+    pub default_ttl: i64,
+    /// The longest a lease can last, renewals included, seconds.
+    pub max_ttl: i64,
+    /// When it was defined.
+    pub created_at: UnixTime,
+}
+
+/// A lease on a dynamic credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// Its id (random).
+    pub id: String,
+    /// What was read (`database/creds/<role>`).
+    pub path: String,
+    /// The workload it was issued to.
+    pub spiffe_id: String,
+    /// The serial of the X.509-SVID it presented.
+    pub serial: String,
+    /// The node that SVID was signed for ("" if none).
+    pub node_id: String,
+    /// The role definition.
+    pub db_role: String,
+    /// The database role made for this lease.
+    pub username: String,
+    /// When it was issued.
+    pub issued_at: UnixTime,
+    /// When it ends unless renewed.
+    pub expires_at: UnixTime,
+    /// When it ends at the latest.
+    pub max_expires_at: UnixTime,
+    /// When it was revoked (its database role dropped), by expiry or otherwise.
+    pub revoked_at: Option<UnixTime>,
+    /// Why: "expired", "revoked by the holder", "identity revoked", "node evicted", "admin".
+    pub revoke_reason: Option<String>,
+}
+
+/// Which leases to list. `None` fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseFilter {
+    /// Only leases of this workload.
+    pub spiffe_id: Option<String>,
+    /// Only leases issued to the SVID with this serial.
+    pub serial: Option<String>,
+    /// Only leases of workloads on this node.
+    pub node_id: Option<String>,
+    /// Only leases that end at or before this time.
+    pub due_by: Option<UnixTime>,
+    /// Revoked (closed) leases too.
+    pub include_revoked: bool,
+}

@@ -13,8 +13,9 @@ use sqlx::{Any, AnyConnection, AnyPool, Executor, Row, Transaction};
 use crate::migrate::migrate;
 use crate::store::TlogAppend;
 use crate::{
-    AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IdentityKind, IssuedIdentity,
-    JoinTokenError, ModelKeyRecord, NodeRecord, PolicyBundleRecord, Revocation, Store, StoreError,
+    AuthorityKind, AuthorityRecord, AuthorityState, DbRoleRecord, EntryFilter, IdentityKind,
+    IssuedIdentity, JoinTokenError, LeaseFilter, LeaseRecord, ModelKeyRecord, NodeRecord,
+    PolicyBundleRecord, Revocation, SecretVersionRecord, Store, StoreError,
 };
 
 /// Which database a [`SqlStore`] talks to.
@@ -1283,6 +1284,204 @@ impl Store for SqlStore {
         rows.iter().map(model_key_from_row).collect()
     }
 
+    async fn create_secret_version(&self, v: &SecretVersionRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO secret_versions (path, version, key_id, wrapped_key, ciphertext, \
+             created_at, deleted_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&v.path)
+        .bind(v.version)
+        .bind(&v.key_id)
+        .bind(&v.wrapped_key)
+        .bind(&v.ciphertext)
+        .bind(v.created_at)
+        .bind(v.deleted_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            StoreError::conflict_or(e, || {
+                format!("secret {:?} version {} exists", v.path, v.version)
+            })
+        })?;
+        Ok(())
+    }
+
+    async fn latest_secret_version(
+        &self,
+        path: &str,
+    ) -> Result<Option<SecretVersionRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {SECRET_COLUMNS} FROM secret_versions WHERE path = $1 \
+             ORDER BY version DESC LIMIT 1"
+        ))
+        .bind(path)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(secret_from_row).transpose()
+    }
+
+    async fn secret_versions(&self, path: &str) -> Result<Vec<SecretVersionRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SECRET_COLUMNS} FROM secret_versions WHERE path = $1 ORDER BY version"
+        ))
+        .bind(path)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(secret_from_row).collect()
+    }
+
+    async fn list_secrets(&self) -> Result<Vec<SecretVersionRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SECRET_COLUMNS} FROM secret_versions s WHERE version = \
+             (SELECT MAX(version) FROM secret_versions t WHERE t.path = s.path) ORDER BY path"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(secret_from_row).collect()
+    }
+
+    async fn delete_secret(&self, path: &str, now: UnixTime) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE secret_versions SET deleted_at = $1, wrapped_key = '', ciphertext = '' \
+             WHERE path = $2 AND deleted_at IS NULL",
+        )
+        .bind(now)
+        .bind(path)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn put_db_role(&self, r: &DbRoleRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO db_roles (name, key_id, wrapped_key, connection, creation_sql, \
+             revocation_sql, default_ttl, max_ttl, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (name) DO UPDATE SET key_id = excluded.key_id, \
+             wrapped_key = excluded.wrapped_key, connection = excluded.connection, \
+             creation_sql = excluded.creation_sql, revocation_sql = excluded.revocation_sql, \
+             default_ttl = excluded.default_ttl, max_ttl = excluded.max_ttl, \
+             created_at = excluded.created_at",
+        )
+        .bind(&r.name)
+        .bind(&r.key_id)
+        .bind(&r.wrapped_key)
+        .bind(&r.connection)
+        .bind(&r.creation_sql)
+        .bind(&r.revocation_sql)
+        .bind(r.default_ttl)
+        .bind(r.max_ttl)
+        .bind(r.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn db_role(&self, name: &str) -> Result<Option<DbRoleRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {DB_ROLE_COLUMNS} FROM db_roles WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(db_role_from_row).transpose()
+    }
+
+    async fn list_db_roles(&self) -> Result<Vec<DbRoleRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DB_ROLE_COLUMNS} FROM db_roles ORDER BY name"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(db_role_from_row).collect()
+    }
+
+    async fn delete_db_role(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query("DELETE FROM db_roles WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            > 0)
+    }
+
+    async fn create_lease(&self, l: &LeaseRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO leases (id, path, spiffe_id, serial, node_id, db_role, username, \
+             issued_at, expires_at, max_expires_at, revoked_at, revoke_reason) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(&l.id)
+        .bind(&l.path)
+        .bind(&l.spiffe_id)
+        .bind(&l.serial)
+        .bind(&l.node_id)
+        .bind(&l.db_role)
+        .bind(&l.username)
+        .bind(l.issued_at)
+        .bind(l.expires_at)
+        .bind(l.max_expires_at)
+        .bind(l.revoked_at)
+        .bind(l.revoke_reason.as_deref())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::conflict_or(e, || format!("lease {:?} exists", l.id)))?;
+        Ok(())
+    }
+
+    async fn lease(&self, id: &str) -> Result<Option<LeaseRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(lease_from_row).transpose()
+    }
+
+    async fn list_leases(&self, f: &LeaseFilter) -> Result<Vec<LeaseRecord>, StoreError> {
+        // Every condition is always present, with a NULL parameter meaning "any", so the
+        // statement text does not vary.
+        let rows = sqlx::query(&format!(
+            "SELECT {LEASE_COLUMNS} FROM leases WHERE \
+             ($1 IS NULL OR spiffe_id = $1) AND ($2 IS NULL OR serial = $2) AND \
+             ($3 IS NULL OR node_id = $3) AND ($4 IS NULL OR expires_at <= $4) AND \
+             ($5 = 1 OR revoked_at IS NULL) ORDER BY expires_at, id"
+        ))
+        .bind(f.spiffe_id.as_deref())
+        .bind(f.serial.as_deref())
+        .bind(f.node_id.as_deref())
+        .bind(f.due_by)
+        .bind(i64::from(f.include_revoked))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(lease_from_row).collect()
+    }
+
+    async fn extend_lease(&self, id: &str, expires_at: UnixTime) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query("UPDATE leases SET expires_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                .bind(expires_at)
+                .bind(id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected()
+                > 0,
+        )
+    }
+
+    async fn close_lease(&self, id: &str, now: UnixTime, reason: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE leases SET revoked_at = $1, revoke_reason = $2 \
+             WHERE id = $3 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(reason)
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            > 0)
+    }
+
     async fn bootstrap_lock(&self) -> Result<BootstrapLock, StoreError> {
         match self.backend {
             Backend::Sqlite => Ok(BootstrapLock { conn: None }),
@@ -1312,6 +1511,61 @@ fn model_key_from_row(row: &AnyRow) -> Result<ModelKeyRecord, StoreError> {
         plaintext_sha256: r.get("plaintext_sha256")?,
         created_at: r.get("created_at")?,
         sealed_at: r.get("sealed_at")?,
+    })
+}
+
+const SECRET_COLUMNS: &str =
+    "path, version, key_id, wrapped_key, ciphertext, created_at, deleted_at";
+
+fn secret_from_row(row: &AnyRow) -> Result<SecretVersionRecord, StoreError> {
+    let r = Reader::new(row, "secret_versions", "key_id");
+    Ok(SecretVersionRecord {
+        path: r.get("path")?,
+        version: r.get("version")?,
+        key_id: r.get("key_id")?,
+        wrapped_key: r.get("wrapped_key")?,
+        ciphertext: r.get("ciphertext")?,
+        created_at: r.get("created_at")?,
+        deleted_at: r.get("deleted_at")?,
+    })
+}
+
+const DB_ROLE_COLUMNS: &str = "name, key_id, wrapped_key, connection, creation_sql, \
+     revocation_sql, default_ttl, max_ttl, created_at";
+
+fn db_role_from_row(row: &AnyRow) -> Result<DbRoleRecord, StoreError> {
+    let r = Reader::new(row, "db_roles", "name");
+    Ok(DbRoleRecord {
+        name: r.get("name")?,
+        key_id: r.get("key_id")?,
+        wrapped_key: r.get("wrapped_key")?,
+        connection: r.get("connection")?,
+        creation_sql: r.get("creation_sql")?,
+        revocation_sql: r.get("revocation_sql")?,
+        default_ttl: r.get("default_ttl")?,
+        max_ttl: r.get("max_ttl")?,
+        created_at: r.get("created_at")?,
+    })
+}
+
+const LEASE_COLUMNS: &str = "id, path, spiffe_id, serial, node_id, db_role, username, \
+     issued_at, expires_at, max_expires_at, revoked_at, revoke_reason";
+
+fn lease_from_row(row: &AnyRow) -> Result<LeaseRecord, StoreError> {
+    let r = Reader::new(row, "leases", "id");
+    Ok(LeaseRecord {
+        id: r.get("id")?,
+        path: r.get("path")?,
+        spiffe_id: r.get("spiffe_id")?,
+        serial: r.get("serial")?,
+        node_id: r.get("node_id")?,
+        db_role: r.get("db_role")?,
+        username: r.get("username")?,
+        issued_at: r.get("issued_at")?,
+        expires_at: r.get("expires_at")?,
+        max_expires_at: r.get("max_expires_at")?,
+        revoked_at: r.get("revoked_at")?,
+        revoke_reason: r.get("revoke_reason")?,
     })
 }
 

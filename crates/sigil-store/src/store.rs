@@ -4,8 +4,9 @@ use sigil_core::{EntryId, EntrySpec, RegistrationEntry, SpiffeId, UnixTime};
 
 use crate::sql::BootstrapLock;
 use crate::{
-    AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IssuedIdentity, ModelKeyRecord,
-    NodeRecord, PolicyBundleRecord, Revocation, StoreError,
+    AuthorityKind, AuthorityRecord, AuthorityState, DbRoleRecord, EntryFilter, IssuedIdentity,
+    LeaseFilter, LeaseRecord, ModelKeyRecord, NodeRecord, PolicyBundleRecord, Revocation,
+    SecretVersionRecord, StoreError,
 };
 
 /// The trust authority's persistent state. Object safe: the server holds an `Arc<dyn Store>`.
@@ -269,6 +270,55 @@ pub trait Store: Send + Sync {
 
     /// Every registered model version, by name then version.
     async fn list_model_keys(&self) -> Result<Vec<ModelKeyRecord>, StoreError>;
+
+    // ---- secrets ----
+
+    /// Stores a secret version. [`StoreError::Conflict`] if that version (or key id) exists.
+    async fn create_secret_version(&self, v: &SecretVersionRecord) -> Result<(), StoreError>;
+
+    /// The newest version of the secret at `path` (deleted or not), if any was written.
+    async fn latest_secret_version(
+        &self,
+        path: &str,
+    ) -> Result<Option<SecretVersionRecord>, StoreError>;
+
+    /// Every version of the secret at `path`, oldest first.
+    async fn secret_versions(&self, path: &str) -> Result<Vec<SecretVersionRecord>, StoreError>;
+
+    /// The newest version of every secret, by path.
+    async fn list_secrets(&self) -> Result<Vec<SecretVersionRecord>, StoreError>;
+
+    /// Deletes every version of the secret at `path` not deleted yet: marks it and destroys
+    /// its wrapped key and ciphertext. Returns how many versions it deleted.
+    async fn delete_secret(&self, path: &str, now: UnixTime) -> Result<u64, StoreError>;
+
+    /// Creates or replaces a dynamic credential role definition.
+    async fn put_db_role(&self, role: &DbRoleRecord) -> Result<(), StoreError>;
+
+    /// One role definition.
+    async fn db_role(&self, name: &str) -> Result<Option<DbRoleRecord>, StoreError>;
+
+    /// Every role definition, by name.
+    async fn list_db_roles(&self) -> Result<Vec<DbRoleRecord>, StoreError>;
+
+    /// Deletes a role definition: `false` if there was none.
+    async fn delete_db_role(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Records a new lease. [`StoreError::Conflict`] if the id exists.
+    async fn create_lease(&self, lease: &LeaseRecord) -> Result<(), StoreError>;
+
+    /// One lease.
+    async fn lease(&self, id: &str) -> Result<Option<LeaseRecord>, StoreError>;
+
+    /// The leases `filter` selects, soonest end first.
+    async fn list_leases(&self, filter: &LeaseFilter) -> Result<Vec<LeaseRecord>, StoreError>;
+
+    /// Moves an open lease's end to `expires_at`: `false` if it is closed or unknown.
+    async fn extend_lease(&self, id: &str, expires_at: UnixTime) -> Result<bool, StoreError>;
+
+    /// Closes an open lease (its credential is gone): `false` if it was closed before (of
+    /// concurrent callers, exactly one gets `true`) or is unknown.
+    async fn close_lease(&self, id: &str, now: UnixTime, reason: &str) -> Result<bool, StoreError>;
 
     // ---- meta ----
 

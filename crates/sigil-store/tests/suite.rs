@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use sigil_core::{EntryId, EntrySpec, RegistrationEntry, Selector, SpiffeId};
 use sigil_store::{
-    AuthorityKind, AuthorityRecord, AuthorityState, Backend, EntryFilter, IdentityKind,
-    IssuedIdentity, JoinTokenError, ModelKeyRecord, NodeRecord, PolicyBundleRecord, Revocation,
-    SCHEMA_VERSION, SqlStore, Store, StoreError,
+    AuthorityKind, AuthorityRecord, AuthorityState, Backend, DbRoleRecord, EntryFilter,
+    IdentityKind, IssuedIdentity, JoinTokenError, LeaseFilter, LeaseRecord, ModelKeyRecord,
+    NodeRecord, PolicyBundleRecord, Revocation, SCHEMA_VERSION, SecretVersionRecord, SqlStore,
+    Store, StoreError,
 };
 use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
@@ -168,6 +169,8 @@ on_both_backends!(
     backend_is_reported,
     concurrent_first_opens_migrate_once,
     model_keys_register_once_and_seal_once,
+    secrets_are_versioned_and_deleted_for_good,
+    db_roles_and_leases_open_extend_and_close_once,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1388,4 +1391,192 @@ async fn model_keys_register_once_and_seal_once(db: &Db) {
     drop(store);
     let store = db.open().await;
     assert_eq!(store.model_key("m", 1).await.unwrap().unwrap(), got);
+}
+
+async fn secrets_are_versioned_and_deleted_for_good(db: &Db) {
+    let store = db.open().await;
+    let v = |path: &str, version: i64| SecretVersionRecord {
+        path: path.into(),
+        version,
+        key_id: format!("sk-{path}-{version}"),
+        wrapped_key: format!("kek1:{path}{version}"),
+        ciphertext: format!("sv1:{path}{version}"),
+        created_at: T0 + version,
+        deleted_at: None,
+    };
+    assert!(store.latest_secret_version("a/b").await.unwrap().is_none());
+    for r in [v("a/b", 1), v("a/b", 2), v("c", 1)] {
+        store.create_secret_version(&r).await.unwrap();
+    }
+    // A version written twice (two writers racing) conflicts.
+    assert!(matches!(
+        store.create_secret_version(&v("a/b", 2)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.latest_secret_version("a/b").await.unwrap().unwrap(),
+        v("a/b", 2)
+    );
+    let versions: Vec<i64> = store
+        .secret_versions("a/b")
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.version)
+        .collect();
+    assert_eq!(versions, vec![1, 2]);
+    let listed: Vec<(String, i64)> = store
+        .list_secrets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.path, r.version))
+        .collect();
+    assert_eq!(listed, vec![("a/b".into(), 2), ("c".into(), 1)]);
+    // Deleting destroys every version's key and ciphertext, once.
+    assert_eq!(store.delete_secret("a/b", T0 + 9).await.unwrap(), 2);
+    assert_eq!(store.delete_secret("a/b", T0 + 10).await.unwrap(), 0);
+    for r in store.secret_versions("a/b").await.unwrap() {
+        assert_eq!(r.deleted_at, Some(T0 + 9));
+        assert!(r.wrapped_key.is_empty() && r.ciphertext.is_empty());
+    }
+    // The next write continues the numbering.
+    store.create_secret_version(&v("a/b", 3)).await.unwrap();
+    drop(store);
+    let store = db.open().await;
+    assert_eq!(
+        store.latest_secret_version("a/b").await.unwrap().unwrap(),
+        v("a/b", 3)
+    );
+    assert_eq!(
+        store.latest_secret_version("c").await.unwrap().unwrap(),
+        v("c", 1)
+    );
+}
+
+async fn db_roles_and_leases_open_extend_and_close_once(db: &Db) {
+    let store = db.open().await;
+    let role = DbRoleRecord {
+        name: "app_ro".into(),
+        key_id: "sk-1".into(),
+        wrapped_key: "kek1:x".into(),
+        connection: "sv1:y".into(),
+        creation_sql: "CREATE ROLE".into(),
+        revocation_sql: "DROP ROLE".into(),
+        default_ttl: 60,
+        max_ttl: 600,
+        created_at: T0,
+    };
+    store.put_db_role(&role).await.unwrap();
+    let redefined = DbRoleRecord {
+        key_id: "sk-2".into(),
+        max_ttl: 900,
+        ..role.clone()
+    };
+    store.put_db_role(&redefined).await.unwrap();
+    assert_eq!(store.db_role("app_ro").await.unwrap().unwrap(), redefined);
+    assert_eq!(store.list_db_roles().await.unwrap(), vec![redefined]);
+    let lease = |id: &str, who: &str, node: &str, expires_at: i64| LeaseRecord {
+        id: id.into(),
+        path: "database/creds/app_ro".into(),
+        spiffe_id: who.into(),
+        serial: format!("serial-{id}"),
+        node_id: node.into(),
+        db_role: "app_ro".into(),
+        username: format!("sigil_app_ro_{id}"),
+        issued_at: T0,
+        expires_at,
+        max_expires_at: T0 + 600,
+        revoked_at: None,
+        revoke_reason: None,
+    };
+    let a = lease("a", "spiffe://t/x", "spiffe://t/n1", T0 + 60);
+    let b = lease("b", "spiffe://t/y", "spiffe://t/n2", T0 + 30);
+    store.create_lease(&a).await.unwrap();
+    store.create_lease(&b).await.unwrap();
+    assert!(matches!(
+        store.create_lease(&a).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let ids = |l: Vec<LeaseRecord>| l.into_iter().map(|l| l.id).collect::<Vec<_>>();
+    // Soonest end first; each filter narrows.
+    assert_eq!(
+        ids(store.list_leases(&LeaseFilter::default()).await.unwrap()),
+        ["b", "a"]
+    );
+    let f = |f: LeaseFilter| {
+        let store = &store;
+        async move { ids(store.list_leases(&f).await.unwrap()) }
+    };
+    assert_eq!(
+        f(LeaseFilter {
+            spiffe_id: Some("spiffe://t/x".into()),
+            ..LeaseFilter::default()
+        })
+        .await,
+        ["a"]
+    );
+    assert_eq!(
+        f(LeaseFilter {
+            serial: Some("serial-b".into()),
+            ..LeaseFilter::default()
+        })
+        .await,
+        ["b"]
+    );
+    assert_eq!(
+        f(LeaseFilter {
+            node_id: Some("spiffe://t/n1".into()),
+            ..LeaseFilter::default()
+        })
+        .await,
+        ["a"]
+    );
+    assert_eq!(
+        f(LeaseFilter {
+            due_by: Some(T0 + 30),
+            ..LeaseFilter::default()
+        })
+        .await,
+        ["b"]
+    );
+    // Extended while open; closed once (of two closers, one wins); closed ones stay listed
+    // only when asked for, and cannot be extended.
+    assert!(store.extend_lease("a", T0 + 120).await.unwrap());
+    assert_eq!(
+        store.lease("a").await.unwrap().unwrap().expires_at,
+        T0 + 120
+    );
+    assert!(store.close_lease("b", T0 + 31, "expired").await.unwrap());
+    assert!(
+        !store
+            .close_lease("b", T0 + 32, "identity revoked")
+            .await
+            .unwrap()
+    );
+    assert!(!store.extend_lease("b", T0 + 500).await.unwrap());
+    assert!(!store.close_lease("nope", T0, "x").await.unwrap());
+    let closed = store.lease("b").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            closed.revoked_at,
+            closed.revoke_reason.as_deref(),
+            closed.expires_at
+        ),
+        (Some(T0 + 31), Some("expired"), T0 + 30)
+    );
+    assert_eq!(
+        ids(store.list_leases(&LeaseFilter::default()).await.unwrap()),
+        ["a"]
+    );
+    assert_eq!(
+        f(LeaseFilter {
+            include_revoked: true,
+            ..LeaseFilter::default()
+        })
+        .await,
+        ["b", "a"]
+    );
+    assert!(store.delete_db_role("app_ro").await.unwrap());
+    assert!(!store.delete_db_role("app_ro").await.unwrap());
 }

@@ -46,6 +46,28 @@ pub struct AgentArgs {
     /// Serve Prometheus /metrics, /healthz and /readyz here (plain HTTP; use loopback).
     #[arg(long)]
     pub metrics_addr: Option<String>,
+    /// Where secret files are written (a directory per workload uid; use a tmpfs).
+    #[arg(long)]
+    pub secrets_dir: Option<PathBuf>,
+    /// Keep a secret written to a file for a workload: SPIFFE_ID,SECRET_PATH,FILE_NAME
+    /// (repeatable; adds to the config file's `secret_files`).
+    #[arg(long = "secret-file", value_parser = parse_secret_file)]
+    pub secret_files: Vec<sigil_agent::SecretFile>,
+}
+
+/// `--secret-file SPIFFE_ID,SECRET_PATH,FILE_NAME`.
+fn parse_secret_file(s: &str) -> Result<sigil_agent::SecretFile, String> {
+    let mut parts = s.splitn(3, ',');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(id), Some(secret), Some(file)) if !id.is_empty() && !secret.is_empty() => {
+            Ok(sigil_agent::SecretFile {
+                spiffe_id: id.to_owned(),
+                secret: secret.to_owned(),
+                file: file.to_owned(),
+            })
+        }
+        _ => Err("expected SPIFFE_ID,SECRET_PATH,FILE_NAME".into()),
+    }
 }
 
 impl AgentArgs {
@@ -68,6 +90,7 @@ impl AgentArgs {
             ("data_dir", p(&self.data_dir)),
             ("socket_path", p(&self.socket_path)),
             ("trust_bundle", p(&self.trust_bundle)),
+            ("secrets_dir", p(&self.secrets_dir)),
         ] {
             if let Some(val) = val {
                 v.push((k, val));
@@ -79,7 +102,8 @@ impl AgentArgs {
 
 /// Loads and validates the agent configuration (exit 64 on any problem).
 pub fn load_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
-    let cfg: AgentConfig = load(args.config.as_deref(), AgentConfig::KEYS, args.flags())?;
+    let mut cfg: AgentConfig = load(args.config.as_deref(), AgentConfig::KEYS, args.flags())?;
+    cfg.secret_files.extend(args.secret_files.iter().cloned());
     cfg.validate()
         .map_err(|e| crate::config::UsageError(e.to_string()))?;
     Ok(cfg)

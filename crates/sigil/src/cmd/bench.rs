@@ -456,6 +456,8 @@ async fn start_agent(
         trust_bundle: Some(bootstrap.to_path_buf()),
         log_format: "text".into(),
         metrics_addr: None,
+        secrets_dir: std::path::PathBuf::from("/run/sigil/secrets"),
+        secret_files: Vec::new(),
     };
     let agent = sigil_agent::start(cfg, Arc::new(SystemClock)).await?;
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -128,6 +128,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         trust_bundle: Some(bootstrap),
         log_format: "text".into(),
         metrics_addr: None,
+        secrets_dir: std::path::PathBuf::from("/run/sigil/secrets"),
+        secret_files: Vec::new(),
     };
     let mut agent = sigil_agent::start(agent_cfg, Arc::new(SystemClock)).await?;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);

@@ -9,6 +9,7 @@ mod log;
 mod model;
 mod policy;
 mod proxy;
+mod secret;
 mod server;
 mod status;
 mod tpm;
@@ -82,6 +83,13 @@ pub enum Command {
     /// Read a device's TPM: the EK hash an administrator registers or pins.
     #[command(subcommand)]
     Tpm(tpm::TpmCmd),
+    /// Secrets: write and manage them (admin), define dynamic database credential roles,
+    /// and read them as a workload through the agent.
+    #[command(subcommand)]
+    Secret(secret::SecretCmd),
+    /// Leases of dynamic credentials: list and revoke.
+    #[command(subcommand)]
+    Lease(secret::LeaseCmd),
 }
 
 /// How admin commands print results.
@@ -127,6 +135,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bundle(c) => admin::bundle(c).await,
         Command::Model(c) => model::run(c).await,
         Command::Tpm(c) => tpm::run(c).await,
+        Command::Secret(c) => secret::run(c).await,
+        Command::Lease(c) => secret::lease(c).await,
     }
 }
 

@@ -30,6 +30,11 @@ pub enum WorkloadCmd {
 }
 
 pub(crate) async fn client(socket: &str) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
+    Ok(SpiffeWorkloadApiClient::new(channel(socket).await?))
+}
+
+/// A gRPC channel to the agent's socket (`unix:` prefix optional).
+pub(crate) async fn channel(socket: &str) -> anyhow::Result<Channel> {
     let raw = socket
         .strip_prefix("unix://")
         .or_else(|| socket.strip_prefix("unix:"))
@@ -45,7 +50,7 @@ pub(crate) async fn client(socket: &str) -> anyhow::Result<SpiffeWorkloadApiClie
         }))
         .await
         .context("connecting to the Workload API")?;
-    Ok(SpiffeWorkloadApiClient::new(channel))
+    Ok(channel)
 }
 
 pub(crate) fn request<T>(msg: T) -> tonic::Request<T> {
