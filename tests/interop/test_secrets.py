@@ -361,3 +361,13 @@ def test_revoking_the_workload_drops_its_roles_and_ends_their_sessions(dynamic):
     assert reasons == {"identity revoked"}
     r = psql("SELECT 1", user=c["username"], password=c["password"])
     assert r.returncode != 0
+
+
+def test_evicting_the_node_drops_the_roles_of_its_workloads(dynamic):
+    c = creds(dynamic)
+    session = open_session(dynamic, c)
+    dynamic.sigil.admin("node", "evict", dynamic.agent.node_id)
+    assert session.wait(timeout=15) != 0
+    wait_for(lambda: not role_exists(c["username"]), 10, "the role dropped")
+    leases = dynamic.sigil.admin("lease", "list", "--all")["leases"]
+    assert [(l["id"], l["revoke_reason"]) for l in leases] == [(c["lease_id"], "node evicted")]

@@ -27,10 +27,39 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Largest answer read from the trust authority.
 const MAX_ANSWER: usize = 256 * 1024;
 
+/// Most kept-alive connections to the trust authority (one per server and SVID).
+const MAX_KEPT: usize = 64;
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// Kept-alive mTLS connections to the trust authority, by server address and SVID serial, so
+/// a read costs a request, not a handshake. A connection is taken out while in use and put
+/// back after; one that closed is dropped.
+#[derive(Default)]
+pub(crate) struct Connections(
+    std::sync::Mutex<std::collections::HashMap<(String, String), Sender>>,
+);
+
+impl Connections {
+    fn take(&self, key: &(String, String)) -> Option<Sender> {
+        self.0.lock().ok()?.remove(key).filter(|s| !s.is_closed())
+    }
+
+    fn put_back(&self, key: (String, String), sender: Sender) {
+        if let Ok(mut g) = self.0.lock() {
+            g.retain(|_, s| !s.is_closed());
+            if g.len() < MAX_KEPT {
+                g.insert(key, sender);
+            }
+        }
+    }
+}
+
 /// The Secrets service.
 pub struct SecretsApi {
     identities: Arc<Identities>,
     attestor: Arc<WorkloadAttestor>,
+    conns: Connections,
 }
 
 impl SecretsApi {
@@ -38,6 +67,7 @@ impl SecretsApi {
         Self {
             identities,
             attestor,
+            conns: Connections::default(),
         }
     }
 
@@ -118,6 +148,7 @@ impl Answer {
 /// POSTs `body` as JSON to the trust authority's `path`, over mTLS with `svid`.
 async fn call(
     identities: &Identities,
+    conns: &Connections,
     svid: &HeldSvid,
     path: &str,
     body: Value,
@@ -126,41 +157,21 @@ async fn call(
         tracing::warn!(error = %e, what, "secrets call to the trust authority failed");
         Status::unavailable(format!("the trust authority cannot be reached ({what})"))
     };
-    let bundle = identities
-        .x509_bundle()
-        .ok_or_else(|| Status::unavailable("no trust bundle yet"))?;
-    let td = bundle.trust_domain.clone();
-    let server_id = td
-        .id("/sigil/server")
-        .map_err(|e| Status::internal(e.to_string()))?;
-    let cfg = crate::tls::client_config(
-        Arc::new(arc_swap::ArcSwap::from_pointee(bundle)),
-        server_id,
-        Some((svid.chain.clone(), svid.key.clone())),
-    )
-    .map_err(|e| Status::internal(e.to_string()))?;
-    let mut cfg = (*cfg).clone();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let server = identities.server_address();
     let host = server
         .rsplit_once(':')
         .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
         .unwrap_or_else(|| server.clone());
+    let key = (server.clone(), svid.serial.clone());
     let work = async {
-        let tcp = tokio::net::TcpStream::connect(server.as_str())
-            .await
-            .map_err(|e| unavailable("connect", &e))?;
-        let name = rustls::pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| unavailable("server name", &e))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| unavailable("mTLS", &e))?;
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .map_err(|e| unavailable("HTTP", &e))?;
-        tokio::spawn(conn);
+        let kept = match conns.take(&key) {
+            Some(mut s) => s.ready().await.is_ok().then_some(s),
+            None => None,
+        };
+        let mut send = match kept {
+            Some(s) => s,
+            None => connect(identities, svid, &server, &host).await?,
+        };
         let req = http::Request::post(path)
             .header(http::header::HOST, host.as_str())
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -176,12 +187,57 @@ async fn call(
             .await
             .map_err(|e| unavailable("answer", &e))?
             .to_bytes();
+        conns.put_back(key.clone(), send);
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Ok(Answer { status, body })
     };
     tokio::time::timeout(CALL_TIMEOUT, work)
         .await
         .map_err(|_| Status::unavailable("the trust authority did not answer in time"))?
+}
+
+/// A new mTLS connection to the trust authority at `server`, presenting `svid` and requiring
+/// `spiffe://<td>/sigil/server`.
+async fn connect(
+    identities: &Identities,
+    svid: &HeldSvid,
+    server: &str,
+    host: &str,
+) -> Result<Sender, Status> {
+    let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::warn!(error = %e, what, "secrets call to the trust authority failed");
+        Status::unavailable(format!("the trust authority cannot be reached ({what})"))
+    };
+    let bundle = identities
+        .x509_bundle()
+        .ok_or_else(|| Status::unavailable("no trust bundle yet"))?;
+    let server_id = bundle
+        .trust_domain
+        .id("/sigil/server")
+        .map_err(|e| Status::internal(e.to_string()))?;
+    let cfg = crate::tls::client_config(
+        Arc::new(arc_swap::ArcSwap::from_pointee(bundle)),
+        server_id,
+        Some((svid.chain.clone(), svid.key.clone())),
+    )
+    .map_err(|e| Status::internal(e.to_string()))?;
+    let mut cfg = (*cfg).clone();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(server)
+        .await
+        .map_err(|e| unavailable("connect", &e))?;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| unavailable("server name", &e))?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| unavailable("mTLS", &e))?;
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| unavailable("HTTP", &e))?;
+    tokio::spawn(conn);
+    Ok(send)
 }
 
 #[derive(Deserialize)]
@@ -224,6 +280,7 @@ fn parse<T: for<'de> Deserialize<'de>>(a: Answer) -> Result<T, Status> {
 /// Reads `path` as `svid`.
 async fn read(
     identities: &Identities,
+    conns: &Connections,
     svid: &HeldSvid,
     path: &str,
     ttl_secs: i64,
@@ -233,7 +290,7 @@ async fn read(
     } else {
         json!({ "path": path })
     };
-    let a: ReadAnswer = parse(call(identities, svid, "/secrets/v1/read", body).await?)?;
+    let a: ReadAnswer = parse(call(identities, conns, svid, "/secrets/v1/read", body).await?)?;
     use base64::Engine as _;
     let value = base64::engine::general_purpose::STANDARD
         .decode(a.value_b64.as_bytes())
@@ -255,7 +312,7 @@ impl ap::secrets_server::Secrets for SecretsApi {
     ) -> Result<Response<ap::SecretValue>, Status> {
         let svid = self.caller_svid(&req, &req.get_ref().spiffe_id).await?;
         let r = req.get_ref();
-        read(&self.identities, &svid, &r.path, r.ttl_secs)
+        read(&self.identities, &self.conns, &svid, &r.path, r.ttl_secs)
             .await
             .map(Response::new)
     }
@@ -268,15 +325,30 @@ impl ap::secrets_server::Secrets for SecretsApi {
         } else {
             json!({ "lease_id": r.lease_id })
         };
-        let a: LeaseAnswer =
-            parse(call(&self.identities, &svid, "/secrets/v1/renew", body).await?)?;
+        let a: LeaseAnswer = parse(
+            call(
+                &self.identities,
+                &self.conns,
+                &svid,
+                "/secrets/v1/renew",
+                body,
+            )
+            .await?,
+        )?;
         Ok(Response::new(a.into()))
     }
 
     async fn revoke(&self, req: Request<ap::LeaseRequest>) -> Result<Response<ap::Lease>, Status> {
         let svid = self.caller_svid(&req, &req.get_ref().spiffe_id).await?;
         let body = json!({ "lease_id": req.get_ref().lease_id });
-        let a = call(&self.identities, &svid, "/secrets/v1/revoke", body).await?;
+        let a = call(
+            &self.identities,
+            &self.conns,
+            &svid,
+            "/secrets/v1/revoke",
+            body,
+        )
+        .await?;
         if !a.status.is_success() {
             return Err(a.status());
         }
@@ -387,17 +459,28 @@ fn remove_secret_file(dir: &Path, uid: u32, name: &str) {
 /// identity was revoked) removes the file.
 pub async fn render_forever(identities: Arc<Identities>, dir: PathBuf, files: Vec<SecretFile>) {
     let mut tasks = tokio::task::JoinSet::new();
+    let conns = Arc::new(Connections::default());
     for f in files {
-        tasks.spawn(render_one(identities.clone(), dir.clone(), f));
+        tasks.spawn(render_one(
+            identities.clone(),
+            conns.clone(),
+            dir.clone(),
+            f,
+        ));
     }
     while tasks.join_next().await.is_some() {}
 }
 
-async fn render_one(identities: Arc<Identities>, dir: PathBuf, f: SecretFile) {
+async fn render_one(
+    identities: Arc<Identities>,
+    conns: Arc<Connections>,
+    dir: PathBuf,
+    f: SecretFile,
+) {
     const RETRY: Duration = Duration::from_secs(10);
     let mut changes = identities.subscribe();
     loop {
-        let wait = match render_once(&identities, &dir, &f).await {
+        let wait = match render_once(&identities, &conns, &dir, &f).await {
             Ok(lease) => Duration::from_secs(u64::try_from(lease.max(3) * 2 / 3).unwrap_or(1)),
             Err(e) => {
                 tracing::warn!(secret = %f.secret, spiffe_id = %f.spiffe_id, error = %e.message(), "rendering a secret file");
@@ -411,7 +494,12 @@ async fn render_one(identities: Arc<Identities>, dir: PathBuf, f: SecretFile) {
 }
 
 /// One read and write; the lease's duration in seconds.
-async fn render_once(identities: &Identities, dir: &Path, f: &SecretFile) -> Result<i64, Status> {
+async fn render_once(
+    identities: &Identities,
+    conns: &Connections,
+    dir: &Path,
+    f: &SecretFile,
+) -> Result<i64, Status> {
     let snap = serving(identities)?;
     let entry = snap
         .entries
@@ -429,7 +517,7 @@ async fn render_once(identities: &Identities, dir: &Path, f: &SecretFile) -> Res
         .get(&entry.id)
         .cloned()
         .ok_or_else(|| Status::unavailable("no X.509-SVID for the entry yet"))?;
-    match read(identities, &svid, &f.secret, 0).await {
+    match read(identities, conns, &svid, &f.secret, 0).await {
         Ok(v) => {
             let lease = v.lease.map_or(0, |l| l.lease_duration);
             let (dir, name, value) = (dir.to_owned(), f.file.clone(), v.value);
