@@ -371,3 +371,47 @@ def test_evicting_the_node_drops_the_roles_of_its_workloads(dynamic):
     wait_for(lambda: not role_exists(c["username"]), 10, "the role dropped")
     leases = dynamic.sigil.admin("lease", "list", "--all")["leases"]
     assert [(l["id"], l["revoke_reason"]) for l in leases] == [(c["lease_id"], "node evicted")]
+
+
+def test_holder_and_admin_revocations_and_every_step_is_in_the_log(dynamic, tmp_path):
+    mine, theirs = creds(dynamic), creds(dynamic)
+    # The holder ends its own lease through its agent; another workload cannot.
+    base = [dynamic.sigil.bin, "secret", "revoke", mine["lease_id"], "--socket",
+            dynamic.agent.endpoint]
+    r = subprocess.run([*base, "--spiffe-id", dynamic.intruder], capture_output=True, timeout=30)
+    assert r.returncode != 0 and "NotFound" in r.stderr.decode()
+    assert role_exists(mine["username"])
+    r = subprocess.run([*base, "--spiffe-id", dynamic.billing], capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr.decode()
+    assert not role_exists(mine["username"])
+    # The administrator ends another.
+    dynamic.sigil.admin("lease", "revoke", theirs["lease_id"])
+    assert not role_exists(theirs["username"])
+    reasons = sorted(l["revoke_reason"] for l in
+                     dynamic.sigil.admin("lease", "list", "--all")["leases"])
+    assert reasons == ["revoked by the administrator", "revoked by the holder"]
+    # A closed lease cannot be renewed.
+    r = subprocess.run([dynamic.sigil.bin, "secret", "renew", mine["lease_id"], "--socket",
+                        dynamic.agent.endpoint, "--spiffe-id", dynamic.billing],
+                       capture_output=True, timeout=30)
+    assert r.returncode != 0 and "NotFound" in r.stderr.decode()
+    # Issue and revocation of both, and a static read, are verified leaves of the log.
+    dynamic.put("app/db", VALUE)
+    assert dynamic.read("app/db", dynamic.billing).returncode == 0
+    ca = tmp_path / "bundle-for-log.pem"
+    ca.write_text(dynamic.sigil.bundle_pem())
+    vkey = httpx.get(dynamic.sigil.url + "/log/key", verify=ssl.create_default_context(
+        cafile=str(ca))).text.strip()
+    out = subprocess.run([dynamic.sigil.bin, "log", "search", "--server", dynamic.sigil.url,
+                          "--ca", str(ca), "--key", vkey, "--spiffe-id", dynamic.billing],
+                         capture_output=True)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line)["record"] for line in out.stdout.decode().splitlines()]
+    steps = sorted((r["kind"], r.get("action"), r.get("lease_id") or r.get("path"))
+                   for r in records if r["kind"] in ("lease", "secret"))
+    leases = {mine["lease_id"], theirs["lease_id"]}
+    assert [s for s in steps if s[0] == "lease"] == sorted(
+        [("lease", a, lid) for lid in leases for a in ("issue", "revoke")])
+    reads = [r for r in records if r["kind"] == "secret"]
+    assert [(r["action"], r["path"], r["revision"]) for r in reads] == [("read", "app/db", 1)]
+    assert VALUE not in out.stdout.decode()

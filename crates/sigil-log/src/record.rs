@@ -29,6 +29,9 @@ pub const CHANGE_KINDS: &[&str] = &[
     "token-exchange",
     "model-key",
     "key-release",
+    "secret",
+    "db-role",
+    "lease",
 ];
 
 /// A change the trust authority made, logged before the admin API answers. One shape for
@@ -49,7 +52,14 @@ pub const CHANGE_KINDS: &[&str] = &[
 ///   `key_id`, and for `seal` `header_sha256` and `payload_sha256` (the plaintext's SHA-256);
 /// - `key-release`: a model's data key released to a workload: `model`, `revision` (the
 ///   model version), `key_id`, `header_sha256`, `spiffe_id` and `serial` (the workload's
-///   X.509-SVID), `node_id` (its node, if any).
+///   X.509-SVID), `node_id` (its node, if any);
+/// - `secret`: `action` (`put`/`delete`/`read`/`admin-read`), `path`, and `revision` (the
+///   version; not for `delete`), `key_id` for `put`; for a workload's `read` also
+///   `spiffe_id`, `serial`, `node_id`, `lease_id` and `expires_at` (its lease). Never a value;
+/// - `db-role`: `action` (`put`/`delete`), `path` (`database/creds/<role>`), `key_id`;
+/// - `lease`: a dynamic credential's lease, `action` (`issue`/`renew`/`revoke`), `lease_id`,
+///   `path`, `spiffe_id`, `serial`, `node_id`; `expires_at` for issue and renew, `reason`
+///   for revoke.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeRecord {
