@@ -795,3 +795,46 @@ impl Drop for Reaped {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn an_oversized_body_gets_its_413_not_a_reset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("srv"), &[]);
+    let client_id = register(&s, "agent", "factory-floor");
+    let up = Upstream::start();
+    let audit = tmp.path().join("audit.log");
+    let p = start_proxy(
+        &s,
+        tmp.path(),
+        up.port,
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--max-body-bytes",
+            "4096",
+        ],
+    );
+    let c = Client::new(&s, &client_id, &tmp.path().join("c1"));
+    let (cert, key, bundle, auth) = (c.cert.clone(), c.key.clone(), c.bundle.clone(), c.auth());
+    // The proxy reads (and drops) a bounded rest of the body before answering, so no unread
+    // bytes make the kernel reset the connection ahead of the 413: the client gets the
+    // refusal every time, whether the length was declared or the body chunked.
+    let bigger = tmp.path().join("bigger.json");
+    std::fs::write(&bigger, "x".repeat(200_000)).unwrap();
+    for chunked in [false, true] {
+        for _ in 0..5 {
+            let mut headers = vec![auth.clone()];
+            if chunked {
+                headers.push("Transfer-Encoding: chunked".into());
+            }
+            let (_, code, _) = call_with(
+                &p,
+                &bundle,
+                Some((&cert, &key)),
+                &headers,
+                &["--data-binary", &format!("@{}", bigger.display())],
+            );
+            assert_eq!(code, 413, "chunked: {chunked}");
+        }
+    }
+}
