@@ -15,5 +15,8 @@ pub use model::{
     AuthorityKind, AuthorityRecord, AuthorityState, EntryFilter, IdentityKind, IssuedIdentity,
     ModelKeyRecord, NodeRecord, PolicyBundleRecord, Revocation, UnknownName,
 };
-pub use sql::{Backend, BootstrapLock, CHANGES_CHANNEL, SqlStore, listen_for_changes};
+pub use sql::{
+    Backend, BootstrapLock, CHANGES_CHANNEL, SqlStore, connect_postgres, listen_for_changes,
+    postgres_connect_options,
+};
 pub use store::{Store, TlogAppend};
