@@ -16,5 +16,8 @@ pub use model::{
     IssuedIdentity, LeaseFilter, LeaseRecord, ModelKeyRecord, NodeRecord, PolicyBundleRecord,
     Revocation, SecretVersionRecord, UnknownName,
 };
-pub use sql::{Backend, BootstrapLock, CHANGES_CHANNEL, SqlStore, listen_for_changes};
+pub use sql::{
+    Backend, BootstrapLock, CHANGES_CHANNEL, SqlStore, connect_postgres, listen_for_changes,
+    postgres_connect_options,
+};
 pub use store::{Store, TlogAppend};

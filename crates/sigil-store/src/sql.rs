@@ -8,7 +8,8 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use sigil_core::{Credential, EntryId, EntrySpec, RegistrationEntry, SpiffeId, UnixTime};
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{Any, AnyConnection, AnyPool, Executor, Row, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor, Row, Transaction};
 
 use crate::migrate::migrate;
 use crate::store::TlogAppend;
@@ -45,8 +46,16 @@ impl SqlStore {
     /// * `sqlite://<path>`: the file is created (mode 0600) if missing; `sqlite:///abs/path` for
     ///   an absolute path. No query parameters. Every connection runs with `journal_mode=WAL`,
     ///   `synchronous=FULL`, `foreign_keys=ON`, `busy_timeout=5000`.
-    /// * `postgres://...` or `postgresql://...`: passed to the driver as is; e.g.
-    ///   `?options=-c%20search_path%3Dmy_schema` selects a schema.
+    /// * `postgres://...` or `postgresql://...`: libpq's URL form, checked with
+    ///   [`postgres_connect_options`] and then passed to the driver; e.g.
+    ///   `?options=-c%20search_path%3Dmy_schema` selects a schema. TLS (rustls) follows
+    ///   libpq's `sslmode`: `disable`, `prefer` (the default when no `sslmode` is given, as
+    ///   in libpq: TLS if the server offers it, unverified, else plaintext), `require`
+    ///   (TLS, unverified), `verify-ca` (the chain must reach a trusted root) and
+    ///   `verify-full` (that, and the host in the URL must be in the certificate). Across a
+    ///   network use `?sslmode=verify-full&sslrootcert=/path/to/ca.pem`; `sslcert` and
+    ///   `sslkey` give a client certificate. The `PGSSLMODE`, `PGSSLROOTCERT`, ... variables
+    ///   are the defaults for what the URL omits.
     ///
     /// Anything else is [`StoreError::Unsupported`]. A database migrated by a newer sigil is
     /// [`StoreError::SchemaTooNew`].
@@ -55,6 +64,10 @@ impl SqlStore {
         let (pool, backend) = match parse_url(url)? {
             Target::Sqlite(path) => (open_sqlite(path).await?, Backend::Sqlite),
             Target::Postgres => {
+                // The Any driver parses the URL with the same parser (sslmode, sslrootcert
+                // and the rest reach it); checking first turns a malformed URL into a
+                // configuration error rather than a connection failure.
+                postgres_connect_options(url)?;
                 let pool = AnyPoolOptions::new()
                     .max_connections(POSTGRES_POOL_SIZE)
                     .connect(url)
@@ -75,6 +88,31 @@ impl SqlStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Parses a PostgreSQL URL (`postgres://` or `postgresql://`) into connect options by the
+/// rules [`SqlStore::connect`] follows: libpq's URL form, with `sslmode` (default `prefer`),
+/// `sslrootcert`, `sslcert` and `sslkey` for TLS over rustls. For connections to a
+/// PostgreSQL other than the store's (e.g. one that sigil manages credentials on).
+///
+/// Any other scheme, or a URL the driver cannot parse, is [`StoreError::Unsupported`]; the
+/// message never repeats the URL, which may hold a password.
+pub fn postgres_connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    if !matches!(parse_url(url)?, Target::Postgres) {
+        return Err(StoreError::Unsupported(
+            "a PostgreSQL URL starts with postgres:// or postgresql://".into(),
+        ));
+    }
+    PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Unsupported(format!("invalid PostgreSQL URL: {e}")))
+}
+
+/// Opens one connection to the PostgreSQL at `url`, by the rules of
+/// [`postgres_connect_options`] (TLS and certificate verification as `sslmode` says). There
+/// is no timeout of its own: wrap the call in one where a hung server matters.
+pub async fn connect_postgres(url: &str) -> Result<PgConnection, StoreError> {
+    let options = postgres_connect_options(url)?;
+    Ok(PgConnection::connect_with(&options).await?)
 }
 
 enum Target<'a> {
@@ -1765,6 +1803,41 @@ mod tests {
                 _ => panic!("{bad} was accepted"),
             }
         }
+    }
+
+    #[test]
+    fn postgres_urls_keep_libpq_tls_settings() {
+        use sqlx::postgres::PgSslMode;
+        let o = postgres_connect_options(
+            "postgres://u@db.example:5433/sigil?sslmode=verify-full&sslrootcert=/etc/ca.pem",
+        )
+        .unwrap();
+        assert!(matches!(o.get_ssl_mode(), PgSslMode::VerifyFull));
+        assert_eq!(o.get_host(), "db.example");
+        assert_eq!(o.get_port(), 5433);
+        let o = postgres_connect_options("postgresql://u@h/db?sslmode=require").unwrap();
+        assert!(matches!(o.get_ssl_mode(), PgSslMode::Require));
+    }
+
+    #[tokio::test]
+    async fn bad_postgres_urls_are_refused_before_connecting() {
+        for bad in [
+            "postgres://u:hunter2@h/db?sslmode=verify-everything",
+            "postgres://u:hunter2@h:99999/db",
+            "sqlite://x.db",
+            "mysql://u:hunter2@h/db",
+            "",
+        ] {
+            match connect_postgres(bad).await {
+                Err(StoreError::Unsupported(msg)) => assert!(!msg.contains("hunter2"), "{msg}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        // The store refuses the same URLs the same way, before any connection.
+        assert!(matches!(
+            SqlStore::connect("postgres://u@h/db?sslmode=verify-everything").await,
+            Err(StoreError::Unsupported(_))
+        ));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use sigil_proto::node::v1::node_client::NodeClient;
 use tonic::transport::{Channel, Endpoint};
 
+pub mod pg_tls;
 pub mod proxy;
 pub mod upstream;
 
