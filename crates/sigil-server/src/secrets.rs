@@ -123,8 +123,7 @@ impl SecretAuthority {
             return Ok(p.clone());
         }
         let url = self.connection_url(role)?;
-        let opts: sqlx::postgres::PgConnectOptions = url
-            .parse()
+        let opts = sigil_store::postgres_connect_options(&url)
             .map_err(|e| format!("the role's connection URL: {e}"))?;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(2)
@@ -422,13 +421,15 @@ pub(crate) async fn put_db_role(State(app): State<Arc<AppState>>, body: Bytes) -
             return Err(ApiError::invalid(format!("{what} must use {missing}")));
         }
     }
-    let opts: sqlx::postgres::PgConnectOptions = req
-        .connection_url
-        .parse()
+    let opts = sigil_store::postgres_connect_options(&req.connection_url)
         .map_err(|e| ApiError::invalid(format!("connection_url: {e}")))?;
-    let conn = sqlx::PgConnection::connect_with(&opts).await.map_err(|e| {
-        ApiError::invalid(format!("connection_url: cannot connect to PostgreSQL: {e}"))
-    })?;
+    let conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        sqlx::PgConnection::connect_with(&opts),
+    )
+    .await
+    .map_err(|_| ApiError::invalid("connection_url: PostgreSQL did not answer within 10 s"))?
+    .map_err(|e| ApiError::invalid(format!("connection_url: cannot connect to PostgreSQL: {e}")))?;
     let _ = conn.close().await;
     let sealed = seal_secret(
         &app.secrets.kek,

@@ -127,6 +127,72 @@ fn server_on_postgres_with_verify_full_writes_and_reads_back() {
     };
     assert!(tls >= 1, "no TLS connection from the server");
     assert_eq!(plain, 0, "a plaintext connection from the server");
+
+    // The dynamic credentials engine connects to this PostgreSQL with verify-full too (a
+    // role definition is stored only once its connection works) ...
+    let create =
+        "CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';";
+    let role = server.sigil_json(&[
+        "secret",
+        "db-role",
+        "put",
+        "app_ro",
+        "--connection-url",
+        &url,
+        "--creation-sql",
+        create,
+    ]);
+    assert_eq!(role["path"], "database/creds/app_ro");
+    // ... and refuses a server certificate from another CA, storing nothing.
+    let other = pg.url("localhost", "verify-full", Some(&pg.other_ca));
+    let out = server.sigil(&[
+        "secret",
+        "db-role",
+        "put",
+        "other_ca",
+        "--connection-url",
+        &other,
+        "--creation-sql",
+        create,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("UnknownIssuer"),
+        "{err}"
+    );
+    let roles = server.sigil_json(&["secret", "db-role", "list"]);
+    assert_eq!(roles["roles"].as_array().unwrap().len(), 1, "{roles}");
+
+    // Secrets in the PostgreSQL store are sealed: no table holds a value in clear.
+    let marker = format!("plaintext-marker-{}", std::process::id());
+    let mut put = std::process::Command::new(common::sigil_bin())
+        .args(["secret", "put", "app/db", "--socket"])
+        .arg(server.dir.join("admin.sock"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    put.stdin
+        .take()
+        .unwrap()
+        .write_all(marker.as_bytes())
+        .unwrap();
+    assert!(put.wait().unwrap().success());
+    let got = server.sigil(&["secret", "get", "app/db"]);
+    assert_eq!(String::from_utf8_lossy(&got.stdout), marker);
+    let dump = pg.dump();
+    assert!(
+        dump.contains("secret_versions"),
+        "the dump holds the secrets table"
+    );
+    assert!(
+        !dump.contains(&marker),
+        "a secret value in clear in PostgreSQL"
+    );
+    assert!(
+        !dump.contains(&url),
+        "a role's connection URL in clear in PostgreSQL"
+    );
 }
 
 #[test]
