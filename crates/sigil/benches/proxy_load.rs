@@ -565,6 +565,30 @@ async fn fetch_token(port: u16, tls: &TlsConnector) -> String {
     v["access_token"].as_str().unwrap().to_owned()
 }
 
+/// One flush on the disk `dir` is on: a record-sized append then `fdatasync`, `n` times;
+/// p50 and p99 in µs.
+fn flush_cost(dir: &Path, n: usize) -> (f64, f64) {
+    use std::io::Write as _;
+    let path = dir.join("flush-probe.log");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    let line = [b'x'; 300];
+    let mut us: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f.write_all(&line).unwrap();
+            f.sync_data().unwrap();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    let _ = std::fs::remove_file(&path);
+    us.sort_by(f64::total_cmp);
+    (us[n / 2], us[n * 99 / 100])
+}
+
 fn main() {
     // `cargo test --benches` runs bench targets with --list-ish args; only run when benching.
     if std::env::args().any(|a| a == "--list") {
@@ -965,6 +989,12 @@ fn main() {
             println!("  (c) skipped: this sigil has no `proxy --enforce` flag yet");
         }
         println!("  load average at start: {}", loadavg.trim());
+        // One flush on the audit log's disk, measured in this run: what the tool-call budget
+        // (mTLS-only + one flush + 40 µs) allows for making the record durable first.
+        let (flush_p50, flush_p99) = flush_cost(&dir, 2000);
+        println!(
+            "  one flush on the audit log's disk (300 B append + fdatasync, n=2000): p50 {flush_p50:.0} µs, p99 {flush_p99:.0} µs"
+        );
 
         let mut all: Vec<Figures> = targets
             .iter()
@@ -1109,6 +1139,7 @@ fn main() {
             },
             "audit_records": audit_lines,
             "outbound_handshakes": outbound,
+            "flush_us": {"p50": flush_p50, "p99": flush_p99},
         });
         let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("proxy_load.json");
         std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
