@@ -991,7 +991,7 @@ fn main() {
         println!("  load average at start: {}", loadavg.trim());
         // One flush on the audit log's disk, measured in this run: what the tool-call budget
         // (mTLS-only + one flush + 40 µs) allows for making the record durable first.
-        let (flush_p50, flush_p99) = flush_cost(&dir, 2000);
+        let (flush_p50, flush_p99) = flush_cost(dir, 2000);
         println!(
             "  one flush on the audit log's disk (300 B append + fdatasync, n=2000): p50 {flush_p50:.0} µs, p99 {flush_p99:.0} µs"
         );
