@@ -273,6 +273,12 @@ impl ServerConfig {
                 "must start with sqlite:// or postgres://",
             ));
         }
+        if self.is_postgres()
+            && let Some(url) = &self.database_url
+            && let Err(e) = sigil_store::postgres_connect_options(url)
+        {
+            return Err(bad("database_url", e.to_string()));
+        }
         if self.is_postgres() && self.key_encryption_key_file.is_none() {
             return Err(bad(
                 "key_encryption_key_file",

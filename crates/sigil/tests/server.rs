@@ -779,6 +779,12 @@ fn bad_configuration_exits_64_naming_the_key() {
             "trust_domain = \"td.test\"\ndatabase_url = \"mysql://x\"\n",
             "database_url",
         ),
+        // A PostgreSQL URL the driver cannot read (here an sslmode libpq does not have) is a
+        // configuration error before anything connects.
+        (
+            "trust_domain = \"td.test\"\ndatabase_url = \"postgres://u@h/db?sslmode=verify-everything\"\n",
+            "database_url",
+        ),
         (
             "trust_domain = \"td.test\"\nca_key_type = \"rsa\"\n",
             "ca_key_type",
