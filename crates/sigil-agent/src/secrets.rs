@@ -145,6 +145,13 @@ impl Answer {
     }
 }
 
+/// A failed step of a call to the trust authority: logged with its cause, reported to the
+/// workload without it.
+fn unavailable(what: &str, e: &dyn std::fmt::Display) -> Status {
+    tracing::warn!(error = %e, what, "secrets call to the trust authority failed");
+    Status::unavailable(format!("the trust authority cannot be reached ({what})"))
+}
+
 /// POSTs `body` as JSON to the trust authority's `path`, over mTLS with `svid`.
 async fn call(
     identities: &Identities,
@@ -153,10 +160,6 @@ async fn call(
     path: &str,
     body: Value,
 ) -> Result<Answer, Status> {
-    let unavailable = |what: &str, e: &dyn std::fmt::Display| {
-        tracing::warn!(error = %e, what, "secrets call to the trust authority failed");
-        Status::unavailable(format!("the trust authority cannot be reached ({what})"))
-    };
     let server = identities.server_address();
     let host = server
         .rsplit_once(':')
@@ -204,10 +207,6 @@ async fn connect(
     server: &str,
     host: &str,
 ) -> Result<Sender, Status> {
-    let unavailable = |what: &str, e: &dyn std::fmt::Display| {
-        tracing::warn!(error = %e, what, "secrets call to the trust authority failed");
-        Status::unavailable(format!("the trust authority cannot be reached ({what})"))
-    };
     let bundle = identities
         .x509_bundle()
         .ok_or_else(|| Status::unavailable("no trust bundle yet"))?;

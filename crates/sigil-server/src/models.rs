@@ -374,20 +374,12 @@ pub(crate) async fn release(
 
 pub(crate) type Refusal = (StatusCode, &'static str, String);
 
-pub(crate) fn internal(e: impl std::fmt::Display) -> Refusal {
-    tracing::error!(error = %e, "model key release failed");
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "the key release could not be completed".into(),
-    )
-}
-
-async fn release_inner(
+/// The X.509-SVID a workload presented on the public listener, verified and not revoked; the
+/// refusal (401, or 403 when revoked) otherwise.
+pub(crate) async fn verified_caller(
     app: &AppState,
     peer: PeerAuth,
-    body: &[u8],
-) -> Result<axum::response::Response, Refusal> {
+) -> Result<Arc<sigil_pki::VerifiedX509Svid>, Refusal> {
     let svid = match peer {
         PeerAuth::Verified(s) => s,
         PeerAuth::Anonymous => {
@@ -405,10 +397,14 @@ async fn release_inner(
             ));
         }
     };
-    let now = app.clock.now();
     if app
         .store
-        .is_revoked(&svid.serial, &svid.spiffe_id, svid.not_before, now)
+        .is_revoked(
+            &svid.serial,
+            &svid.spiffe_id,
+            svid.not_before,
+            app.clock.now(),
+        )
         .await
         .map_err(internal)?
     {
@@ -418,13 +414,37 @@ async fn release_inner(
             "client certificate has been revoked".into(),
         ));
     }
-    let req: ReleaseRequest = serde_json::from_slice(body).map_err(|e| {
+    Ok(svid)
+}
+
+/// A workload's JSON request body, or 400.
+pub(crate) fn parse_request<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|e| {
         (
             StatusCode::BAD_REQUEST,
             "invalid_request",
             format!("invalid request: {e}"),
         )
-    })?;
+    })
+}
+
+pub(crate) fn internal(e: impl std::fmt::Display) -> Refusal {
+    tracing::error!(error = %e, "model key release failed");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the key release could not be completed".into(),
+    )
+}
+
+async fn release_inner(
+    app: &AppState,
+    peer: PeerAuth,
+    body: &[u8],
+) -> Result<axum::response::Response, Refusal> {
+    let svid = verified_caller(app, peer).await?;
+    let now = app.clock.now();
+    let req: ReleaseRequest = parse_request(body)?;
     if !valid_model_name(&req.name) || req.version < 1 {
         return Err((
             StatusCode::BAD_REQUEST,

@@ -34,7 +34,8 @@ use sqlx::{Connection as _, Executor as _};
 use crate::admin::{ApiError, ApiResult, log_change, ok, parse_body};
 use crate::keyvault::KeyVault;
 use crate::models::{
-    Refusal, hour_and_weekday, internal, json_response, node_of, refuse, workload_groups,
+    Refusal, hour_and_weekday, internal, json_response, node_of, parse_request, refuse,
+    verified_caller, workload_groups,
 };
 use crate::tls::PeerAuth;
 use crate::{AppState, ServerError};
@@ -558,45 +559,6 @@ fn not_permitted() -> Refusal {
     )
 }
 
-/// The caller's verified, unrevoked SVID.
-async fn caller(app: &AppState, peer: PeerAuth) -> Result<Arc<VerifiedX509Svid>, Refusal> {
-    let svid = match peer {
-        PeerAuth::Verified(s) => s,
-        PeerAuth::Anonymous => {
-            return Err((
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "a client certificate (the workload's X.509-SVID) is required".into(),
-            ));
-        }
-        PeerAuth::Rejected(why) => {
-            return Err((
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                format!("client certificate rejected: {why}"),
-            ));
-        }
-    };
-    if app
-        .store
-        .is_revoked(
-            &svid.serial,
-            &svid.spiffe_id,
-            svid.not_before,
-            app.clock.now(),
-        )
-        .await
-        .map_err(internal)?
-    {
-        return Err((
-            StatusCode::FORBIDDEN,
-            "permission_denied",
-            "client certificate has been revoked".into(),
-        ));
-    }
-    Ok(svid)
-}
-
 /// Whether the current policy lets `svid` read `path`; `Ok(node)` if so.
 async fn authorize(app: &AppState, svid: &VerifiedX509Svid, path: &str) -> Result<String, Refusal> {
     let now = app.clock.now();
@@ -673,14 +635,8 @@ async fn read_inner(
     peer: PeerAuth,
     body: &[u8],
 ) -> Result<serde_json::Value, Refusal> {
-    let svid = caller(app, peer).await?;
-    let req: ReadRequest = serde_json::from_slice(body).map_err(|e| {
-        (
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("invalid request: {e}"),
-        )
-    })?;
+    let svid = verified_caller(app, peer).await?;
+    let req: ReadRequest = parse_request(body)?;
     if !valid_secret_path(&req.path) {
         return Err((
             StatusCode::BAD_REQUEST,
@@ -905,14 +861,8 @@ async fn renew_inner(
     peer: PeerAuth,
     body: &[u8],
 ) -> Result<serde_json::Value, Refusal> {
-    let svid = caller(app, peer).await?;
-    let req: LeaseRequest = serde_json::from_slice(body).map_err(|e| {
-        (
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("invalid request: {e}"),
-        )
-    })?;
+    let svid = verified_caller(app, peer).await?;
+    let req: LeaseRequest = parse_request(body)?;
     let lease = own_lease(app, &svid, &req.lease_id).await?;
     // Still permitted? A policy change takes away renewals too.
     authorize(app, &svid, &lease.path).await?;
@@ -975,14 +925,8 @@ async fn revoke_inner(
     peer: PeerAuth,
     body: &[u8],
 ) -> Result<serde_json::Value, Refusal> {
-    let svid = caller(app, peer).await?;
-    let req: LeaseRequest = serde_json::from_slice(body).map_err(|e| {
-        (
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("invalid request: {e}"),
-        )
-    })?;
+    let svid = verified_caller(app, peer).await?;
+    let req: LeaseRequest = parse_request(body)?;
     let lease = own_lease(app, &svid, &req.lease_id).await?;
     close_lease(app, &lease, "revoked by the holder")
         .await
