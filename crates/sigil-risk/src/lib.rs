@@ -1,0 +1,22 @@
+//! Continuous verification: what a node's posture and its workloads' behaviour say about the
+//! risk of trusting them. This crate does no I/O: the agent collects posture, the proxy counts
+//! behaviour, the server decides; all of them share these types.
+#![forbid(unsafe_code)]
+
+pub mod posture;
+pub mod telemetry;
+
+pub use posture::{Assessment, BootState, Posture, RiskLevel, Ruleset, RulesetError};
+pub use telemetry::{IdentityWindow, NodeWindow, TelemetryMessage};
+
+/// The risk a relying party sees: in an access token's `risk` claim, in the risk table the
+/// agent streams to its proxies, and as `context.risk` in Cedar.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Risk {
+    /// `low`, `medium`, `high` or `critical`.
+    pub level: RiskLevel,
+    /// 0 to 100.
+    pub score: u8,
+    /// When the trust authority last assessed it (unix seconds).
+    pub at: i64,
+}
