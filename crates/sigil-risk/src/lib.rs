@@ -6,7 +6,10 @@
 pub mod posture;
 pub mod telemetry;
 
-pub use posture::{Assessment, BootState, Posture, RiskLevel, Ruleset, RulesetError};
+pub use posture::{
+    Assessment, BootRule, BootState, DEFAULT_RULESET_TOML, ExecutablesRule, Levels, ListeningRule,
+    Posture, RiskLevel, Ruleset, RulesetError, SigilRule, UpdatesRule,
+};
 pub use telemetry::{IdentityWindow, NodeWindow, TelemetryMessage};
 
 /// The risk a relying party sees: in an access token's `risk` claim, in the risk table the
