@@ -3,9 +3,13 @@
 //! behaviour, the server decides; all of them share these types.
 #![forbid(unsafe_code)]
 
+pub mod iforest;
 pub mod posture;
 pub mod telemetry;
 
+mod rng;
+
+pub use iforest::{ForestError, IsolationForest};
 pub use posture::{
     Assessment, BootRule, BootState, DEFAULT_RULESET_TOML, ExecutablesRule, Levels, ListeningRule,
     Posture, RiskLevel, Ruleset, RulesetError, SigilRule, UpdatesRule,
