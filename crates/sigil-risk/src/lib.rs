@@ -3,17 +3,21 @@
 //! behaviour, the server decides; all of them share these types.
 #![forbid(unsafe_code)]
 
+pub mod detect;
 pub mod iforest;
 pub mod posture;
+pub mod replay;
 pub mod telemetry;
 
 mod rng;
 
+pub use detect::{Detector, DetectorConfig, FEATURES, Finding};
 pub use iforest::{ForestError, IsolationForest};
 pub use posture::{
     Assessment, BootRule, BootState, DEFAULT_RULESET_TOML, ExecutablesRule, Levels, ListeningRule,
     Posture, RiskLevel, Ruleset, RulesetError, SigilRule, UpdatesRule,
 };
+pub use replay::{KindReport, ReplayConfig, ReplayReport};
 pub use telemetry::{IdentityWindow, NodeWindow, TelemetryMessage};
 
 /// The risk a relying party sees: in an access token's `risk` claim, in the risk table the

@@ -47,7 +47,7 @@ impl SplitMix64 {
     /// Poisson with mean `lambda`: Knuth's method for small means, a rounded normal
     /// approximation above 30 (good enough for synthetic traffic).
     pub(crate) fn poisson(&mut self, lambda: f64) -> u64 {
-        if !(lambda > 0.0) {
+        if lambda.is_nan() || lambda <= 0.0 {
             return 0;
         }
         if lambda > 30.0 {
