@@ -26,8 +26,9 @@
 //! training data, not about harm, and it is diluted across features: a window that is ordinary
 //! in five ways and outrageous in one may still score moderately. Some behaviours are
 //! unambiguous enough to flag on their own, whatever the forest says:
-//! * at least [`NEW_RESOURCE_SHARE`] of the window's requests go to resources the identity
-//!   never called in its baseline;
+//! * at least [`NEW_RESOURCE_SHARE`] of the window's requests, and at least
+//!   [`NEW_RESOURCE_MIN_REQUESTS`] requests, go to resources the identity never called in its
+//!   baseline;
 //! * its largest response is at least [`EXFIL_FACTOR`] times the largest of its baseline;
 //! * it makes requests in an hour of the day (UTC) where neither that hour nor the ones on
 //!   either side of it ever had a baseline request, once the baseline covers at least
@@ -42,7 +43,8 @@
 //! **Drift.** Behaviour changes legitimately (more traffic, a new tool). After scoring, a window
 //! that was *not* flagged updates its identity's baseline: means by an exponentially weighted
 //! moving average with weight [`BASELINE_ALPHA`] (about 50 windows of memory), the largest
-//! response by maximum, the hour histogram by accumulation, and a new resource joins the
+//! response by maximum but by at most [`MAX_RESPONSE_GROWTH`] per window (so a missed
+//! exfiltration does not make the next one look ordinary), the hour histogram by accumulation, and a new resource joins the
 //! baseline once it has appeared in [`RESOURCE_ADOPTION_WINDOWS`] unflagged windows. Flagged
 //! windows never update it.
 //!
@@ -88,10 +90,14 @@ pub const FEATURES: [&str; 6] = [
     "hour_rarity",
 ];
 
-/// Hard signal: share of a window's requests going to never-seen resources.
-pub const NEW_RESOURCE_SHARE: f64 = 0.5;
+/// Hard signal: share of a window's requests going to never-seen resources…
+pub const NEW_RESOURCE_SHARE: f64 = 0.25;
+/// …and at least this many of them (one stray health check is not an attack).
+pub const NEW_RESOURCE_MIN_REQUESTS: u64 = 3;
 /// Hard signal: largest response against the baseline's largest.
-pub const EXFIL_FACTOR: f64 = 10.0;
+pub const EXFIL_FACTOR: f64 = 5.0;
+/// An unflagged window raises the baseline's largest response by at most this factor.
+pub const MAX_RESPONSE_GROWTH: f64 = 1.1;
 /// Hard signal: the off-hours rule needs a baseline of at least this many windows.
 pub const OFF_HOURS_MIN_WINDOWS: f64 = 12.0;
 /// Weight of an unflagged window in the baseline's moving averages.
@@ -123,8 +129,8 @@ impl Default for DetectorConfig {
     fn default() -> Self {
         Self {
             learning_windows: 30,
-            threshold: 0.62,
-            quarantine_threshold: 0.70,
+            threshold: 0.66,
+            quarantine_threshold: 0.72,
             trees: 100,
             sample_size: 256,
             seed: 0x5167_11c0_ffee,
@@ -262,7 +268,8 @@ impl Baseline {
         self.req_var = (1.0 - a) * (self.req_var + a * d * d);
         self.bpr_mean += a * (w.bytes_out as f64 / n.max(1.0) - self.bpr_mean);
         self.denial_share += a * ((w.denied as f64).min(n) / n.max(1.0) - self.denial_share);
-        self.max_response = self.max_response.max(w.max_response_bytes as f64);
+        let capped = (w.max_response_bytes as f64).min(self.max_response * MAX_RESPONSE_GROWTH);
+        self.max_response = self.max_response.max(capped);
         if let Some(h) = self.hours.get_mut(hour_of(start)) {
             *h += n;
         }
@@ -434,8 +441,10 @@ impl Detector {
 
         let f = baseline.features(window_start, w);
         let mut hard = Vec::new();
+        let unseen_requests = (f.get(1).copied().unwrap_or(0.0) * n as f64).round() as u64;
         if let Some(&share) = f.get(1)
             && share >= NEW_RESOURCE_SHARE
+            && unseen_requests >= NEW_RESOURCE_MIN_REQUESTS
         {
             let unseen: Vec<String> = w
                 .requests
@@ -572,7 +581,7 @@ fn explain(b: &Baseline, f: &[f64; 6], w: &IdentityWindow) -> Vec<String> {
             b.req_mean
         ));
     }
-    if new > 0.0 && new < NEW_RESOURCE_SHARE {
+    if new > 0.0 {
         out.push(format!(
             "{:.0}% of requests to resources never seen in its baseline",
             new * 100.0
@@ -596,4 +605,161 @@ fn explain(b: &Baseline, f: &[f64; 6], w: &IdentityWindow) -> Vec<String> {
         out.push(format!("{} of {n} requests denied", w.denied));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )]
+    use super::*;
+
+    const T0: i64 = 1_767_225_600 + 9 * 3600; // 09:00 UTC
+
+    fn win(id: &str, reqs: &[(&str, u64)], max: u64) -> IdentityWindow {
+        let n: u64 = reqs.iter().map(|r| r.1).sum();
+        IdentityWindow {
+            spiffe_id: id.into(),
+            requests: reqs.iter().map(|(r, c)| (r.to_string(), *c)).collect(),
+            denied: 0,
+            bytes_in: n * 500,
+            bytes_out: n * max / 2,
+            max_response_bytes: max,
+        }
+    }
+
+    /// Two identities learn 30 windows each, with a little variation, between 08:00 and 12:00.
+    fn trained() -> Detector {
+        let mut d = Detector::new(DetectorConfig::default());
+        for k in 0..30u64 {
+            let start = T0 - 3600 + (k as i64 % 4) * 3600 + k as i64 * 10;
+            for id in ["spiffe://t/a", "spiffe://t/b"] {
+                let w = win(
+                    id,
+                    &[("invoke:m1", 10 + k % 5), ("call_tool:t", 2 + k % 2)],
+                    40_000 + 1000 * (k % 7),
+                );
+                assert!(d.learning(id));
+                assert_eq!(d.observe("node", start, 10, &w), None);
+            }
+        }
+        assert!(!d.learning("spiffe://t/a"));
+        assert_eq!(d.training_rows(), 60);
+        d
+    }
+
+    #[test]
+    fn learns_then_accepts_ordinary_windows() {
+        let mut d = trained();
+        assert_eq!(
+            d.observe("node", T0, 10, &win("spiffe://t/a", &[], 0)),
+            None,
+            "empty: skipped"
+        );
+        let ordinary = win(
+            "spiffe://t/a",
+            &[("invoke:m1", 12), ("call_tool:t", 3)],
+            42_000,
+        );
+        assert_eq!(d.observe("node", T0 + 60, 10, &ordinary), None);
+        assert_eq!(d.refits(), 1);
+    }
+
+    #[test]
+    fn hard_signals_flag() {
+        let mut d = trained();
+        let f = d
+            .observe(
+                "node",
+                T0,
+                10,
+                &win(
+                    "spiffe://t/a",
+                    &[("invoke:m1", 5), ("invoke:secret-model", 8)],
+                    40_000,
+                ),
+            )
+            .unwrap();
+        assert_eq!(f.spiffe_id, "spiffe://t/a");
+        assert!(
+            f.reasons[0].contains("invoke:secret-model (8)"),
+            "{:?}",
+            f.reasons
+        );
+        assert_eq!(f.features.len(), FEATURES.len());
+        assert!(f.features["new_resources"] > 0.6);
+
+        let f = d
+            .observe(
+                "node",
+                T0,
+                10,
+                &win("spiffe://t/b", &[("invoke:m1", 12)], 2_000_000),
+            )
+            .unwrap();
+        assert!(
+            f.reasons[0].starts_with("largest response 2.0 MB"),
+            "{:?}",
+            f.reasons
+        );
+
+        let night = T0 - 6 * 3600; // 03:00 UTC, nothing between 02:00 and 04:00
+        let f = d
+            .observe(
+                "node",
+                night,
+                10,
+                &win("spiffe://t/b", &[("invoke:m1", 12)], 40_000),
+            )
+            .unwrap();
+        assert!(f.reasons[0].contains("03:00 UTC"), "{:?}", f.reasons);
+        // Serialisable, for the transparency log.
+        let json = serde_json::to_string(&f).unwrap();
+        assert_eq!(serde_json::from_str::<Finding>(&json).unwrap(), f);
+    }
+
+    #[test]
+    fn node_executables() {
+        let mut d = Detector::new(DetectorConfig {
+            learning_windows: 2,
+            ..Default::default()
+        });
+        let mut nw = NodeWindow::default();
+        nw.new_executables
+            .insert("/usr/bin/python3".into(), "AB".repeat(32));
+        assert_eq!(d.observe_node("n1", &nw), None);
+        assert_eq!(d.observe_node("n1", &NodeWindow::default()), None);
+        // The same executable again (restarted) is known; a new one is not.
+        assert_eq!(d.observe_node("n1", &nw), None);
+        let mut bad = NodeWindow::default();
+        bad.new_executables
+            .insert("/tmp/.x".into(), "cd".repeat(32));
+        let f = d.observe_node("n1", &bad).unwrap();
+        assert!(f.quarantine);
+        assert_eq!((f.spiffe_id.as_str(), f.node.as_str()), ("n1", "n1"));
+        assert!(f.reasons[0].starts_with("new executable /tmp/.x (sha256 cdcdcdcdcdcd"));
+        d.accept_executable("n1", "/tmp/.x", &"CD".repeat(32));
+        assert_eq!(d.observe_node("n1", &bad), None);
+    }
+
+    #[test]
+    fn deterministic_and_serialisable() {
+        let d = trained();
+        let json = serde_json::to_string(&d).unwrap();
+        let mut back: Detector = serde_json::from_str(&json).unwrap();
+        let mut d = d;
+        let w = win(
+            "spiffe://t/a",
+            &[("invoke:m1", 40), ("call_tool:t", 1)],
+            90_000,
+        );
+        let (a, b) = (
+            d.observe("node", T0, 10, &w),
+            back.observe("node", T0, 10, &w),
+        );
+        assert_eq!(a, b);
+    }
 }
