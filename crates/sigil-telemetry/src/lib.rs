@@ -1,0 +1,13 @@
+//! sigil telemetry (placeholder docs, expanded below).
+#![forbid(unsafe_code)]
+
+mod envelope;
+mod error;
+mod topic;
+
+pub use envelope::{
+    Envelope, MAX_ENVELOPE_LEN, MAX_PAYLOAD_LEN, SCHEME_ECDSA_P256_SHA256,
+    SCHEME_ECDSA_P384_SHA384, SCHEME_ED25519, SCHEMES, SIGNING_CONTEXT, open, seal, signed_bytes,
+};
+pub use error::TelemetryError;
+pub use topic::{Kind, TOPIC_PREFIX, subscription, topic_for};
