@@ -1,10 +1,12 @@
 //! sigil telemetry (placeholder docs, expanded below).
 #![forbid(unsafe_code)]
 
+mod aggregate;
 mod envelope;
 mod error;
 mod topic;
 
+pub use aggregate::{Aggregator, AggregatorLimits, AggregatorStats, OTHER_KEY, SHARDS};
 pub use envelope::{
     Envelope, MAX_ENVELOPE_LEN, MAX_PAYLOAD_LEN, SCHEME_ECDSA_P256_SHA256,
     SCHEME_ECDSA_P384_SHA384, SCHEME_ED25519, SCHEMES, SIGNING_CONTEXT, open, seal, signed_bytes,
