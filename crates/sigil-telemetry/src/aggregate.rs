@@ -1,30 +1,5 @@
 //! The proxy-side window counter: one [`Aggregator::record`] per request, one
 //! [`Aggregator::take`] per window.
-//!
-//! # Cost
-//!
-//! `record` hashes the caller's SPIFFE ID once to pick one of [`SHARDS`] `std::sync::Mutex`es,
-//! then does two `HashMap` look-ups by `&str` under that lock; it allocates only the first time
-//! an identity or a key is seen in a window. `benches/aggregate.rs` measures it (single thread
-//! and two threads on the same identity).
-//!
-//! # Memory bound
-//!
-//! Per window, at most [`AggregatorLimits::max_identities`] identities (default 10,000) and
-//! [`AggregatorLimits::max_keys_per_identity`] keys per identity (default 256), plus at most
-//! [`AggregatorLimits::max_total_keys`] keys over all identities (default 100,000). Identity
-//! strings longer than [`AggregatorLimits::max_id_len`] (2,048, the SPIFFE limit) and key
-//! strings longer than [`AggregatorLimits::max_key_len`] (256) are not stored. So a window holds
-//! at most about `max_identities × max_id_len + max_total_keys × (max_key_len + ~64)` bytes of
-//! strings and map overhead (≈ 20 MiB + 32 MiB with the defaults; real windows are far smaller:
-//! keys come from the proxy's routes).
-//!
-//! What does not fit is counted, never silently lost:
-//! - a request for an identity beyond the identity limit (or with an over-long ID) is not
-//!   recorded and counts in [`AggregatorStats::dropped_requests`];
-//! - a request with a key beyond the key limits (or an over-long key) is recorded under the key
-//!   [`OTHER_KEY`] (`other:other`) of its identity, with its bytes and denial, and counts in
-//!   [`AggregatorStats::folded_requests`].
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -87,6 +62,31 @@ struct Entry {
 type Shard = HashMap<String, Entry>;
 
 /// Per-identity request counters of the current window, shared by every request task.
+///
+/// # Cost
+///
+/// `record` hashes the caller's SPIFFE ID once to pick one of [`SHARDS`] `std::sync::Mutex`es,
+/// then does two `HashMap` look-ups by `&str` under that lock; it allocates only the first time
+/// an identity or a key is seen in a window. `benches/aggregate.rs` measures it (single thread
+/// and two threads on the same identity).
+///
+/// # Memory bound
+///
+/// Per window, at most [`AggregatorLimits::max_identities`] identities (default 10,000) and
+/// [`AggregatorLimits::max_keys_per_identity`] keys per identity (default 256), plus at most
+/// [`AggregatorLimits::max_total_keys`] keys over all identities (default 100,000). Identity
+/// strings longer than [`AggregatorLimits::max_id_len`] (2,048, the SPIFFE limit) and key
+/// strings longer than [`AggregatorLimits::max_key_len`] (256) are not stored. So a window holds
+/// at most about `max_identities × max_id_len + max_total_keys × (max_key_len + ~64)` bytes of
+/// strings and map overhead (≈ 20 MiB + 32 MiB with the defaults; real windows are far smaller:
+/// keys come from the proxy's routes).
+///
+/// What does not fit is counted, never silently lost:
+/// - a request for an identity beyond the identity limit (or with an over-long ID) is not
+///   recorded and counts in [`AggregatorStats::dropped_requests`];
+/// - a request with a key beyond the key limits (or an over-long key) is recorded under the key
+///   [`OTHER_KEY`] (`other:other`) of its identity, with its bytes and denial, and counts in
+///   [`AggregatorStats::folded_requests`].
 pub struct Aggregator {
     shards: [Mutex<Shard>; SHARDS],
     hasher: BuildHasherDefault<DefaultHasher>,
