@@ -25,6 +25,10 @@ struct Shared {
 /// subscribes to the filter again on every ConnAck. Received messages (topic, payload) go to the
 /// channel returned by [`Subscriber::start`]; they are not verified: pass each to
 /// [`crate::open`]. Dropping the subscriber, or the receiver, stops the task.
+///
+/// A packet larger than [`crate::MAX_PACKET_LEN`] is a protocol error to rumqttc: the
+/// connection is dropped and remade (the oversize message is lost, nothing else is), so a
+/// flooder can cost reconnects but cannot get a message through unverified.
 pub struct Subscriber {
     _client: AsyncClient,
     shared: Arc<Shared>,
