@@ -238,3 +238,47 @@ async fn publishing_without_a_broker_drops_and_counts() {
     assert_eq!(publisher.dropped(), 3);
     assert!(!publisher.is_connected());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_packet_costs_a_reconnect_and_nothing_else() {
+    let Some(broker) = Mosquitto::start(None).await else {
+        return;
+    };
+    let ca = TestCa::new("example.org");
+    let (sub, mut rx) = Subscriber::start(
+        &broker.config(),
+        "sigil-server-test",
+        subscription("example.org"),
+    )
+    .unwrap();
+    until("subscription", || sub.is_subscribed()).await;
+
+    // A raw rumqttc client with no packet limit of ours floods one huge message.
+    let mut opts = rumqttc::MqttOptions::new("flooder", "127.0.0.1", broker.port);
+    opts.set_max_packet_size(2 << 20, 2 << 20);
+    let (raw, mut el) = rumqttc::AsyncClient::new(opts, 8);
+    let flood = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    raw.publish(
+        "sigil/v1/example.org/proxy/x",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        vec![b'x'; 1 << 20],
+    )
+    .await
+    .unwrap();
+    until("the subscriber to drop the connection", || {
+        !sub.is_subscribed()
+    })
+    .await;
+    until("resubscription", || sub.is_subscribed()).await;
+
+    let publisher = Publisher::start(&broker.config(), "sigil-proxy-test").unwrap();
+    until("publisher connection", || publisher.is_connected()).await;
+    let key = ca.svid_key(PROXY, KeyAlgorithm::EcdsaP256);
+    let id = ca.id(PROXY);
+    let topic = topic_for(&id, Kind::Proxy).unwrap();
+    publisher.publish(topic.clone(), seal(&topic, &message(&id), &key).unwrap());
+    let (t, b) = recv(&mut rx).await;
+    assert_eq!(open(&t, &b, &ca.bundle(), now()).unwrap().0, id);
+    flood.abort();
+}
