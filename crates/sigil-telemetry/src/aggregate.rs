@@ -68,7 +68,9 @@ type Shard = HashMap<String, Entry>;
 /// `record` hashes the caller's SPIFFE ID once to pick one of [`SHARDS`] `std::sync::Mutex`es,
 /// then does two `HashMap` look-ups by `&str` under that lock; it allocates only the first time
 /// an identity or a key is seen in a window. `benches/aggregate.rs` measures it (single thread
-/// and two threads on the same identity).
+/// and two threads on the same identity): about 0.1–0.14 µs per call on one thread and
+/// 0.23–0.31 µs per call with two threads contending for one identity, on a 2-core machine
+/// shared with other builds (load ≈ 3). The proxy's budget is 5 µs.
 ///
 /// # Memory bound
 ///
