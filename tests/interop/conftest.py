@@ -3,6 +3,7 @@ a real `sigil proxy` in agent mode in front of plain-HTTP upstreams, and client 
 whose SVIDs come from the agent."""
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -89,7 +90,7 @@ def sigil(tmp_path):
 class Agent:
     """A real `sigil agent` process attested to `server` with a fresh join token."""
 
-    def __init__(self, server: Sigil, root: Path):
+    def __init__(self, server: Sigil, root: Path, extra=()):
         self.bin = server.bin
         self.dir = root / "agent"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,7 @@ class Agent:
         self.node_id = jt["node_id"]
         self.args = [self.bin, "agent", "--trust-domain", TD, "--server", f"127.0.0.1:{server.port}",
                      "--data-dir", str(self.dir), "--socket", str(self.socket),
-                     "--trust-bundle", str(bundle)]
+                     "--trust-bundle", str(bundle), *extra]
         self.log_path = root / "agent.log"
         self.start(["--join-token", jt["token"]])
 
@@ -120,6 +121,39 @@ class Agent:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=10)
+        self.log.close()
+
+
+class Broker:
+    """A real Mosquitto MQTT broker of this test's own, on a free loopback port."""
+
+    def __init__(self, root: Path):
+        exe = shutil.which("mosquitto") or next(
+            (p for p in ("/usr/sbin/mosquitto", "/usr/bin/mosquitto") if os.path.exists(p)), None)
+        assert exe, "mosquitto is required (scripts/test installs it)"
+        self.port = free_port()
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        conf = root / "mosquitto.conf"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                        "persistence false\nmessage_size_limit 300000\n")
+        self.log_path = root / "mosquitto.log"
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=self.log, stderr=self.log)
+        deadline = time.time() + 10
+        while True:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "mosquitto did not start"
+            time.sleep(0.05)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
         self.log.close()
 
 

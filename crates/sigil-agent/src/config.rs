@@ -55,6 +55,20 @@ pub struct AgentConfig {
     /// `<secrets_dir>/<uid>/<name>` (0400, the workload's uid from its entry's `unix:uid`).
     #[serde(default)]
     pub secret_files: Vec<crate::secrets::SecretFile>,
+    /// The posture ruleset (TOML, see docs/posture.md); the built-in default when unset.
+    #[serde(default)]
+    pub posture_rules: Option<PathBuf>,
+    /// How often posture is observed (seconds); a change is reported at once. 0: off.
+    #[serde(default = "default_posture_interval")]
+    pub posture_interval_secs: u32,
+    /// Publish the node's behaviour (new executables, posture score) each posture round to
+    /// this MQTT broker (`mqtt://host:port`), signed with the node SVID. Off when unset.
+    #[serde(default)]
+    pub telemetry_broker: Option<String>,
+}
+
+fn default_posture_interval() -> u32 {
+    30
 }
 
 fn default_data_dir() -> PathBuf {
@@ -91,6 +105,9 @@ impl AgentConfig {
         "metrics_addr",
         "secrets_dir",
         "secret_files",
+        "posture_rules",
+        "posture_interval_secs",
+        "telemetry_broker",
     ];
 
     /// Checks what serde cannot.
@@ -127,6 +144,18 @@ impl AgentConfig {
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(bad("log_format", "must be \"text\" or \"json\""));
+        }
+        if let Some(b) = &self.telemetry_broker
+            && sigil_telemetry::BrokerConfig::new(b, sigil_telemetry::DEFAULT_KEEP_ALIVE_SECS)
+                .is_err()
+        {
+            return Err(bad("telemetry_broker", "must be mqtt://host:port"));
+        }
+        if self.telemetry_broker.is_some() && self.posture_interval_secs == 0 {
+            return Err(bad(
+                "telemetry_broker",
+                "node telemetry is published each posture round: posture_interval_secs must not be 0",
+            ));
         }
         if !self.secrets_dir.is_absolute() {
             return Err(bad("secrets_dir", "must be an absolute path"));

@@ -108,6 +108,18 @@ impl ep::enforcer_server::Enforcer for EnforcerApi {
             .await?;
         Ok(Response::new(stream))
     }
+
+    type WatchRiskStream = ResponseStream<ep::RiskTable>;
+
+    async fn watch_risk(
+        &self,
+        req: Request<ep::WatchRiskRequest>,
+    ) -> Result<Response<Self::WatchRiskStream>, Status> {
+        let stream = self
+            .watch(&req, |snap| snap.risks.as_ref().map(|r| (**r).clone()))
+            .await?;
+        Ok(Response::new(stream))
+    }
 }
 
 #[cfg(test)]
@@ -215,6 +227,9 @@ mod tests {
             metrics_addr: None,
             secrets_dir: std::path::PathBuf::from("/run/sigil/secrets"),
             secret_files: Vec::new(),
+            posture_rules: None,
+            posture_interval_secs: 0,
+            telemetry_broker: None,
         }
     }
 

@@ -55,6 +55,9 @@ pub struct Snapshot {
     pub policy_changed_at: Option<std::time::Instant>,
     /// When `revocations` was last replaced.
     pub revocations_changed_at: Option<std::time::Instant>,
+    /// The fleet's node risks as the server last sent them (not cached: offline, proxies
+    /// decide on the `risk` claim of the caller's token). `None` until one arrives.
+    pub risks: Option<Arc<sigil_proto::enforcer::RiskTable>>,
 }
 
 /// Why the node holds no identity and the agent stopped keeping one.
@@ -288,6 +291,7 @@ impl Identities {
             // From the cache: in force since the agent started.
             policy_changed_at: None,
             revocations_changed_at: None,
+            risks: None,
         };
 
         let witness = match cache.load_log_witness() {
@@ -496,6 +500,46 @@ impl Identities {
     /// This node's SPIFFE ID, once attested.
     pub fn node_id(&self) -> Option<SpiffeId> {
         self.node().map(|n| n.spiffe_id)
+    }
+
+    /// The clock's now (unix seconds).
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
+    /// The boot state for posture: whether this node attests with its TPM, and whether
+    /// UEFI Secure Boot is on (the `SecureBoot` EFI variable's last byte is 1).
+    pub fn boot_state(&self) -> Option<sigil_risk::BootState> {
+        let secure_boot = std::fs::read_dir("/sys/firmware/efi/efivars")
+            .ok()
+            .and_then(|d| {
+                d.filter_map(Result::ok)
+                    .find(|e| e.file_name().to_string_lossy().starts_with("SecureBoot-"))
+            })
+            .and_then(|e| std::fs::read(e.path()).ok())
+            .is_some_and(|b| b.last() == Some(&1));
+        Some(sigil_risk::BootState {
+            tpm_attested: self.cfg.uses_tpm(),
+            secure_boot,
+        })
+    }
+
+    /// The node's SPIFFE ID and its SVID as a signing key (for telemetry), if it holds one.
+    pub fn node_signing(&self) -> Option<(SpiffeId, Arc<rustls::sign::CertifiedKey>)> {
+        let n = self.node()?;
+        let der = rustls_pki_types::PrivateKeyDer::Pkcs8(
+            rustls_pki_types::PrivatePkcs8KeyDer::from(n.key.clone()),
+        );
+        let key = rustls::crypto::aws_lc_rs::sign::any_supported_type(&der).ok()?;
+        let chain = n
+            .chain
+            .iter()
+            .map(|c| rustls_pki_types::CertificateDer::from(c.clone()))
+            .collect();
+        Some((
+            n.spiffe_id.clone(),
+            Arc::new(rustls::sign::CertifiedKey::new(chain, key)),
+        ))
     }
 
     fn node(&self) -> Option<HeldSvid> {
@@ -868,12 +912,34 @@ impl Identities {
             }
             keep
         });
+        // The risk table only moves forward (a replica that read it earlier sends an older
+        // revision: ignored).
+        let held_risk = self.snapshot.borrow().risks.as_ref().map(|r| r.revision);
+        let risks = (held_risk.is_none_or(|h| u.risk_revision > h)).then(|| {
+            Arc::new(sigil_proto::enforcer::RiskTable {
+                revision: u.risk_revision,
+                nodes: u
+                    .node_risks
+                    .iter()
+                    .map(|n| sigil_proto::enforcer::NodeRisk {
+                        node_id: n.node_id.clone(),
+                        level: n.level.clone(),
+                        score: n.score,
+                        at: n.at,
+                        quarantined: n.quarantined,
+                    })
+                    .collect(),
+            })
+        });
         self.snapshot.send_modify(|s| {
             s.entries = Arc::new(entries);
             s.svids = Arc::new(svids);
             if revocations_changed {
                 s.revocations = Some(Arc::new(revocations));
                 s.revocations_changed_at = Some(std::time::Instant::now());
+            }
+            if let Some(r) = risks {
+                s.risks = Some(r);
             }
         });
         // After the policy and revocations are in force: witnessing the log checkpoint (a

@@ -16,6 +16,7 @@ pub mod log_witness;
 mod metrics;
 mod peer;
 pub mod policy;
+mod posture;
 mod revocation;
 mod secrets;
 pub mod slotfile;
@@ -48,6 +49,7 @@ pub struct RunningAgent {
     server_task: JoinHandle<()>,
     /// Keeps `secret_files` written, if any.
     render_task: Option<JoinHandle<()>>,
+    posture_task: Option<JoinHandle<()>>,
     /// The bound metrics listener address, if `metrics_addr` is set.
     pub metrics_addr: Option<std::net::SocketAddr>,
     _metrics: Option<metrics::Running>,
@@ -69,6 +71,9 @@ impl RunningAgent {
         if let Some(t) = &self.render_task {
             t.abort();
         }
+        if let Some(t) = &self.posture_task {
+            t.abort();
+        }
         let _ = self.server_task.await;
         let _ = std::fs::remove_file(&self.socket);
     }
@@ -81,6 +86,14 @@ pub async fn start(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let (metrics_at, cache_dir) = (cfg.metrics_addr, cfg.data_dir.join("cache"));
     let agent_metrics = metrics::AgentMetrics::new(metrics_at.is_some());
     let (secrets_dir, secret_files) = (cfg.secrets_dir.clone(), cfg.secret_files.clone());
+    let posture = match cfg.posture_interval_secs {
+        0 => None,
+        secs => Some((
+            posture::load_ruleset(cfg.posture_rules.as_deref())?,
+            std::time::Duration::from_secs(u64::from(secs)),
+            cfg.telemetry_broker.clone(),
+        )),
+    };
     let identities = Identities::load(cfg, clock)?;
     let listener = bind_socket(&socket)?;
     let server_task = serve_observed(listener, identities.clone(), agent_metrics.clone());
@@ -96,6 +109,14 @@ pub async fn start(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         None => None,
     };
     let identity_task = tokio::spawn(identities.clone().run());
+    let posture_task = posture.map(|(rules, every, broker)| {
+        tokio::spawn(posture::report_forever(
+            identities.clone(),
+            rules,
+            every,
+            broker,
+        ))
+    });
     tracing::info!(socket = %socket.display(), "Workload API listening");
     Ok(RunningAgent {
         socket,
@@ -103,6 +124,7 @@ pub async fn start(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         identity_task,
         server_task,
         render_task,
+        posture_task,
         metrics_addr: metrics_running.as_ref().map(|m| m.addr()),
         _metrics: metrics_running,
     })

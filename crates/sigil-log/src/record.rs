@@ -32,6 +32,8 @@ pub const CHANGE_KINDS: &[&str] = &[
     "secret",
     "db-role",
     "lease",
+    "risk",
+    "quarantine",
 ];
 
 /// A change the trust authority made, logged before the admin API answers. One shape for
@@ -59,7 +61,14 @@ pub const CHANGE_KINDS: &[&str] = &[
 /// - `db-role`: `action` (`put`/`delete`), `path` (`database/creds/<role>`), `key_id`;
 /// - `lease`: a dynamic credential's lease, `action` (`issue`/`renew`/`revoke`), `lease_id`,
 ///   `path`, `spiffe_id`, `serial`, `node_id`; `expires_at` for issue and renew, `reason`
-///   for revoke.
+///   for revoke;
+/// - `risk`: a node's risk changed, `action` (`posture`: its agent reported a posture that
+///   its ruleset scores differently; `anomaly`: the behaviour detector rescored it),
+///   `node_id`, `score` (0-100), `reasons`, and for `anomaly` the `features` that triggered
+///   it (thousandths, as integers);
+/// - `quarantine`: `action` (`quarantine`/`clear`), `node_id`, `spiffe_id` (absent: the whole
+///   node), and for `quarantine` `quarantine_id`, `reason`, `features` (thousandths) and
+///   `serials` (the X.509-SVIDs it revoked).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeRecord {
@@ -79,6 +88,8 @@ pub struct ChangeRecord {
     pub envelope_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<std::collections::BTreeMap<String, i64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,13 +112,21 @@ pub struct ChangeRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasons: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocation_id: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serials: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -171,6 +171,20 @@ pub struct AccessTokenClaims {
     /// The user's groups (from their issuer's groups claim), in a delegated token.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub user_groups: Vec<String>,
+    /// The trust authority's view of the risk of the client's node when it issued the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub risk: Option<RiskClaim>,
+}
+
+/// The `risk` claim: the client's node, its risk level (`low`, `medium`, `high`,
+/// `critical`) and score (0-100), and when the trust authority assessed it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RiskClaim {
+    pub level: String,
+    pub score: i64,
+    pub at: i64,
+    pub node: String,
 }
 
 impl AccessTokenClaims {
@@ -497,6 +511,7 @@ struct RawAccessClaims {
     act: Option<Actor>,
     #[serde(default)]
     user_groups: Option<Vec<String>>,
+    risk: Option<RiskClaim>,
 }
 
 fn check_time(
@@ -636,6 +651,14 @@ pub fn validate_access_token_keyed(
             "cnf.x5t#S256 is not a base64url SHA-256",
         ));
     }
+    if let Some(r) = &raw.risk
+        && (!(0..=100).contains(&r.score)
+            || !matches!(r.level.as_str(), "low" | "medium" | "high" | "critical"))
+    {
+        return Err(JwtError::Malformed(
+            "risk has an unknown level or a score outside 0-100",
+        ));
+    }
     if let Some(act) = &raw.act {
         let chain = act.chain();
         if chain.len() > MAX_ACT_DEPTH || chain.iter().any(|s| s.is_empty()) {
@@ -656,6 +679,7 @@ pub fn validate_access_token_keyed(
         cnf,
         act: raw.act,
         user_groups: raw.user_groups.unwrap_or_default(),
+        risk: raw.risk,
     };
     Ok((claims, key))
 }

@@ -30,7 +30,7 @@ pub use error::{JwtError, PkiError, SvidError};
 pub use jwk::{Jwk, JwtKeyRef, JwtKeySet};
 pub use jwt::{
     ACCESS_TOKEN_TYP, AccessTokenClaims, Actor, Confirmation, JwtAlgorithm, JwtSigner,
-    JwtSvidClaims, MAX_ACT_DEPTH, MAX_TOKEN_LEN, validate_access_token,
+    JwtSvidClaims, MAX_ACT_DEPTH, MAX_TOKEN_LEN, RiskClaim, validate_access_token,
     validate_access_token_keyed, validate_jwt_svid,
 };
 pub use keys::{KeyAlgorithm, KeyPair};

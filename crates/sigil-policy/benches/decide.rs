@@ -65,6 +65,7 @@ fn query<'a>(
         weekday: 2,
         arguments,
         delegation: None,
+        risk: None,
     }
 }
 

@@ -89,6 +89,32 @@ pub struct Query<'a> {
     pub arguments: Option<&'a Value>,
     /// Whom the caller acts for, when its token was delegated (`context.delegation`).
     pub delegation: Option<&'a Delegation>,
+    /// The risk of the caller's node (`context.risk`); `None`: unknown, which policy sees
+    /// as level `unknown`, score 100 (so a permit that requires low risk does not apply).
+    pub risk: Option<&'a RiskContext>,
+}
+
+/// A caller's node risk, as policy sees it in `context.risk`: `level` (`low`, `medium`,
+/// `high`, `critical`, or `unknown`), `score` (0-100), `at` (when the trust authority
+/// assessed it, unix seconds) and `node` (the node's SPIFFE ID, "" when unknown).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RiskContext {
+    pub level: String,
+    pub score: i64,
+    pub at: i64,
+    pub node: String,
+}
+
+impl RiskContext {
+    /// What policy sees when the risk is not known.
+    pub fn unknown() -> Self {
+        Self {
+            level: "unknown".into(),
+            score: 100,
+            at: 0,
+            node: String::new(),
+        }
+    }
 }
 
 /// A delegated token's user and chain, as policy sees them in `context.delegation`:
@@ -155,6 +181,7 @@ pub struct Caller {
     pub hour: i64,
     pub weekday: i64,
     pub delegation: Option<Delegation>,
+    pub risk: Option<RiskContext>,
 }
 
 impl Caller {
@@ -168,6 +195,7 @@ impl Caller {
             hour: q.hour,
             weekday: q.weekday,
             delegation: q.delegation.cloned(),
+            risk: q.risk.cloned(),
         }
     }
 
@@ -192,6 +220,7 @@ impl Caller {
             weekday: self.weekday,
             arguments: None,
             delegation: self.delegation.as_ref(),
+            risk: self.risk.as_ref(),
         }
     }
 
@@ -204,6 +233,7 @@ impl Caller {
             && self.groups == q.principal.groups
             && self.scopes == q.scopes
             && self.delegation.as_ref() == q.delegation
+            && self.risk.as_ref() == q.risk
     }
 }
 
@@ -422,6 +452,7 @@ impl PolicyEngine {
             q.hour,
             q.weekday,
             q.delegation,
+            q.risk,
         ));
         let hit = self
             .callers
@@ -660,6 +691,21 @@ impl PolicyEngine {
                 Ok(("delegation".to_owned(), record))
             })
             .transpose()?;
+        let unknown = RiskContext::unknown();
+        let r = q.risk.unwrap_or(&unknown);
+        let risk = RestrictedExpression::new_record([
+            (
+                "level".to_owned(),
+                RestrictedExpression::new_string(r.level.clone()),
+            ),
+            ("score".to_owned(), RestrictedExpression::new_long(r.score)),
+            ("at".to_owned(), RestrictedExpression::new_long(r.at)),
+            (
+                "node".to_owned(),
+                RestrictedExpression::new_string(r.node.clone()),
+            ),
+        ])
+        .map_err(bad)?;
         Context::from_pairs(
             [
                 (
@@ -679,6 +725,7 @@ impl PolicyEngine {
                     "arguments".to_owned(),
                     RestrictedExpression::new_entity_uid(self.arguments_uid()),
                 ),
+                ("risk".to_owned(), risk),
             ]
             .into_iter()
             .chain(delegation),
@@ -931,6 +978,7 @@ mod tests {
             weekday: 1,
             arguments: None,
             delegation: None,
+            risk: None,
         }
     }
 
@@ -1094,6 +1142,7 @@ mod tests {
             weekday: 1,
             arguments: None,
             delegation: None,
+            risk: None,
         };
         let mut variants = vec![base.clone()];
         let mut v = base.clone();
@@ -1476,6 +1525,7 @@ mod tests {
                     weekday: r.below(7) as i64,
                     arguments: Some(&args),
                     delegation: None,
+                    risk: None,
                 };
                 match (e.decide(&query), e.decide_reference(&query)) {
                     (Ok(a), Ok(b)) => {

@@ -144,6 +144,13 @@ pub struct ProxyConfig {
     /// HTTP; off when unset. Use a loopback address.
     #[serde(default)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Publish per-identity behaviour summaries to this MQTT broker (`mqtt://host:port`),
+    /// one signed message per window (docs/posture.md). Off when unset.
+    #[serde(default)]
+    pub telemetry_broker: Option<String>,
+    /// The telemetry window, seconds.
+    #[serde(default = "default_telemetry_window")]
+    pub telemetry_window_secs: u32,
     /// Ship the audit segment's records to this sigil server (`https://host:port`), over
     /// mTLS with the proxy's own SVID; the acknowledged position is kept in
     /// `<audit_log>.acked`. Off when unset.
@@ -300,6 +307,10 @@ fn default_listen() -> SocketAddr {
 fn default_skew() -> i64 {
     30
 }
+fn default_telemetry_window() -> u32 {
+    10
+}
+
 fn default_log_format() -> String {
     "text".into()
 }
@@ -350,6 +361,8 @@ impl ProxyConfig {
         "resource_rate_limits",
         "log_format",
         "metrics_addr",
+        "telemetry_broker",
+        "telemetry_window_secs",
         "audit_ship_to",
         "audit_rotate_bytes",
         "audit_export",
@@ -401,6 +414,21 @@ impl ProxyConfig {
             message: message.to_owned(),
         };
         const UPSTREAM: &str = "must be an http://host:port URL or unix:///path";
+        if let Some(b) = &self.telemetry_broker
+            && sigil_telemetry::BrokerConfig::new(b, sigil_telemetry::DEFAULT_KEEP_ALIVE_SECS)
+                .is_err()
+        {
+            return Err(bad("telemetry_broker", "must be mqtt://host:port"));
+        }
+        if self.telemetry_broker.is_some() && self.workload_api_socket.is_none() {
+            return Err(bad(
+                "telemetry_broker",
+                "telemetry is signed with the SVID from the agent: set workload_api_socket",
+            ));
+        }
+        if !(1..=3600).contains(&self.telemetry_window_secs) {
+            return Err(bad("telemetry_window_secs", "must be 1-3600"));
+        }
         match (&self.upstream, &self.audience, &self.outbound) {
             (None, _, None) => {
                 return Err(bad(

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use sigil_pki::{AccessTokenClaims, VerifiedX509Svid};
-use sigil_policy::{Caller, Delegation, PolicyEngine, Principal, Query};
+use sigil_policy::{Caller, Delegation, PolicyEngine, Principal, Query, RiskContext};
 
 use crate::deny::Deny;
 use crate::extract::Call;
@@ -48,11 +48,13 @@ pub(crate) fn delegation(claims: &AccessTokenClaims) -> Option<Delegation> {
 }
 
 /// Decides every call with `engine` at `now`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn decide(
     engine: Arc<PolicyEngine>,
     now: i64,
     peer: &VerifiedX509Svid,
     claims: &AccessTokenClaims,
+    risk: Option<&RiskContext>,
     calls: &[Call],
     seeing: Seeing,
     obs: &mut Observer<'_>,
@@ -87,6 +89,7 @@ pub(crate) fn decide(
             weekday,
             arguments: call.arguments.as_ref(),
             delegation: delegation.as_ref(),
+            risk,
         };
         let started = obs.start();
         let decided = engine.decide(&query);
@@ -120,6 +123,7 @@ pub(crate) fn decide(
         hour,
         weekday,
         delegation: delegation.clone(),
+        risk: risk.cloned(),
     };
     let filter = match seeing {
         Seeing::Models => ResponseFilter::Models(caller(), engine),

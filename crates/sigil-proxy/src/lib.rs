@@ -34,9 +34,11 @@ mod policy;
 mod ratelimit;
 mod respond;
 mod revocation;
+mod risk;
 mod session;
 mod shipper;
 mod stack;
+mod telemetry;
 mod tls;
 mod token;
 mod trace;
@@ -161,6 +163,19 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         cfg.limit_settings(),
     )));
     let policies = policy::start(cfg, clock.clone(), limits.clone())?;
+    let telemetry = match &cfg.telemetry_broker {
+        Some(b) => Some(telemetry::start(
+            b,
+            cfg.telemetry_window_secs,
+            creds.clone(),
+            clock.clone(),
+        )?),
+        None => None,
+    };
+    let risks: Arc<ArcSwap<risk::RiskTable>> = Arc::default();
+    if let Some(socket) = &cfg.workload_api_socket {
+        risk::watch_agent(socket, risks.clone());
+    }
     let (handle_creds, handle_policies) = (creds.clone(), policies.clone());
     // Traces (stopped with the accept loop).
     let (tracer, trace_task) = match trace_config {
@@ -204,7 +219,9 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
                 limits.clone(),
                 metrics.clone(),
             )
-            .with_tracer(tracer.clone()),
+            .with_tracer(tracer.clone())
+            .with_risks(risks.clone())
+            .with_telemetry(telemetry.clone()),
         )
     });
     let inbound_side = match (&cfg.upstream, &cfg.audience) {
@@ -229,7 +246,9 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
                 limits,
                 metrics.clone(),
             )
-            .with_tracer(tracer),
+            .with_tracer(tracer)
+            .with_risks(risks)
+            .with_telemetry(telemetry),
         )
     });
     let mut outbound_tasks = Vec::new();

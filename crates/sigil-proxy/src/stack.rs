@@ -68,6 +68,10 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
     /// Traces (off unless configured).
     tracer: Option<Tracer>,
+    /// The fleet's node risks from the agent (empty when run from files).
+    risks: Arc<ArcSwap<crate::risk::RiskTable>>,
+    /// Behaviour counters (off unless `telemetry_broker` is set).
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
     sessions: Sessions,
     /// The proxy's own SPIFFE ID (XFCC's `By`).
     proxy_id: Option<String>,
@@ -155,6 +159,8 @@ impl Proxy {
             audit,
             revoked,
             tracer: None,
+            risks: Arc::default(),
+            telemetry: None,
             sessions: Sessions::default(),
             proxy_id,
         }
@@ -163,6 +169,19 @@ impl Proxy {
     /// Traces every sampled request with `tracer`.
     pub fn with_tracer(mut self, tracer: Option<Tracer>) -> Self {
         self.tracer = tracer;
+        self
+    }
+
+    pub(crate) fn with_telemetry(
+        mut self,
+        telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+    ) -> Self {
+        self.telemetry = telemetry;
+        self
+    }
+
+    pub(crate) fn with_risks(mut self, risks: Arc<ArcSwap<crate::risk::RiskTable>>) -> Self {
+        self.risks = risks;
         self
     }
 
@@ -375,7 +394,17 @@ impl Proxy {
                 (Side::Inbound { .. }, None) => return Err(Deny::token("no token was checked")),
             };
             let engine = self.policies.load_full();
-            let permit = decide(engine, now, peer, &claims, &seen.calls, answer, obs)?;
+            let risk = self.risks.load().context_for(&claims);
+            let permit = decide(
+                engine,
+                now,
+                peer,
+                &claims,
+                risk.as_ref(),
+                &seen.calls,
+                answer,
+                obs,
+            )?;
             crate::limit::resources(&limits, who, &seen.calls)?;
             Ok(Authorized {
                 body,
@@ -421,6 +450,22 @@ impl Proxy {
             chain: seen.delegation.map(|d| d.chain),
         };
         obs.decided(&record);
+        if let (Some(t), Some(c)) = (&self.telemetry, caller) {
+            let bytes_in = match &decided {
+                Ok(a) => a.body.len() as u64,
+                Err(_) => 0,
+            };
+            t.request(
+                c.spiffe_id.as_str(),
+                record
+                    .calls
+                    .iter()
+                    .filter(|c| c.action != "egress")
+                    .map(|c| (c.action, c.resource_id.as_str())),
+                decision == "deny",
+                bytes_in,
+            );
+        }
         // INVARIANT: a permitted call without side effects (audit_flush_overlap) has its
         // record written before it is forwarded and durable before its answer is released;
         // any other decision is durable before anything is forwarded or answered. A
@@ -563,6 +608,10 @@ impl Proxy {
                     Enforce::Full => Outcome::Allowed,
                     Enforce::MtlsOnly => Outcome::AllowedMtlsOnly,
                 });
+                let body = match &self.telemetry {
+                    Some(t) => t.count_response(peer.spiffe_id.as_str(), body),
+                    None => body,
+                };
                 Response::from_parts(parts, body)
             }
             Err(e) => {

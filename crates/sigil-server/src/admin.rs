@@ -176,6 +176,12 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/jointokens", post(create_join_token))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/evict", post(evict_node))
+        .route(
+            "/v1/nodes/quarantine",
+            post(crate::risk::quarantine_handler),
+        )
+        .route("/v1/nodes/clear", post(crate::risk::clear_handler))
+        .route("/v1/risk", get(crate::risk::list))
         .route("/v1/revocations", post(revoke).get(list_revocations))
         .route("/v1/svids/x509", post(mint_x509))
         .route("/v1/svids/jwt", post(mint_jwt))

@@ -38,6 +38,12 @@ pub struct ServerConfig {
     /// (the lease its answer carries), seconds; never past its X.509-SVID's expiry.
     #[serde(default = "default_secret_lease")]
     pub secret_lease_secs: u32,
+    /// Score thresholds of the risk levels (`[risk]`: medium, high, critical).
+    #[serde(default)]
+    pub risk: crate::risk::RiskLevels,
+    /// Behaviour telemetry over MQTT (`[telemetry]`); off when absent.
+    #[serde(default)]
+    pub telemetry: Option<crate::risk::TelemetryConfig>,
     /// The OAuth issuer URL; default `https://localhost:<port>`.
     #[serde(default)]
     pub issuer: Option<String>,
@@ -257,6 +263,10 @@ impl ServerConfig {
 
     /// Checks what serde cannot: ranges, pairs of keys, URL shapes.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.risk.validate().map_err(|e| bad("risk", e))?;
+        if let Some(t) = &self.telemetry {
+            t.validate().map_err(|e| bad("telemetry", e))?;
+        }
         if self.upstream_ca_cert.is_some() != self.upstream_ca_key.is_some() {
             return Err(bad(
                 "upstream_ca_cert",

@@ -496,6 +496,7 @@ impl Exchange {
             weekday,
             arguments: None,
             delegation: Some(&delegation),
+            risk: None,
         };
         let decision = engine.decide(&q).map_err(|e| {
             ExchangeError::Unauthorized(format!("act_for could not be decided: {e}"))

@@ -175,6 +175,7 @@ impl Issuer {
             ttl_secs,
             not_after: None,
             delegation: None,
+            risk: None,
         })
         .await
     }
@@ -210,6 +211,7 @@ impl Issuer {
             cnf: g.cnf,
             act,
             user_groups,
+            risk: g.risk,
         };
         let set = self.authorities.current();
         let token = set
@@ -277,6 +279,8 @@ pub struct Grant<'a> {
     pub not_after: Option<UnixTime>,
     /// For a token exchange: who acts for whom.
     pub delegation: Option<DelegationGrant>,
+    /// The client's node's risk (the `risk` claim).
+    pub risk: Option<sigil_pki::RiskClaim>,
 }
 
 /// The delegation a token exchange grants.

@@ -14,6 +14,7 @@ mod metrics;
 mod models;
 mod node_api;
 mod public;
+mod risk;
 pub mod secrets;
 mod tlog;
 mod tls;
@@ -239,6 +240,9 @@ pub async fn start(
     tasks.spawn(serve_admin(admin_listener, admin, admin_uid, rx));
     tasks.spawn(identity.rotate_forever(issuer));
     tasks.spawn(secrets::sweep_forever(state.clone()));
+    if let Some(t) = state.config.telemetry.clone() {
+        tasks.spawn(risk::telemetry_forever(state.clone(), t));
+    }
     if state.config.is_postgres() {
         // Changes committed through any replica (or any other writer) reach this replica's
         // sync streams at once; the streams' 1 s poll stays as the fallback.

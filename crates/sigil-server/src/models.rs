@@ -518,6 +518,7 @@ async fn release_inner(
         weekday,
         arguments: None,
         delegation: None,
+        risk: None,
     };
     let decision = engine
         .decide_release(&query, &req.name, req.version, &node, &node_selectors)

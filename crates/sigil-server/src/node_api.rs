@@ -48,6 +48,22 @@ impl NodeApi {
         }
     }
 
+    /// The node's active quarantines (of itself, or of workloads on it).
+    async fn quarantines_of(
+        &self,
+        node: &NodeRecord,
+    ) -> Result<Vec<sigil_store::QuarantineRecord>, Status> {
+        Ok(self
+            .app
+            .store
+            .active_quarantines()
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .filter(|q| q.node_id == node.spiffe_id.as_str())
+            .collect())
+    }
+
     /// TPM attestation, or FAILED_PRECONDITION where the server is not configured for it.
     fn tpm_verifier(&self) -> Result<&TpmAttestation, Status> {
         self.tpm.as_ref().ok_or_else(|| {
@@ -305,6 +321,7 @@ struct SyncKey {
     revocations: i64,
     bundle: i64,
     policy: i64,
+    risk: i64,
     cut_off: bool,
 }
 
@@ -335,6 +352,9 @@ struct SharedSync {
     /// the node off, so a snapshot read before a re-attestation cannot cut off a node that
     /// is no longer evicted.
     evicted: Arc<HashSet<String>>,
+    risk_revision: i64,
+    /// Every node's risk, as relying parties see it.
+    risks: Arc<Vec<pb::NodeRisk>>,
     /// The tree size `log_checkpoint` signs.
     log_size: u64,
     log_checkpoint: Vec<u8>,
@@ -354,6 +374,7 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
     let authorities = app.authorities.current();
     let bundle_sequence = i64::try_from(authorities.bundle.sequence).unwrap_or(i64::MAX);
     let policy_revision = app.store.policy_revision().await?;
+    let risk_revision = app.store.risk_revision().await?;
     let entries = match prev {
         Some(p) if p.entries_revision == entries_revision => p.entries.clone(),
         _ => {
@@ -404,6 +425,22 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
             None => (String::new(), 0),
         }),
     };
+    let risks = match prev {
+        Some(p) if p.risk_revision == risk_revision => p.risks.clone(),
+        _ => Arc::new(
+            crate::risk::fleet(app)
+                .await?
+                .into_iter()
+                .map(|v| pb::NodeRisk {
+                    node_id: v.node_id,
+                    level: v.level.as_str().to_owned(),
+                    score: u32::from(v.score),
+                    at: v.at,
+                    quarantined: v.quarantined,
+                })
+                .collect(),
+        ),
+    };
     let evicted = Arc::new(
         app.store
             .list_evicted_nodes()
@@ -436,6 +473,8 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
         bundle_json: authorities.bundle_json.clone(),
         policy_revision,
         policy,
+        risk_revision,
+        risks,
         evicted,
         log_size,
         log_checkpoint,
@@ -533,6 +572,7 @@ fn sync_key(s: &SharedSync, cut_off: bool) -> SyncKey {
         revocations: s.revocations_revision,
         bundle: s.bundle_sequence,
         policy: s.policy_revision,
+        risk: s.risk_revision,
         cut_off,
     }
 }
@@ -583,6 +623,8 @@ fn sync_update(app: &AppState, s: &SharedSync, node: &NodeRecord, cut_off: bool)
         policy_revision: s.policy.1,
         log_consistency_from: s.log_consistency.0,
         log_consistency_proof: s.log_consistency.1.clone(),
+        node_risks: s.risks.to_vec(),
+        risk_revision: s.risk_revision,
     }
 }
 
@@ -797,9 +839,24 @@ impl pb::node_server::Node for NodeApi {
                 "at most {MAX_BATCH} CSRs per call"
             )));
         }
+        let quarantines = self.quarantines_of(&node).await?;
+        if quarantines.iter().any(|q| q.spiffe_id.is_none()) {
+            return Err(Status::permission_denied(format!(
+                "node {} is quarantined until an operator clears it",
+                node.spiffe_id
+            )));
+        }
         let mut svids = Vec::with_capacity(csrs.len());
         for c in csrs {
             let entry = self.entry_of(&node, &c.entry_id).await?;
+            // A quarantined workload gets nothing; the node's other workloads go on.
+            if quarantines
+                .iter()
+                .any(|q| q.spiffe_id.as_deref() == Some(entry.spec.spiffe_id.as_str()))
+            {
+                tracing::warn!(node = %node.spiffe_id, spiffe_id = %entry.spec.spiffe_id, "not signing: workload quarantined");
+                continue;
+            }
             let spec = SvidSpec {
                 spiffe_id: entry.spec.spiffe_id.clone(),
                 dns_names: entry.spec.dns_names.clone(),
@@ -817,6 +874,35 @@ impl pb::node_server::Node for NodeApi {
             });
         }
         Ok(Response::new(pb::SignX509SvidsResponse { svids }))
+    }
+
+    async fn report_posture(
+        &self,
+        req: Request<pb::PostureReport>,
+    ) -> Result<Response<pb::PostureAck>, Status> {
+        let node = self.authenticate(&req).await?;
+        let r = req.get_ref();
+        let v = crate::risk::report_posture(
+            &self.app,
+            &node.spiffe_id,
+            &r.posture_json,
+            r.score,
+            &r.reasons,
+        )
+        .await
+        .map_err(|e| match e {
+            crate::risk::ReportError::Invalid(m) => Status::invalid_argument(m),
+            crate::risk::ReportError::Server(e) => internal(e),
+        })?;
+        Ok(Response::new(pb::PostureAck {
+            risk: Some(pb::NodeRisk {
+                node_id: v.node_id,
+                level: v.level.as_str().to_owned(),
+                score: u32::from(v.score),
+                at: v.at,
+                quarantined: v.quarantined,
+            }),
+        }))
     }
 
     async fn get_consistency_proof(
@@ -865,6 +951,19 @@ impl pb::node_server::Node for NodeApi {
         let node = self.authenticate(&req).await?;
         let r = req.get_ref();
         let entry = self.entry_of(&node, &r.entry_id).await?;
+        if crate::risk::is_quarantined(
+            &self.app,
+            node.spiffe_id.as_str(),
+            entry.spec.spiffe_id.as_str(),
+        )
+        .await
+        .map_err(internal)?
+        {
+            return Err(Status::permission_denied(format!(
+                "{} on {} is quarantined until an operator clears it",
+                entry.spec.spiffe_id, node.spiffe_id
+            )));
+        }
         let (token, exp) = self
             .app
             .issuer

@@ -404,6 +404,8 @@ async fn read_limited(body: Body, limit: usize) -> Result<Bytes, OAuthError> {
 /// mTLS; they must then bind the token to a DPoP key).
 pub(crate) struct Client {
     pub spiffe_id: sigil_core::SpiffeId,
+    /// The serial of its X.509-SVID, or the `jti` of its JWT-SVID client assertion.
+    pub serial: String,
     /// The client certificate's `x5t#S256`, with mTLS.
     pub x5t_s256: Option<String>,
 }
@@ -423,6 +425,7 @@ async fn authenticate_client(
         PeerAuth::Verified(svid) => (
             Client {
                 spiffe_id: svid.spiffe_id.clone(),
+                serial: svid.serial.clone(),
                 x5t_s256: Some(svid.x5t_s256.clone()),
             },
             svid.serial.clone(),
@@ -463,12 +466,14 @@ async fn authenticate_client(
                 .map_err(|e| OAuthError::new("invalid_client", format!("client assertion: {e}")))?;
             let spiffe_id = sigil_core::SpiffeId::new(&claims.sub)
                 .map_err(|e| OAuthError::new("invalid_client", e.to_string()))?;
+            let jti = claims.jti.unwrap_or_default();
             (
                 Client {
                     spiffe_id,
+                    serial: jti.clone(),
                     x5t_s256: None,
                 },
-                claims.jti.unwrap_or_default(),
+                jti,
                 claims.iat,
             )
         }
@@ -639,6 +644,10 @@ async fn token(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    let risk = crate::risk::claim_for(&app, &client.serial, client.spiffe_id.as_str())
+        .await
+        .map_err(|e| server_error(&e))?
+        .map_err(|why| OAuthError::new("invalid_client", why))?;
     let ttl = app.config.access_token_ttl_secs;
     let token_type = token_type(&cnf);
     let (token, claims) = app
@@ -654,6 +663,7 @@ async fn token(
             ttl_secs: ttl,
             not_after: None,
             delegation: None,
+            risk,
         })
         .await
         .map_err(|e| {
@@ -761,6 +771,10 @@ async fn exchange_token(
         )
         .await
         .map_err(refuse)?;
+    let risk = crate::risk::claim_for(app, &client.serial, client.spiffe_id.as_str())
+        .await
+        .map_err(|e| server_error(&e))?
+        .map_err(|why| OAuthError::new("invalid_client", why))?;
     let token_type = token_type(&cnf);
     let grant = Grant {
         issuer: &own_issuer,
@@ -778,6 +792,7 @@ async fn exchange_token(
             subject_issuer: d.subject.issuer.clone(),
             subject_token_sha256: exchange::token_sha256(subject_token),
         }),
+        risk,
     };
     let (token, claims) = app.issuer.grant(grant).await.map_err(|e| match e {
         IssueError::InvalidRequest(m) => OAuthError::new("invalid_grant", m),

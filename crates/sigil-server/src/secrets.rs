@@ -588,6 +588,7 @@ async fn authorize(app: &AppState, svid: &VerifiedX509Svid, path: &str) -> Resul
         weekday,
         arguments: None,
         delegation: None,
+        risk: None,
     };
     let decision = engine
         .decide_secret_read(&query, path, &node, &node_selectors)

@@ -13,8 +13,8 @@ pub use error::{JoinTokenError, StoreError};
 pub use migrate::SCHEMA_VERSION;
 pub use model::{
     AuthorityKind, AuthorityRecord, AuthorityState, DbRoleRecord, EntryFilter, IdentityKind,
-    IssuedIdentity, LeaseFilter, LeaseRecord, ModelKeyRecord, NodeRecord, PolicyBundleRecord,
-    Revocation, SecretVersionRecord, UnknownName,
+    IssuedIdentity, LeaseFilter, LeaseRecord, ModelKeyRecord, NodeRecord, NodeRiskRecord,
+    PolicyBundleRecord, QuarantineRecord, Revocation, SecretVersionRecord, UnknownName,
 };
 pub use sql::{
     Backend, BootstrapLock, CHANGES_CHANNEL, SqlStore, connect_postgres, listen_for_changes,

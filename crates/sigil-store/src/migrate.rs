@@ -15,7 +15,7 @@ struct Migration {
 }
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 10;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -483,6 +483,58 @@ CREATE TABLE leases (
     revoke_reason  TEXT
 );
 CREATE INDEX leases_open ON leases (expires_at) WHERE revoked_at IS NULL;
+",
+    },
+    Migration {
+        version: 10,
+        name: "node risk and quarantines",
+        // Each node's risk: the posture its agent last reported (and the score its ruleset
+        // gave), and the behaviour score from telemetry. Quarantines: a node (spiffe_id NULL)
+        // or one workload on it, with the reason and the features that triggered it, until
+        // an operator clears it. `risk_revision` tells the sync streams the table changed.
+        sqlite: r"
+CREATE TABLE node_risk (
+    node_id              TEXT PRIMARY KEY,
+    posture_json         TEXT NOT NULL,
+    posture_score        INTEGER NOT NULL,
+    posture_reasons_json TEXT NOT NULL,
+    anomaly_score        INTEGER NOT NULL,
+    anomaly_reasons_json TEXT NOT NULL,
+    updated_at           INTEGER NOT NULL
+);
+CREATE TABLE quarantines (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    node_id       TEXT NOT NULL,
+    spiffe_id     TEXT,
+    reason        TEXT NOT NULL,
+    features_json TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    cleared_at    INTEGER
+);
+CREATE INDEX quarantines_active ON quarantines (node_id) WHERE cleared_at IS NULL;
+INSERT INTO meta (key, value) VALUES ('risk_revision', 0);
+",
+        postgres: r"
+CREATE TABLE node_risk (
+    node_id              TEXT PRIMARY KEY,
+    posture_json         TEXT NOT NULL,
+    posture_score        BIGINT NOT NULL,
+    posture_reasons_json TEXT NOT NULL,
+    anomaly_score        BIGINT NOT NULL,
+    anomaly_reasons_json TEXT NOT NULL,
+    updated_at           BIGINT NOT NULL
+);
+CREATE TABLE quarantines (
+    id            BIGSERIAL PRIMARY KEY,
+    node_id       TEXT NOT NULL,
+    spiffe_id     TEXT,
+    reason        TEXT NOT NULL,
+    features_json TEXT NOT NULL,
+    created_at    BIGINT NOT NULL,
+    cleared_at    BIGINT
+);
+CREATE INDEX quarantines_active ON quarantines (node_id) WHERE cleared_at IS NULL;
+INSERT INTO meta (key, value) VALUES ('risk_revision', 0);
 ",
     },
 ];

@@ -370,3 +370,35 @@ pub struct LeaseFilter {
     /// Revoked (closed) leases too.
     pub include_revoked: bool,
 }
+
+/// A node's risk inputs: what its agent last reported and what its telemetry scored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRiskRecord {
+    /// The node's SPIFFE ID.
+    pub node_id: String,
+    /// The posture (`sigil_risk::Posture` JSON) its agent last reported ("" if none yet).
+    pub posture_json: String,
+    /// The score (0-100) the agent's ruleset gave it, and why.
+    pub posture_score: i64,
+    pub posture_reasons: Vec<String>,
+    /// The behaviour score (0-100) from telemetry, and why.
+    pub anomaly_score: i64,
+    pub anomaly_reasons: Vec<String>,
+    /// When either last changed.
+    pub updated_at: UnixTime,
+}
+
+/// A quarantine: a node (`spiffe_id` None) or one workload on it, until an operator clears it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineRecord {
+    /// Assigned by the store; ignored on insert.
+    pub id: i64,
+    pub node_id: String,
+    /// The workload quarantined on that node, or None for the whole node.
+    pub spiffe_id: Option<String>,
+    pub reason: String,
+    /// The features that triggered it (JSON object).
+    pub features_json: String,
+    pub created_at: UnixTime,
+    pub cleared_at: Option<UnixTime>,
+}

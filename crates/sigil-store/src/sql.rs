@@ -16,7 +16,8 @@ use crate::store::TlogAppend;
 use crate::{
     AuthorityKind, AuthorityRecord, AuthorityState, DbRoleRecord, EntryFilter, IdentityKind,
     IssuedIdentity, JoinTokenError, LeaseFilter, LeaseRecord, ModelKeyRecord, NodeRecord,
-    PolicyBundleRecord, Revocation, SecretVersionRecord, Store, StoreError,
+    NodeRiskRecord, PolicyBundleRecord, QuarantineRecord, Revocation, SecretVersionRecord, Store,
+    StoreError,
 };
 
 /// Which database a [`SqlStore`] talks to.
@@ -211,6 +212,41 @@ pub(crate) async fn begin_write(
 const ENTRIES_REVISION: &str = "entries_revision";
 const REVOCATIONS_REVISION: &str = "revocations_revision";
 const BUNDLE_SEQUENCE: &str = "bundle_sequence";
+const RISK_REVISION: &str = "risk_revision";
+const NODE_RISK_COLS: &str = "node_id, posture_json, posture_score, posture_reasons_json, \
+     anomaly_score, anomaly_reasons_json, updated_at";
+
+fn node_risk_from_row(row: &AnyRow) -> Result<NodeRiskRecord, StoreError> {
+    let r = Reader::new(row, "node_risk", "node_id");
+    let list = |col: &str| -> Result<Vec<String>, StoreError> {
+        let text: String = r.get(col)?;
+        serde_json::from_str(&text).map_err(|e| r.corrupt(col, e))
+    };
+    Ok(NodeRiskRecord {
+        node_id: r.get("node_id")?,
+        posture_json: r.get("posture_json")?,
+        posture_score: r.get("posture_score")?,
+        posture_reasons: list("posture_reasons_json")?,
+        anomaly_score: r.get("anomaly_score")?,
+        anomaly_reasons: list("anomaly_reasons_json")?,
+        updated_at: r.get("updated_at")?,
+    })
+}
+
+async fn node_risk_in(
+    conn: &mut AnyConnection,
+    node_id: &str,
+) -> Result<Option<NodeRiskRecord>, StoreError> {
+    sqlx::query(&format!(
+        "SELECT {NODE_RISK_COLS} FROM node_risk WHERE node_id = $1"
+    ))
+    .bind(node_id)
+    .fetch_optional(conn)
+    .await?
+    .as_ref()
+    .map(node_risk_from_row)
+    .transpose()
+}
 
 async fn insert_issued(
     conn: &mut AnyConnection,
@@ -1518,6 +1554,209 @@ impl Store for SqlStore {
         .await?
         .rows_affected()
             > 0)
+    }
+
+    async fn put_posture(
+        &self,
+        node_id: &str,
+        posture_json: &str,
+        score: i64,
+        reasons: &[String],
+        now: UnixTime,
+    ) -> Result<NodeRiskRecord, StoreError> {
+        let reasons_json = to_json(reasons)?;
+        let mut tx = begin_write(&self.pool, self.backend).await?;
+        let before = node_risk_in(&mut tx, node_id).await?;
+        let changed = before
+            .as_ref()
+            .is_none_or(|b| b.posture_score != score || b.posture_reasons != reasons);
+        sqlx::query(
+            "INSERT INTO node_risk (node_id, posture_json, posture_score, posture_reasons_json, \
+             anomaly_score, anomaly_reasons_json, updated_at) VALUES ($1, $2, $3, $4, 0, '[]', $5) \
+             ON CONFLICT (node_id) DO UPDATE SET posture_json = $2, posture_score = $3, \
+             posture_reasons_json = $4, updated_at = $5",
+        )
+        .bind(node_id)
+        .bind(posture_json)
+        .bind(score)
+        .bind(&reasons_json)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if changed {
+            bump_meta(&mut tx, RISK_REVISION).await?;
+        }
+        let after = node_risk_in(&mut tx, node_id).await?;
+        tx.commit().await?;
+        after.ok_or_else(|| StoreError::Corrupt("node_risk row vanished".into()))
+    }
+
+    async fn set_anomaly(
+        &self,
+        node_id: &str,
+        score: i64,
+        reasons: &[String],
+        now: UnixTime,
+    ) -> Result<NodeRiskRecord, StoreError> {
+        let reasons_json = to_json(reasons)?;
+        let mut tx = begin_write(&self.pool, self.backend).await?;
+        let before = node_risk_in(&mut tx, node_id).await?;
+        let changed = before
+            .as_ref()
+            .is_none_or(|b| b.anomaly_score != score || b.anomaly_reasons != reasons);
+        sqlx::query(
+            "INSERT INTO node_risk (node_id, posture_json, posture_score, posture_reasons_json, \
+             anomaly_score, anomaly_reasons_json, updated_at) VALUES ($1, '', 0, '[]', $2, $3, $4) \
+             ON CONFLICT (node_id) DO UPDATE SET anomaly_score = $2, anomaly_reasons_json = $3, \
+             updated_at = $4",
+        )
+        .bind(node_id)
+        .bind(score)
+        .bind(&reasons_json)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if changed {
+            bump_meta(&mut tx, RISK_REVISION).await?;
+        }
+        let after = node_risk_in(&mut tx, node_id).await?;
+        tx.commit().await?;
+        after.ok_or_else(|| StoreError::Corrupt("node_risk row vanished".into()))
+    }
+
+    async fn list_node_risk(&self) -> Result<Vec<NodeRiskRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {NODE_RISK_COLS} FROM node_risk ORDER BY node_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(node_risk_from_row).collect()
+    }
+
+    async fn node_risk(&self, node_id: &str) -> Result<Option<NodeRiskRecord>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        node_risk_in(&mut conn, node_id).await
+    }
+
+    async fn risk_revision(&self) -> Result<i64, StoreError> {
+        self.meta_value(RISK_REVISION).await
+    }
+
+    async fn quarantine(
+        &self,
+        q: &QuarantineRecord,
+        expires_at: UnixTime,
+    ) -> Result<(i64, Vec<String>), StoreError> {
+        let mut tx = begin_write(&self.pool, self.backend).await?;
+        let existing: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM quarantines WHERE node_id = $1 AND cleared_at IS NULL \
+             AND (spiffe_id IS NULL OR spiffe_id = $2) ORDER BY id LIMIT 1",
+        )
+        .bind(&q.node_id)
+        .bind(q.spiffe_id.as_deref().unwrap_or(""))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                sqlx::query_scalar(
+                    "INSERT INTO quarantines (node_id, spiffe_id, reason, features_json, \
+                     created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                )
+                .bind(&q.node_id)
+                .bind(q.spiffe_id.as_deref())
+                .bind(&q.reason)
+                .bind(&q.features_json)
+                .bind(q.created_at)
+                .fetch_one(&mut *tx)
+                .await?
+            }
+        };
+        // Every unexpired X.509-SVID the node asked for (of that workload), not yet revoked.
+        let serials: Vec<String> = sqlx::query_scalar(
+            "SELECT serial_or_jti FROM issued WHERE kind = 'x509-svid' AND requester = $1 \
+             AND not_after > $2 AND ($3 = '' OR spiffe_id = $3) \
+             AND serial_or_jti NOT IN (SELECT serial FROM revocations WHERE serial IS NOT NULL)",
+        )
+        .bind(&q.node_id)
+        .bind(q.created_at)
+        .bind(q.spiffe_id.as_deref().unwrap_or(""))
+        .fetch_all(&mut *tx)
+        .await?;
+        let reason = format!("quarantine {id}: {}", q.reason);
+        for serial in &serials {
+            sqlx::query(
+                "INSERT INTO revocations (serial, spiffe_id, reason, revoked_at, expires_at) \
+                 VALUES ($1, NULL, $2, $3, $4)",
+            )
+            .bind(serial)
+            .bind(&reason)
+            .bind(q.created_at)
+            .bind(expires_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !serials.is_empty() {
+            bump_meta(&mut tx, REVOCATIONS_REVISION).await?;
+        }
+        bump_meta(&mut tx, RISK_REVISION).await?;
+        tx.commit().await?;
+        Ok((id, serials))
+    }
+
+    async fn active_quarantines(&self) -> Result<Vec<QuarantineRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, node_id, spiffe_id, reason, features_json, created_at, cleared_at \
+             FROM quarantines WHERE cleared_at IS NULL ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let r = Reader::new(row, "quarantines", "id");
+                Ok(QuarantineRecord {
+                    id: r.get("id")?,
+                    node_id: r.get("node_id")?,
+                    spiffe_id: r.get("spiffe_id")?,
+                    reason: r.get("reason")?,
+                    features_json: r.get("features_json")?,
+                    created_at: r.get("created_at")?,
+                    cleared_at: r.get("cleared_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn clear_quarantine(
+        &self,
+        node_id: &str,
+        spiffe_id: Option<&str>,
+        now: UnixTime,
+    ) -> Result<u64, StoreError> {
+        let mut tx = begin_write(&self.pool, self.backend).await?;
+        let n = sqlx::query(
+            "UPDATE quarantines SET cleared_at = $1 WHERE node_id = $2 AND cleared_at IS NULL \
+             AND ($3 = '' OR spiffe_id = $3)",
+        )
+        .bind(now)
+        .bind(node_id)
+        .bind(spiffe_id.unwrap_or(""))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n > 0 {
+            sqlx::query(
+                "UPDATE node_risk SET anomaly_score = 0, anomaly_reasons_json = '[]', \
+                 updated_at = $1 WHERE node_id = $2",
+            )
+            .bind(now)
+            .bind(node_id)
+            .execute(&mut *tx)
+            .await?;
+            bump_meta(&mut tx, RISK_REVISION).await?;
+        }
+        tx.commit().await?;
+        Ok(n)
     }
 
     async fn bootstrap_lock(&self) -> Result<BootstrapLock, StoreError> {

@@ -5,8 +5,8 @@ use sigil_core::{EntryId, EntrySpec, RegistrationEntry, SpiffeId, UnixTime};
 use crate::sql::BootstrapLock;
 use crate::{
     AuthorityKind, AuthorityRecord, AuthorityState, DbRoleRecord, EntryFilter, IssuedIdentity,
-    LeaseFilter, LeaseRecord, ModelKeyRecord, NodeRecord, PolicyBundleRecord, Revocation,
-    SecretVersionRecord, StoreError,
+    LeaseFilter, LeaseRecord, ModelKeyRecord, NodeRecord, NodeRiskRecord, PolicyBundleRecord,
+    QuarantineRecord, Revocation, SecretVersionRecord, StoreError,
 };
 
 /// The trust authority's persistent state. Object safe: the server holds an `Arc<dyn Store>`.
@@ -319,6 +319,61 @@ pub trait Store: Send + Sync {
     /// Closes an open lease (its credential is gone): `false` if it was closed before (of
     /// concurrent callers, exactly one gets `true`) or is unknown.
     async fn close_lease(&self, id: &str, now: UnixTime, reason: &str) -> Result<bool, StoreError>;
+
+    // ---- node risk and quarantines ----
+
+    /// Records the posture a node's agent reported with its ruleset's score. Bumps the risk
+    /// revision only when the score or its reasons changed. Returns the node's record.
+    async fn put_posture(
+        &self,
+        node_id: &str,
+        posture_json: &str,
+        score: i64,
+        reasons: &[String],
+        now: UnixTime,
+    ) -> Result<NodeRiskRecord, StoreError>;
+
+    /// Sets a node's behaviour score and reasons (bumps the risk revision when they changed).
+    async fn set_anomaly(
+        &self,
+        node_id: &str,
+        score: i64,
+        reasons: &[String],
+        now: UnixTime,
+    ) -> Result<NodeRiskRecord, StoreError>;
+
+    /// Every node's risk record.
+    async fn list_node_risk(&self) -> Result<Vec<NodeRiskRecord>, StoreError>;
+
+    /// One node's risk record.
+    async fn node_risk(&self, node_id: &str) -> Result<Option<NodeRiskRecord>, StoreError>;
+
+    /// Bumped by every change to node risks and quarantines.
+    async fn risk_revision(&self) -> Result<i64, StoreError>;
+
+    /// Quarantines a node or a workload on it, in one transaction: the quarantine row, and a
+    /// revocation (by serial) of every unexpired X.509-SVID that node asked for (of that
+    /// workload only, when one is named) — never the node's own SVID, so its agent stays
+    /// connected and recovers once cleared. Bumps the revocations and risk revisions.
+    /// Returns the quarantine's id and the serials revoked. A node or workload already under
+    /// an active quarantine gets no second row (its id is returned, serials still revoked).
+    async fn quarantine(
+        &self,
+        q: &QuarantineRecord,
+        expires_at: UnixTime,
+    ) -> Result<(i64, Vec<String>), StoreError>;
+
+    /// The quarantines not cleared yet.
+    async fn active_quarantines(&self) -> Result<Vec<QuarantineRecord>, StoreError>;
+
+    /// Clears the active quarantines of a node (every one of them when `spiffe_id` is None,
+    /// else that workload's) and resets its behaviour score. Returns how many were cleared.
+    async fn clear_quarantine(
+        &self,
+        node_id: &str,
+        spiffe_id: Option<&str>,
+        now: UnixTime,
+    ) -> Result<u64, StoreError>;
 
     // ---- meta ----
 

@@ -195,6 +195,30 @@ impl Aggregator {
         }
     }
 
+    /// Adds one response's body size to `spiffe_id`'s window, once the body has been sent (a
+    /// streamed answer's size is known only at its end). Counts no request; an identity not
+    /// in the window (its request was recorded in the previous one) is added.
+    pub fn record_response(&self, spiffe_id: &str, bytes_out: u64) {
+        if spiffe_id.len() > self.limits.max_id_len {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut shard = self.shard(spiffe_id);
+        let entry = match shard.get_mut(spiffe_id) {
+            Some(e) => e,
+            None => {
+                if !reserve(&self.identities, self.limits.max_identities) {
+                    drop(shard);
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                shard.entry(spiffe_id.to_owned()).or_default()
+            }
+        };
+        entry.bytes_out = entry.bytes_out.saturating_add(bytes_out);
+        entry.max_response_bytes = entry.max_response_bytes.max(bytes_out);
+    }
+
     /// Ends the window: returns what was counted (sorted by SPIFFE ID) and starts an empty one.
     /// Requests recorded while `take` runs land in either window, never in neither.
     pub fn take(&self) -> Vec<IdentityWindow> {
@@ -223,6 +247,24 @@ impl Aggregator {
             dropped_requests: self.dropped.load(Ordering::Relaxed),
             folded_requests: self.folded.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod response_tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+
+    #[test]
+    fn a_response_adds_bytes_and_max_but_no_request() {
+        let a = Aggregator::default();
+        a.record("spiffe://td/a", "invoke:m", false, 10, 0);
+        a.record_response("spiffe://td/a", 500);
+        a.record_response("spiffe://td/a", 70);
+        let w = a.take();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].requests.values().sum::<u64>(), 1);
+        assert_eq!((w[0].bytes_out, w[0].max_response_bytes), (570, 500));
     }
 }
 

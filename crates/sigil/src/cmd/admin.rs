@@ -146,6 +146,35 @@ pub enum NodeCmd {
         #[command(flatten)]
         opts: AdminOpts,
     },
+    /// Show every node's risk (level, score, why) and the active quarantines.
+    Risk {
+        #[command(flatten)]
+        opts: AdminOpts,
+    },
+    /// Quarantine a node (or one workload on it): the SVIDs it was issued are revoked (its
+    /// proxies close their connections) and nothing new is issued until `sigil node clear`.
+    Quarantine {
+        /// The node's SPIFFE ID.
+        node_id: String,
+        /// Only this workload on the node.
+        #[arg(long)]
+        workload: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        opts: AdminOpts,
+    },
+    /// Lift a node's quarantine (all of them, or one workload's) and reset its behaviour
+    /// score; its agent gets new SVIDs at its next sync.
+    Clear {
+        /// The node's SPIFFE ID.
+        node_id: String,
+        /// Only this workload's quarantine.
+        #[arg(long)]
+        workload: Option<String>,
+        #[command(flatten)]
+        opts: AdminOpts,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -450,6 +479,95 @@ pub async fn node(cmd: NodeCmd) -> anyhow::Result<()> {
                 )
                 .await?;
             print(&opts, &v, |v| format!("Evicted {}", s(v, "evicted")));
+        }
+        NodeCmd::Risk { opts } => {
+            let v = client(&opts).call(Method::GET, "/v1/risk", None).await?;
+            print(&opts, &v, |v| {
+                let mut out: Vec<String> = v
+                    .get("nodes")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|n| {
+                        format!(
+                            "{}  level={} score={} quarantined={} posture=[{}] behaviour=[{}]",
+                            s(n, "node_id"),
+                            s(n, "level"),
+                            n.get("score").unwrap_or(&Value::Null),
+                            n.get("quarantined").unwrap_or(&Value::Null),
+                            list(n, "posture_reasons"),
+                            list(n, "anomaly_reasons"),
+                        )
+                    })
+                    .collect();
+                for q in v
+                    .get("quarantines")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    out.push(format!(
+                        "quarantine {}: {} {} since {} ({})",
+                        q.get("id").unwrap_or(&Value::Null),
+                        s(&q, "node_id"),
+                        q.get("spiffe_id")
+                            .and_then(Value::as_str)
+                            .unwrap_or("(whole node)"),
+                        q.get("created_at").unwrap_or(&Value::Null),
+                        s(&q, "reason"),
+                    ));
+                }
+                if out.is_empty() {
+                    "No node has reported a posture".into()
+                } else {
+                    out.join("\n")
+                }
+            });
+        }
+        NodeCmd::Quarantine {
+            node_id,
+            workload,
+            reason,
+            opts,
+        } => {
+            let v = client(&opts)
+                .call(
+                    Method::POST,
+                    "/v1/nodes/quarantine",
+                    Some(json!({"node_id": node_id, "spiffe_id": workload, "reason": reason})),
+                )
+                .await?;
+            print(&opts, &v, |v| {
+                format!(
+                    "Quarantined {} {} ({} SVIDs revoked)",
+                    s(v, "node_id"),
+                    v.get("spiffe_id")
+                        .and_then(Value::as_str)
+                        .unwrap_or("(whole node)"),
+                    v.get("revoked").unwrap_or(&Value::Null)
+                )
+            });
+        }
+        NodeCmd::Clear {
+            node_id,
+            workload,
+            opts,
+        } => {
+            let v = client(&opts)
+                .call(
+                    Method::POST,
+                    "/v1/nodes/clear",
+                    Some(json!({"node_id": node_id, "spiffe_id": workload})),
+                )
+                .await?;
+            print(&opts, &v, |v| {
+                format!(
+                    "Cleared {} quarantine(s) of {}",
+                    v.get("cleared").unwrap_or(&Value::Null),
+                    s(v, "node_id")
+                )
+            });
         }
     }
     Ok(())

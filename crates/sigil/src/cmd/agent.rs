@@ -53,6 +53,15 @@ pub struct AgentArgs {
     /// (repeatable; adds to the config file's `secret_files`).
     #[arg(long = "secret-file", value_parser = parse_secret_file)]
     pub secret_files: Vec<sigil_agent::SecretFile>,
+    /// The posture ruleset (TOML); the built-in default when unset.
+    #[arg(long)]
+    pub posture_rules: Option<PathBuf>,
+    /// How often posture is observed, seconds (default 30; 0: off).
+    #[arg(long)]
+    pub posture_interval_secs: Option<i64>,
+    /// Publish the node's behaviour telemetry to this MQTT broker (mqtt://host:port).
+    #[arg(long)]
+    pub telemetry_broker: Option<String>,
 }
 
 /// `--secret-file SPIFFE_ID,SECRET_PATH,FILE_NAME`.
@@ -91,6 +100,12 @@ impl AgentArgs {
             ("socket_path", p(&self.socket_path)),
             ("trust_bundle", p(&self.trust_bundle)),
             ("secrets_dir", p(&self.secrets_dir)),
+            ("posture_rules", p(&self.posture_rules)),
+            (
+                "posture_interval_secs",
+                self.posture_interval_secs.map(toml::Value::Integer),
+            ),
+            ("telemetry_broker", s(&self.telemetry_broker)),
         ] {
             if let Some(val) = val {
                 v.push((k, val));

@@ -458,6 +458,9 @@ async fn start_agent(
         metrics_addr: None,
         secrets_dir: std::path::PathBuf::from("/run/sigil/secrets"),
         secret_files: Vec::new(),
+        posture_rules: None,
+        posture_interval_secs: 0,
+        telemetry_broker: None,
     };
     let agent = sigil_agent::start(cfg, Arc::new(SystemClock)).await?;
     let deadline = Instant::now() + Duration::from_secs(60);

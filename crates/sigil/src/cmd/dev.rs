@@ -130,6 +130,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         metrics_addr: None,
         secrets_dir: std::path::PathBuf::from("/run/sigil/secrets"),
         secret_files: Vec::new(),
+        posture_rules: None,
+        posture_interval_secs: 30,
+        telemetry_broker: None,
     };
     let mut agent = sigil_agent::start(agent_cfg, Arc::new(SystemClock)).await?;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);

@@ -296,6 +296,7 @@ fn run_local(cmd: PolicyCmd) -> anyhow::Result<()> {
                     weekday: c.weekday,
                     arguments: c.arguments.as_ref(),
                     delegation: delegation.as_ref(),
+                    risk: None,
                 });
                 let (got, why) = match &d {
                     Ok(d) if d.allow => ("allow", d.policy_ids.join(", ")),

@@ -83,6 +83,12 @@ pub struct ProxyArgs {
     /// Serve Prometheus /metrics, /healthz and /readyz here (plain HTTP; use loopback).
     #[arg(long)]
     pub metrics_addr: Option<String>,
+    /// Publish behaviour summaries to this MQTT broker (mqtt://host:port).
+    #[arg(long)]
+    pub telemetry_broker: Option<String>,
+    /// The telemetry window in seconds (default 10).
+    #[arg(long)]
+    pub telemetry_window_secs: Option<i64>,
 }
 
 /// Where the audit records go.
@@ -229,6 +235,11 @@ impl ProxyArgs {
             ("policy_dir", p(&self.policy_dir)),
             ("policy_source", s(&self.policy_source)),
             ("metrics_addr", s(&self.metrics_addr)),
+            ("telemetry_broker", s(&self.telemetry_broker)),
+            (
+                "telemetry_window_secs",
+                self.telemetry_window_secs.map(toml::Value::Integer),
+            ),
             (
                 "max_body_bytes",
                 self.max_body_bytes.map(toml::Value::Integer),
