@@ -45,6 +45,16 @@ impl Revocations {
         self.set.is_revoked(&credential, self.as_of)
     }
 
+    /// Whether the certificate with this serial (lowercase hex) is revoked by serial.
+    pub fn revokes_serial(&self, serial: &str) -> bool {
+        let credential = Credential {
+            serial,
+            spiffe_id: "",
+            not_before: i64::MAX,
+        };
+        self.set.is_revoked(&credential, self.as_of)
+    }
+
     /// The SPIFFE IDs revoked as a whole (every SVID issued up to the revocation).
     pub fn revoked_ids(&self) -> impl Iterator<Item = &str> {
         self.set.revoked_ids()

@@ -29,7 +29,7 @@ use super::Output;
 use super::server::{ServerArgs, load_config};
 use crate::admin_client::AdminClient;
 
-const BENCH_TRUST_DOMAIN: &str = "bench.sigil.test";
+pub(super) const BENCH_TRUST_DOMAIN: &str = "bench.sigil.test";
 /// The path prefix of the SPIFFE IDs the benchmark revokes (nothing holds them).
 const REVOKED_PREFIX: &str = "/bench/revoked/";
 
@@ -37,6 +37,10 @@ const REVOKED_PREFIX: &str = "/bench/revoked/";
 pub enum BenchCmd {
     /// Policy and revocation propagation from `sigil server` to N in-process agents.
     Propagation(PropagationArgs),
+    /// Behaviour detection: detection and false-positive rates on a replayed fleet with
+    /// injected compromises, and the time from a compromise's first anomalous window to its
+    /// quarantine at every proxy (real server, agents, proxies and MQTT broker).
+    Anomaly(super::bench_anomaly::AnomalyArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,12 +81,13 @@ pub struct PropagationArgs {
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Propagation(a) => propagation(a).await,
+        BenchCmd::Anomaly(a) => super::bench_anomaly::anomaly(a).await,
     }
 }
 
 /// Logs at `warn` unless `SIGIL_LOG` / `RUST_LOG` say otherwise: N agents logging every
 /// accepted bundle would measure the terminal.
-fn init_quiet_logging() {
+pub(super) fn init_quiet_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SIGIL_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -92,7 +97,7 @@ fn init_quiet_logging() {
         .try_init();
 }
 
-fn load_average() -> String {
+pub(super) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
@@ -395,8 +400,8 @@ async fn revoke(admin: &AdminClient, i: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct WorkDir {
-    path: PathBuf,
+pub(super) struct WorkDir {
+    pub(super) path: PathBuf,
     remove: bool,
 }
 
@@ -408,7 +413,7 @@ impl Drop for WorkDir {
     }
 }
 
-fn work_dir(dir: Option<PathBuf>) -> anyhow::Result<WorkDir> {
+pub(super) fn work_dir(dir: Option<PathBuf>) -> anyhow::Result<WorkDir> {
     let (path, remove) = match dir {
         Some(d) => (d, false),
         None => {
@@ -426,7 +431,7 @@ fn work_dir(dir: Option<PathBuf>) -> anyhow::Result<WorkDir> {
 }
 
 /// Starts one agent with a fresh join token and waits until its sync stream is up.
-async fn start_agent(
+pub(super) async fn start_agent(
     admin: &AdminClient,
     port: u16,
     bootstrap: &Path,
@@ -480,7 +485,7 @@ async fn start_agent(
 /// Registers an enforcer entry for one proxy under each of the first `n` agents' nodes and
 /// starts the proxies against those agents' sockets (each waits for its SVID and bundles
 /// from its agent, like `sigil proxy --workload-api-socket`).
-async fn start_proxies(
+pub(super) async fn start_proxies(
     admin: &AdminClient,
     agents: &[sigil_agent::RunningAgent],
     n: usize,

@@ -3,6 +3,7 @@ pub(crate) mod admin;
 mod agent;
 mod audit;
 mod bench;
+mod bench_anomaly;
 mod demo_model;
 mod dev;
 mod log;

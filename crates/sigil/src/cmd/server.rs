@@ -8,7 +8,7 @@ use sigil_server::ServerConfig;
 use crate::config::load;
 
 /// Flags of `sigil server`; each overrides the config file key of the same name.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Default, clap::Args)]
 pub struct ServerArgs {
     /// TOML configuration file.
     #[arg(long, short = 'c', env = "SIGIL_CONFIG")]
