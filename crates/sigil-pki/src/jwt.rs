@@ -1164,6 +1164,45 @@ mod tests {
     }
 
     #[test]
+    fn the_risk_claim_round_trips_and_a_bad_one_is_refused() {
+        let signer = JwtSigner::generate(JwtAlgorithm::Es256).unwrap();
+        let keys = keys_for(&[&signer]);
+        let check =
+            |t: &str| validate_access_token(t, &keys, ISS, "https://api.example.org", NOW, 0);
+        let risk = RiskClaim {
+            level: "medium".into(),
+            score: 40,
+            at: NOW - 5,
+            node: "spiffe://example.org/sigil/node/n1".into(),
+        };
+        let claims = AccessTokenClaims {
+            risk: Some(risk.clone()),
+            ..at_claims()
+        };
+        let token = signer.mint_access_token(&claims).unwrap();
+        assert_eq!(check(&token).unwrap().0.risk, Some(risk));
+        let header = json!({"alg": "ES256", "kid": signer.kid(), "typ": "at+jwt"});
+        for bad in [
+            json!({"level": "bogus", "score": 1, "at": NOW, "node": "n"}),
+            json!({"level": "low", "score": 101, "at": NOW, "node": "n"}),
+            json!({"level": "low", "score": -1, "at": NOW, "node": "n"}),
+            json!({"level": "low", "score": 1, "at": NOW}),
+            json!({"level": "low", "score": 1, "at": NOW, "node": "n", "extra": 1}),
+            json!("low"),
+        ] {
+            let mut body = serde_json::to_value(at_claims()).unwrap();
+            body["risk"] = bad.clone();
+            assert!(
+                matches!(
+                    check(&forge(&signer, header.clone(), body)),
+                    Err(JwtError::Malformed(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn access_token_refusals() {
         let signer = JwtSigner::generate(JwtAlgorithm::Es256).unwrap();
         let keys = keys_for(&[&signer]);

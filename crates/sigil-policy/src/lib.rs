@@ -983,6 +983,54 @@ mod tests {
     }
 
     #[test]
+    fn risk_reaches_policy_and_unknown_risk_is_the_highest() {
+        let engine = PolicyEngine::new(&[(
+            "r.cedar".into(),
+            "permit (principal, action == Action::\"invoke\", resource == Model::\"m\") \
+             when { context.risk.level == \"low\" && context.risk.score < 30 };"
+                .into(),
+        )])
+        .unwrap();
+        let groups: Vec<String> = Vec::new();
+        let q = |risk: Option<&RiskContext>| {
+            let query = Query {
+                principal: Principal {
+                    spiffe_id: "spiffe://td/a",
+                    trust_domain: "td",
+                    groups: &groups,
+                },
+                action: "invoke",
+                resource_type: "Model",
+                resource_id: "m",
+                scopes: &[],
+                hour: 1,
+                weekday: 1,
+                arguments: None,
+                delegation: None,
+                risk,
+            };
+            engine.decide(&query).unwrap().allow
+        };
+        let low = RiskContext {
+            level: "low".into(),
+            score: 10,
+            at: 1,
+            node: "spiffe://td/sigil/node/n".into(),
+        };
+        let high = RiskContext {
+            level: "high".into(),
+            score: 70,
+            ..low.clone()
+        };
+        assert!(q(Some(&low)));
+        assert!(!q(Some(&high)));
+        assert!(!q(None));
+        // The cached caller parts do not carry one risk into another's decision.
+        assert!(q(Some(&low)));
+        assert!(!q(Some(&high)));
+    }
+
+    #[test]
     fn delegation_reaches_policy_and_is_part_of_the_caller() {
         let text = r#"
             @id("direct-for-clinicians")

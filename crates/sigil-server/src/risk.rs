@@ -221,21 +221,7 @@ pub(crate) async fn report_posture(
     score: u32,
     reasons: &[String],
 ) -> Result<NodeRiskView, ReportError> {
-    if posture_json.len() > MAX_POSTURE_JSON {
-        return Err(ReportError::Invalid(format!(
-            "posture is larger than {MAX_POSTURE_JSON} bytes"
-        )));
-    }
-    let _: sigil_risk::Posture = serde_json::from_str(posture_json)
-        .map_err(|e| ReportError::Invalid(format!("posture_json: {e}")))?;
-    if score > 100 {
-        return Err(ReportError::Invalid("score must be 0-100".into()));
-    }
-    if reasons.len() > MAX_REASONS || reasons.iter().any(|r| r.len() > MAX_REASON_LEN) {
-        return Err(ReportError::Invalid(format!(
-            "at most {MAX_REASONS} reasons of at most {MAX_REASON_LEN} bytes"
-        )));
-    }
+    check_report(posture_json, score, reasons).map_err(ReportError::Invalid)?;
     let now = app.clock.now();
     let before = app.store.risk_revision().await?;
     let rec = app
@@ -263,6 +249,52 @@ pub(crate) async fn report_posture(
         at: rec.updated_at.max(v.at),
         ..v
     })
+}
+
+/// What a posture report must be: a posture document within the size limit, a score of at
+/// most 100, and a bounded list of bounded reasons.
+fn check_report(posture_json: &str, score: u32, reasons: &[String]) -> Result<(), String> {
+    if posture_json.len() > MAX_POSTURE_JSON {
+        return Err(format!("posture is larger than {MAX_POSTURE_JSON} bytes"));
+    }
+    serde_json::from_str::<sigil_risk::Posture>(posture_json)
+        .map_err(|e| format!("posture_json: {e}"))?;
+    if score > 100 {
+        return Err("score must be 0-100".into());
+    }
+    if reasons.len() > MAX_REASONS || reasons.iter().any(|r| r.len() > MAX_REASON_LEN) {
+        return Err(format!(
+            "at most {MAX_REASONS} reasons of at most {MAX_REASON_LEN} bytes"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a telemetry message (already opened: signature, chain, topic and source checked)
+/// is taken: its window must be recent (not more than ten windows and a minute old, nor a
+/// minute ahead), its `seq` above the last one taken from that publisher (a replay or a
+/// reordering is dropped), and a node window must come from that node's own agent.
+fn admit(
+    last_seq: &mut std::collections::HashMap<String, u64>,
+    source: &SpiffeId,
+    msg: &sigil_risk::TelemetryMessage,
+    now: i64,
+) -> Result<(), &'static str> {
+    let window = i64::from(msg.window_secs.max(1));
+    if msg.window_start > now + 60 || msg.window_start < now - 10 * window - 60 {
+        return Err("window out of time");
+    }
+    if msg.node_window.is_some()
+        && (msg.node != source.as_str() || !source.path().starts_with("/sigil/node/"))
+    {
+        return Err("node window not from that node's agent");
+    }
+    let seq = last_seq.entry(source.to_string()).or_insert(0);
+    if msg.seq <= *seq {
+        return Err("replayed or reordered");
+    }
+    *seq = msg.seq;
+    Ok(())
 }
 
 /// Why a posture report was refused.
@@ -477,24 +509,15 @@ pub(crate) async fn telemetry_forever(app: Arc<AppState>, cfg: TelemetryConfig) 
         };
         tracing::debug!(source = %source, seq = msg.seq, identities = msg.identities.len(), new = msg.node_window.as_ref().map_or(0, |n| n.new_executables.len()), "telemetry: message");
         let window = i64::from(msg.window_secs.max(1));
-        if msg.window_start > now + 60 || msg.window_start < now - 10 * window - 60 {
-            tracing::warn!(source = %source, "telemetry: window out of time; dropped");
+        if let Err(why) = admit(&mut last_seq, &source, &msg, now) {
+            tracing::warn!(source = %source, seq = msg.seq, why, "telemetry: message dropped");
             continue;
         }
-        let seq = last_seq.entry(source.to_string()).or_insert(0);
-        if msg.seq <= *seq {
-            tracing::warn!(source = %source, seq = msg.seq, "telemetry: replayed or reordered; dropped");
-            continue;
-        }
-        *seq = msg.seq;
         let mut findings: Vec<(sigil_risk::Finding, Vec<String>, Option<String>)> = Vec::new();
-        if let Some(nw) = &msg.node_window {
-            // An agent speaks for its own node only.
-            if msg.node != source.as_str() || !source.path().starts_with("/sigil/node/") {
-                tracing::warn!(source = %source, node = msg.node, "telemetry: node window not from that node's agent; dropped");
-            } else if let Some(f) = det.observe_node(&msg.node, nw) {
-                findings.push((f, vec![msg.node.clone()], None));
-            }
+        if let Some(nw) = &msg.node_window
+            && let Some(f) = det.observe_node(&msg.node, nw)
+        {
+            findings.push((f, vec![msg.node.clone()], None));
         }
         for w in &msg.identities {
             let nodes = match parents.of(&app, &w.spiffe_id).await {
@@ -700,6 +723,7 @@ pub(crate) async fn clear_handler(State(app): State<Arc<AppState>>, body: Bytes)
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -719,6 +743,67 @@ mod tests {
             };
             assert!(l.validate().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn posture_reports_are_checked() {
+        let ok = serde_json::to_string(&sigil_risk::Posture::default()).unwrap();
+        assert!(check_report(&ok, 100, &["x".into()]).is_ok());
+        assert!(check_report(&ok, 101, &[]).unwrap_err().contains("0-100"));
+        assert!(check_report("{\"kernel\": 5}", 0, &[]).is_err());
+        assert!(check_report("not json", 0, &[]).is_err());
+        assert!(check_report(&ok, 0, &vec!["r".into(); 257]).is_err());
+        assert!(check_report(&ok, 0, &["r".repeat(513)]).is_err());
+        let big = format!("{{\"os_release\":\"{}\"}}", "a".repeat(MAX_POSTURE_JSON));
+        assert!(check_report(&big, 0, &[]).unwrap_err().contains("larger"));
+    }
+
+    #[test]
+    fn telemetry_replays_stale_windows_and_foreign_node_windows_are_dropped() {
+        let now = 1_700_000_000;
+        let agent = SpiffeId::new("spiffe://td/sigil/node/n1").unwrap();
+        let proxy = SpiffeId::new("spiffe://td/proxy").unwrap();
+        let msg = |seq, start, node_window: bool, node: &str| sigil_risk::TelemetryMessage {
+            source: String::new(),
+            node: node.into(),
+            window_start: start,
+            window_secs: 10,
+            seq,
+            identities: Vec::new(),
+            node_window: node_window.then(sigil_risk::NodeWindow::default),
+        };
+        let mut seen = std::collections::HashMap::new();
+        let n1 = agent.as_str();
+        assert!(admit(&mut seen, &agent, &msg(1, now, true, n1), now).is_ok());
+        // The same seq again, or an older one: a replay.
+        assert_eq!(
+            admit(&mut seen, &agent, &msg(1, now, true, n1), now),
+            Err("replayed or reordered")
+        );
+        assert!(admit(&mut seen, &agent, &msg(2, now, true, n1), now).is_ok());
+        // Windows too old or from the future.
+        assert_eq!(
+            admit(&mut seen, &agent, &msg(3, now - 200, true, n1), now),
+            Err("window out of time")
+        );
+        assert_eq!(
+            admit(&mut seen, &agent, &msg(3, now + 61, true, n1), now),
+            Err("window out of time")
+        );
+        // A node window for another node, or from a proxy.
+        assert!(
+            admit(
+                &mut seen,
+                &agent,
+                &msg(3, now, true, "spiffe://td/sigil/node/n2"),
+                now
+            )
+            .is_err()
+        );
+        let p = proxy.as_str();
+        assert!(admit(&mut seen, &proxy, &msg(1, now, true, p), now).is_err());
+        // A proxy's identity windows: its own seq space.
+        assert!(admit(&mut seen, &proxy, &msg(1, now, false, ""), now).is_ok());
     }
 
     #[test]

@@ -16,8 +16,8 @@ use sigil_core::{EntryId, EntrySpec, RegistrationEntry, Selector, SpiffeId};
 use sigil_store::{
     AuthorityKind, AuthorityRecord, AuthorityState, Backend, DbRoleRecord, EntryFilter,
     IdentityKind, IssuedIdentity, JoinTokenError, LeaseFilter, LeaseRecord, ModelKeyRecord,
-    NodeRecord, PolicyBundleRecord, Revocation, SCHEMA_VERSION, SecretVersionRecord, SqlStore,
-    Store, StoreError,
+    NodeRecord, PolicyBundleRecord, QuarantineRecord, Revocation, SCHEMA_VERSION,
+    SecretVersionRecord, SqlStore, Store, StoreError,
 };
 use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
@@ -171,6 +171,7 @@ on_both_backends!(
     model_keys_register_once_and_seal_once,
     secrets_are_versioned_and_deleted_for_good,
     db_roles_and_leases_open_extend_and_close_once,
+    node_risk_and_quarantines,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1579,4 +1580,107 @@ async fn db_roles_and_leases_open_extend_and_close_once(db: &Db) {
     );
     assert!(store.delete_db_role("app_ro").await.unwrap());
     assert!(!store.delete_db_role("app_ro").await.unwrap());
+}
+
+async fn node_risk_and_quarantines(db: &Db) {
+    let store = db.open().await;
+    let s: &dyn Store = &store;
+    let (n1, n2) = ("spiffe://td/sigil/node/n1", "spiffe://td/sigil/node/n2");
+    let r0 = s.risk_revision().await.unwrap();
+    // A posture bumps the revision; the same score and reasons again do not.
+    let rec = s
+        .put_posture(n1, "{}", 40, &["unknown executable /tmp/x: +40".into()], T0)
+        .await
+        .unwrap();
+    assert_eq!((rec.posture_score, rec.anomaly_score), (40, 0));
+    let r1 = s.risk_revision().await.unwrap();
+    assert!(r1 > r0);
+    s.put_posture(
+        n1,
+        "{\"kernel\":\"6\"}",
+        40,
+        &["unknown executable /tmp/x: +40".into()],
+        T0 + 1,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.risk_revision().await.unwrap(), r1);
+    let rec = s
+        .set_anomaly(n1, 90, &["new model".into()], T0 + 2)
+        .await
+        .unwrap();
+    assert_eq!((rec.posture_score, rec.anomaly_score), (40, 90));
+    assert_eq!(rec.posture_json, "{\"kernel\":\"6\"}");
+    assert!(s.risk_revision().await.unwrap() > r1);
+    assert_eq!(s.list_node_risk().await.unwrap().len(), 1);
+    assert!(s.node_risk(n2).await.unwrap().is_none());
+
+    // The node asked for SVIDs of two workloads; another node for one of the same ID.
+    let mut mine = issued(IdentityKind::X509Svid, "a1", "spiffe://td/cam", T0);
+    mine.requester = n1.into();
+    let mut other = issued(IdentityKind::X509Svid, "b1", "spiffe://td/belt", T0);
+    other.requester = n1.into();
+    let mut elsewhere = issued(IdentityKind::X509Svid, "c1", "spiffe://td/cam", T0);
+    elsewhere.requester = n2.into();
+    let mut expired = issued(IdentityKind::X509Svid, "d1", "spiffe://td/cam", T0 - 7200);
+    expired.requester = n1.into();
+    for i in [&mine, &other, &elsewhere, &expired] {
+        s.record_issued(i).await.unwrap();
+    }
+    let rev = s.revocations_revision().await.unwrap();
+    let q = QuarantineRecord {
+        node_id: n1.into(),
+        spiffe_id: Some("spiffe://td/cam".into()),
+        reason: "anomaly".into(),
+        features_json: "{\"new_resource_share\":0.9}".into(),
+        created_at: T0 + 10,
+        ..Default::default()
+    };
+    let (qid, serials) = s.quarantine(&q, T0 + 9999).await.unwrap();
+    // Only that workload's unexpired SVIDs from that node.
+    assert_eq!(serials, vec!["a1".to_string()]);
+    assert!(s.revocations_revision().await.unwrap() > rev);
+    assert!(
+        s.is_revoked("a1", &id("spiffe://td/cam"), T0, T0 + 11)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.is_revoked("b1", &id("spiffe://td/belt"), T0, T0 + 11)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.is_revoked("c1", &id("spiffe://td/cam"), T0, T0 + 11)
+            .await
+            .unwrap()
+    );
+    // Again: the same quarantine, nothing new to revoke.
+    let (again, serials) = s.quarantine(&q, T0 + 9999).await.unwrap();
+    assert_eq!((again, serials.len()), (qid, 0));
+    let active = s.active_quarantines().await.unwrap();
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].spiffe_id.as_deref(), Some("spiffe://td/cam"));
+    // The whole node: the rest of what it was issued.
+    let whole = QuarantineRecord {
+        spiffe_id: None,
+        ..q.clone()
+    };
+    let (_, serials) = s.quarantine(&whole, T0 + 9999).await.unwrap();
+    assert_eq!(serials, vec!["b1".to_string()]);
+    assert_eq!(s.active_quarantines().await.unwrap().len(), 2);
+    // Clearing another node clears nothing; clearing one workload leaves the node's.
+    assert_eq!(s.clear_quarantine(n2, None, T0 + 20).await.unwrap(), 0);
+    assert_eq!(
+        s.clear_quarantine(n1, Some("spiffe://td/cam"), T0 + 20)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(s.active_quarantines().await.unwrap().len(), 1);
+    assert_eq!(s.clear_quarantine(n1, None, T0 + 21).await.unwrap(), 1);
+    assert!(s.active_quarantines().await.unwrap().is_empty());
+    // Clearing resets the behaviour score, not the posture.
+    let rec = s.node_risk(n1).await.unwrap().unwrap();
+    assert_eq!((rec.posture_score, rec.anomaly_score), (40, 0));
 }
