@@ -248,6 +248,27 @@ def test_compromise_is_quarantined_and_other_nodes_keep_working(tmp_path):
         server.admin("node", "clear", a.node_id, "--workload", id_a)
         assert not any(q.get("spiffe_id") == id_a
                        for q in server.admin("node", "risk")["quarantines"])
+        def served_again():
+            w = Workload(server, a, tmp_path / "again", id_a)
+            with httpx.Client(verify=w.ctx, timeout=10) as c:
+                return c.post(f"{proxy.url}/v1/chat/completions",
+                              headers={"Authorization": f"Bearer {w.token()}"},
+                              json=msg).status_code == 200
+        wait_for(served_again, 30, "the cleared workload to be served again")
+
+        # By hand: a whole node; an unknown node is refused.
+        out = server.admin("node", "quarantine", a.node_id, "--reason", "stolen device")
+        assert out["revoked"] >= 1, out
+        assert any(q["node_id"] == a.node_id and q.get("spiffe_id") is None
+                   for q in server.admin("node", "risk")["quarantines"])
+        r = client_b.post(f"{proxy.url}/v1/chat/completions",
+                          headers={"Authorization": f"Bearer {tok_b}"}, json=msg)
+        assert r.status_code == 200, r.text
+        bad = subprocess.run([server.bin, "node", "quarantine", f"spiffe://{TD}/sigil/node/nope",
+                              "--socket", str(server.socket)], capture_output=True, text=True)
+        assert bad.returncode != 0 and "no node" in bad.stderr, bad.stderr
+        server.admin("node", "clear", a.node_id)
+        assert server.admin("node", "risk")["quarantines"] == []
         client_a.close()
         client_b.close()
     finally:
