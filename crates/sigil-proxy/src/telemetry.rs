@@ -64,6 +64,9 @@ impl Telemetry {
             n: 0,
         };
         body.map_frame(move |f: Frame<hyper::body::Bytes>| {
+            // The whole counter, not just `c.n` (a closure would capture the field alone, a
+            // copy, and the counter would be dropped here with nothing counted).
+            let c = &mut c;
             if let Some(d) = f.data_ref() {
                 c.n = c.n.saturating_add(d.len() as u64);
             }
