@@ -1180,7 +1180,7 @@ mod tests {
             ..at_claims()
         };
         let token = signer.mint_access_token(&claims).unwrap();
-        assert_eq!(check(&token).unwrap().0.risk, Some(risk));
+        assert_eq!(check(&token).unwrap().risk, Some(risk));
         let header = json!({"alg": "ES256", "kid": signer.kid(), "typ": "at+jwt"});
         for bad in [
             json!({"level": "bogus", "score": 1, "at": NOW, "node": "n"}),
