@@ -156,22 +156,12 @@ impl Aggregator {
     /// Counts one request of `spiffe_id` (the verified caller) for `key`
     /// (`<action>:<resource>`): whether it was `denied`, and its body bytes in and out.
     pub fn record(&self, spiffe_id: &str, key: &str, denied: bool, bytes_in: u64, bytes_out: u64) {
-        if spiffe_id.len() > self.limits.max_id_len {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let mut shard = self.shard(spiffe_id);
-        let entry = match shard.get_mut(spiffe_id) {
-            Some(e) => e,
-            None => {
-                if !reserve(&self.identities, self.limits.max_identities) {
-                    drop(shard);
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                shard.entry(spiffe_id.to_owned()).or_default()
-            }
-        };
+        self.with_entry(spiffe_id, |entry| {
+            self.count(entry, key, denied, bytes_in, bytes_out)
+        });
+    }
+
+    fn count(&self, entry: &mut Entry, key: &str, denied: bool, bytes_in: u64, bytes_out: u64) {
         entry.denied += u64::from(denied);
         entry.bytes_in = entry.bytes_in.saturating_add(bytes_in);
         entry.bytes_out = entry.bytes_out.saturating_add(bytes_out);
@@ -199,6 +189,15 @@ impl Aggregator {
     /// streamed answer's size is known only at its end). Counts no request; an identity not
     /// in the window (its request was recorded in the previous one) is added.
     pub fn record_response(&self, spiffe_id: &str, bytes_out: u64) {
+        self.with_entry(spiffe_id, |entry| {
+            entry.bytes_out = entry.bytes_out.saturating_add(bytes_out);
+            entry.max_response_bytes = entry.max_response_bytes.max(bytes_out);
+        });
+    }
+
+    /// Runs `f` on `spiffe_id`'s entry of the current window (made if the limits allow; the
+    /// request is dropped and counted otherwise), under its shard's lock.
+    fn with_entry(&self, spiffe_id: &str, f: impl FnOnce(&mut Entry)) {
         if spiffe_id.len() > self.limits.max_id_len {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -215,8 +214,7 @@ impl Aggregator {
                 shard.entry(spiffe_id.to_owned()).or_default()
             }
         };
-        entry.bytes_out = entry.bytes_out.saturating_add(bytes_out);
-        entry.max_response_bytes = entry.max_response_bytes.max(bytes_out);
+        f(entry);
     }
 
     /// Ends the window: returns what was counted (sorted by SPIFFE ID) and starts an empty one.
