@@ -106,7 +106,7 @@ pub(super) fn load_average() -> String {
 /// What one agent's watcher saw: for each kind, the latest value and every (value, when)
 /// transition (values only increase).
 #[derive(Default)]
-struct Observed {
+pub(super) struct Observed {
     policy: AtomicI64,
     revoked: AtomicI64,
     policy_log: Mutex<Vec<(i64, Instant)>>,
@@ -114,7 +114,7 @@ struct Observed {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     Policy,
     Revocation,
 }
@@ -135,7 +135,12 @@ impl Observed {
     }
 }
 
-fn record(latest: &AtomicI64, log: &Mutex<Vec<(i64, Instant)>>, value: i64, at: Instant) -> bool {
+pub(super) fn record(
+    latest: &AtomicI64,
+    log: &Mutex<Vec<(i64, Instant)>>,
+    value: i64,
+    at: Instant,
+) -> bool {
     if value > latest.load(Ordering::Acquire) {
         if let Ok(mut l) = log.lock() {
             l.push((value, at));
@@ -207,14 +212,14 @@ fn watch_agent(
 }
 
 /// One pushed change: its kind, the value agents must reach, and when the push started.
-struct Change {
-    kind: Kind,
-    target: i64,
-    started: Instant,
+pub(super) struct Change {
+    pub(super) kind: Kind,
+    pub(super) target: i64,
+    pub(super) started: Instant,
 }
 
 /// Waits until every agent has reached `target` for `kind`, or `deadline`.
-async fn wait_all(
+pub(super) async fn wait_all(
     observed: &[Arc<Observed>],
     notify: &Notify,
     kind: Kind,
@@ -234,31 +239,31 @@ async fn wait_all(
     }
 }
 
-#[derive(Debug, Serialize, Default)]
-struct KindReport {
+#[derive(Debug, Serialize, Default, Clone)]
+pub(super) struct KindReport {
     /// Changes pushed.
-    changes: usize,
+    pub(super) changes: usize,
     /// Changes active at every agent (agent value ≥ the change's) before the timeout.
-    delivered: usize,
-    delivered_fraction: f64,
+    pub(super) delivered: usize,
+    pub(super) delivered_fraction: f64,
     /// (change, agent) pairs: how many agents reached each change (≥ its value).
-    agent_deliveries: usize,
-    agent_deliveries_fraction: f64,
+    pub(super) agent_deliveries: usize,
+    pub(super) agent_deliveries_fraction: f64,
     /// (change, agent) pairs where the agent's watcher saw exactly that value (not skipped
     /// over by a later one).
-    exact_observed: usize,
-    exact_observed_fraction: f64,
+    pub(super) exact_observed: usize,
+    pub(super) exact_observed_fraction: f64,
     /// Push start → last agent active, over delivered changes (ms).
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-    mean_ms: f64,
+    pub(super) p50_ms: f64,
+    pub(super) p99_ms: f64,
+    pub(super) max_ms: f64,
+    pub(super) mean_ms: f64,
     /// Push start → first agent active, median over delivered changes (ms).
-    first_agent_p50_ms: f64,
+    pub(super) first_agent_p50_ms: f64,
     /// The admin call itself (push start → response), median (ms).
-    push_call_p50_ms: f64,
+    pub(super) push_call_p50_ms: f64,
     /// Push start → last agent active for each delivered change, in push order (ms).
-    latencies_ms: Vec<f64>,
+    pub(super) latencies_ms: Vec<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -283,7 +288,7 @@ struct Report {
     proxy_revocation: Option<KindReport>,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -297,7 +302,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn summarize(
+pub(super) fn summarize(
     kind: Kind,
     changes: &[Change],
     push_calls: &[Duration],
@@ -437,6 +442,16 @@ pub(super) async fn start_agent(
     bootstrap: &Path,
     dir: PathBuf,
 ) -> anyhow::Result<sigil_agent::RunningAgent> {
+    start_agent_at(admin, format!("127.0.0.1:{port}"), bootstrap, dir).await
+}
+
+/// [`start_agent`] with the server at `server_address` (e.g. a relay in front of it).
+pub(super) async fn start_agent_at(
+    admin: &AdminClient,
+    server_address: String,
+    bootstrap: &Path,
+    dir: PathBuf,
+) -> anyhow::Result<sigil_agent::RunningAgent> {
     let t = admin
         .call(
             Method::POST,
@@ -451,7 +466,7 @@ pub(super) async fn start_agent(
         .context("join token: no token in the answer")?;
     let cfg = sigil_agent::AgentConfig {
         trust_domain: sigil_core::TrustDomain::new(BENCH_TRUST_DOMAIN)?,
-        server_address: format!("127.0.0.1:{port}"),
+        server_address,
         data_dir: dir,
         socket_path: None,
         join_token: Some(token),
@@ -491,15 +506,50 @@ pub(super) async fn start_proxies(
     n: usize,
     dir: &Path,
 ) -> anyhow::Result<Vec<Arc<sigil_proxy::RunningProxy>>> {
+    let targets = agents
+        .iter()
+        .take(n)
+        .map(|a| {
+            let node = a
+                .identities
+                .node_id()
+                .context("an agent without a node identity")?;
+            anyhow::Ok((node, a.socket.clone()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let setup = ProxySetup {
+        trust_domain: BENCH_TRUST_DOMAIN,
+        id_path: "/bench/proxy",
+        upstreams: Vec::new(),
+        issuer: "https://bench.invalid".into(),
+        audience: "bench".into(),
+    };
+    start_proxies_with(admin, &targets, dir, &setup).await
+}
+
+/// What [`start_proxies_with`] gives every proxy.
+pub(super) struct ProxySetup {
+    pub(super) trust_domain: &'static str,
+    /// Proxy i is `spiffe://<trust_domain><id_path>/<i>`.
+    pub(super) id_path: &'static str,
+    /// Proxy i's upstream (default: a closed port; the benchmarks that send no requests).
+    pub(super) upstreams: Vec<String>,
+    pub(super) issuer: String,
+    pub(super) audience: String,
+}
+
+/// [`start_proxies`] with an explicit setup: one proxy per (node ID, agent socket).
+pub(super) async fn start_proxies_with(
+    admin: &AdminClient,
+    targets: &[(sigil_core::SpiffeId, PathBuf)],
+    dir: &Path,
+    setup: &ProxySetup,
+) -> anyhow::Result<Vec<Arc<sigil_proxy::RunningProxy>>> {
     use std::os::unix::fs::MetadataExt;
     let uid = std::fs::metadata("/proc/self")?.uid();
-    let mut ids = Vec::with_capacity(n);
-    for (i, agent) in agents.iter().take(n).enumerate() {
-        let node = agent
-            .identities
-            .node_id()
-            .context("an agent without a node identity")?;
-        let id = format!("spiffe://{BENCH_TRUST_DOMAIN}/bench/proxy/{i}");
+    let mut ids = Vec::with_capacity(targets.len());
+    for (i, (node, _)) in targets.iter().enumerate() {
+        let id = format!("spiffe://{}{}/{i}", setup.trust_domain, setup.id_path);
         admin
             .call(
                 Method::POST,
@@ -514,21 +564,28 @@ pub(super) async fn start_proxies(
             .await?;
         ids.push(id);
     }
-    let mut out = Vec::with_capacity(n);
-    for (i, (agent, id)) in agents.iter().zip(ids).enumerate() {
+    let mut out = Vec::with_capacity(targets.len());
+    for (i, ((_, socket), id)) in targets.iter().zip(ids).enumerate() {
         let pdir = dir.join("p").join(i.to_string());
         std::fs::create_dir_all(&pdir)?;
+        let upstream = setup
+            .upstreams
+            .get(i)
+            .map_or("http://127.0.0.1:9", String::as_str);
         let cfg: sigil_proxy::ProxyConfig = toml::from_str(&format!(
             "trust_domain = {td}\nlisten_addr = \"127.0.0.1:0\"\n\
-             upstream = \"http://127.0.0.1:9\"\naudience = \"bench\"\n\
-             issuer = \"https://bench.invalid\"\nworkload_api_socket = {sock}\n\
+             upstream = {upstream}\naudience = {aud}\n\
+             issuer = {iss}\nworkload_api_socket = {sock}\n\
              spiffe_id = {id}\npolicy_source = \"agent\"\naudit_log = {audit}\n",
-            td = super::toml_str(BENCH_TRUST_DOMAIN),
-            sock = super::toml_str(&format!("unix://{}", agent.socket.display())),
+            td = super::toml_str(setup.trust_domain),
+            upstream = super::toml_str(upstream),
+            aud = super::toml_str(&setup.audience),
+            iss = super::toml_str(&setup.issuer),
+            sock = super::toml_str(&format!("unix://{}", socket.display())),
             id = super::toml_str(&id),
             audit = super::toml_str(&pdir.join("audit.log").display().to_string()),
         ))
-        .context("bench proxy configuration")?;
+        .context("proxy configuration")?;
         let p = tokio::time::timeout(
             Duration::from_secs(60),
             sigil_proxy::start(cfg, Arc::new(SystemClock)),
@@ -543,7 +600,7 @@ pub(super) async fn start_proxies(
 /// Polls every proxy's policy revision and revocation list each millisecond (the proxy has
 /// no change feed of its own), stamping a change when it is first seen: figures are at most
 /// ~1 ms (plus scheduling) late.
-fn watch_proxies(
+pub(super) fn watch_proxies(
     proxies: Vec<Arc<sigil_proxy::RunningProxy>>,
     observed: Vec<Arc<Observed>>,
     notify: Arc<Notify>,

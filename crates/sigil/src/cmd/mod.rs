@@ -6,6 +6,7 @@ mod bench;
 mod bench_anomaly;
 mod demo_model;
 mod dev;
+mod eval;
 mod log;
 mod model;
 mod policy;
@@ -60,6 +61,9 @@ pub enum Command {
     /// Measure the system on loopback (policy and revocation propagation).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Regenerate the reference paper's Table 1 on real processes: sigil against a static
+    /// API-key baseline (nginx) and an Istio-style sidecar (Envoy).
+    Eval(eval::EvalArgs),
     /// Manage registration entries.
     #[command(subcommand)]
     Entry(admin::EntryCmd),
@@ -122,6 +126,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(a) => status::run(a).await,
         Command::DemoModel(a) => demo_model::run(a).await,
         Command::Bench(c) => bench::run(c).await,
+        Command::Eval(a) => eval::run(a).await,
         Command::Agent(a) => agent::run(a).await,
         Command::Proxy(a) => proxy::run(a).await,
         Command::Policy(c) => policy::run(c),

@@ -63,15 +63,23 @@ pub(crate) fn request<T>(msg: T) -> tonic::Request<T> {
 }
 
 fn pem_all(tag: &str, der_concat: &[u8]) -> anyhow::Result<String> {
-    // DER certificates are self-delimiting; split the concatenation with x509 parsing.
-    let mut out = String::new();
+    Ok(split_der(der_concat)?
+        .into_iter()
+        .map(|one| pem::encode(&pem::Pem::new(tag, one)))
+        .collect())
+}
+
+/// Splits the Workload API's concatenated DER certificates (self-delimiting; split with
+/// x509 parsing).
+pub(crate) fn split_der(der_concat: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
     let mut rest = der_concat;
     while !rest.is_empty() {
         let (tail, _) = x509_parser::parse_x509_certificate(rest)
             .map_err(|e| anyhow::anyhow!("bad certificate from the Workload API: {e}"))?;
         let len = rest.len() - tail.len();
         let (one, tail) = rest.split_at(len);
-        out.push_str(&pem::encode(&pem::Pem::new(tag, one.to_vec())));
+        out.push(one.to_vec());
         rest = tail;
     }
     Ok(out)
