@@ -289,6 +289,35 @@ impl CallerParts {
     }
 }
 
+/// How many distinct schema texts [`parsed_schema`] keeps.
+const SCHEMA_CACHE: usize = 4;
+
+/// Parses Cedar schema text, once per distinct text in this process. Every policy bundle
+/// carries the schema, nearly always the same text, and parsing it is most of the cost of
+/// putting a bundle in force (Cedar's schema grammar re-lexes each identifier): a device
+/// with several proxies, or a test fleet of hundreds, would parse it again per proxy and
+/// per change.
+fn parsed_schema(text: &str) -> Result<Schema, PolicyError> {
+    static PARSED: Mutex<Vec<(Arc<str>, Schema)>> = Mutex::new(Vec::new());
+    let hit = PARSED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(t, _)| **t == *text)
+        .map(|(_, s)| s.clone());
+    if let Some(s) = hit {
+        return Ok(s);
+    }
+    let (schema, _) =
+        Schema::from_cedarschema_str(text).map_err(|e| PolicyError::Schema(e.to_string()))?;
+    let mut parsed = PARSED.lock().unwrap_or_else(|e| e.into_inner());
+    if parsed.len() >= SCHEMA_CACHE {
+        parsed.remove(0);
+    }
+    parsed.push((Arc::from(text), schema.clone()));
+    Ok(schema)
+}
+
 fn type_name(name: &str) -> Result<EntityTypeName, PolicyError> {
     EntityTypeName::from_str(name).map_err(|e| PolicyError::Schema(e.to_string()))
 }
@@ -304,8 +333,7 @@ impl PolicyEngine {
     /// [`PolicyEngine::new`] against another schema (Cedar schema text), e.g. the one a
     /// signed policy bundle carries.
     pub fn with_schema(schema_text: &str, files: &[(String, String)]) -> Result<Self, PolicyError> {
-        let (schema, _) = Schema::from_cedarschema_str(schema_text)
-            .map_err(|e| PolicyError::Schema(e.to_string()))?;
+        let schema = parsed_schema(schema_text)?;
         let mut policies = PolicySet::new();
         for (file, text) in files {
             let parsed = PolicySet::from_str(text).map_err(|e| PolicyError::Parse {
@@ -955,6 +983,29 @@ mod tests {
     fn engine() -> PolicyEngine {
         let demo = include_str!("../../../policy/demo.cedar");
         PolicyEngine::new(&[("demo.cedar".into(), demo.into())]).unwrap()
+    }
+
+    #[test]
+    fn each_schema_text_is_its_own_schema_when_cached() {
+        // A schema with an extra entity type accepts a policy that sigil's refuses, before
+        // and after both were parsed (and cached); a bad schema is refused every time.
+        let extra = format!("{SCHEMA}\nentity Camera;\n");
+        let files = [(
+            "p.cedar".to_string(),
+            "permit (principal, action == Action::\"invoke\", resource) when { principal is Camera };"
+                .to_string(),
+        )];
+        for _ in 0..2 {
+            assert!(matches!(
+                PolicyEngine::new(&files),
+                Err(PolicyError::Invalid(_))
+            ));
+            assert!(PolicyEngine::with_schema(&extra, &files).is_ok());
+            assert!(matches!(
+                PolicyEngine::with_schema("entity ;", &files),
+                Err(PolicyError::Schema(_))
+            ));
+        }
     }
 
     fn q<'a>(
