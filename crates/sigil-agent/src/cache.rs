@@ -110,6 +110,15 @@ pub enum CacheError {
     Corrupt(String),
 }
 
+impl From<crate::slotfile::SlotError> for CacheError {
+    fn from(e: crate::slotfile::SlotError) -> Self {
+        match e {
+            crate::slotfile::SlotError::Io(m) => CacheError::Io(m),
+            crate::slotfile::SlotError::Corrupt(m) => CacheError::Corrupt(m),
+        }
+    }
+}
+
 /// The cache directory.
 #[derive(Debug, Clone)]
 pub struct Cache {

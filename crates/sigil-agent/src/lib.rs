@@ -19,7 +19,7 @@ pub mod policy;
 mod posture;
 mod revocation;
 mod secrets;
-pub mod slotfile;
+pub use sigil_fs::slot as slotfile;
 
 mod tls;
 mod workload_api;

@@ -101,7 +101,7 @@ impl PolicyState {
                     }
                 }
             }
-            Err(CacheError::Corrupt(e)) => {
+            Err(crate::slotfile::SlotError::Corrupt(e)) => {
                 // Fail safe: refuse to forget the floor silently. Keep the file for
                 // inspection and start from the previous layout's record, if any, and the
                 // cached bundles' revisions.
@@ -267,7 +267,11 @@ impl PolicyState {
 
     /// Writes `record` durably into the slot file (created at the first write).
     fn persist(&mut self, record: &[u8]) -> Result<(), CacheError> {
-        SlotFile::write_into(&mut self.slots, &self.dir.join(STATE_FILE), record)
+        Ok(SlotFile::write_into(
+            &mut self.slots,
+            &self.dir.join(STATE_FILE),
+            record,
+        )?)
     }
 
     /// Whether the current bundle may still be enforced at `now`.

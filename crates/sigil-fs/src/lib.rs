@@ -5,9 +5,13 @@
 //! the file's mode), which is synced, renamed over the target, and the directory synced so
 //! the rename itself survives a crash. Keys, caches and state files of every sigil service
 //! are written this way.
+//!
+//! A state file rewritten often (a floor, a cache record) is a [`slot::SlotFile`] instead:
+//! two slots overwritten in turn, one data flush per write and no journal commit.
 #![forbid(unsafe_code)]
 
 mod durable;
+pub mod slot;
 
 pub use durable::{
     PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, create_private, create_private_dir, temp_path,

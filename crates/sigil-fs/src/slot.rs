@@ -20,7 +20,25 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::cache::CacheError;
+/// Why a slot file could not be read or written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotError {
+    /// The file system refused (or a payload does not fit): the message says which.
+    Io(String),
+    /// The file is not a slot file, or neither slot holds a valid record.
+    Corrupt(String),
+}
+
+impl std::fmt::Display for SlotError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SlotError::Io(m) => f.write_str(m),
+            SlotError::Corrupt(m) => write!(f, "corrupt: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for SlotError {}
 
 const FILE_MAGIC: &[u8; 8] = b"SGLSLOTF";
 const SLOT_MAGIC: &[u8; 8] = b"SGLSLOT1";
@@ -67,9 +85,9 @@ fn record_crc(sequence: u64, payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&sequence.to_le_bytes()), payload)
 }
 
-fn file_header(capacity: usize) -> Result<[u8; FILE_HEADER], CacheError> {
+fn file_header(capacity: usize) -> Result<[u8; FILE_HEADER], SlotError> {
     let cap = u32::try_from(capacity)
-        .map_err(|_| CacheError::Io(format!("slot capacity {capacity} too large")))?;
+        .map_err(|_| SlotError::Io(format!("slot capacity {capacity} too large")))?;
     let mut h = [0u8; FILE_HEADER];
     let (head, crc) = h.split_at_mut(12);
     let (magic, cap_bytes) = head.split_at_mut(8);
@@ -80,9 +98,9 @@ fn file_header(capacity: usize) -> Result<[u8; FILE_HEADER], CacheError> {
 }
 
 /// The bytes of a slot record (header and payload, no padding).
-fn slot_record(sequence: u64, payload: &[u8]) -> Result<Vec<u8>, CacheError> {
+fn slot_record(sequence: u64, payload: &[u8]) -> Result<Vec<u8>, SlotError> {
     let len = u32::try_from(payload.len())
-        .map_err(|_| CacheError::Io(format!("payload of {} bytes too large", payload.len())))?;
+        .map_err(|_| SlotError::Io(format!("payload of {} bytes too large", payload.len())))?;
     let mut r = Vec::with_capacity(SLOT_HEADER + payload.len());
     r.extend_from_slice(SLOT_MAGIC);
     r.extend_from_slice(&sequence.to_le_bytes());
@@ -151,7 +169,7 @@ impl SlotFile {
         held: &mut Option<SlotFile>,
         path: &Path,
         payload: &[u8],
-    ) -> Result<(), CacheError> {
+    ) -> Result<(), SlotError> {
         let f = match held {
             Some(f) => f,
             None => {
@@ -164,8 +182,8 @@ impl SlotFile {
 
     /// Opens `path`, or creates it (empty, slots of at least `min_capacity` bytes) if it does
     /// not exist; returns the newest valid payload. Both slots invalid (or a bad file
-    /// header) is [`CacheError::Corrupt`]: the caller moves the file aside.
-    pub fn open_or_create(path: &Path, min_capacity: usize) -> Result<Opened, CacheError> {
+    /// header) is [`SlotError::Corrupt`]: the caller moves the file aside.
+    pub fn open_or_create(path: &Path, min_capacity: usize) -> Result<Opened, SlotError> {
         match Self::open(path)? {
             Some(opened) => Ok(opened),
             None => Ok((Self::create(path, pow2_at_least(min_capacity), None)?, None)),
@@ -173,9 +191,9 @@ impl SlotFile {
     }
 
     /// Opens `path` if it exists (`None` if not), with the newest valid payload.
-    pub fn open(path: &Path) -> Result<Option<Opened>, CacheError> {
-        let io = |e: std::io::Error| CacheError::Io(format!("reading {}: {e}", path.display()));
-        let corrupt = |why: &str| CacheError::Corrupt(format!("{}: {why}", path.display()));
+    pub fn open(path: &Path) -> Result<Option<Opened>, SlotError> {
+        let io = |e: std::io::Error| SlotError::Io(format!("reading {}: {e}", path.display()));
+        let corrupt = |why: &str| SlotError::Corrupt(format!("{}: {why}", path.display()));
         let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -247,12 +265,12 @@ impl SlotFile {
         )))
     }
 
-    /// Builds the file as a whole ([`sigil_fs::create_private`]), `first` in slot 0.
+    /// Builds the file as a whole ([`crate::create_private`]), `first` in slot 0.
     fn create(
         path: &Path,
         capacity: usize,
         first: Option<(u64, &[u8])>,
-    ) -> Result<Self, CacheError> {
+    ) -> Result<Self, SlotError> {
         let slot_size = SLOT_HEADER + capacity;
         let mut image = vec![0u8; FILE_HEADER + 2 * slot_size];
         let header = file_header(capacity)?;
@@ -264,14 +282,14 @@ impl SlotFile {
             let rec = slot_record(sequence, payload)?;
             let dst = image
                 .get_mut(FILE_HEADER..FILE_HEADER + rec.len())
-                .ok_or_else(|| CacheError::Io("payload above the slot capacity".into()))?;
+                .ok_or_else(|| SlotError::Io("payload above the slot capacity".into()))?;
             dst.copy_from_slice(&rec);
             extent[0] = rec.len();
         }
         // Written, not `set_len`/`fallocate`: unwritten extents would make the first overwrite
         // of each block a metadata change.
-        let f = sigil_fs::create_private(path, &image)
-            .map_err(|e| CacheError::Io(format!("creating {}: {e}", path.display())))?;
+        let f = crate::create_private(path, &image)
+            .map_err(|e| SlotError::Io(format!("creating {}: {e}", path.display())))?;
         Ok(Self {
             path: path.to_owned(),
             file: f,
@@ -289,12 +307,12 @@ impl SlotFile {
     /// Durably stores `payload` as the newest record: into the other slot than the newest
     /// valid one, one `pwrite` and one `fdatasync`, before returning. A payload above the
     /// capacity rebuilds the file (twice the payload, as a power of two) with it in slot 0.
-    pub fn write(&mut self, payload: &[u8]) -> Result<(), CacheError> {
+    pub fn write(&mut self, payload: &[u8]) -> Result<(), SlotError> {
         let sequence = self.newest.map_or(1, |(_, s)| s.saturating_add(1));
         if payload.len() > self.capacity {
             let capacity = capacity_for(payload.len());
             if payload.len() > capacity {
-                return Err(CacheError::Io(format!(
+                return Err(SlotError::Io(format!(
                     "{}: payload of {} bytes too large",
                     self.path.display(),
                     payload.len()
@@ -303,8 +321,7 @@ impl SlotFile {
             *self = Self::create(&self.path, capacity, Some((sequence, payload)))?;
             return Ok(());
         }
-        let io =
-            |e: std::io::Error| CacheError::Io(format!("writing {}: {e}", self.path.display()));
+        let io = |e: std::io::Error| SlotError::Io(format!("writing {}: {e}", self.path.display()));
         let target = match self.newest {
             Some((0, _)) => 1,
             _ => 0,
@@ -361,7 +378,7 @@ mod tests {
             std::fs::metadata(&p).unwrap().len() as usize,
             FILE_HEADER + 2 * (SLOT_HEADER + MIN_CAPACITY)
         );
-        assert!(!sigil_fs::temp_path(&p).exists());
+        assert!(!crate::temp_path(&p).exists());
     }
 
     #[test]
@@ -436,7 +453,7 @@ mod tests {
         let mut b = std::fs::read(&q).unwrap();
         b[FILE_HEADER + SLOT_HEADER] ^= 1;
         std::fs::write(&q, &b).unwrap();
-        assert!(matches!(SlotFile::open(&q), Err(CacheError::Corrupt(_))));
+        assert!(matches!(SlotFile::open(&q), Err(SlotError::Corrupt(_))));
     }
 
     #[test]
@@ -452,15 +469,15 @@ mod tests {
         b[slot_offset(cap, 0) + SLOT_HEADER] ^= 1;
         b[slot_offset(cap, 1) + 2] ^= 1;
         std::fs::write(&p, &b).unwrap();
-        assert!(matches!(SlotFile::open(&p), Err(CacheError::Corrupt(_))));
+        assert!(matches!(SlotFile::open(&p), Err(SlotError::Corrupt(_))));
         assert!(matches!(
             SlotFile::open_or_create(&p, 0),
-            Err(CacheError::Corrupt(_))
+            Err(SlotError::Corrupt(_))
         ));
         // Truncated, garbage, empty: errors, not panics.
         for bytes in [&b[..b.len() - 1], b"garbage".as_slice(), b"".as_slice()] {
             std::fs::write(&p, bytes).unwrap();
-            assert!(matches!(SlotFile::open(&p), Err(CacheError::Corrupt(_))));
+            assert!(matches!(SlotFile::open(&p), Err(SlotError::Corrupt(_))));
         }
     }
 

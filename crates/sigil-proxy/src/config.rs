@@ -79,7 +79,7 @@ pub struct ProxyConfig {
     pub policy_dir: Option<PathBuf>,
     /// Where policies come from: `dir` (default, `policy_dir`) or `agent`: the signed policy
     /// bundle the local agent streams (`WatchPolicy` on `workload_api_socket`), verified
-    /// here, never rolled back (highest revision kept in `<audit_log>.policy-revision`), and
+    /// here, never rolled back (highest revision kept in `<audit_log>.policy-revision.slots`), and
     /// enforced until its `not_after`; then every request is refused (503) until a newer
     /// bundle arrives.
     #[serde(default)]

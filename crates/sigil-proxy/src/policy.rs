@@ -190,11 +190,19 @@ pub fn start(
 
 // ---- policy_source = "agent": signed bundles from the local agent ----
 
-/// The proxy's anti-rollback record: `<audit_log>.policy-revision`.
+/// The proxy's anti-rollback record: `<audit_log>.policy-revision.slots`, a two-slot file
+/// ([`sigil_fs::slot`]): one data flush per accepted bundle.
 pub fn revision_file(audit_log: &Path) -> PathBuf {
     let mut s = audit_log.as_os_str().to_owned();
-    s.push(".policy-revision");
+    s.push(".policy-revision.slots");
     PathBuf::from(s)
+}
+
+/// Where earlier versions kept the record (JSON, replaced whole), read when the slot file
+/// does not exist yet: `<audit_log>.policy-revision` beside it.
+fn legacy_revision_file(slots: &Path) -> Option<PathBuf> {
+    let s = slots.to_str()?.strip_suffix(".slots")?;
+    Some(PathBuf::from(s))
 }
 
 /// The set in force before any bundle is known: empty, and already past its validity, so
@@ -215,6 +223,8 @@ struct KeysDoc {
 pub struct BundleFollower {
     trust_domain: String,
     state_file: PathBuf,
+    /// The slot file, once opened or created.
+    slots: Option<sigil_fs::slot::SlotFile>,
     accepted: Option<Accepted>,
     /// The revision of the set in force (none before the first bundle since start).
     loaded: Option<u64>,
@@ -231,21 +241,41 @@ impl BundleFollower {
         state_file: PathBuf,
         current: Arc<ArcSwap<PolicyEngine>>,
     ) -> anyhow::Result<Self> {
-        let accepted = match std::fs::read(&state_file) {
-            Ok(b) => Some(serde_json::from_slice::<Accepted>(&b).with_context(|| {
-                format!(
-                    "policy revision record {} is corrupt (remove it only if you know the last revision enforced)",
-                    state_file.display()
-                )
-            })?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => {
-                return Err(e).with_context(|| format!("reading {}", state_file.display()));
+        let corrupt = |path: &Path| {
+            format!(
+                "policy revision record {} is corrupt (remove it only if you know the last revision enforced)",
+                path.display()
+            )
+        };
+        let (slots, record) = match sigil_fs::slot::SlotFile::open(&state_file) {
+            Ok(Some((f, record))) => (Some(f), record),
+            Ok(None) => (None, None),
+            Err(e) => return Err(anyhow::Error::new(e)).with_context(|| corrupt(&state_file)),
+        };
+        let record = match (record, legacy_revision_file(&state_file)) {
+            (Some(r), _) => Some(r),
+            (None, Some(legacy)) if slots.is_none() => match std::fs::read(&legacy) {
+                Ok(b) => {
+                    serde_json::from_slice::<Accepted>(&b).with_context(|| corrupt(&legacy))?;
+                    Some(b)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading {}", legacy.display()));
+                }
+            },
+            (None, _) => None,
+        };
+        let accepted = match record {
+            Some(b) => {
+                Some(serde_json::from_slice::<Accepted>(&b).with_context(|| corrupt(&state_file))?)
             }
+            None => None,
         };
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
             state_file,
+            slots,
             accepted,
             loaded: None,
             current,
@@ -308,8 +338,12 @@ impl BundleFollower {
         let record = b.accepted();
         if self.accepted.as_ref() != Some(&record) {
             // INVARIANT: the floor is on disk before the new set is used.
-            sigil_fs::write_private(&self.state_file, &serde_json::to_vec(&record)?)
-                .with_context(|| format!("writing {}", self.state_file.display()))?;
+            sigil_fs::slot::SlotFile::write_into(
+                &mut self.slots,
+                &self.state_file,
+                &serde_json::to_vec(&record)?,
+            )
+            .with_context(|| format!("writing {}", self.state_file.display()))?;
         }
         self.current.store(Arc::new(engine));
         if let (Some((limits, _)), Some(settings)) = (&self.limits, settings) {
@@ -340,12 +374,15 @@ impl BundleFollower {
 /// is refused: `forward` checks [`PolicyEngine::expired`] per request).
 pub fn watch_agent(
     socket: &str,
-    mut follower: BundleFollower,
+    follower: BundleFollower,
     current: Arc<ArcSwap<PolicyEngine>>,
     clock: Arc<dyn sigil_core::Clock>,
 ) {
     let path = crate::workload::socket_path(socket);
     let follow_clock = clock.clone();
+    // Verifying a bundle, compiling its policies and flushing the floor take a millisecond
+    // or more: on the blocking pool, not on a worker thread that requests are waiting for.
+    let follower = Arc::new(std::sync::Mutex::new(follower));
     tokio::spawn(async move {
         use sigil_proto::enforcer as epb;
         let mut backoff = Duration::from_millis(250);
@@ -366,11 +403,21 @@ pub fn watch_agent(
                         match stream.message().await {
                             Ok(Some(m)) => {
                                 let now = follow_clock.now();
-                                if let Err(e) =
-                                    follower.offer(&m.envelope, &m.policy_keys_jwks, now)
-                                {
+                                let revision = m.revision;
+                                let f = follower.clone();
+                                let offered = tokio::task::spawn_blocking(move || {
+                                    f.lock().unwrap_or_else(|e| e.into_inner()).offer(
+                                        &m.envelope,
+                                        &m.policy_keys_jwks,
+                                        now,
+                                    )
+                                })
+                                .await
+                                .map_err(anyhow::Error::from)
+                                .and_then(|r| r);
+                                if let Err(e) = offered {
                                     tracing::error!(
-                                        revision = m.revision,
+                                        revision,
                                         error = format!("{e:#}"),
                                         "policy bundle from the agent refused; keeping the current policies"
                                     );
@@ -612,6 +659,43 @@ mod tests {
             // A corrupt record stops the proxy rather than forgetting the floor.
             std::fs::write(&state, "{").unwrap();
             assert!(BundleFollower::new(TD, state, current).is_err());
+        }
+
+        #[test]
+        fn the_previous_layouts_record_is_the_floor_until_the_first_write() {
+            let dir = tempfile::tempdir().unwrap();
+            let state = revision_file(&dir.path().join("audit.log"));
+            let legacy = dir.path().join("audit.log.policy-revision");
+            let signer = PolicySigner::generate().unwrap();
+            let k = jwks(&signer);
+            let r5 = signer.sign(&content(5, ALLOW, NOW + 60)).unwrap();
+            // Record revision 5 the old way: the JSON an earlier proxy wrote.
+            let current = Arc::new(ArcSwap::from_pointee(no_bundle_yet().unwrap()));
+            let mut f = BundleFollower::new(TD, state.clone(), current.clone()).unwrap();
+            f.offer(&r5, &k, NOW).unwrap();
+            drop(f);
+            let record = sigil_fs::slot::SlotFile::open(&state)
+                .unwrap()
+                .unwrap()
+                .1
+                .unwrap();
+            std::fs::remove_file(&state).unwrap();
+            std::fs::write(&legacy, &record).unwrap();
+            let mut f = BundleFollower::new(TD, state.clone(), current.clone()).unwrap();
+            assert_eq!(f.accepted_revision(), Some(5));
+            let r4 = signer.sign(&content(4, MORE, NOW + 60)).unwrap();
+            assert!(f.offer(&r4, &k, NOW).is_err());
+            // A corrupt old record is refused too.
+            std::fs::write(&legacy, "{").unwrap();
+            assert!(BundleFollower::new(TD, state.clone(), current.clone()).is_err());
+            // Once the slot file exists, it is the record.
+            let r6 = signer.sign(&content(6, ALLOW, NOW + 60)).unwrap();
+            std::fs::remove_file(&legacy).unwrap();
+            let mut f = BundleFollower::new(TD, state.clone(), current.clone()).unwrap();
+            f.offer(&r6, &k, NOW).unwrap();
+            std::fs::write(&legacy, "{").unwrap();
+            let f = BundleFollower::new(TD, state, current).unwrap();
+            assert_eq!(f.accepted_revision(), Some(6));
         }
     }
 }
