@@ -33,10 +33,13 @@ impl Drop for Process {
     }
 }
 
-/// A loopback port nothing listens on right now.
-pub(super) fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// `n` distinct loopback ports nothing listens on right now (all held while choosing, so
+/// the kernel cannot hand one out twice).
+pub(super) fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 async fn wait_ports(p: &mut Process, ports: &[u16], log: &Path) -> anyhow::Result<()> {

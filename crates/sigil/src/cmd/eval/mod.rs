@@ -448,9 +448,7 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
     for &kind in &args.systems {
         match kind {
             SystemKind::Static => {
-                let ports = (0..args.nodes)
-                    .map(|_| baseline::free_port())
-                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let ports = baseline::free_ports(args.nodes)?;
                 let dir = work.path.join("nginx");
                 let p = baseline::start_nginx(&dir, &key, &ports, &upstreams).await?;
                 let accepts = baseline::nginx_accepts_altered(&dir, &ports, &upstreams)?;
@@ -470,13 +468,14 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
                 let dir = work.path.join("envoy");
                 std::fs::create_dir_all(&dir)?;
                 let mut nodes = Vec::with_capacity(args.nodes);
-                for j in 0..args.nodes {
+                let ports = baseline::free_ports(args.nodes)?;
+                for (j, port) in ports.into_iter().enumerate() {
                     let svid = fleet.fetch_svid(j, &fleet::envoy_id(j), None).await?;
                     let (cert, keyf) = (dir.join(format!("{j}.pem")), dir.join(format!("{j}.key")));
                     std::fs::write(&cert, &svid.chain_pem)?;
                     std::fs::write(&keyf, &svid.key_pem)?;
                     nodes.push(baseline::EnvoyNode {
-                        port: baseline::free_port()?,
+                        port,
                         upstream: upstreams.get(j).copied().unwrap_or(9),
                         cert,
                         key: keyf,
@@ -627,15 +626,20 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
                         )
                         .await?;
                     let serial = serial.context("the risky workload's SVID does not verify")?;
+                    // With uplinks cut, a proxy may still lack it; the traffic goes on and
+                    // whatever that proxy lets through is counted against sigil.
                     let deadline = Instant::now() + Duration::from_secs(30);
                     while !proxies
                         .iter()
                         .all(|p| p.revocations().revokes_serial(&serial))
                     {
-                        anyhow::ensure!(
-                            Instant::now() < deadline,
-                            "the quarantine did not reach every proxy within 30 s"
-                        );
+                        if Instant::now() >= deadline {
+                            eprintln!(
+                                "sigil eval: the quarantine has not reached every proxy within \
+                                 30 s; going on"
+                            );
+                            break;
+                        }
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                     Ok(())

@@ -579,6 +579,11 @@ const METHOD: &str = r#"
   policy changes are pushed one at a time through the admin API; the time is from the
   push call's start to the last of the N proxies enforcing the new revision (polled every
   millisecond), a change counts as delivered when every proxy has it within 30 s.
+- **Link failures** (`--link-failures R`): each agent reaches the authority through a TCP
+  relay; every second each relay is cut with probability R/60 for 5 s (open connections
+  closed, new ones refused), through the traffic and the propagation phases. Agents serve
+  from their caches meanwhile and reconnect with backoff; a quarantine or policy change
+  that has not reached a proxy when its requests arrive counts against sigil.
 "#;
 
 #[cfg(test)]
