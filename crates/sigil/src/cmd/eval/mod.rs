@@ -321,7 +321,7 @@ async fn propagation(fleet: &Fleet, first: usize, n: usize) -> anyhow::Result<be
         fleet.proxies.clone(),
         observed.clone(),
         notify.clone(),
-        "spiffe://unused/".into(),
+        None,
     );
     let mut changes = Vec::with_capacity(n);
     let mut calls = Vec::with_capacity(n);
@@ -359,7 +359,11 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
     );
     anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
     anyhow::ensure!(!args.systems.is_empty(), "--systems names no system");
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    // As a reader would type it: `sigil`, not the path this binary was started by.
+    let command = std::iter::once("sigil".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
     let started = Instant::now();
     let work = bench::work_dir(args.dir.clone())?;
     let envoy_bin = if args.systems.contains(&SystemKind::Envoy) {

@@ -49,18 +49,23 @@ struct Ctx {
 /// A real model server that model calls are passed on to.
 #[derive(Clone)]
 pub(super) struct RealModel {
-    base: http::Uri,
+    /// `scheme://authority`, without a trailing slash.
+    base: String,
     client: HttpClient,
 }
 
 impl RealModel {
     /// `url`: the server's base, e.g. `http://127.0.0.1:8000` (plain HTTP on loopback).
     pub(super) fn new(url: &str) -> anyhow::Result<Self> {
-        let base: http::Uri = url.trim_end_matches('/').parse()?;
+        let uri: http::Uri = url.parse()?;
+        let (Some("http"), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            anyhow::bail!("--model-url must be an http:// URL with a host");
+        };
         anyhow::ensure!(
-            base.scheme_str() == Some("http") && base.authority().is_some(),
-            "--model-url must be an http:// URL with a host"
+            uri.path().trim_end_matches('/').is_empty(),
+            "--model-url is the server's base (http://host:port), without a path"
         );
+        let base = format!("http://{authority}");
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http();
@@ -153,4 +158,27 @@ pub(super) async fn start(
         }
     });
     Ok(port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_url_is_a_base_joined_without_a_double_slash() {
+        for url in ["http://127.0.0.1:8000", "http://127.0.0.1:8000/"] {
+            assert_eq!(
+                RealModel::new(url).map(|m| m.base).ok().as_deref(),
+                Some("http://127.0.0.1:8000")
+            );
+        }
+        for bad in [
+            "https://x:1",
+            "127.0.0.1:8000",
+            "http://x:1/v1",
+            "unix:///run/m.sock",
+        ] {
+            assert!(RealModel::new(bad).is_err(), "{bad}");
+        }
+    }
 }
