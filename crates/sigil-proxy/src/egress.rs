@@ -33,7 +33,6 @@ use sigil_tls::SvidServerVerifier;
 use crate::Credentials;
 use crate::extract::Call;
 use crate::respond::Body;
-use crate::shipper::OwnSvid;
 
 /// The `[outbound]` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -500,7 +499,7 @@ fn pool(
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(Arc::new(OwnSvid(serving.clone())));
+        .with_client_cert_resolver(Arc::new(sigil_tls::PresentSvid(serving.clone())));
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);

@@ -24,9 +24,7 @@ use anyhow::{Context, anyhow, bail};
 use arc_swap::ArcSwap;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use rustls::client::ResolvesClientCert;
 use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::sign::CertifiedKey;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
@@ -363,26 +361,8 @@ fn client_config(creds: &Credentials) -> anyhow::Result<Arc<rustls::ClientConfig
     let cfg = rustls::ClientConfig::builder_with_provider(sigil_tls::provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
-        .with_client_cert_resolver(Arc::new(OwnSvid(creds.serving.clone())));
+        .with_client_cert_resolver(Arc::new(sigil_tls::PresentSvid(creds.serving.clone())));
     Ok(Arc::new(cfg))
-}
-
-/// Presents one SVID as the client certificate.
-#[derive(Debug)]
-pub(crate) struct OwnSvid(pub(crate) Arc<CertifiedKey>);
-
-impl ResolvesClientCert for OwnSvid {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        _sigschemes: &[rustls::SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod present;
 mod server;
 mod signatures;
 mod trust;
@@ -17,6 +18,7 @@ mod trust;
 mod test_pki;
 
 pub use client::{DeferredClientVerifier, SvidClientVerifier};
+pub use present::PresentSvid;
 pub use server::SvidServerVerifier;
 pub use signatures::provider;
 pub use trust::SvidTrust;

@@ -497,6 +497,22 @@ pub(super) async fn start_agent_at(
     }
 }
 
+/// Each agent's node ID and Workload API socket: where a sidecar beside it is registered
+/// and takes its credentials from.
+pub(super) fn proxy_targets<'a>(
+    agents: impl Iterator<Item = &'a sigil_agent::RunningAgent>,
+) -> anyhow::Result<Vec<(sigil_core::SpiffeId, PathBuf)>> {
+    agents
+        .map(|a| {
+            let node = a
+                .identities
+                .node_id()
+                .context("an agent without a node identity")?;
+            anyhow::Ok((node, a.socket.clone()))
+        })
+        .collect()
+}
+
 /// Registers an enforcer entry for one proxy under each of the first `n` agents' nodes and
 /// starts the proxies against those agents' sockets (each waits for its SVID and bundles
 /// from its agent, like `sigil proxy --workload-api-socket`).
@@ -506,17 +522,7 @@ pub(super) async fn start_proxies(
     n: usize,
     dir: &Path,
 ) -> anyhow::Result<Vec<Arc<sigil_proxy::RunningProxy>>> {
-    let targets = agents
-        .iter()
-        .take(n)
-        .map(|a| {
-            let node = a
-                .identities
-                .node_id()
-                .context("an agent without a node identity")?;
-            anyhow::Ok((node, a.socket.clone()))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let targets = proxy_targets(agents.iter().take(n))?;
     let setup = ProxySetup {
         trust_domain: BENCH_TRUST_DOMAIN,
         id_path: "/bench/proxy",

@@ -70,23 +70,6 @@ impl AsyncWrite for Counted {
     }
 }
 
-/// Presents one certificate as the client certificate.
-#[derive(Debug)]
-struct Present(Arc<CertifiedKey>);
-
-impl rustls::client::ResolvesClientCert for Present {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        _sigschemes: &[rustls::SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
 /// A client SVID: the chain and key as the Workload API gave them.
 #[derive(Clone)]
 pub(super) struct Svid {
@@ -148,7 +131,7 @@ pub(super) fn tls_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier));
     let cfg = match svid {
-        Some(s) => b.with_client_cert_resolver(Arc::new(Present(s.key.clone()))),
+        Some(s) => b.with_client_cert_resolver(Arc::new(sigil_tls::PresentSvid(s.key.clone()))),
         None => b.with_no_client_auth(),
     };
     Ok(Arc::new(cfg))
@@ -276,7 +259,7 @@ pub(super) async fn client_credentials(
     let cfg = rustls::ClientConfig::builder_with_provider(sigil_tls::provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
-        .with_client_cert_resolver(Arc::new(Present(svid.key.clone())));
+        .with_client_cert_resolver(Arc::new(sigil_tls::PresentSvid(svid.key.clone())));
     let pool = Pool::new(
         Endpoint {
             port,

@@ -148,24 +148,10 @@ impl Fleet {
                 .context("the fleet runtime")?;
         let dir = work.path.clone();
         let server_args = ServerArgs {
-            config: None,
             trust_domain: Some(TD.into()),
             data_dir: Some(dir.join("server")),
             listen_addr: Some("127.0.0.1:0".into()),
-            admin_socket: None,
-            database_url: None,
-            issuer: None,
-            ca_key_type: None,
-            jwt_key_type: None,
-            upstream_ca_cert: None,
-            upstream_ca_key: None,
-            key_encryption_key_file: None,
-            tpm_ek_roots: None,
-            tpm_require_secure_boot: false,
-            tpm_golden_pcrs: Vec::new(),
-            tpm_ek_hashes: Vec::new(),
-            log_format: None,
-            metrics_addr: None,
+            ..ServerArgs::default()
         };
         let cfg = load_config(&server_args)?;
         let server = handle
@@ -226,16 +212,7 @@ impl Fleet {
             issuer: issuer.clone(),
             audience: AUDIENCE.into(),
         };
-        let targets = agents
-            .iter()
-            .map(|a| {
-                let node = a
-                    .identities
-                    .node_id()
-                    .context("an agent without a node ID")?;
-                anyhow::Ok((node, a.socket.clone()))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let targets = bench::proxy_targets(agents.iter())?;
         // On the fleet runtime: the proxies' listeners and connections run there.
         let proxies = {
             let (admin, dir) = (admin.clone(), dir.clone());

@@ -78,13 +78,6 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.accept.abort();
-        for h in self
-            .live
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            h.abort();
-        }
+        self.cut(Duration::ZERO);
     }
 }
