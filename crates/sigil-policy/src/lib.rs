@@ -46,7 +46,7 @@ const CALLER_CACHE: usize = 4096;
 const DECISIONS_PER_CALLER: usize = 256;
 
 /// Why policies could not be loaded, or a request could not be evaluated.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum PolicyError {
     #[error("schema: {0}")]
@@ -149,18 +149,24 @@ struct ActionSlices {
     fallback: PolicySet,
 }
 
-/// A validated set of policies.
-pub struct PolicyEngine {
+/// What policy text compiles to: parsed, validated and indexed. A function of the schema
+/// text and the policy files only (see [`compiled`]).
+struct Compiled {
     policies: PolicySet,
     schema: Schema,
-    authorizer: Authorizer,
-    workload: EntityTypeName,
-    group: EntityTypeName,
-    arguments: EntityTypeName,
     actions: HashMap<String, ActionSlices>,
     /// The schema's action entities, added to each request's entities when the schema has
     /// action groups (so that `action in Action::"group"` evaluates as with the schema).
     action_entities: Vec<Entity>,
+}
+
+/// A validated set of policies.
+pub struct PolicyEngine {
+    compiled: Arc<Compiled>,
+    authorizer: Authorizer,
+    workload: EntityTypeName,
+    group: EntityTypeName,
+    arguments: EntityTypeName,
     /// When the set came from a signed bundle: its revision and its `not_after` (unix
     /// seconds), from which on the set must not be enforced (see [`PolicyEngine::expired`]).
     bundle: Option<(u64, i64)>,
@@ -243,8 +249,9 @@ impl Caller {
 struct CallerParts {
     caller: Caller,
     principal: EntityUid,
-    /// The workload, its groups and the schema's action entities.
-    members: Vec<Entity>,
+    /// The workload, its groups and the schema's action entities (their hierarchy
+    /// computed): a call with arguments adds its `Arguments` entity to a copy.
+    members: Entities,
     /// `members` and an `Arguments` entity without tags.
     entities: Entities,
     context: Context,
@@ -318,6 +325,92 @@ fn parsed_schema(text: &str) -> Result<Schema, PolicyError> {
     Ok(schema)
 }
 
+/// How many distinct policy texts [`compiled`] keeps.
+const COMPILED_CACHE: usize = 4;
+
+/// The text a [`Compiled`] was made from.
+type CompiledKey = (Arc<str>, Vec<(String, String)>);
+
+/// A compilation, done once by whoever asks first while the others wait for it.
+type CompiledCell = Arc<std::sync::OnceLock<Result<Arc<Compiled>, PolicyError>>>;
+
+/// Compiles `files` against `schema_text`, once per distinct text in this process: every
+/// proxy of a process (a device with several sidecars, or a test fleet of hundreds on one
+/// runtime) that is offered the same bundle shares one compilation, and those offered it at
+/// the same moment wait for the first instead of each parsing it again. Compiling is a pure
+/// function of the text, so sharing it changes no decision; each engine keeps its own
+/// caller and decision caches.
+fn compiled(schema_text: &str, files: &[(String, String)]) -> Result<Arc<Compiled>, PolicyError> {
+    static CACHE: Mutex<Vec<(CompiledKey, CompiledCell)>> = Mutex::new(Vec::new());
+    let cell = {
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        let hit = cache
+            .iter()
+            .find(|((schema, f), _)| **schema == *schema_text && f.as_slice() == files)
+            .map(|(_, cell)| cell.clone());
+        match hit {
+            Some(cell) => cell,
+            None => {
+                if cache.len() >= COMPILED_CACHE {
+                    cache.remove(0);
+                }
+                let cell = CompiledCell::default();
+                cache.push(((Arc::from(schema_text), files.to_vec()), cell.clone()));
+                cell
+            }
+        }
+    };
+    cell.get_or_init(|| compile(schema_text, files).map(Arc::new))
+        .clone()
+}
+
+/// Parses `files`, validates them against `schema_text` and indexes them by action.
+fn compile(schema_text: &str, files: &[(String, String)]) -> Result<Compiled, PolicyError> {
+    let schema = parsed_schema(schema_text)?;
+    let mut policies = PolicySet::new();
+    for (file, text) in files {
+        let parsed = PolicySet::from_str(text).map_err(|e| PolicyError::Parse {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        if let Some(t) = parsed.templates().next() {
+            return Err(PolicyError::Parse {
+                file: file.clone(),
+                message: format!(
+                    "template {} (a policy with ?principal or ?resource): templates are not supported",
+                    t.id()
+                ),
+            });
+        }
+        for (n, p) in parsed.policies().enumerate() {
+            let id = p
+                .annotation("id")
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("{file}#{n}"));
+            let p = p.new_id(PolicyId::new(id.clone()));
+            policies.add(p).map_err(|e| PolicyError::Parse {
+                file: file.clone(),
+                message: format!("policy {id}: {e}"),
+            })?;
+        }
+    }
+    let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+    if !result.validation_passed() {
+        let msgs: Vec<String> = result
+            .validation_errors()
+            .map(|e| format!("  {e}"))
+            .collect();
+        return Err(PolicyError::Invalid(msgs.join("\n")));
+    }
+    let (actions, action_entities) = index(&schema, &policies)?;
+    Ok(Compiled {
+        policies,
+        schema,
+        actions,
+        action_entities,
+    })
+}
+
 fn type_name(name: &str) -> Result<EntityTypeName, PolicyError> {
     EntityTypeName::from_str(name).map_err(|e| PolicyError::Schema(e.to_string()))
 }
@@ -333,52 +426,12 @@ impl PolicyEngine {
     /// [`PolicyEngine::new`] against another schema (Cedar schema text), e.g. the one a
     /// signed policy bundle carries.
     pub fn with_schema(schema_text: &str, files: &[(String, String)]) -> Result<Self, PolicyError> {
-        let schema = parsed_schema(schema_text)?;
-        let mut policies = PolicySet::new();
-        for (file, text) in files {
-            let parsed = PolicySet::from_str(text).map_err(|e| PolicyError::Parse {
-                file: file.clone(),
-                message: e.to_string(),
-            })?;
-            if let Some(t) = parsed.templates().next() {
-                return Err(PolicyError::Parse {
-                    file: file.clone(),
-                    message: format!(
-                        "template {} (a policy with ?principal or ?resource): templates are not supported",
-                        t.id()
-                    ),
-                });
-            }
-            for (n, p) in parsed.policies().enumerate() {
-                let id = p
-                    .annotation("id")
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| format!("{file}#{n}"));
-                let p = p.new_id(PolicyId::new(id.clone()));
-                policies.add(p).map_err(|e| PolicyError::Parse {
-                    file: file.clone(),
-                    message: format!("policy {id}: {e}"),
-                })?;
-            }
-        }
-        let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
-        if !result.validation_passed() {
-            let msgs: Vec<String> = result
-                .validation_errors()
-                .map(|e| format!("  {e}"))
-                .collect();
-            return Err(PolicyError::Invalid(msgs.join("\n")));
-        }
-        let (actions, action_entities) = index(&schema, &policies)?;
         Ok(Self {
-            policies,
-            schema,
+            compiled: compiled(schema_text, files)?,
             authorizer: Authorizer::new(),
             workload: type_name("Workload")?,
             group: type_name("Group")?,
             arguments: type_name("Arguments")?,
-            actions,
-            action_entities,
             bundle: None,
             callers: Mutex::new(HashMap::new()),
             hasher: RandomState::new(),
@@ -405,7 +458,7 @@ impl PolicyEngine {
 
     /// How many policies are loaded.
     pub fn len(&self) -> usize {
-        self.policies.policies().count()
+        self.compiled.policies.policies().count()
     }
 
     /// Whether no policy is loaded (then everything is denied).
@@ -422,6 +475,7 @@ impl PolicyEngine {
     /// [`PolicyEngine::decide_reference`], which checks them, and the tests comparing both).
     pub fn decide(&self, q: &Query<'_>) -> Result<Decision, PolicyError> {
         let slices = self
+            .compiled
             .actions
             .get(q.action)
             .ok_or_else(|| PolicyError::Request(format!("unknown action {:?}", q.action)))?;
@@ -454,9 +508,13 @@ impl PolicyEngine {
         let entities = if tags.is_empty() {
             &caller.entities
         } else {
-            let mut members = caller.members.clone();
-            members.push(self.arguments_entity(tags)?);
-            with_arguments = Entities::from_entities(members, None).map_err(bad)?;
+            // The arguments entity has no parents and is nobody's: adding it to the
+            // caller's entities extends their hierarchy without recomputing it.
+            with_arguments = caller
+                .members
+                .clone()
+                .add_entities([self.arguments_entity(tags)?], None)
+                .map_err(bad)?;
             &with_arguments
         };
         let (principal, context) = (caller.principal.clone(), caller.context.clone());
@@ -491,14 +549,17 @@ impl PolicyEngine {
             return Ok(p);
         }
         let (principal, mut members) = self.caller_entities(q)?;
-        members.extend(self.action_entities.iter().cloned());
-        let mut all = members.clone();
-        all.push(self.arguments_entity(Vec::new())?);
+        members.extend(self.compiled.action_entities.iter().cloned());
+        let members = Entities::from_entities(members, None).map_err(bad)?;
+        let entities = members
+            .clone()
+            .add_entities([self.arguments_entity(Vec::new())?], None)
+            .map_err(bad)?;
         let parts = Arc::new(CallerParts {
             caller: Caller::of(q),
             principal,
             members,
-            entities: Entities::from_entities(all, None).map_err(bad)?,
+            entities,
             context: self.context(q)?,
             decisions: Mutex::new(HashMap::new()),
         });
@@ -523,12 +584,19 @@ impl PolicyEngine {
         let action = uid("Action", q.action)?;
         let resource = uid(q.resource_type, q.resource_id)?;
         let (principal, entities, context) = self.request_parts(q, argument_tags(q.arguments)?)?;
-        let entities = Entities::from_entities(entities, Some(&self.schema)).map_err(bad)?;
-        let request =
-            Request::new(principal, action, resource, context, Some(&self.schema)).map_err(bad)?;
+        let entities =
+            Entities::from_entities(entities, Some(&self.compiled.schema)).map_err(bad)?;
+        let request = Request::new(
+            principal,
+            action,
+            resource,
+            context,
+            Some(&self.compiled.schema),
+        )
+        .map_err(bad)?;
         Ok(decision(&self.authorizer.is_authorized(
             &request,
-            &self.policies,
+            &self.compiled.policies,
             &entities,
         )))
     }
@@ -624,12 +692,19 @@ impl PolicyEngine {
             .chain(extra),
         )
         .map_err(bad)?;
-        let entities = Entities::from_entities(entities, Some(&self.schema)).map_err(bad)?;
-        let request =
-            Request::new(principal, action, resource, context, Some(&self.schema)).map_err(bad)?;
+        let entities =
+            Entities::from_entities(entities, Some(&self.compiled.schema)).map_err(bad)?;
+        let request = Request::new(
+            principal,
+            action,
+            resource,
+            context,
+            Some(&self.compiled.schema),
+        )
+        .map_err(bad)?;
         Ok(decision(&self.authorizer.is_authorized(
             &request,
-            &self.policies,
+            &self.compiled.policies,
             &entities,
         )))
     }
@@ -1006,6 +1081,59 @@ mod tests {
                 Err(PolicyError::Schema(_))
             ));
         }
+    }
+
+    #[test]
+    fn each_policy_text_is_compiled_once_and_decides_as_its_own() {
+        // Engines offered the same text at once share one compilation; another text (one
+        // character apart) is its own set and decides otherwise; a text that does not
+        // validate is refused every time, also when asked for at once.
+        let allow = |model: &str| {
+            vec![(
+                "p.cedar".to_string(),
+                format!(
+                    "permit (principal, action == Action::\"invoke\", resource == Model::\"{model}\");"
+                ),
+            )]
+        };
+        let (a, b) = (allow("compiled-once-a"), allow("compiled-once-b"));
+        let engines: Vec<PolicyEngine> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| PolicyEngine::new(&a).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(
+            engines
+                .iter()
+                .all(|e| Arc::ptr_eq(&e.compiled, &engines[0].compiled))
+        );
+        let other = PolicyEngine::new(&b).unwrap();
+        assert!(!Arc::ptr_eq(&other.compiled, &engines[0].compiled));
+        let g = vec!["g".to_string()];
+        let ask =
+            |e: &PolicyEngine, m: &str| e.decide(&q(&g, "invoke", "Model", m, &[])).unwrap().allow;
+        assert!(ask(&engines[3], "compiled-once-a") && !ask(&engines[3], "compiled-once-b"));
+        assert!(ask(&other, "compiled-once-b") && !ask(&other, "compiled-once-a"));
+        let bad = vec![(
+            "p.cedar".to_string(),
+            "permit (principal, action == Action::\"invoke\", resource == Nope::\"x\");"
+                .to_string(),
+        )];
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    assert!(matches!(
+                        PolicyEngine::new(&bad),
+                        Err(PolicyError::Invalid(_))
+                    ))
+                });
+            }
+        });
+        assert!(matches!(
+            PolicyEngine::new(&bad),
+            Err(PolicyError::Invalid(_))
+        ));
     }
 
     fn q<'a>(
@@ -1660,12 +1788,12 @@ mod tests {
             v.sort();
             v
         };
-        let invoke = &e.actions["invoke"];
+        let invoke = &e.compiled.actions["invoke"];
         let m1 = EntityUid::from_str(r#"Model::"m1""#).unwrap();
         assert_eq!(ids(&invoke.by_resource[&m1]), ["a", "c", "d", "e"]);
         assert_eq!(ids(&invoke.fallback), ["c", "d", "e"]);
-        assert_eq!(ids(&e.actions["call_tool"].fallback), ["d", "e"]);
-        assert_eq!(ids(&e.actions["http"].fallback), ["e"]);
-        assert!(e.action_entities.is_empty());
+        assert_eq!(ids(&e.compiled.actions["call_tool"].fallback), ["d", "e"]);
+        assert_eq!(ids(&e.compiled.actions["http"].fallback), ["e"]);
+        assert!(e.compiled.action_entities.is_empty());
     }
 }
