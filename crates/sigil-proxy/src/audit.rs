@@ -1,10 +1,7 @@
 //! Audit before forward: every decision (allow and deny) is appended to a local audit segment
 //! and made durable (fdatasync) before the request proceeds. If it cannot be written, the
-//! request is refused: the only failure mode is deny. Each request task writes its own record
-//! (into the page cache, in order, under the log's lock: no thread hand-off before the
-//! request goes on) and one writer thread syncs; records written while a sync is in flight
-//! share the next one (group commit), so the sync cost is paid per batch. A failed sync
-//! fails every record written since the last good one, and the next record overwrites them.
+//! request is refused: the only failure mode is deny. Records that arrive while a sync is in
+//! flight share the next one (group commit), so the sync cost is paid per batch.
 //!
 //! # Segment format
 //!
@@ -27,6 +24,8 @@ use std::path::Path;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+/// Most records per sync.
+const MAX_BATCH: usize = 512;
 /// The first line of a segment.
 const MAGIC: &[u8] = b"sigil-audit v1\n";
 /// `<8 hex> <8 hex> `
@@ -266,10 +265,14 @@ pub fn read_from(
     Ok(out)
 }
 
-/// Who waits for a record written to the segment to be made durable by a sync.
-type Waiter = oneshot::Sender<Result<(), AuditError>>;
+/// A framed record and who waits for it: to be written (optional), to be durable.
+struct Pending {
+    line: Vec<u8>,
+    written: Option<oneshot::Sender<Result<(), AuditError>>>,
+    durable: oneshot::Sender<Result<(), AuditError>>,
+}
 
-/// A request for the writer other than a sync.
+/// A request for the writer other than a record.
 struct Rotate {
     /// Start a new segment if every record of this one is acknowledged (the writer is at
     /// `acked`) and it holds at least `min_bytes`: the old segment is deleted.
@@ -278,44 +281,32 @@ struct Rotate {
     done: oneshot::Sender<Result<bool, AuditError>>,
 }
 
-/// The segment and what waits for the writer thread.
-struct Log {
-    file: std::sync::Arc<File>,
-    /// Where the next record goes in a regular-file segment (`None`: a device or pipe,
-    /// written as a stream).
-    cursor: Option<Cursor>,
-    /// Bytes written so far: the segment position, or what a stream was given.
-    end: u64,
-    /// Everything up to here is on disk.
-    synced: u64,
-    /// Records written and not yet durable, in order.
-    waiters: Vec<Waiter>,
-    /// Their lines, for the export (only when there is one).
-    lines: Vec<Vec<u8>>,
+/// What waits for the writer thread.
+#[derive(Default)]
+struct Queue {
+    /// Framed records, in order, each with who waits for it to be durable.
+    records: Vec<Pending>,
     rotations: Vec<Rotate>,
-    /// The writer is waiting for work (not syncing).
+    /// The writer is waiting for work (not writing or syncing).
     idle: bool,
     /// A request is about to wake the idle writer (see [`AuditLog::record`]).
     waking: bool,
-    /// Every handle is gone: the writer syncs what is written and stops.
+    /// Every handle is gone: the writer finishes what is queued and stops.
     closed: bool,
-    /// Records after a failed sync could not be cleared: nothing more is written.
-    broken: Option<AuditError>,
 }
 
-/// The segment shared by the request tasks (which write records) and the writer thread
-/// (which syncs them).
+/// The queue between the request tasks and the writer thread.
+#[derive(Default)]
 struct Shared {
-    log: std::sync::Mutex<Log>,
+    queue: std::sync::Mutex<Queue>,
     work: std::sync::Condvar,
-    /// Syncs made.
+    /// Batches written (each one sync).
     syncs: std::sync::atomic::AtomicU64,
-    exporting: bool,
 }
 
 impl Shared {
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Log>, AuditError> {
-        self.log
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Queue>, AuditError> {
+        self.queue
             .lock()
             .map_err(|_| AuditError("writer failed".into()))
     }
@@ -326,19 +317,19 @@ struct WakeOnDrop<'a>(&'a Shared);
 
 impl Drop for WakeOnDrop<'_> {
     fn drop(&mut self) {
-        if let Ok(mut q) = self.0.log.lock() {
+        if let Ok(mut q) = self.0.queue.lock() {
             q.waking = false;
         }
         self.0.work.notify_one();
     }
 }
 
-/// The last handle closes the log.
+/// The last handle closes the queue.
 struct Handle(std::sync::Arc<Shared>);
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        if let Ok(mut q) = self.0.log.lock() {
+        if let Ok(mut q) = self.0.queue.lock() {
             q.closed = true;
         }
         self.0.work.notify_one();
@@ -357,7 +348,7 @@ impl Durable {
     }
 }
 
-/// A handle to the audit segment and its writer thread.
+/// A handle to the audit writer thread.
 #[derive(Clone)]
 pub struct AuditLog {
     shared: std::sync::Arc<Handle>,
@@ -377,8 +368,8 @@ impl AuditLog {
         Self::open_with_export(path, None)
     }
 
-    /// [`AuditLog::open`], and after each successful sync the records it made durable are
-    /// offered (without blocking) to `export`: only durable records are exported.
+    /// [`AuditLog::open`], and after each successful sync the batch's records are offered
+    /// (without blocking) to `export`: only durable records are exported.
     pub fn open_with_export(
         path: &Path,
         export: Option<crate::export::ExportSink>,
@@ -400,31 +391,13 @@ impl AuditLog {
         } else {
             None
         };
-        let end = cursor.as_ref().map_or(0, |c| c.pos);
-        let shared = std::sync::Arc::new(Shared {
-            log: std::sync::Mutex::new(Log {
-                file: std::sync::Arc::new(file),
-                cursor,
-                end,
-                synced: end,
-                waiters: Vec::new(),
-                lines: Vec::new(),
-                rotations: Vec::new(),
-                idle: false,
-                waking: false,
-                closed: false,
-                broken: None,
-            }),
-            work: std::sync::Condvar::new(),
-            syncs: std::sync::atomic::AtomicU64::new(0),
-            exporting: export.is_some(),
-        });
+        let shared = std::sync::Arc::new(Shared::default());
         std::thread::Builder::new()
             .name("sigil-audit".into())
             .spawn({
                 let path = path.to_owned();
                 let shared = shared.clone();
-                move || writer(&shared, export, path)
+                move || writer(file, cursor, &shared, export, path)
             })
             .map_err(|e| AuditError(format!("starting the audit writer: {e}")))?;
         Ok(Self {
@@ -434,14 +407,16 @@ impl AuditLog {
 
     /// Returns once `rec` is durable in the segment.
     ///
-    /// The request task writes its record itself (a write into the page cache, in order,
-    /// under the log's lock) and the writer thread syncs. Group commit: records written
-    /// while the writer syncs go into its next sync. When the writer is idle, the first
-    /// record does not wake it at once but yields to the runtime first, so that the other
-    /// requests ready to run now add their records to the same sync (on a busy proxy, one
-    /// sync and one thread wake-up for many records; idle, the yield returns at once).
+    /// Group commit: records that arrive while the writer syncs go into its next sync. When
+    /// the writer is idle, the first record does not wake it at once but yields to the
+    /// runtime first, so that the other requests ready to run now add their records to the
+    /// same sync (on a busy proxy, one sync and one thread wake-up for many records; idle,
+    /// the yield returns at once).
     pub async fn record(&self, rec: &DecisionRecord) -> Result<(), AuditError> {
-        self.write(rec).await?.wait().await
+        let (durable, wait) = oneshot::channel();
+        self.enqueue(rec, None, durable).await?;
+        wait.await
+            .map_err(|_| AuditError("writer stopped".into()))?
     }
 
     /// Returns once `rec` is written to the segment (in the kernel: it survives a crash of
@@ -449,17 +424,31 @@ impl AuditLog {
     /// without side effects, whose answer is held until then: the flush overlaps the
     /// upstream's work.
     pub async fn write(&self, rec: &DecisionRecord) -> Result<Durable, AuditError> {
+        let (written, wait_written) = oneshot::channel();
+        let (durable, wait_durable) = oneshot::channel();
+        self.enqueue(rec, Some(written), durable).await?;
+        wait_written
+            .await
+            .map_err(|_| AuditError("writer stopped".into()))??;
+        Ok(Durable(wait_durable))
+    }
+
+    /// Queues `rec` for the writer (see [`AuditLog::record`] on how it is woken).
+    async fn enqueue(
+        &self,
+        rec: &DecisionRecord,
+        written: Option<oneshot::Sender<Result<(), AuditError>>>,
+        durable: oneshot::Sender<Result<(), AuditError>>,
+    ) -> Result<(), AuditError> {
         let json = serde_json::to_vec(rec).map_err(|e| AuditError(e.to_string()))?;
-        let line = frame(&json);
         let shared = &self.shared.0;
-        let (durable, wait) = oneshot::channel();
         let wake = {
             let mut q = shared.lock()?;
-            q.append(&line)?;
-            q.waiters.push(durable);
-            if shared.exporting {
-                q.lines.push(line);
-            }
+            q.records.push(Pending {
+                line: frame(&json),
+                written,
+                durable,
+            });
             let wake = q.idle && !q.waking;
             q.waking |= wake;
             wake
@@ -469,10 +458,10 @@ impl AuditLog {
             let _wake = WakeOnDrop(shared);
             tokio::task::yield_now().await;
         }
-        Ok(Durable(wait))
+        Ok(())
     }
 
-    /// How many syncs the writer has made.
+    /// How many batches the writer has written (one sync each).
     #[cfg_attr(not(test), allow(dead_code))]
     pub fn syncs(&self) -> u64 {
         self.shared
@@ -483,10 +472,9 @@ impl AuditLog {
 
     /// Replaces the segment by a new, empty one if the writer is exactly at `acked` (every
     /// record written has been acknowledged by the server) and the segment holds at least
-    /// `min_bytes`; whether it did. Decided by the writer thread under the log's lock once
-    /// everything written is durable, so no record can slip in between the check and the
-    /// switch. The new segment is made durable (header, fsync, rename over the old one,
-    /// fsync of the directory) before anything is written to it.
+    /// `min_bytes`; whether it did. Decided in the writer thread, so no record can slip in
+    /// between the check and the switch. The new segment is made durable (header, fsync,
+    /// rename over the old one, fsync of the directory) before anything is written to it.
     pub async fn rotate_if_acked(&self, acked: u64, min_bytes: u64) -> Result<bool, AuditError> {
         let (done, wait) = oneshot::channel();
         let shared = &self.shared.0;
@@ -498,174 +486,6 @@ impl AuditLog {
         shared.work.notify_one();
         wait.await
             .map_err(|_| AuditError("writer stopped".into()))?
-    }
-}
-
-impl Log {
-    /// Writes `line` after the last record (zero-filling ahead first when needed). On an
-    /// error nothing moves: the next record overwrites the same place, so a partial record
-    /// never sits before a complete one.
-    fn append(&mut self, line: &[u8]) -> Result<(), AuditError> {
-        if let Some(e) = &self.broken {
-            return Err(e.clone());
-        }
-        let err = |e: std::io::Error| AuditError(e.to_string());
-        match self.cursor.as_mut() {
-            Some(c) => {
-                let end = c.pos + line.len() as u64;
-                if end > c.allocated {
-                    let to = end.div_ceil(PREALLOC_STEP).max(1) * PREALLOC_STEP;
-                    zero(&self.file, c.allocated, to).map_err(err)?;
-                    c.allocated = to;
-                }
-                self.file.write_all_at(line, c.pos).map_err(err)?;
-                c.pos = end;
-                self.end = end;
-            }
-            None => {
-                (&*self.file).write_all(line).map_err(err)?;
-                self.end += line.len() as u64;
-            }
-        }
-        Ok(())
-    }
-
-    /// After a failed sync: what was written since the last good one may not be on disk
-    /// (and the kernel may have dropped it), so the position goes back there and every
-    /// record after it is failed (refused, or its answer withheld); the next record
-    /// overwrites them.
-    fn roll_back(&mut self, e: &AuditError) {
-        if let Some(c) = self.cursor.as_mut() {
-            // Zeroed, so that a shorter record written next is not followed by the rest of
-            // these (readers stop at the first NUL). If even that fails, nothing more is
-            // written: every later record fails.
-            if let Err(z) = zero(&self.file, self.synced, self.end) {
-                tracing::error!(error = %z, "audit log: could not clear after a failed sync");
-                self.broken = Some(e.clone());
-            }
-            c.pos = self.synced;
-            self.end = self.synced;
-        }
-        self.lines.clear();
-        for w in self.waiters.drain(..) {
-            let _ = w.send(Err(e.clone()));
-        }
-    }
-
-    /// Zero-fills the next step ahead when the writer is within half a step of the end of
-    /// what is allocated, so that requests seldom have to.
-    fn allocate_ahead(&mut self) -> std::io::Result<()> {
-        if let Some(c) = self.cursor.as_mut()
-            && c.allocated.saturating_sub(c.pos) < PREALLOC_STEP / 2
-        {
-            let to = c.allocated + PREALLOC_STEP;
-            zero(&self.file, c.allocated, to)?;
-            c.allocated = to;
-        }
-        Ok(())
-    }
-
-    /// Carries out the rotations asked for; only once everything written is durable.
-    fn rotate(&mut self, path: &Path) {
-        for Rotate {
-            acked,
-            min_bytes,
-            done,
-        } in std::mem::take(&mut self.rotations)
-        {
-            let r = match self.cursor.as_mut() {
-                Some(c) if c.pos == acked && c.pos >= min_bytes.max(FIRST_RECORD + 1) => {
-                    match fresh_segment(path) {
-                        Ok(f) => {
-                            tracing::info!(
-                                path = %path.display(),
-                                bytes = c.pos,
-                                "audit segment fully acknowledged: replaced by a new one"
-                            );
-                            self.file = std::sync::Arc::new(f);
-                            *c = Cursor {
-                                pos: FIRST_RECORD,
-                                allocated: FIRST_RECORD,
-                            };
-                            self.end = FIRST_RECORD;
-                            self.synced = FIRST_RECORD;
-                            Ok(true)
-                        }
-                        Err(e) => Err(AuditError(e.to_string())),
-                    }
-                }
-                _ => Ok(false),
-            };
-            let _ = done.send(r);
-        }
-    }
-}
-
-/// The writer thread: syncs what the requests wrote, answers them, offers the durable
-/// records to the export; rotates the segment when asked.
-fn writer(shared: &Shared, export: Option<crate::export::ExportSink>, path: std::path::PathBuf) {
-    let Ok(mut q) = shared.log.lock() else {
-        return;
-    };
-    loop {
-        // A request that is waking the writer is about to be joined by others: wait for it.
-        let to_sync = !q.waiters.is_empty() && (!q.waking || q.closed);
-        if !to_sync {
-            if !q.rotations.is_empty() && q.waiters.is_empty() {
-                q.rotate(&path);
-                continue;
-            }
-            if q.closed {
-                return;
-            }
-            q.idle = true;
-            q = match shared.work.wait(q) {
-                Ok(q) => q,
-                Err(_) => return,
-            };
-            q.idle = false;
-            continue;
-        }
-        let (file, target) = (q.file.clone(), q.end);
-        let waiters = std::mem::take(&mut q.waiters);
-        let lines = std::mem::take(&mut q.lines);
-        drop(q);
-        let synced = file.sync_data().map_err(|e| AuditError(e.to_string()));
-        shared
-            .syncs
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        q = match shared.log.lock() {
-            Ok(q) => q,
-            Err(_) => return,
-        };
-        match &synced {
-            Ok(()) => {
-                // A rotation in between would have waited for these waiters: same file.
-                q.synced = q.synced.max(target);
-                if let Err(e) = q.allocate_ahead() {
-                    tracing::warn!(error = %e, "audit log: could not allocate ahead");
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "audit log sync failed; refusing requests");
-                q.roll_back(e);
-            }
-        }
-        drop(q);
-        for w in waiters {
-            let _ = w.send(synced.clone());
-        }
-        // After the waiters are answered: the export never delays a request.
-        if let Some(x) = &export
-            && synced.is_ok()
-            && !lines.is_empty()
-        {
-            x.offer(lines);
-        }
-        q = match shared.log.lock() {
-            Ok(q) => q,
-            Err(_) => return,
-        };
     }
 }
 
@@ -732,6 +552,150 @@ fn zero(file: &File, from: u64, to: u64) -> std::io::Result<()> {
         at += n;
     }
     Ok(())
+}
+
+/// What the writer takes from the queue in one go.
+struct Work {
+    records: Vec<Pending>,
+    rotations: Vec<Rotate>,
+}
+
+/// Waits until there is something to write (or rotate), and takes it; `None` once the queue
+/// is closed and drained (or broken).
+fn next_work(shared: &Shared) -> Option<Work> {
+    let mut q = shared.queue.lock().ok()?;
+    loop {
+        // A request that is waking the writer is about to be joined by others: wait for it.
+        let records_ready = !q.records.is_empty() && !q.waking;
+        if records_ready || !q.rotations.is_empty() || (q.closed && !q.records.is_empty()) {
+            break;
+        }
+        if q.closed {
+            return None;
+        }
+        q.idle = true;
+        q = shared.work.wait(q).ok()?;
+    }
+    q.idle = false;
+    let take = q.records.len().min(MAX_BATCH);
+    let records = q.records.drain(..take).collect();
+    // Rotations only once the records queued before them are written.
+    let rotations = if q.records.is_empty() {
+        std::mem::take(&mut q.rotations)
+    } else {
+        Vec::new()
+    };
+    Some(Work { records, rotations })
+}
+
+fn writer(
+    mut file: File,
+    mut cursor: Option<Cursor>,
+    shared: &Shared,
+    export: Option<crate::export::ExportSink>,
+    path: std::path::PathBuf,
+) {
+    while let Some(work) = next_work(shared) {
+        if !work.records.is_empty() {
+            write_batch(&file, cursor.as_mut(), work.records, export.as_ref());
+            shared
+                .syncs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        for Rotate {
+            acked,
+            min_bytes,
+            done,
+        } in work.rotations
+        {
+            let r = match cursor.as_mut() {
+                Some(c) if c.pos == acked && c.pos >= min_bytes.max(FIRST_RECORD + 1) => {
+                    match fresh_segment(&path) {
+                        Ok(f) => {
+                            tracing::info!(
+                                path = %path.display(),
+                                bytes = c.pos,
+                                "audit segment fully acknowledged: replaced by a new one"
+                            );
+                            file = f;
+                            *c = Cursor {
+                                pos: FIRST_RECORD,
+                                allocated: FIRST_RECORD,
+                            };
+                            Ok(true)
+                        }
+                        Err(e) => Err(AuditError(e.to_string())),
+                    }
+                }
+                _ => Ok(false),
+            };
+            let _ = done.send(r);
+        }
+    }
+}
+
+/// Writes one batch and answers those waiting for it to be written, syncs it and answers
+/// those waiting for it to be durable (and offers it to the export).
+fn write_batch(
+    mut file: &File,
+    mut cursor: Option<&mut Cursor>,
+    batch: Vec<Pending>,
+    export: Option<&crate::export::ExportSink>,
+) {
+    let mut bytes = Vec::with_capacity(batch.iter().map(|p| p.line.len()).sum());
+    for p in &batch {
+        bytes.extend_from_slice(&p.line);
+    }
+    let mut durable_waiters = Vec::with_capacity(batch.len());
+    let mut lines = Vec::new();
+    let written = match cursor.as_deref_mut() {
+        Some(c) => write_at(file, c, &bytes),
+        None => file.write_all(&bytes),
+    }
+    .map_err(|e| AuditError(e.to_string()));
+    for p in batch {
+        if let Some(w) = p.written {
+            let _ = w.send(written.clone());
+        }
+        durable_waiters.push(p.durable);
+        if export.is_some() {
+            lines.push(p.line);
+        }
+    }
+    let result = written.and_then(|()| {
+        file.sync_data().map_err(|e| AuditError(e.to_string()))?;
+        // On a write or sync error the position is not advanced: the next batch overwrites
+        // the same place, so a partial record never sits before a complete one.
+        if let Some(c) = cursor {
+            c.pos += bytes.len() as u64;
+        }
+        Ok(())
+    });
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "audit log write failed; refusing requests");
+    }
+    for done in durable_waiters {
+        let _ = done.send(result.clone());
+    }
+    // After the waiters are answered: the export never delays a request.
+    if let Some(x) = export
+        && result.is_ok()
+        && !lines.is_empty()
+    {
+        x.offer(lines);
+    }
+}
+
+/// Writes `bytes` at the cursor (zero-filling ahead first when needed); the caller syncs
+/// and advances the cursor.
+fn write_at(file: &File, c: &mut Cursor, bytes: &[u8]) -> std::io::Result<()> {
+    let end = c.pos + bytes.len() as u64;
+    if end > c.allocated {
+        let to = end.div_ceil(PREALLOC_STEP).max(1) * PREALLOC_STEP;
+        zero(file, c.allocated, to)?;
+        c.allocated = to;
+    }
+    file.write_all_at(bytes, c.pos)
 }
 
 #[cfg(test)]
@@ -827,41 +791,6 @@ mod tests {
             .map(|r| r["request_id"].as_str().unwrap().to_owned())
             .collect();
         assert_eq!(ids, ["r0", "r1", "r2"]);
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_failed_sync_fails_what_it_covered_and_the_next_record_overwrites_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
-        log.record(&rec(0)).await.unwrap();
-        // Two records written, then their sync fails (as on EIO): rolled back under the
-        // lock, before the writer can sync them.
-        let waits: Vec<_> = {
-            let mut q = log.shared.0.lock().unwrap();
-            let waits = [1, 2]
-                .map(|i| {
-                    q.append(&frame(&serde_json::to_vec(&rec(i)).unwrap()))
-                        .unwrap();
-                    let (tx, rx) = oneshot::channel();
-                    q.waiters.push(tx);
-                    Durable(rx)
-                })
-                .into_iter()
-                .collect();
-            q.roll_back(&AuditError("EIO".into()));
-            waits
-        };
-        for w in waits {
-            assert!(w.wait().await.is_err(), "a record the failed sync covered");
-        }
-        log.record(&rec(3)).await.unwrap();
-        let ids: Vec<String> = read_records(&path)
-            .unwrap()
-            .iter()
-            .map(|r| r["request_id"].as_str().unwrap().to_owned())
-            .collect();
-        assert_eq!(ids, ["r0", "r3"], "the failed records were overwritten");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
