@@ -358,6 +358,8 @@ pub struct AuditLog {
 struct Cursor {
     pos: u64,
     allocated: u64,
+    /// A failed batch could not be cleared: nothing more is written.
+    broken: bool,
 }
 
 impl AuditLog {
@@ -523,6 +525,7 @@ fn recover(file: &File, path: &Path) -> Result<Cursor, AuditError> {
         return Ok(Cursor {
             pos: MAGIC.len() as u64,
             allocated: MAGIC.len() as u64,
+            broken: false,
         });
     }
     if s.torn > 0 {
@@ -538,6 +541,7 @@ fn recover(file: &File, path: &Path) -> Result<Cursor, AuditError> {
     Ok(Cursor {
         pos: s.end,
         allocated: len,
+        broken: false,
     })
 }
 
@@ -621,6 +625,7 @@ fn writer(
                             *c = Cursor {
                                 pos: FIRST_RECORD,
                                 allocated: FIRST_RECORD,
+                                broken: false,
                             };
                             Ok(true)
                         }
@@ -662,15 +667,13 @@ fn write_batch(
             lines.push(p.line);
         }
     }
-    let result = written.and_then(|()| {
-        file.sync_data().map_err(|e| AuditError(e.to_string()))?;
-        // On a write or sync error the position is not advanced: the next batch overwrites
-        // the same place, so a partial record never sits before a complete one.
-        if let Some(c) = cursor {
-            c.pos += bytes.len() as u64;
+    let result = written.and_then(|()| file.sync_data().map_err(|e| AuditError(e.to_string())));
+    if let Some(c) = cursor {
+        match &result {
+            Ok(()) => c.pos += bytes.len() as u64,
+            Err(_) => discard(file, c, bytes.len() as u64),
         }
-        Ok(())
-    });
+    }
     if let Err(e) = &result {
         tracing::error!(error = %e, "audit log write failed; refusing requests");
     }
@@ -686,9 +689,26 @@ fn write_batch(
     }
 }
 
+/// After a batch of `len` bytes at the cursor failed (its write or its sync): the position
+/// is not advanced, so the next batch overwrites the same place, and the place is zeroed
+/// first, so that a shorter next batch is not followed by the rest of this one (readers stop
+/// at the first NUL): a partial or stale record never sits after a complete one. If even
+/// that fails, nothing more is written (every later record fails).
+fn discard(file: &File, c: &mut Cursor, len: u64) {
+    if let Err(e) = zero(file, c.pos, c.pos + len) {
+        tracing::error!(error = %e, "audit log: a failed batch could not be cleared");
+        c.broken = true;
+    }
+}
+
 /// Writes `bytes` at the cursor (zero-filling ahead first when needed); the caller syncs
 /// and advances the cursor.
 fn write_at(file: &File, c: &mut Cursor, bytes: &[u8]) -> std::io::Result<()> {
+    if c.broken {
+        return Err(std::io::Error::other(
+            "a failed batch could not be cleared from the segment",
+        ));
+    }
     let end = c.pos + bytes.len() as u64;
     if end > c.allocated {
         let to = end.div_ceil(PREALLOC_STEP).max(1) * PREALLOC_STEP;
@@ -791,6 +811,34 @@ mod tests {
             .map(|r| r["request_id"].as_str().unwrap().to_owned())
             .collect();
         assert_eq!(ids, ["r0", "r1", "r2"]);
+    }
+
+    #[test]
+    fn a_failed_batch_is_cleared_before_the_next_one_overwrites_it() {
+        // A batch of two records written and then not made durable (its sync failed, as on
+        // EIO): the next batch, shorter, goes to the same place, and nothing of the failed
+        // one may follow it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let file = fresh_segment(&path).unwrap();
+        let mut c = Cursor {
+            pos: FIRST_RECORD,
+            allocated: FIRST_RECORD,
+            broken: false,
+        };
+        let line = |i| frame(&serde_json::to_vec(&rec(i)).unwrap());
+        let failed = [line(1), line(2)].concat();
+        write_at(&file, &mut c, &failed).unwrap();
+        discard(&file, &mut c, failed.len() as u64);
+        let next = line(3);
+        write_at(&file, &mut c, &next).unwrap();
+        c.pos += next.len() as u64;
+        let ids: Vec<String> = read_records(&path)
+            .unwrap()
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids, ["r3"]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
