@@ -578,7 +578,10 @@ const METHOD: &str = r#"
   fetched once per run and workload, not counted). **Propagation**: after each sigil run,
   policy changes are pushed one at a time through the admin API; the time is from the
   push call's start to the last of the N proxies enforcing the new revision (polled every
-  millisecond), a change counts as delivered when every proxy has it within 30 s.
+  millisecond), a change counts as delivered when every proxy has it within 30 s. The
+  fleet shares one process: each agent and proxy verifies the bundle and flushes its own
+  state, while compiling the policy text (a pure function of it) is done once per process
+  and shared, as N separate devices would compile side by side.
 - **Link failures** (`--link-failures R`): each agent reaches the authority through a TCP
   relay; every second each relay is cut with probability R/60 for 5 s (open connections
   closed, new ones refused), through the traffic and the propagation phases. Agents serve
