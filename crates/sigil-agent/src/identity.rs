@@ -362,6 +362,12 @@ impl Identities {
                 let proof = if given.0 == old && old > 0 && !given.1.is_empty() {
                     given.1.to_vec()
                 } else {
+                    tracing::info!(
+                        old,
+                        new,
+                        carried_from = given.0,
+                        "fetching a log consistency proof (the update carried none from the held checkpoint)"
+                    );
                     let fetched = c
                         .get_consistency_proof(pb::ConsistencyProofRequest {
                             old_size: old,

@@ -358,9 +358,15 @@ struct SharedSync {
     /// The tree size `log_checkpoint` signs.
     log_size: u64,
     log_checkpoint: Vec<u8>,
-    /// A consistency proof from the previous snapshot's tree size (most agents hold that
-    /// checkpoint) to `log_size`: `(0, [])` when there is none to give.
+    /// A consistency proof from `sent_size` of the previous snapshot (the checkpoint most
+    /// agents hold) to `log_size`: `(0, [])` when there is none to give.
     log_consistency: Arc<(u64, Vec<Vec<u8>>)>,
+    /// The tree size of the checkpoint the streams last sent: this snapshot's when its
+    /// revisions differ from the previous one's (the streams send it), else the previous
+    /// snapshot's. A log that grew between updates (token issuances) is proven from the
+    /// checkpoint the agents were sent, not from a snapshot they never saw, so they need
+    /// not each fetch a proof.
+    sent_size: u64,
 }
 
 /// What the refresher last published: nothing yet, a snapshot, or a failed refresh (which
@@ -453,15 +459,38 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
     let (log_size, root) = app.tlog.head().await?;
     let log_checkpoint = app.tlog.sign_checkpoint(log_size, root)?;
     let log_consistency = match prev {
-        Some(p) if p.log_size == log_size => p.log_consistency.clone(),
-        Some(p) if p.log_size > 0 && p.log_size < log_size => {
-            let proof = app.tlog.consistency_proof(p.log_size, log_size).await?;
+        Some(p) if p.log_size == log_size && p.log_consistency.0 == p.sent_size => {
+            p.log_consistency.clone()
+        }
+        Some(p) if p.sent_size > 0 && p.sent_size < log_size => {
+            let proof = app.tlog.consistency_proof(p.sent_size, log_size).await?;
             Arc::new((
-                p.log_size,
+                p.sent_size,
                 proof.into_iter().map(|h| h.0.to_vec()).collect(),
             ))
         }
         _ => Arc::new((0, Vec::new())),
+    };
+    let revisions = (
+        entries_revision,
+        revocations_revision,
+        bundle_sequence,
+        policy_revision,
+        risk_revision,
+    );
+    let sent_size = match prev {
+        Some(p)
+            if (
+                p.entries_revision,
+                p.revocations_revision,
+                p.bundle_sequence,
+                p.policy_revision,
+                p.risk_revision,
+            ) == revisions =>
+        {
+            p.sent_size
+        }
+        _ => log_size,
     };
     Ok(SharedSync {
         entries_revision,
@@ -479,6 +508,7 @@ async fn read_shared(app: &AppState, prev: Option<&SharedSync>) -> Result<Shared
         log_size,
         log_checkpoint,
         log_consistency,
+        sent_size,
     })
 }
 

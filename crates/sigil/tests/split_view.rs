@@ -139,6 +139,50 @@ fn agent_follows_the_log_and_refuses_a_forked_checkpoint() {
     a.stop();
 }
 
+#[test]
+fn a_log_grown_between_updates_is_proven_in_the_next_update_without_a_fetch() {
+    // Issuances grow the log; the authority's snapshots move on (each second) past the
+    // last checkpoint the agent was sent, without an update. The next update must carry
+    // the proof from the checkpoint the agent holds: a fleet of agents would otherwise each
+    // fetch one from the authority at once (before the fix: `old=7 new=9 carried_from=8`).
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("srv"), &[]);
+    let jt = s.sigil_json(&["jointoken", "create"]);
+    let node = jt["node_id"].as_str().unwrap().to_owned();
+    let dir = tmp.path().join("agent");
+    let mut a = Agent::start(&s, &dir, jt["token"].as_str());
+    wait_for("a held checkpoint", || held(&dir).is_some());
+    let (_, size0) = held(&dir).unwrap();
+    for i in 0..4 {
+        s.mint(
+            &format!("spiffe://{TD}/minted/{i}"),
+            &tmp.path().join(format!("m{i}")),
+        );
+    }
+    // Past two of the authority's periodic refreshes.
+    std::thread::sleep(Duration::from_millis(2500));
+    s.sigil_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &format!("spiffe://{TD}/sv/after-issuances"),
+        "--parent-id",
+        &node,
+        "--selector",
+        "unix:uid:4242",
+    ]);
+    wait_for("the held checkpoint to cover the issuances", || {
+        held(&dir).is_some_and(|(_, n)| n >= size0 + 5)
+    });
+    let log = a.log_text();
+    assert!(
+        !log.contains("fetching a log consistency proof"),
+        "the update carried no proof from the held checkpoint:\n{log}"
+    );
+    assert!(!log.contains("SPLIT VIEW"), "{log}");
+    a.stop();
+}
+
 fn tree(n: u8, fork_at: u8) -> MemoryTree {
     let mut t = MemoryTree::new();
     for i in 0..n {
