@@ -28,9 +28,6 @@ use sigil_policy::bundle::{BundleError, PolicyKeys, VerifiedBundle};
 use crate::revocation::RevocationList;
 use crate::{client, tls};
 
-/// Log checkpoints are persisted at most this often (a pending one by the sweep).
-const WITNESS_SAVE_INTERVAL: Duration = Duration::from_secs(1);
-
 /// What the Workload API serves right now.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -155,7 +152,7 @@ pub struct Identities {
     /// The transparency log as this agent has seen it (split-view detection).
     witness: std::sync::Mutex<crate::log_witness::LogWitness>,
     /// When the held log checkpoint was last persisted, and whether a newer one is held
-    /// but not yet persisted (see [`WITNESS_SAVE_INTERVAL`]).
+    /// but not yet persisted (the sweep writes it within a second).
     witness_saved: std::sync::Mutex<(Option<std::time::Instant>, bool)>,
     /// Which of the configured server replicas is in use (an index into `cfg.servers()`).
     server_index: std::sync::atomic::AtomicUsize,
@@ -403,15 +400,18 @@ impl Identities {
         }
     }
 
-    /// Persists the held log checkpoint: at once when none was persisted in the last
-    /// [`WITNESS_SAVE_INTERVAL`] (or `force`), else marked pending for the sweep to write. A
-    /// crash loses at most that interval of checkpoints: the agent then witnesses from the
-    /// last persisted one, which every later honest checkpoint still extends. (Policy and
-    /// revocations, which must never go back, are persisted before they are served.)
+    /// Persists the held log checkpoint when `force` (the sweep, each second), else marks it
+    /// pending for the sweep to write. A crash loses
+    /// at most that interval of checkpoints: the agent then witnesses from the last persisted
+    /// one, which every later honest checkpoint still extends. (Policy and revocations,
+    /// which must never go back, are persisted before they are served.) Never at once on an
+    /// update: a change reaches every agent of a fleet at the same moment, and each agent's
+    /// own sweep spreads these writes over the second instead of adding one `fdatasync` per
+    /// agent to the writes the change itself needs.
     async fn save_witness(&self, force: bool) {
         let due = match self.witness_saved.lock() {
             Ok(mut g) => {
-                let due = force || g.0.is_none_or(|at| at.elapsed() >= WITNESS_SAVE_INTERVAL);
+                let due = force;
                 g.1 = !due;
                 if due {
                     g.0 = Some(std::time::Instant::now());
