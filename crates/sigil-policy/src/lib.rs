@@ -584,21 +584,7 @@ impl PolicyEngine {
         let action = uid("Action", q.action)?;
         let resource = uid(q.resource_type, q.resource_id)?;
         let (principal, entities, context) = self.request_parts(q, argument_tags(q.arguments)?)?;
-        let entities =
-            Entities::from_entities(entities, Some(&self.compiled.schema)).map_err(bad)?;
-        let request = Request::new(
-            principal,
-            action,
-            resource,
-            context,
-            Some(&self.compiled.schema),
-        )
-        .map_err(bad)?;
-        Ok(decision(&self.authorizer.is_authorized(
-            &request,
-            &self.compiled.policies,
-            &entities,
-        )))
+        self.decide_checked(principal, action, resource, context, entities)
     }
 
     /// Decides a sealed model's key release (action `decrypt` on `Model::"<model>"`) the
@@ -692,16 +678,21 @@ impl PolicyEngine {
             .chain(extra),
         )
         .map_err(bad)?;
-        let entities =
-            Entities::from_entities(entities, Some(&self.compiled.schema)).map_err(bad)?;
-        let request = Request::new(
-            principal,
-            action,
-            resource,
-            context,
-            Some(&self.compiled.schema),
-        )
-        .map_err(bad)?;
+        self.decide_checked(principal, action, resource, context, entities)
+    }
+
+    /// Decides with every policy, the request and its entities checked against the schema.
+    fn decide_checked(
+        &self,
+        principal: EntityUid,
+        action: EntityUid,
+        resource: EntityUid,
+        context: Context,
+        entities: Vec<Entity>,
+    ) -> Result<Decision, PolicyError> {
+        let schema = Some(&self.compiled.schema);
+        let entities = Entities::from_entities(entities, schema).map_err(bad)?;
+        let request = Request::new(principal, action, resource, context, schema).map_err(bad)?;
         Ok(decision(&self.authorizer.is_authorized(
             &request,
             &self.compiled.policies,
