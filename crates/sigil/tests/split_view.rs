@@ -61,14 +61,36 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A server and an agent joined to it (in `dir/srv`, `dir/agent`): the server, the agent's
+/// node ID, its data directory and the agent.
+fn server_and_agent(dir: &Path) -> (Server, String, std::path::PathBuf, Agent) {
+    let s = Server::start(&dir.join("srv"), &[]);
+    let jt = s.sigil_json(&["jointoken", "create"]);
+    let node = jt["node_id"].as_str().unwrap().to_owned();
+    let agent_dir = dir.join("agent");
+    let a = Agent::start(&s, &agent_dir, jt["token"].as_str());
+    (s, node, agent_dir, a)
+}
+
+/// Registers `spiffe://<TD>/sv/<name>` under `node` (an admin change: a logged leaf that
+/// the sync streams send).
+fn create_entry(s: &Server, node: &str, name: &str) {
+    s.sigil_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &format!("spiffe://{TD}/sv/{name}"),
+        "--parent-id",
+        node,
+        "--selector",
+        "unix:uid:4242",
+    ]);
+}
+
 #[test]
 fn agent_follows_the_log_and_refuses_a_forked_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = Server::start(&tmp.path().join("srv"), &[]);
-    let jt = s.sigil_json(&["jointoken", "create"]);
-    let node = jt["node_id"].as_str().unwrap().to_owned();
-    let dir = tmp.path().join("agent");
-    let mut a = Agent::start(&s, &dir, jt["token"].as_str());
+    let (s, node, dir, mut a) = server_and_agent(tmp.path());
 
     // The vkey the server serves is the one the agent pinned, and its checkpoint verifies.
     let vkey = std::fs::read_to_string(find_file(&s.dir, "log.key").unwrap()).unwrap();
@@ -82,16 +104,7 @@ fn agent_follows_the_log_and_refuses_a_forked_checkpoint() {
     // An admin change (a logged leaf) wakes the sync stream: the agent moves forward, with a
     // consistency proof.
     for i in 0..3 {
-        s.sigil_json(&[
-            "entry",
-            "create",
-            "--spiffe-id",
-            &format!("spiffe://{TD}/sv/w{i}"),
-            "--parent-id",
-            &node,
-            "--selector",
-            "unix:uid:4242",
-        ]);
+        create_entry(&s, &node, &format!("w{i}"));
     }
     wait_for("the held checkpoint to grow", || {
         held(&dir).is_some_and(|(_, n)| n >= size0 + 3)
@@ -117,16 +130,7 @@ fn agent_follows_the_log_and_refuses_a_forked_checkpoint() {
     f.write(file.to_string().as_bytes()).unwrap();
     drop(f);
     a.restart();
-    s.sigil_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        &format!("spiffe://{TD}/sv/after-fork"),
-        "--parent-id",
-        &node,
-        "--selector",
-        "unix:uid:4242",
-    ]);
+    create_entry(&s, &node, "after-fork");
     wait_for("the split view to be reported", || {
         a.log_text().contains("SPLIT VIEW")
     });
@@ -146,11 +150,7 @@ fn a_log_grown_between_updates_is_proven_in_the_next_update_without_a_fetch() {
     // the proof from the checkpoint the agent holds: a fleet of agents would otherwise each
     // fetch one from the authority at once (before the fix: `old=7 new=9 carried_from=8`).
     let tmp = tempfile::tempdir().unwrap();
-    let s = Server::start(&tmp.path().join("srv"), &[]);
-    let jt = s.sigil_json(&["jointoken", "create"]);
-    let node = jt["node_id"].as_str().unwrap().to_owned();
-    let dir = tmp.path().join("agent");
-    let mut a = Agent::start(&s, &dir, jt["token"].as_str());
+    let (s, node, dir, mut a) = server_and_agent(tmp.path());
     wait_for("a held checkpoint", || held(&dir).is_some());
     let (_, size0) = held(&dir).unwrap();
     for i in 0..4 {
@@ -161,16 +161,7 @@ fn a_log_grown_between_updates_is_proven_in_the_next_update_without_a_fetch() {
     }
     // Past two of the authority's periodic refreshes.
     std::thread::sleep(Duration::from_millis(2500));
-    s.sigil_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        &format!("spiffe://{TD}/sv/after-issuances"),
-        "--parent-id",
-        &node,
-        "--selector",
-        "unix:uid:4242",
-    ]);
+    create_entry(&s, &node, "after-issuances");
     wait_for("the held checkpoint to cover the issuances", || {
         held(&dir).is_some_and(|(_, n)| n >= size0 + 5)
     });
