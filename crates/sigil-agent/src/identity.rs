@@ -151,9 +151,9 @@ pub struct Identities {
     policy: std::sync::Mutex<PolicyState>,
     /// The transparency log as this agent has seen it (split-view detection).
     witness: std::sync::Mutex<crate::log_witness::LogWitness>,
-    /// When the held log checkpoint was last persisted, and whether a newer one is held
-    /// but not yet persisted (the sweep writes it within a second).
-    witness_saved: std::sync::Mutex<(Option<std::time::Instant>, bool)>,
+    /// A newer log checkpoint is held than the one persisted (the sweep writes it within a
+    /// second).
+    witness_pending: std::sync::atomic::AtomicBool,
     /// Which of the configured server replicas is in use (an index into `cfg.servers()`).
     server_index: std::sync::atomic::AtomicUsize,
 }
@@ -317,7 +317,7 @@ impl Identities {
             server_id,
             policy: std::sync::Mutex::new(policy),
             witness: std::sync::Mutex::new(witness),
-            witness_saved: std::sync::Mutex::new((None, false)),
+            witness_pending: std::sync::atomic::AtomicBool::new(false),
             server_index: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
@@ -391,7 +391,9 @@ impl Identities {
             Err(e) => Err(e),
         };
         match changed {
-            Ok(true) => self.save_witness(false).await,
+            Ok(true) => self
+                .witness_pending
+                .store(true, std::sync::atomic::Ordering::Release),
             Ok(false) => {}
             Err(e) => tracing::error!(
                 error = %e,
@@ -400,29 +402,15 @@ impl Identities {
         }
     }
 
-    /// Persists the held log checkpoint when `force` (the sweep, each second), else marks it
-    /// pending for the sweep to write. A crash loses
-    /// at most that interval of checkpoints: the agent then witnesses from the last persisted
-    /// one, which every later honest checkpoint still extends. (Policy and revocations,
-    /// which must never go back, are persisted before they are served.) Never at once on an
-    /// update: a change reaches every agent of a fleet at the same moment, and each agent's
-    /// own sweep spreads these writes over the second instead of adding one `fdatasync` per
-    /// agent to the writes the change itself needs.
-    async fn save_witness(&self, force: bool) {
-        let due = match self.witness_saved.lock() {
-            Ok(mut g) => {
-                let due = force;
-                g.1 = !due;
-                if due {
-                    g.0 = Some(std::time::Instant::now());
-                }
-                due
-            }
-            Err(_) => true,
-        };
-        if !due {
-            return;
-        }
+    /// Persists the held log checkpoint; from the sweep, each second, when a newer one is
+    /// held (`witness_checkpoint` only marks it pending). A crash loses at most
+    /// that second of checkpoints: the agent then witnesses from the last persisted one, which
+    /// every later honest checkpoint still extends. (Policy and revocations, which must never
+    /// go back, are persisted before they are served.) Never at once on an update: a change
+    /// reaches every agent of a fleet at the same moment, and each agent's own sweep spreads
+    /// these writes over the second instead of adding one `fdatasync` per agent to the writes
+    /// the change itself needs.
+    async fn save_witness(&self) {
         let file = self.witness.lock().ok().and_then(|w| w.to_file());
         if let Some(f) = file
             && let Err(e) = self.cache.blocking(move |c| c.save_log_witness(&f)).await
@@ -1060,9 +1048,11 @@ impl Identities {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let pending = self.witness_saved.lock().map(|g| g.1).unwrap_or(false);
-            if pending {
-                self.save_witness(true).await;
+            if self
+                .witness_pending
+                .swap(false, std::sync::atomic::Ordering::AcqRel)
+            {
+                self.save_witness().await;
             }
             let now = self.clock.now();
             self.snapshot.send_if_modified(|s| {
