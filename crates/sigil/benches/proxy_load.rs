@@ -19,6 +19,8 @@
 //! `SIGIL_BENCH_SECS` (throughput seconds, default 5), `SIGIL_BENCH_HOLD` (connections held
 //! for the RSS figure, default 1000), `SIGIL_BENCH_PERF=<dir>` (record each target's measured
 //! throughput window with `perf record --call-graph dwarf` into `<dir>/<target>.data`, for `perf report`),
+//! `SIGIL_BENCH_B=<path to a sigil binary>` (also
+//! run the full path, model and tool call, with that build: an A/B in one run),
 //! `SIGIL_BENCH_UPSTREAM_DELAY_US=<µs>` (the upstream answers after that delay: a hyper server
 //! in this process instead of nginx), `SIGIL_BENCH_ONLY=<key>,<key>` (measure only these targets besides `direct`; keys as in
 //! the JSON, e.g. `sigil_full,sigil_full_audit_tmpfs`).
@@ -446,8 +448,15 @@ async fn throughput(t: &Target, auth: &HeaderValue, conns: usize, secs: f64, f: 
 }
 
 /// Opens `n` mTLS connections with one request each, holds them, reads the RSS of `pid`.
-/// RSS (MiB) of `pid` with `n` open connections to `t`, and 2 s after they all closed.
-async fn rss_with_connections(t: &Target, auth: &HeaderValue, n: usize, pid: u32) -> (f64, f64) {
+/// RSS (MiB) of `pid` with `n` open connections to `t`, then 2 s and (with `late`) 12 s
+/// after they all closed (an allocator may give memory back on a timer).
+async fn rss_with_connections(
+    t: &Target,
+    auth: &HeaderValue,
+    n: usize,
+    pid: u32,
+    late: bool,
+) -> (f64, f64, f64) {
     let mut held = Vec::with_capacity(n);
     let per = 16;
     let mut tasks = Vec::new();
@@ -477,7 +486,14 @@ async fn rss_with_connections(t: &Target, auth: &HeaderValue, n: usize, pid: u32
     let rss = rss_mib(pid);
     drop(held);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    (rss, rss_mib(pid))
+    let closed = rss_mib(pid);
+    let later = if late {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        rss_mib(pid)
+    } else {
+        closed
+    };
+    (rss, closed, later)
 }
 
 /// The sum of a Prometheus counter's samples at `addr`'s `/metrics` (0 when absent).
@@ -712,6 +728,27 @@ fn main() {
         ),
     );
 
+    // (h-n) Two nginx hops, the floor of any two-proxy path on this machine: plain HTTP ->
+    // nginx (core 1) with the client's certificate -> pooled mTLS -> (b) -> the upstream.
+    // The caller side does not check (b)'s name (its certificate carries only a SPIFFE URI).
+    let ngx2_port = free_port();
+    let nginx_two = nginx(
+        "nginx caller-side proxy",
+        &dir.join("nginx-two"),
+        Some(TARGET_CORE),
+        ngx2_port,
+        &format!(
+            "  upstream next {{ server 127.0.0.1:{ngx_port}; keepalive 64; keepalive_requests 100000000; }}\n  \
+             server {{\n    listen 127.0.0.1:{ngx2_port};\n    \
+             location / {{\n      proxy_pass https://next;\n      proxy_http_version 1.1;\n      \
+             proxy_set_header Connection \"\";\n      \
+             proxy_ssl_certificate {cd}/svid.pem;\n      proxy_ssl_certificate_key {cd}/key.pem;\n      \
+             proxy_ssl_trusted_certificate {b};\n      proxy_ssl_session_reuse on;\n    }}\n  }}",
+            cd = cdir.display(),
+            b = bundle_pem.display(),
+        ),
+    );
+
     let proxy_args = |port: u16, audit: &Path, extra: &[&str]| -> Vec<String> {
         let mut a: Vec<String> = [
             "proxy",
@@ -790,6 +827,22 @@ fn main() {
             &dir.join("proxy-shm.log"),
         )
         .wait_port(shm_port)
+    });
+
+    // (d-b) = (d) run by a second build (`SIGIL_BENCH_B=<path to sigil>`): an A/B of two
+    // builds in the same run, interleaved, so this machine's drift falls on both alike.
+    let b_port = free_port();
+    let b_proxy = std::env::var_os("SIGIL_BENCH_B").map(|bin| {
+        let bin = bin.to_string_lossy().into_owned();
+        println!("SIGIL_BENCH_B: (d-b) and (g-b) are run by {bin}");
+        spawn(
+            "sigil proxy (full, build B)",
+            Some(TARGET_CORE),
+            &bin,
+            &proxy_args(b_port, &dir.join("audit-full-b.log"), &[]),
+            &dir.join("proxy-full-b.log"),
+        )
+        .wait_port(b_port)
     });
 
     // (f) = (d) with Prometheus metrics served (issue: observability; budget ≤ 5 µs p50).
@@ -926,6 +979,21 @@ fn main() {
             tool: true,
             ..full_t.clone()
         });
+        if let Some(p) = &b_proxy {
+            let b = target(
+                "sigil_full_b",
+                "(d-b) = (d), run by build B",
+                b_port,
+                p.pid(),
+            );
+            targets.push(b.clone());
+            targets.push(Target {
+                key: "sigil_full_tool_b",
+                label: "(g-b) = (g), run by build B",
+                tool: true,
+                ..b
+            });
+        }
         if let Some(p) = &shm_proxy {
             targets.push(target(
                 "sigil_full_audit_tmpfs",
@@ -944,6 +1012,15 @@ fn main() {
             ));
         }
 
+        targets.push(Target {
+            tls: None,
+            ..target(
+                "two_nginx",
+                "(h-n) plain HTTP -> nginx -> mTLS -> (b): two nginx hops",
+                ngx2_port,
+                nginx_two.pid(),
+            )
+        });
         targets.push(Target {
             tls: None,
             ..target(
@@ -1027,11 +1104,13 @@ fn main() {
                 "per_1000": per_1000(hs2 - hs1, calls2 - calls1), "connections": conns},
         });
         let rss_after = rss_mib(full_proxy.pid());
-        let (rss_hold, rss_closed) =
-            rss_with_connections(&full_t, &auth, hold, full_proxy.pid()).await;
+        let (rss_hold, rss_closed, rss_closed_late) =
+            rss_with_connections(&full_t, &auth, hold, full_proxy.pid(), true).await;
         let hwm = proc_status(full_proxy.pid(), "VmHWM:") as f64 / 1024.0;
         let rss_hold_nginx = match targets.iter().find(|t| t.key == "nginx_mtls") {
-            Some(t) => rss_with_connections(t, &auth, hold, nginx_proxy.pid()).await.0,
+            Some(t) => rss_with_connections(t, &auth, hold, nginx_proxy.pid(), false)
+                    .await
+                    .0,
             None => 0.0,
         };
         let audit_lines = std::fs::read_to_string(&audit)
@@ -1086,7 +1165,7 @@ fn main() {
         println!(
             "RSS: sigil proxy (full) idle {rss_idle:.1} MiB, after the load {rss_after:.1} MiB, \
              with {hold} open mTLS connections {rss_hold:.1} MiB (peak {hwm:.1} MiB), \
-             2 s after they closed {rss_closed:.1} MiB; \
+             2 s after they closed {rss_closed:.1} MiB, 12 s after {rss_closed_late:.1} MiB; \
              sigil proxy (mtls-only) idle {rss_mtls}; nginx proxy idle {rss_idle_nginx:.1} MiB, \
              with {hold} connections {rss_hold_nginx:.1} MiB"
         );
@@ -1134,6 +1213,7 @@ fn main() {
                 "sigil_full_idle": rss_idle, "sigil_full_after_load": rss_after,
                 "sigil_full_with_connections": rss_hold, "sigil_full_peak": hwm,
                 "sigil_full_after_close": rss_closed,
+                "sigil_full_12s_after_close": rss_closed_late,
                 "sigil_mtls_only_idle": rss_idle_mtls, "nginx_idle": rss_idle_nginx,
                 "nginx_with_connections": rss_hold_nginx, "connections": hold,
             },
