@@ -121,7 +121,8 @@ pub struct ProxyConfig {
     /// The actions whose audit record is written before the request is forwarded and made
     /// durable before the answer is released, so the disk flush overlaps the upstream's
     /// work: calls without side effects. Every other action's record is durable before
-    /// the request is forwarded. Default: `invoke`, `list_models`.
+    /// the request is forwarded. Outbound, the `egress` decision takes the rule of the calls
+    /// it carries. Default: `invoke`, `list_models`.
     #[serde(default = "default_flush_overlap")]
     pub audit_flush_overlap: Vec<String>,
     /// Largest request body, bytes (413 beyond).

@@ -471,10 +471,10 @@ impl Proxy {
         // any other decision is durable before anything is forwarded or answered. A
         // decision that cannot be recorded is a refusal.
         let overlap = decided.is_ok()
-            && record
-                .calls
-                .iter()
-                .all(|c| self.cfg.audit_flush_overlap.iter().any(|a| a == c.action));
+            && flush_overlaps(
+                record.calls.iter().map(|c| c.action),
+                &self.cfg.audit_flush_overlap,
+            );
         let audited = if overlap {
             self.audit.write(&record).await.map(Some)
         } else {
@@ -623,5 +623,55 @@ impl Proxy {
                 )
             }
         }
+    }
+}
+
+/// Whether a permitted request's record may be made durable while the upstream works (its
+/// answer held until it is): every call it carries is one without side effects (listed in
+/// `overlap`). The outbound side's `egress` decision is not a call of its own: it takes the
+/// rule of the calls it carries, so a model call through two sidecars is flushed behind the
+/// upstream on both, and a tool call is durable first on both. A request that carries no
+/// call is durable first.
+fn flush_overlaps<'a>(actions: impl IntoIterator<Item = &'a str>, overlap: &[String]) -> bool {
+    let mut carried = false;
+    for action in actions.into_iter().filter(|a| *a != "egress") {
+        if !overlap.iter().any(|o| o == action) {
+            return false;
+        }
+        carried = true;
+    }
+    carried
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flush_overlaps;
+
+    #[test]
+    fn egress_takes_the_flush_rule_of_the_calls_it_carries() {
+        let overlap = ["invoke".to_string(), "list_models".to_string()];
+        let cases: &[(&[&str], bool)] = &[
+            (&["invoke"], true),
+            (&["list_models"], true),
+            (&["egress", "invoke"], true),
+            (&["egress", "list_models"], true),
+            (&["call_tool"], false),
+            (&["egress", "call_tool"], false),
+            (&["egress", "invoke", "call_tool"], false),
+            (&["egress", "http"], false),
+            (&["egress"], false),
+            (&[], false),
+        ];
+        for (actions, want) in cases {
+            assert_eq!(
+                flush_overlaps(actions.iter().copied(), &overlap),
+                *want,
+                "{actions:?}"
+            );
+        }
+        // Listing `egress` itself changes nothing: it is never a call of its own.
+        let with_egress = ["egress".to_string()];
+        assert!(!flush_overlaps(["egress"], &with_egress));
+        assert!(!flush_overlaps(["egress", "call_tool"], &with_egress));
     }
 }
