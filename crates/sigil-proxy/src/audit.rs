@@ -1,7 +1,10 @@
 //! Audit before forward: every decision (allow and deny) is appended to a local audit segment
 //! and made durable (fdatasync) before the request proceeds. If it cannot be written, the
-//! request is refused: the only failure mode is deny. Records that arrive while a sync is in
-//! flight share the next one (group commit), so the sync cost is paid per batch.
+//! request is refused: the only failure mode is deny. Each request task writes its own record
+//! (into the page cache, in order, under the log's lock: no thread hand-off before the
+//! request goes on) and one writer thread syncs; records written while a sync is in flight
+//! share the next one (group commit), so the sync cost is paid per batch. A failed sync
+//! fails every record written since the last good one, and the next record overwrites them.
 //!
 //! # Segment format
 //!
@@ -24,8 +27,6 @@ use std::path::Path;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-/// Most records per sync.
-const MAX_BATCH: usize = 512;
 /// The first line of a segment.
 const MAGIC: &[u8] = b"sigil-audit v1\n";
 /// `<8 hex> <8 hex> `
@@ -265,14 +266,10 @@ pub fn read_from(
     Ok(out)
 }
 
-/// A framed record and who waits for it: to be written (optional), to be durable.
-struct Pending {
-    line: Vec<u8>,
-    written: Option<oneshot::Sender<Result<(), AuditError>>>,
-    durable: oneshot::Sender<Result<(), AuditError>>,
-}
+/// Who waits for a record written to the segment to be made durable by a sync.
+type Waiter = oneshot::Sender<Result<(), AuditError>>;
 
-/// A request for the writer other than a record.
+/// A request for the writer other than a sync.
 struct Rotate {
     /// Start a new segment if every record of this one is acknowledged (the writer is at
     /// `acked`) and it holds at least `min_bytes`: the old segment is deleted.
@@ -281,32 +278,44 @@ struct Rotate {
     done: oneshot::Sender<Result<bool, AuditError>>,
 }
 
-/// What waits for the writer thread.
-#[derive(Default)]
-struct Queue {
-    /// Framed records, in order, each with who waits for it to be durable.
-    records: Vec<Pending>,
+/// The segment and what waits for the writer thread.
+struct Log {
+    file: std::sync::Arc<File>,
+    /// Where the next record goes in a regular-file segment (`None`: a device or pipe,
+    /// written as a stream).
+    cursor: Option<Cursor>,
+    /// Bytes written so far: the segment position, or what a stream was given.
+    end: u64,
+    /// Everything up to here is on disk.
+    synced: u64,
+    /// Records written and not yet durable, in order.
+    waiters: Vec<Waiter>,
+    /// Their lines, for the export (only when there is one).
+    lines: Vec<Vec<u8>>,
     rotations: Vec<Rotate>,
-    /// The writer is waiting for work (not writing or syncing).
+    /// The writer is waiting for work (not syncing).
     idle: bool,
     /// A request is about to wake the idle writer (see [`AuditLog::record`]).
     waking: bool,
-    /// Every handle is gone: the writer finishes what is queued and stops.
+    /// Every handle is gone: the writer syncs what is written and stops.
     closed: bool,
+    /// Records after a failed sync could not be cleared: nothing more is written.
+    broken: Option<AuditError>,
 }
 
-/// The queue between the request tasks and the writer thread.
-#[derive(Default)]
+/// The segment shared by the request tasks (which write records) and the writer thread
+/// (which syncs them).
 struct Shared {
-    queue: std::sync::Mutex<Queue>,
+    log: std::sync::Mutex<Log>,
     work: std::sync::Condvar,
-    /// Batches written (each one sync).
+    /// Syncs made.
     syncs: std::sync::atomic::AtomicU64,
+    exporting: bool,
 }
 
 impl Shared {
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Queue>, AuditError> {
-        self.queue
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Log>, AuditError> {
+        self.log
             .lock()
             .map_err(|_| AuditError("writer failed".into()))
     }
@@ -317,19 +326,19 @@ struct WakeOnDrop<'a>(&'a Shared);
 
 impl Drop for WakeOnDrop<'_> {
     fn drop(&mut self) {
-        if let Ok(mut q) = self.0.queue.lock() {
+        if let Ok(mut q) = self.0.log.lock() {
             q.waking = false;
         }
         self.0.work.notify_one();
     }
 }
 
-/// The last handle closes the queue.
+/// The last handle closes the log.
 struct Handle(std::sync::Arc<Shared>);
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        if let Ok(mut q) = self.0.queue.lock() {
+        if let Ok(mut q) = self.0.log.lock() {
             q.closed = true;
         }
         self.0.work.notify_one();
@@ -348,7 +357,7 @@ impl Durable {
     }
 }
 
-/// A handle to the audit writer thread.
+/// A handle to the audit segment and its writer thread.
 #[derive(Clone)]
 pub struct AuditLog {
     shared: std::sync::Arc<Handle>,
@@ -358,8 +367,6 @@ pub struct AuditLog {
 struct Cursor {
     pos: u64,
     allocated: u64,
-    /// A failed batch could not be cleared: nothing more is written.
-    broken: bool,
 }
 
 impl AuditLog {
@@ -370,8 +377,8 @@ impl AuditLog {
         Self::open_with_export(path, None)
     }
 
-    /// [`AuditLog::open`], and after each successful sync the batch's records are offered
-    /// (without blocking) to `export`: only durable records are exported.
+    /// [`AuditLog::open`], and after each successful sync the records it made durable are
+    /// offered (without blocking) to `export`: only durable records are exported.
     pub fn open_with_export(
         path: &Path,
         export: Option<crate::export::ExportSink>,
@@ -393,13 +400,31 @@ impl AuditLog {
         } else {
             None
         };
-        let shared = std::sync::Arc::new(Shared::default());
+        let end = cursor.as_ref().map_or(0, |c| c.pos);
+        let shared = std::sync::Arc::new(Shared {
+            log: std::sync::Mutex::new(Log {
+                file: std::sync::Arc::new(file),
+                cursor,
+                end,
+                synced: end,
+                waiters: Vec::new(),
+                lines: Vec::new(),
+                rotations: Vec::new(),
+                idle: false,
+                waking: false,
+                closed: false,
+                broken: None,
+            }),
+            work: std::sync::Condvar::new(),
+            syncs: std::sync::atomic::AtomicU64::new(0),
+            exporting: export.is_some(),
+        });
         std::thread::Builder::new()
             .name("sigil-audit".into())
             .spawn({
                 let path = path.to_owned();
                 let shared = shared.clone();
-                move || writer(file, cursor, &shared, export, path)
+                move || writer(&shared, export, path)
             })
             .map_err(|e| AuditError(format!("starting the audit writer: {e}")))?;
         Ok(Self {
@@ -409,16 +434,14 @@ impl AuditLog {
 
     /// Returns once `rec` is durable in the segment.
     ///
-    /// Group commit: records that arrive while the writer syncs go into its next sync. When
-    /// the writer is idle, the first record does not wake it at once but yields to the
-    /// runtime first, so that the other requests ready to run now add their records to the
-    /// same sync (on a busy proxy, one sync and one thread wake-up for many records; idle,
-    /// the yield returns at once).
+    /// The request task writes its record itself (a write into the page cache, in order,
+    /// under the log's lock) and the writer thread syncs. Group commit: records written
+    /// while the writer syncs go into its next sync. When the writer is idle, the first
+    /// record does not wake it at once but yields to the runtime first, so that the other
+    /// requests ready to run now add their records to the same sync (on a busy proxy, one
+    /// sync and one thread wake-up for many records; idle, the yield returns at once).
     pub async fn record(&self, rec: &DecisionRecord) -> Result<(), AuditError> {
-        let (durable, wait) = oneshot::channel();
-        self.enqueue(rec, None, durable).await?;
-        wait.await
-            .map_err(|_| AuditError("writer stopped".into()))?
+        self.write(rec).await?.wait().await
     }
 
     /// Returns once `rec` is written to the segment (in the kernel: it survives a crash of
@@ -426,31 +449,17 @@ impl AuditLog {
     /// without side effects, whose answer is held until then: the flush overlaps the
     /// upstream's work.
     pub async fn write(&self, rec: &DecisionRecord) -> Result<Durable, AuditError> {
-        let (written, wait_written) = oneshot::channel();
-        let (durable, wait_durable) = oneshot::channel();
-        self.enqueue(rec, Some(written), durable).await?;
-        wait_written
-            .await
-            .map_err(|_| AuditError("writer stopped".into()))??;
-        Ok(Durable(wait_durable))
-    }
-
-    /// Queues `rec` for the writer (see [`AuditLog::record`] on how it is woken).
-    async fn enqueue(
-        &self,
-        rec: &DecisionRecord,
-        written: Option<oneshot::Sender<Result<(), AuditError>>>,
-        durable: oneshot::Sender<Result<(), AuditError>>,
-    ) -> Result<(), AuditError> {
         let json = serde_json::to_vec(rec).map_err(|e| AuditError(e.to_string()))?;
+        let line = frame(&json);
         let shared = &self.shared.0;
+        let (durable, wait) = oneshot::channel();
         let wake = {
             let mut q = shared.lock()?;
-            q.records.push(Pending {
-                line: frame(&json),
-                written,
-                durable,
-            });
+            q.append(&line)?;
+            q.waiters.push(durable);
+            if shared.exporting {
+                q.lines.push(line);
+            }
             let wake = q.idle && !q.waking;
             q.waking |= wake;
             wake
@@ -460,10 +469,10 @@ impl AuditLog {
             let _wake = WakeOnDrop(shared);
             tokio::task::yield_now().await;
         }
-        Ok(())
+        Ok(Durable(wait))
     }
 
-    /// How many batches the writer has written (one sync each).
+    /// How many syncs the writer has made.
     #[cfg_attr(not(test), allow(dead_code))]
     pub fn syncs(&self) -> u64 {
         self.shared
@@ -474,9 +483,10 @@ impl AuditLog {
 
     /// Replaces the segment by a new, empty one if the writer is exactly at `acked` (every
     /// record written has been acknowledged by the server) and the segment holds at least
-    /// `min_bytes`; whether it did. Decided in the writer thread, so no record can slip in
-    /// between the check and the switch. The new segment is made durable (header, fsync,
-    /// rename over the old one, fsync of the directory) before anything is written to it.
+    /// `min_bytes`; whether it did. Decided by the writer thread under the log's lock once
+    /// everything written is durable, so no record can slip in between the check and the
+    /// switch. The new segment is made durable (header, fsync, rename over the old one,
+    /// fsync of the directory) before anything is written to it.
     pub async fn rotate_if_acked(&self, acked: u64, min_bytes: u64) -> Result<bool, AuditError> {
         let (done, wait) = oneshot::channel();
         let shared = &self.shared.0;
@@ -488,6 +498,195 @@ impl AuditLog {
         shared.work.notify_one();
         wait.await
             .map_err(|_| AuditError("writer stopped".into()))?
+    }
+}
+
+impl Log {
+    /// Writes `line` after the last record (zero-filling ahead first when needed). On an
+    /// error nothing moves: the next record overwrites the same place, so a partial record
+    /// never sits before a complete one.
+    fn append(&mut self, line: &[u8]) -> Result<(), AuditError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        let err = |e: std::io::Error| AuditError(e.to_string());
+        match self.cursor.as_mut() {
+            Some(c) => {
+                let end = c.pos + line.len() as u64;
+                if end > c.allocated {
+                    let to = end.div_ceil(PREALLOC_STEP).max(1) * PREALLOC_STEP;
+                    zero(&self.file, c.allocated, to).map_err(err)?;
+                    c.allocated = to;
+                }
+                self.file.write_all_at(line, c.pos).map_err(err)?;
+                c.pos = end;
+                self.end = end;
+            }
+            None => {
+                (&*self.file).write_all(line).map_err(err)?;
+                self.end += line.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a failed sync: what was written since the last good one may not be on disk
+    /// (and the kernel may have dropped it), so the position goes back there and every
+    /// record after it is failed (refused, or its answer withheld); the next record
+    /// overwrites them.
+    fn roll_back(&mut self, e: &AuditError) {
+        if let Some(c) = self.cursor.as_mut() {
+            // Zeroed, so that a shorter record written next is not followed by the rest of
+            // these (readers stop at the first NUL). If even that fails, nothing more is
+            // written: every later record fails.
+            if let Err(z) = zero(&self.file, self.synced, self.end) {
+                tracing::error!(error = %z, "audit log: could not clear after a failed sync");
+                self.broken = Some(e.clone());
+            }
+            c.pos = self.synced;
+            self.end = self.synced;
+        }
+        self.lines.clear();
+        for w in self.waiters.drain(..) {
+            let _ = w.send(Err(e.clone()));
+        }
+    }
+
+    /// Zero-fills the next step ahead when the writer is within half a step of the end of
+    /// what is allocated, so that requests seldom have to.
+    fn allocate_ahead(&mut self) -> std::io::Result<()> {
+        if let Some(c) = self.cursor.as_mut()
+            && c.allocated.saturating_sub(c.pos) < PREALLOC_STEP / 2
+        {
+            let to = c.allocated + PREALLOC_STEP;
+            zero(&self.file, c.allocated, to)?;
+            c.allocated = to;
+        }
+        Ok(())
+    }
+
+    /// Carries out the rotations asked for; only once everything written is durable.
+    fn rotate(&mut self, path: &Path) {
+        for Rotate {
+            acked,
+            min_bytes,
+            done,
+        } in std::mem::take(&mut self.rotations)
+        {
+            let r = match self.cursor.as_mut() {
+                Some(c) if c.pos == acked && c.pos >= min_bytes.max(FIRST_RECORD + 1) => {
+                    match fresh_segment(path) {
+                        Ok(f) => {
+                            tracing::info!(
+                                path = %path.display(),
+                                bytes = c.pos,
+                                "audit segment fully acknowledged: replaced by a new one"
+                            );
+                            self.file = std::sync::Arc::new(f);
+                            *c = Cursor {
+                                pos: FIRST_RECORD,
+                                allocated: FIRST_RECORD,
+                            };
+                            self.end = FIRST_RECORD;
+                            self.synced = FIRST_RECORD;
+                            Ok(true)
+                        }
+                        Err(e) => Err(AuditError(e.to_string())),
+                    }
+                }
+                _ => Ok(false),
+            };
+            let _ = done.send(r);
+        }
+    }
+}
+
+/// Puts the calling thread (the writer) under `SCHED_BATCH`: same share of the CPU as any
+/// thread, but waking it never preempts the running one. A request that wakes the writer
+/// then goes on to forward (or to wait in the runtime) before the writer starts its sync,
+/// instead of being switched out for it on its core; measured in docs/performance.md.
+/// Where the policy cannot be set, the writer runs as any thread.
+fn batch_scheduling() {
+    use thread_priority::{
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityOsValue, ThreadSchedulePolicy,
+    };
+    let nice_0 = ThreadPriority::Os(ThreadPriorityOsValue::default());
+    let batch = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
+    if let Err(e) = thread_priority::set_thread_priority_and_policy(
+        thread_priority::thread_native_id(),
+        nice_0,
+        batch,
+    ) {
+        tracing::debug!(error = ?e, "audit writer: SCHED_BATCH not set; runs as any thread");
+    }
+}
+
+/// The writer thread: syncs what the requests wrote, answers them, offers the durable
+/// records to the export; rotates the segment when asked.
+fn writer(shared: &Shared, export: Option<crate::export::ExportSink>, path: std::path::PathBuf) {
+    batch_scheduling();
+    let Ok(mut q) = shared.log.lock() else {
+        return;
+    };
+    loop {
+        // A request that is waking the writer is about to be joined by others: wait for it.
+        let to_sync = !q.waiters.is_empty() && (!q.waking || q.closed);
+        if !to_sync {
+            if !q.rotations.is_empty() && q.waiters.is_empty() {
+                q.rotate(&path);
+                continue;
+            }
+            if q.closed {
+                return;
+            }
+            q.idle = true;
+            q = match shared.work.wait(q) {
+                Ok(q) => q,
+                Err(_) => return,
+            };
+            q.idle = false;
+            continue;
+        }
+        let (file, target) = (q.file.clone(), q.end);
+        let waiters = std::mem::take(&mut q.waiters);
+        let lines = std::mem::take(&mut q.lines);
+        drop(q);
+        let synced = file.sync_data().map_err(|e| AuditError(e.to_string()));
+        shared
+            .syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        q = match shared.log.lock() {
+            Ok(q) => q,
+            Err(_) => return,
+        };
+        match &synced {
+            Ok(()) => {
+                // A rotation in between would have waited for these waiters: same file.
+                q.synced = q.synced.max(target);
+                if let Err(e) = q.allocate_ahead() {
+                    tracing::warn!(error = %e, "audit log: could not allocate ahead");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit log sync failed; refusing requests");
+                q.roll_back(e);
+            }
+        }
+        drop(q);
+        for w in waiters {
+            let _ = w.send(synced.clone());
+        }
+        // After the waiters are answered: the export never delays a request.
+        if let Some(x) = &export
+            && synced.is_ok()
+            && !lines.is_empty()
+        {
+            x.offer(lines);
+        }
+        q = match shared.log.lock() {
+            Ok(q) => q,
+            Err(_) => return,
+        };
     }
 }
 
@@ -525,7 +724,6 @@ fn recover(file: &File, path: &Path) -> Result<Cursor, AuditError> {
         return Ok(Cursor {
             pos: MAGIC.len() as u64,
             allocated: MAGIC.len() as u64,
-            broken: false,
         });
     }
     if s.torn > 0 {
@@ -541,7 +739,6 @@ fn recover(file: &File, path: &Path) -> Result<Cursor, AuditError> {
     Ok(Cursor {
         pos: s.end,
         allocated: len,
-        broken: false,
     })
 }
 
@@ -556,166 +753,6 @@ fn zero(file: &File, from: u64, to: u64) -> std::io::Result<()> {
         at += n;
     }
     Ok(())
-}
-
-/// What the writer takes from the queue in one go.
-struct Work {
-    records: Vec<Pending>,
-    rotations: Vec<Rotate>,
-}
-
-/// Waits until there is something to write (or rotate), and takes it; `None` once the queue
-/// is closed and drained (or broken).
-fn next_work(shared: &Shared) -> Option<Work> {
-    let mut q = shared.queue.lock().ok()?;
-    loop {
-        // A request that is waking the writer is about to be joined by others: wait for it.
-        let records_ready = !q.records.is_empty() && !q.waking;
-        if records_ready || !q.rotations.is_empty() || (q.closed && !q.records.is_empty()) {
-            break;
-        }
-        if q.closed {
-            return None;
-        }
-        q.idle = true;
-        q = shared.work.wait(q).ok()?;
-    }
-    q.idle = false;
-    let take = q.records.len().min(MAX_BATCH);
-    let records = q.records.drain(..take).collect();
-    // Rotations only once the records queued before them are written.
-    let rotations = if q.records.is_empty() {
-        std::mem::take(&mut q.rotations)
-    } else {
-        Vec::new()
-    };
-    Some(Work { records, rotations })
-}
-
-fn writer(
-    mut file: File,
-    mut cursor: Option<Cursor>,
-    shared: &Shared,
-    export: Option<crate::export::ExportSink>,
-    path: std::path::PathBuf,
-) {
-    while let Some(work) = next_work(shared) {
-        if !work.records.is_empty() {
-            write_batch(&file, cursor.as_mut(), work.records, export.as_ref());
-            shared
-                .syncs
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        for Rotate {
-            acked,
-            min_bytes,
-            done,
-        } in work.rotations
-        {
-            let r = match cursor.as_mut() {
-                Some(c) if c.pos == acked && c.pos >= min_bytes.max(FIRST_RECORD + 1) => {
-                    match fresh_segment(&path) {
-                        Ok(f) => {
-                            tracing::info!(
-                                path = %path.display(),
-                                bytes = c.pos,
-                                "audit segment fully acknowledged: replaced by a new one"
-                            );
-                            file = f;
-                            *c = Cursor {
-                                pos: FIRST_RECORD,
-                                allocated: FIRST_RECORD,
-                                broken: false,
-                            };
-                            Ok(true)
-                        }
-                        Err(e) => Err(AuditError(e.to_string())),
-                    }
-                }
-                _ => Ok(false),
-            };
-            let _ = done.send(r);
-        }
-    }
-}
-
-/// Writes one batch and answers those waiting for it to be written, syncs it and answers
-/// those waiting for it to be durable (and offers it to the export).
-fn write_batch(
-    mut file: &File,
-    mut cursor: Option<&mut Cursor>,
-    batch: Vec<Pending>,
-    export: Option<&crate::export::ExportSink>,
-) {
-    let mut bytes = Vec::with_capacity(batch.iter().map(|p| p.line.len()).sum());
-    for p in &batch {
-        bytes.extend_from_slice(&p.line);
-    }
-    let mut durable_waiters = Vec::with_capacity(batch.len());
-    let mut lines = Vec::new();
-    let written = match cursor.as_deref_mut() {
-        Some(c) => write_at(file, c, &bytes),
-        None => file.write_all(&bytes),
-    }
-    .map_err(|e| AuditError(e.to_string()));
-    for p in batch {
-        if let Some(w) = p.written {
-            let _ = w.send(written.clone());
-        }
-        durable_waiters.push(p.durable);
-        if export.is_some() {
-            lines.push(p.line);
-        }
-    }
-    let result = written.and_then(|()| file.sync_data().map_err(|e| AuditError(e.to_string())));
-    if let Some(c) = cursor {
-        match &result {
-            Ok(()) => c.pos += bytes.len() as u64,
-            Err(_) => discard(file, c, bytes.len() as u64),
-        }
-    }
-    if let Err(e) = &result {
-        tracing::error!(error = %e, "audit log write failed; refusing requests");
-    }
-    for done in durable_waiters {
-        let _ = done.send(result.clone());
-    }
-    // After the waiters are answered: the export never delays a request.
-    if let Some(x) = export
-        && result.is_ok()
-        && !lines.is_empty()
-    {
-        x.offer(lines);
-    }
-}
-
-/// After a batch of `len` bytes at the cursor failed (its write or its sync): the position
-/// is not advanced, so the next batch overwrites the same place, and the place is zeroed
-/// first, so that a shorter next batch is not followed by the rest of this one (readers stop
-/// at the first NUL): a partial or stale record never sits after a complete one. If even
-/// that fails, nothing more is written (every later record fails).
-fn discard(file: &File, c: &mut Cursor, len: u64) {
-    if let Err(e) = zero(file, c.pos, c.pos + len) {
-        tracing::error!(error = %e, "audit log: a failed batch could not be cleared");
-        c.broken = true;
-    }
-}
-
-/// Writes `bytes` at the cursor (zero-filling ahead first when needed); the caller syncs
-/// and advances the cursor.
-fn write_at(file: &File, c: &mut Cursor, bytes: &[u8]) -> std::io::Result<()> {
-    if c.broken {
-        return Err(std::io::Error::other(
-            "a failed batch could not be cleared from the segment",
-        ));
-    }
-    let end = c.pos + bytes.len() as u64;
-    if end > c.allocated {
-        let to = end.div_ceil(PREALLOC_STEP).max(1) * PREALLOC_STEP;
-        zero(file, c.allocated, to)?;
-        c.allocated = to;
-    }
-    file.write_all_at(bytes, c.pos)
 }
 
 #[cfg(test)]
@@ -813,30 +850,39 @@ mod tests {
         assert_eq!(ids, ["r0", "r1", "r2"]);
     }
 
-    #[test]
-    fn a_failed_batch_is_cleared_before_the_next_one_overwrites_it() {
-        // A batch of two records written and then not made durable (its sync failed, as on
-        // EIO): the next batch, shorter, goes to the same place, and nothing of the failed
-        // one may follow it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_sync_fails_what_it_covered_and_the_next_record_overwrites_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let file = fresh_segment(&path).unwrap();
-        let mut c = Cursor {
-            pos: FIRST_RECORD,
-            allocated: FIRST_RECORD,
-            broken: false,
+        let log = AuditLog::open(&path).unwrap();
+        log.record(&rec(0)).await.unwrap();
+        // Two records written, then their sync fails (as on EIO): rolled back under the
+        // lock, before the writer can sync them.
+        let waits: Vec<_> = {
+            let mut q = log.shared.0.lock().unwrap();
+            let waits = [1, 2]
+                .map(|i| {
+                    q.append(&frame(&serde_json::to_vec(&rec(i)).unwrap()))
+                        .unwrap();
+                    let (tx, rx) = oneshot::channel();
+                    q.waiters.push(tx);
+                    Durable(rx)
+                })
+                .into_iter()
+                .collect();
+            q.roll_back(&AuditError("EIO".into()));
+            waits
         };
-        let line = |i| frame(&serde_json::to_vec(&rec(i)).unwrap());
-        let failed = [line(1), line(2)].concat();
-        write_at(&file, &mut c, &failed).unwrap();
-        discard(&file, &mut c, failed.len() as u64);
-        write_at(&file, &mut c, &line(3)).unwrap();
+        for w in waits {
+            assert!(w.wait().await.is_err(), "a record the failed sync covered");
+        }
+        log.record(&rec(3)).await.unwrap();
         let ids: Vec<String> = read_records(&path)
             .unwrap()
             .iter()
             .map(|r| r["request_id"].as_str().unwrap().to_owned())
             .collect();
-        assert_eq!(ids, ["r3"]);
+        assert_eq!(ids, ["r0", "r3"], "the failed records were overwritten");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -871,6 +917,38 @@ mod tests {
         assert!(
             full.write(&rec(2)).await.is_err(),
             "written to a full device"
+        );
+    }
+
+    /// The scheduling policy of each thread of this process named `name` (field 41 of
+    /// `/proc/self/task/<tid>/stat`; 3 is `SCHED_BATCH`).
+    fn policies_of(name: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let dir = task.unwrap().path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            if comm.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+            let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+            let fields: Vec<&str> = after_comm.split_whitespace().collect();
+            out.push(fields[41 - 3].parse().unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn the_writer_runs_under_sched_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(&dir.path().join("audit.log")).unwrap();
+        // The policy is set as the thread starts: once a record is durable, it has.
+        log.record(&rec(0)).await.unwrap();
+        let policies = policies_of("sigil-audit");
+        assert!(!policies.is_empty(), "no writer thread found");
+        assert!(
+            policies.iter().all(|p| *p == 3),
+            "writer threads' policies: {policies:?} (3 = SCHED_BATCH)"
         );
     }
 
