@@ -13,6 +13,11 @@ use clap::Parser;
 use crate::cmd::Cli;
 use crate::config::UsageError;
 
+/// jemalloc, with background threads that purge freed pages on a timer, so a burst's memory
+/// goes back to the system once it is over (glibc's malloc kept it: docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// EX_USAGE from sysexits.h: bad configuration or arguments.
 const EX_USAGE: u8 = 64;
 
