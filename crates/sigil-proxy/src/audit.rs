@@ -605,19 +605,26 @@ impl Log {
 /// thread, but waking it never preempts the running one. A request that wakes the writer
 /// then goes on to forward (or to wait in the runtime) before the writer starts its sync,
 /// instead of being switched out for it on its core; measured in docs/performance.md.
-/// Where the policy cannot be set, the writer runs as any thread.
+/// Where the policy cannot be set, the writer runs as any thread. Its nice value stays the
+/// process's (the policy call also sets one: it is put back).
 fn batch_scheduling() {
     use thread_priority::{
         NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityOsValue, ThreadSchedulePolicy,
     };
-    let nice_0 = ThreadPriority::Os(ThreadPriorityOsValue::default());
+    // Linux: the calling thread's.
+    let nice = rustix::process::getpriority_process(None);
     let batch = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
     if let Err(e) = thread_priority::set_thread_priority_and_policy(
         thread_priority::thread_native_id(),
-        nice_0,
+        ThreadPriority::Os(ThreadPriorityOsValue::default()),
         batch,
     ) {
         tracing::debug!(error = ?e, "audit writer: SCHED_BATCH not set; runs as any thread");
+    }
+    if let Ok(n) = nice
+        && let Err(e) = rustix::process::setpriority_process(None, n)
+    {
+        tracing::debug!(error = %e, "audit writer: nice value not restored");
     }
 }
 
@@ -950,6 +957,17 @@ mod tests {
             policies.iter().all(|p| *p == 3),
             "writer threads' policies: {policies:?} (3 = SCHED_BATCH)"
         );
+    }
+
+    #[test]
+    fn batch_scheduling_keeps_the_threads_nice_value() {
+        std::thread::spawn(|| {
+            rustix::process::setpriority_process(None, 7).unwrap();
+            super::batch_scheduling();
+            assert_eq!(rustix::process::getpriority_process(None).unwrap(), 7);
+        })
+        .join()
+        .unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
