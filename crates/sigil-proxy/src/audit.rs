@@ -35,6 +35,8 @@ const PREFIX: usize = 18;
 const MAX_RECORD: usize = 1 << 20;
 /// How far ahead of the writer the file is zero-filled.
 pub const PREALLOC_STEP: u64 = 4 << 20;
+/// Zeros are written in chunks of this size; the writer takes the log's lock once per chunk.
+const ZERO_CHUNK: u64 = 64 * 1024;
 
 /// One authorization decision.
 #[derive(Debug, Clone, Serialize)]
@@ -552,17 +554,25 @@ impl Log {
         }
     }
 
-    /// Zero-fills the next step ahead when the writer is within half a step of the end of
-    /// what is allocated, so that requests seldom have to.
-    fn allocate_ahead(&mut self) -> std::io::Result<()> {
-        if let Some(c) = self.cursor.as_mut()
-            && c.allocated.saturating_sub(c.pos) < PREALLOC_STEP / 2
-        {
-            let to = c.allocated + PREALLOC_STEP;
-            zero(&self.file, c.allocated, to)?;
-            c.allocated = to;
-        }
-        Ok(())
+    /// Where the zero-filled space should end: the next step boundary, when the records are
+    /// within half a step of the end of what is allocated (`None`: far enough ahead).
+    fn allocation_target(&self) -> Option<u64> {
+        self.cursor
+            .as_ref()
+            .filter(|c| c.allocated.saturating_sub(c.pos) < PREALLOC_STEP / 2)
+            .map(|c| (c.allocated / PREALLOC_STEP + 1) * PREALLOC_STEP)
+    }
+
+    /// Zero-fills one chunk after what is allocated, up to `target`; whether more is left.
+    fn allocate_chunk(&mut self, target: u64) -> std::io::Result<bool> {
+        let Self { file, cursor, .. } = self;
+        let Some(c) = cursor.as_mut().filter(|c| c.allocated < target) else {
+            return Ok(false);
+        };
+        let to = (c.allocated + ZERO_CHUNK).min(target);
+        zero(file, c.allocated, to)?;
+        c.allocated = to;
+        Ok(to < target)
     }
 
     /// Carries out the rotations asked for; only once everything written is durable.
@@ -670,9 +680,6 @@ fn writer(shared: &Shared, export: Option<crate::export::ExportSink>, path: std:
             Ok(()) => {
                 // A rotation in between would have waited for these waiters: same file.
                 q.synced = q.synced.max(target);
-                if let Err(e) = q.allocate_ahead() {
-                    tracing::warn!(error = %e, "audit log: could not allocate ahead");
-                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "audit log sync failed; refusing requests");
@@ -690,10 +697,38 @@ fn writer(shared: &Shared, export: Option<crate::export::ExportSink>, path: std:
         {
             x.offer(lines);
         }
+        if synced.is_ok() {
+            allocate_ahead(shared);
+        }
         q = match shared.log.lock() {
             Ok(q) => q,
             Err(_) => return,
         };
+    }
+}
+
+/// Keeps zero-filled space ahead of the records, so that requests seldom extend the segment
+/// themselves: once they are within half a step of its end, up to the next step boundary.
+/// After the durable answers are sent, one [`ZERO_CHUNK`] per turn of the log's lock, so a
+/// request never waits behind more than one chunk (the whole step under the lock held every
+/// request for milliseconds). Each chunk starts where the allocation ends at that moment: a
+/// request that extended the segment meanwhile is never overwritten.
+fn allocate_ahead(shared: &Shared) {
+    let Some(target) = shared.log.lock().ok().and_then(|q| q.allocation_target()) else {
+        return;
+    };
+    loop {
+        let Ok(mut q) = shared.log.lock() else {
+            return;
+        };
+        match q.allocate_chunk(target) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "audit log: could not allocate ahead");
+                return;
+            }
+        }
     }
 }
 
@@ -751,11 +786,10 @@ fn recover(file: &File, path: &Path) -> Result<Cursor, AuditError> {
 
 /// Writes zeros over `[from, to)`.
 fn zero(file: &File, from: u64, to: u64) -> std::io::Result<()> {
-    const CHUNK: u64 = 64 * 1024;
-    let zeros = [0u8; CHUNK as usize];
+    let zeros = [0u8; ZERO_CHUNK as usize];
     let mut at = from;
     while at < to {
-        let n = (to - at).min(CHUNK);
+        let n = (to - at).min(ZERO_CHUNK);
         file.write_all_at(zeros.get(..n as usize).unwrap_or(&[]), at)?;
         at += n;
     }
@@ -855,6 +889,40 @@ mod tests {
             .map(|r| r["request_id"].as_str().unwrap().to_owned())
             .collect();
         assert_eq!(ids, ["r0", "r1", "r2"]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_writer_allocates_ahead_chunk_by_chunk_up_to_the_next_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        log.record(&rec(0)).await.unwrap();
+        let shared = &log.shared.0;
+        let len = || std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len(), PREALLOC_STEP);
+        // Far enough ahead: nothing to do.
+        allocate_ahead(shared);
+        assert_eq!(len(), PREALLOC_STEP);
+        // Records within half a step of the end (as if 2 MiB had been written): filled to the
+        // next boundary, and a request that extended the segment meanwhile is kept.
+        {
+            let mut q = shared.lock().unwrap();
+            let c = q.cursor.as_mut().unwrap();
+            c.pos = PREALLOC_STEP - 100;
+            let target = q.allocation_target().unwrap();
+            assert_eq!(target, 2 * PREALLOC_STEP);
+            assert!(q.allocate_chunk(target).unwrap(), "one chunk, more to come");
+            assert_eq!(len(), PREALLOC_STEP + ZERO_CHUNK);
+            q.file
+                .write_all_at(b"kept", PREALLOC_STEP + ZERO_CHUNK - 4)
+                .unwrap();
+        }
+        allocate_ahead(shared);
+        assert_eq!(len(), 2 * PREALLOC_STEP);
+        let raw = std::fs::read(&path).unwrap();
+        let at = (PREALLOC_STEP + ZERO_CHUNK) as usize;
+        assert_eq!(&raw[at - 4..at], b"kept");
+        assert!(raw[at..].iter().all(|b| *b == 0));
     }
 
     #[tokio::test(flavor = "current_thread")]
