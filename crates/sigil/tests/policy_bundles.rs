@@ -350,20 +350,21 @@ fn signed_bundles_propagate_are_never_rolled_back_and_expire_closed() {
         });
         assert_eq!(call(&p, &c, "/v1/echo").0, 200, "after: {why}");
     }
-    // The same revision as the one in force, with other content.
-    for r in [4, 5, 6] {
-        db(
-            &srv_dir,
-            "DELETE FROM policy_bundles WHERE revision = ?",
-            &[r.to_string()],
-        );
-    }
+    // The same revision as the one in force, with other content. Stored while revision 6
+    // is still the latest, then the later ones go in one statement: the authority caches the
+    // bundle by its revision, so a refresh that saw revision 3 again before its content
+    // changed would never send the new content.
     let why = "differs from the accepted bundle of the same revision";
     let before = count(&agent.log_text(), why);
     store_bundle(
         &srv_dir,
         3,
         &key.sign(&content(3, ONLY_MODELS, now() + 3600)).unwrap(),
+    );
+    db(
+        &srv_dir,
+        "DELETE FROM policy_bundles WHERE revision > 3",
+        &[],
     );
     poke(&s, 1);
     wait_until(why, Duration::from_secs(5), || {
