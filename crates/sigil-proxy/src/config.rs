@@ -105,8 +105,9 @@ pub struct ProxyConfig {
     /// on forwarded requests, for upstreams built to sit behind Envoy or Istio.
     #[serde(default = "default_true")]
     pub xfcc: bool,
-    /// Seconds a client has to send a request head (HTTP/1.1; also how long a keep-alive
-    /// connection may wait for its next request).
+    /// Seconds a client has to complete an HTTP/1 request head once its first byte arrived
+    /// (the first request's: once the connection opened). Waiting for the next request on
+    /// a keep-alive connection is idle time (`idle_timeout_secs`), not head time.
     #[serde(default = "default_header_timeout")]
     pub header_read_timeout_secs: u64,
     /// Seconds a client has to send a request body the proxy reads.

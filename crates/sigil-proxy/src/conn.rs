@@ -1,10 +1,17 @@
 //! One client connection: the identity is taken from the certificate the handshake
-//! verified; requests are served over HTTP/1.1 or HTTP/2 with bounded patience (a head must
-//! arrive within `header_read_timeout_secs`, a connection with no request in flight and no
-//! bytes moving is closed after `idle_timeout_secs`); a revocation of the client closes it.
+//! verified; requests are served over HTTP/1.1 or HTTP/2 with bounded patience; a
+//! revocation of the client closes it.
+//!
+//! Patience, as Go's `net/http` and Envoy count it (hyper's own header timer cannot: it
+//! starts as soon as a keep-alive connection waits for its next request, so it would also be
+//! the idle timeout):
+//! - `header_read_timeout_secs`: an HTTP/1 request head must be complete this long after its
+//!   first byte (the first request's: after the connection opened);
+//! - `idle_timeout_secs`: a connection with no request in flight and no bytes moving is
+//!   closed after this long.
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -16,32 +23,97 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::metrics::Outcome;
 use crate::stack::Proxy;
 
-/// When the connection last moved bytes, and how many requests are in flight.
+/// The HTTP/2 connection preface (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// When the connection last moved bytes, how many requests are in flight, and since when an
+/// HTTP/1 request head has been arriving.
 struct Activity {
     start: Instant,
     /// Milliseconds since `start`.
     last: AtomicU64,
     in_flight: AtomicUsize,
+    /// Milliseconds since `start` + 1 when the pending request head began (0: none pending).
+    head_since: AtomicU64,
+    /// The connection speaks HTTP/2: heads are frames, and idle connections exchange frames.
+    http2: AtomicBool,
+}
+
+/// Why a connection was closed for want of progress.
+#[derive(Debug, PartialEq, Eq)]
+enum Stalled {
+    /// An HTTP/1 request head was not complete within the header timeout.
+    Head,
+    /// No request in flight and no bytes moving for the idle timeout.
+    Idle,
 }
 
 impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            // The first request's head is due from the start.
+            head_since: AtomicU64::new(1),
+            http2: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
+        self.last.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes were read: between HTTP/1 requests, the first byte starts the next head's clock.
+    fn read(&self) {
+        self.touch();
+        if self.in_flight.load(Ordering::Relaxed) == 0 && !self.http2.load(Ordering::Relaxed) {
+            let _ = self.head_since.compare_exchange(
+                0,
+                self.now_ms().saturating_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// The connection opened with HTTP/2's preface: no head clock.
+    fn http2(&self) {
+        self.http2.store(true, Ordering::Relaxed);
+        self.head_since.store(0, Ordering::Relaxed);
     }
 
     fn idle_for(&self) -> Duration {
         let now = self.start.elapsed();
         now.saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)))
     }
+
+    /// Whether the connection has waited too long for a head or for anything at all.
+    fn stalled(&self, header_timeout: Duration, idle_timeout: Duration) -> Option<Stalled> {
+        let since = self.head_since.load(Ordering::Relaxed);
+        if since > 0 {
+            let waited = self.now_ms().saturating_sub(since - 1);
+            if Duration::from_millis(waited) >= header_timeout {
+                return Some(Stalled::Head);
+            }
+        }
+        (self.in_flight.load(Ordering::Relaxed) == 0 && self.idle_for() >= idle_timeout)
+            .then_some(Stalled::Idle)
+    }
 }
 
-/// Counts a request in flight until its response body ends (or is dropped).
+/// Counts a request in flight until its response body ends (or is dropped). Made when the
+/// request's head is complete: its head clock stops.
 struct InFlight(Arc<Activity>);
 
 impl InFlight {
     fn new(a: &Arc<Activity>) -> Self {
         a.in_flight.fetch_add(1, Ordering::Relaxed);
+        a.head_since.store(0, Ordering::Relaxed);
         Self(a.clone())
     }
 }
@@ -57,6 +129,28 @@ impl Drop for InFlight {
 struct Tracked<IO> {
     io: IO,
     activity: Arc<Activity>,
+    /// How much of HTTP/2's preface the first bytes matched (`None`: decided).
+    preface: Option<usize>,
+}
+
+impl<IO> Tracked<IO> {
+    /// Follows the first bytes until they are HTTP/2's whole preface or differ from it. Until
+    /// then the connection counts as HTTP/1: a preface sent slowly is a slow head.
+    fn follow_preface(&mut self, bytes: &[u8]) {
+        let Some(matched) = self.preface else {
+            return;
+        };
+        let want = H2_PREFACE.get(matched..).unwrap_or_default();
+        let n = bytes.len().min(want.len());
+        if bytes.get(..n) != want.get(..n) {
+            self.preface = None;
+        } else if matched + n == H2_PREFACE.len() {
+            self.preface = None;
+            self.activity.http2();
+        } else {
+            self.preface = Some(matched + n);
+        }
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
@@ -68,7 +162,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            let read = buf.filled().get(before..).unwrap_or_default();
+            self.follow_preface(read);
+            self.activity.read();
         }
         r
     }
@@ -190,11 +286,7 @@ impl Proxy {
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let activity = Arc::new(Activity {
-            start: Instant::now(),
-            last: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-        });
+        let activity = Arc::new(Activity::new());
         let idle_timeout = Duration::from_secs(self.cfg.idle_timeout_secs);
         let header_timeout = Duration::from_secs(self.cfg.header_read_timeout_secs);
         let mut revoked = self.revoked.clone();
@@ -226,14 +318,16 @@ impl Proxy {
             })
         };
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // The head clock is ours (see the module's doc): hyper's is switched off.
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout);
+            .header_read_timeout(None);
         builder.http2().timer(TokioTimer::new());
         let io = Tracked {
             io: stream,
             activity: activity.clone(),
+            preface: Some(0),
         };
         let conn = builder.serve_connection(TokioIo::new(io), svc);
         // A revocation closes the client's open connections, not only its next handshake.
@@ -255,14 +349,13 @@ impl Proxy {
                 }
             }
         };
-        let idle = async move {
-            let tick = (idle_timeout / 4).max(Duration::from_millis(100));
+        let stalled = async move {
+            let tick = (header_timeout.min(idle_timeout) / 8)
+                .clamp(Duration::from_millis(50), Duration::from_secs(5));
             loop {
                 tokio::time::sleep(tick).await;
-                if activity.in_flight.load(Ordering::Relaxed) == 0
-                    && activity.idle_for() >= idle_timeout
-                {
-                    return;
+                if let Some(why) = activity.stalled(header_timeout, idle_timeout) {
+                    return why;
                 }
             }
         };
@@ -273,9 +366,91 @@ impl Proxy {
             () = revoked_now => {
                 tracing::info!(spiffe_id = %peer_id, "client revoked: connection closed");
             }
-            () = idle => {
-                tracing::debug!(spiffe_id = %peer_id, "idle connection closed");
+            why = stalled => match why {
+                Stalled::Head => tracing::debug!(
+                    spiffe_id = %peer_id,
+                    "request head not complete within header_read_timeout_secs: connection closed"
+                ),
+                Stalled::Idle => tracing::debug!(spiffe_id = %peer_id, "idle connection closed"),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracked() -> Tracked<()> {
+        Tracked {
+            io: (),
+            activity: Arc::new(Activity::new()),
+            preface: Some(0),
+        }
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn the_first_head_is_due_from_the_start_and_a_complete_head_stops_its_clock() {
+        let a = Arc::new(Activity::new());
+        assert_eq!(a.stalled(Duration::ZERO, SECOND), Some(Stalled::Head));
+        let request = InFlight::new(&a);
+        assert_eq!(a.stalled(Duration::ZERO, Duration::ZERO), None, "in flight");
+        drop(request);
+        // Waiting for the next request is idle time, not head time.
+        assert_eq!(a.stalled(Duration::ZERO, SECOND), None);
+        assert_eq!(
+            a.stalled(Duration::ZERO, Duration::ZERO),
+            Some(Stalled::Idle)
+        );
+        // Its first byte starts the head clock again.
+        a.read();
+        assert_eq!(a.stalled(Duration::ZERO, SECOND), Some(Stalled::Head));
+        assert_eq!(a.stalled(SECOND, SECOND), None);
+    }
+
+    #[test]
+    fn bytes_read_while_a_request_is_in_flight_start_no_head_clock() {
+        let a = Arc::new(Activity::new());
+        let request = InFlight::new(&a);
+        a.read();
+        drop(request);
+        assert_eq!(a.stalled(Duration::ZERO, SECOND), None);
+    }
+
+    #[test]
+    fn only_the_whole_http2_preface_switches_the_head_clock_off() {
+        // At once, and in pieces.
+        for pieces in [vec![H2_PREFACE.len()], vec![1, 3, 10, 10]] {
+            let mut t = tracked();
+            let mut at = 0;
+            for n in pieces {
+                t.follow_preface(&H2_PREFACE[at..at + n]);
+                at += n;
+            }
+            assert!(t.activity.http2.load(Ordering::Relaxed));
+            assert_eq!(t.activity.stalled(Duration::ZERO, SECOND), None);
+            t.activity.read();
+            assert_eq!(t.activity.stalled(Duration::ZERO, SECOND), None);
+        }
+        // HTTP/1, an HTTP/1 method that starts like the preface, and a preface sent only
+        // in part: the head clock runs.
+        for bytes in [
+            &b"POST / HTTP/1.1\r\n"[..],
+            b"PROPFIND / HTTP/1.1\r\n",
+            b"PRI * HTTP/2.0\r\n",
+        ] {
+            let mut t = tracked();
+            for b in bytes {
+                t.follow_preface(&[*b]);
+            }
+            assert!(!t.activity.http2.load(Ordering::Relaxed), "{bytes:?}");
+            assert_eq!(
+                t.activity.stalled(Duration::ZERO, SECOND),
+                Some(Stalled::Head),
+                "{bytes:?}"
+            );
         }
     }
 }

@@ -508,7 +508,7 @@ fn slow_and_idle_clients_are_cut_off() {
         &[
             ("SIGIL_HEADER_READ_TIMEOUT_SECS", "1"),
             ("SIGIL_BODY_READ_TIMEOUT_SECS", "1"),
-            ("SIGIL_IDLE_TIMEOUT_SECS", "2"),
+            ("SIGIL_IDLE_TIMEOUT_SECS", "4"),
         ],
         &[],
     );
@@ -545,18 +545,39 @@ fn slow_and_idle_clients_are_cut_off() {
         "{answer:?} after {:?}",
         t0.elapsed()
     );
-    // An idle keep-alive connection is closed.
+    // A keep-alive connection waiting for its next request is idle, not slow: the header
+    // timeout (1 s) does not close it, the idle timeout (4 s) does.
     let mut conn = raw_connection(&w);
-    assert_eq!(
+    let call = |conn: &mut KeptConnection| {
         conn.send(
             "POST",
             "/v1/chat/completions",
             &w.c.token,
-            r#"{"model":"m"}"#
+            r#"{"model":"m"}"#,
         )
-        .unwrap(),
-        200
+    };
+    assert_eq!(call(&mut conn).unwrap(), 200);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        call(&mut conn).ok(),
+        Some(200),
+        "a keep-alive connection idle for 2.5 s was closed (header timeout 1 s, idle 4 s)"
     );
-    let took = conn.closed_within(Duration::from_secs(8));
-    assert!(took.is_some(), "an idle connection stayed open");
+    let took = conn.closed_within(Duration::from_secs(10));
+    assert!(
+        took.is_some_and(|t| t >= Duration::from_secs(3)),
+        "an idle connection must be closed after the idle timeout (4 s), not before: {took:?}"
+    );
+    // The next request's head, once begun, is due within the header timeout again.
+    let mut conn = raw_connection(&w);
+    assert_eq!(call(&mut conn).unwrap(), 200);
+    conn.tls
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: l")
+        .unwrap();
+    conn.tls.flush().unwrap();
+    let took = conn.closed_within(Duration::from_secs(10));
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(3)),
+        "a second head left unfinished must be cut by the header timeout (1 s): {took:?}"
+    );
 }
