@@ -581,3 +581,103 @@ fn slow_and_idle_clients_are_cut_off() {
         "a second head left unfinished must be cut by the header timeout (1 s): {took:?}"
     );
 }
+
+/// Two calls by `curl` on one connection, 3 s apart (`--rate 20/m`), over HTTP/1.1 and over
+/// HTTP/2: with a 1 s header timeout and a 4 s idle timeout, the second call reuses the
+/// first one's connection. Over HTTP/2 the head clock is off once the preface is seen.
+#[test]
+fn keep_alive_connections_outlive_the_header_timeout() {
+    let w = world(
+        &[
+            ("SIGIL_HEADER_READ_TIMEOUT_SECS", "1"),
+            ("SIGIL_IDLE_TIMEOUT_SECS", "4"),
+        ],
+        &[],
+    );
+    let url = format!("https://localhost:{}/v1/chat/completions", w.p.port);
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", flag, "--rate", "20/m", "--cacert"])
+            .arg(&w.c.bundle)
+            .arg("--cert")
+            .arg(&w.c.cert)
+            .arg("--key")
+            .arg(&w.c.key)
+            .args(["-H", &w.c.auth(), "-H", "content-type: application/json"])
+            .args(["--data-binary", r#"{"model":"m"}"#])
+            .args(["-o", "/dev/null", "-o", "/dev/null"])
+            .args(["-w", "%{http_code} %{http_version} %{num_connects}\\n"])
+            .args([&url, &url])
+            .output()
+            .unwrap();
+        let got = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            got.lines().collect::<Vec<_>>(),
+            [format!("200 {version} 1"), format!("200 {version} 0")],
+            "{flag}: a second call 3 s later must reuse the connection; {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// An HTTP/2 client that pings while it has no request open (hyper's keep-alive, every
+/// 300 ms) is idle, not slow: with a 1 s header timeout its connection still serves a
+/// second call 2.5 s after the first. (Read as HTTP/1, each ping would start a head clock.)
+#[test]
+fn http2_pings_between_requests_are_not_a_slow_head() {
+    use http_body_util::BodyExt;
+    let w = world(
+        &[
+            ("SIGIL_HEADER_READ_TIMEOUT_SECS", "1"),
+            ("SIGIL_IDLE_TIMEOUT_SECS", "4"),
+        ],
+        &[],
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pem = std::fs::read_to_string(&w.c.bundle).unwrap();
+        // ALPN h2.
+        let cfg = common::client_tls(&pem, Some((&w.c.cert, &w.c.key)));
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", w.p.port))
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Duration::from_millis(300))
+                .keep_alive_while_idle(true)
+                .handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let url = format!("https://localhost:{}/v1/chat/completions", w.p.port);
+        let call = || {
+            http::Request::post(&url)
+                .header("authorization", format!("Bearer {}", w.c.token))
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(hyper::body::Bytes::from_static(
+                    br#"{"model":"m"}"#,
+                )))
+                .unwrap()
+        };
+        let first = send.send_request(call()).await.unwrap();
+        assert_eq!(first.status(), 200);
+        first.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let second = send.send_request(call()).await;
+        assert_eq!(
+            second.as_ref().map(|r| r.status().as_u16()).ok(),
+            Some(200),
+            "an HTTP/2 connection pinging while idle was closed: {:?}",
+            second.err()
+        );
+    });
+}
