@@ -25,6 +25,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use serde::Serialize;
+use sigil_metrics::prometheus_client::metrics::counter::Counter;
 use tokio::sync::oneshot;
 
 /// The first line of a segment.
@@ -310,8 +311,9 @@ struct Log {
 struct Shared {
     log: std::sync::Mutex<Log>,
     work: std::sync::Condvar,
-    /// Syncs made.
-    syncs: std::sync::atomic::AtomicU64,
+    /// Records written, and syncs made (records / syncs: the group commit's batch size).
+    records: Counter,
+    syncs: Counter,
     exporting: bool,
 }
 
@@ -418,7 +420,8 @@ impl AuditLog {
                 broken: None,
             }),
             work: std::sync::Condvar::new(),
-            syncs: std::sync::atomic::AtomicU64::new(0),
+            records: Counter::default(),
+            syncs: Counter::default(),
             exporting: export.is_some(),
         });
         std::thread::Builder::new()
@@ -458,6 +461,7 @@ impl AuditLog {
         let wake = {
             let mut q = shared.lock()?;
             q.append(&line)?;
+            shared.records.inc();
             q.waiters.push(durable);
             if shared.exporting {
                 q.lines.push(line);
@@ -477,10 +481,13 @@ impl AuditLog {
     /// How many syncs the writer has made.
     #[cfg_attr(not(test), allow(dead_code))]
     pub fn syncs(&self) -> u64 {
-        self.shared
-            .0
-            .syncs
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.shared.0.syncs.get()
+    }
+
+    /// The counters of records written and syncs made, for `/metrics`.
+    pub(crate) fn counters(&self) -> (Counter, Counter) {
+        let shared = &self.shared.0;
+        (shared.records.clone(), shared.syncs.clone())
     }
 
     /// Replaces the segment by a new, empty one if the writer is exactly at `acked` (every
@@ -669,9 +676,7 @@ fn writer(shared: &Shared, export: Option<crate::export::ExportSink>, path: std:
         let lines = std::mem::take(&mut q.lines);
         drop(q);
         let synced = file.sync_data().map_err(|e| AuditError(e.to_string()));
-        shared
-            .syncs
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared.syncs.inc();
         q = match shared.log.lock() {
             Ok(q) => q,
             Err(_) => return,

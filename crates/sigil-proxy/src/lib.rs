@@ -189,7 +189,9 @@ pub async fn start(cfg: ProxyConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
 
     let (metrics_at, metrics_policies, enforce) = (cfg.metrics_addr, policies.clone(), cfg.enforce);
     let dpop_on = cfg.dpop;
-    let mut metrics = metrics::Metrics::new(cfg.metrics_addr.is_some()).with_export(&counters);
+    let mut metrics = metrics::Metrics::new(cfg.metrics_addr.is_some())
+        .with_export(&counters)
+        .with_audit(&audit);
     // The outbound side shares the credentials, policies, limits, audit log and metrics.
     let egress = match &cfg.outbound {
         Some(o) => {

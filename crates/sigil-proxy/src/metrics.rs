@@ -142,6 +142,25 @@ impl Metrics {
         self
     }
 
+    /// Registers the audit log's counters: records written (`sigil_proxy_audit_records`) and
+    /// syncs made (`sigil_proxy_audit_syncs`); their ratio is the group commit's batch size.
+    pub(crate) fn with_audit(mut self, audit: &crate::audit::AuditLog) -> Self {
+        if let Some(inner) = self.inner.as_mut() {
+            let (records, syncs) = audit.counters();
+            inner.registry.register(
+                "sigil_proxy_audit_records",
+                "Decision records written to the audit log",
+                records,
+            );
+            inner.registry.register(
+                "sigil_proxy_audit_syncs",
+                "Syncs (fdatasync) of the audit log; records / syncs is the batch size",
+                syncs,
+            );
+        }
+        self
+    }
+
     /// Registers the outbound routes' connection counter (`sigil_proxy_outbound_connections`,
     /// by route): each connection is one TLS handshake.
     pub(crate) fn with_outbound(mut self, e: &crate::egress::Egress) -> Self {

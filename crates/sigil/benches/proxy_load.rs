@@ -1084,10 +1084,12 @@ fn main() {
         // The outbound sidecar's handshakes to (d), and the calls it made (its audit records).
         let out_audit = out_dir.join("audit.log");
         let handshakes = || scrape_counter(&out_metrics, "sigil_proxy_outbound_connections");
-        let (hs0, calls0) = (handshakes(), lines_in(&out_audit));
+        // Its audit syncs: records / syncs is the group commit's batch size.
+        let syncs = || scrape_counter(&out_metrics, "sigil_proxy_audit_syncs_total");
+        let (hs0, calls0, syncs0) = (handshakes(), lines_in(&out_audit), syncs());
         latency(&targets, &auth, n, &mut all).await;
         eprintln!("  done: latency");
-        let (hs1, calls1) = (handshakes(), lines_in(&out_audit));
+        let (hs1, calls1, syncs1) = (handshakes(), lines_in(&out_audit), syncs());
         for (t, f) in targets.iter().zip(all.iter_mut()) {
             throughput(t, &auth, conns, secs, f).await;
             eprintln!(
@@ -1095,13 +1097,15 @@ fn main() {
                 t.label, f.p50_us, f.req_per_s
             );
         }
-        let (hs2, calls2) = (handshakes(), lines_in(&out_audit));
+        let (hs2, calls2, syncs2) = (handshakes(), lines_in(&out_audit), syncs());
         let per_1000 = |hs: f64, calls: usize| 1000.0 * hs / (calls.max(1) as f64);
+        let per_sync = |calls: usize, syncs: f64| calls as f64 / syncs.max(1.0);
         let outbound = serde_json::json!({
             "latency_phase": {"handshakes": hs1 - hs0, "calls": calls1 - calls0,
-                "per_1000": per_1000(hs1 - hs0, calls1 - calls0)},
+                "per_1000": per_1000(hs1 - hs0, calls1 - calls0), "audit_syncs": syncs1 - syncs0},
             "throughput_phase": {"handshakes": hs2 - hs1, "calls": calls2 - calls1,
-                "per_1000": per_1000(hs2 - hs1, calls2 - calls1), "connections": conns},
+                "per_1000": per_1000(hs2 - hs1, calls2 - calls1), "connections": conns,
+                "audit_syncs": syncs2 - syncs1},
         });
         let rss_after = rss_mib(full_proxy.pid());
         let (rss_hold, rss_closed, rss_closed_late) =
@@ -1179,6 +1183,16 @@ fn main() {
             hs2 - hs1,
             calls2 - calls1,
             per_1000(hs2 - hs1, calls2 - calls1),
+        );
+        println!(
+            "outbound sidecar audit: {:.0} syncs for {} records on 1 client connection ({:.1} per \
+             sync); {:.0} syncs for {} records on {conns} client connections ({:.1} per sync)",
+            syncs1 - syncs0,
+            calls1 - calls0,
+            per_sync(calls1 - calls0, syncs1 - syncs0),
+            syncs2 - syncs1,
+            calls2 - calls1,
+            per_sync(calls2 - calls1, syncs2 - syncs1),
         );
         if let (Some(two), Some(full)) = (
             all.iter().find(|f| f.target == "two_sidecars"),

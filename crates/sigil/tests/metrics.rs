@@ -201,6 +201,11 @@ fn proxy_and_server_counters_match_a_scripted_run() {
         7.0
     );
     assert_eq!(value(&m, "sigil_proxy_policies"), 1.0);
+    // Every decision was recorded, each made durable by a sync (sequential calls: at most
+    // one sync per record).
+    assert_eq!(value(&m, "sigil_proxy_audit_records_total"), 10.0);
+    let syncs = value(&m, "sigil_proxy_audit_syncs_total");
+    assert!((1.0..=10.0).contains(&syncs), "{syncs}");
     // Policies from a directory, not a signed bundle: no bundle series.
     assert!(
         !m.keys()
