@@ -113,7 +113,8 @@ pub struct ProxyConfig {
     /// Seconds a client has to send a request body the proxy reads.
     #[serde(default = "default_body_timeout")]
     pub body_read_timeout_secs: u64,
-    /// Seconds a connection with no request in flight and no bytes moving stays open.
+    /// Seconds a connection with no request in flight and no bytes moving stays open (over
+    /// HTTP/2: with no request in flight, whatever frames such as PINGs move).
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_secs: u64,
     /// The audit segment (0600): framed JSON records, see `sigil audit show`.

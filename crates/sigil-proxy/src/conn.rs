@@ -8,7 +8,8 @@
 //! - `header_read_timeout_secs`: an HTTP/1 request head must be complete this long after its
 //!   first byte (the first request's: after the connection opened);
 //! - `idle_timeout_secs`: a connection with no request in flight and no bytes moving is
-//!   closed after this long.
+//!   closed after this long; over HTTP/2, with no request in flight, whatever frames move
+//!   (a client cannot keep an idle connection by pinging, as Envoy counts it).
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -68,9 +69,18 @@ impl Activity {
         self.last.store(self.now_ms(), Ordering::Relaxed);
     }
 
+    /// Bytes moved on the connection. Over HTTP/1 that is activity; over HTTP/2 it is not
+    /// (PINGs and other frames move while no stream is open): only requests count there, so
+    /// a client cannot hold an idle connection open by pinging.
+    fn moved(&self) {
+        if !self.http2.load(Ordering::Relaxed) {
+            self.touch();
+        }
+    }
+
     /// Bytes were read: between HTTP/1 requests, the first byte starts the next head's clock.
     fn read(&self) {
-        self.touch();
+        self.moved();
         if self.in_flight.load(Ordering::Relaxed) == 0 && !self.http2.load(Ordering::Relaxed) {
             let _ = self.head_since.compare_exchange(
                 0,
@@ -114,6 +124,7 @@ impl InFlight {
     fn new(a: &Arc<Activity>) -> Self {
         a.in_flight.fetch_add(1, Ordering::Relaxed);
         a.head_since.store(0, Ordering::Relaxed);
+        a.touch();
         Self(a.clone())
     }
 }
@@ -178,7 +189,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.moved();
         }
         r
     }
@@ -189,7 +200,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.moved();
         }
         r
     }
@@ -433,6 +444,13 @@ mod tests {
             assert_eq!(t.activity.stalled(Duration::ZERO, SECOND), None);
             t.activity.read();
             assert_eq!(t.activity.stalled(Duration::ZERO, SECOND), None);
+            // Frames moving with no request open are not activity.
+            t.activity.last.store(0, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(20));
+            t.activity.read();
+            t.activity.moved();
+            let idle = Duration::from_millis(10);
+            assert_eq!(t.activity.stalled(SECOND, idle), Some(Stalled::Idle));
         }
         // HTTP/1, an HTTP/1 method that starts like the preface, and a preface sent only
         // in part: the head clock runs.

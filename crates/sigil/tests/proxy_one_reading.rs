@@ -622,7 +622,8 @@ fn keep_alive_connections_outlive_the_header_timeout() {
 
 /// An HTTP/2 client that pings while it has no request open (hyper's keep-alive, every
 /// 300 ms) is idle, not slow: with a 1 s header timeout its connection still serves a
-/// second call 2.5 s after the first. (Read as HTTP/1, each ping would start a head clock.)
+/// second call 2.5 s after the first (read as HTTP/1, each ping would start a head clock).
+/// And it is idle: its pings do not keep the connection past the idle timeout.
 #[test]
 fn http2_pings_between_requests_are_not_a_slow_head() {
     use http_body_util::BodyExt;
@@ -678,6 +679,19 @@ fn http2_pings_between_requests_are_not_a_slow_head() {
             Some(200),
             "an HTTP/2 connection pinging while idle was closed: {:?}",
             second.err()
+        );
+        if let Ok(r) = second {
+            r.into_body().collect().await.unwrap();
+        }
+        // Pings are not requests: with none open for the idle timeout (4 s), the connection
+        // is closed although frames keep moving.
+        tokio::time::sleep(Duration::from_millis(5500)).await;
+        let third = send.send_request(call()).await;
+        assert!(
+            third.is_err(),
+            "an HTTP/2 connection with no request for 5.5 s (idle timeout 4 s) was kept open \
+             by its pings: {:?}",
+            third.map(|r| r.status())
         );
     });
 }
