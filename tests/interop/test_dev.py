@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import free_port
 
 
 def commands(text: str) -> str:
@@ -29,8 +28,10 @@ def test_sigil_dev_instructions_work_as_printed(tmp_path: Path):
     data = tmp_path / "dev"
     log = open(tmp_path / "dev.log", "wb")
     proc = subprocess.Popen(
-        [sigil, "dev", "--data-dir", str(data), "--listen-addr", f"127.0.0.1:{free_port()}",
-         "--proxy-listen", f"127.0.0.1:{free_port()}"],
+        # Port 0 for every listener: sigil dev prints the ports it bound. (Ports picked here
+        # and bound later could be taken meanwhile, e.g. by sigil dev's own connections.)
+        [sigil, "dev", "--data-dir", str(data), "--listen-addr", "127.0.0.1:0",
+         "--proxy-listen", "127.0.0.1:0", "--outbound-listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         printed = []

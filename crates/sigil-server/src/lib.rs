@@ -116,7 +116,7 @@ impl RunningServer {
 
 /// Starts the server: opens the store, loads or creates the keys, binds both listeners.
 pub async fn start(
-    config: ServerConfig,
+    mut config: ServerConfig,
     clock: Arc<dyn Clock>,
 ) -> Result<RunningServer, ServerError> {
     config.validate()?;
@@ -181,6 +181,11 @@ pub async fn start(
     let addr = listener
         .local_addr()
         .map_err(|e| ServerError::Io(e.to_string()))?;
+    // Port 0 asks for any free port: what is derived from the address (the default issuer,
+    // `https://localhost:<port>`) uses the one bound.
+    if config.listen_addr.port() == 0 {
+        config.listen_addr.set_port(addr.port());
+    }
     let admin_socket = config.admin_socket_path();
     let admin_listener = bind_admin_socket(&admin_socket)?;
     let admin_uid = std::fs::metadata(&admin_socket)
