@@ -23,7 +23,8 @@
 //! run the full path, model and tool call, with that build: an A/B in one run),
 //! `SIGIL_BENCH_UPSTREAM_DELAY_US=<µs>` (the upstream answers after that delay: a hyper server
 //! in this process instead of nginx), `SIGIL_BENCH_ONLY=<key>,<key>` (measure only these targets besides `direct`; keys as in
-//! the JSON, e.g. `sigil_full,sigil_full_audit_tmpfs`).
+//! the JSON, e.g. `sigil_full,sigil_full_audit_tmpfs`; `sigil_full_tool_audit_tmpfs` is the tool
+//! call with the audit log on tmpfs, which splits a tool call's cost into its sync and the rest).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -995,12 +996,19 @@ fn main() {
             });
         }
         if let Some(p) = &shm_proxy {
-            targets.push(target(
+            let shm = target(
                 "sigil_full_audit_tmpfs",
                 "(e) = (d), audit log on tmpfs (diagnostic)",
                 shm_port,
                 p.pid(),
-            ));
+            );
+            targets.push(shm.clone());
+            targets.push(Target {
+                key: "sigil_full_tool_audit_tmpfs",
+                label: "(e-g) = (g), audit log on tmpfs (diagnostic)",
+                tool: true,
+                ..shm
+            });
         }
 
         if let Some(p) = &metrics_proxy {
