@@ -78,13 +78,18 @@ impl Activity {
         }
     }
 
-    /// Bytes were read: between HTTP/1 requests, the first byte starts the next head's clock.
+    /// Bytes were read: activity over HTTP/1 (see [`Activity::moved`]), and between its
+    /// requests the first byte starts the next head's clock. One clock reading for both.
     fn read(&self) {
-        self.moved();
-        if self.in_flight.load(Ordering::Relaxed) == 0 && !self.http2.load(Ordering::Relaxed) {
+        if self.http2.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = self.now_ms();
+        self.last.store(now, Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Relaxed) == 0 {
             let _ = self.head_since.compare_exchange(
                 0,
-                self.now_ms().saturating_add(1),
+                now.saturating_add(1),
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             );
