@@ -513,8 +513,38 @@ fn scrape_counter(addr: &str, name: &str) -> f64 {
         .sum()
 }
 
-fn lines_in(path: &Path) -> usize {
-    std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
+/// The outbound sidecar's counters, or what they moved by in a phase of the run.
+struct Outbound {
+    /// mTLS handshakes to the callee's sidecar.
+    handshakes: f64,
+    /// Calls made (one audit record each).
+    calls: usize,
+    /// Syncs of its audit log.
+    syncs: f64,
+}
+
+impl Outbound {
+    fn since(&self, start: &Self) -> Self {
+        Self {
+            handshakes: self.handshakes - start.handshakes,
+            calls: self.calls.saturating_sub(start.calls),
+            syncs: self.syncs - start.syncs,
+        }
+    }
+
+    fn per_1000(&self) -> f64 {
+        1000.0 * self.handshakes / (self.calls.max(1) as f64)
+    }
+
+    /// Records per sync: the group commit's batch size.
+    fn per_sync(&self) -> f64 {
+        self.calls as f64 / self.syncs.max(1.0)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"handshakes": self.handshakes, "calls": self.calls,
+            "per_1000": self.per_1000(), "audit_syncs": self.syncs})
+    }
 }
 
 /// An upstream that answers every request after `delay` (a model that takes a moment):
@@ -1089,15 +1119,17 @@ fn main() {
                 ..Default::default()
             })
             .collect();
-        // The outbound sidecar's handshakes to (d), and the calls it made (its audit records).
-        let out_audit = out_dir.join("audit.log");
-        let handshakes = || scrape_counter(&out_metrics, "sigil_proxy_outbound_connections");
-        // Its audit syncs: records / syncs is the group commit's batch size.
-        let syncs = || scrape_counter(&out_metrics, "sigil_proxy_audit_syncs_total");
-        let (hs0, calls0, syncs0) = (handshakes(), lines_in(&out_audit), syncs());
+        // The outbound sidecar's handshakes to (d), the calls it made (its audit records), and
+        // its audit syncs (records / syncs is the group commit's batch size).
+        let counters = || Outbound {
+            handshakes: scrape_counter(&out_metrics, "sigil_proxy_outbound_connections"),
+            calls: scrape_counter(&out_metrics, "sigil_proxy_audit_records_total") as usize,
+            syncs: scrape_counter(&out_metrics, "sigil_proxy_audit_syncs_total"),
+        };
+        let at_start = counters();
         latency(&targets, &auth, n, &mut all).await;
         eprintln!("  done: latency");
-        let (hs1, calls1, syncs1) = (handshakes(), lines_in(&out_audit), syncs());
+        let after_latency = counters();
         for (t, f) in targets.iter().zip(all.iter_mut()) {
             throughput(t, &auth, conns, secs, f).await;
             eprintln!(
@@ -1105,16 +1137,20 @@ fn main() {
                 t.label, f.p50_us, f.req_per_s
             );
         }
-        let (hs2, calls2, syncs2) = (handshakes(), lines_in(&out_audit), syncs());
-        let per_1000 = |hs: f64, calls: usize| 1000.0 * hs / (calls.max(1) as f64);
-        let per_sync = |calls: usize, syncs: f64| calls as f64 / syncs.max(1.0);
-        let outbound = serde_json::json!({
-            "latency_phase": {"handshakes": hs1 - hs0, "calls": calls1 - calls0,
-                "per_1000": per_1000(hs1 - hs0, calls1 - calls0), "audit_syncs": syncs1 - syncs0},
-            "throughput_phase": {"handshakes": hs2 - hs1, "calls": calls2 - calls1,
-                "per_1000": per_1000(hs2 - hs1, calls2 - calls1), "connections": conns,
-                "audit_syncs": syncs2 - syncs1},
+        // What the outbound sidecar did in each phase, and on how many client connections.
+        let phases = [
+            ("1 client connection".to_owned(), after_latency.since(&at_start)),
+            (
+                format!("{conns} client connections"),
+                counters().since(&after_latency),
+            ),
+        ];
+        let [(_, lat), (_, thr)] = &phases;
+        let mut outbound = serde_json::json!({
+            "latency_phase": lat.json(),
+            "throughput_phase": thr.json(),
         });
+        outbound["throughput_phase"]["connections"] = conns.into();
         let rss_after = rss_mib(full_proxy.pid());
         let (rss_hold, rss_closed, rss_closed_late) =
             rss_with_connections(&full_t, &auth, hold, full_proxy.pid(), true).await;
@@ -1182,25 +1218,30 @@ fn main() {
              with {hold} connections {rss_hold_nginx:.1} MiB"
         );
         println!("audit records written by the full-path proxy: {audit_lines}");
+        let each = |line: fn(&str, &Outbound) -> String| {
+            phases
+                .iter()
+                .map(|(on, p)| line(on, p))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
         println!(
-            "outbound sidecar -> (d) mTLS handshakes: {:.0} for {} calls on 1 client connection \
-             ({:.2} per 1,000); {:.0} for {} calls on {conns} client connections ({:.2} per 1,000)",
-            hs1 - hs0,
-            calls1 - calls0,
-            per_1000(hs1 - hs0, calls1 - calls0),
-            hs2 - hs1,
-            calls2 - calls1,
-            per_1000(hs2 - hs1, calls2 - calls1),
+            "outbound sidecar -> (d) mTLS handshakes: {}",
+            each(|on, p| format!(
+                "{:.0} for {} calls on {on} ({:.2} per 1,000)",
+                p.handshakes,
+                p.calls,
+                p.per_1000()
+            ))
         );
         println!(
-            "outbound sidecar audit: {:.0} syncs for {} records on 1 client connection ({:.1} per \
-             sync); {:.0} syncs for {} records on {conns} client connections ({:.1} per sync)",
-            syncs1 - syncs0,
-            calls1 - calls0,
-            per_sync(calls1 - calls0, syncs1 - syncs0),
-            syncs2 - syncs1,
-            calls2 - calls1,
-            per_sync(calls2 - calls1, syncs2 - syncs1),
+            "outbound sidecar audit: {}",
+            each(|on, p| format!(
+                "{:.0} syncs for {} records on {on} ({:.1} per sync)",
+                p.syncs,
+                p.calls,
+                p.per_sync()
+            ))
         );
         if let (Some(two), Some(full)) = (
             all.iter().find(|f| f.target == "two_sidecars"),
