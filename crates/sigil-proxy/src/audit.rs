@@ -298,8 +298,11 @@ struct Log {
     rotations: Vec<Rotate>,
     /// The writer is waiting for work (not syncing).
     idle: bool,
-    /// A request is about to wake the idle writer (see [`AuditLog::record`]).
+    /// A request is about to wake the idle writer (see [`AuditLog::write`]).
     waking: bool,
+    /// A lone request is syncing its own record (see [`AuditLog::record_alone`]): the
+    /// writer waits until it is done.
+    syncing: bool,
     /// Every handle is gone: the writer syncs what is written and stops.
     closed: bool,
     /// Records after a failed sync could not be cleared: nothing more is written.
@@ -325,10 +328,11 @@ impl Shared {
     }
 }
 
-/// Ends a request's turn at waking the idle writer (see [`AuditLog::record`]).
-struct WakeOnDrop<'a>(&'a Shared);
+/// A request's turn at waking the idle writer (see [`AuditLog::write`]): the writer is woken
+/// when the turn ends, after the request's yield or when the request is dropped.
+struct Kick(std::sync::Arc<Shared>);
 
-impl Drop for WakeOnDrop<'_> {
+impl Drop for Kick {
     fn drop(&mut self) {
         if let Ok(mut q) = self.0.log.lock() {
             q.waking = false;
@@ -350,12 +354,28 @@ impl Drop for Handle {
 }
 
 /// A record written but maybe not yet on disk: resolves once it is (or could not be).
-pub struct Durable(oneshot::Receiver<Result<(), AuditError>>);
+pub struct Durable {
+    done: oneshot::Receiver<Result<(), AuditError>>,
+    /// This record found the writer idle: it wakes it (dropped unused, it wakes it too).
+    kick: Option<Kick>,
+}
 
 impl Durable {
+    /// Wakes the writer if this record's request is the one to: after one yield to the
+    /// runtime, so that what is ready to run now goes first — the other requests, which add
+    /// their records to the same sync, and the connection this request has just handed its
+    /// forward to. Returns at once for any other record.
+    pub async fn kick(&mut self) {
+        if self.kick.is_some() {
+            tokio::task::yield_now().await;
+            self.kick = None;
+        }
+    }
+
     /// Waits until the record is on disk.
-    pub async fn wait(self) -> Result<(), AuditError> {
-        self.0
+    pub async fn wait(mut self) -> Result<(), AuditError> {
+        self.kick().await;
+        self.done
             .await
             .map_err(|_| AuditError("writer stopped".into()))?
     }
@@ -416,6 +436,7 @@ impl AuditLog {
                 rotations: Vec::new(),
                 idle: false,
                 waking: false,
+                syncing: false,
                 closed: false,
                 broken: None,
             }),
@@ -437,27 +458,84 @@ impl AuditLog {
         })
     }
 
-    /// Returns once `rec` is durable in the segment.
-    ///
-    /// The request task writes its record itself (a write into the page cache, in order,
-    /// under the log's lock) and the writer thread syncs. Group commit: records written
-    /// while the writer syncs go into its next sync. When the writer is idle, the first
-    /// record does not wake it at once but yields to the runtime first, so that the other
-    /// requests ready to run now add their records to the same sync (on a busy proxy, one
-    /// sync and one thread wake-up for many records; idle, the yield returns at once).
+    /// Returns once `rec` is durable in the segment: [`AuditLog::write`], then
+    /// [`Durable::wait`].
     pub async fn record(&self, rec: &DecisionRecord) -> Result<(), AuditError> {
-        self.write(rec).await?.wait().await
+        self.write(rec)?.wait().await
     }
 
-    /// Returns once `rec` is written to the segment (in the kernel: it survives a crash of
-    /// this process), with a [`Durable`] that resolves once it is on disk. For calls
-    /// without side effects, whose answer is held until then: the flush overlaps the
-    /// upstream's work.
-    pub async fn write(&self, rec: &DecisionRecord) -> Result<Durable, AuditError> {
-        let json = serde_json::to_vec(rec).map_err(|e| AuditError(e.to_string()))?;
-        let line = frame(&json);
+    /// [`AuditLog::record`] for the only request the proxy is handling. When the writer is
+    /// idle with nothing to sync, the request syncs its record itself, on its own thread,
+    /// and goes on from there: no hand-off to the writer and back, which is two thread
+    /// wake-ups, each of a halted core on an idle device (measured in docs/performance.md).
+    /// It blocks its thread for one flush, so only when no other request is in flight
+    /// (there is nothing else to do then, and a request arriving meanwhile waits at most
+    /// that flush). Otherwise (the writer busy, records pending, an export to feed), as
+    /// [`AuditLog::record`].
+    pub async fn record_alone(&self, rec: &DecisionRecord) -> Result<(), AuditError> {
         let shared = &self.shared.0;
-        let (durable, wait) = oneshot::channel();
+        let line = frame(&serde_json::to_vec(rec).map_err(|e| AuditError(e.to_string()))?);
+        let own = {
+            let mut q = shared.lock()?;
+            let free = q.idle
+                && !q.waking
+                && !q.syncing
+                && !q.closed
+                && q.waiters.is_empty()
+                && q.rotations.is_empty()
+                && !shared.exporting;
+            if free {
+                q.append(&line)?;
+                shared.records.inc();
+                q.syncing = true;
+                Some((q.file.clone(), q.end))
+            } else {
+                None
+            }
+        };
+        let Some((file, target)) = own else {
+            return self.append(line)?.wait().await;
+        };
+        let synced = file.sync_data().map_err(|e| AuditError(e.to_string()));
+        shared.syncs.inc();
+        let mut q = shared.lock()?;
+        q.syncing = false;
+        match &synced {
+            // No rotation while syncing: the same file.
+            Ok(()) => q.synced = q.synced.max(target),
+            Err(e) => {
+                tracing::error!(error = %e, "audit log sync failed; refusing requests");
+                q.roll_back(e);
+            }
+        }
+        // Records written meanwhile (their writer's wake-up found it waiting for this).
+        if !q.waiters.is_empty() || !q.rotations.is_empty() {
+            shared.work.notify_one();
+        }
+        synced
+    }
+
+    /// Writes `rec` to the segment (into the kernel: it survives a crash of this process)
+    /// and returns a [`Durable`] that resolves once it is on disk. For calls without side
+    /// effects, whose answer is held until then: the flush overlaps the upstream's work.
+    ///
+    /// The request task writes its record itself (into the page cache, in order, under the
+    /// log's lock) and the writer thread syncs. Group commit: records written while the
+    /// writer syncs go into its next sync. When the writer is idle, the first record does
+    /// not wake it at once: its [`Durable`] does, on its first poll and after one yield to
+    /// the runtime, so that the other requests ready to run now add their records to the
+    /// same sync (on a busy proxy, one sync and one thread wake-up for many records; idle,
+    /// the yield returns at once). Until then the writer does not sync, so a caller that
+    /// holds a [`Durable`] polls it (or drops it) without delay.
+    pub fn write(&self, rec: &DecisionRecord) -> Result<Durable, AuditError> {
+        let json = serde_json::to_vec(rec).map_err(|e| AuditError(e.to_string()))?;
+        self.append(frame(&json))
+    }
+
+    /// [`AuditLog::write`] of a framed record.
+    fn append(&self, line: Vec<u8>) -> Result<Durable, AuditError> {
+        let shared = &self.shared.0;
+        let (durable, done) = oneshot::channel();
         let wake = {
             let mut q = shared.lock()?;
             q.append(&line)?;
@@ -470,12 +548,10 @@ impl AuditLog {
             q.waking |= wake;
             wake
         };
-        if wake {
-            // Wakes the writer after the yield, or if this request is dropped during it.
-            let _wake = WakeOnDrop(shared);
-            tokio::task::yield_now().await;
-        }
-        Ok(Durable(wait))
+        Ok(Durable {
+            done,
+            kick: wake.then(|| Kick(shared.clone())),
+        })
     }
 
     /// How many syncs the writer has made.
@@ -654,9 +730,10 @@ fn writer(shared: &Shared, export: Option<crate::export::ExportSink>, path: std:
     };
     loop {
         // A request that is waking the writer is about to be joined by others: wait for it.
-        let to_sync = !q.waiters.is_empty() && (!q.waking || q.closed);
+        // A lone request syncing its own record wakes the writer when it is done.
+        let to_sync = !q.waiters.is_empty() && (!q.waking || q.closed) && !q.syncing;
         if !to_sync {
-            if !q.rotations.is_empty() && q.waiters.is_empty() {
+            if !q.rotations.is_empty() && q.waiters.is_empty() && !q.syncing {
                 q.rotate(&path);
                 continue;
             }
@@ -848,12 +925,7 @@ mod tests {
         // Once that returned the writer has nothing left to do: wait until it sleeps (on a
         // loaded machine it may not have got there yet, and a record arriving before would
         // be written at once, alone).
-        for _ in 0..5000 {
-            if log.shared.0.lock().unwrap().idle {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
+        until_idle(&log).await;
         let mut set = tokio::task::JoinSet::new();
         for i in 1..=100 {
             let log = log.clone();
@@ -894,6 +966,128 @@ mod tests {
             .map(|r| r["request_id"].as_str().unwrap().to_owned())
             .collect();
         assert_eq!(ids, ["r0", "r1", "r2"]);
+    }
+
+    /// Waits until the writer sleeps (after a record it may not have got there yet).
+    async fn until_idle(log: &AuditLog) {
+        for _ in 0..5000 {
+            if log.shared.0.lock().unwrap().idle {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        panic!("the writer never went idle");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_written_record_waits_for_its_kick_and_a_dropped_durable_kicks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        log.record(&rec(0)).await.unwrap();
+        until_idle(&log).await;
+        let before = log.syncs();
+        // The first record finds the writer idle: its Durable holds the kick.
+        let first = log.write(&rec(1)).unwrap();
+        let mut second = log.write(&rec(2)).unwrap();
+        assert!(first.kick.is_some() && second.kick.is_none());
+        // Kicking the second (not the one to) returns at once and wakes nobody: both wait,
+        // to share the sync the first one's kick starts.
+        second.kick().await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(log.syncs(), before, "synced before the kick");
+        // The first one's request ends without polling it (its forward failed, say): the
+        // drop wakes the writer, which syncs both in one go.
+        drop(first);
+        tokio::time::timeout(std::time::Duration::from_secs(5), second.wait())
+            .await
+            .expect("the dropped Durable woke the writer")
+            .unwrap();
+        assert_eq!(log.syncs() - before, 1);
+        // A kicked one is synced without being awaited, and the writer goes on taking records.
+        until_idle(&log).await;
+        let mut third = log.write(&rec(3)).unwrap();
+        third.kick().await;
+        let r4 = rec(4);
+        tokio::time::timeout(std::time::Duration::from_secs(5), log.record(&r4))
+            .await
+            .expect("the writer still takes records")
+            .unwrap();
+        third.wait().await.unwrap();
+        assert_eq!(read_records(&path).unwrap().len(), 5);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_lone_request_syncs_its_record_itself_unless_the_writer_has_work() {
+        use std::future::Future;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        log.record(&rec(0)).await.unwrap();
+        until_idle(&log).await;
+        let before = log.syncs();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // The writer idle with nothing to do: durable in one poll, no wait for the writer.
+        let r1 = rec(1);
+        let mut alone = Box::pin(log.record_alone(&r1));
+        assert!(
+            alone.as_mut().poll(&mut cx).is_ready(),
+            "synced by the request"
+        );
+        assert_eq!(log.syncs() - before, 1);
+        assert!(
+            log.shared.0.lock().unwrap().idle,
+            "the writer was not woken"
+        );
+        // A record waiting for the writer's sync: the lone request joins it.
+        let held = log.write(&rec(2)).unwrap();
+        let r3 = rec(3);
+        let mut joins = Box::pin(log.record_alone(&r3));
+        assert!(
+            joins.as_mut().poll(&mut cx).is_pending(),
+            "waits for the writer"
+        );
+        drop(held);
+        tokio::time::timeout(std::time::Duration::from_secs(5), joins)
+            .await
+            .expect("synced by the writer")
+            .unwrap();
+        assert_eq!(log.syncs() - before, 2);
+        assert_eq!(read_records(&path).unwrap().len(), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_written_during_a_requests_own_sync_are_synced_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        let mut n = 0;
+        for round in 0..50 {
+            until_idle(&log).await;
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..6 {
+                let log = log.clone();
+                let r = rec(round * 10 + i);
+                // Lone syncs racing the writer's: every one ends durable, none stalls.
+                set.spawn(async move {
+                    match i % 3 {
+                        0 => log.record_alone(&r).await,
+                        1 => log.record(&r).await,
+                        _ => log.write(&r)?.wait().await,
+                    }
+                });
+            }
+            n += 6;
+            let all = async {
+                while let Some(r) = set.join_next().await {
+                    r.unwrap().unwrap();
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(10), all)
+                .await
+                .expect("no record is left waiting");
+        }
+        assert_eq!(read_records(&path).unwrap().len(), n);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -946,7 +1140,10 @@ mod tests {
                         .unwrap();
                     let (tx, rx) = oneshot::channel();
                     q.waiters.push(tx);
-                    Durable(rx)
+                    Durable {
+                        done: rx,
+                        kick: None,
+                    }
                 })
                 .into_iter()
                 .collect();
@@ -994,10 +1191,7 @@ mod tests {
         // A device that cannot take writes: every record fails, none is acknowledged.
         let full = AuditLog::open(Path::new("/dev/full")).unwrap();
         assert!(full.record(&rec(1)).await.is_err());
-        assert!(
-            full.write(&rec(2)).await.is_err(),
-            "written to a full device"
-        );
+        assert!(full.write(&rec(2)).is_err(), "written to a full device");
     }
 
     /// The scheduling policy of each thread of this process named `name` (field 41 of
@@ -1049,7 +1243,7 @@ mod tests {
         let path = dir.path().join("audit.log");
         let log = AuditLog::open(&path).unwrap();
         for i in 0..20 {
-            let durable = log.write(&rec(i)).await.unwrap();
+            let durable = log.write(&rec(i)).unwrap();
             // Written: another process (a reader after a crash of this one) sees it now.
             let records = read_records(&path).unwrap();
             assert_eq!(records.len(), i + 1);
@@ -1058,9 +1252,10 @@ mod tests {
         }
         // Durable writes and written ones share the writer's order and its syncs.
         let (r100, r101) = (rec(100), rec(101));
-        let (a, b) = tokio::join!(log.record(&r100), log.write(&r101));
+        let b = log.write(&r101).unwrap();
+        let (a, b) = tokio::join!(log.record(&r100), b.wait());
         a.unwrap();
-        b.unwrap().wait().await.unwrap();
+        b.unwrap();
         assert_eq!(read_records(&path).unwrap().len(), 22);
         drop(log);
         // Reopened: every record verifies and the next one follows them.

@@ -121,16 +121,17 @@ impl Activity {
     }
 }
 
-/// Counts a request in flight until its response body ends (or is dropped). Made when the
-/// request's head is complete: its head clock stops.
-struct InFlight(Arc<Activity>);
+/// Counts a request in flight, on its connection and in the proxy, until its response body
+/// ends (or is dropped). Made when the request's head is complete: its head clock stops.
+struct InFlight(Arc<Activity>, Arc<AtomicUsize>);
 
 impl InFlight {
-    fn new(a: &Arc<Activity>) -> Self {
+    fn new(a: &Arc<Activity>, proxy: &Arc<AtomicUsize>) -> Self {
         a.in_flight.fetch_add(1, Ordering::Relaxed);
+        proxy.fetch_add(1, Ordering::Relaxed);
         a.head_since.store(0, Ordering::Relaxed);
         a.touch();
-        Self(a.clone())
+        Self(a.clone(), proxy.clone())
     }
 }
 
@@ -138,6 +139,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.1.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -318,7 +320,7 @@ impl Proxy {
             hyper::service::service_fn(move |req| {
                 let this = self.clone();
                 let peer = peer.clone();
-                let guard = InFlight::new(&activity);
+                let guard = InFlight::new(&activity, &this.in_flight);
                 async move {
                     let resp = this.handle(req, peer.as_deref()).await;
                     // The request stays in flight until its answer's body ends.
@@ -411,9 +413,12 @@ mod tests {
     fn the_first_head_is_due_from_the_start_and_a_complete_head_stops_its_clock() {
         let a = Arc::new(Activity::new());
         assert_eq!(a.stalled(Duration::ZERO, SECOND), Some(Stalled::Head));
-        let request = InFlight::new(&a);
+        let proxy = Arc::new(AtomicUsize::new(0));
+        let request = InFlight::new(&a, &proxy);
         assert_eq!(a.stalled(Duration::ZERO, Duration::ZERO), None, "in flight");
+        assert_eq!(proxy.load(Ordering::Relaxed), 1, "in flight in the proxy");
         drop(request);
+        assert_eq!(proxy.load(Ordering::Relaxed), 0);
         // Waiting for the next request is idle time, not head time.
         assert_eq!(a.stalled(Duration::ZERO, SECOND), None);
         assert_eq!(
@@ -429,7 +434,7 @@ mod tests {
     #[test]
     fn bytes_read_while_a_request_is_in_flight_start_no_head_clock() {
         let a = Arc::new(Activity::new());
-        let request = InFlight::new(&a);
+        let request = InFlight::new(&a, &Arc::default());
         a.read();
         drop(request);
         assert_eq!(a.stalled(Duration::ZERO, SECOND), None);

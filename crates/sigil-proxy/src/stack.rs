@@ -75,6 +75,8 @@ pub struct Proxy {
     sessions: Sessions,
     /// The proxy's own SPIFFE ID (XFCC's `By`).
     proxy_id: Option<String>,
+    /// Requests in flight on every connection, each until its answer's body ends.
+    pub(crate) in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// What the steps learned about a request, for its audit record and its refusal.
@@ -163,6 +165,7 @@ impl Proxy {
             telemetry: None,
             sessions: Sessions::default(),
             proxy_id,
+            in_flight: Arc::default(),
         }
     }
 
@@ -476,7 +479,10 @@ impl Proxy {
                 &self.cfg.audit_flush_overlap,
             );
         let audited = if overlap {
-            self.audit.write(&record).await.map(Some)
+            self.audit.write(&record).map(Some)
+        } else if self.in_flight.load(std::sync::atomic::Ordering::Relaxed) <= 1 {
+            // The only request: it may sync its record itself (no hand-off to the writer).
+            self.audit.record_alone(&record).await.map(|()| None)
         } else {
             self.audit.record(&record).await.map(|()| None)
         };
@@ -540,7 +546,7 @@ impl Proxy {
         let Answer {
             filter,
             mcp,
-            durable,
+            mut durable,
         } = answer;
         let ends_session = (mcp && parts.method == http::Method::DELETE)
             .then(|| parts.headers.get(SESSION_HEADER).cloned())
@@ -575,7 +581,15 @@ impl Proxy {
                 return openai_error(&deny, request_id);
             }
         };
-        let resp = match forward(upstream, parts, body, &vouch, request_id, filtered, obs).await {
+        let forwarded = forward(upstream, parts, body, &vouch, request_id, filtered, obs);
+        // A record written before the forward wakes the writer (if it is the one to) once
+        // the forward is on its way: its connection runs before the kick's yield returns,
+        // so neither the wake-up nor the sync's start delays the request.
+        let forwarded = match durable.as_mut() {
+            Some(d) => tokio::join!(forwarded, d.kick()).0,
+            None => forwarded.await,
+        };
+        let resp = match forwarded {
             Ok(r) => r,
             Err(deny) => {
                 obs.outcome(deny.outcome);
