@@ -1,5 +1,10 @@
 //! CPU time from /proc: of this process's threads with a given name, of a process tree, and
 //! of the whole machine.
+//!
+//! A task's time comes from its `schedstat` (nanoseconds on the CPU) where the kernel has it,
+//! else from `stat` (clock ticks, 10 ms apiece: a small run of a fast enforcer can take less
+//! than one, and would read as none).
+use std::path::Path;
 use std::time::Duration;
 
 fn ticks() -> f64 {
@@ -18,46 +23,84 @@ fn stat_cpu(stat: &str) -> Option<(u64, i64)> {
     Some((utime + stime, ppid))
 }
 
+/// Nanoseconds on the CPU, the first field of a `schedstat` line.
+fn schedstat_ns(line: &str) -> Option<u64> {
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// CPU time of the task (or process) at `/proc/<..>` `dir` from its `stat`, and its parent.
+fn stat_time(dir: &Path) -> Option<(Duration, i64)> {
+    let (t, ppid) = std::fs::read_to_string(dir.join("stat"))
+        .ok()
+        .and_then(|s| stat_cpu(&s))?;
+    Some((Duration::from_secs_f64(t as f64 / ticks()), ppid))
+}
+
+/// CPU time of one task (a thread's `/proc/<pid>/task/<tid>` directory).
+fn task_time(dir: &Path) -> Option<Duration> {
+    match std::fs::read_to_string(dir.join("schedstat")) {
+        Ok(s) => schedstat_ns(&s).map(Duration::from_nanos),
+        Err(_) => stat_time(dir).map(|(t, _)| t),
+    }
+}
+
+/// CPU time of a whole process: its live threads' `schedstat`, or its `stat` (which also
+/// counts threads that have exited) where there is none.
+fn process_time(dir: &Path) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut any = false;
+    if let Ok(tasks) = std::fs::read_dir(dir.join("task")) {
+        for t in tasks.flatten() {
+            let Some(ns) = std::fs::read_to_string(t.path().join("schedstat"))
+                .ok()
+                .and_then(|s| schedstat_ns(&s))
+            else {
+                any = false;
+                break;
+            };
+            total += Duration::from_nanos(ns);
+            any = true;
+        }
+    }
+    if any {
+        Some(total)
+    } else {
+        stat_time(dir).map(|(t, _)| t)
+    }
+}
+
 /// CPU time of this process's threads named `name`.
 pub(super) fn threads_named(name: &str) -> Duration {
-    let mut total = 0u64;
+    let mut total = Duration::ZERO;
     if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
         for t in dir.flatten() {
             let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
             if comm.trim_end() != name {
                 continue;
             }
-            if let Some((cpu, _)) = std::fs::read_to_string(t.path().join("stat"))
-                .ok()
-                .and_then(|s| stat_cpu(&s))
-            {
-                total += cpu;
-            }
+            total += task_time(&t.path()).unwrap_or_default();
         }
     }
-    Duration::from_secs_f64(total as f64 / ticks())
+    total
 }
 
 /// CPU time of process `pid` and its live children (nginx's workers).
 pub(super) fn tree(pid: u32) -> Duration {
-    let mut total = 0u64;
+    let mut total = Duration::ZERO;
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for p in dir.flatten() {
             let Some(n) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
-            let Some((cpu, ppid)) = std::fs::read_to_string(p.path().join("stat"))
-                .ok()
-                .and_then(|s| stat_cpu(&s))
-            else {
+            let Some((_, ppid)) = stat_time(&p.path()) else {
                 continue;
             };
             if n == pid || u32::try_from(ppid).ok() == Some(pid) {
-                total += cpu;
+                total += process_time(&p.path()).unwrap_or_default();
             }
         }
     }
-    Duration::from_secs_f64(total as f64 / ticks())
+    total
 }
 
 /// (busy, total) jiffies of the whole machine, from the first line of /proc/stat.
@@ -92,6 +135,27 @@ mod tests {
         let line = "42 (my (odd) name) S 7 42 42 0 -1 4194560 100 0 0 0 250 31 0 0 20 0 1 0";
         assert_eq!(stat_cpu(line), Some((281, 7)));
         assert_eq!(stat_cpu("garbage"), None);
+        assert_eq!(schedstat_ns("317927 0 2\n"), Some(317_927));
+        assert_eq!(schedstat_ns(""), None);
+    }
+
+    #[test]
+    fn a_few_milliseconds_of_cpu_are_not_read_as_none() {
+        // Less than one clock tick (10 ms) of work on a thread of its own: `stat` may say 0.
+        let t = std::thread::Builder::new()
+            .name("sigil-cpu-probe".into())
+            .spawn(|| {
+                let start = std::time::Instant::now();
+                let mut x = 0u64;
+                while start.elapsed() < Duration::from_millis(3) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+                }
+                let used = threads_named("sigil-cpu-probe");
+                (used, x)
+            })
+            .unwrap();
+        let (used, _) = t.join().unwrap();
+        assert!(used >= Duration::from_millis(1), "{used:?}");
     }
 
     #[test]
