@@ -22,7 +22,8 @@
 //! `SIGIL_BENCH_CALLGRIND=<dir>` (run each `sigil proxy` under valgrind's callgrind and
 //! dump its instruction counts for the throughput window into `<dir>`, for
 //! `callgrind_annotate`: exact counts where this machine has no hardware counters),
-//! `SIGIL_BENCH_B=<path to a sigil binary>` (also
+//! `SIGIL_BENCH_WORKERS` (tokio worker threads of each `sigil proxy`, default 1; `default`
+//! for tokio's own default, one per core), `SIGIL_BENCH_B=<path to a sigil binary>` (also
 //! run the full path, model and tool call, with that build: an A/B in one run),
 //! `SIGIL_BENCH_UPSTREAM_DELAY_US=<µs>` (the upstream answers after that delay: a hyper server
 //! in this process instead of nginx), `SIGIL_BENCH_ONLY=<key>,<key>` (measure only these targets besides `direct`; keys as in
@@ -236,11 +237,20 @@ fn spawn(
             cmd
         }
     };
+    cmd.args(args);
+    // One tokio worker for `sigil proxy` (its runtime is tokio's default multi-thread
+    // builder, which reads this variable; nginx ignores it), unless SIGIL_BENCH_WORKERS says
+    // otherwise (`default`: tokio's default, one per core).
+    match std::env::var("SIGIL_BENCH_WORKERS").as_deref() {
+        Ok("default") => {}
+        Ok(n) => {
+            cmd.env("TOKIO_WORKER_THREADS", n);
+        }
+        Err(_) => {
+            cmd.env("TOKIO_WORKER_THREADS", "1");
+        }
+    }
     let child = cmd
-        .args(args)
-        // One tokio worker for `sigil proxy` (its runtime is tokio's default multi-thread
-        // builder, which reads this variable); nginx ignores it.
-        .env("TOKIO_WORKER_THREADS", "1")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
