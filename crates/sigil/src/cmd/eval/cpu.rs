@@ -140,22 +140,29 @@ mod tests {
     }
 
     #[test]
-    fn a_few_milliseconds_of_cpu_are_not_read_as_none() {
-        // Less than one clock tick (10 ms) of work on a thread of its own: `stat` may say 0.
+    fn cpu_time_is_read_finer_than_a_clock_tick() {
+        // `stat` counts in clock ticks (10 ms): a thread's first non-zero reading there is a
+        // whole tick. Spin on a thread of its own until its time reads non-zero: it must be
+        // less than a tick (CPU time, so a loaded machine only makes the wait longer).
         let t = std::thread::Builder::new()
             .name("sigil-cpu-probe".into())
             .spawn(|| {
-                let start = std::time::Instant::now();
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
                 let mut x = 0u64;
-                while start.elapsed() < Duration::from_millis(3) {
-                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+                loop {
+                    for _ in 0..10_000 {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+                    }
+                    let used = threads_named("sigil-cpu-probe");
+                    if used > Duration::ZERO || std::time::Instant::now() > deadline {
+                        return used;
+                    }
                 }
-                let used = threads_named("sigil-cpu-probe");
-                (used, x)
             })
             .unwrap();
-        let (used, _) = t.join().unwrap();
-        assert!(used >= Duration::from_millis(1), "{used:?}");
+        let first = t.join().unwrap();
+        assert!(first > Duration::ZERO, "never read");
+        assert!(first < Duration::from_millis(9), "{first:?}: a whole tick");
     }
 
     #[test]
