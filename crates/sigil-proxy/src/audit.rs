@@ -269,6 +269,9 @@ pub fn read_from(
     Ok(out)
 }
 
+/// The longest last sync after which a lone request still syncs its own record.
+const LONE_SYNC_MAX: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Who waits for a record written to the segment to be made durable by a sync.
 type Waiter = oneshot::Sender<Result<(), AuditError>>;
 
@@ -317,10 +320,24 @@ struct Shared {
     /// Records written, and syncs made (records / syncs: the group commit's batch size).
     records: Counter,
     syncs: Counter,
+    /// How long the last sync took, in µs: a lone request syncs its own record only while
+    /// the device answers quickly (see [`AuditLog::record_alone`]).
+    last_sync_us: std::sync::atomic::AtomicU64,
     exporting: bool,
 }
 
 impl Shared {
+    /// Syncs `file` (what is written to it), counting the sync and timing it.
+    fn sync(&self, file: &File) -> Result<(), AuditError> {
+        let start = std::time::Instant::now();
+        let synced = file.sync_data().map_err(|e| AuditError(e.to_string()));
+        self.syncs.inc();
+        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_sync_us
+            .store(us, std::sync::atomic::Ordering::Relaxed);
+        synced
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Log>, AuditError> {
         self.log
             .lock()
@@ -443,6 +460,7 @@ impl AuditLog {
             work: std::sync::Condvar::new(),
             records: Counter::default(),
             syncs: Counter::default(),
+            last_sync_us: std::sync::atomic::AtomicU64::new(0),
             exporting: export.is_some(),
         });
         std::thread::Builder::new()
@@ -470,14 +488,21 @@ impl AuditLog {
     /// wake-ups, each of a halted core on an idle device (measured in docs/performance.md).
     /// It blocks its thread for one flush, so only when no other request is in flight
     /// (there is nothing else to do then, and a request arriving meanwhile waits at most
-    /// that flush). Otherwise (the writer busy, records pending, an export to feed), as
-    /// [`AuditLog::record`].
+    /// that flush), and only while the last sync took less than [`LONE_SYNC_MAX`] (on a
+    /// slow card a flush can take tens of milliseconds: the runtime is not stalled for
+    /// that). Otherwise (the writer busy, records pending, an export to feed, a slow
+    /// device), as [`AuditLog::record`].
     pub async fn record_alone(&self, rec: &DecisionRecord) -> Result<(), AuditError> {
         let shared = &self.shared.0;
         let line = frame(&serde_json::to_vec(rec).map_err(|e| AuditError(e.to_string()))?);
         let own = {
             let mut q = shared.lock()?;
-            let free = q.idle
+            let quick = shared
+                .last_sync_us
+                .load(std::sync::atomic::Ordering::Relaxed)
+                < LONE_SYNC_MAX.as_micros() as u64;
+            let free = quick
+                && q.idle
                 && !q.waking
                 && !q.syncing
                 && !q.closed
@@ -496,8 +521,7 @@ impl AuditLog {
         let Some((file, target)) = own else {
             return self.append(line)?.wait().await;
         };
-        let synced = file.sync_data().map_err(|e| AuditError(e.to_string()));
-        shared.syncs.inc();
+        let synced = shared.sync(&file);
         let mut q = shared.lock()?;
         q.syncing = false;
         match &synced {
@@ -752,8 +776,7 @@ fn writer(shared: &Shared, export: Option<crate::export::ExportSink>, path: std:
         let waiters = std::mem::take(&mut q.waiters);
         let lines = std::mem::take(&mut q.lines);
         drop(q);
-        let synced = file.sync_data().map_err(|e| AuditError(e.to_string()));
-        shared.syncs.inc();
+        let synced = shared.sync(&file);
         q = match shared.log.lock() {
             Ok(q) => q,
             Err(_) => return,
@@ -1027,6 +1050,10 @@ mod tests {
         until_idle(&log).await;
         let before = log.syncs();
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // A quick device (the first sync, of a new segment, may not have been: this machine
+        // does not decide).
+        let last = &log.shared.0.last_sync_us;
+        last.store(10, std::sync::atomic::Ordering::Relaxed);
         // The writer idle with nothing to do: durable in one poll, no wait for the writer.
         let r1 = rec(1);
         let mut alone = Box::pin(log.record_alone(&r1));
@@ -1054,6 +1081,29 @@ mod tests {
             .unwrap();
         assert_eq!(log.syncs() - before, 2);
         assert_eq!(read_records(&path).unwrap().len(), 4);
+        // A slow device (the last sync took 5 ms): the lone request leaves the sync to the
+        // writer rather than stall its thread.
+        until_idle(&log).await;
+        last.store(5_000, std::sync::atomic::Ordering::Relaxed);
+        let r5 = rec(5);
+        let mut slow = Box::pin(log.record_alone(&r5));
+        assert!(
+            slow.as_mut().poll(&mut cx).is_pending(),
+            "left to the writer"
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(5), slow)
+            .await
+            .expect("synced by the writer")
+            .unwrap();
+        // The writer's sync timed itself; once the device is quick again (set here, so that
+        // a loaded machine does not decide), the next lone request syncs its own.
+        assert_ne!(last.load(std::sync::atomic::Ordering::Relaxed), 5_000);
+        last.store(10, std::sync::atomic::Ordering::Relaxed);
+        until_idle(&log).await;
+        let r6 = rec(6);
+        let mut quick = Box::pin(log.record_alone(&r6));
+        assert!(quick.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(read_records(&path).unwrap().len(), 6);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1064,6 +1114,8 @@ mod tests {
         let mut n = 0;
         for round in 0..50 {
             until_idle(&log).await;
+            // However slow this machine's last sync, the lone syncs are exercised.
+            (log.shared.0.last_sync_us).store(10, std::sync::atomic::Ordering::Relaxed);
             let mut set = tokio::task::JoinSet::new();
             for i in 0..6 {
                 let log = log.clone();
