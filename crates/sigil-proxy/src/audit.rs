@@ -991,6 +991,16 @@ mod tests {
         assert_eq!(ids, ["r0", "r1", "r2"]);
     }
 
+    /// A new segment with one durable record, its writer asleep.
+    async fn idle_log() -> (tempfile::TempDir, std::path::PathBuf, AuditLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        log.record(&rec(0)).await.unwrap();
+        until_idle(&log).await;
+        (dir, path, log)
+    }
+
     /// Waits until the writer sleeps (after a record it may not have got there yet).
     async fn until_idle(log: &AuditLog) {
         for _ in 0..5000 {
@@ -1004,11 +1014,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_written_record_waits_for_its_kick_and_a_dropped_durable_kicks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
-        log.record(&rec(0)).await.unwrap();
-        until_idle(&log).await;
+        let (_dir, path, log) = idle_log().await;
         let before = log.syncs();
         // The first record finds the writer idle: its Durable holds the kick.
         let first = log.write(&rec(1)).unwrap();
@@ -1043,11 +1049,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_lone_request_syncs_its_record_itself_unless_the_writer_has_work() {
         use std::future::Future;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
-        log.record(&rec(0)).await.unwrap();
-        until_idle(&log).await;
+        let (_dir, path, log) = idle_log().await;
         let before = log.syncs();
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         // A quick device (the first sync, of a new segment, may not have been: this machine
