@@ -36,36 +36,26 @@ fn stat_time(dir: &Path) -> Option<(Duration, i64)> {
     Some((Duration::from_secs_f64(t as f64 / ticks()), ppid))
 }
 
+/// Time on the CPU of the task at `dir` (`/proc/<pid>/task/<tid>`), from its `schedstat`.
+fn schedstat(dir: &Path) -> Option<Duration> {
+    let s = std::fs::read_to_string(dir.join("schedstat")).ok()?;
+    schedstat_ns(&s).map(Duration::from_nanos)
+}
+
 /// CPU time of one task (a thread's `/proc/<pid>/task/<tid>` directory).
 fn task_time(dir: &Path) -> Option<Duration> {
-    match std::fs::read_to_string(dir.join("schedstat")) {
-        Ok(s) => schedstat_ns(&s).map(Duration::from_nanos),
-        Err(_) => stat_time(dir).map(|(t, _)| t),
-    }
+    schedstat(dir).or_else(|| stat_time(dir).map(|(t, _)| t))
 }
 
 /// CPU time of a whole process: its live threads' `schedstat`, or its `stat` (which also
-/// counts threads that have exited) where there is none.
+/// counts threads that have exited) where one of them has none.
 fn process_time(dir: &Path) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut any = false;
-    if let Ok(tasks) = std::fs::read_dir(dir.join("task")) {
-        for t in tasks.flatten() {
-            let Some(ns) = std::fs::read_to_string(t.path().join("schedstat"))
-                .ok()
-                .and_then(|s| schedstat_ns(&s))
-            else {
-                any = false;
-                break;
-            };
-            total += Duration::from_nanos(ns);
-            any = true;
-        }
-    }
-    if any {
-        Some(total)
-    } else {
-        stat_time(dir).map(|(t, _)| t)
+    let threads: Option<Vec<Duration>> = std::fs::read_dir(dir.join("task"))
+        .ok()
+        .and_then(|tasks| tasks.flatten().map(|t| schedstat(&t.path())).collect());
+    match threads {
+        Some(t) if !t.is_empty() => Some(t.iter().sum()),
+        _ => stat_time(dir).map(|(t, _)| t),
     }
 }
 
