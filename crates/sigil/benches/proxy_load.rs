@@ -669,16 +669,11 @@ async fn fetch_token(port: u16, tls: &TlsConnector) -> String {
     v["access_token"].as_str().unwrap().to_owned()
 }
 
-/// One flush on the disk `dir` is on: a record-sized append then `fdatasync`, `n` times;
-/// p50 and p99 in µs.
-fn flush_cost(dir: &Path, n: usize) -> (f64, f64) {
-    flush_cost_paced(dir, n, Duration::ZERO)
-}
-
-/// [`flush_cost`] with the device left idle for `gap` before each flush: the cadence of the
-/// latency test, where each request's flush follows one upstream call (an idle device, and
-/// an idle core, take longer to answer than a hot one flushing back to back).
-fn flush_cost_paced(dir: &Path, n: usize, gap: Duration) -> (f64, f64) {
+/// One flush on the disk `dir` is on: a record-sized append then `fdatasync`, `n` times,
+/// with the device left idle for `gap` before each (zero: back to back; the latency test's
+/// cadence: each request's flush follows one upstream call, and an idle device and core take
+/// longer to answer than a hot one); p50 and p99 in µs.
+fn flush_cost(dir: &Path, n: usize, gap: Duration) -> (f64, f64) {
     use std::io::Write as _;
     let path = dir.join("flush-probe.log");
     let mut f = std::fs::OpenOptions::new()
@@ -1173,7 +1168,7 @@ fn main() {
         println!("  load average at start: {}", loadavg.trim());
         // One flush on the audit log's disk, measured in this run: what the tool-call budget
         // (mTLS-only + one flush + 40 µs) allows for making the record durable first.
-        let (flush_p50, flush_p99) = flush_cost(dir, 2000);
+        let (flush_p50, flush_p99) = flush_cost(dir, 2000, Duration::ZERO);
         println!(
             "  one flush on the audit log's disk (300 B append + fdatasync, n=2000): p50 {flush_p50:.0} µs, p99 {flush_p99:.0} µs"
         );
@@ -1236,7 +1231,7 @@ fn main() {
         // One flush again, after as long an idle time as each request of the latency test
         // leaves between its flushes (the direct call's p50: one upstream call).
         let gap = Duration::from_secs_f64(direct.p50_us / 1e6);
-        let (paced_p50, paced_p99) = flush_cost_paced(dir, 1000, gap);
+        let (paced_p50, paced_p99) = flush_cost(dir, 1000, gap);
         println!(
             "one flush at the latency test's cadence (after {:.0} µs idle, n=1000): p50 {paced_p50:.0} µs, p99 {paced_p99:.0} µs",
             direct.p50_us
@@ -1318,10 +1313,8 @@ fn main() {
                 p.per_sync()
             ))
         );
-        if let (Some(two), Some(full)) = (
-            all.iter().find(|f| f.target == "two_sidecars"),
-            all.iter().find(|f| f.target == "sigil_full"),
-        ) {
+        let find = |k: &str| all.iter().find(|f| f.target == k);
+        if let (Some(two), Some(full)) = (find("two_sidecars"), find("sigil_full")) {
             let (d50, d99) = (two.p50_us - direct.p50_us, two.p99_us - direct.p99_us);
             println!(
                 "budgets: two sidecars add p50 {d50:.0} µs (≤ 300: {}), p99 {d99:.0} µs (≤ 1500: {}); \
@@ -1333,7 +1326,6 @@ fn main() {
             );
         }
         // The proxy round-2 budgets, over mTLS-only in the same run.
-        let find = |k: &str| all.iter().find(|f| f.target == k);
         if let Some(mtls) = find("sigil_mtls_only") {
             let mut parts = Vec::new();
             let met = |ok: bool| if ok { "met" } else { "MISSED" };
@@ -1364,7 +1356,7 @@ fn main() {
             }
             println!("budgets: {}", parts.join("; "));
         }
-        if let Some(full) = all.iter().find(|f| f.target == "sigil_full") {
+        if let Some(full) = find("sigil_full") {
             let (d50, d99) = (full.p50_us - direct.p50_us, full.p99_us - direct.p99_us);
             println!(
                 "budgets: full path adds p50 {d50:.0} µs (≤ 150: {}), p99 {d99:.0} µs (≤ 1000: {}); \
