@@ -75,7 +75,8 @@ pub struct Proxy {
     sessions: Sessions,
     /// The proxy's own SPIFFE ID (XFCC's `By`).
     proxy_id: Option<String>,
-    /// Requests in flight on every connection, each until its answer's body ends.
+    /// Requests in flight on every connection, each until its answer's body ends: the
+    /// audit log's measure of load ([`AuditLog::in_flight`]).
     pub(crate) in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -158,14 +159,15 @@ impl Proxy {
             clock,
             side,
             policies,
-            audit,
             revoked,
             tracer: None,
             risks: Arc::default(),
             telemetry: None,
             sessions: Sessions::default(),
             proxy_id,
-            in_flight: Arc::default(),
+            // One count for the lone request's own sync and the writer's group commit.
+            in_flight: audit.in_flight(),
+            audit,
         }
     }
 
