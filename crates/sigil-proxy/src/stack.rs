@@ -253,7 +253,7 @@ impl Proxy {
         peer: Option<&VerifiedX509Svid>,
         obs: &mut Observer<'_>,
     ) -> Response<Body> {
-        let request_id = uuid::Uuid::new_v4().to_string();
+        let request_id = request_id();
         obs.request_id(&request_id);
         let (parts, body) = req.into_parts();
         let outbound = matches!(self.side, Side::Outbound(_));
@@ -642,6 +642,15 @@ impl Proxy {
     }
 }
 
+/// A new request id: a random (v4) UUID from the thread's CSPRNG (`rand`'s, seeded from the
+/// OS and reseeded by it), not one `getrandom` system call per request as `Uuid::new_v4`.
+fn request_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
 /// Whether a permitted request's record may be made durable while the upstream works (its
 /// answer held until it is): every call it carries is one without side effects (listed in
 /// `overlap`). The outbound side's `egress` decision is not a call of its own: it takes the
@@ -661,7 +670,18 @@ fn flush_overlaps<'a>(actions: impl IntoIterator<Item = &'a str>, overlap: &[Str
 
 #[cfg(test)]
 mod tests {
-    use super::flush_overlaps;
+    use super::{flush_overlaps, request_id};
+
+    #[test]
+    fn request_ids_are_v4_uuids_and_differ() {
+        let (a, b) = (request_id(), request_id());
+        for id in [&a, &b] {
+            let u = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(u.get_version(), Some(uuid::Version::Random), "{id}");
+            assert_eq!(u.get_variant(), uuid::Variant::RFC4122, "{id}");
+        }
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn egress_takes_the_flush_rule_of_the_calls_it_carries() {
