@@ -311,7 +311,7 @@ struct Log {
     idle: bool,
     /// A request is about to wake the idle writer (see [`AuditLog::write`]).
     waking: bool,
-    /// A lone request is syncing its own record (see [`AuditLog::record_alone`]): the
+    /// A lone request is syncing its own record (see [`Durable::kick`]): the
     /// writer waits until it is done.
     syncing: bool,
     /// The writer is gathering records before its sync (see [`gather`]): the record that
@@ -332,7 +332,7 @@ struct Shared {
     records: Counter,
     syncs: Counter,
     /// How long the last sync took, in µs: a lone request syncs its own record only while
-    /// the device answers quickly (see [`AuditLog::record_alone`]).
+    /// the device answers quickly (see [`Durable::kick`]).
     last_sync_us: std::sync::atomic::AtomicU64,
     exporting: bool,
     /// Requests in flight in the proxy that writes to this log (kept by the proxy: see
@@ -354,6 +354,13 @@ impl Shared {
         synced
     }
 
+    /// Whether the device answered the last sync quickly enough for a request to sync its
+    /// own record ([`LONE_SYNC_MAX`]).
+    fn quick(&self) -> bool {
+        self.last_sync_us.load(std::sync::atomic::Ordering::Relaxed)
+            < LONE_SYNC_MAX.as_micros() as u64
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Log>, AuditError> {
         self.log
             .lock()
@@ -363,14 +370,75 @@ impl Shared {
 
 /// A request's turn at waking the idle writer (see [`AuditLog::write`]): the writer is woken
 /// when the turn ends, after the request's yield or when the request is dropped.
-struct Kick(std::sync::Arc<Shared>);
+struct Kick {
+    shared: std::sync::Arc<Shared>,
+    /// Cleared once the request synced its record itself: nothing to wake.
+    armed: bool,
+}
+
+impl Kick {
+    /// The end of the turn: the only request in flight, with the writer idle and nothing
+    /// but its own record to sync, syncs it itself and the writer is not woken (see
+    /// [`Durable::kick`]). A model call gets here once its forward is on its way: the sync
+    /// then runs while the upstream works, on the thread that would otherwise wait for the
+    /// writer. Otherwise (another request in flight, a slow device, an export) the writer is
+    /// woken as usual.
+    fn sync_alone(mut self) {
+        let shared = self.shared.clone();
+        let own = shared.lock().ok().and_then(|mut q| {
+            let alone = shared.in_flight.load(std::sync::atomic::Ordering::Relaxed) <= 1
+                && shared.quick()
+                && q.idle
+                && !q.syncing
+                && !q.closed
+                && q.broken.is_none()
+                && q.rotations.is_empty()
+                && !shared.exporting;
+            alone.then(|| {
+                // Still this request's turn (`waking`): no one else has woken the writer.
+                q.waking = false;
+                q.syncing = true;
+                (q.file.clone(), q.end, std::mem::take(&mut q.waiters))
+            })
+        });
+        let Some((file, target, waiters)) = own else {
+            return; // dropped: wakes the writer
+        };
+        self.armed = false;
+        let synced = shared.sync(&file);
+        let more = match shared.lock() {
+            Ok(mut q) => {
+                q.syncing = false;
+                match &synced {
+                    Ok(()) => q.synced = q.synced.max(target),
+                    Err(e) => {
+                        tracing::error!(error = %e, "audit log sync failed; refusing requests");
+                        q.roll_back(e);
+                    }
+                }
+                !q.waiters.is_empty() || !q.rotations.is_empty()
+            }
+            Err(_) => true,
+        };
+        for w in waiters {
+            let _ = w.send(synced.clone());
+        }
+        // Records written meanwhile (their writer's wake-up found it waiting for this).
+        if more {
+            shared.work.notify_one();
+        }
+    }
+}
 
 impl Drop for Kick {
     fn drop(&mut self) {
-        if let Ok(mut q) = self.0.log.lock() {
+        if !self.armed {
+            return;
+        }
+        if let Ok(mut q) = self.shared.log.lock() {
             q.waking = false;
         }
-        self.0.work.notify_one();
+        self.shared.work.notify_one();
     }
 }
 
@@ -398,10 +466,19 @@ impl Durable {
     /// runtime, so that what is ready to run now goes first — the other requests, which add
     /// their records to the same sync, and the connection this request has just handed its
     /// forward to. Returns at once for any other record.
+    ///
+    /// The only request the proxy is handling syncs its record itself instead, on its own
+    /// thread, when the writer is idle with nothing else to sync: no hand-off to the writer
+    /// and back, which is two thread wake-ups, each of a halted core on an idle device
+    /// (measured in docs/performance.md). It blocks its thread for one flush, so only when
+    /// no other request is in flight (there is nothing else to do then, and a request
+    /// arriving meanwhile waits at most that flush), and only while the last sync took less
+    /// than [`LONE_SYNC_MAX`] (on a slow card a flush can take tens of milliseconds: the
+    /// runtime is not stalled for that), and not with an export to feed.
     pub async fn kick(&mut self) {
-        if self.kick.is_some() {
+        if let Some(kick) = self.kick.take() {
             tokio::task::yield_now().await;
-            self.kick = None;
+            kick.sync_alone();
         }
     }
 
@@ -496,66 +573,10 @@ impl AuditLog {
     }
 
     /// Returns once `rec` is durable in the segment: [`AuditLog::write`], then
-    /// [`Durable::wait`].
+    /// [`Durable::wait`]. For the only request in flight, with the writer idle, the request
+    /// syncs its record itself (see [`Durable::kick`]).
     pub async fn record(&self, rec: &DecisionRecord) -> Result<(), AuditError> {
         self.write(rec)?.wait().await
-    }
-
-    /// [`AuditLog::record`] for the only request the proxy is handling. When the writer is
-    /// idle with nothing to sync, the request syncs its record itself, on its own thread,
-    /// and goes on from there: no hand-off to the writer and back, which is two thread
-    /// wake-ups, each of a halted core on an idle device (measured in docs/performance.md).
-    /// It blocks its thread for one flush, so only when no other request is in flight
-    /// (there is nothing else to do then, and a request arriving meanwhile waits at most
-    /// that flush), and only while the last sync took less than [`LONE_SYNC_MAX`] (on a
-    /// slow card a flush can take tens of milliseconds: the runtime is not stalled for
-    /// that). Otherwise (the writer busy, records pending, an export to feed, a slow
-    /// device), as [`AuditLog::record`].
-    pub async fn record_alone(&self, rec: &DecisionRecord) -> Result<(), AuditError> {
-        let shared = &self.shared.0;
-        let line = frame(&serde_json::to_vec(rec).map_err(|e| AuditError(e.to_string()))?);
-        let own = {
-            let mut q = shared.lock()?;
-            let quick = shared
-                .last_sync_us
-                .load(std::sync::atomic::Ordering::Relaxed)
-                < LONE_SYNC_MAX.as_micros() as u64;
-            let free = quick
-                && q.idle
-                && !q.waking
-                && !q.syncing
-                && !q.closed
-                && q.waiters.is_empty()
-                && q.rotations.is_empty()
-                && !shared.exporting;
-            if free {
-                q.append(&line)?;
-                shared.records.inc();
-                q.syncing = true;
-                Some((q.file.clone(), q.end))
-            } else {
-                None
-            }
-        };
-        let Some((file, target)) = own else {
-            return self.append(line)?.wait().await;
-        };
-        let synced = shared.sync(&file);
-        let mut q = shared.lock()?;
-        q.syncing = false;
-        match &synced {
-            // No rotation while syncing: the same file.
-            Ok(()) => q.synced = q.synced.max(target),
-            Err(e) => {
-                tracing::error!(error = %e, "audit log sync failed; refusing requests");
-                q.roll_back(e);
-            }
-        }
-        // Records written meanwhile (their writer's wake-up found it waiting for this).
-        if !q.waiters.is_empty() || !q.rotations.is_empty() {
-            shared.work.notify_one();
-        }
-        synced
     }
 
     /// Writes `rec` to the segment (into the kernel: it survives a crash of this process)
@@ -598,7 +619,10 @@ impl AuditLog {
         };
         Ok(Durable {
             done,
-            kick: wake.then(|| Kick(shared.clone())),
+            kick: wake.then(|| Kick {
+                shared: shared.clone(),
+                armed: true,
+            }),
         })
     }
 
@@ -1210,10 +1234,12 @@ mod tests {
         // A quick device (the first sync, of a new segment, may not have been: this machine
         // does not decide).
         let last = &log.shared.0.last_sync_us;
-        last.store(10, std::sync::atomic::Ordering::Relaxed);
-        // The writer idle with nothing to do: durable in one poll, no wait for the writer.
+        last.store(10, Ordering::Relaxed);
+        // The writer idle with nothing to do: durable once the request's yield returns, no
+        // wait for the writer.
         let r1 = rec(1);
-        let mut alone = Box::pin(log.record_alone(&r1));
+        let mut alone = Box::pin(log.record(&r1));
+        assert!(alone.as_mut().poll(&mut cx).is_pending(), "the yield");
         assert!(
             alone.as_mut().poll(&mut cx).is_ready(),
             "synced by the request"
@@ -1226,41 +1252,72 @@ mod tests {
         // A record waiting for the writer's sync: the lone request joins it.
         let held = log.write(&rec(2)).unwrap();
         let r3 = rec(3);
-        let mut joins = Box::pin(log.record_alone(&r3));
-        assert!(
-            joins.as_mut().poll(&mut cx).is_pending(),
-            "waits for the writer"
-        );
+        let mut joins = Box::pin(log.record(&r3));
+        for _ in 0..2 {
+            assert!(
+                joins.as_mut().poll(&mut cx).is_pending(),
+                "waits for the writer"
+            );
+        }
         drop(held);
-        tokio::time::timeout(std::time::Duration::from_secs(5), joins)
+        tokio::time::timeout(Duration::from_secs(5), joins)
             .await
             .expect("synced by the writer")
             .unwrap();
         assert_eq!(log.syncs() - before, 2);
         assert_eq!(read_records(&path).unwrap().len(), 4);
-        // A slow device (the last sync took 5 ms): the lone request leaves the sync to the
-        // writer rather than stall its thread.
-        until_idle(&log).await;
-        last.store(5_000, std::sync::atomic::Ordering::Relaxed);
-        let r5 = rec(5);
-        let mut slow = Box::pin(log.record_alone(&r5));
-        assert!(
-            slow.as_mut().poll(&mut cx).is_pending(),
-            "left to the writer"
-        );
-        tokio::time::timeout(std::time::Duration::from_secs(5), slow)
-            .await
-            .expect("synced by the writer")
-            .unwrap();
+        // A slow device (the last sync took 5 ms), or another request in flight: the
+        // request leaves the sync to the writer (woken when its turn ends) rather than
+        // stall its thread.
+        for (in_flight, last_us) in [(1, 5_000), (2, 10)] {
+            until_idle(&log).await;
+            last.store(last_us, Ordering::Relaxed);
+            log.in_flight().store(in_flight, Ordering::Relaxed);
+            let r = rec(5);
+            let mut left = Box::pin(log.record(&r));
+            assert!(left.as_mut().poll(&mut cx).is_pending(), "the yield");
+            assert!(
+                left.as_mut().poll(&mut cx).is_pending(),
+                "left to the writer ({in_flight} in flight, last sync {last_us} µs)"
+            );
+            tokio::time::timeout(Duration::from_secs(5), left)
+                .await
+                .expect("synced by the writer")
+                .unwrap();
+        }
         // The writer's sync timed itself; once the device is quick again (set here, so that
         // a loaded machine does not decide), the next lone request syncs its own.
-        assert_ne!(last.load(std::sync::atomic::Ordering::Relaxed), 5_000);
-        last.store(10, std::sync::atomic::Ordering::Relaxed);
+        assert_ne!(last.load(Ordering::Relaxed), 5_000);
+        last.store(10, Ordering::Relaxed);
+        log.in_flight().store(1, Ordering::Relaxed);
         until_idle(&log).await;
-        let r6 = rec(6);
-        let mut quick = Box::pin(log.record_alone(&r6));
+        let r7 = rec(7);
+        let mut quick = Box::pin(log.record(&r7));
+        assert!(quick.as_mut().poll(&mut cx).is_pending(), "the yield");
         assert!(quick.as_mut().poll(&mut cx).is_ready());
-        assert_eq!(read_records(&path).unwrap().len(), 6);
+        assert_eq!(read_records(&path).unwrap().len(), 7);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_lone_model_calls_record_is_synced_by_the_request_once_its_forward_is_on_its_way() {
+        let (_dir, _path, log) = idle_log().await;
+        let before = log.syncs();
+        log.shared.0.last_sync_us.store(10, Ordering::Relaxed);
+        log.in_flight().store(1, Ordering::Relaxed);
+        // Written before the forward: not durable, the writer not woken.
+        let mut durable = log.write(&rec(1)).unwrap();
+        assert_eq!(log.syncs(), before);
+        // The kick (joined with the forward): the request syncs it itself, at once.
+        durable.kick().await;
+        assert_eq!(log.syncs(), before + 1, "synced when the kick returned");
+        assert!(
+            log.shared.0.lock().unwrap().idle,
+            "the writer was not woken"
+        );
+        tokio::time::timeout(Duration::from_secs(5), durable.wait())
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1278,13 +1335,7 @@ mod tests {
                 let log = log.clone();
                 let r = rec(round * 10 + i);
                 // Lone syncs racing the writer's: every one ends durable, none stalls.
-                set.spawn(async move {
-                    match i % 3 {
-                        0 => log.record_alone(&r).await,
-                        1 => log.record(&r).await,
-                        _ => log.write(&r)?.wait().await,
-                    }
-                });
+                set.spawn(async move { log.record(&r).await });
             }
             n += 6;
             let all = async {

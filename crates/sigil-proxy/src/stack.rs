@@ -482,9 +482,6 @@ impl Proxy {
             );
         let audited = if overlap {
             self.audit.write(&record).map(Some)
-        } else if self.in_flight.load(std::sync::atomic::Ordering::Relaxed) <= 1 {
-            // The only request: it may sync its record itself (no hand-off to the writer).
-            self.audit.record_alone(&record).await.map(|()| None)
         } else {
             self.audit.record(&record).await.map(|()| None)
         };
