@@ -3,8 +3,7 @@
 //! request is refused: the only failure mode is deny. Each request task writes its own record
 //! (into the page cache, in order, under the log's lock: no thread hand-off before the
 //! request goes on) and one writer thread syncs; records written while a sync is in flight
-//! share the next one (group commit), so the sync cost is paid per batch; under load the
-//! writer also waits, briefly, for more records before it syncs (see [`gather`]). A failed sync
+//! share the next one (group commit), so the sync cost is paid per batch. A failed sync
 //! fails every record written since the last good one, and the next record overwrites them.
 //!
 //! # Segment format
@@ -273,13 +272,6 @@ pub fn read_from(
 /// The longest last sync after which a lone request still syncs its own record.
 const LONE_SYNC_MAX: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// Group commit under load: with at least this many requests in flight, the writer waits
-/// for half of them to have written their record before it syncs (see [`gather`]).
-const GATHER_MIN_IN_FLIGHT: usize = 4;
-
-/// The longest the writer waits to gather records: the last sync's time, at most this.
-const GATHER_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
-
 /// Who waits for a record written to the segment to be made durable by a sync.
 type Waiter = oneshot::Sender<Result<(), AuditError>>;
 
@@ -314,9 +306,6 @@ struct Log {
     /// A lone request is syncing its own record (see [`Durable::kick`]): the
     /// writer waits until it is done.
     syncing: bool,
-    /// The writer is gathering records before its sync (see [`gather`]): the record that
-    /// brings the pending count to this wakes it.
-    gathering: Option<usize>,
     /// Every handle is gone: the writer syncs what is written and stops.
     closed: bool,
     /// Records after a failed sync could not be cleared: nothing more is written.
@@ -336,10 +325,8 @@ struct Shared {
     last_sync_us: std::sync::atomic::AtomicU64,
     exporting: bool,
     /// Requests in flight in the proxy that writes to this log (kept by the proxy: see
-    /// [`AuditLog::in_flight`]); the writer's measure of load.
+    /// [`AuditLog::in_flight`]).
     in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    /// [`GATHER_MAX_WAIT`] (longer in tests, to see the gathering).
-    gather_max: std::sync::Mutex<std::time::Duration>,
 }
 
 impl Shared {
@@ -547,7 +534,6 @@ impl AuditLog {
                 idle: false,
                 waking: false,
                 syncing: false,
-                gathering: None,
                 closed: false,
                 broken: None,
             }),
@@ -557,7 +543,6 @@ impl AuditLog {
             last_sync_us: std::sync::atomic::AtomicU64::new(0),
             exporting: export.is_some(),
             in_flight: std::sync::Arc::default(),
-            gather_max: std::sync::Mutex::new(GATHER_MAX_WAIT),
         });
         std::thread::Builder::new()
             .name("sigil-audit".into())
@@ -610,11 +595,6 @@ impl AuditLog {
             }
             let wake = q.idle && !q.waking;
             q.waking |= wake;
-            // The writer gathering records for its sync: this one completes the batch.
-            if q.gathering.is_some_and(|n| q.waiters.len() >= n) {
-                q.gathering = None;
-                shared.work.notify_one();
-            }
             wake
         };
         Ok(Durable {
@@ -627,8 +607,8 @@ impl AuditLog {
     }
 
     /// The count of requests in flight that the proxy keeps (each from its arrival until
-    /// its answer's body ends): the writer gathers records for one sync while many are
-    /// (see [`gather`]), and a lone request syncs its own record.
+    /// its answer's body ends): the only request in flight syncs its own record (see
+    /// [`Durable::kick`]).
     pub(crate) fn in_flight(&self) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
         self.shared.0.in_flight.clone()
     }
@@ -807,7 +787,6 @@ fn writer(shared: &Shared, export: Option<crate::export::ExportSink>, path: std:
     let Ok(mut q) = shared.log.lock() else {
         return;
     };
-    let mut gathering_since = None;
     loop {
         // A request that is waking the writer is about to be joined by others: wait for it.
         // A lone request syncing its own record wakes the writer when it is done.
@@ -828,17 +807,6 @@ fn writer(shared: &Shared, export: Option<crate::export::ExportSink>, path: std:
             q.idle = false;
             continue;
         }
-        if !q.closed {
-            match gather(shared, q, &mut gathering_since) {
-                Gathered::Ready(g) => q = g,
-                Gathered::Again(g) => {
-                    q = g;
-                    continue;
-                }
-                Gathered::Poisoned => return,
-            }
-        }
-        gathering_since = None;
         let (file, target) = (q.file.clone(), q.end);
         let waiters = std::mem::take(&mut q.waiters);
         let lines = std::mem::take(&mut q.lines);
@@ -876,54 +844,6 @@ fn writer(shared: &Shared, export: Option<crate::export::ExportSink>, path: std:
             Ok(q) => q,
             Err(_) => return,
         };
-    }
-}
-
-/// What [`gather`] found.
-enum Gathered<'a> {
-    /// Sync now.
-    Ready(std::sync::MutexGuard<'a, Log>),
-    /// Woken (by the record that completes the batch, a close, or the time): look again.
-    Again(std::sync::MutexGuard<'a, Log>),
-    Poisoned,
-}
-
-/// Group commit under load, as PostgreSQL's `commit_delay`: with [`GATHER_MIN_IN_FLIGHT`]
-/// or more requests in flight, a sync waits until half of them have written their record,
-/// for at most the last sync's time (at most [`GATHER_MAX_WAIT`]), counted from the first
-/// time this batch was held back. A sync costs the same CPU (the device's queue, its
-/// interrupt, the wake-ups of the requests) whatever it carries: a busy proxy makes fewer
-/// and larger ones. A record then waits for durability at most twice a sync's time, and a
-/// model call's wait is hidden behind its upstream. With fewer requests in flight (a
-/// latency-bound caller) a sync starts at once.
-fn gather<'a>(
-    shared: &Shared,
-    mut q: std::sync::MutexGuard<'a, Log>,
-    since: &mut Option<std::time::Instant>,
-) -> Gathered<'a> {
-    let load = shared.in_flight.load(std::sync::atomic::Ordering::Relaxed);
-    let want = load / 2;
-    if load < GATHER_MIN_IN_FLIGHT || q.waiters.len() >= want {
-        return Gathered::Ready(q);
-    }
-    let last = std::time::Duration::from_micros(
-        shared
-            .last_sync_us
-            .load(std::sync::atomic::Ordering::Relaxed),
-    );
-    let max = shared.gather_max.lock().map_or(GATHER_MAX_WAIT, |m| *m);
-    let start = *since.get_or_insert_with(std::time::Instant::now);
-    let left = (start + last.min(max)).saturating_duration_since(std::time::Instant::now());
-    if left.is_zero() {
-        return Gathered::Ready(q);
-    }
-    q.gathering = Some(want);
-    match shared.work.wait_timeout(q, left) {
-        Ok((mut q, _)) => {
-            q.gathering = None;
-            Gathered::Again(q)
-        }
-        Err(_) => Gathered::Poisoned,
     }
 }
 
@@ -1078,68 +998,6 @@ mod tests {
         let syncs = log.syncs() - before;
         assert!(syncs <= 2, "100 records took {syncs} syncs");
         assert_eq!(read_records(&path).unwrap().len(), 101);
-    }
-
-    /// `log` as if `in_flight` requests were in flight and its last sync took `last`, with
-    /// the gathering wait capped at `max`.
-    fn loaded(log: &AuditLog, in_flight: usize, last: Duration, max: Duration) {
-        let shared = &log.shared.0;
-        log.in_flight().store(in_flight, Ordering::Relaxed);
-        let last = u64::try_from(last.as_micros()).unwrap();
-        shared.last_sync_us.store(last, Ordering::Relaxed);
-        *shared.gather_max.lock().unwrap() = max;
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn under_load_a_sync_waits_for_half_of_the_requests_in_flight() {
-        let (_dir, _path, log) = idle_log().await;
-        let before = log.syncs();
-        // Eight in flight: the writer syncs once four records are written.
-        loaded(&log, 8, Duration::from_secs(60), Duration::from_secs(60));
-        let mut first = Box::pin(log.write(&rec(1)).unwrap().wait());
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), &mut first)
-                .await
-                .is_err(),
-            "one record of eight in flight was synced alone"
-        );
-        let (second, third) = (log.write(&rec(2)).unwrap(), log.write(&rec(3)).unwrap());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(log.syncs(), before, "three of eight were synced");
-        let fourth = log.write(&rec(4)).unwrap();
-        let all = async { tokio::try_join!(first, second.wait(), third.wait(), fourth.wait()) };
-        tokio::time::timeout(Duration::from_secs(5), all)
-            .await
-            .expect("the fourth record completes the batch")
-            .unwrap();
-        assert_eq!(log.syncs(), before + 1, "four records, one sync");
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn the_gathering_wait_ends_after_one_sync_time_and_is_off_under_light_load() {
-        let (_dir, _path, log) = idle_log().await;
-        // Eight in flight, the last sync took 50 ms: a record alone waits for about that.
-        loaded(&log, 8, Duration::from_millis(50), Duration::from_secs(60));
-        let start = std::time::Instant::now();
-        tokio::time::timeout(Duration::from_secs(5), log.record(&rec(1)))
-            .await
-            .expect("the wait is bounded by the last sync's time")
-            .unwrap();
-        assert!(start.elapsed() >= Duration::from_millis(50));
-        // Three in flight: no gathering, however long a sync took.
-        until_idle(&log).await;
-        loaded(&log, 3, Duration::from_secs(60), Duration::from_secs(60));
-        tokio::time::timeout(Duration::from_secs(5), log.record(&rec(2)))
-            .await
-            .expect("three in flight: synced at once")
-            .unwrap();
-        // The cap holds whatever the last sync took.
-        until_idle(&log).await;
-        loaded(&log, 8, Duration::from_secs(60), Duration::from_millis(20));
-        tokio::time::timeout(Duration::from_secs(5), log.record(&rec(3)))
-            .await
-            .expect("the wait is capped")
-            .unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]

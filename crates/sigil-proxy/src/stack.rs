@@ -76,7 +76,7 @@ pub struct Proxy {
     /// The proxy's own SPIFFE ID (XFCC's `By`).
     proxy_id: Option<String>,
     /// Requests in flight on every connection, each until its answer's body ends: the
-    /// audit log's measure of load ([`AuditLog::in_flight`]).
+    /// audit log's ([`AuditLog::in_flight`]).
     pub(crate) in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -165,7 +165,7 @@ impl Proxy {
             telemetry: None,
             sessions: Sessions::default(),
             proxy_id,
-            // One count for the lone request's own sync and the writer's group commit.
+            // The audit log's: the only request in flight syncs its own record.
             in_flight: audit.in_flight(),
             audit,
         }
