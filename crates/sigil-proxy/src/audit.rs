@@ -403,14 +403,15 @@ impl Kick {
                         q.roll_back(e);
                     }
                 }
-                !q.waiters.is_empty() || !q.rotations.is_empty()
+                // Records written meanwhile, or the allocation to extend ahead (the writer
+                // does it after its own syncs, and here it made none).
+                !q.waiters.is_empty() || !q.rotations.is_empty() || q.allocation_target().is_some()
             }
             Err(_) => true,
         };
         for w in waiters {
             let _ = w.send(synced.clone());
         }
-        // Records written meanwhile (their writer's wake-up found it waiting for this).
         if more {
             shared.work.notify_one();
         }
@@ -787,6 +788,9 @@ fn writer(shared: &Shared, export: Option<crate::export::ExportSink>, path: std:
     let Ok(mut q) = shared.log.lock() else {
         return;
     };
+    // Allocated ahead since the writer last slept (once per wake-up: a failing allocation
+    // is not retried in a loop).
+    let mut allocated = false;
     loop {
         // A request that is waking the writer is about to be joined by others: wait for it.
         // A lone request syncing its own record wakes the writer when it is done.
@@ -799,12 +803,24 @@ fn writer(shared: &Shared, export: Option<crate::export::ExportSink>, path: std:
             if q.closed {
                 return;
             }
+            // Woken after requests synced their own records: extend the allocation ahead.
+            if !allocated && !q.syncing && q.allocation_target().is_some() {
+                drop(q);
+                allocate_ahead(shared);
+                allocated = true;
+                q = match shared.log.lock() {
+                    Ok(q) => q,
+                    Err(_) => return,
+                };
+                continue;
+            }
             q.idle = true;
             q = match shared.work.wait(q) {
                 Ok(q) => q,
                 Err(_) => return,
             };
             q.idle = false;
+            allocated = false;
             continue;
         }
         let (file, target) = (q.file.clone(), q.end);
@@ -1240,6 +1256,39 @@ mod tests {
         let at = (PREALLOC_STEP + ZERO_CHUNK) as usize;
         assert_eq!(&raw[at - 4..at], b"kept");
         assert!(raw[at..].iter().all(|b| *b == 0));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn after_a_lone_sync_near_the_end_of_the_allocation_the_writer_allocates_ahead() {
+        use std::future::Future;
+        let (_dir, path, log) = idle_log().await;
+        let shared = &log.shared.0;
+        shared.last_sync_us.store(10, Ordering::Relaxed);
+        log.in_flight().store(1, Ordering::Relaxed);
+        let len = || std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len(), PREALLOC_STEP);
+        // As if 2 MiB had been written: within half a step of the end.
+        shared.lock().unwrap().cursor.as_mut().unwrap().pos = PREALLOC_STEP / 2 + 100;
+        let before = log.syncs();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let r = rec(1);
+        let mut alone = Box::pin(log.record(&r));
+        assert!(alone.as_mut().poll(&mut cx).is_pending(), "the yield");
+        assert!(
+            alone.as_mut().poll(&mut cx).is_ready(),
+            "synced by the request"
+        );
+        assert_eq!(log.syncs(), before + 1);
+        // The request did not extend the allocation (its record fit); the writer does.
+        for _ in 0..5000 {
+            if len() == 2 * PREALLOC_STEP {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(len(), 2 * PREALLOC_STEP, "the writer allocated ahead");
+        assert_eq!(log.syncs(), before + 1, "without a sync of its own");
+        until_idle(&log).await;
     }
 
     #[tokio::test(flavor = "current_thread")]
