@@ -396,13 +396,7 @@ impl Kick {
         let more = match shared.lock() {
             Ok(mut q) => {
                 q.syncing = false;
-                match &synced {
-                    Ok(()) => q.synced = q.synced.max(target),
-                    Err(e) => {
-                        tracing::error!(error = %e, "audit log sync failed; refusing requests");
-                        q.roll_back(e);
-                    }
-                }
+                q.synced_to(target, &synced);
                 // Records written meanwhile, or the allocation to extend ahead (the writer
                 // does it after its own syncs, and here it made none).
                 !q.waiters.is_empty() || !q.rotations.is_empty() || q.allocation_target().is_some()
@@ -675,6 +669,19 @@ impl Log {
         Ok(())
     }
 
+    /// Takes the result of a sync of everything written up to `target`: durable up to there,
+    /// or rolled back. The same file either way: a rotation waits for every waiter, and no
+    /// lone sync runs during one.
+    fn synced_to(&mut self, target: u64, synced: &Result<(), AuditError>) {
+        match synced {
+            Ok(()) => self.synced = self.synced.max(target),
+            Err(e) => {
+                tracing::error!(error = %e, "audit log sync failed; refusing requests");
+                self.roll_back(e);
+            }
+        }
+    }
+
     /// After a failed sync: what was written since the last good one may not be on disk
     /// (and the kernel may have dropped it), so the position goes back there and every
     /// record after it is failed (refused, or its answer withheld); the next record
@@ -832,16 +839,7 @@ fn writer(shared: &Shared, export: Option<crate::export::ExportSink>, path: std:
             Ok(q) => q,
             Err(_) => return,
         };
-        match &synced {
-            Ok(()) => {
-                // A rotation in between would have waited for these waiters: same file.
-                q.synced = q.synced.max(target);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "audit log sync failed; refusing requests");
-                q.roll_back(e);
-            }
-        }
+        q.synced_to(target, &synced);
         drop(q);
         for w in waiters {
             let _ = w.send(synced.clone());

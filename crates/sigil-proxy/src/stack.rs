@@ -581,9 +581,10 @@ impl Proxy {
             }
         };
         let forwarded = forward(upstream, parts, body, &vouch, request_id, filtered, obs);
-        // A record written before the forward wakes the writer (if it is the one to) once
-        // the forward is on its way: its connection runs before the kick's yield returns,
-        // so neither the wake-up nor the sync's start delays the request.
+        // A record written before the forward wakes the writer (if it is the one to), or is
+        // synced by this request when it is the only one, once the forward is on its way:
+        // its connection runs before the kick's yield returns, so neither the wake-up nor
+        // the sync delays the request.
         let forwarded = match durable.as_mut() {
             Some(d) => tokio::join!(forwarded, d.kick()).0,
             None => forwarded.await,
