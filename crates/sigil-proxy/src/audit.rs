@@ -990,9 +990,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn records_ready_together_share_one_sync() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
+        let (_dir, path, log) = new_log();
         log.record(&rec(0)).await.unwrap();
         let before = log.syncs();
         assert_eq!(before, 1);
@@ -1017,9 +1015,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_request_dropped_while_waking_the_writer_does_not_stall_it() {
         use std::future::Future;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
+        let (_dir, path, log) = new_log();
         log.record(&rec(0)).await.unwrap();
         // Let the writer go idle, then drop a request in its yield (a client that hung up).
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -1042,11 +1038,17 @@ mod tests {
         assert_eq!(ids, ["r0", "r1", "r2"]);
     }
 
-    /// A new segment with one durable record, its writer asleep.
-    async fn idle_log() -> (tempfile::TempDir, std::path::PathBuf, AuditLog) {
+    /// A new segment at `audit.log` in a temporary directory (kept until it is dropped).
+    fn new_log() -> (tempfile::TempDir, std::path::PathBuf, AuditLog) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         let log = AuditLog::open(&path).unwrap();
+        (dir, path, log)
+    }
+
+    /// A new segment with one durable record, its writer asleep.
+    async fn idle_log() -> (tempfile::TempDir, std::path::PathBuf, AuditLog) {
+        let (dir, path, log) = new_log();
         log.record(&rec(0)).await.unwrap();
         until_idle(&log).await;
         (dir, path, log)
@@ -1194,9 +1196,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn records_written_during_a_requests_own_sync_are_synced_after_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
+        let (_dir, path, log) = new_log();
         let mut n = 0;
         for round in 0..50 {
             until_idle(&log).await;
@@ -1224,9 +1224,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn the_writer_allocates_ahead_chunk_by_chunk_up_to_the_next_step() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
+        let (_dir, path, log) = new_log();
         log.record(&rec(0)).await.unwrap();
         let shared = &log.shared.0;
         let len = || std::fs::metadata(&path).unwrap().len();
@@ -1291,9 +1289,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_failed_sync_fails_what_it_covered_and_the_next_record_overwrites_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
+        let (_dir, path, log) = new_log();
         log.record(&rec(0)).await.unwrap();
         // Two records written, then their sync fails (as on EIO): rolled back under the
         // lock, before the writer can sync them.
@@ -1329,9 +1325,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_record_is_written_once_and_failures_are_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
+        let (_dir, path, log) = new_log();
         let mut set = tokio::task::JoinSet::new();
         for i in 0..300 {
             let log = log.clone();
@@ -1379,8 +1373,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_runs_under_sched_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(&dir.path().join("audit.log")).unwrap();
+        let (_dir, _path, log) = new_log();
         // The policy is set as the thread starts: once a record is durable, it has.
         log.record(&rec(0)).await.unwrap();
         let policies = policies_of("sigil-audit");
@@ -1404,9 +1397,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_written_record_is_in_the_file_before_it_is_durable_and_then_durable() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
+        let (_dir, path, log) = new_log();
         for i in 0..20 {
             let durable = log.write(&rec(i)).unwrap();
             // Written: another process (a reader after a crash of this one) sees it now.
@@ -1463,9 +1454,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn records_are_read_from_a_boundary_in_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
+        let (_dir, path, log) = new_log();
         for i in 0..5 {
             log.record(&rec(i)).await.unwrap();
         }
@@ -1513,9 +1502,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_segment_is_replaced_only_when_everything_in_it_is_acknowledged() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
+        let (dir, path, log) = new_log();
         for i in 0..3 {
             log.record(&rec(i)).await.unwrap();
         }
