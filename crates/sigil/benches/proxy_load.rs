@@ -1314,13 +1314,14 @@ fn main() {
             ))
         );
         let find = |k: &str| all.iter().find(|f| f.target == k);
+        let met = |ok: bool| if ok { "met" } else { "MISSED" };
         if let (Some(two), Some(full)) = (find("two_sidecars"), find("sigil_full")) {
             let (d50, d99) = (two.p50_us - direct.p50_us, two.p99_us - direct.p99_us);
             println!(
                 "budgets: two sidecars add p50 {d50:.0} µs (≤ 300: {}), p99 {d99:.0} µs (≤ 1500: {}); \
                  the outbound hop alone (h - d): p50 {:.0} µs, p99 {:.0} µs",
-                if d50 <= 300.0 { "met" } else { "MISSED" },
-                if d99 <= 1500.0 { "met" } else { "MISSED" },
+                met(d50 <= 300.0),
+                met(d99 <= 1500.0),
                 two.p50_us - full.p50_us,
                 two.p99_us - full.p99_us,
             );
@@ -1328,7 +1329,6 @@ fn main() {
         // The proxy round-2 budgets, over mTLS-only in the same run.
         if let Some(mtls) = find("sigil_mtls_only") {
             let mut parts = Vec::new();
-            let met = |ok: bool| if ok { "met" } else { "MISSED" };
             if let Some(d) = find("sigil_full") {
                 let over = d.p50_us - mtls.p50_us;
                 parts.push(format!(
@@ -1361,11 +1361,11 @@ fn main() {
             println!(
                 "budgets: full path adds p50 {d50:.0} µs (≤ 150: {}), p99 {d99:.0} µs (≤ 1000: {}); \
                  {:.0} authorized req/s on one core (≥ 15000: {}); idle RSS {rss_idle:.1} MiB (≤ 20: {})",
-                if d50 <= 150.0 { "met" } else { "MISSED" },
-                if d99 <= 1000.0 { "met" } else { "MISSED" },
+                met(d50 <= 150.0),
+                met(d99 <= 1000.0),
                 full.req_per_s,
-                if full.req_per_s >= 15_000.0 { "met" } else { "MISSED" },
-                if rss_idle <= 20.0 { "met" } else { "MISSED" },
+                met(full.req_per_s >= 15_000.0),
+                met(rss_idle <= 20.0),
             );
         }
         let json = serde_json::json!({
