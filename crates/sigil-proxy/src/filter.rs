@@ -14,14 +14,31 @@ pub enum FilterError {
     Shape(&'static str),
     #[error("upstream SSE event larger than {0} bytes")]
     EventTooLarge(usize),
+    /// JSON a client may read otherwise than the proxy: keys that collide after case
+    /// folding, a key holding U+0000, or (SSE) an event that is not UTF-8 or data that looks
+    /// like JSON but is not.
+    #[error("upstream response may be read more than one way: {0}")]
+    Ambiguous(String),
+}
+
+/// Reads an upstream answer the one way the request path reads JSON ([`crate::json`]): an
+/// object whose keys collide is refused, not read last-wins, so a list under a second
+/// `result` (or a `Result`, for Go's case-insensitive decoder) cannot pass unfiltered.
+fn read(body: &[u8]) -> Result<Value, FilterError> {
+    crate::json::parse(body).map_err(|e| match e {
+        crate::json::JsonError::Syntax(m) => FilterError::BadJson(m),
+        crate::json::JsonError::CollidingKeys(k) => {
+            FilterError::Ambiguous(format!("keys that collide ({k:?})"))
+        }
+        e => FilterError::Ambiguous(e.to_string()),
+    })
 }
 
 /// Keeps the entries of a model list that `allow` admits: OpenAI's
 /// (`{"object":"list","data":[{"id":..},..]}`) or Ollama's (`{"models":[{"name":..,
 /// "model":..},..]}`, both names admitted). Entries without a string name are dropped.
 pub fn filter_models(body: &[u8], allow: impl Fn(&str) -> bool) -> Result<Vec<u8>, FilterError> {
-    let mut v: Value =
-        serde_json::from_slice(body).map_err(|e| FilterError::BadJson(e.to_string()))?;
+    let mut v = read(body)?;
     if let Some(data) = v.get_mut("data").and_then(Value::as_array_mut) {
         data.retain(|m| m.get("id").and_then(Value::as_str).is_some_and(&allow));
     } else if let Some(models) = v.get_mut("models").and_then(Value::as_array_mut) {
@@ -78,8 +95,7 @@ pub fn filter_mcp_json(
     body: &[u8],
     allow: &dyn Fn(&str, &str, &str) -> bool,
 ) -> Result<Vec<u8>, FilterError> {
-    let mut v: Value =
-        serde_json::from_slice(body).map_err(|e| FilterError::BadJson(e.to_string()))?;
+    let mut v = read(body)?;
     let changed = match &mut v {
         // Every message is filtered (no short circuit).
         Value::Array(batch) => batch
@@ -118,7 +134,7 @@ impl SseFilter {
         let mut out = Vec::new();
         while let Some(end) = event_end(&self.buf) {
             let event: Vec<u8> = self.buf.drain(..end).collect();
-            out.extend_from_slice(&self.event(&event));
+            out.extend_from_slice(&self.event(&event)?);
         }
         if self.buf.len() > self.max_event {
             return Err(FilterError::EventTooLarge(self.max_event));
@@ -128,19 +144,23 @@ impl SseFilter {
 
     /// The stream ended: whatever is left (an unterminated last event) is passed through
     /// filtered like a complete one.
-    pub fn finish(&mut self) -> Vec<u8> {
+    pub fn finish(&mut self) -> Result<Vec<u8>, FilterError> {
         let rest = std::mem::take(&mut self.buf);
         if rest.is_empty() {
-            rest
+            Ok(rest)
         } else {
             self.event(&rest)
         }
     }
 
-    /// One raw event (including its terminating blank line).
-    fn event(&self, raw: &[u8]) -> Vec<u8> {
+    /// One raw event (including its terminating blank line). An event that is not UTF-8
+    /// is refused: an SSE client decodes it with replacement characters and may find JSON
+    /// in it.
+    fn event(&self, raw: &[u8]) -> Result<Vec<u8>, FilterError> {
         let Ok(text) = std::str::from_utf8(raw) else {
-            return raw.to_vec();
+            return Err(FilterError::Ambiguous(
+                "an SSE event that is not UTF-8".into(),
+            ));
         };
         let mut data = String::new();
         let mut others = Vec::new();
@@ -161,10 +181,17 @@ impl SseFilter {
             }
         }
         if !saw_data {
-            return raw.to_vec();
+            return Ok(raw.to_vec());
         }
-        let Ok(mut v) = serde_json::from_str::<Value>(&data) else {
-            return raw.to_vec();
+        // Data that is not JSON carries no list, unless a lenient client parser (one that
+        // takes lone surrogates, comments or trailing commas) reads it as JSON: data that
+        // opens like JSON must be read strictly, or the stream is cut.
+        let mut v = match read(data.as_bytes()) {
+            Ok(v) => v,
+            Err(FilterError::BadJson(_)) if !data.trim_start().starts_with(['{', '[']) => {
+                return Ok(raw.to_vec());
+            }
+            Err(e) => return Err(e),
         };
         let changed = match &mut v {
             Value::Array(batch) => {
@@ -178,7 +205,7 @@ impl SseFilter {
             m => filter_message(m, &*self.allow),
         };
         if !changed {
-            return raw.to_vec();
+            return Ok(raw.to_vec());
         }
         let mut out = String::new();
         for o in others {
@@ -188,7 +215,7 @@ impl SseFilter {
         out.push_str("data: ");
         out.push_str(&v.to_string());
         out.push_str("\n\n");
-        out.into_bytes()
+        Ok(out.into_bytes())
     }
 }
 
@@ -298,7 +325,7 @@ mod tests {
         for b in stream.as_bytes().chunks(7) {
             out.extend(f.push(b).unwrap());
         }
-        out.extend(f.finish());
+        out.extend(f.finish().unwrap());
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with(ping), "{text}");
         assert!(text.ends_with(": comment\n\n"), "{text}");
@@ -309,5 +336,56 @@ mod tests {
         // An event that never ends cannot grow without bound.
         let mut f = SseFilter::new(Box::new(|_: &str, _: &str, _: &str| true), 64);
         assert!(f.push(&[b'a'; 65]).is_err());
+    }
+
+    #[test]
+    fn answers_a_client_may_read_otherwise_are_refused() {
+        // A list the filter would not see (serde_json keeps the last `result`; a
+        // first-wins parser, or Go's case-insensitive one, reads the other) is refused.
+        for body in [
+            r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"shutdown_line"}]},"result":{}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"Result":{"tools":[{"name":"shutdown_line"}]},"result":{}}"#,
+            r#"[{"jsonrpc":"2.0","id":1,"result":{"tools":[],"tools":[{"name":"shutdown_line"}]}}]"#,
+        ] {
+            assert!(
+                matches!(
+                    filter_mcp_json(body.as_bytes(), &no_shutdown),
+                    Err(FilterError::Ambiguous(_))
+                ),
+                "{body}"
+            );
+        }
+        assert!(matches!(
+            filter_models(br#"{"data":[{"id":"a"}],"Data":[{"id":"b"}]}"#, |m| m
+                == "a"),
+            Err(FilterError::Ambiguous(_))
+        ));
+        let sse = |event: &[u8]| {
+            let mut f = SseFilter::new(Box::new(no_shutdown), 1 << 20);
+            f.push(event)
+        };
+        // Data that opens like JSON but that serde refuses (a lone surrogate, which
+        // JavaScript's JSON.parse takes), colliding keys, and an event that is not UTF-8.
+        for event in [
+            &b"data: {\"result\":{\"tools\":[{\"name\":\"shutdown_line\"}]},\"x\":\"\\ud800\"}\n\n"[..],
+            b"data: {\"result\":{\"tools\":[{\"name\":\"shutdown_line\"}]},\"result\":{}}\n\n",
+            b": \xff\ndata: {\"result\":{\"tools\":[{\"name\":\"shutdown_line\"}]},\"x\":\"\\ud800\"}\n\n",
+        ] {
+            assert!(
+                matches!(sse(event), Err(FilterError::Ambiguous(_) | FilterError::BadJson(_))),
+                "{}",
+                String::from_utf8_lossy(event)
+            );
+        }
+        // Data that is not JSON at all still passes as it is.
+        assert_eq!(sse(b"data: ping\n\n").unwrap(), b"data: ping\n\n");
+        // An unterminated last event is read the same way.
+        let mut f = SseFilter::new(Box::new(no_shutdown), 1 << 20);
+        assert!(
+            f.push(b"data: {\"result\":{},\"result\":{}}")
+                .unwrap()
+                .is_empty()
+        );
+        assert!(f.finish().is_err());
     }
 }

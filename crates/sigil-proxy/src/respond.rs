@@ -195,11 +195,16 @@ impl hyper::body::Body for SseBody {
                 }
                 Poll::Ready(None) => {
                     this.done = true;
-                    let rest = this.filter.finish();
-                    if rest.is_empty() {
-                        return Poll::Ready(None);
-                    }
-                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(rest)))));
+                    return match this.filter.finish() {
+                        Ok(rest) if !rest.is_empty() => {
+                            Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(rest)))))
+                        }
+                        Ok(_) => Poll::Ready(None),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "SSE response cut");
+                            Poll::Ready(None)
+                        }
+                    };
                 }
             }
         }
