@@ -37,19 +37,25 @@ const IDENTITY_PREFIXES: &[&str] = &[
     "x-client-cert-",
 ];
 
-/// Whether a header name carries identity or origin, in any `_`/`-` spelling.
+/// Whether a header name carries identity or origin, in any `_`/`-` spelling. Compared in
+/// place (it runs on every header of every request): a `HeaderName` is lower case already,
+/// so only `_` is read as `-`.
 fn is_identity(name: &str) -> bool {
-    let n: String = name
-        .chars()
-        .map(|c| {
-            if c == '_' {
-                '-'
-            } else {
-                c.to_ascii_lowercase()
-            }
-        })
-        .collect();
-    IDENTITY_EXACT.contains(&n.as_str()) || IDENTITY_PREFIXES.iter().any(|p| n.starts_with(p))
+    let name = name.as_bytes();
+    let spelled = |pattern: &str, n: &[u8]| {
+        n.len() == pattern.len()
+            && n.iter().zip(pattern.bytes()).all(|(&c, p)| {
+                if c == b'_' {
+                    p == b'-'
+                } else {
+                    c.to_ascii_lowercase() == p
+                }
+            })
+    };
+    IDENTITY_EXACT.iter().any(|p| spelled(p, name))
+        || IDENTITY_PREFIXES
+            .iter()
+            .any(|p| name.get(..p.len()).is_some_and(|head| spelled(p, head)))
 }
 
 /// Removes every identity or origin header the client sent.
@@ -64,31 +70,35 @@ pub fn strip_identity(h: &mut HeaderMap) {
     }
 }
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Hop-by-hop headers (RFC 9110 §7.6.1), as names: removing by `&str` would parse each
+/// name again, twice per request.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers, those named in `Connection` too (RFC 9110 §7.6.1).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<String> = h
+    // Those named in `Connection` count only with a `Connection` header, itself hop-by-hop:
+    // with none of these there is nothing to remove (one pass over the names).
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
+    let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for n in named
-        .iter()
-        .map(String::as_str)
-        .chain(HOP_BY_HOP.iter().copied())
-    {
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
         h.remove(n);
     }
 }
@@ -173,6 +183,46 @@ mod tests {
         strip_identity(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn headers_named_in_connection_are_removed_in_any_case_and_others_kept() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "X-Secret ,Keep-Alive, , bad name"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            // Near misses of identity names are not identity.
+            ("x-sigil", "1"),
+            ("x-forwarded", "1"),
+            ("forwarded-x", "1"),
+            ("x-real-ipv6", "1"),
+            ("x-user-agent", "1"),
+        ] {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
+        strip_hop_by_hop(&mut h);
+        strip_identity(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [
+                "forwarded-x",
+                "x-forwarded",
+                "x-real-ipv6",
+                "x-sigil",
+                "x-user-agent"
+            ]
+        );
+        // Without any hop-by-hop header, nothing is removed.
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 
     #[test]
