@@ -114,12 +114,24 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
-        let mut folded: HashSet<String> = HashSet::new();
+        // The keys so far, folded: built only once the object is large or a key is not
+        // ASCII. Before that (nearly every object) a key is compared in place with the
+        // others, ASCII case-insensitively, which is what folding does to ASCII.
+        let mut folded: Option<HashSet<String>> = None;
         while let Some(key) = map.next_key::<String>()? {
             if key.contains('\0') {
                 return Err(de::Error::custom(NUL));
             }
-            if !folded.insert(fold(&key)) {
+            let collides = match &mut folded {
+                None if key.is_ascii() && out.len() < SCAN_MAX => {
+                    out.keys().any(|k| k.eq_ignore_ascii_case(&key))
+                }
+                _ => {
+                    let seen = folded.get_or_insert_with(|| out.keys().map(|k| fold(k)).collect());
+                    !seen.insert(fold(&key))
+                }
+            };
+            if collides {
                 return Err(de::Error::custom(format_args!("{COLLIDE}{key}")));
             }
             let v = map.next_value_seed(Strict)?;
@@ -128,6 +140,9 @@ impl<'de> Visitor<'de> for StrictVisitor {
         Ok(Value::Object(out))
     }
 }
+
+/// Up to this many keys, an object's keys are compared with each other in place.
+const SCAN_MAX: usize = 16;
 
 #[cfg(test)]
 mod tests {
@@ -169,6 +184,33 @@ mod tests {
         assert_eq!(
             parse(br#"{"model":"a","model\u0000":"b"}"#),
             Err(JsonError::NulInKey)
+        );
+    }
+
+    #[test]
+    fn refuses_keys_that_collide_in_large_objects_and_after_a_non_ascii_key() {
+        let many: Vec<String> = (0..40).map(|i| format!("\"key{i}\":{i}")).collect();
+        for last in ["\"KEY0\":0", "\"key39\":0", "\"\\u212aey7\":0"] {
+            let body = format!("{{{},{last}}}", many.join(","));
+            assert!(
+                matches!(parse(body.as_bytes()), Err(JsonError::CollidingKeys(_))),
+                "{last}"
+            );
+        }
+        // Each order of an ASCII key and the non-ASCII key it folds with.
+        for bad in [
+            "{\"ask\":1,\"as\u{212a}\":2}",
+            "{\"as\u{212a}\":1,\"ASK\":2}",
+        ] {
+            assert!(
+                matches!(parse(bad.as_bytes()), Err(JsonError::CollidingKeys(_))),
+                "{bad}"
+            );
+        }
+        let body = format!("{{{}}}", many.join(","));
+        assert_eq!(
+            parse(body.as_bytes()).unwrap().as_object().unwrap().len(),
+            40
         );
     }
 
