@@ -33,7 +33,7 @@ const MAGIC: &[u8] = b"sigil-audit v1\n";
 /// `<8 hex> <8 hex> `
 const PREFIX: usize = 18;
 /// Largest record accepted when reading.
-const MAX_RECORD: usize = 1 << 20;
+const MAX_RECORD: usize = 16 << 20;
 /// How far ahead of the writer the file is zero-filled.
 pub const PREALLOC_STEP: u64 = 4 << 20;
 /// Zeros are written in chunks of this size; the writer takes the log's lock once per chunk.
@@ -80,9 +80,43 @@ pub struct DecisionRecord {
 pub struct AuditError(String);
 
 /// One framed line for `json`.
+#[cfg(test)]
 pub(crate) fn frame(json: &[u8]) -> Vec<u8> {
-    let mut line = format!("{:08x} {:08x} ", json.len(), crc32c::crc32c(json)).into_bytes();
+    let mut line = vec![b' '; PREFIX];
     line.extend_from_slice(json);
+    seal(line)
+}
+
+/// One framed line for `rec`, serialized in place after room for the prefix (no second
+/// buffer and copy per record).
+fn frame_record(rec: &DecisionRecord) -> Result<Vec<u8>, AuditError> {
+    let mut line = Vec::with_capacity(512);
+    line.resize(PREFIX, b' ');
+    serde_json::to_writer(&mut line, rec).map_err(|e| AuditError(e.to_string()))?;
+    // Refused, not written: a longer line would not verify when the segment is read again.
+    // A default body (1 MiB) re-serialized stays far below (numbers grow at most ~5x).
+    if line.len() - PREFIX > MAX_RECORD {
+        return Err(AuditError(format!(
+            "a record of {} bytes is over the audit log's limit of {MAX_RECORD}",
+            line.len() - PREFIX
+        )));
+    }
+    Ok(seal(line))
+}
+
+/// Fills the prefix (`<len> <crc32c> `, 8 hex digits each) of a line whose JSON follows
+/// `PREFIX` bytes of room, and ends it.
+fn seal(mut line: Vec<u8>) -> Vec<u8> {
+    use std::io::Write;
+    let json = line.get(PREFIX..).unwrap_or_default();
+    let (len, crc) = (json.len(), crc32c::crc32c(json));
+    let mut head = [b' '; PREFIX];
+    // A record is at most MAX_RECORD bytes long, so its length takes 8 hex digits
+    // (`frame_record`).
+    let _ = write!(head.as_mut_slice(), "{len:08x} {crc:08x} ");
+    if let Some(h) = line.get_mut(..PREFIX) {
+        h.copy_from_slice(&head);
+    }
     line.push(b'\n');
     line
 }
@@ -572,8 +606,7 @@ impl AuditLog {
     /// the yield returns at once). Until then the writer does not sync, so a caller that
     /// holds a [`Durable`] polls it (or drops it) without delay.
     pub fn write(&self, rec: &DecisionRecord) -> Result<Durable, AuditError> {
-        let json = serde_json::to_vec(rec).map_err(|e| AuditError(e.to_string()))?;
-        self.append(frame(&json))
+        self.append(frame_record(rec)?)
     }
 
     /// [`AuditLog::write`] of a framed record.
@@ -974,6 +1007,34 @@ mod tests {
             user: None,
             chain: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_record_above_a_megabyte_verifies_on_reopening_and_one_above_the_limit_is_refused() {
+        let (_dir, path, log) = new_log();
+        // A tool call whose arguments fill a default body (1 MiB).
+        let mut big = rec(1);
+        big.calls.push(crate::extract::Call {
+            action: "call_tool",
+            resource_type: "Tool",
+            resource_id: "write_file".into(),
+            arguments: Some(serde_json::json!({"content": "x".repeat(1 << 20)})),
+        });
+        log.record(&big).await.unwrap();
+        log.record(&rec(2)).await.unwrap();
+        let mut huge = rec(3);
+        huge.reason = "x".repeat(MAX_RECORD);
+        let refused = log.record(&huge).await.unwrap_err().to_string();
+        assert!(refused.contains("over the audit log's limit"), "{refused}");
+        log.record(&rec(4)).await.unwrap();
+        drop(log);
+        let ids: Vec<String> = read_records(&path)
+            .unwrap()
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids, ["r1", "r2", "r4"]);
+        AuditLog::open(&path).unwrap();
     }
 
     #[test]
