@@ -135,17 +135,23 @@ fn xfcc(id: &Identity<'_>) -> Option<HeaderValue> {
     if id.x5t_s256.is_empty() {
         return None;
     }
-    let hash = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(id.x5t_s256)
+    // Built once into a buffer of the right size (it is set on every request).
+    let mut hash = [0u8; 32];
+    let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode_slice(id.x5t_s256, &mut hash)
         .ok()?;
-    let mut v = String::new();
+    let by = id.proxy_id.map_or(0, |b| "By=;".len() + b.len());
+    let mut v = String::with_capacity(by + "Hash=;URI=".len() + 2 * n + id.spiffe_id.len());
     if let Some(by) = id.proxy_id {
         v.push_str("By=");
         v.push_str(by);
         v.push(';');
     }
     v.push_str("Hash=");
-    v.push_str(&hex::encode(hash));
+    for b in hash.get(..n)? {
+        v.extend(char::from_digit(u32::from(b >> 4), 16));
+        v.extend(char::from_digit(u32::from(b & 0xf), 16));
+    }
     v.push_str(";URI=");
     v.push_str(id.spiffe_id);
     HeaderValue::from_str(&v).ok()
