@@ -70,6 +70,20 @@ class H(BaseHTTPRequestHandler):
             if method == "initialize":
                 body = '{"jsonrpc":"2.0","id":%s,"result":{}}' % rid
                 return self.raw(body, [("mcp-session-id", "s-%d" % id(msg))])
+            if method == "tools/list" and rid == '"dup"':
+                # Every tool under a first `result`, none under a second (a first-wins
+                # client reads the first; serde_json the second).
+                return self.raw('{"jsonrpc":"2.0","id":%s,"result":{"tools":%s},"result":{"tools":[]}}' % (rid, json.dumps(TOOLS)))
+            if method == "tools/list" and rid == '"surrogate"':
+                # As an SSE event whose data JSON.parse takes and serde_json refuses.
+                ev = 'event: message\ndata: {"jsonrpc":"2.0","id":"surrogate","result":{"tools":%s},"x":"\\ud800"}\n\n' % json.dumps(TOOLS)
+                out = ev.encode()
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+                return
             if method == "tools/list":
                 return self.raw('{"jsonrpc":"2.0","id":%s,"result":{"tools":%s}}' % (rid, json.dumps(TOOLS)))
         self.echo(raw)
@@ -322,6 +336,20 @@ fn mcp_lists_are_filtered_whatever_the_id_and_odd_ids_are_refused() {
     let (code, out) = w.send("GET", "/mcp", &["accept: text/event-stream"], None);
     assert_eq!(code, 200, "{out}");
     assert!(out.contains("read_sensor"), "{out}");
+    assert!(!out.contains("shutdown_line"), "unfiltered stream: {out}");
+    // Answers a client may read otherwise than the proxy: a second `result` is refused (502),
+    // an SSE event that opens like JSON but is not strict JSON ends the stream.
+    let (code, out) = w.post_json(
+        "/mcp",
+        r#"{"jsonrpc":"2.0","id":"dup","method":"tools/list"}"#,
+    );
+    assert_eq!(code, 502, "{out}");
+    assert!(!out.contains("shutdown_line"), "unfiltered: {out}");
+    let (code, out) = w.post_json(
+        "/mcp",
+        r#"{"jsonrpc":"2.0","id":"surrogate","method":"tools/list"}"#,
+    );
+    assert_eq!(code, 200, "{out}");
     assert!(!out.contains("shutdown_line"), "unfiltered stream: {out}");
     for id in ["1.0", "1e0", "-0", "-0.0", "null", "[1]", "{}"] {
         let (code, out) = w.post_json(
