@@ -95,10 +95,10 @@ fn frame_record(rec: &DecisionRecord) -> Result<Vec<u8>, AuditError> {
     serde_json::to_writer(&mut line, rec).map_err(|e| AuditError(e.to_string()))?;
     // Refused, not written: a longer line would not verify when the segment is read again.
     // A default body (1 MiB) re-serialized stays far below (numbers grow at most ~5x).
-    if line.len() - PREFIX > MAX_RECORD {
+    let len = line.len() - PREFIX;
+    if len > MAX_RECORD {
         return Err(AuditError(format!(
-            "a record of {} bytes is over the audit log's limit of {MAX_RECORD}",
-            line.len() - PREFIX
+            "a record of {len} bytes is over the audit log's limit of {MAX_RECORD}"
         )));
     }
     Ok(seal(line))
@@ -107,7 +107,6 @@ fn frame_record(rec: &DecisionRecord) -> Result<Vec<u8>, AuditError> {
 /// Fills the prefix (`<len> <crc32c> `, 8 hex digits each) of a line whose JSON follows
 /// `PREFIX` bytes of room, and ends it.
 fn seal(mut line: Vec<u8>) -> Vec<u8> {
-    use std::io::Write;
     let json = line.get(PREFIX..).unwrap_or_default();
     let (len, crc) = (json.len(), crc32c::crc32c(json));
     let mut head = [b' '; PREFIX];
@@ -1028,11 +1027,7 @@ mod tests {
         assert!(refused.contains("over the audit log's limit"), "{refused}");
         log.record(&rec(4)).await.unwrap();
         drop(log);
-        let ids: Vec<String> = read_records(&path)
-            .unwrap()
-            .iter()
-            .map(|r| r["request_id"].as_str().unwrap().to_owned())
-            .collect();
+        let ids = ids(&path);
         assert_eq!(ids, ["r1", "r2", "r4"]);
         AuditLog::open(&path).unwrap();
     }
@@ -1091,12 +1086,17 @@ mod tests {
             .expect("the writer still takes records");
         next.unwrap();
         // The dropped request's decision is on record all the same.
-        let ids: Vec<String> = read_records(&path)
+        let ids = ids(&path);
+        assert_eq!(ids, ["r0", "r1", "r2"]);
+    }
+
+    /// The request ids of the segment at `path`'s verified records, in order.
+    fn ids(path: &Path) -> Vec<String> {
+        read_records(path)
             .unwrap()
             .iter()
             .map(|r| r["request_id"].as_str().unwrap().to_owned())
-            .collect();
-        assert_eq!(ids, ["r0", "r1", "r2"]);
+            .collect()
     }
 
     /// A new segment at `audit.log` in a temporary directory (kept until it is dropped).
@@ -1376,11 +1376,7 @@ mod tests {
             assert!(w.wait().await.is_err(), "a record the failed sync covered");
         }
         log.record(&rec(3)).await.unwrap();
-        let ids: Vec<String> = read_records(&path)
-            .unwrap()
-            .iter()
-            .map(|r| r["request_id"].as_str().unwrap().to_owned())
-            .collect();
+        let ids = ids(&path);
         assert_eq!(ids, ["r0", "r3"], "the failed records were overwritten");
     }
 
@@ -1395,14 +1391,11 @@ mod tests {
         while let Some(r) = set.join_next().await {
             r.unwrap().unwrap();
         }
-        let records = read_records(&path).unwrap();
-        let mut ids: Vec<String> = records
-            .iter()
-            .map(|r| r["request_id"].as_str().unwrap().to_owned())
-            .collect();
+        let mut ids = ids(&path);
+        let records = ids.len();
         ids.sort();
         ids.dedup();
-        assert_eq!((ids.len(), records.len()), (300, 300));
+        assert_eq!((ids.len(), records), (300, 300));
         // Preallocated ahead, and still text up to the first NUL.
         let raw = std::fs::read(&path).unwrap();
         assert_eq!(raw.len() as u64 % PREALLOC_STEP, 0);
@@ -1491,11 +1484,7 @@ mod tests {
                 log.record(&rec(round * 10 + i)).await.unwrap();
             }
         }
-        let ids: Vec<String> = read_records(&path)
-            .unwrap()
-            .iter()
-            .map(|r| r["request_id"].as_str().unwrap().to_owned())
-            .collect();
+        let ids = ids(&path);
         assert_eq!(ids.len(), 15);
         assert_eq!(ids[5], "r10");
     }
@@ -1552,11 +1541,7 @@ mod tests {
             let path = segment_with(dir.path(), 3, tail);
             let log = AuditLog::open(&path).unwrap();
             log.record(&rec(7)).await.unwrap();
-            let ids: Vec<String> = read_records(&path)
-                .unwrap()
-                .iter()
-                .map(|r| r["request_id"].as_str().unwrap().to_owned())
-                .collect();
+            let ids = ids(&path);
             assert_eq!(ids, ["r0", "r1", "r2", "r7"]);
         }
     }

@@ -161,10 +161,21 @@ fn xfcc(id: &Identity<'_>) -> Option<HeaderValue> {
 mod tests {
     use super::*;
 
+    /// A header map of `pairs`, names in any case, in order.
+    fn header_map(pairs: &[(&str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
+        h
+    }
+
     #[test]
     fn identity_and_hop_by_hop_headers_are_stripped_in_every_spelling() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
+        let mut h = header_map(&[
             ("x-sigil-spiffe-id", "spiffe://td/admin"),
             ("X-Sigil-Groups", "root"),
             ("x_sigil_spiffe_id", "spiffe://td/admin"),
@@ -179,12 +190,7 @@ mod tests {
             ("x-secret", "1"),
             ("transfer-encoding", "chunked"),
             ("x-keep", "1"),
-        ] {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_static(v),
-            );
-        }
+        ]);
         strip_hop_by_hop(&mut h);
         strip_identity(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
@@ -193,8 +199,7 @@ mod tests {
 
     #[test]
     fn headers_named_in_connection_are_removed_in_any_case_and_others_kept() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
+        let mut h = header_map(&[
             ("connection", "X-Secret ,Keep-Alive, , bad name"),
             ("x-secret", "1"),
             ("keep-alive", "timeout=5"),
@@ -205,12 +210,7 @@ mod tests {
             ("forwarded-x", "1"),
             ("x-real-ipv6", "1"),
             ("x-user-agent", "1"),
-        ] {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_static(v),
-            );
-        }
+        ]);
         strip_hop_by_hop(&mut h);
         strip_identity(&mut h);
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();

@@ -30,28 +30,14 @@ TOOLS = [{"name": "read_sensor"}, {"name": "shutdown_line"}]
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def reply(self, obj, extra=()):
-        out = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(out)))
-        for k, v in extra:
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(out)
+        self.raw(json.dumps(obj), extra)
     def echo(self, raw=b""):
         self.reply({"path": self.path, "method": self.command, "body": raw.decode("utf-8", "replace"),
                     "headers": [[k.lower(), v] for k, v in self.headers.items()]})
     def do_GET(self):
         if self.path == "/mcp":
             # A server-to-client stream replaying an earlier tools/list answer.
-            ev = 'event: message\nid: 1\ndata: {"jsonrpc":"2.0","id":5,"result":{"tools":%s}}\n\n' % json.dumps(TOOLS)
-            out = ev.encode()
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.send_header("content-length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-            return
+            return self.sse('event: message\nid: 1\ndata: {"jsonrpc":"2.0","id":5,"result":{"tools":%s}}\n\n' % json.dumps(TOOLS))
         if self.path.rstrip("/").lower() in ("/v1/models", "/models"):
             return self.reply({"object": "list", "data": [{"id": "m"}, {"id": "forbidden"}]})
         self.echo()
@@ -76,21 +62,16 @@ class H(BaseHTTPRequestHandler):
                 return self.raw('{"jsonrpc":"2.0","id":%s,"result":{"tools":%s},"result":{"tools":[]}}' % (rid, json.dumps(TOOLS)))
             if method == "tools/list" and rid == '"surrogate"':
                 # As an SSE event whose data JSON.parse takes and serde_json refuses.
-                ev = 'event: message\ndata: {"jsonrpc":"2.0","id":"surrogate","result":{"tools":%s},"x":"\\ud800"}\n\n' % json.dumps(TOOLS)
-                out = ev.encode()
-                self.send_response(200)
-                self.send_header("content-type", "text/event-stream")
-                self.send_header("content-length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-                return
+                return self.sse('event: message\ndata: {"jsonrpc":"2.0","id":"surrogate","result":{"tools":%s},"x":"\\ud800"}\n\n' % json.dumps(TOOLS))
             if method == "tools/list":
                 return self.raw('{"jsonrpc":"2.0","id":%s,"result":{"tools":%s}}' % (rid, json.dumps(TOOLS)))
         self.echo(raw)
-    def raw(self, body, extra=()):
+    def sse(self, events):
+        self.raw(events, content_type="text/event-stream")
+    def raw(self, body, extra=(), content_type="application/json"):
         out = body.encode()
         self.send_response(200)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(out)))
         for k, v in extra:
             self.send_header(k, v)
