@@ -30,7 +30,7 @@ fn read(body: &[u8]) -> Result<Value, FilterError> {
         crate::json::JsonError::CollidingKeys(k) => {
             FilterError::Ambiguous(format!("keys that collide ({k:?})"))
         }
-        e => FilterError::Ambiguous(e.to_string()),
+        crate::json::JsonError::NulInKey => FilterError::Ambiguous("a key holding U+0000".into()),
     })
 }
 
