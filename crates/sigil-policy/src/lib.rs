@@ -485,12 +485,6 @@ impl PolicyEngine {
                 q.action, q.resource_type
             ))
         })?;
-        let resource =
-            EntityUid::from_type_name_and_id(rtype.clone(), EntityId::new(q.resource_id));
-        let set = slices
-            .by_resource
-            .get(&resource)
-            .unwrap_or(&slices.fallback);
         let tags = argument_tags(q.arguments)?;
         let caller = self.caller_parts(q)?;
         // Without arguments, the decision is a function of the caller's parts, the action and
@@ -504,6 +498,13 @@ impl PolicyEngine {
         {
             return Ok(d);
         }
+        // Recalled decisions need neither the resource's entity nor its policies.
+        let resource =
+            EntityUid::from_type_name_and_id(rtype.clone(), EntityId::new(q.resource_id));
+        let set = slices
+            .by_resource
+            .get(&resource)
+            .unwrap_or(&slices.fallback);
         let with_arguments;
         let entities = if tags.is_empty() {
             &caller.entities
