@@ -311,6 +311,13 @@ impl Proxy {
         let outbound = matches!(self.side, crate::stack::Side::Outbound(_));
         let creds = self.creds.clone();
         let watched = peer.clone();
+        // Inbound, the headers that name the caller upstream hold for the whole connection.
+        let identity = match (&self.side, &peer) {
+            (crate::stack::Side::Inbound { .. }, Some(p)) => {
+                Some(Arc::new(self.identity_headers(p)))
+            }
+            _ => None,
+        };
         let peer_id = peer
             .as_ref()
             .map(|p| p.spiffe_id.to_string())
@@ -320,9 +327,10 @@ impl Proxy {
             hyper::service::service_fn(move |req| {
                 let this = self.clone();
                 let peer = peer.clone();
+                let identity = identity.clone();
                 let guard = InFlight::new(&activity, &this.in_flight);
                 async move {
-                    let resp = this.handle(req, peer.as_deref()).await;
+                    let resp = this.handle(req, peer.as_deref(), identity.as_deref()).await;
                     // The request stays in flight until its answer's body ends.
                     let resp = resp.map(|b| {
                         b.map_frame(move |f| {

@@ -72,13 +72,22 @@ impl DpopState {
 
     /// This proxy's base URL as clients see it: `public_url`, else `https://` + `Host`.
     pub fn base_url(&self, headers: &HeaderMap, uri: &http::Uri) -> Option<String> {
+        self.base_url_for(
+            headers.get(http::header::HOST),
+            uri.authority().map(|a| a.as_str()),
+        )
+    }
+
+    /// [`Self::base_url`] of a request whose `Host` header and URI authority were these.
+    pub fn base_url_for(
+        &self,
+        host: Option<&http::HeaderValue>,
+        authority: Option<&str>,
+    ) -> Option<String> {
         if let Some(u) = &self.public_url {
             return Some(u.clone());
         }
-        let host = headers
-            .get(http::header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| uri.authority().map(|a| a.as_str()))?;
+        let host = host.and_then(|v| v.to_str().ok()).or(authority)?;
         Some(format!("https://{host}"))
     }
 

@@ -184,6 +184,8 @@ pub(crate) struct Route {
     pub cfg: RouteConfig,
     expected: SpiffeId,
     base: Uri,
+    /// `Host` for the callee's sidecar.
+    host: Option<http::HeaderValue>,
     pool: ArcSwap<Pool>,
     token: tokio::sync::Mutex<Option<Held>>,
     refreshing: std::sync::atomic::AtomicBool,
@@ -272,6 +274,7 @@ impl Egress {
             routes.push(Arc::new(Route {
                 cfg: r.clone(),
                 expected,
+                host: crate::upstream::host_header(&base),
                 base,
                 pool: ArcSwap::from_pointee(pool),
                 token: tokio::sync::Mutex::new(None),
@@ -483,6 +486,7 @@ impl Route {
         Ok(crate::upstream::Upstream::Route {
             client: p.client.clone(),
             base: self.base.clone(),
+            host: self.host.clone(),
         })
     }
 }

@@ -6,7 +6,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::deny::Deny;
-use crate::headers::{Identity, set_identity, strip_hop_by_hop, strip_identity};
+use crate::headers::{IdentityHeaders, strip_hop_by_hop, strip_identity};
 use crate::observe::Observer;
 use crate::respond::{Body, REQUEST_ID_HEADER};
 use crate::upstream::Upstream;
@@ -14,7 +14,7 @@ use crate::upstream::Upstream;
 /// How the request is vouched for: inbound, the caller's identity set by the proxy; outbound,
 /// the route's access token (the callee's sidecar sets the identity).
 pub(crate) enum Vouch<'a> {
-    Identity(Identity<'a>),
+    Identity(&'a IdentityHeaders),
     Bearer(&'a str),
 }
 
@@ -29,26 +29,23 @@ pub(crate) async fn forward(
     filtered: bool,
     obs: &mut Observer<'_>,
 ) -> Result<Response<Incoming>, Deny> {
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
-    let uri = upstream
-        .uri(&path)
+    parts.uri = upstream
+        .uri(parts.uri.path_and_query())
         .ok_or_else(|| Deny::bad_request("invalid request path"))?;
-    parts.uri = uri;
     parts.version = upstream.version();
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
     strip_identity(headers);
     headers.remove(header::AUTHORIZATION);
-    headers.remove(header::HOST);
+    match upstream.host() {
+        Some(host) => headers.insert(header::HOST, host.clone()),
+        None => headers.remove(header::HOST),
+    };
     if filtered {
         headers.remove(header::ACCEPT_ENCODING);
     }
     match vouch {
-        Vouch::Identity(identity) => set_identity(headers, identity),
+        Vouch::Identity(identity) => identity.set(headers),
         Vouch::Bearer(token) => {
             let v = HeaderValue::from_str(&format!("Bearer {token}"))
                 .map_err(|_| Deny::upstream("the route's token is not a header value"))?;

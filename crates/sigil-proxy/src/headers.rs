@@ -107,53 +107,55 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 pub struct Identity<'a> {
     /// The caller's SPIFFE ID.
     pub spiffe_id: &'a str,
-    /// base64url (unpadded) SHA-256 of the caller's certificate.
-    pub x5t_s256: &'a str,
+    /// Lowercase hex SHA-256 of the caller's certificate (empty: a DPoP client without one).
+    pub cert_sha256: &'a str,
     /// The proxy's own SPIFFE ID, for XFCC's `By` (none: `By` left out).
     pub proxy_id: Option<&'a str>,
     /// Whether to set `X-Forwarded-Client-Cert`.
     pub xfcc: bool,
 }
 
-/// Sets the identity headers (after [`strip_identity`]).
-pub fn set_identity(h: &mut HeaderMap, id: &Identity<'_>) {
-    if let Ok(v) = HeaderValue::from_str(id.spiffe_id) {
-        h.insert(HeaderName::from_static(SPIFFE_ID_HEADER), v);
+const SPIFFE_ID_NAME: HeaderName = HeaderName::from_static(SPIFFE_ID_HEADER);
+const XFCC_NAME: HeaderName = HeaderName::from_static(XFCC_HEADER);
+
+/// The identity headers of one caller, built once: a connection's certificate holds for
+/// every request on it, so each request only clones them (a reference count).
+#[derive(Clone, Debug)]
+pub struct IdentityHeaders {
+    spiffe_id: Option<HeaderValue>,
+    xfcc: Option<HeaderValue>,
+}
+
+impl IdentityHeaders {
+    pub fn new(id: &Identity<'_>) -> Self {
+        Self {
+            spiffe_id: HeaderValue::from_str(id.spiffe_id).ok(),
+            xfcc: id.xfcc.then(|| xfcc(id)).flatten(),
+        }
     }
-    if id.xfcc
-        && let Some(v) = xfcc(id)
-    {
-        h.insert(HeaderName::from_static(XFCC_HEADER), v);
+
+    /// Sets them on a request (after [`strip_identity`]).
+    pub fn set(&self, h: &mut HeaderMap) {
+        if let Some(v) = &self.spiffe_id {
+            h.insert(SPIFFE_ID_NAME, v.clone());
+        }
+        if let Some(v) = &self.xfcc {
+            h.insert(XFCC_NAME, v.clone());
+        }
     }
 }
 
 /// Envoy's format: `By=<proxy URI SAN>;Hash=<hex SHA-256 of the client cert DER>;URI=<client
 /// URI SAN>` (SPIFFE IDs hold no `;`, `,` or `"`, so no quoting is needed).
 fn xfcc(id: &Identity<'_>) -> Option<HeaderValue> {
-    use base64::Engine;
     // A DPoP client has no certificate to name.
-    if id.x5t_s256.is_empty() {
+    if id.cert_sha256.is_empty() {
         return None;
     }
-    // Built once into a buffer of the right size (it is set on every request).
-    let mut hash = [0u8; 32];
-    let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode_slice(id.x5t_s256, &mut hash)
-        .ok()?;
-    let by = id.proxy_id.map_or(0, |b| "By=;".len() + b.len());
-    let mut v = String::with_capacity(by + "Hash=;URI=".len() + 2 * n + id.spiffe_id.len());
-    if let Some(by) = id.proxy_id {
-        v.push_str("By=");
-        v.push_str(by);
-        v.push(';');
-    }
-    v.push_str("Hash=");
-    for b in hash.get(..n)? {
-        v.extend(char::from_digit(u32::from(b >> 4), 16));
-        v.extend(char::from_digit(u32::from(b & 0xf), 16));
-    }
-    v.push_str(";URI=");
-    v.push_str(id.spiffe_id);
+    let v = match id.proxy_id {
+        Some(by) => format!("By={by};Hash={};URI={}", id.cert_sha256, id.spiffe_id),
+        None => format!("Hash={};URI={}", id.cert_sha256, id.spiffe_id),
+    };
     HeaderValue::from_str(&v).ok()
 }
 
@@ -237,18 +239,37 @@ mod tests {
         // SHA-256 of "" in base64url.
         let id = Identity {
             spiffe_id: "spiffe://td/agent",
-            x5t_s256: "47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU",
+            cert_sha256: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
             proxy_id: Some("spiffe://td/proxy"),
             xfcc: true,
         };
-        set_identity(&mut h, &id);
+        IdentityHeaders::new(&id).set(&mut h);
         assert_eq!(
             h[XFCC_HEADER],
             "By=spiffe://td/proxy;Hash=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855;URI=spiffe://td/agent"
         );
         assert_eq!(h[SPIFFE_ID_HEADER], "spiffe://td/agent");
         let mut h = HeaderMap::new();
-        set_identity(&mut h, &Identity { xfcc: false, ..id });
+        IdentityHeaders::new(&Identity { xfcc: false, ..id }).set(&mut h);
+        assert!(!h.contains_key(XFCC_HEADER));
+        assert_eq!(h[SPIFFE_ID_HEADER], "spiffe://td/agent");
+        // Without the proxy's own ID, `By` is left out; without a certificate, no XFCC.
+        let mut h = HeaderMap::new();
+        IdentityHeaders::new(&Identity {
+            proxy_id: None,
+            ..id
+        })
+        .set(&mut h);
+        assert_eq!(
+            h[XFCC_HEADER],
+            "Hash=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855;URI=spiffe://td/agent"
+        );
+        let mut h = HeaderMap::new();
+        IdentityHeaders::new(&Identity {
+            cert_sha256: "",
+            ..id
+        })
+        .set(&mut h);
         assert!(!h.contains_key(XFCC_HEADER));
     }
 }

@@ -27,7 +27,7 @@ use crate::deny::Deny;
 use crate::egress::{Egress, Route};
 use crate::extract::{Call, ExtractError, Routes, Target, extract};
 use crate::forward::{Vouch, forward};
-use crate::headers::Identity;
+use crate::headers::{Identity, IdentityHeaders};
 use crate::metrics::{Metrics, Outcome};
 use crate::observe::Observer;
 use crate::path::RequestPath;
@@ -171,6 +171,17 @@ impl Proxy {
         }
     }
 
+    /// The headers that name `caller` to the upstream: its SPIFFE ID, and Envoy's XFCC
+    /// when configured.
+    pub(crate) fn identity_headers(&self, caller: &VerifiedX509Svid) -> IdentityHeaders {
+        IdentityHeaders::new(&Identity {
+            spiffe_id: caller.spiffe_id.as_str(),
+            cert_sha256: &caller.sha256,
+            proxy_id: self.proxy_id.as_deref(),
+            xfcc: self.cfg.xfcc,
+        })
+    }
+
     /// Traces every sampled request with `tracer`.
     pub fn with_tracer(mut self, tracer: Option<Tracer>) -> Self {
         self.tracer = tracer;
@@ -191,21 +202,27 @@ impl Proxy {
     }
 
     /// Answers one request; `peer` is the connection's client certificate (`None`: a client
-    /// without one, admitted only with a DPoP-bound token).
+    /// without one, admitted only with a DPoP-bound token), `identity` the headers that name
+    /// it upstream (built once per connection by [`Self::identity_headers`]).
     pub(crate) async fn handle(
         &self,
         req: Request<Incoming>,
         peer: Option<&VerifiedX509Svid>,
+        identity: Option<&IdentityHeaders>,
     ) -> Response<Body> {
         // Inbound: the protected resource metadata (RFC 9728) is public, and refusals of
-        // missing or bad credentials say where to find it.
-        let base = match &self.side {
+        // missing or bad credentials say where to find it (the base URL is built only then;
+        // the request's `Host` and authority are kept for it, a reference count each).
+        let origin = match &self.side {
             Side::Inbound { dpop, .. } => {
-                let base = dpop.base_url(req.headers(), req.uri());
                 if req.uri().path() == crate::discovery::METADATA_PATH {
+                    let base = dpop.base_url(req.headers(), req.uri());
                     return crate::discovery::metadata(&self.cfg, &req, base.as_deref());
                 }
-                base
+                Some((
+                    req.headers().get(http::header::HOST).cloned(),
+                    req.uri().authority().cloned(),
+                ))
             }
             Side::Outbound(_) => None,
         };
@@ -237,11 +254,17 @@ impl Proxy {
             )
         });
         let mut obs = Observer::new(&self.metrics, trace);
-        let mut resp = self.handle_request(req, peer, &mut obs).await;
+        let mut resp = self.handle_request(req, peer, identity, &mut obs).await;
         if let (Some(tracer), Some(t)) = (&self.tracer, obs.into_trace()) {
             tracer.finish(t, resp.status());
         }
         if let Some(c) = resp.extensions_mut().remove::<crate::deny::Challenge>() {
+            let base = match (&self.side, origin) {
+                (Side::Inbound { dpop, .. }, Some((host, authority))) => {
+                    dpop.base_url_for(host.as_ref(), authority.as_ref().map(|a| a.as_str()))
+                }
+                _ => None,
+            };
             crate::discovery::challenge(&self.cfg, base.as_deref(), &c, resp.headers_mut());
         }
         resp
@@ -251,6 +274,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         peer: Option<&VerifiedX509Svid>,
+        identity: Option<&IdentityHeaders>,
         obs: &mut Observer<'_>,
     ) -> Response<Body> {
         let request_id = request_id();
@@ -276,7 +300,16 @@ impl Proxy {
                 durable: None,
             };
             return self
-                .pass(parts, body.boxed(), peer, &request_id, answer, None, obs)
+                .pass(
+                    parts,
+                    body.boxed(),
+                    peer,
+                    identity,
+                    &request_id,
+                    answer,
+                    None,
+                    obs,
+                )
                 .await;
         }
         // The shape refusals take: JSON-RPC on the MCP endpoint.
@@ -503,10 +536,13 @@ impl Proxy {
                     mcp: a.mcp,
                     durable,
                 };
+                // A DPoP caller is not the connection's: its headers are its own.
+                let identity = identity.filter(|_| dpop_caller.is_none());
                 self.pass(
                     parts,
                     full(a.body),
                     caller,
+                    identity,
                     &request_id,
                     answer,
                     a.route,
@@ -537,6 +573,7 @@ impl Proxy {
         parts: http::request::Parts,
         body: Body,
         peer: &VerifiedX509Svid,
+        identity: Option<&IdentityHeaders>,
         request_id: &str,
         answer: Answer,
         route: Option<(Arc<Route>, Arc<str>)>,
@@ -551,17 +588,18 @@ impl Proxy {
             .then(|| parts.headers.get(SESSION_HEADER).cloned())
             .flatten();
         let filtered = !matches!(filter, ResponseFilter::None);
-        let routed;
+        let (routed, built);
         let (upstream, vouch) = match (&self.side, &route) {
-            (Side::Inbound { upstream, .. }, _) => (
-                &**upstream,
-                Vouch::Identity(Identity {
-                    spiffe_id: peer.spiffe_id.as_str(),
-                    x5t_s256: &peer.x5t_s256,
-                    proxy_id: self.proxy_id.as_deref(),
-                    xfcc: self.cfg.xfcc,
-                }),
-            ),
+            (Side::Inbound { upstream, .. }, _) => {
+                let identity = match identity {
+                    Some(h) => h,
+                    None => {
+                        built = self.identity_headers(peer);
+                        &built
+                    }
+                };
+                (&**upstream, Vouch::Identity(identity))
+            }
             (Side::Outbound(_), Some((r, token))) => match r.client(&self.creds) {
                 Ok(u) => {
                     routed = u;

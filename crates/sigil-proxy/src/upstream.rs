@@ -7,6 +7,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use http::header::HeaderValue;
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -40,6 +42,8 @@ pub enum Upstream {
     Tcp {
         client: Client<HttpConnector, Body>,
         base: Uri,
+        /// `Host` (HTTP/1 only).
+        host: Option<HeaderValue>,
         http2: bool,
     },
     Unix {
@@ -50,7 +54,26 @@ pub enum Upstream {
     Route {
         client: Client<hyper_rustls::HttpsConnector<crate::egress::Counting>, Body>,
         base: Uri,
+        host: Option<HeaderValue>,
     },
+}
+
+/// The `Host` of a unix upstream (its pool key's too).
+static LOCALHOST: HeaderValue = HeaderValue::from_static("localhost");
+
+/// The `Host` header for requests to `base`: its host, and its port unless the scheme's
+/// default, as the pooled client would set it. The proxy sets it once per upstream, not
+/// the client once per request.
+pub fn host_header(base: &Uri) -> Option<HeaderValue> {
+    let host = base.host()?;
+    let default = match base.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    match base.port_u16().filter(|p| *p != default) {
+        Some(port) => HeaderValue::from_str(&format!("{host}:{port}")).ok(),
+        None => HeaderValue::from_str(host).ok(),
+    }
 }
 
 /// The socket path of a `unix:` upstream address, if it is one.
@@ -75,25 +98,40 @@ impl Upstream {
             None => {
                 let mut connector = HttpConnector::new();
                 connector.set_nodelay(true);
+                // INVARIANT: validated by ProxyConfig::validate.
+                let base: Uri = upstream.parse().unwrap_or_default();
                 Self::Tcp {
                     client: builder.build(connector),
-                    // INVARIANT: validated by ProxyConfig::validate.
-                    base: upstream.parse().unwrap_or_default(),
+                    host: if http2 { None } else { host_header(&base) },
+                    base,
                     http2,
                 }
             }
         }
     }
 
-    /// The upstream URI for `path_and_query`.
-    pub fn uri(&self, path_and_query: &str) -> Option<Uri> {
+    /// The upstream URI for a request's `path_and_query` (none: `/`).
+    pub fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Option<Uri> {
         let mut parts = match self {
             Self::Tcp { base, .. } | Self::Route { base, .. } => base.clone().into_parts(),
             // The pool key and Host of a unix upstream.
             Self::Unix { .. } => Uri::from_static("http://localhost").into_parts(),
         };
-        parts.path_and_query = path_and_query.parse().ok();
+        parts.path_and_query = Some(
+            path_and_query
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
         Uri::from_parts(parts).ok()
+    }
+
+    /// The `Host` header requests go out with (none: HTTP/2, which has `:authority`).
+    pub fn host(&self) -> Option<&HeaderValue> {
+        match self {
+            Self::Tcp { host, .. } | Self::Route { host, .. } => host.as_ref(),
+            Self::Unix { http2: false, .. } => Some(&LOCALHOST),
+            Self::Unix { http2: true, .. } => None,
+        }
     }
 
     /// The HTTP version requests go out with.
@@ -136,13 +174,35 @@ mod tests {
         assert_eq!(unix_path("unix://relative"), None);
         assert_eq!(unix_path("http://127.0.0.1:8000"), None);
         let u = Upstream::new("unix:///run/m.sock", false);
+        let pq = |s: &'static str| PathAndQuery::from_static(s);
         assert_eq!(
-            u.uri("/v1/models?x=1").unwrap().to_string(),
+            u.uri(Some(&pq("/v1/models?x=1"))).unwrap().to_string(),
             "http://localhost/v1/models?x=1"
         );
+        assert_eq!(u.uri(None).unwrap().to_string(), "http://localhost/");
         assert_eq!(u.version(), http::Version::HTTP_11);
+        assert_eq!(u.host().unwrap(), "localhost");
         let t = Upstream::new("http://127.0.0.1:8000", true);
-        assert_eq!(t.uri("/a").unwrap().to_string(), "http://127.0.0.1:8000/a");
+        assert_eq!(
+            t.uri(Some(&pq("/a"))).unwrap().to_string(),
+            "http://127.0.0.1:8000/a"
+        );
         assert_eq!(t.version(), http::Version::HTTP_2);
+        // HTTP/2 carries `:authority`, not `Host`.
+        assert_eq!(t.host(), None);
+        assert_eq!(Upstream::new("unix:///run/m.sock", true).host(), None);
+        let t = Upstream::new("http://127.0.0.1:8000", false);
+        assert_eq!(t.host().unwrap(), "127.0.0.1:8000");
+    }
+
+    #[test]
+    fn host_headers_leave_out_only_the_schemes_default_port() {
+        let host = |u: &str| host_header(&u.parse().unwrap()).unwrap();
+        assert_eq!(host("http://model:80"), "model");
+        assert_eq!(host("http://model"), "model");
+        assert_eq!(host("http://model:443"), "model:443");
+        assert_eq!(host("https://model:443"), "model");
+        assert_eq!(host("https://model:80"), "model:80");
+        assert_eq!(host("http://[::1]:8000"), "[::1]:8000");
     }
 }
