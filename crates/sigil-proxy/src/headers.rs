@@ -71,8 +71,9 @@ pub fn strip_identity(h: &mut HeaderMap) {
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), as names: removing by `&str` would parse each
-/// name again, twice per request.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// name again, twice per request. A `static`, not a `const`: a `const` array is built and
+/// dropped again at every use.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -84,11 +85,37 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// The place of `name` in [`HOP_BY_HOP`], if it is there: one `match` on the name, not
+/// nine comparisons of names (it runs on every header of every request and answer).
+fn hop_by_hop(name: &HeaderName) -> Option<usize> {
+    let i = match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    };
+    debug_assert_eq!(HOP_BY_HOP.get(i), Some(name));
+    Some(i)
+}
+
 /// Removes hop-by-hop headers, those named in `Connection` too (RFC 9110 §7.6.1).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Those named in `Connection` count only with a `Connection` header, itself hop-by-hop:
-    // with none of these there is nothing to remove (one pass over the names).
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // One pass over the names finds those present; only they are removed. Those named in
+    // `Connection` count only with a `Connection` header, itself hop-by-hop: with none of
+    // these there is nothing to remove.
+    let mut present = 0u16;
+    for k in h.keys() {
+        if let Some(i) = hop_by_hop(k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
     let named: Vec<HeaderName> = h
@@ -97,9 +124,15 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !HOP_BY_HOP.contains(n))
         .collect();
-    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+    for n in &named {
         h.remove(n);
+    }
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(n);
+        }
     }
 }
 
@@ -200,12 +233,25 @@ mod tests {
     }
 
     #[test]
+    fn every_hop_by_hop_name_is_found_at_its_place_and_no_other_name_is() {
+        for (i, n) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop(n), Some(i), "{n}");
+        }
+        for other in ["connections", "te-x", "x-upgrade", "host", "keep_alive"] {
+            let n = HeaderName::from_bytes(other.as_bytes()).unwrap();
+            assert_eq!(hop_by_hop(&n), None, "{other}");
+        }
+    }
+
+    #[test]
     fn headers_named_in_connection_are_removed_in_any_case_and_others_kept() {
         let mut h = header_map(&[
             ("connection", "X-Secret ,Keep-Alive, , bad name"),
             ("x-secret", "1"),
             ("keep-alive", "timeout=5"),
             ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic eDp5"),
             // Near misses of identity names are not identity.
             ("x-sigil", "1"),
             ("x-forwarded", "1"),

@@ -161,7 +161,11 @@ impl RateLimiter {
                 *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < burst
             });
         }
-        let (tokens, at) = map.entry(who.to_owned()).or_insert((self.burst, now));
+        // A known caller's bucket is found without copying its name (every request).
+        let (tokens, at) = match map.get_mut(who) {
+            Some(b) => b,
+            None => map.entry(who.to_owned()).or_insert((self.burst, now)),
+        };
         let refill = now.saturating_duration_since(*at).as_secs_f64() * self.rate;
         *tokens = (*tokens + refill).min(self.burst);
         *at = now;
