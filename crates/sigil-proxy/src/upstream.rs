@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http::header::HeaderValue;
 use http::uri::PathAndQuery;
@@ -52,14 +53,30 @@ enum Addr {
 /// At most this many connections are kept; more are closed once their answer is done.
 const MAX_POOLED: usize = 1024;
 
+/// A kept connection unused this long is closed (the general pooled client's default).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// Kept-alive HTTP/1.1 connections to one upstream. A connection goes back in as soon as
 /// its answer's head is in; it is taken out again only once hyper says it is ready for
 /// another request (its answer's body read to the end), so one connection never carries
 /// two requests at once.
 pub struct Http1Pool {
     addr: Addr,
-    conns: std::sync::Mutex<Vec<SendRequest<Body>>>,
+    conns: std::sync::Mutex<Conns>,
+    idle_timeout: Duration,
 }
+
+/// The kept connections, each with when it was last put back (its answer's head in: a
+/// connection that then streamed longer than the idle timeout is closed once it is done).
+#[derive(Default)]
+struct Conns {
+    list: Vec<(SendRequest<Body>, Instant)>,
+    /// Takes since the list was last pruned.
+    takes: u32,
+}
+
+/// The list is pruned of closed and idle connections every this many takes.
+const PRUNE_EVERY: u32 = 64;
 
 /// Why a request did not reach the upstream.
 pub type UpstreamError = Box<dyn std::error::Error + Send + Sync>;
@@ -68,7 +85,8 @@ impl Http1Pool {
     fn new(addr: Addr) -> Self {
         Self {
             addr,
-            conns: std::sync::Mutex::new(Vec::new()),
+            conns: std::sync::Mutex::default(),
+            idle_timeout: IDLE_TIMEOUT,
         }
     }
 
@@ -94,23 +112,47 @@ impl Http1Pool {
         Ok(resp)
     }
 
-    /// A kept connection ready for a request; closed ones met on the way are dropped.
+    /// A kept connection ready for a request, the last put back. Connections the upstream
+    /// closed, or unused for the idle timeout, are dropped when met; every [`PRUNE_EVERY`]
+    /// takes (and when the list is full), all such ones are.
     fn take_ready(&self) -> Option<SendRequest<Body>> {
+        let now = Instant::now();
         let mut conns = self.conns.lock().ok()?;
-        while let Some(i) = conns.iter().rposition(|c| c.is_ready() || c.is_closed()) {
-            let c = conns.swap_remove(i);
-            if c.is_ready() {
+        conns.takes += 1;
+        if conns.takes >= PRUNE_EVERY {
+            self.prune(&mut conns, now);
+        }
+        while let Some(i) = conns
+            .list
+            .iter()
+            .rposition(|(c, _)| c.is_ready() || c.is_closed())
+        {
+            let (c, since) = conns.list.swap_remove(i);
+            if c.is_ready() && now.duration_since(since) <= self.idle_timeout {
                 return Some(c);
             }
         }
         None
     }
 
+    fn prune(&self, conns: &mut Conns, now: Instant) {
+        conns.list.retain(|(c, since)| {
+            let expired = c.is_ready() && now.duration_since(*since) > self.idle_timeout;
+            !c.is_closed() && !expired
+        });
+        conns.takes = 0;
+    }
+
     fn put_back(&self, conn: SendRequest<Body>) {
-        if let Ok(mut conns) = self.conns.lock()
-            && conns.len() < MAX_POOLED
-        {
-            conns.push(conn);
+        let Ok(mut conns) = self.conns.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if conns.list.len() >= MAX_POOLED {
+            self.prune(&mut conns, now);
+        }
+        if conns.list.len() < MAX_POOLED {
+            conns.list.push((conn, now));
         }
     }
 
@@ -430,6 +472,32 @@ mod pool_tests {
     }
 
     #[tokio::test]
+    async fn connections_idle_past_the_timeout_are_closed() {
+        let (base, accepted) = upstream().await;
+        let mut u = Upstream::new(&base, false);
+        if let Upstream::Http1 { pool, .. } = &mut u {
+            pool.idle_timeout = std::time::Duration::from_millis(100);
+        }
+        // Two connections at once; then both idle past the timeout: neither is reused, and
+        // neither is kept.
+        let (a, b) = tokio::join!(get(&u, "/slow"), get(&u, "/slow"));
+        assert_eq!((a.as_str(), b.as_str()), ("slow", "slow"));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(u_conns(&u), 2);
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        get(&u, "/a").await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            3,
+            "an idle connection was reused"
+        );
+        assert_eq!(u_conns(&u), 1, "idle connections were kept");
+        // Within the timeout, the kept one is reused.
+        get(&u, "/a").await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
     async fn an_unreachable_upstream_is_an_error() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -442,7 +510,7 @@ mod pool_tests {
 
     fn u_conns(u: &Upstream) -> usize {
         match u {
-            Upstream::Http1 { pool, .. } => pool.conns.lock().unwrap().len(),
+            Upstream::Http1 { pool, .. } => pool.conns.lock().unwrap().list.len(),
             _ => 0,
         }
     }
