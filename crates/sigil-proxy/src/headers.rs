@@ -124,7 +124,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !HOP_BY_HOP.contains(n))
+        .filter(|n| hop_by_hop(n).is_none())
         .collect();
     for n in &named {
         h.remove(n);

@@ -238,8 +238,11 @@ pub fn unix_path(upstream: &str) -> Option<PathBuf> {
 impl Upstream {
     /// A client for `upstream` (validated by the configuration).
     pub fn new(upstream: &str, http2: bool) -> Self {
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder.http2_only(true);
+        let h2 = || {
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder.http2_only(true);
+            builder
+        };
         // INVARIANT: validated by ProxyConfig::validate (a unix path, or an http:// URI with
         // a host).
         match (unix_path(upstream), http2) {
@@ -248,7 +251,7 @@ impl Upstream {
                 host: LOCALHOST.clone(),
             },
             (Some(path), true) => Self::Unix {
-                client: builder.build(UnixConnector(Arc::new(path))),
+                client: h2().build(UnixConnector(Arc::new(path))),
             },
             (None, false) => {
                 let base: Uri = upstream.parse().unwrap_or_default();
@@ -261,7 +264,7 @@ impl Upstream {
                 let mut connector = HttpConnector::new();
                 connector.set_nodelay(true);
                 Self::Tcp {
-                    client: builder.build(connector),
+                    client: h2().build(connector),
                     base: upstream.parse().unwrap_or_default(),
                 }
             }
