@@ -128,8 +128,11 @@ impl Routes {
             return Err(RoutesError::McpIsModelRoute(mcp_path.to_owned()));
         }
         let model_fields: Vec<String> = match model_fields {
-            Some(f) => f.iter().map(|f| fold(f)).collect(),
-            None => DEFAULT_MODEL_FIELDS.iter().map(|f| fold(f)).collect(),
+            Some(f) => f.iter().map(|f| fold(f).into_owned()).collect(),
+            None => DEFAULT_MODEL_FIELDS
+                .iter()
+                .map(|f| fold(f).into_owned())
+                .collect(),
         };
         if model_fields.is_empty() || model_fields.iter().any(String::is_empty) {
             return Err(RoutesError::ModelFields);
@@ -143,6 +146,13 @@ impl Routes {
             default_model,
             mcp,
         })
+    }
+
+    /// Whether a body's `key` is a field that chooses a model (compared folded: the JSON
+    /// reader refuses two keys of one object that fold alike).
+    fn chooses_model(&self, key: &str) -> bool {
+        let key = fold(key);
+        self.model_fields.iter().any(|f| *f == *key)
     }
 
     /// Whether `path` is the MCP endpoint.
@@ -190,8 +200,15 @@ pub struct Target<'a> {
 
 /// Extracts the calls of one HTTP request.
 pub fn extract(routes: &Routes, t: &Target<'_>, body: &[u8]) -> Result<Vec<Call>, ExtractError> {
-    let parsed = read_body(t.json_declared, body)?;
-    if t.method == "POST" && routes.is_mcp(t.path) {
+    let mcp = t.method == "POST" && routes.is_mcp(t.path);
+    // An MCP message is read whole (its arguments go to policy); any other body only for
+    // the fields that choose a model.
+    let parsed = if mcp {
+        read_body(t.json_declared, body, None)?
+    } else {
+        read_body(t.json_declared, body, Some(&|k| routes.chooses_model(k)))?
+    };
+    if mcp {
         let v = parsed.ok_or(ExtractError::Invalid("MCP request body must be JSON"))?;
         return match v {
             Value::Array(batch) if batch.is_empty() => {
@@ -244,7 +261,13 @@ pub fn extract(routes: &Routes, t: &Target<'_>, body: &[u8]) -> Result<Vec<Call>
 /// The body as JSON when it is JSON (declared so, or looking like it), strictly read;
 /// `None` for an empty or non-JSON body. A body that looks like JSON but is not strict JSON
 /// is refused: a lenient upstream parser (NaN, a BOM, comments) could read a model in it.
-fn read_body(json_declared: bool, body: &[u8]) -> Result<Option<Value>, JsonError> {
+///
+/// With `pick`, only the top level's keys it accepts are built ([`json::parse_picking`]).
+fn read_body(
+    json_declared: bool,
+    body: &[u8],
+    pick: Option<&dyn Fn(&str) -> bool>,
+) -> Result<Option<Value>, JsonError> {
     let first = body
         .strip_prefix(b"\xef\xbb\xbf")
         .unwrap_or(body)
@@ -254,7 +277,10 @@ fn read_body(json_declared: bool, body: &[u8]) -> Result<Option<Value>, JsonErro
     if body.is_empty() || !(json_declared || looks_json) {
         return Ok(None);
     }
-    json::parse(body).map(Some)
+    match pick {
+        Some(keep) => json::parse_picking(body, keep).map(Some),
+        None => json::parse(body).map(Some),
+    }
 }
 
 fn invoke(model: String) -> Call {
@@ -296,7 +322,7 @@ fn name(v: Option<&Value>, what: &'static str) -> Result<String, ExtractError> {
 fn models_named(routes: &Routes, obj: &Map<String, Value>) -> Result<Vec<String>, ExtractError> {
     let mut out: Vec<String> = Vec::new();
     for (key, v) in obj {
-        if routes.model_fields.contains(&fold(key)) {
+        if routes.chooses_model(key) {
             collect_models(v, 0, &mut out)?;
         }
     }

@@ -59,8 +59,44 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 pub use config::Enforce;
 use sigil_core::Clock;
+
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+
+/// For the criterion benches (`benches/read_body.rs`) only: not an API.
+#[doc(hidden)]
+pub mod bench {
+    pub use crate::json::{parse, parse_picking};
+
+    /// Reads model calls' bodies as the proxy does (the default routes and model fields).
+    pub struct ModelCalls {
+        routes: crate::extract::Routes,
+        path: crate::path::RequestPath,
+    }
+
+    impl ModelCalls {
+        /// For requests to `path`.
+        pub fn new(path: &str) -> Result<Self, String> {
+            Ok(Self {
+                routes: crate::extract::Routes::new(&[], None, None, "/mcp")
+                    .map_err(|e| e.to_string())?,
+                path: crate::path::RequestPath::parse(path).map_err(|e| e.to_string())?,
+            })
+        }
+
+        /// The models `body` names, as the extract step reads them.
+        pub fn models(&self, body: &[u8]) -> Result<Vec<String>, String> {
+            let target = crate::extract::Target {
+                method: "POST",
+                path: &self.path,
+                json_declared: true,
+            };
+            crate::extract::extract(&self.routes, &target, body)
+                .map(|calls| calls.into_iter().map(|c| c.resource_id).collect())
+                .map_err(|e| e.to_string())
+        }
+    }
+}
 
 /// A started proxy.
 pub struct RunningProxy {

@@ -312,9 +312,6 @@ impl Proxy {
                 )
                 .await;
         }
-        // The shape refusals take: JSON-RPC on the MCP endpoint.
-        let mcp_shape = parts.method == http::Method::POST
-            && RequestPath::parse(parts.uri.path()).is_ok_and(|p| self.routes.is_mcp(&p));
         let mut seen = Seen::default();
         let mut chosen_route: Option<String> = None;
         let mut unread = Some(body);
@@ -524,7 +521,7 @@ impl Proxy {
                 tracing::error!(error = %e, request_id, "audit failed; refusing");
                 if decided.is_ok() {
                     let deny = audit_unavailable(obs);
-                    return refusal(mcp_shape, &deny, &seen.body, &request_id);
+                    return refusal(self.mcp_shape(&parts), &deny, &seen.body, &request_id);
                 }
                 None
             }
@@ -554,14 +551,21 @@ impl Proxy {
                 // INVARIANT: a permitted request had its caller authenticated.
                 let deny = Deny::no_token("no caller was authenticated");
                 obs.outcome(deny.outcome);
-                refusal(mcp_shape, &deny, &seen.body, &request_id)
+                refusal(self.mcp_shape(&parts), &deny, &seen.body, &request_id)
             }
             (Err(deny), _) => {
                 obs.outcome(deny.outcome);
                 tracing::info!(spiffe_id = caller.map_or("", |c| c.spiffe_id.as_str()), request_id, reason = %deny.message, "request refused");
-                refusal(mcp_shape, &deny, &seen.body, &request_id)
+                refusal(self.mcp_shape(&parts), &deny, &seen.body, &request_id)
             }
         }
+    }
+
+    /// The shape a refusal of this request takes: JSON-RPC on the MCP endpoint (worked out
+    /// only for a refusal).
+    fn mcp_shape(&self, parts: &http::request::Parts) -> bool {
+        parts.method == http::Method::POST
+            && RequestPath::parse(parts.uri.path()).is_ok_and(|p| self.routes.is_mcp(&p))
     }
 
     /// Forwards a permitted request (to the upstream, or outbound on its route with the
