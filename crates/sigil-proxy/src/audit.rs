@@ -39,26 +39,27 @@ pub const PREALLOC_STEP: u64 = 4 << 20;
 /// Zeros are written in chunks of this size; the writer takes the log's lock once per chunk.
 const ZERO_CHUNK: u64 = 64 * 1024;
 
-/// One authorization decision.
+/// One authorization decision, borrowing what the request already holds (it is serialized
+/// once, into the segment).
 #[derive(Debug, Clone, Serialize)]
-pub struct DecisionRecord {
+pub struct DecisionRecord<'a> {
     /// Milliseconds since the Unix epoch.
     pub time_ms: u128,
-    pub request_id: String,
-    pub spiffe_id: String,
+    pub request_id: &'a str,
+    pub spiffe_id: &'a str,
     /// base64url SHA-256 of the client certificate.
-    pub cert_thumbprint: String,
+    pub cert_thumbprint: &'a str,
     /// The access token's `jti`, when a token was validated.
     pub jti: Option<String>,
-    pub method: String,
-    pub path: String,
+    pub method: &'a str,
+    pub path: &'a str,
     /// What the request asks to do (model, tool, endpoint), when it could be read.
     pub calls: Vec<crate::extract::Call>,
     /// The policies that decided (permits for an allow, forbids for a deny).
-    pub policy_ids: Vec<String>,
+    pub policy_ids: &'a [String],
     /// `allow` or `deny`.
     pub decision: &'static str,
-    pub reason: String,
+    pub reason: &'a str,
     /// `outbound` for the local workload's own calls (the outbound listener); absent for
     /// calls received.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -89,7 +90,7 @@ pub(crate) fn frame(json: &[u8]) -> Vec<u8> {
 
 /// One framed line for `rec`, serialized in place after room for the prefix (no second
 /// buffer and copy per record).
-fn frame_record(rec: &DecisionRecord) -> Result<Vec<u8>, AuditError> {
+fn frame_record(rec: &DecisionRecord<'_>) -> Result<Vec<u8>, AuditError> {
     let mut line = Vec::with_capacity(512);
     line.resize(PREFIX, b' ');
     serde_json::to_writer(&mut line, rec).map_err(|e| AuditError(e.to_string()))?;
@@ -588,7 +589,7 @@ impl AuditLog {
     /// Returns once `rec` is durable in the segment: [`AuditLog::write`], then
     /// [`Durable::wait`]. For the only request in flight, with the writer idle, the request
     /// syncs its record itself (see [`Durable::kick`]).
-    pub async fn record(&self, rec: &DecisionRecord) -> Result<(), AuditError> {
+    pub async fn record(&self, rec: &DecisionRecord<'_>) -> Result<(), AuditError> {
         self.write(rec)?.wait().await
     }
 
@@ -604,7 +605,7 @@ impl AuditLog {
     /// same sync (on a busy proxy, one sync and one thread wake-up for many records; idle,
     /// the yield returns at once). Until then the writer does not sync, so a caller that
     /// holds a [`Durable`] polls it (or drops it) without delay.
-    pub fn write(&self, rec: &DecisionRecord) -> Result<Durable, AuditError> {
+    pub fn write(&self, rec: &DecisionRecord<'_>) -> Result<Durable, AuditError> {
         self.append(frame_record(rec)?)
     }
 
@@ -988,19 +989,19 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
-    fn rec(i: usize) -> DecisionRecord {
+    fn rec(i: usize) -> DecisionRecord<'static> {
         DecisionRecord {
             time_ms: 1,
-            request_id: format!("r{i}"),
-            spiffe_id: "spiffe://td/a".into(),
-            cert_thumbprint: "t".into(),
+            request_id: format!("r{i}").leak(),
+            spiffe_id: "spiffe://td/a",
+            cert_thumbprint: "t",
             jti: None,
-            method: "GET".into(),
-            path: "/".into(),
+            method: "GET",
+            path: "/",
             calls: Vec::new(),
-            policy_ids: Vec::new(),
+            policy_ids: &[],
             decision: "allow",
-            reason: String::new(),
+            reason: "",
             direction: None,
             route: None,
             user: None,
@@ -1021,8 +1022,9 @@ mod tests {
         });
         log.record(&big).await.unwrap();
         log.record(&rec(2)).await.unwrap();
+        let long = "x".repeat(MAX_RECORD);
         let mut huge = rec(3);
-        huge.reason = "x".repeat(MAX_RECORD);
+        huge.reason = &long;
         let refused = log.record(&huge).await.unwrap_err().to_string();
         assert!(refused.contains("over the audit log's limit"), "{refused}");
         log.record(&rec(4)).await.unwrap();

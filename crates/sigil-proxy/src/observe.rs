@@ -78,7 +78,7 @@ impl<'a> Observer<'a> {
     }
 
     /// The decision, as the audit record holds it.
-    pub fn decided(&mut self, record: &DecisionRecord) {
+    pub fn decided(&mut self, record: &DecisionRecord<'_>) {
         if let Some(t) = self.trace.as_deref_mut() {
             t.decided(record);
         }

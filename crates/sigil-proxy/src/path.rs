@@ -72,13 +72,12 @@ pub fn check(raw: &str) -> Result<(), PathError> {
     if rest.is_empty() {
         return Ok(());
     }
-    let segments: Vec<&str> = rest.split('/').collect();
-    let last = segments.len() - 1;
-    for (i, seg) in segments.iter().enumerate() {
-        if seg.is_empty() && i != last {
+    let mut segments = rest.split('/').peekable();
+    while let Some(seg) = segments.next() {
+        if seg.is_empty() && segments.peek().is_some() {
             return Err(PathError::EmptySegment);
         }
-        if *seg == "." || *seg == ".." {
+        if seg == "." || seg == ".." {
             return Err(PathError::DotSegment);
         }
         check_segment(seg)?;

@@ -457,24 +457,20 @@ impl Proxy {
         }
         let caller = dpop_caller.as_ref().or(peer);
         let (decision, reason, policy_ids) = match &decided {
-            Ok(a) => (
-                "allow",
-                "permitted by policy".to_owned(),
-                a.policy_ids.clone(),
-            ),
-            Err(d) => ("deny", d.message.clone(), d.policy_ids.clone()),
+            Ok(a) => ("allow", "permitted by policy", &a.policy_ids[..]),
+            Err(d) => ("deny", d.message.as_str(), &d.policy_ids[..]),
         };
         let record = DecisionRecord {
             time_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis())
                 .unwrap_or(0),
-            request_id: request_id.clone(),
-            spiffe_id: caller.map(|p| p.spiffe_id.to_string()).unwrap_or_default(),
-            cert_thumbprint: caller.map(|p| p.x5t_s256.clone()).unwrap_or_default(),
+            request_id: &request_id,
+            spiffe_id: caller.map_or("", |p| p.spiffe_id.as_str()),
+            cert_thumbprint: caller.map_or("", |p| p.x5t_s256.as_str()),
             jti: seen.jti,
-            method: parts.method.to_string(),
-            path: parts.uri.path().to_owned(),
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
             calls: seen.calls,
             policy_ids,
             decision,

@@ -300,9 +300,9 @@ impl RequestTrace {
     }
 
     /// The decision as the audit record holds it.
-    pub(crate) fn decided(&mut self, r: &crate::audit::DecisionRecord) {
+    pub(crate) fn decided(&mut self, r: &crate::audit::DecisionRecord<'_>) {
         self.decision = r.decision;
-        self.reason.clone_from(&r.reason);
+        r.reason.clone_into(&mut self.reason);
         self.jti.clone_from(&r.jti);
         self.user.clone_from(&r.user);
         self.chain = r.chain.clone().unwrap_or_default();
@@ -311,7 +311,7 @@ impl RequestTrace {
             .iter()
             .map(|c| (c.action, c.resource_type, c.resource_id.clone()))
             .collect();
-        self.policy_ids.clone_from(&r.policy_ids);
+        self.policy_ids = r.policy_ids.to_vec();
     }
 
     /// Refused after the decision (the audit record could not be written).
@@ -865,16 +865,16 @@ mod tests {
         tr.policy_evaluated(started, &call, Err("no".into()));
         tr.decided(&crate::audit::DecisionRecord {
             time_ms: 0,
-            request_id: "req-1".into(),
-            spiffe_id: "spiffe://td/cam".into(),
-            cert_thumbprint: "t".into(),
+            request_id: "req-1",
+            spiffe_id: "spiffe://td/cam",
+            cert_thumbprint: "t",
             jti: Some("j1".into()),
-            method: "POST".into(),
-            path: "/v1/chat/completions".into(),
+            method: "POST",
+            path: "/v1/chat/completions",
             calls: vec![call],
-            policy_ids: vec!["p1".into()],
+            policy_ids: &["p1".into()],
             decision: "allow",
-            reason: "permitted by policy".into(),
+            reason: "permitted by policy",
             direction: None,
             route: None,
             user: None,
