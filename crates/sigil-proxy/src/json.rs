@@ -163,12 +163,11 @@ impl Keys {
     fn admit<'k, E: de::Error>(
         &mut self,
         key: &str,
-        before: impl Iterator<Item = &'k str>,
+        mut before: impl Iterator<Item = &'k str>,
     ) -> Result<(), E> {
         if key.contains('\0') {
             return Err(E::custom(NUL));
         }
-        let mut before = before;
         let collides = match &mut self.folded {
             None if key.is_ascii() && self.count < SCAN_MAX => {
                 before.any(|k| k.eq_ignore_ascii_case(key))

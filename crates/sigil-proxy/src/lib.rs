@@ -59,7 +59,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 pub use config::Enforce;
 use sigil_core::Clock;
-
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
