@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -81,6 +82,15 @@ class Outbound:
             wait_for(up, timeout, "the outbound listener to answer")
         except AssertionError as e:
             raise AssertionError(f"{e}\n--- outbound log ---\n{self.log_path.read_text()}") from None
+
+    def wait_listening(self, timeout: float = 30):
+        """Until the listener accepts connections: it binds only once its credentials are
+        loaded, so it serves from then on (for routes whose policy allows no GET probe)."""
+        def up():
+            assert self.proc.poll() is None, self.log_path.read_text()
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        wait_for(up, timeout, "the outbound listener to accept connections")
 
     def audit(self) -> list:
         if not self.audit_log.exists():

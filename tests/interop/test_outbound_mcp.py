@@ -73,6 +73,7 @@ class Stack:
             self.outbound = Outbound(self.server, self.agent, root, AGENT_A, POLICY_A, routes)
             self.parts.append(self.outbound)
             self.inbound.wait_ready(Workload(self.server, self.agent, root, AGENT_A).ctx)
+            self.outbound.wait_listening()
         except BaseException:
             self.stop()
             raise
