@@ -22,6 +22,8 @@
 //! `SIGIL_BENCH_CALLGRIND=<dir>` (run each `sigil proxy` under valgrind's callgrind and
 //! dump its instruction counts for the throughput window into `<dir>`, for
 //! `callgrind_annotate`: exact counts where this machine has no hardware counters),
+//! `SIGIL_BENCH_BIN=<path to a sigil binary>` (the proxies under test; default: the `sigil` this
+//! bench was built with; `scripts/bench-proxy` sets it to the `dist` build),
 //! `SIGIL_BENCH_WORKERS` (tokio worker threads of each `sigil proxy`, default 1; `default`
 //! for tokio's own default, one per core), `SIGIL_BENCH_B=<path to a sigil binary>` (also
 //! run the full path, model and tool call, with that build: an A/B in one run),
@@ -872,7 +874,11 @@ fn main() {
         a.extend(extra.iter().map(|x| x.to_string()));
         a
     };
-    let sigil = common::sigil_bin();
+    // The proxies under test: this build's `sigil`, or the binary `SIGIL_BENCH_BIN` names
+    // (`scripts/bench-proxy` sets it to the `dist` build, the one we ship).
+    let sigil_under_test = std::env::var("SIGIL_BENCH_BIN").ok();
+    let sigil = sigil_under_test.as_deref().unwrap_or(common::sigil_bin());
+    println!("sigil proxy under test: {sigil}");
     let help = Command::new(sigil)
         .args(["proxy", "--help"])
         .output()
@@ -1193,7 +1199,24 @@ fn main() {
         eprintln!("  done: latency");
         let after_latency = counters();
         for (t, f) in targets.iter().zip(all.iter_mut()) {
+            // (f) serves /metrics: its audit records and syncs in the window give the group
+            // commit's batch size under this load (the same proxy as (d) otherwise).
+            let audit = |c| scrape_counter(&metrics_listen, c);
+            let before = (t.key == "sigil_full_metrics").then(|| {
+                (
+                    audit("sigil_proxy_audit_records_total"),
+                    audit("sigil_proxy_audit_syncs_total"),
+                )
+            });
             throughput(t, &auth, conns, secs, f).await;
+            if let Some((records, syncs)) = before {
+                let records = audit("sigil_proxy_audit_records_total") - records;
+                let syncs = audit("sigil_proxy_audit_syncs_total") - syncs;
+                println!(
+                    "  (f) audit at {conns} connections: {syncs:.0} syncs for {records:.0} records ({:.1} per sync, warm-up included)",
+                    records / syncs.max(1.0)
+                );
+            }
             eprintln!(
                 "  done: {:<44} p50 {:.0} µs, {:.0} req/s",
                 t.label, f.p50_us, f.req_per_s
