@@ -311,7 +311,7 @@ impl RequestTrace {
             .iter()
             .map(|c| (c.action, c.resource_type, c.resource_id.clone()))
             .collect();
-        self.policy_ids = r.policy_ids.to_vec();
+        r.policy_ids.clone_into(&mut self.policy_ids);
     }
 
     /// Refused after the decision (the audit record could not be written).

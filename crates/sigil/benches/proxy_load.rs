@@ -572,8 +572,9 @@ fn scrape_counter(addr: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// The outbound sidecar's counters, or what they moved by in a phase of the run.
-struct Outbound {
+/// A proxy's counters (the outbound sidecar's, or (f)'s), or what they moved by in a phase
+/// of the run.
+struct Counters {
     /// mTLS handshakes to the callee's sidecar.
     handshakes: f64,
     /// Calls made (one audit record each).
@@ -582,7 +583,7 @@ struct Outbound {
     syncs: f64,
 }
 
-impl Outbound {
+impl Counters {
     fn since(&self, start: &Self) -> Self {
         Self {
             handshakes: self.handshakes - start.handshakes,
@@ -1189,11 +1190,12 @@ fn main() {
             .collect();
         // The outbound sidecar's handshakes to (d), the calls it made (its audit records), and
         // its audit syncs (records / syncs is the group commit's batch size).
-        let counters = || Outbound {
-            handshakes: scrape_counter(&out_metrics, "sigil_proxy_outbound_connections"),
-            calls: scrape_counter(&out_metrics, "sigil_proxy_audit_records_total") as usize,
-            syncs: scrape_counter(&out_metrics, "sigil_proxy_audit_syncs_total"),
+        let counters_at = |addr: &str| Counters {
+            handshakes: scrape_counter(addr, "sigil_proxy_outbound_connections"),
+            calls: scrape_counter(addr, "sigil_proxy_audit_records_total") as usize,
+            syncs: scrape_counter(addr, "sigil_proxy_audit_syncs_total"),
         };
+        let counters = || counters_at(&out_metrics);
         let at_start = counters();
         latency(&targets, &auth, n, &mut all).await;
         eprintln!("  done: latency");
@@ -1201,20 +1203,16 @@ fn main() {
         for (t, f) in targets.iter().zip(all.iter_mut()) {
             // (f) serves /metrics: its audit records and syncs in the window give the group
             // commit's batch size under this load (the same proxy as (d) otherwise).
-            let audit = |c| scrape_counter(&metrics_listen, c);
-            let before = (t.key == "sigil_full_metrics").then(|| {
-                (
-                    audit("sigil_proxy_audit_records_total"),
-                    audit("sigil_proxy_audit_syncs_total"),
-                )
-            });
+            let before =
+                (t.key == "sigil_full_metrics").then(|| counters_at(&metrics_listen));
             throughput(t, &auth, conns, secs, f).await;
-            if let Some((records, syncs)) = before {
-                let records = audit("sigil_proxy_audit_records_total") - records;
-                let syncs = audit("sigil_proxy_audit_syncs_total") - syncs;
+            if let Some(before) = before {
+                let d = counters_at(&metrics_listen).since(&before);
                 println!(
-                    "  (f) audit at {conns} connections: {syncs:.0} syncs for {records:.0} records ({:.1} per sync, warm-up included)",
-                    records / syncs.max(1.0)
+                    "  (f) audit at {conns} connections: {:.0} syncs for {} records ({:.1} per sync, warm-up included)",
+                    d.syncs,
+                    d.calls,
+                    d.per_sync()
                 );
             }
             eprintln!(
@@ -1311,7 +1309,7 @@ fn main() {
              with {hold} connections {rss_hold_nginx:.1} MiB"
         );
         println!("audit records written by the full-path proxy: {audit_lines}");
-        let each = |line: fn(&str, &Outbound) -> String| {
+        let each = |line: fn(&str, &Counters) -> String| {
             phases
                 .iter()
                 .map(|(on, p)| line(on, p))
